@@ -1,0 +1,237 @@
+//! Element types, with block geometry taken from ggml itself, and row quantization.
+
+use std::fmt;
+use std::str::FromStr;
+
+use ggml_sys as sys;
+
+use crate::error::{Error, Result};
+
+/// The ggml element types this engine reads, writes or computes with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    Q8_0,
+    Q8_1,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
+    Q8K,
+    I8,
+    I16,
+    I32,
+    I64,
+    F64,
+}
+
+/// Every variant, for tables and tests.
+pub const ALL_DTYPES: [DType; 20] = [
+    DType::F32,
+    DType::F16,
+    DType::BF16,
+    DType::Q8_0,
+    DType::Q8_1,
+    DType::Q4_0,
+    DType::Q4_1,
+    DType::Q5_0,
+    DType::Q5_1,
+    DType::Q2K,
+    DType::Q3K,
+    DType::Q4K,
+    DType::Q5K,
+    DType::Q6K,
+    DType::Q8K,
+    DType::I8,
+    DType::I16,
+    DType::I32,
+    DType::I64,
+    DType::F64,
+];
+
+impl DType {
+    pub fn to_sys(self) -> sys::ggml_type {
+        match self {
+            DType::F32 => sys::GGML_TYPE_F32,
+            DType::F16 => sys::GGML_TYPE_F16,
+            DType::BF16 => sys::GGML_TYPE_BF16,
+            DType::Q8_0 => sys::GGML_TYPE_Q8_0,
+            DType::Q8_1 => sys::GGML_TYPE_Q8_1,
+            DType::Q4_0 => sys::GGML_TYPE_Q4_0,
+            DType::Q4_1 => sys::GGML_TYPE_Q4_1,
+            DType::Q5_0 => sys::GGML_TYPE_Q5_0,
+            DType::Q5_1 => sys::GGML_TYPE_Q5_1,
+            DType::Q2K => sys::GGML_TYPE_Q2_K,
+            DType::Q3K => sys::GGML_TYPE_Q3_K,
+            DType::Q4K => sys::GGML_TYPE_Q4_K,
+            DType::Q5K => sys::GGML_TYPE_Q5_K,
+            DType::Q6K => sys::GGML_TYPE_Q6_K,
+            DType::Q8K => sys::GGML_TYPE_Q8_K,
+            DType::I8 => sys::GGML_TYPE_I8,
+            DType::I16 => sys::GGML_TYPE_I16,
+            DType::I32 => sys::GGML_TYPE_I32,
+            DType::I64 => sys::GGML_TYPE_I64,
+            DType::F64 => sys::GGML_TYPE_F64,
+        }
+    }
+
+    pub fn from_sys(id: sys::ggml_type) -> Result<Self> {
+        ALL_DTYPES.iter().copied().find(|t| t.to_sys() == id).ok_or(Error::UnknownType(id))
+    }
+
+    /// Elements per block (1 for plain types, 32 for Q8_0/Q4_0/Q4_1, 256 for k-quants).
+    pub fn block_size(self) -> usize {
+        // SAFETY: ggml_blck_size only indexes ggml's static type-traits table with a valid type id.
+        unsafe { sys::ggml_blck_size(self.to_sys()) as usize }
+    }
+
+    /// Bytes per block.
+    pub fn type_size(self) -> usize {
+        // SAFETY: as above, a table lookup with a valid type id.
+        unsafe { sys::ggml_type_size(self.to_sys()) }
+    }
+
+    /// Bytes of a row of `n` elements; `n` must be a multiple of the block size.
+    pub fn row_size(self, n: usize) -> Result<usize> {
+        self.check_row_len("row_size", n as i64)?;
+        Ok(n / self.block_size() * self.type_size())
+    }
+
+    pub fn is_quantized(self) -> bool {
+        // SAFETY: a table lookup with a valid type id.
+        unsafe { sys::ggml_is_quantized(self.to_sys()) }
+    }
+
+    /// Bits per element, from the block geometry.
+    pub fn bits_per_element(self) -> f64 {
+        self.type_size() as f64 * 8.0 / self.block_size() as f64
+    }
+
+    /// Errors unless a row of `row_len` elements is a whole number of blocks.
+    pub fn check_row_len(self, op: &'static str, row_len: i64) -> Result<()> {
+        let block = self.block_size() as i64;
+        if row_len % block != 0 {
+            return Err(Error::BlockAlignment { op, dtype: self, row_len, block });
+        }
+        Ok(())
+    }
+
+    /// ggml's lower-case name ("q8_0", "f16").
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::Q8_0 => "q8_0",
+            DType::Q8_1 => "q8_1",
+            DType::Q4_0 => "q4_0",
+            DType::Q4_1 => "q4_1",
+            DType::Q5_0 => "q5_0",
+            DType::Q5_1 => "q5_1",
+            DType::Q2K => "q2_K",
+            DType::Q3K => "q3_K",
+            DType::Q4K => "q4_K",
+            DType::Q5K => "q5_K",
+            DType::Q6K => "q6_K",
+            DType::Q8K => "q8_K",
+            DType::I8 => "i8",
+            DType::I16 => "i16",
+            DType::I32 => "i32",
+            DType::I64 => "i64",
+            DType::F64 => "f64",
+        }
+    }
+
+    /// Whether ggml can turn F32 rows into this type (the quantize direction).
+    pub fn can_quantize_from_f32(self) -> bool {
+        matches!(
+            self,
+            DType::F32 | DType::F16 | DType::BF16 | DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1
+        ) || matches!(self, DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K)
+    }
+
+    /// Whether ggml can turn this type back into F32 values.
+    pub fn can_dequantize(self) -> bool {
+        // SAFETY: ggml_get_type_traits returns a pointer into a static table, valid for any type id.
+        let traits = unsafe { &*sys::ggml_get_type_traits(self.to_sys()) };
+        self == DType::F32 || traits.to_float.is_some()
+    }
+
+    /// Quantizes `values` (rows of `row_len` elements) into this type's bytes, as ggml does on write.
+    pub fn quantize(self, values: &[f32], row_len: usize) -> Result<Vec<u8>> {
+        const OP: &str = "quantize";
+        if !self.can_quantize_from_f32() {
+            return Err(Error::Type { op: OP, got: self, why: "no quantizer from f32 for this type" });
+        }
+        if row_len == 0 || values.len() % row_len != 0 {
+            return Err(Error::invalid(OP, format!("{} values are not whole rows of {row_len}", values.len())));
+        }
+        let row_bytes = self.row_size(row_len)?;
+        let rows = values.len() / row_len;
+        let mut out = vec![0u8; rows * row_bytes];
+        if self == DType::F32 {
+            out.iter_mut().zip(values.iter().flat_map(|v| v.to_le_bytes())).for_each(|(o, b)| *o = b);
+            return Ok(out);
+        }
+        // SAFETY: `values` holds rows*row_len floats and `out` rows*row_bytes bytes, exactly what
+        // ggml_quantize_chunk reads and writes for these arguments; row_len is a whole number of
+        // blocks (checked by row_size) and the type needs no importance matrix (checked above).
+        let written = unsafe {
+            sys::ggml_quantize_chunk(
+                self.to_sys(),
+                values.as_ptr(),
+                out.as_mut_ptr().cast(),
+                0,
+                rows as i64,
+                row_len as i64,
+                std::ptr::null(),
+            )
+        };
+        debug_assert_eq!(written, out.len());
+        Ok(out)
+    }
+
+    /// Dequantizes `n` elements of this type from `bytes` into F32.
+    pub fn dequantize(self, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
+        const OP: &str = "dequantize";
+        let expected = self.row_size(n)?;
+        if bytes.len() != expected {
+            return Err(Error::DataSize { op: OP, expected, got: bytes.len() });
+        }
+        if self == DType::F32 {
+            return Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect());
+        }
+        // SAFETY: static table lookup with a valid type id.
+        let traits = unsafe { &*sys::ggml_get_type_traits(self.to_sys()) };
+        let to_float = traits.to_float.ok_or(Error::Type { op: OP, got: self, why: "no dequantizer" })?;
+        let mut out = vec![0f32; n];
+        // SAFETY: `bytes` holds exactly the row_size(n) bytes of n elements and `out` has room for n floats.
+        unsafe { to_float(bytes.as_ptr().cast(), out.as_mut_ptr(), n as i64) };
+        Ok(out)
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for DType {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        ALL_DTYPES
+            .iter()
+            .copied()
+            .find(|t| t.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| format!("unknown ggml type `{s}`"))
+    }
+}

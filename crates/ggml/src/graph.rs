@@ -1,0 +1,181 @@
+//! Compute graphs, the graph allocator and the CPU backend that runs them.
+
+use std::collections::HashSet;
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+
+use ggml_sys as sys;
+
+use crate::context::{Context, Tensor};
+use crate::error::{Error, Result};
+
+/// Arena bytes a graph of `max_nodes` nodes needs.
+pub fn graph_overhead(max_nodes: usize) -> usize {
+    // SAFETY: a pure function of ggml's struct sizes.
+    unsafe { sys::ggml_graph_overhead_custom(max_nodes, false) }
+}
+
+/// A forward compute graph living in a context.
+pub struct Graph<'ctx> {
+    raw: NonNull<sys::ggml_cgraph>,
+    capacity: usize,
+    /// Tensors already in the graph, mirrored so expansion can be checked against the capacity
+    /// before ggml would abort on overflow.
+    visited: HashSet<*mut sys::ggml_tensor>,
+    nodes: usize,
+    leafs: usize,
+    _ctx: PhantomData<&'ctx Context>,
+}
+
+impl Context {
+    /// A new empty graph of at most `max_nodes` nodes (and as many leaves).
+    pub fn new_graph(&self, max_nodes: usize) -> Result<Graph<'_>> {
+        let needed = graph_overhead(max_nodes);
+        if needed > self.free_bytes() {
+            return Err(Error::Allocation { what: "graph in context (arena full)", bytes: needed });
+        }
+        // SAFETY: the arena has room for the graph (checked above, so ggml does not abort).
+        let raw = unsafe { sys::ggml_new_graph_custom(self.raw(), max_nodes, false) };
+        let raw = NonNull::new(raw).ok_or(Error::Allocation { what: "graph", bytes: needed })?;
+        Ok(Graph { raw, capacity: max_nodes, visited: HashSet::new(), nodes: 0, leafs: 0, _ctx: PhantomData })
+    }
+}
+
+impl<'ctx> Graph<'ctx> {
+    pub(crate) fn raw(&self) -> *mut sys::ggml_cgraph {
+        self.raw.as_ptr()
+    }
+
+    /// Adds `output` and every tensor it depends on.
+    pub fn expand(&mut self, output: Tensor<'ctx>) -> Result<()> {
+        let (mut new_nodes, mut new_leafs) = (0, 0);
+        let mut fresh = Vec::new();
+        let mut stack = vec![output.raw()];
+        let mut seen = HashSet::new();
+        while let Some(t) = stack.pop() {
+            if self.visited.contains(&t) || !seen.insert(t) {
+                continue;
+            }
+            fresh.push(t);
+            // SAFETY: every pointer on the stack is a live tensor reachable from `output`, whose
+            // sources outlive 'ctx by the signatures of the ops that built it.
+            let header = unsafe { &*t };
+            header.src.iter().filter(|s| !s.is_null()).for_each(|&s| stack.push(s));
+            let is_leaf = header.op == sys::GGML_OP_NONE && header.flags & sys::GGML_TENSOR_FLAG_PARAM as i32 == 0;
+            if is_leaf {
+                new_leafs += 1;
+            } else {
+                new_nodes += 1;
+            }
+        }
+        if self.nodes + new_nodes > self.capacity || self.leafs + new_leafs > self.capacity {
+            return Err(Error::GraphFull { capacity: self.capacity });
+        }
+        // SAFETY: the graph has room for every new node and leaf (counted above).
+        unsafe { sys::ggml_build_forward_expand(self.raw(), output.raw()) };
+        self.visited.extend(fresh);
+        self.nodes += new_nodes;
+        self.leafs += new_leafs;
+        Ok(())
+    }
+
+    pub fn n_nodes(&self) -> usize {
+        // SAFETY: reads the node count of a live graph.
+        unsafe { sys::ggml_graph_n_nodes(self.raw()) as usize }
+    }
+
+    /// Every tensor of the graph has memory (so computing it cannot touch a null pointer).
+    fn check_allocated(&self) -> Result<()> {
+        // SAFETY: `visited` holds live tensors of this graph.
+        let missing = self.visited.iter().find(|&&t| unsafe { (*t).data.is_null() });
+        match missing {
+            Some(&t) => {
+                let tensor: Tensor<'_> = Tensor::from_raw(NonNull::new(t).expect("visited pointers are non-null"));
+                Err(Error::invalid("compute", format!("tensor {tensor:?} has no memory; allocate the graph first")))
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+/// Gives a graph's intermediate tensors memory in one reusable CPU buffer.
+pub struct GraphAllocator {
+    raw: NonNull<sys::ggml_gallocr>,
+}
+
+impl GraphAllocator {
+    pub fn new() -> Result<Self> {
+        crate::init();
+        // SAFETY: the CPU buffer type is a static object; gallocr_new allocates a small struct.
+        let raw = unsafe { sys::ggml_gallocr_new(sys::ggml_backend_cpu_buffer_type()) };
+        Ok(GraphAllocator { raw: NonNull::new(raw).ok_or(Error::Allocation { what: "graph allocator", bytes: 0 })? })
+    }
+
+    /// Allocates (or reuses, when it fits) memory for every tensor of `graph` that has none.
+    pub fn alloc(&mut self, graph: &Graph<'_>) -> Result<()> {
+        // SAFETY: both objects are alive; gallocr reports failure through its return value.
+        let ok = unsafe { sys::ggml_gallocr_alloc_graph(self.raw.as_ptr(), graph.raw()) };
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::Allocation { what: "graph compute buffer", bytes: 0 })
+        }
+    }
+
+    /// Bytes of the compute buffer.
+    pub fn buffer_size(&self) -> usize {
+        // SAFETY: buffer 0 exists for a single-buffer-type allocator.
+        unsafe { sys::ggml_gallocr_get_buffer_size(self.raw.as_ptr(), 0) }
+    }
+}
+
+impl Drop for GraphAllocator {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from ggml_gallocr_new and is freed once.
+        unsafe { sys::ggml_gallocr_free(self.raw.as_ptr()) }
+    }
+}
+
+/// The CPU backend.
+pub struct Backend {
+    raw: NonNull<sys::ggml_backend>,
+    n_threads: usize,
+}
+
+impl Backend {
+    pub fn cpu(n_threads: usize) -> Result<Self> {
+        crate::init();
+        if n_threads == 0 || n_threads > 1024 {
+            return Err(Error::invalid("Backend::cpu", format!("{n_threads} threads (use 1 to 1024)")));
+        }
+        // SAFETY: creates a fresh CPU backend; null means failure.
+        let raw = unsafe { sys::ggml_backend_cpu_init() };
+        let raw = NonNull::new(raw).ok_or(Error::Allocation { what: "CPU backend", bytes: 0 })?;
+        // SAFETY: `raw` is a CPU backend, as ggml_backend_cpu_set_n_threads requires.
+        unsafe { sys::ggml_backend_cpu_set_n_threads(raw.as_ptr(), n_threads as i32) };
+        Ok(Backend { raw, n_threads })
+    }
+
+    pub fn n_threads(&self) -> usize {
+        self.n_threads
+    }
+
+    /// Runs the graph. Every tensor must have memory (`GraphAllocator::alloc`).
+    pub fn compute(&self, graph: &Graph<'_>) -> Result<()> {
+        graph.check_allocated()?;
+        // SAFETY: all tensors of the graph have memory (checked) and were validated when built.
+        let status = unsafe { sys::ggml_backend_graph_compute(self.raw.as_ptr(), graph.raw()) };
+        if status == sys::GGML_STATUS_SUCCESS {
+            Ok(())
+        } else {
+            Err(Error::Compute(status))
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from ggml_backend_cpu_init and is freed once.
+        unsafe { sys::ggml_backend_free(self.raw.as_ptr()) }
+    }
+}

@@ -1,0 +1,68 @@
+//! A safe wrapper over ggml's CPU backend.
+//!
+//! Every op checks the shapes and types ggml would assert on and returns an [`Error`] instead, since a
+//! failed ggml assert aborts the whole process. Tensors borrow the context (or store) that owns them.
+
+mod context;
+mod dtype;
+mod error;
+pub mod gguf;
+mod graph;
+mod log;
+mod ops;
+mod store;
+mod views;
+
+pub use context::{tensor_overhead, Context, ContextParams, Tensor};
+pub use dtype::{DType, ALL_DTYPES};
+pub use error::{Error, Result, Shape};
+pub use graph::{graph_overhead, Backend, Graph, GraphAllocator};
+pub use ops::{RopeMode, RopeParams};
+pub use store::{TensorId, TensorStore};
+
+use ggml_sys as sys;
+
+/// One-time set-up: log routing and the CPU backend's tables. Called by every constructor.
+pub fn init() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        log::install();
+        // SAFETY: initialises ggml's CPU lookup tables; idempotent and called once here.
+        unsafe { sys::ggml_cpu_init() };
+    });
+}
+
+/// The version of the ggml sources compiled in.
+pub fn ggml_version() -> String {
+    // SAFETY: returns a pointer to a static NUL-terminated string.
+    unsafe { std::ffi::CStr::from_ptr(sys::ggml_version()) }.to_string_lossy().into_owned()
+}
+
+/// Where the compiled ggml tree was found at build time.
+pub fn ggml_source_dir() -> &'static str {
+    sys::SOURCE_DIR
+}
+
+/// The SIMD features ggml's CPU kernels were compiled with (and the CPU offers).
+pub fn cpu_features() -> Vec<&'static str> {
+    init();
+    // SAFETY: each of these reads a compile-time constant or a cached cpuid result.
+    let checks: [(&str, unsafe extern "C" fn() -> i32); 10] = [
+        ("SSE3", sys::ggml_cpu_has_sse3),
+        ("AVX", sys::ggml_cpu_has_avx),
+        ("AVX2", sys::ggml_cpu_has_avx2),
+        ("F16C", sys::ggml_cpu_has_f16c),
+        ("FMA", sys::ggml_cpu_has_fma),
+        ("AVX512", sys::ggml_cpu_has_avx512),
+        ("AVX512_VNNI", sys::ggml_cpu_has_avx512_vnni),
+        ("AVX512_BF16", sys::ggml_cpu_has_avx512_bf16),
+        ("AMX_INT8", sys::ggml_cpu_has_amx_int8),
+        ("LLAMAFILE", sys::ggml_cpu_has_llamafile),
+    ];
+    checks
+        .into_iter()
+        // SAFETY: see above; these functions take no arguments and have no preconditions.
+        .filter(|(_, has)| unsafe { has() } != 0)
+        .map(|(name, _)| name)
+        .collect()
+}

@@ -1,0 +1,116 @@
+//! `TensorStore`: long-lived tensors (weights, cache layers) whose data lives in one CPU backend buffer.
+
+use std::collections::HashMap;
+use std::ptr::NonNull;
+
+use ggml_sys as sys;
+
+use crate::context::{tensor_overhead, Context, ContextParams, Tensor};
+use crate::error::{Error, Result};
+use crate::DType;
+
+/// Index of a tensor in its store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TensorId(usize);
+
+/// A set of named tensors declared first, then allocated together in one backend buffer.
+/// The buffer is freed (before the headers' context) when the store is dropped.
+pub struct TensorStore {
+    buffer: Option<NonNull<sys::ggml_backend_buffer>>,
+    tensors: Vec<NonNull<sys::ggml_tensor>>,
+    by_name: HashMap<String, TensorId>,
+    max_tensors: usize,
+    // Declared last so it is dropped after the buffer.
+    ctx: Context,
+}
+
+impl TensorStore {
+    pub fn new(max_tensors: usize) -> Result<Self> {
+        let ctx = Context::new(ContextParams { mem_size: tensor_overhead() * max_tensors.max(1), no_alloc: true })?;
+        Ok(TensorStore { buffer: None, tensors: Vec::new(), by_name: HashMap::new(), max_tensors, ctx })
+    }
+
+    /// Declares a tensor; only before `allocate`.
+    pub fn add(&mut self, name: &str, dtype: DType, shape: &[i64]) -> Result<TensorId> {
+        if self.buffer.is_some() {
+            return Err(Error::invalid("TensorStore::add", "the store is already allocated"));
+        }
+        if self.tensors.len() >= self.max_tensors {
+            return Err(Error::invalid("TensorStore::add", format!("more than {} tensors", self.max_tensors)));
+        }
+        if self.by_name.contains_key(name) {
+            return Err(Error::invalid("TensorStore::add", format!("tensor `{name}` declared twice")));
+        }
+        let raw = self.ctx.new_tensor(dtype, shape)?.set_name(name).raw();
+        let id = TensorId(self.tensors.len());
+        self.tensors.push(NonNull::new(raw).expect("new_tensor returns non-null"));
+        self.by_name.insert(name.to_owned(), id);
+        Ok(id)
+    }
+
+    /// Gives every declared tensor memory in one CPU buffer (zero-filled).
+    pub fn allocate(&mut self) -> Result<()> {
+        if self.buffer.is_some() || self.tensors.is_empty() {
+            return Ok(());
+        }
+        let bytes: usize = self.tensors.iter().map(|t| self.tensor(*t).nbytes()).sum();
+        // SAFETY: the context holds only unallocated headers; the CPU buffer type is static. A null
+        // result is an allocation failure.
+        let raw = unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(self.ctx.raw(), sys::ggml_backend_cpu_buffer_type()) };
+        let buffer = NonNull::new(raw).ok_or(Error::Allocation { what: "tensor store buffer", bytes })?;
+        // SAFETY: the buffer was just allocated and is owned by this store.
+        unsafe { sys::ggml_backend_buffer_clear(buffer.as_ptr(), 0) };
+        self.buffer = Some(buffer);
+        Ok(())
+    }
+
+    fn tensor(&self, raw: NonNull<sys::ggml_tensor>) -> Tensor<'_> {
+        Tensor::from_raw(raw)
+    }
+
+    /// The tensor, borrowed from the store.
+    pub fn get(&self, id: TensorId) -> Tensor<'_> {
+        self.tensor(self.tensors[id.0])
+    }
+
+    pub fn find(&self, name: &str) -> Option<TensorId> {
+        self.by_name.get(name).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Bytes of the backend buffer (0 before allocation).
+    pub fn buffer_bytes(&self) -> usize {
+        // SAFETY: the buffer, if any, is alive while the store is.
+        self.buffer.map_or(0, |b| unsafe { sys::ggml_backend_buffer_get_size(b.as_ptr()) })
+    }
+
+    /// The tensor's bytes in host memory, for loading data straight into place.
+    pub fn data_mut(&mut self, id: TensorId) -> Result<&mut [u8]> {
+        if self.buffer.is_none() {
+            return Err(Error::NotAllocated { op: "TensorStore::data_mut" });
+        }
+        let t = self.get(id);
+        let len = t.nbytes();
+        let data = t.raw();
+        // SAFETY: the CPU buffer is host memory; the tensor's data spans nbytes() bytes inside it, and
+        // the &mut self borrow makes this the only live reference into that range.
+        Ok(unsafe { std::slice::from_raw_parts_mut((*data).data.cast::<u8>(), len) })
+    }
+}
+
+impl Drop for TensorStore {
+    fn drop(&mut self) {
+        if let Some(buffer) = self.buffer.take() {
+            // SAFETY: the buffer is owned by this store and freed once; the headers pointing into it
+            // are in `ctx`, dropped right after, and no Tensor borrowed from the store outlives it.
+            unsafe { sys::ggml_backend_buffer_free(buffer.as_ptr()) }
+        }
+    }
+}
