@@ -40,6 +40,7 @@ impl Context {
     }
 
     /// A header-only context sized for `max_tensors` tensors and one graph of `max_nodes` nodes.
+    /// Its tensors get memory from a `ComputeBuffer` (see `ComputeBuffer::context`) or nowhere.
     pub fn for_graph(max_tensors: usize, max_nodes: usize) -> Result<Self> {
         let mem_size = tensor_overhead() * max_tensors + crate::graph::graph_overhead(max_nodes);
         Context::new(ContextParams { mem_size, no_alloc: true })

@@ -1,5 +1,6 @@
 //! Compute graphs, the graph allocator and the CPU backend that runs them.
 
+use std::cell::Cell;
 use std::collections::HashSet;
 use std::marker::PhantomData;
 use std::ptr::NonNull;
@@ -98,41 +99,73 @@ impl<'ctx> Graph<'ctx> {
     }
 }
 
-/// Gives a graph's intermediate tensors memory in one reusable CPU buffer.
-pub struct GraphAllocator {
+/// A reusable CPU buffer for the intermediate tensors of graphs (ggml's graph allocator).
+///
+/// Graphs get memory through a [`GraphContext`], which borrows the buffer mutably: tensors of a graph
+/// cannot outlive the memory they point into, and no second graph can reuse (and so overwrite or
+/// reallocate) the buffer while the first one's tensors are alive.
+pub struct ComputeBuffer {
     raw: NonNull<sys::ggml_gallocr>,
 }
 
-impl GraphAllocator {
+impl ComputeBuffer {
     pub fn new() -> Result<Self> {
         crate::init();
         // SAFETY: the CPU buffer type is a static object; gallocr_new allocates a small struct.
         let raw = unsafe { sys::ggml_gallocr_new(sys::ggml_backend_cpu_buffer_type()) };
-        Ok(GraphAllocator { raw: NonNull::new(raw).ok_or(Error::Allocation { what: "graph allocator", bytes: 0 })? })
+        Ok(ComputeBuffer { raw: NonNull::new(raw).ok_or(Error::Allocation { what: "graph allocator", bytes: 0 })? })
     }
 
-    /// Allocates (or reuses, when it fits) memory for every tensor of `graph` that has none.
-    pub fn alloc(&mut self, graph: &Graph<'_>) -> Result<()> {
+    /// A header-only context for one graph of at most `max_nodes` nodes, whose tensors take their
+    /// memory from this buffer.
+    pub fn context(&mut self, max_tensors: usize, max_nodes: usize) -> Result<GraphContext<'_>> {
+        Ok(GraphContext { ctx: Context::for_graph(max_tensors, max_nodes)?, buffer: self, allocated: Cell::new(false) })
+    }
+
+    /// Bytes of the buffer (it grows to the largest graph allocated so far).
+    pub fn size(&self) -> usize {
+        // SAFETY: buffer 0 exists for a single-buffer-type allocator.
+        unsafe { sys::ggml_gallocr_get_buffer_size(self.raw.as_ptr(), 0) }
+    }
+}
+
+impl Drop for ComputeBuffer {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from ggml_gallocr_new and is freed once; no GraphContext borrows it now.
+        unsafe { sys::ggml_gallocr_free(self.raw.as_ptr()) }
+    }
+}
+
+/// A context whose graph gets its intermediate memory from a [`ComputeBuffer`]. Dereferences to
+/// [`Context`] for building ops.
+pub struct GraphContext<'buf> {
+    ctx: Context,
+    buffer: &'buf mut ComputeBuffer,
+    allocated: Cell<bool>,
+}
+
+impl GraphContext<'_> {
+    /// Gives every tensor of `graph` without memory a place in the buffer. Once per context: a second
+    /// allocation could move the buffer under the first graph's tensors.
+    pub fn allocate(&self, graph: &Graph<'_>) -> Result<()> {
+        if self.allocated.replace(true) {
+            return Err(Error::invalid("allocate", "a graph context allocates one graph, once"));
+        }
         // SAFETY: both objects are alive; gallocr reports failure through its return value.
-        let ok = unsafe { sys::ggml_gallocr_alloc_graph(self.raw.as_ptr(), graph.raw()) };
+        let ok = unsafe { sys::ggml_gallocr_alloc_graph(self.buffer.raw.as_ptr(), graph.raw()) };
         if ok {
             Ok(())
         } else {
             Err(Error::Allocation { what: "graph compute buffer", bytes: 0 })
         }
     }
-
-    /// Bytes of the compute buffer.
-    pub fn buffer_size(&self) -> usize {
-        // SAFETY: buffer 0 exists for a single-buffer-type allocator.
-        unsafe { sys::ggml_gallocr_get_buffer_size(self.raw.as_ptr(), 0) }
-    }
 }
 
-impl Drop for GraphAllocator {
-    fn drop(&mut self) {
-        // SAFETY: `raw` came from ggml_gallocr_new and is freed once.
-        unsafe { sys::ggml_gallocr_free(self.raw.as_ptr()) }
+impl std::ops::Deref for GraphContext<'_> {
+    type Target = Context;
+
+    fn deref(&self) -> &Context {
+        &self.ctx
     }
 }
 

@@ -16,7 +16,7 @@ mod views;
 pub use context::{tensor_overhead, Context, ContextParams, Tensor};
 pub use dtype::{DType, ALL_DTYPES};
 pub use error::{Error, Result, Shape};
-pub use graph::{graph_overhead, Backend, Graph, GraphAllocator};
+pub use graph::{graph_overhead, Backend, ComputeBuffer, Graph, GraphContext};
 pub use ops::{RopeMode, RopeParams};
 pub use store::{TensorId, TensorStore};
 

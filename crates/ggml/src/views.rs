@@ -131,6 +131,10 @@ impl Context {
                 return Err(Error::Type { op: OP, got: ta, why: "only f32 rows can be quantized on copy" });
             }
             tb.check_row_len(OP, b.ne(0))?;
+            // ggml quantizes the source row by row: the rows must line up with the blocks.
+            if a.ne(0) != b.ne(0) {
+                return Err(Error::shape(OP, "quantizing copies need equal row lengths", &[a.shape(), b.shape()]));
+            }
             if !b.rows_contiguous() {
                 return Err(Error::shape(OP, "a quantized destination needs contiguous rows", &[b.shape()]));
             }

@@ -1,0 +1,34 @@
+//! Tensors in a backend buffer: declared, allocated zeroed, filled in place, used from a graph.
+
+use ggml::{Backend, ComputeBuffer, DType, TensorStore};
+
+#[test]
+fn store_tensors_are_allocated_filled_in_place_and_usable_from_graphs() {
+    let mut store = TensorStore::new(4).unwrap();
+    let w = store.add("w", DType::Q8_0, &[64, 2]).unwrap();
+    let bias = store.add("bias", DType::F32, &[2]).unwrap();
+    assert!(store.add("w", DType::F32, &[1]).is_err(), "duplicate name");
+    assert!(store.data_mut(w).is_err(), "no memory before allocation");
+    store.allocate().unwrap();
+    assert!(store.add("late", DType::F32, &[1]).is_err(), "added after allocation");
+    assert_eq!(store.buffer_bytes() >= 2 * 34 * 2 + 8, true);
+    assert!(store.data_mut(bias).unwrap().iter().all(|&b| b == 0), "buffers start zeroed");
+
+    let rows: Vec<f32> = (0..128).map(|i| if i < 64 { 1.0 } else { -2.0 }).collect();
+    store.data_mut(w).unwrap().copy_from_slice(&DType::Q8_0.quantize(&rows, 64).unwrap());
+    store.get(bias).write_f32(&[0.5, 0.25]).unwrap();
+    assert_eq!(store.find("bias"), Some(bias));
+
+    let mut compute = ComputeBuffer::new().unwrap();
+    let ctx = compute.context(8, 16).unwrap();
+    let x = ctx.new_tensor(DType::F32, &[64, 1]).unwrap().set_input();
+    let y = ctx.add(ctx.mul_mat(store.get(w), x).unwrap(), store.get(bias)).unwrap();
+    let mut graph = ctx.new_graph(16).unwrap();
+    graph.expand(y).unwrap();
+    ctx.allocate(&graph).unwrap();
+    x.write_f32(&[1.0; 64]).unwrap();
+    Backend::cpu(2).unwrap().compute(&graph).unwrap();
+    // Row sums: 64·1 + 0.5 and 64·(−2) + 0.25; Q8_0 holds ±1 and ±2 exactly (q = ±127, d = amax/127).
+    let got = y.read_f32().unwrap();
+    assert!((got[0] - 64.5).abs() < 0.05 && (got[1] + 127.75).abs() < 0.1, "{got:?}");
+}
