@@ -47,7 +47,6 @@ const CXX_SOURCES: &[&str] = &[
     "ggml-cpu/vec.cpp",
     "ggml-cpu/ops.cpp",
     "ggml-cpu/arch/x86/repack.cpp",
-    "ggml-cpu/llamafile/sgemm.cpp",
 ];
 
 fn main() {
@@ -127,7 +126,6 @@ fn base_build(ggml_dir: &Path, generated_include: &Path) -> cc::Build {
         .include(ggml_dir.join("src/ggml-cpu"))
         .include(generated_include)
         .define("GGML_USE_CPU", None)
-        .define("GGML_USE_LLAMAFILE", None)
         .define("GGML_USE_CPU_REPACK", None)
         .define("GGML_SCHED_MAX_COPIES", "4")
         .define("_GNU_SOURCE", None)
@@ -148,6 +146,9 @@ fn base_build(ggml_dir: &Path, generated_include: &Path) -> cc::Build {
     if feature("openmp") {
         build.define("GGML_USE_OPENMP", None).flag("-fopenmp");
     }
+    if feature("llamafile") {
+        build.define("GGML_USE_LLAMAFILE", None);
+    }
     build
 }
 
@@ -162,6 +163,7 @@ fn compile_ggml(ggml_dir: &Path, generated_include: &Path) {
         .cpp(true)
         .std("c++17")
         .files(CXX_SOURCES.iter().map(|f| src.join(f)))
+        .files(feature("llamafile").then(|| src.join("ggml-cpu/llamafile/sgemm.cpp")))
         .objects(c_objects)
         .compile("ggml");
     if feature("openmp") {

@@ -18,7 +18,7 @@ pub use dtype::{DType, ALL_DTYPES};
 pub use error::{Error, Result, Shape};
 pub use graph::{graph_overhead, Backend, ComputeBuffer, Graph, GraphContext};
 pub use ops::{RopeMode, RopeParams};
-pub use store::{TensorId, TensorStore};
+pub use store::{StoreMemory, TensorId, TensorStore};
 
 use ggml_sys as sys;
 

@@ -9,6 +9,46 @@ use crate::context::{tensor_overhead, Context, ContextParams, Tensor};
 use crate::error::{Error, Result};
 use crate::DType;
 
+/// Where a store's tensors live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum StoreMemory {
+    /// Plain host memory: data can be written in place.
+    #[default]
+    Host,
+    /// ggml's CPU repack buffer: Q4_0/Q8_0 weights are re-laid out on write for faster matrix
+    /// products. Data must be written through `Tensor::write_bytes` (which converts).
+    Repacked,
+}
+
+/// ggml's CPU repack buffer type, when this build has one.
+fn repack_buffer_type() -> Option<sys::ggml_backend_buffer_type_t> {
+    crate::init();
+    // SAFETY: registry lookups return static objects or null; the proc address, when present, has the
+    // documented ggml_backend_dev_get_extra_bufts_t signature and returns a null-terminated array.
+    unsafe {
+        let dev = sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU);
+        if dev.is_null() {
+            return None;
+        }
+        let reg = sys::ggml_backend_dev_backend_reg(dev);
+        let name = c"ggml_backend_dev_get_extra_bufts";
+        let f = sys::ggml_backend_reg_get_proc_address(reg, name.as_ptr());
+        if f.is_null() {
+            return None;
+        }
+        let get: unsafe extern "C" fn(sys::ggml_backend_dev_t) -> *mut sys::ggml_backend_buffer_type_t = std::mem::transmute(f);
+        let mut list = get(dev);
+        while !list.is_null() && !(*list).is_null() {
+            let buft = *list;
+            if std::ffi::CStr::from_ptr(sys::ggml_backend_buft_name(buft)).to_bytes() == b"CPU_REPACK" {
+                return Some(buft);
+            }
+            list = list.add(1);
+        }
+        None
+    }
+}
+
 /// Index of a tensor in its store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TensorId(usize);
@@ -20,6 +60,7 @@ pub struct TensorStore {
     tensors: Vec<NonNull<sys::ggml_tensor>>,
     by_name: HashMap<String, TensorId>,
     max_tensors: usize,
+    memory: StoreMemory,
     // Declared last so it is dropped after the buffer.
     ctx: Context,
 }
@@ -27,7 +68,7 @@ pub struct TensorStore {
 impl TensorStore {
     pub fn new(max_tensors: usize) -> Result<Self> {
         let ctx = Context::new(ContextParams { mem_size: tensor_overhead() * max_tensors.max(1), no_alloc: true })?;
-        Ok(TensorStore { buffer: None, tensors: Vec::new(), by_name: HashMap::new(), max_tensors, ctx })
+        Ok(TensorStore { buffer: None, tensors: Vec::new(), by_name: HashMap::new(), max_tensors, memory: StoreMemory::Host, ctx })
     }
 
     /// Declares a tensor; only before `allocate`.
@@ -48,19 +89,44 @@ impl TensorStore {
         Ok(id)
     }
 
-    /// Gives every declared tensor memory in one CPU buffer (zero-filled).
+    /// Gives every declared tensor memory in one CPU host buffer (zero-filled).
     pub fn allocate(&mut self) -> Result<()> {
+        self.allocate_in(StoreMemory::Host)
+    }
+
+    /// Gives every declared tensor memory of the given kind (zero-filled).
+    pub fn allocate_in(&mut self, memory: StoreMemory) -> Result<()> {
         if self.buffer.is_some() || self.tensors.is_empty() {
             return Ok(());
         }
+        let buft = match memory {
+            // SAFETY: returns a static buffer type.
+            StoreMemory::Host => unsafe { sys::ggml_backend_cpu_buffer_type() },
+            StoreMemory::Repacked => {
+                repack_buffer_type().ok_or(Error::invalid("allocate_in", "this ggml build has no CPU repack buffer"))?
+            }
+        };
         let bytes: usize = self.tensors.iter().map(|t| self.tensor(*t).nbytes()).sum();
         // SAFETY: the context holds only unallocated headers; the CPU buffer type is static. A null
         // result is an allocation failure.
-        let raw = unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(self.ctx.raw(), sys::ggml_backend_cpu_buffer_type()) };
+        let raw = unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(self.ctx.raw(), buft) };
         let buffer = NonNull::new(raw).ok_or(Error::Allocation { what: "tensor store buffer", bytes })?;
+        if memory == StoreMemory::Repacked {
+            // The repack buffer records each tensor's packed layout in `extra`; a type or shape with no
+            // layout on this CPU leaves it null, and writing such a tensor would crash inside ggml.
+            // SAFETY: the headers are live and were just initialised by the allocation.
+            if let Some(t) = self.tensors.iter().find(|t| unsafe { t.as_ref() }.extra.is_null()) {
+                let t = self.tensor(*t);
+                let why = format!("tensor `{}` ({} {:?}) has no repacked layout on this CPU", t.name(), t.dtype(), t.shape());
+                // SAFETY: the buffer was just allocated here and nothing else refers to it yet.
+                unsafe { sys::ggml_backend_buffer_free(buffer.as_ptr()) };
+                return Err(Error::invalid("allocate_in", why));
+            }
+        }
         // SAFETY: the buffer was just allocated and is owned by this store.
         unsafe { sys::ggml_backend_buffer_clear(buffer.as_ptr(), 0) };
         self.buffer = Some(buffer);
+        self.memory = memory;
         Ok(())
     }
 
@@ -95,6 +161,9 @@ impl TensorStore {
     pub fn data_mut(&mut self, id: TensorId) -> Result<&mut [u8]> {
         if self.buffer.is_none() {
             return Err(Error::NotAllocated { op: "TensorStore::data_mut" });
+        }
+        if self.memory != StoreMemory::Host {
+            return Err(Error::invalid("TensorStore::data_mut", "repacked memory is written through Tensor::write_bytes"));
         }
         let t = self.get(id);
         let len = t.nbytes();
