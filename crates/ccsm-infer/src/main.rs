@@ -1,21 +1,37 @@
 //! `ccsm-infer`: the command-line front end of the ccsm engine.
 #![forbid(unsafe_code)]
 
+mod cli;
+mod generate_cmd;
+
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
 
-#[derive(Parser)]
-#[command(name = "ccsm-infer", version, about = "CSM-1B and Llama inference on ggml with a quantized KV cache")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
+use cli::{Cli, Command, LogArgs};
+
+/// A failure that is the user's invocation, not the run (exit code 2).
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
-#[derive(Subcommand)]
-enum Command {
-    /// Print the engine version, the ggml version and the CPU features ggml was built with.
-    System,
+impl std::error::Error for UsageError {}
+
+fn init_logging(log: &LogArgs) {
+    let default = match (log.quiet, log.verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "debug",
+        (false, _) => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(true).init();
 }
 
 fn main() -> ExitCode {
@@ -26,12 +42,25 @@ fn main() -> ExitCode {
             return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
         }
     };
-    match cli.command {
-        Command::System => {
+    init_logging(&cli.log);
+    let result = match cli.command {
+        Some(Command::System) => {
             println!("ccsm {}", ccsm::VERSION);
             println!("ggml {} ({})", ggml::ggml_version(), ggml::ggml_source_dir());
             println!("cpu features: {}", ggml::cpu_features().join(" "));
+            Ok(())
+        }
+        None => generate_cmd::run(&cli.generate, &cli.log),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
         }
     }
-    ExitCode::SUCCESS
 }

@@ -1,5 +1,19 @@
 //! ccsm: CSM-1B and Llama inference on ggml with a quantized KV cache.
 #![forbid(unsafe_code)]
 
+mod cache_type;
+mod error;
+pub mod generate;
+pub mod kv_cache;
+pub mod llama;
+mod model;
+pub mod sampling;
+pub mod tokenizer;
+pub mod weights;
+
+pub use cache_type::CacheType;
+pub use error::{Error, Result};
+pub use model::{GGMLModel, Logits, Model, ModelOptions};
+
 /// The engine's version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,152 @@
+//! Command-line definitions. Flags follow llama.cpp's names where one exists.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use ccsm::CacheType;
+
+#[derive(Parser)]
+#[command(
+    name = "ccsm-infer",
+    version,
+    about = "CSM-1B and Llama inference on ggml with a quantized KV cache",
+    long_about = "CSM-1B and Llama inference on ggml with a quantized KV cache.\n\n\
+        Without a subcommand, generates a continuation of the prompt with the model.\n\
+        Results go to stdout; logs and progress to stderr.\n\
+        Exit codes: 0 success, 1 runtime failure, 2 usage error.",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub generate: GenerateArgs,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Print the engine version, the ggml version and the CPU features ggml was built with.
+    System,
+}
+
+#[derive(Args, Clone)]
+pub struct LogArgs {
+    /// More logs on stderr (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+
+    /// Only errors on stderr (no summary).
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+}
+
+/// The KV cache types: `--kv-quant` for both halves, `--ctk`/`--ctv` overriding one half.
+#[derive(Args, Clone, Debug)]
+pub struct CacheArgs {
+    /// KV cache type for K and V: f32, f16, q8_0, q4_0, q4_1.
+    #[arg(long, value_name = "TYPE", default_value = "f16")]
+    pub kv_quant: CacheType,
+
+    /// K cache type (overrides --kv-quant for K). llama.cpp spells it -ctk; clap needs --ctk.
+    #[arg(long = "cache-type-k", visible_alias = "ctk", value_name = "TYPE")]
+    pub cache_type_k: Option<CacheType>,
+
+    /// V cache type (overrides --kv-quant for V). llama.cpp spells it -ctv; clap needs --ctv.
+    #[arg(long = "cache-type-v", visible_alias = "ctv", value_name = "TYPE")]
+    pub cache_type_v: Option<CacheType>,
+}
+
+impl CacheArgs {
+    pub fn k_type(&self) -> CacheType {
+        self.cache_type_k.unwrap_or(self.kv_quant)
+    }
+
+    pub fn v_type(&self) -> CacheType {
+        self.cache_type_v.unwrap_or(self.kv_quant)
+    }
+}
+
+#[derive(Args, Clone)]
+pub struct GenerateArgs {
+    /// Model file (GGUF). Same as -m.
+    #[arg(value_name = "MODEL")]
+    pub model_positional: Option<PathBuf>,
+
+    /// Model file (GGUF).
+    #[arg(short, long, value_name = "MODEL", conflicts_with = "model_positional")]
+    pub model: Option<PathBuf>,
+
+    /// Prompt text.
+    #[arg(short, long)]
+    pub prompt: Option<String>,
+
+    /// Read the prompt from a file.
+    #[arg(short = 'f', long = "file", value_name = "PATH", conflicts_with = "prompt")]
+    pub prompt_file: Option<PathBuf>,
+
+    /// Tokens to generate at most.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub n_predict: u32,
+
+    /// Context size: KV cache cells (default: the model's training context, at most 4096).
+    #[arg(short = 'c', long = "ctx-size", value_parser = clap::value_parser!(u32).range(1..))]
+    pub ctx_size: Option<u32>,
+
+    /// Threads for ggml.
+    #[arg(short = 't', long, default_value_t = default_threads(), value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub threads: u32,
+
+    /// Most prompt tokens evaluated in one graph.
+    #[arg(short = 'b', long = "batch-size", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: u32,
+
+    /// Sampling seed (same seed, same output).
+    #[arg(short, long, default_value_t = 42)]
+    pub seed: u64,
+
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8, value_parser = non_negative_f32)]
+    pub temp: f32,
+
+    /// Keep only the K most likely tokens (ties with the K-th are kept); 0 keeps all.
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+
+    /// Keep the smallest set of tokens whose probability reaches P.
+    #[arg(long, default_value_t = 0.95, value_parser = unit_interval)]
+    pub top_p: f32,
+
+    #[command(flatten)]
+    pub cache: CacheArgs,
+
+    /// Print one JSON object (text, token ids, timings, memory) on stdout instead of the text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn default_threads() -> u32 {
+    std::thread::available_parallelism().map_or(2, |n| n.get() as u32)
+}
+
+fn non_negative_f32(s: &str) -> Result<f32, String> {
+    let v: f32 = s.parse().map_err(|e| format!("{e}"))?;
+    if v.is_finite() && v >= 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("{v} must be a finite number >= 0"))
+    }
+}
+
+fn unit_interval(s: &str) -> Result<f32, String> {
+    let v: f32 = s.parse().map_err(|e| format!("{e}"))?;
+    if v > 0.0 && v <= 1.0 {
+        Ok(v)
+    } else {
+        Err(format!("{v} must be in (0, 1]"))
+    }
+}

@@ -1,0 +1,120 @@
+//! The default command: text generation with a Llama model.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use serde_json::json;
+
+use ccsm::generate::generate;
+use ccsm::llama::LlamaModel;
+use ccsm::sampling::{Sampler, SamplerConfig};
+use ccsm::{GGMLModel, Model, ModelOptions};
+
+use crate::cli::{GenerateArgs, LogArgs};
+use crate::UsageError;
+
+/// Default context when the model's own is larger (keeps the cache modest).
+const DEFAULT_CTX_CAP: usize = 4096;
+
+pub fn model_path(args: &GenerateArgs) -> Result<PathBuf> {
+    args.model.clone().or_else(|| args.model_positional.clone()).ok_or_else(|| {
+        UsageError("no model given: pass MODEL or -m MODEL (see --help)".into()).into()
+    })
+}
+
+fn prompt_text(args: &GenerateArgs) -> Result<String> {
+    match (&args.prompt, &args.prompt_file) {
+        (Some(p), _) => Ok(p.clone()),
+        (None, Some(path)) => std::fs::read_to_string(path).with_context(|| format!("reading prompt file {}", path.display())),
+        (None, None) => Err(UsageError("no prompt given: pass -p TEXT or -f FILE".into()).into()),
+    }
+}
+
+pub fn run(args: &GenerateArgs, log: &LogArgs) -> Result<()> {
+    let path = model_path(args)?;
+    let prompt = prompt_text(args)?;
+    let model = LlamaModel::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let n_ctx = match args.ctx_size {
+        Some(c) => c as usize,
+        None => model.config().n_ctx_train.min(DEFAULT_CTX_CAP),
+    };
+    let options = ModelOptions {
+        n_ctx,
+        k_type: args.cache.k_type(),
+        v_type: args.cache.v_type(),
+        n_threads: args.threads as usize,
+        n_batch: args.batch_size as usize,
+    };
+    let mut model = GGMLModel::new(model, options).context("setting up the model")?;
+    let prompt_tokens = model.model().tokenizer().encode(&prompt)?;
+    let mut sampler = Sampler::new(SamplerConfig { temperature: args.temp, top_k: args.top_k, top_p: args.top_p, seed: args.seed })?;
+
+    // Stream text as it forms: decode the whole continuation each time and print what is new, so
+    // multi-byte characters split across tokens come out whole.
+    let mut shown = String::new();
+    let mut ids = Vec::new();
+    let stdout = std::io::stdout();
+    let generation = generate(&mut model, &prompt_tokens, args.n_predict as usize, &mut sampler, |token, tokenizer| {
+        if args.json {
+            return true;
+        }
+        ids.push(token);
+        let Ok(text) = tokenizer.decode(&ids) else { return true };
+        // A trailing U+FFFD is an incomplete character: wait for its next byte.
+        if let Some(new) = text.strip_prefix(shown.as_str()).filter(|t| !t.ends_with('\u{FFFD}')) {
+            let mut out = stdout.lock();
+            let _ = out.write_all(new.as_bytes()).and_then(|_| out.flush());
+            shown = text.clone();
+        }
+        true
+    });
+    let generation = generation?;
+    let text = model.model().tokenizer().decode(&generation.tokens)?;
+    let t = &generation.timings;
+    if args.json {
+        let summary = json!({
+            "model": path.display().to_string(),
+            "prompt_tokens": prompt_tokens.len(),
+            "text": text,
+            "tokens": generation.tokens,
+            "stop": generation.stop,
+            "seed": args.seed,
+            "timings": {
+                "prompt_seconds": t.prompt_seconds,
+                "prompt_tokens_per_second": t.prompt_tokens_per_second(),
+                "decode_steps": t.decode_steps,
+                "decode_seconds": t.decode_seconds,
+                "decode_tokens_per_second": t.decode_tokens_per_second(),
+            },
+            "memory": {
+                "kv_bytes": model.kv_memory_usage(),
+                "k_type": model.cache().k_type(),
+                "v_type": model.cache().v_type(),
+                "ctx_size": model.cache().capacity(),
+                "weight_bytes": model.model().weight_bytes(),
+                "compute_buffer_bytes": model.compute_buffer_bytes(),
+            },
+        });
+        println!("{summary}");
+    } else {
+        // Whatever the stream could not show yet (an incomplete character at the end).
+        let rest = text.strip_prefix(shown.as_str()).unwrap_or("");
+        println!("{rest}");
+    }
+    if !log.quiet {
+        eprintln!(
+            "prompt: {} tokens, {:.1} t/s | decode: {} tokens, {:.1} t/s | KV cache: {} bytes ({}/{}, {} cells) | stop: {:?}",
+            t.prompt_tokens,
+            t.prompt_tokens_per_second(),
+            t.decode_steps,
+            t.decode_tokens_per_second(),
+            model.kv_memory_usage(),
+            model.cache().k_type(),
+            model.cache().v_type(),
+            model.cache().capacity(),
+            generation.stop,
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,41 @@
+//! Errors of the engine library.
+
+use crate::CacheType;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Gguf(#[from] ggml::gguf::GgufError),
+
+    #[error("ggml: {0}")]
+    Ggml(#[from] ggml::Error),
+
+    #[error("{path}: architecture `{found}` is not supported here (expected {expected})")]
+    Architecture { path: String, found: String, expected: &'static str },
+
+    #[error("metadata `{key}`: {why}")]
+    Config { key: String, why: String },
+
+    #[error("tensor `{name}`: expected shape {expected:?}, found {found:?}")]
+    TensorShape { name: String, expected: Vec<i64>, found: Vec<i64> },
+
+    #[error("tensor `{name}`: type {dtype} {why}")]
+    TensorType { name: String, dtype: ggml::DType, why: &'static str },
+
+    #[error("KV cache: {k}/{v} cache refused: {why}")]
+    CacheLayout { k: CacheType, v: CacheType, why: String },
+
+    #[error("KV cache is full: {needed} cells needed, capacity {capacity}")]
+    CacheFull { needed: usize, capacity: usize },
+
+    #[error("token id {id} is outside the vocabulary of {vocab}")]
+    TokenOutOfRange { id: u32, vocab: usize },
+
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    #[error("invalid input: {0}")]
+    Input(String),
+}

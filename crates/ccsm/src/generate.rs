@@ -1,0 +1,103 @@
+//! Text generation with a Llama model: prompt, then one token at a time until EOS or the limit.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::model::{GGMLModel, Logits};
+use crate::sampling::Sampler;
+use crate::tokenizer::Tokenizer;
+
+/// Time spent in the model (tokenization and sampling excluded).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct GenerationTimings {
+    pub prompt_tokens: usize,
+    pub prompt_seconds: f64,
+    /// Single-token steps run (the last sampled token is never fed back).
+    pub decode_steps: usize,
+    pub decode_seconds: f64,
+}
+
+impl GenerationTimings {
+    pub fn prompt_tokens_per_second(&self) -> f64 {
+        rate(self.prompt_tokens, self.prompt_seconds)
+    }
+
+    pub fn decode_tokens_per_second(&self) -> f64 {
+        rate(self.decode_steps, self.decode_seconds)
+    }
+}
+
+fn rate(n: usize, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        n as f64 / seconds
+    } else {
+        0.0
+    }
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    EndOfText,
+    Limit,
+    Interrupted,
+}
+
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    pub stop: StopReason,
+    pub timings: GenerationTimings,
+}
+
+/// Generates up to `max_new` tokens after `prompt` (which must be non-empty), from the model's
+/// current (usually empty) cache. `on_token` sees each new token (with the tokenizer, to show it);
+/// returning false stops early.
+pub fn generate(
+    model: &mut GGMLModel,
+    prompt: &[u32],
+    max_new: usize,
+    sampler: &mut Sampler,
+    mut on_token: impl FnMut(u32, &Tokenizer) -> bool,
+) -> Result<Generation> {
+    if prompt.is_empty() {
+        return Err(Error::Input("the prompt is empty (it tokenized to no tokens)".into()));
+    }
+    let capacity = model.cache().capacity();
+    let needed = model.cache().len() + prompt.len() + max_new.saturating_sub(1);
+    if needed > capacity {
+        return Err(Error::Input(format!(
+            "prompt ({} tokens) + n-predict ({max_new}) needs {needed} cache cells, but the context holds {capacity}; raise -c/--ctx-size",
+            prompt.len()
+        )));
+    }
+    let mut timings = GenerationTimings { prompt_tokens: prompt.len(), ..Default::default() };
+    let started = Instant::now();
+    let mut logits = model.eval(prompt, Logits::Last)?;
+    timings.prompt_seconds = started.elapsed().as_secs_f64();
+
+    let mut tokens = Vec::new();
+    let mut stop = StopReason::Limit;
+    while tokens.len() < max_new {
+        let next = sampler.sample(&logits)?;
+        if model.model().tokenizer().is_end(next) {
+            stop = StopReason::EndOfText;
+            break;
+        }
+        tokens.push(next);
+        if !on_token(next, model.model().tokenizer()) {
+            stop = StopReason::Interrupted;
+            break;
+        }
+        if tokens.len() == max_new {
+            break;
+        }
+        let step = Instant::now();
+        logits = model.eval(&[next], Logits::Last)?;
+        timings.decode_seconds += step.elapsed().as_secs_f64();
+        timings.decode_steps += 1;
+    }
+    Ok(Generation { tokens, stop, timings })
+}

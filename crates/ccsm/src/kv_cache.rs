@@ -1,0 +1,218 @@
+//! The KV cache: per layer a K and a V tensor `[n_embd_kv, capacity]` (one row per cached token, V not
+//! transposed so it can be quantized row by row), each in its own backend buffer.
+//!
+//! Only this module knows strides, offsets and cell indices. Graph code asks for "the K view of layer
+//! i" and "a node that stores these rows"; every cell keeps the absolute position its token had when
+//! it was stored (RoPE is applied before K is stored).
+
+use std::ops::Range;
+
+use ggml::{Context, Tensor, TensorId, TensorStore};
+
+use crate::error::{Error, Result};
+use crate::CacheType;
+
+/// Shape and types of a cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvCacheConfig {
+    pub n_layer: usize,
+    pub head_dim: usize,
+    pub n_head_kv: usize,
+    /// Cells allocated per layer.
+    pub capacity: usize,
+    pub k_type: CacheType,
+    pub v_type: CacheType,
+}
+
+impl KvCacheConfig {
+    pub fn n_embd_kv(&self) -> usize {
+        self.head_dim * self.n_head_kv
+    }
+
+    /// Refuses type/shape combinations ggml cannot store or attend over.
+    pub fn validate(&self) -> Result<()> {
+        let refuse = |why: String| Err(Error::CacheLayout { k: self.k_type, v: self.v_type, why });
+        if self.n_layer == 0 || self.head_dim == 0 || self.n_head_kv == 0 {
+            return refuse(format!("empty shape {self:?}"));
+        }
+        if self.capacity == 0 {
+            return refuse("capacity 0".into());
+        }
+        for t in [self.k_type, self.v_type] {
+            let block = t.dtype().block_size();
+            // Each head's slice of a row must be whole blocks for the per-head attention views.
+            if self.head_dim % block != 0 {
+                return refuse(format!(
+                    "{t} stores blocks of {block} elements, and a head of {} elements (rows of {}) is not a multiple of {block}",
+                    self.head_dim,
+                    self.n_embd_kv()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes the cache allocates: 2 tensors per layer, rows sized by each type's block math.
+    pub fn bytes(&self) -> Result<usize> {
+        self.validate()?;
+        let row = |t: CacheType| t.dtype().row_size(self.n_embd_kv()).map_err(Error::from);
+        Ok(self.n_layer * self.capacity * (row(self.k_type)? + row(self.v_type)?))
+    }
+}
+
+struct LayerCache {
+    k: TensorStore,
+    v: TensorStore,
+}
+
+/// A per-transformer KV cache.
+pub struct KvCache {
+    config: KvCacheConfig,
+    layers: Vec<LayerCache>,
+    tensor: TensorId,
+    /// Absolute position of the token in each live cell; cell i is row i of every layer.
+    positions: Vec<i32>,
+    next_position: i32,
+}
+
+fn single_tensor_store(name: &str, t: CacheType, n_embd_kv: usize, capacity: usize) -> Result<(TensorStore, TensorId)> {
+    let mut store = TensorStore::new(1)?;
+    let id = store.add(name, t.dtype(), &[n_embd_kv as i64, capacity as i64])?;
+    store.allocate()?;
+    Ok((store, id))
+}
+
+impl KvCache {
+    pub fn new(config: KvCacheConfig) -> Result<Self> {
+        config.validate()?;
+        let mut layers = Vec::with_capacity(config.n_layer);
+        let mut tensor = None;
+        for l in 0..config.n_layer {
+            let (k, id) = single_tensor_store(&format!("cache_k.{l}"), config.k_type, config.n_embd_kv(), config.capacity)?;
+            let (v, _) = single_tensor_store(&format!("cache_v.{l}"), config.v_type, config.n_embd_kv(), config.capacity)?;
+            tensor = Some(id);
+            layers.push(LayerCache { k, v });
+        }
+        let tensor = tensor.expect("n_layer > 0 was validated");
+        Ok(KvCache { config, layers, tensor, positions: Vec::new(), next_position: 0 })
+    }
+
+    pub fn config(&self) -> &KvCacheConfig {
+        &self.config
+    }
+
+    /// Live cells.
+    pub fn len(&self) -> usize {
+        self.positions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+
+    /// Allocated cells.
+    pub fn capacity(&self) -> usize {
+        self.config.capacity
+    }
+
+    /// Absolute positions of the live cells, in cell order.
+    pub fn positions(&self) -> &[i32] {
+        &self.positions
+    }
+
+    /// The position the next token gets.
+    pub fn next_position(&self) -> i32 {
+        self.next_position
+    }
+
+    pub fn k_type(&self) -> CacheType {
+        self.config.k_type
+    }
+
+    pub fn v_type(&self) -> CacheType {
+        self.config.v_type
+    }
+
+    /// Forgets every cell (memory stays allocated); positions restart at 0.
+    pub fn clear(&mut self) {
+        self.positions.clear();
+        self.next_position = 0;
+    }
+
+    /// Exact bytes held by the K and V tensors of every layer (ggml_nbytes of each).
+    pub fn memory_usage(&self) -> usize {
+        self.layers.iter().map(|l| l.k.get(self.tensor).nbytes() + l.v.get(self.tensor).nbytes()).sum()
+    }
+
+    /// Reserves the next `n` cells for tokens at the next `n` positions; returns the cell range.
+    /// Roll back with `truncate` if the step that fills them fails.
+    pub fn append(&mut self, n: usize) -> Result<Range<usize>> {
+        let start = self.len();
+        if start + n > self.capacity() {
+            return Err(Error::CacheFull { needed: start + n, capacity: self.capacity() });
+        }
+        let first = self.next_position;
+        self.positions.extend((0..n as i32).map(|i| first + i));
+        self.next_position = first + n as i32;
+        Ok(start..start + n)
+    }
+
+    /// Drops cells from `len` on (undoing an `append`); the next position follows the last kept cell.
+    pub fn truncate(&mut self, len: usize) {
+        self.positions.truncate(len);
+        self.next_position = self.positions.last().map_or(0, |p| p + 1);
+    }
+
+    /// Cell indices of `cells` in the form `store_k`/`store_v` take them.
+    pub fn cell_indices(cells: Range<usize>) -> Vec<i64> {
+        cells.map(|c| c as i64).collect()
+    }
+
+    /// Additive attention mask `[n_queries][len]`: 0 where a cell's position is at or before the
+    /// query's position, −∞ elsewhere (causal over absolute positions, whatever the cell order).
+    pub fn attention_mask(&self, query_positions: &[i32]) -> Vec<f32> {
+        query_positions
+            .iter()
+            .flat_map(|&q| self.positions.iter().map(move |&p| if p <= q { 0.0 } else { f32::NEG_INFINITY }))
+            .collect()
+    }
+
+    fn k(&self, layer: usize) -> Tensor<'_> {
+        self.layers[layer].k.get(self.tensor)
+    }
+
+    fn v(&self, layer: usize) -> Tensor<'_> {
+        self.layers[layer].v.get(self.tensor)
+    }
+
+    /// A node storing `rows` `[n_embd_kv, n]` (f32) into layer `layer`'s K at the I64 `cells`.
+    pub fn store_k<'c>(&'c self, ctx: &'c Context, layer: usize, rows: Tensor<'c>, cells: Tensor<'c>) -> Result<Tensor<'c>> {
+        Ok(ctx.set_rows(self.k(layer), rows, cells)?)
+    }
+
+    /// A node storing `rows` `[n_embd_kv, n]` (f32) into layer `layer`'s V at the I64 `cells`.
+    pub fn store_v<'c>(&'c self, ctx: &'c Context, layer: usize, rows: Tensor<'c>, cells: Tensor<'c>) -> Result<Tensor<'c>> {
+        Ok(ctx.set_rows(self.v(layer), rows, cells)?)
+    }
+
+    /// K of the live cells of `layer` as `[head_dim, n_head_kv, len]`, in the cache's own type.
+    pub fn k_tensor<'c>(&'c self, ctx: &'c Context, layer: usize) -> Result<Tensor<'c>> {
+        self.live_view(ctx, self.k(layer), self.config.k_type)
+    }
+
+    /// V of the live cells of `layer` as `[head_dim, n_head_kv, len]`, in the cache's own type.
+    pub fn v_tensor<'c>(&'c self, ctx: &'c Context, layer: usize) -> Result<Tensor<'c>> {
+        self.live_view(ctx, self.v(layer), self.config.v_type)
+    }
+
+    fn live_view<'c>(&'c self, ctx: &'c Context, t: Tensor<'c>, ty: CacheType) -> Result<Tensor<'c>> {
+        let c = &self.config;
+        if self.is_empty() {
+            return Err(Error::Input("attention over an empty KV cache (append the step's cells first)".into()));
+        }
+        let head_bytes = ty.dtype().row_size(c.head_dim)?;
+        let row_bytes = ty.dtype().row_size(c.n_embd_kv())?;
+        let shape = [c.head_dim as i64, c.n_head_kv as i64, self.len() as i64];
+        Ok(ctx.view(t, &shape, &[head_bytes, row_bytes], 0)?)
+    }
+}

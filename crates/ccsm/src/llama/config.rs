@@ -1,0 +1,160 @@
+//! Hyperparameters of a Llama transformer, read once from GGUF metadata under a key prefix
+//! (`llama` for text models, `csm.backbone` / `csm.decoder` for CSM).
+
+use ggml::gguf::{FromValue, GgufFile};
+use ggml::RopeMode;
+
+use crate::error::{Error, Result};
+
+/// Llama 3 long-context RoPE scaling (frequency-dependent division of the rotation speed).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Llama3Scaling {
+    pub factor: f32,
+    pub low_freq_factor: f32,
+    pub high_freq_factor: f32,
+    pub original_context: u32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RopeConfig {
+    pub freq_base: f32,
+    /// Dimensions of each head that are rotated.
+    pub n_dims: usize,
+    pub mode: RopeMode,
+    pub llama3: Option<Llama3Scaling>,
+}
+
+impl RopeConfig {
+    /// Per-pair divisors of the rotation frequency (ggml's `freq_factors`), or `None` when unscaled.
+    ///
+    /// Llama 3: wavelengths shorter than `original / high_freq_factor` keep their frequency, longer
+    /// than `original / low_freq_factor` are slowed by `factor`, and those in between interpolate.
+    pub fn freq_factors(&self) -> Option<Vec<f32>> {
+        let s = self.llama3?;
+        let low_wavelen = s.original_context as f64 / s.low_freq_factor as f64;
+        let high_wavelen = s.original_context as f64 / s.high_freq_factor as f64;
+        let factors = (0..self.n_dims / 2)
+            .map(|i| {
+                let freq = (self.freq_base as f64).powf(-2.0 * i as f64 / self.n_dims as f64);
+                let wavelen = 2.0 * std::f64::consts::PI / freq;
+                let scaled = if wavelen < high_wavelen {
+                    freq
+                } else if wavelen > low_wavelen {
+                    freq / s.factor as f64
+                } else {
+                    let smooth = (s.original_context as f64 / wavelen - s.low_freq_factor as f64)
+                        / (s.high_freq_factor - s.low_freq_factor) as f64;
+                    (1.0 - smooth) * freq / s.factor as f64 + smooth * freq
+                };
+                (freq / scaled) as f32
+            })
+            .collect();
+        Some(factors)
+    }
+}
+
+/// Shape and numerics of one Llama transformer stack.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaConfig {
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub n_ff: usize,
+    pub rms_eps: f32,
+    pub rope: RopeConfig,
+    /// Longest context the model was trained for.
+    pub n_ctx_train: usize,
+}
+
+impl LlamaConfig {
+    /// Reads `{prefix}.block_count`, `{prefix}.embedding_length`, … from the file. A missing or
+    /// malformed key is an error naming it.
+    pub fn from_gguf(file: &GgufFile, prefix: &str, rope_mode: RopeMode) -> Result<Self> {
+        let key = |name: &str| format!("{prefix}.{name}");
+        let positive = |name: &str| -> Result<usize> {
+            let k = key(name);
+            let v: usize = file.get(&k)?;
+            if v == 0 || v > 1 << 24 {
+                return Err(Error::Config { key: k, why: format!("{v} is out of range") });
+            }
+            Ok(v)
+        };
+        let n_embd = positive("embedding_length")?;
+        let n_head = positive("attention.head_count")?;
+        let n_head_kv = match file.get_opt::<usize>(&key("attention.head_count_kv"))? {
+            Some(v) => v,
+            None => n_head,
+        };
+        if n_head_kv == 0 || n_head % n_head_kv != 0 {
+            return Err(Error::Config {
+                key: key("attention.head_count_kv"),
+                why: format!("{n_head_kv} KV heads do not divide {n_head} query heads"),
+            });
+        }
+        let head_dim = match file.get_opt::<usize>(&key("attention.key_length"))? {
+            Some(v) => v,
+            None if n_embd % n_head == 0 => n_embd / n_head,
+            None => return Err(Error::Config { key: key("attention.head_count"), why: format!("{n_head} heads do not divide width {n_embd}") }),
+        };
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(Error::Config { key: key("attention.key_length"), why: format!("head dim {head_dim} must be even") });
+        }
+        let rms_eps: f32 = file.get(&key("attention.layer_norm_rms_epsilon"))?;
+        if !(rms_eps.is_finite() && rms_eps > 0.0 && rms_eps < 1.0) {
+            return Err(Error::Config { key: key("attention.layer_norm_rms_epsilon"), why: format!("{rms_eps} is out of range") });
+        }
+        let freq_base = optional_or(file, &key("rope.freq_base"), 10_000.0f32)?;
+        if !(freq_base.is_finite() && freq_base > 1.0) {
+            return Err(Error::Config { key: key("rope.freq_base"), why: format!("{freq_base} is out of range") });
+        }
+        let n_dims = optional_or(file, &key("rope.dimension_count"), head_dim)?;
+        if n_dims == 0 || n_dims > head_dim || n_dims % 2 != 0 {
+            return Err(Error::Config { key: key("rope.dimension_count"), why: format!("{n_dims} for head dim {head_dim}") });
+        }
+        let llama3 = match file.get_opt::<String>(&key("rope.scaling.type"))?.as_deref() {
+            None | Some("none") => None,
+            Some("llama3") => Some(Llama3Scaling {
+                factor: file.get(&key("rope.scaling.factor"))?,
+                low_freq_factor: file.get(&key("rope.scaling.low_freq_factor"))?,
+                high_freq_factor: file.get(&key("rope.scaling.high_freq_factor"))?,
+                original_context: file.get(&key("rope.scaling.original_context_length"))?,
+            }),
+            Some(other) => {
+                return Err(Error::Config { key: key("rope.scaling.type"), why: format!("scaling `{other}` is not supported (none, llama3)") })
+            }
+        };
+        if let Some(s) = llama3 {
+            let sane = s.factor >= 1.0 && s.low_freq_factor > 0.0 && s.high_freq_factor > s.low_freq_factor && s.original_context > 0;
+            if !sane {
+                return Err(Error::Config { key: key("rope.scaling"), why: format!("inconsistent llama3 scaling {s:?}") });
+            }
+        }
+        Ok(LlamaConfig {
+            n_layer: positive("block_count")?,
+            n_embd,
+            n_head,
+            n_head_kv,
+            head_dim,
+            n_ff: positive("feed_forward_length")?,
+            rms_eps,
+            rope: RopeConfig { freq_base, n_dims, mode: rope_mode, llama3 },
+            n_ctx_train: positive("context_length")?,
+        })
+    }
+
+    /// Width of the K (and V) rows of one token across KV heads.
+    pub fn n_embd_kv(&self) -> usize {
+        self.n_head_kv * self.head_dim
+    }
+
+    /// Width of the concatenated query heads.
+    pub fn n_embd_q(&self) -> usize {
+        self.n_head * self.head_dim
+    }
+}
+
+fn optional_or<T: FromValue>(file: &GgufFile, key: &str, default: T) -> Result<T> {
+    Ok(file.get_opt(key)?.unwrap_or(default))
+}

@@ -1,0 +1,87 @@
+//! A Llama text model from a GGUF file: token embeddings, the transformer stack, the output head
+//! (tied to the embeddings when `output.weight` is absent) and the tokenizer.
+
+use std::path::Path;
+
+use ggml::gguf::GgufFile;
+use ggml::{RopeMode, TensorId, TensorStore};
+
+use super::config::LlamaConfig;
+use super::names::{StackNames, OUTPUT, ROPE_FREQS, TOKEN_EMBD};
+use super::transformer::Transformer;
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+use crate::weights::WeightLoader;
+
+/// Immutable weights and metadata of a text model (the mutable state lives in `GGMLModel`).
+pub struct LlamaModel {
+    pub(crate) weights: TensorStore,
+    pub(crate) transformer: Transformer,
+    pub(crate) token_embd: TensorId,
+    pub(crate) output: TensorId,
+    tokenizer: Tokenizer,
+    vocab_size: usize,
+    name: String,
+    weight_bytes: u64,
+}
+
+impl LlamaModel {
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let file = GgufFile::open(path.as_ref())?;
+        let arch: String = file.get("general.architecture")?;
+        if arch != "llama" {
+            return Err(Error::Architecture { path: path.as_ref().display().to_string(), found: arch, expected: "llama" });
+        }
+        let config = LlamaConfig::from_gguf(&file, "llama", RopeMode::Normal)?;
+        let embd_info = file.tensor(TOKEN_EMBD)?;
+        let vocab_size = embd_info.shape.get(1).copied().unwrap_or(0) as usize;
+        if let Some(declared) = file.get_opt::<usize>("llama.vocab_size")? {
+            if declared != vocab_size {
+                return Err(Error::Config { key: "llama.vocab_size".into(), why: format!("{declared}, but {TOKEN_EMBD} has {vocab_size} rows") });
+            }
+        }
+        let tokenizer = Tokenizer::from_gguf(&file)?;
+        if tokenizer.vocab_size() != vocab_size {
+            return Err(Error::Tokenizer(format!("{} tokens, but the model has a vocabulary of {vocab_size}", tokenizer.vocab_size())));
+        }
+        let freq_factors = match file.tensor(ROPE_FREQS) {
+            Ok(_) => Some(file.read_tensor_f32(ROPE_FREQS)?),
+            Err(_) => None,
+        };
+        if let Some(f) = &freq_factors {
+            if f.len() != config.rope.n_dims / 2 {
+                return Err(Error::TensorShape { name: ROPE_FREQS.into(), expected: vec![config.rope.n_dims as i64 / 2], found: vec![f.len() as i64] });
+            }
+        }
+
+        let mut loader = WeightLoader::new(&file)?;
+        let token_embd = loader.matrix(TOKEN_EMBD, &[config.n_embd, vocab_size])?;
+        let output = loader.optional_matrix(OUTPUT, &[config.n_embd, vocab_size])?.unwrap_or(token_embd);
+        let transformer = Transformer::load(&mut loader, &StackNames::new(""), config, freq_factors)?;
+        let weights = loader.finish()?;
+        let name = file.get_opt::<String>("general.name")?.unwrap_or_else(|| path.as_ref().display().to_string());
+        let weight_bytes = weights.buffer_bytes() as u64;
+        Ok(LlamaModel { weights, transformer, token_embd, output, tokenizer, vocab_size, name, weight_bytes })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        self.transformer.config()
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Bytes of the weights buffer.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+}

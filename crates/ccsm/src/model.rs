@@ -1,0 +1,191 @@
+//! `GGMLModel`: a Llama text model with its mutable state (KV cache, compute buffer, backend),
+//! behind the `Model` trait.
+
+use std::ops::Range;
+
+use ggml::{Backend, ComputeBuffer, DType};
+
+use crate::error::{Error, Result};
+use crate::kv_cache::{KvCache, KvCacheConfig};
+use crate::llama::transformer::BuildScope;
+use crate::llama::{LlamaModel, StepInputs};
+use crate::CacheType;
+
+/// Which positions of a step return logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token's (generation).
+    Last,
+    /// Every token's, `[n_tokens][vocab]` (perplexity, tests).
+    All,
+}
+
+/// The interface every model of the engine offers.
+pub trait Model {
+    type Input: ?Sized;
+    type Output;
+
+    /// Forgets all cached state; the next input starts at position 0.
+    fn reset(&mut self);
+
+    /// Runs the next input after everything cached.
+    fn forward(&mut self, input: &Self::Input) -> Result<Self::Output>;
+
+    /// Exact bytes of all KV caches.
+    fn kv_memory_usage(&self) -> usize;
+}
+
+/// Runtime settings of a model.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ModelOptions {
+    /// KV cache cells (the context size).
+    pub n_ctx: usize,
+    pub k_type: CacheType,
+    pub v_type: CacheType,
+    pub n_threads: usize,
+    /// Most tokens evaluated in one graph; longer inputs are split.
+    pub n_batch: usize,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        ModelOptions { n_ctx: 2048, k_type: CacheType::F16, v_type: CacheType::F16, n_threads: 2, n_batch: 512 }
+    }
+}
+
+/// A Llama text model ready to run.
+pub struct GGMLModel {
+    model: LlamaModel,
+    cache: KvCache,
+    compute: ComputeBuffer,
+    backend: Backend,
+    n_batch: usize,
+}
+
+impl GGMLModel {
+    pub fn new(model: LlamaModel, options: ModelOptions) -> Result<Self> {
+        let c = model.config();
+        if options.n_ctx == 0 {
+            return Err(Error::Input("context size must be at least 1".into()));
+        }
+        if options.n_batch == 0 {
+            return Err(Error::Input("batch size must be at least 1".into()));
+        }
+        let cache = KvCache::new(KvCacheConfig {
+            n_layer: c.n_layer,
+            head_dim: c.head_dim,
+            n_head_kv: c.n_head_kv,
+            capacity: options.n_ctx,
+            k_type: options.k_type,
+            v_type: options.v_type,
+        })?;
+        Ok(GGMLModel { model, cache, compute: ComputeBuffer::new()?, backend: Backend::cpu(options.n_threads)?, n_batch: options.n_batch })
+    }
+
+    pub fn model(&self) -> &LlamaModel {
+        &self.model
+    }
+
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
+    /// Bytes of the compute buffer (grows to the largest step so far).
+    pub fn compute_buffer_bytes(&self) -> usize {
+        self.compute.size()
+    }
+
+    /// Runs `tokens` after the cached ones; returns logits per `which` (`[n][vocab]` for `All`).
+    pub fn eval(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
+        if tokens.is_empty() {
+            return Err(Error::Input("no tokens to evaluate".into()));
+        }
+        let vocab = self.model.vocab_size();
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::TokenOutOfRange { id, vocab });
+        }
+        if self.cache.len() + tokens.len() > self.cache.capacity() {
+            return Err(Error::CacheFull { needed: self.cache.len() + tokens.len(), capacity: self.cache.capacity() });
+        }
+        let mut logits = Vec::new();
+        let chunks: Vec<&[u32]> = tokens.chunks(self.n_batch).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let want = if which == Logits::All || i + 1 == chunks.len() { which } else { Logits::Last };
+            let out = self.eval_chunk(chunk, want)?;
+            if which == Logits::All || i + 1 == chunks.len() {
+                logits.extend(out);
+            }
+        }
+        Ok(logits)
+    }
+
+    fn eval_chunk(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
+        let start = self.cache.len();
+        let cells = self.cache.append(tokens.len())?;
+        let result = self.compute_step(tokens, cells, which);
+        if result.is_err() {
+            self.cache.truncate(start);
+        }
+        result
+    }
+
+    /// Builds, allocates and computes one step's graph over cells already appended to the cache.
+    fn compute_step(&mut self, tokens: &[u32], cells: Range<usize>, which: Logits) -> Result<Vec<f32>> {
+        let (model, cache) = (&self.model, &self.cache);
+        let transformer = &model.transformer;
+        let n = tokens.len() as i64;
+        let positions: Vec<i32> = cache.positions()[cells.clone()].to_vec();
+        let mask = cache.attention_mask(&positions);
+        let max_nodes = transformer.max_nodes();
+        let ctx = self.compute.context(max_nodes + 16, max_nodes)?;
+        let mut graph = ctx.new_graph(max_nodes)?;
+        let token_ids = ctx.new_tensor(DType::I32, &[n])?.set_input().set_name("tokens");
+        let inputs = StepInputs {
+            positions: ctx.new_tensor(DType::I32, &[n])?.set_input().set_name("positions"),
+            cells: ctx.new_tensor(DType::I64, &[n])?.set_input().set_name("cells"),
+            mask: ctx.new_tensor(DType::F16, &[cache.len() as i64, n])?.set_input().set_name("mask"),
+            freq_factors: transformer.freq_factor_input(&ctx)?,
+        };
+        let x = ctx.get_rows(model.weights.get(model.token_embd), token_ids)?;
+        let mut scope = BuildScope { ctx: &ctx, graph: &mut graph, weights: &model.weights, cache, inputs };
+        let hidden = transformer.build(&mut scope, x)?;
+        let hidden = match which {
+            Logits::All => hidden,
+            Logits::Last => {
+                let row = hidden.strides()[1];
+                ctx.view(hidden, &[hidden.ne(0), 1], &[row], (n as usize - 1) * row)?
+            }
+        };
+        let logits = ctx.mul_mat(model.weights.get(model.output), hidden)?.set_name("logits").set_output();
+        graph.expand(logits)?;
+        ctx.allocate(&graph)?;
+
+        token_ids.write_i32(&tokens.iter().map(|&t| t as i32).collect::<Vec<_>>())?;
+        inputs.positions.write_i32(&positions)?;
+        inputs.cells.write_i64(&KvCache::cell_indices(cells))?;
+        inputs.mask.write_f32(&mask)?;
+        if let (Some(t), Some(f)) = (inputs.freq_factors, transformer.freq_factors()) {
+            t.write_f32(f)?;
+        }
+        self.backend.compute(&graph)?;
+        Ok(logits.read_f32()?)
+    }
+}
+
+impl Model for GGMLModel {
+    type Input = [u32];
+    type Output = Vec<f32>;
+
+    fn reset(&mut self) {
+        self.cache.clear();
+    }
+
+    /// Logits of the last token of `input`.
+    fn forward(&mut self, input: &[u32]) -> Result<Vec<f32>> {
+        self.eval(input, Logits::Last)
+    }
+
+    fn kv_memory_usage(&self) -> usize {
+        self.cache.memory_usage()
+    }
+}

@@ -1,0 +1,95 @@
+//! Loading GGUF tensors into one backend buffer: each tensor is declared with the shape the
+//! architecture expects (checked against the file), then all are read straight into place.
+
+use ggml::gguf::{GgufFile, TensorInfo};
+use ggml::{DType, TensorId, TensorStore};
+
+use crate::error::{Error, Result};
+
+/// Weight types ggml's CPU backend can multiply with (and look rows up in).
+pub fn is_matmul_type(dtype: DType) -> bool {
+    !matches!(dtype, DType::I8 | DType::I16 | DType::I32 | DType::I64 | DType::F64 | DType::Q8_1 | DType::Q8K)
+}
+
+enum Fill {
+    /// Bytes copied as they are in the file.
+    Raw,
+    /// Values converted to F32 on load (norm scales stored in other types).
+    ToF32,
+}
+
+/// Declares tensors against a GGUF file, then loads them into a `TensorStore`.
+pub struct WeightLoader<'f> {
+    file: &'f GgufFile,
+    store: TensorStore,
+    pending: Vec<(TensorId, &'f TensorInfo, Fill)>,
+}
+
+impl<'f> WeightLoader<'f> {
+    pub fn new(file: &'f GgufFile) -> Result<Self> {
+        Ok(WeightLoader { file, store: TensorStore::new(file.tensors().len().max(1))?, pending: Vec::new() })
+    }
+
+    fn info(&self, name: &str, shape: &[usize]) -> Result<&'f TensorInfo> {
+        let info = self.file.tensor(name)?;
+        let expected: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        // Trailing 1-dims are equivalent (a [n, 1] tensor is a [n] vector).
+        let trim = |s: &[i64]| -> Vec<i64> {
+            let mut v = s.to_vec();
+            while v.len() > 1 && v.last() == Some(&1) {
+                v.pop();
+            }
+            v
+        };
+        if trim(&info.shape) != trim(&expected) {
+            return Err(Error::TensorShape { name: name.to_owned(), expected, found: info.shape.clone() });
+        }
+        Ok(info)
+    }
+
+    /// A weight matrix `[shape[0] (contiguous), shape[1], …]` used in matrix products or row lookups.
+    pub fn matrix(&mut self, name: &str, shape: &[usize]) -> Result<TensorId> {
+        let info = self.info(name, shape)?;
+        if !is_matmul_type(info.dtype) {
+            return Err(Error::TensorType { name: name.to_owned(), dtype: info.dtype, why: "cannot be used as a weight matrix" });
+        }
+        let id = self.store.add(name, info.dtype, &info.shape)?;
+        self.pending.push((id, info, Fill::Raw));
+        Ok(id)
+    }
+
+    /// Like `matrix`, or `None` when the file has no tensor of that name.
+    pub fn optional_matrix(&mut self, name: &str, shape: &[usize]) -> Result<Option<TensorId>> {
+        if self.file.tensor(name).is_err() {
+            return Ok(None);
+        }
+        self.matrix(name, shape).map(Some)
+    }
+
+    /// A vector (norm scale, frequency factors) held as F32 whatever its type in the file.
+    pub fn vector_f32(&mut self, name: &str, len: usize) -> Result<TensorId> {
+        let info = self.info(name, &[len])?;
+        if !info.dtype.can_dequantize() {
+            return Err(Error::TensorType { name: name.to_owned(), dtype: info.dtype, why: "cannot be read as f32" });
+        }
+        let id = self.store.add(name, DType::F32, &[len as i64])?;
+        let fill = if info.dtype == DType::F32 { Fill::Raw } else { Fill::ToF32 };
+        self.pending.push((id, info, fill));
+        Ok(id)
+    }
+
+    /// Allocates the buffer and reads every declared tensor into it.
+    pub fn finish(mut self) -> Result<TensorStore> {
+        self.store.allocate()?;
+        for (id, info, fill) in &self.pending {
+            match fill {
+                Fill::Raw => self.file.read_tensor_data(info, self.store.data_mut(*id)?)?,
+                Fill::ToF32 => {
+                    let values = self.file.read_tensor_f32(&info.name)?;
+                    self.store.get(*id).write_f32(&values)?;
+                }
+            }
+        }
+        Ok(self.store)
+    }
+}
