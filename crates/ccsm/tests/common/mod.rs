@@ -1,0 +1,78 @@
+//! Test helpers: where the sample models are, and running the independent Python references.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repository root")
+}
+
+/// A file under `models/` (made by `make models`, which `make test` runs first).
+pub fn model(name: &str) -> PathBuf {
+    let path = repo_root().join("models").join(name);
+    assert!(path.is_file(), "{} is missing: run `make models`", path.display());
+    path
+}
+
+pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const TINY_LLAMA: &str = "tiny-llama.gguf";
+/// tiny-llama with Llama 3's pre-tokenizer (`llama-bpe`).
+pub const TINY_LLAMA3: &str = "tiny-llama3.gguf";
+
+/// Runs `tools/reference/<script>` with `args`; panics with its stderr on failure.
+pub fn python(script: &str, args: &[&str]) -> String {
+    let path = repo_root().join("tools/reference").join(script);
+    let out = Command::new("python3").arg(&path).args(args).output().expect("python3 runs");
+    assert!(out.status.success(), "{script} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// Reads raw little-endian f64 values.
+pub fn read_f64(path: &Path) -> Vec<f64> {
+    std::fs::read(path).expect("reference output").chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+/// The numpy reference's logits `[n][vocab]` for `tokens`.
+pub fn reference_logits(model: &Path, tokens: &[u32]) -> Vec<f64> {
+    run_reference(model, tokens, &[])
+}
+
+/// The same, with activations rounded as ggml's quantized dot products round them.
+pub fn reference_logits_emulating_activations(model: &Path, tokens: &[u32]) -> Vec<f64> {
+    run_reference(model, tokens, &["--emulate-activations"])
+}
+
+fn run_reference(model: &Path, tokens: &[u32], extra: &[&str]) -> Vec<f64> {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("logits.f64");
+    let ids: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
+    let ids = ids.join(",");
+    let mut args = vec![model.to_str().unwrap(), "--tokens", &ids, "--out", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    python("llama_ref.py", &args);
+    read_f64(&out)
+}
+
+/// Agreement of engine logits with reference logits, row by row.
+pub struct Agreement {
+    /// max |Δ| over a row divided by that row's reference spread (max − min), worst row.
+    pub worst_relative_error: f64,
+    pub top1_matches: usize,
+    pub rows: usize,
+}
+
+pub fn compare(engine: &[f32], reference: &[f64], vocab: usize) -> Agreement {
+    assert_eq!(engine.len(), reference.len(), "logit counts differ");
+    let mut worst = 0f64;
+    let mut matches = 0;
+    for (e, r) in engine.chunks(vocab).zip(reference.chunks(vocab)) {
+        let spread = r.iter().cloned().fold(f64::NEG_INFINITY, f64::max) - r.iter().cloned().fold(f64::INFINITY, f64::min);
+        let max_diff = e.iter().zip(r).map(|(a, b)| (*a as f64 - b).abs()).fold(0f64, f64::max);
+        worst = worst.max(max_diff / spread);
+        let argmax_e = e.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+        let argmax_r = r.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+        matches += (argmax_e == argmax_r) as usize;
+    }
+    Agreement { worst_relative_error: worst, top1_matches: matches, rows: engine.len() / vocab }
+}
