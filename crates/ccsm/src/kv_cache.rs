@@ -12,6 +12,9 @@ use ggml::{Context, Tensor, TensorId, TensorStore};
 use crate::error::{Error, Result};
 use crate::CacheType;
 
+/// Granularity of the attention window of single-token steps (see `KvCache::decode_window`).
+pub const DECODE_WINDOW: usize = 256;
+
 /// Shape and types of a cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvCacheConfig {
@@ -168,13 +171,25 @@ impl KvCache {
         cells.map(|c| c as i64).collect()
     }
 
-    /// Additive attention mask `[n_queries][len]`: 0 where a cell's position is at or before the
-    /// query's position, −∞ elsewhere (causal over absolute positions, whatever the cell order).
-    pub fn attention_mask(&self, query_positions: &[i32]) -> Vec<f32> {
-        query_positions
-            .iter()
-            .flat_map(|&q| self.positions.iter().map(move |&p| if p <= q { 0.0 } else { f32::NEG_INFINITY }))
-            .collect()
+    /// Cells attention covers for single-token steps: the live ones rounded up to a multiple of
+    /// `DECODE_WINDOW` (at most the capacity), so consecutive steps share one graph shape.
+    pub fn decode_window(&self) -> usize {
+        self.len().div_ceil(DECODE_WINDOW).max(1).saturating_mul(DECODE_WINDOW).min(self.capacity())
+    }
+
+    /// Additive attention mask `[n_queries][n_kv]`: 0 where a live cell's position is at or before
+    /// the query's position, −∞ elsewhere (causal over absolute positions, whatever the cell order)
+    /// and for cells past `len()` up to `n_kv`.
+    pub fn attention_mask(&self, query_positions: &[i32], n_kv: usize) -> Vec<f32> {
+        let mut mask = vec![f32::NEG_INFINITY; query_positions.len() * n_kv];
+        for (row, &q) in mask.chunks_mut(n_kv).zip(query_positions) {
+            for (m, &p) in row.iter_mut().zip(&self.positions) {
+                if p <= q {
+                    *m = 0.0;
+                }
+            }
+        }
+        mask
     }
 
     fn k(&self, layer: usize) -> Tensor<'_> {
@@ -195,24 +210,25 @@ impl KvCache {
         Ok(ctx.set_rows(self.v(layer), rows, cells)?)
     }
 
-    /// K of the live cells of `layer` as `[head_dim, n_head_kv, len]`, in the cache's own type.
-    pub fn k_tensor<'c>(&'c self, ctx: &'c Context, layer: usize) -> Result<Tensor<'c>> {
-        self.live_view(ctx, self.k(layer), self.config.k_type)
+    /// K of the first `n_kv` cells of `layer` (the live ones and, past `len()`, masked padding) as
+    /// `[head_dim, n_head_kv, n_kv]`, in the cache's own type.
+    pub fn k_tensor<'c>(&'c self, ctx: &'c Context, layer: usize, n_kv: usize) -> Result<Tensor<'c>> {
+        self.live_view(ctx, self.k(layer), self.config.k_type, n_kv)
     }
 
-    /// V of the live cells of `layer` as `[head_dim, n_head_kv, len]`, in the cache's own type.
-    pub fn v_tensor<'c>(&'c self, ctx: &'c Context, layer: usize) -> Result<Tensor<'c>> {
-        self.live_view(ctx, self.v(layer), self.config.v_type)
+    /// V of the first `n_kv` cells of `layer` as `[head_dim, n_head_kv, n_kv]`, in the cache's own type.
+    pub fn v_tensor<'c>(&'c self, ctx: &'c Context, layer: usize, n_kv: usize) -> Result<Tensor<'c>> {
+        self.live_view(ctx, self.v(layer), self.config.v_type, n_kv)
     }
 
-    fn live_view<'c>(&'c self, ctx: &'c Context, t: Tensor<'c>, ty: CacheType) -> Result<Tensor<'c>> {
+    fn live_view<'c>(&'c self, ctx: &'c Context, t: Tensor<'c>, ty: CacheType, n_kv: usize) -> Result<Tensor<'c>> {
         let c = &self.config;
-        if self.is_empty() {
-            return Err(Error::Input("attention over an empty KV cache (append the step's cells first)".into()));
+        if self.is_empty() || n_kv < self.len() || n_kv > self.capacity() {
+            return Err(Error::Input(format!("attention over {n_kv} cells of a cache holding {} of {}", self.len(), self.capacity())));
         }
         let head_bytes = ty.dtype().row_size(c.head_dim)?;
         let row_bytes = ty.dtype().row_size(c.n_embd_kv())?;
-        let shape = [c.head_dim as i64, c.n_head_kv as i64, self.len() as i64];
+        let shape = [c.head_dim as i64, c.n_head_kv as i64, n_kv as i64];
         Ok(ctx.view(t, &shape, &[head_bytes, row_bytes], 0)?)
     }
 }

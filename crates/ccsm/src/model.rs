@@ -3,7 +3,7 @@
 
 use std::ops::Range;
 
-use ggml::{Backend, ComputeBuffer, DType};
+use ggml::{Backend, ComputeBuffer, Context, DType, Graph, ReusableGraph, Tensor};
 
 use crate::error::{Error, Result};
 use crate::kv_cache::{KvCache, KvCacheConfig};
@@ -60,6 +60,9 @@ pub struct GGMLModel {
     compute: ComputeBuffer,
     backend: Backend,
     n_batch: usize,
+    /// The single-token step graph, kept across decode steps, with its attention window.
+    decode_graph: Option<(usize, ReusableGraph)>,
+    reuse_decode_graph: bool,
 }
 
 impl GGMLModel {
@@ -79,7 +82,15 @@ impl GGMLModel {
             k_type: options.k_type,
             v_type: options.v_type,
         })?;
-        Ok(GGMLModel { model, cache, compute: ComputeBuffer::new()?, backend: Backend::cpu(options.n_threads)?, n_batch: options.n_batch })
+        Ok(GGMLModel {
+            model,
+            cache,
+            compute: ComputeBuffer::new()?,
+            backend: Backend::cpu(options.n_threads)?,
+            n_batch: options.n_batch,
+            decode_graph: None,
+            reuse_decode_graph: true,
+        })
     }
 
     pub fn model(&self) -> &LlamaModel {
@@ -90,9 +101,15 @@ impl GGMLModel {
         &self.cache
     }
 
+    /// Whether single-token steps reuse one kept graph (default) or build a graph per token.
+    pub fn set_reuse_decode_graph(&mut self, reuse: bool) {
+        self.reuse_decode_graph = reuse;
+        self.decode_graph = None;
+    }
+
     /// Bytes of the compute buffer (grows to the largest step so far).
     pub fn compute_buffer_bytes(&self) -> usize {
-        self.compute.size()
+        self.compute.size() + self.decode_graph.as_ref().map_or(0, |(_, g)| g.buffer_size())
     }
 
     /// Runs `tokens` after the cached ones; returns logits per `which` (`[n][vocab]` for `All`).
@@ -122,7 +139,11 @@ impl GGMLModel {
     fn eval_chunk(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
         let start = self.cache.len();
         let cells = self.cache.append(tokens.len())?;
-        let result = self.compute_step(tokens, cells, which);
+        let result = if tokens.len() == 1 && which == Logits::Last && self.reuse_decode_graph {
+            self.decode_step(tokens[0], cells)
+        } else {
+            self.compute_step(tokens, cells, which)
+        };
         if result.is_err() {
             self.cache.truncate(start);
         }
@@ -132,44 +153,107 @@ impl GGMLModel {
     /// Builds, allocates and computes one step's graph over cells already appended to the cache.
     fn compute_step(&mut self, tokens: &[u32], cells: Range<usize>, which: Logits) -> Result<Vec<f32>> {
         let (model, cache) = (&self.model, &self.cache);
-        let transformer = &model.transformer;
-        let n = tokens.len() as i64;
-        let positions: Vec<i32> = cache.positions()[cells.clone()].to_vec();
-        let mask = cache.attention_mask(&positions);
-        let max_nodes = transformer.max_nodes();
+        let max_nodes = model.transformer.max_nodes();
         let ctx = self.compute.context(max_nodes + 16, max_nodes)?;
         let mut graph = ctx.new_graph(max_nodes)?;
-        let token_ids = ctx.new_tensor(DType::I32, &[n])?.set_input().set_name("tokens");
-        let inputs = StepInputs {
-            positions: ctx.new_tensor(DType::I32, &[n])?.set_input().set_name("positions"),
-            cells: ctx.new_tensor(DType::I64, &[n])?.set_input().set_name("cells"),
-            mask: ctx.new_tensor(DType::F16, &[cache.len() as i64, n])?.set_input().set_name("mask"),
-            freq_factors: transformer.freq_factor_input(&ctx)?,
-        };
-        let x = ctx.get_rows(model.weights.get(model.token_embd), token_ids)?;
-        let mut scope = BuildScope { ctx: &ctx, graph: &mut graph, weights: &model.weights, cache, inputs };
-        let hidden = transformer.build(&mut scope, x)?;
-        let hidden = match which {
-            Logits::All => hidden,
-            Logits::Last => {
-                let row = hidden.strides()[1];
-                ctx.view(hidden, &[hidden.ne(0), 1], &[row], (n as usize - 1) * row)?
-            }
-        };
-        let logits = ctx.mul_mat(model.weights.get(model.output), hidden)?.set_name("logits").set_output();
-        graph.expand(logits)?;
+        let step = build_step(model, cache, &ctx, &mut graph, tokens.len(), cache.len(), which)?;
         ctx.allocate(&graph)?;
+        step.write_inputs(model, cache, tokens, cells)?;
+        self.backend.compute(&graph)?;
+        Ok(step.logits.read_f32()?)
+    }
 
-        token_ids.write_i32(&tokens.iter().map(|&t| t as i32).collect::<Vec<_>>())?;
-        inputs.positions.write_i32(&positions)?;
-        inputs.cells.write_i64(&KvCache::cell_indices(cells))?;
-        inputs.mask.write_f32(&mask)?;
-        if let (Some(t), Some(f)) = (inputs.freq_factors, transformer.freq_factors()) {
+    /// One token through the kept decode graph, rebuilt only when the attention window grows or
+    /// the cache's buffers change.
+    fn decode_step(&mut self, token: u32, cells: Range<usize>) -> Result<Vec<f32>> {
+        let n_kv = self.cache.decode_window();
+        let kept = matches!(&self.decode_graph, Some((window, g)) if *window == n_kv && g.is_current());
+        if !kept {
+            self.decode_graph = None;
+            let max_nodes = self.model.transformer.max_nodes();
+            let mut graph = ReusableGraph::new(max_nodes + 16, max_nodes)?;
+            let mut building = graph.context().new_graph(max_nodes)?;
+            build_step(&self.model, &self.cache, graph.context(), &mut building, 1, n_kv, Logits::Last)?;
+            let sealed = building.seal();
+            graph.finish(sealed)?;
+            self.decode_graph = Some((n_kv, graph));
+        }
+        let (_, graph) = self.decode_graph.as_ref().expect("set above");
+        let step = StepTensors::lookup(graph, self.model.transformer.freq_factors().is_some())?;
+        step.write_inputs(&self.model, &self.cache, &[token], cells)?;
+        graph.compute(&self.backend)?;
+        Ok(step.logits.read_f32()?)
+    }
+}
+
+/// The input and output tensors of one step's graph.
+struct StepTensors<'c> {
+    tokens: Tensor<'c>,
+    inputs: StepInputs<'c>,
+    logits: Tensor<'c>,
+}
+
+impl<'c> StepTensors<'c> {
+    /// Finds the named inputs and outputs of a kept graph.
+    fn lookup(graph: &'c ReusableGraph, has_freq_factors: bool) -> Result<Self> {
+        Ok(StepTensors {
+            tokens: graph.tensor("tokens")?,
+            inputs: StepInputs {
+                positions: graph.tensor("positions")?,
+                cells: graph.tensor("cells")?,
+                mask: graph.tensor("mask")?,
+                freq_factors: if has_freq_factors { Some(graph.tensor("rope_freq_factors")?) } else { None },
+            },
+            logits: graph.tensor("logits")?,
+        })
+    }
+
+    /// Fills the inputs for `tokens` stored at `cells`.
+    fn write_inputs(&self, model: &LlamaModel, cache: &KvCache, tokens: &[u32], cells: Range<usize>) -> Result<()> {
+        let positions = &cache.positions()[cells.clone()];
+        self.tokens.write_i32(&tokens.iter().map(|&t| t as i32).collect::<Vec<_>>())?;
+        self.inputs.positions.write_i32(positions)?;
+        self.inputs.cells.write_i64(&KvCache::cell_indices(cells))?;
+        self.inputs.mask.write_f32(&cache.attention_mask(positions, self.inputs.mask.ne(0) as usize))?;
+        if let (Some(t), Some(f)) = (self.inputs.freq_factors, model.transformer.freq_factors()) {
             t.write_f32(f)?;
         }
-        self.backend.compute(&graph)?;
-        Ok(logits.read_f32()?)
+        Ok(())
     }
+}
+
+/// The graph of one step: `n` new tokens attending over the first `n_kv` cache cells.
+fn build_step<'c>(
+    model: &'c LlamaModel,
+    cache: &'c KvCache,
+    ctx: &'c Context,
+    graph: &mut Graph<'c>,
+    n: usize,
+    n_kv: usize,
+    which: Logits,
+) -> Result<StepTensors<'c>> {
+    let transformer = &model.transformer;
+    let n = n as i64;
+    let tokens = ctx.new_tensor(DType::I32, &[n])?.set_input().set_name("tokens");
+    let inputs = StepInputs {
+        positions: ctx.new_tensor(DType::I32, &[n])?.set_input().set_name("positions"),
+        cells: ctx.new_tensor(DType::I64, &[n])?.set_input().set_name("cells"),
+        mask: ctx.new_tensor(DType::F16, &[n_kv as i64, n])?.set_input().set_name("mask"),
+        freq_factors: transformer.freq_factor_input(ctx)?,
+    };
+    let x = ctx.get_rows(model.weights.get(model.token_embd), tokens)?;
+    let mut scope = BuildScope { ctx, graph, weights: &model.weights, cache, inputs };
+    let hidden = transformer.build(&mut scope, x)?;
+    let hidden = match which {
+        Logits::All => hidden,
+        Logits::Last => {
+            let row = hidden.strides()[1];
+            ctx.view(hidden, &[hidden.ne(0), 1], &[row], (n as usize - 1) * row)?
+        }
+    };
+    let logits = ctx.mul_mat(model.weights.get(model.output), hidden)?.set_name("logits").set_output();
+    graph.expand(logits)?;
+    Ok(StepTensors { tokens, inputs, logits })
 }
 
 impl Model for GGMLModel {

@@ -45,6 +45,17 @@ fn tiny_llama_logits_match_the_numpy_reference_in_one_and_many_steps() {
     let last = engine.eval(&tokens, Logits::Last).unwrap();
     let a = compare(&last, &reference[reference.len() - vocab..], vocab);
     assert!(a.worst_relative_error < TINY_TOLERANCE);
+
+    // Decode steps (one token, last logits) run through the kept graph, or a graph per token.
+    for reuse in [true, false] {
+        engine.reset();
+        engine.set_reuse_decode_graph(reuse);
+        let decoded: Vec<f32> = tokens.iter().flat_map(|&t| engine.forward(&[t]).unwrap()).collect();
+        let a = compare(&decoded, &reference, vocab);
+        eprintln!("tiny-llama decode steps (kept graph: {reuse}): max |Δ| = {:.2e}", a.worst_relative_error);
+        assert_eq!(a.top1_matches, a.rows);
+        assert!(a.worst_relative_error < TINY_TOLERANCE, "kept graph {reuse}: {}", a.worst_relative_error);
+    }
 }
 
 #[test]

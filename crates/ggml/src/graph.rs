@@ -2,6 +2,7 @@
 
 use std::cell::Cell;
 use std::collections::HashSet;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 
@@ -16,15 +17,36 @@ pub fn graph_overhead(max_nodes: usize) -> usize {
     unsafe { sys::ggml_graph_overhead_custom(max_nodes, false) }
 }
 
+/// Hashes tensor addresses cheaply: they are unique and 8-byte aligned, so no mixing is needed.
+#[derive(Default)]
+struct AddressHasher(u64);
+
+impl Hasher for AddressHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.0 = bytes.iter().fold(self.0, |h, &b| h.rotate_left(8) ^ b as u64);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.0 = (n as u64 >> 3).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type TensorSet = HashSet<*mut sys::ggml_tensor, BuildHasherDefault<AddressHasher>>;
+
 /// A forward compute graph living in a context.
 pub struct Graph<'ctx> {
     raw: NonNull<sys::ggml_cgraph>,
     capacity: usize,
     /// Tensors already in the graph, mirrored so expansion can be checked against the capacity
     /// before ggml would abort on overflow.
-    visited: HashSet<*mut sys::ggml_tensor>,
+    visited: TensorSet,
     nodes: usize,
     leafs: usize,
+    ctx: *const sys::ggml_context,
     _ctx: PhantomData<&'ctx Context>,
 }
 
@@ -38,7 +60,7 @@ impl Context {
         // SAFETY: the arena has room for the graph (checked above, so ggml does not abort).
         let raw = unsafe { sys::ggml_new_graph_custom(self.raw(), max_nodes, false) };
         let raw = NonNull::new(raw).ok_or(Error::Allocation { what: "graph", bytes: needed })?;
-        Ok(Graph { raw, capacity: max_nodes, visited: HashSet::new(), nodes: 0, leafs: 0, _ctx: PhantomData })
+        Ok(Graph { raw, capacity: max_nodes, visited: TensorSet::default(), nodes: 0, leafs: 0, ctx: self.raw(), _ctx: PhantomData })
     }
 }
 
@@ -47,12 +69,21 @@ impl<'ctx> Graph<'ctx> {
         self.raw.as_ptr()
     }
 
+    pub(crate) fn context_ptr(&self) -> *const sys::ggml_context {
+        self.ctx
+    }
+
+    /// Every tensor in the graph (nodes and leaves).
+    pub(crate) fn tensor_ptrs(&self) -> Vec<*mut sys::ggml_tensor> {
+        self.visited.iter().copied().collect()
+    }
+
     /// Adds `output` and every tensor it depends on.
     pub fn expand(&mut self, output: Tensor<'ctx>) -> Result<()> {
         let (mut new_nodes, mut new_leafs) = (0, 0);
         let mut fresh = Vec::new();
         let mut stack = vec![output.raw()];
-        let mut seen = HashSet::new();
+        let mut seen = TensorSet::default();
         while let Some(t) = stack.pop() {
             if self.visited.contains(&t) || !seen.insert(t) {
                 continue;
@@ -120,6 +151,10 @@ impl ComputeBuffer {
     /// memory from this buffer.
     pub fn context(&mut self, max_tensors: usize, max_nodes: usize) -> Result<GraphContext<'_>> {
         Ok(GraphContext { ctx: Context::for_graph(max_tensors, max_nodes)?, buffer: self, allocated: Cell::new(false) })
+    }
+
+    pub(crate) fn raw(&self) -> *mut sys::ggml_gallocr {
+        self.raw.as_ptr()
     }
 
     /// Bytes of the buffer (it grows to the largest graph allocated so far).
@@ -196,8 +231,13 @@ impl Backend {
     /// Runs the graph. Every tensor must have memory (`GraphAllocator::alloc`).
     pub fn compute(&self, graph: &Graph<'_>) -> Result<()> {
         graph.check_allocated()?;
-        // SAFETY: all tensors of the graph have memory (checked) and were validated when built.
-        let status = unsafe { sys::ggml_backend_graph_compute(self.raw.as_ptr(), graph.raw()) };
+        self.compute_raw(graph.raw())
+    }
+
+    /// Runs a graph whose tensors all have memory (the caller checked it).
+    pub(crate) fn compute_raw(&self, graph: *mut sys::ggml_cgraph) -> Result<()> {
+        // SAFETY: the caller guarantees a live, fully allocated graph built from validated ops.
+        let status = unsafe { sys::ggml_backend_graph_compute(self.raw.as_ptr(), graph) };
         if status == sys::GGML_STATUS_SUCCESS {
             Ok(())
         } else {

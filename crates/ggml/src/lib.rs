@@ -10,6 +10,7 @@ pub mod gguf;
 mod graph;
 mod log;
 mod ops;
+mod reusable;
 mod store;
 mod views;
 
@@ -18,6 +19,7 @@ pub use dtype::{DType, ALL_DTYPES};
 pub use error::{Error, Result, Shape};
 pub use graph::{graph_overhead, Backend, ComputeBuffer, Graph, GraphContext};
 pub use ops::{RopeMode, RopeParams};
+pub use reusable::{ReusableGraph, SealedGraph};
 pub use store::{StoreMemory, TensorId, TensorStore};
 
 use ggml_sys as sys;

@@ -125,6 +125,7 @@ impl TensorStore {
         }
         // SAFETY: the buffer was just allocated and is owned by this store.
         unsafe { sys::ggml_backend_buffer_clear(buffer.as_ptr(), 0) };
+        crate::reusable::register_buffer(buffer.as_ptr());
         self.buffer = Some(buffer);
         self.memory = memory;
         Ok(())
@@ -177,6 +178,7 @@ impl TensorStore {
 impl Drop for TensorStore {
     fn drop(&mut self) {
         if let Some(buffer) = self.buffer.take() {
+            crate::reusable::unregister_buffer(buffer.as_ptr());
             // SAFETY: the buffer is owned by this store and freed once; the headers pointing into it
             // are in `ctx`, dropped right after, and no Tensor borrowed from the store outlives it.
             unsafe { sys::ggml_backend_buffer_free(buffer.as_ptr()) }

@@ -32,3 +32,44 @@ fn store_tensors_are_allocated_filled_in_place_and_usable_from_graphs() {
     let got = y.read_f32().unwrap();
     assert!((got[0] - 64.5).abs() < 0.05 && (got[1] + 127.75).abs() < 0.1, "{got:?}");
 }
+
+#[test]
+fn kept_graphs_recompute_with_new_inputs_and_refuse_freed_stores() {
+    use ggml::ReusableGraph;
+    let mut store = TensorStore::new(1).unwrap();
+    let w = store.add("w", DType::F32, &[4, 2]).unwrap();
+    store.allocate().unwrap();
+    store.get(w).write_f32(&[1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 2.0]).unwrap();
+
+    let mut kept = ReusableGraph::new(8, 8).unwrap();
+    let mut graph = kept.context().new_graph(8).unwrap();
+    let x = kept.context().new_tensor(DType::F32, &[4]).unwrap().set_input().set_name("x");
+    let y = kept.context().mul_mat(store.get(w), x).unwrap().set_name("y");
+    graph.expand(y).unwrap();
+    let sealed = graph.seal();
+    kept.finish(sealed).unwrap();
+
+    let backend = Backend::cpu(1).unwrap();
+    for (input, want) in [([1.0, 2.0, 3.0, 4.0], [10.0, 10.0]), ([1.0, 0.0, 0.0, 1.0], [2.0, 2.0])] {
+        kept.tensor("x").unwrap().write_f32(&input).unwrap();
+        kept.compute(&backend).unwrap();
+        assert_eq!(kept.tensor("y").unwrap().read_f32().unwrap(), want);
+    }
+    assert!(kept.is_current());
+    drop(store);
+    assert!(!kept.is_current(), "the weights it reads are gone");
+    assert!(kept.compute(&backend).is_err());
+}
+
+#[test]
+fn kept_graphs_only_read_store_tensors() {
+    use ggml::{Context, ReusableGraph};
+    let data = Context::with_data(4, 1024).unwrap();
+    let w = data.new_tensor(DType::F32, &[4, 2]).unwrap();
+    let mut kept = ReusableGraph::new(8, 8).unwrap();
+    let mut graph = kept.context().new_graph(8).unwrap();
+    let x = kept.context().new_tensor(DType::F32, &[4]).unwrap();
+    graph.expand(kept.context().mul_mat(w, x).unwrap()).unwrap();
+    let sealed = graph.seal();
+    assert!(kept.finish(sealed).is_err(), "a tensor outside any store cannot be tracked");
+}

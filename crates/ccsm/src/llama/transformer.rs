@@ -16,7 +16,7 @@ pub struct StepInputs<'c> {
     pub positions: Tensor<'c>,
     /// I64 `[n]`: cache cell each new token's K/V row goes to.
     pub cells: Tensor<'c>,
-    /// F16 `[n_kv, n]`: additive attention mask over the live cells.
+    /// F16 `[n_kv, n]`: additive attention mask over the first `n_kv` cells.
     pub mask: Tensor<'c>,
     /// F32 `[rope_dims / 2]`: RoPE frequency divisors, when the model scales RoPE.
     pub freq_factors: Option<Tensor<'c>>,
@@ -94,8 +94,9 @@ impl Attention {
         s.graph.expand(s.cache.store_k(ctx, layer, k_rows, s.inputs.cells)?)?;
         s.graph.expand(s.cache.store_v(ctx, layer, v, s.inputs.cells)?)?;
 
-        let keys = ctx.permute(s.cache.k_tensor(ctx, layer)?, [0, 2, 1, 3])?;
-        let values = ctx.permute(s.cache.v_tensor(ctx, layer)?, [0, 2, 1, 3])?;
+        let n_kv = s.inputs.mask.ne(0) as usize;
+        let keys = ctx.permute(s.cache.k_tensor(ctx, layer, n_kv)?, [0, 2, 1, 3])?;
+        let values = ctx.permute(s.cache.v_tensor(ctx, layer, n_kv)?, [0, 2, 1, 3])?;
         let queries = ctx.permute(q, [0, 2, 1, 3])?;
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let attended = ctx.flash_attn_ext(queries, keys, values, Some(s.inputs.mask), scale)?;
