@@ -71,7 +71,8 @@ def tiny_llama(path, pre="smollm"):
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
-    w.add_tensor("token_embd.weight", rng.standard_normal((len(tokens), n_embd)).astype(np.float32))
+    # Small enough that the tied output head gives a spread-out distribution (logit std ≈ 1).
+    w.add_tensor("token_embd.weight", (0.1 * rng.standard_normal((len(tokens), n_embd))).astype(np.float32))
     llama_stack(w, rng, "", n_layer, n_embd, n_head, n_head_kv, n_ff)
     w.write_header_to_file()
     w.write_kv_data_to_file()

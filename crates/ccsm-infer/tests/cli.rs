@@ -1,0 +1,87 @@
+//! The command line as a black box: exit codes, stdout/stderr separation, JSON, determinism.
+
+use std::path::PathBuf;
+
+use assert_cmd::Command;
+use predicates::prelude::*;
+
+fn models() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models")
+}
+
+fn tiny() -> String {
+    models().join("tiny-llama.gguf").display().to_string()
+}
+
+fn infer() -> Command {
+    Command::cargo_bin("ccsm-infer").unwrap()
+}
+
+#[test]
+fn generation_prints_text_on_stdout_and_the_summary_on_stderr() {
+    let out = infer().args(["-m", &tiny(), "-p", "Hello there", "-n", "6", "--temp", "0"]).assert().success();
+    let out = out.get_output();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stdout.trim().is_empty(), "no text on stdout");
+    assert!(!stdout.contains("t/s"), "summary leaked into stdout: {stdout}");
+    assert!(stderr.contains("prompt:") && stderr.contains("decode:") && stderr.contains("KV cache:"), "{stderr}");
+}
+
+#[test]
+fn json_output_is_one_object_with_text_tokens_timings_and_memory() {
+    let out = infer().args([&tiny(), "-p", "Hello", "-n", "5", "--temp", "0", "--json", "-q"]).assert().success();
+    let stdout = String::from_utf8(out.get_output().stdout.clone()).unwrap();
+    assert!(out.get_output().stderr.is_empty(), "-q leaves stderr empty");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert!(v["text"].is_string());
+    let tokens = v["tokens"].as_array().unwrap();
+    assert!(!tokens.is_empty() && tokens.len() <= 5);
+    assert!(v["timings"]["decode_tokens_per_second"].is_number());
+    // 2 layers × 256 cells × (K + V) × 64 values × 2 bytes (f16).
+    assert_eq!(v["memory"]["kv_bytes"], 2 * 256 * 2 * 64 * 2);
+}
+
+#[test]
+fn the_same_seed_gives_the_same_tokens() {
+    let run = |seed: &str| {
+        let out = infer().args([&tiny(), "-p", "Hello", "-n", "12", "--temp", "0.9", "-s", seed, "--json"]).assert().success();
+        let v: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).unwrap();
+        v["tokens"].clone()
+    };
+    assert_eq!(run("7"), run("7"));
+    assert_ne!(run("7"), run("8"));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    for args in [
+        vec!["-p", "x"],
+        vec![tiny().as_str(), "-p", "x", "--temp", "-1"],
+        vec![tiny().as_str(), "-p", "x", "--kv-quant", "q3_k"],
+        vec![tiny().as_str(), "-p", "x", "-t", "0"],
+        vec![tiny().as_str(), "-p", "x", "-c", "0"],
+        vec![tiny().as_str(), "-p", "x", "--top-p", "0"],
+        vec![tiny().as_str(), "--no-such-flag"],
+    ] {
+        infer().args(&args).assert().code(2).stderr(predicate::str::is_empty().not());
+    }
+}
+
+#[test]
+fn runtime_failures_exit_1_with_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.gguf");
+    infer().args([missing.to_str().unwrap(), "-p", "x"]).assert().code(1).stderr(predicate::str::contains("missing.gguf"));
+    infer().args([dir.path().to_str().unwrap(), "-p", "x"]).assert().code(1).stderr(predicate::str::contains("directory"));
+    let not_gguf = dir.path().join("text.gguf");
+    std::fs::write(&not_gguf, "hello").unwrap();
+    infer().args([not_gguf.to_str().unwrap(), "-p", "x"]).assert().code(1).stderr(predicate::str::contains("GGUF"));
+    // Prompt + n-predict beyond the context.
+    infer().args([&tiny(), "-p", "Hello there", "-n", "50", "-c", "8"]).assert().code(1).stderr(predicate::str::contains("ctx-size"));
+}
+
+#[test]
+fn help_explains_the_cache_flags_and_exit_codes() {
+    infer().arg("--help").assert().success().stdout(predicate::str::contains("--ctk").and(predicate::str::contains("Exit codes")));
+}
