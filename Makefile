@@ -5,8 +5,9 @@ BIN := target/release/ccsm-infer
 
 SAMPLES := models/tiny-llama.gguf models/tiny-llama3.gguf
 SMOLLM2 := models/SmolLM2-135M-Instruct.Q4_1.gguf
+JARGON := data/jargon.txt
 
-.PHONY: setup deps pydeps ggml-source build test run bench models clean
+.PHONY: setup deps pydeps ggml-source build test run bench plots models data clean
 
 ## setup: system packages (libclang for bindgen), Python tools, the pinned ggml source
 setup: deps pydeps ggml-source
@@ -32,6 +33,12 @@ $(SAMPLES) &: tools/make_samples.py tools/samples/tiny_bpe.py
 
 $(SMOLLM2): tools/smollm2.sha256
 	./tools/fetch_smollm2.sh
+
+## data: the Jargon File (Debian's jargon-text) as data/jargon.txt
+data: $(JARGON)
+
+$(JARGON):
+	./tools/fetch_jargon.sh
 
 ## build: the engine and its CLI, optimized
 build: setup

@@ -30,8 +30,87 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
+    /// Perplexity of a text (llama-perplexity's method), and KL divergence against a reference run.
+    Perplexity(PerplexityArgs),
+    /// Prompt-processing and decode speed per cache type and context depth (llama-bench's shape).
+    Bench(BenchArgs),
     /// Print the engine version, the ggml version and the CPU features ggml was built with.
     System,
+}
+
+#[derive(Args, Clone)]
+pub struct PerplexityArgs {
+    /// Model file (GGUF).
+    #[arg(value_name = "MODEL")]
+    pub model: PathBuf,
+
+    /// The text to score.
+    #[arg(short = 'f', long = "file", value_name = "TEXT")]
+    pub file: PathBuf,
+
+    /// Tokens per chunk; the second half of each chunk is scored.
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 512, value_parser = clap::value_parser!(u32).range(4..))]
+    pub ctx_size: u32,
+
+    /// Score at most this many chunks (default: all the text holds).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub chunks: Option<u32>,
+
+    /// Most tokens evaluated in one graph.
+    #[arg(short = 'b', long = "batch-size", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: u32,
+
+    #[arg(short = 't', long, default_value_t = default_threads(), value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub threads: u32,
+
+    #[command(flatten)]
+    pub cache: CacheArgs,
+
+    /// Save this run's distributions as a KL reference (make it with --kv-quant f32).
+    #[arg(long, value_name = "FILE", conflicts_with = "kl")]
+    pub kl_base: Option<PathBuf>,
+
+    /// Compare this run with a reference saved by --kl-base: KL divergence, Δ ln PPL, same top token, RMS Δp.
+    #[arg(long, value_name = "FILE")]
+    pub kl: Option<PathBuf>,
+
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Clone)]
+pub struct BenchArgs {
+    /// Model file (GGUF).
+    #[arg(value_name = "MODEL")]
+    pub model: PathBuf,
+
+    /// Cache types to measure, comma-separated (each for K and V).
+    #[arg(long = "kv-quant", value_name = "TYPES", value_delimiter = ',', default_value = "f16")]
+    pub cache_types: Vec<CacheType>,
+
+    /// Context depths (tokens already in the cache), comma-separated.
+    #[arg(short = 'd', long = "depth", value_delimiter = ',', default_value = "0")]
+    pub depths: Vec<u32>,
+
+    /// Prompt tokens per prompt-processing test (0 skips it).
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+    pub n_prompt: u32,
+
+    /// Tokens per decode test (0 skips it).
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    pub n_gen: u32,
+
+    /// Repetitions of each test.
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub repetitions: u32,
+
+    #[arg(short = 't', long, default_value_t = default_threads(), value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub threads: u32,
+
+    /// Output format: md (a markdown table), json (one array), jsonl (one object per line).
+    #[arg(short = 'o', long = "output", default_value = "md", value_parser = ["md", "json", "jsonl"])]
+    pub output: String,
 }
 
 #[derive(Args, Clone)]
@@ -48,9 +127,9 @@ pub struct LogArgs {
 /// The KV cache types: `--kv-quant` for both halves, `--ctk`/`--ctv` overriding one half.
 #[derive(Args, Clone, Debug)]
 pub struct CacheArgs {
-    /// KV cache type for K and V: f32, f16, q8_0, q4_0, q4_1.
-    #[arg(long, value_name = "TYPE", default_value = "f16")]
-    pub kv_quant: CacheType,
+    /// KV cache type for K and V: f32, f16, q8_0, q4_0, q4_1 [default: f16; f32 for --kl-base].
+    #[arg(long, value_name = "TYPE")]
+    pub kv_quant: Option<CacheType>,
 
     /// K cache type (overrides --kv-quant for K). llama.cpp spells it -ctk; clap needs --ctk.
     #[arg(long = "cache-type-k", visible_alias = "ctk", value_name = "TYPE")]
@@ -62,12 +141,14 @@ pub struct CacheArgs {
 }
 
 impl CacheArgs {
-    pub fn k_type(&self) -> CacheType {
-        self.cache_type_k.unwrap_or(self.kv_quant)
+    /// The K type, falling back to --kv-quant, then to `default`.
+    pub fn k_type(&self, default: CacheType) -> CacheType {
+        self.cache_type_k.or(self.kv_quant).unwrap_or(default)
     }
 
-    pub fn v_type(&self) -> CacheType {
-        self.cache_type_v.unwrap_or(self.kv_quant)
+    /// The V type, falling back to --kv-quant, then to `default`.
+    pub fn v_type(&self, default: CacheType) -> CacheType {
+        self.cache_type_v.or(self.kv_quant).unwrap_or(default)
     }
 }
 

@@ -1,6 +1,5 @@
 //! The default command: text generation with a Llama model.
 
-use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -9,10 +8,10 @@ use serde_json::json;
 use ccsm::generate::generate;
 use ccsm::llama::LlamaModel;
 use ccsm::sampling::{Sampler, SamplerConfig};
-use ccsm::{GGMLModel, Model, ModelOptions};
+use ccsm::{CacheType, GGMLModel, Model, ModelOptions};
 
 use crate::cli::{GenerateArgs, LogArgs};
-use crate::UsageError;
+use crate::{output, UsageError};
 
 /// Default context when the model's own is larger (keeps the cache modest).
 const DEFAULT_CTX_CAP: usize = 4096;
@@ -41,8 +40,8 @@ pub fn run(args: &GenerateArgs, log: &LogArgs) -> Result<()> {
     };
     let options = ModelOptions {
         n_ctx,
-        k_type: args.cache.k_type(),
-        v_type: args.cache.v_type(),
+        k_type: args.cache.k_type(CacheType::F16),
+        v_type: args.cache.v_type(CacheType::F16),
         n_threads: args.threads as usize,
         n_batch: args.batch_size as usize,
     };
@@ -54,7 +53,6 @@ pub fn run(args: &GenerateArgs, log: &LogArgs) -> Result<()> {
     // multi-byte characters split across tokens come out whole.
     let mut shown = String::new();
     let mut ids = Vec::new();
-    let stdout = std::io::stdout();
     let generation = generate(&mut model, &prompt_tokens, args.n_predict as usize, &mut sampler, |token, tokenizer| {
         if args.json {
             return true;
@@ -63,8 +61,7 @@ pub fn run(args: &GenerateArgs, log: &LogArgs) -> Result<()> {
         let Ok(text) = tokenizer.decode(&ids) else { return true };
         // A trailing U+FFFD is an incomplete character: wait for its next byte.
         if let Some(new) = text.strip_prefix(shown.as_str()).filter(|t| !t.ends_with('\u{FFFD}')) {
-            let mut out = stdout.lock();
-            let _ = out.write_all(new.as_bytes()).and_then(|_| out.flush());
+            output::print(new);
             shown = text.clone();
         }
         true
@@ -96,11 +93,11 @@ pub fn run(args: &GenerateArgs, log: &LogArgs) -> Result<()> {
                 "compute_buffer_bytes": model.compute_buffer_bytes(),
             },
         });
-        println!("{summary}");
+        output::println(&summary.to_string());
     } else {
         // Whatever the stream could not show yet (an incomplete character at the end).
         let rest = text.strip_prefix(shown.as_str()).unwrap_or("");
-        println!("{rest}");
+        output::println(rest);
     }
     if !log.quiet {
         eprintln!(

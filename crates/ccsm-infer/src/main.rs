@@ -1,8 +1,12 @@
 //! `ccsm-infer`: the command-line front end of the ccsm engine.
 #![forbid(unsafe_code)]
 
+mod bench_cmd;
 mod cli;
 mod generate_cmd;
+mod output;
+mod perplexity_cmd;
+mod progress;
 
 use std::process::ExitCode;
 
@@ -45,11 +49,13 @@ fn main() -> ExitCode {
     init_logging(&cli.log);
     let result = match cli.command {
         Some(Command::System) => {
-            println!("ccsm {}", ccsm::VERSION);
-            println!("ggml {} ({})", ggml::ggml_version(), ggml::ggml_source_dir());
-            println!("cpu features: {}", ggml::cpu_features().join(" "));
+            output::println(&format!("ccsm {}", ccsm::VERSION));
+            output::println(&format!("ggml {} ({})", ggml::ggml_version(), ggml::ggml_source_dir()));
+            output::println(&format!("cpu features: {}", ggml::cpu_features().join(" ")));
             Ok(())
         }
+        Some(Command::Perplexity(args)) => perplexity_cmd::run(&args, &cli.log),
+        Some(Command::Bench(args)) => bench_cmd::run(&args, &cli.log),
         None => generate_cmd::run(&cli.generate, &cli.log),
     };
     match result {

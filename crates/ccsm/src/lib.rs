@@ -7,6 +7,7 @@ pub mod generate;
 pub mod kv_cache;
 pub mod llama;
 mod model;
+pub mod perplexity;
 pub mod sampling;
 pub mod tokenizer;
 pub mod weights;

@@ -97,6 +97,16 @@ impl GGMLModel {
         &self.model
     }
 
+    /// The weights back, dropping the runtime state (to run them again with other options).
+    pub fn into_model(self) -> LlamaModel {
+        self.model
+    }
+
+    /// Keeps the first `len` cached tokens and forgets the rest (the next token follows them).
+    pub fn truncate(&mut self, len: usize) {
+        self.cache.truncate(len.min(self.cache.len()));
+    }
+
     pub fn cache(&self) -> &KvCache {
         &self.cache
     }

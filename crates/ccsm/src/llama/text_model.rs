@@ -23,6 +23,7 @@ pub struct LlamaModel {
     vocab_size: usize,
     name: String,
     weight_bytes: u64,
+    params: u64,
 }
 
 impl LlamaModel {
@@ -61,7 +62,8 @@ impl LlamaModel {
         let weights = loader.finish()?;
         let name = file.get_opt::<String>("general.name")?.unwrap_or_else(|| path.as_ref().display().to_string());
         let weight_bytes = weights.buffer_bytes() as u64;
-        Ok(LlamaModel { weights, transformer, token_embd, output, tokenizer, vocab_size, name, weight_bytes })
+        let params = file.tensors().iter().map(|t| t.nelements() as u64).sum();
+        Ok(LlamaModel { weights, transformer, token_embd, output, tokenizer, vocab_size, name, weight_bytes, params })
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -78,6 +80,11 @@ impl LlamaModel {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Parameters (elements of every tensor in the file).
+    pub fn params(&self) -> u64 {
+        self.params
     }
 
     /// Bytes of the weights buffer.

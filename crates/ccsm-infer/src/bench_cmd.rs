@@ -1,0 +1,182 @@
+//! `ccsm-infer bench`: prompt-processing and decode speed per cache type and depth, shaped like
+//! llama-bench's output. Depth d means the cache already holds d tokens when a test starts.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use ccsm::llama::LlamaModel;
+use ccsm::{CacheType, GGMLModel, Logits, ModelOptions};
+
+use crate::cli::{BenchArgs, LogArgs};
+use crate::{output, progress};
+
+/// One row: a test (pp or tg) at one depth with one cache type.
+#[derive(Serialize)]
+pub struct BenchRow {
+    pub model: String,
+    pub size_bytes: u64,
+    pub params: u64,
+    pub threads: u32,
+    pub k_type: CacheType,
+    pub v_type: CacheType,
+    pub test: &'static str,
+    pub n_prompt: u32,
+    pub n_gen: u32,
+    pub depth: u32,
+    pub avg_ts: f64,
+    pub stddev_ts: f64,
+    pub samples_ts: Vec<f64>,
+    pub kv_bytes: usize,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+impl BenchRow {
+    fn test_name(&self) -> String {
+        let base = if self.test == "pp" { format!("pp{}", self.n_prompt) } else { format!("tg{}", self.n_gen) };
+        if self.depth > 0 {
+            format!("{base} @ d{}", self.depth)
+        } else {
+            base
+        }
+    }
+}
+
+/// Deterministic token ids spread over the vocabulary (what they are does not change the speed).
+fn filler_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((x >> 33) % vocab as u64) as u32
+        })
+        .collect()
+}
+
+/// Peak resident memory since the last reset (Linux: VmHWM).
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
+}
+
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn mean_stddev(samples: &[f64]) -> (f64, f64) {
+    let n = samples.len() as f64;
+    let mean = samples.iter().sum::<f64>() / n;
+    let var = if n > 1.0 { samples.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    (mean, var.sqrt())
+}
+
+pub fn run(args: &BenchArgs, log: &LogArgs) -> Result<()> {
+    let mut weights = Some(LlamaModel::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?);
+    let name = args.model.file_name().map_or_else(|| args.model.display().to_string(), |f| f.to_string_lossy().into_owned());
+    let tests: Vec<&'static str> = [("pp", args.n_prompt), ("tg", args.n_gen)].into_iter().filter(|t| t.1 > 0).map(|t| t.0).collect();
+    let total = (args.cache_types.len() * args.depths.len() * tests.len()) as u64;
+    let bar = progress::bar(total, "bench", log.quiet);
+    let mut rows = Vec::new();
+    for &cache in &args.cache_types {
+        for &depth in &args.depths {
+            let llama = weights.take().expect("weights are returned after each run");
+            let n_ctx = depth as usize + args.n_prompt.max(args.n_gen) as usize + 1;
+            let options = ModelOptions { n_ctx, k_type: cache, v_type: cache, n_threads: args.threads as usize, n_batch: 512 };
+            let mut model = GGMLModel::new(llama, options).with_context(|| format!("a {cache} cache of {n_ctx} cells"))?;
+            reset_peak_rss();
+            let vocab = model.model().vocab_size();
+            if depth > 0 {
+                model.eval(&filler_tokens(depth as usize, vocab, 1), Logits::Last)?;
+            }
+            for &test in &tests {
+                let mut samples = Vec::new();
+                for rep in 0..args.repetitions {
+                    model.truncate(depth as usize);
+                    let seconds = if test == "pp" {
+                        let prompt = filler_tokens(args.n_prompt as usize, vocab, 100 + rep as u64);
+                        let start = Instant::now();
+                        model.eval(&prompt, Logits::Last)?;
+                        start.elapsed().as_secs_f64() / args.n_prompt as f64
+                    } else {
+                        let tokens = filler_tokens(args.n_gen as usize, vocab, 200 + rep as u64);
+                        let start = Instant::now();
+                        for &t in &tokens {
+                            model.eval(&[t], Logits::Last)?;
+                        }
+                        start.elapsed().as_secs_f64() / args.n_gen as f64
+                    };
+                    samples.push(1.0 / seconds);
+                }
+                let (avg_ts, stddev_ts) = mean_stddev(&samples);
+                rows.push(BenchRow {
+                    model: name.clone(),
+                    size_bytes: model.model().weight_bytes(),
+                    params: model.model().params(),
+                    threads: args.threads,
+                    k_type: cache,
+                    v_type: cache,
+                    test,
+                    n_prompt: if test == "pp" { args.n_prompt } else { 0 },
+                    n_gen: if test == "tg" { args.n_gen } else { 0 },
+                    depth,
+                    avg_ts,
+                    stddev_ts,
+                    samples_ts: samples,
+                    kv_bytes: ccsm::Model::kv_memory_usage(&model),
+                    peak_rss_bytes: peak_rss(),
+                });
+                bar.inc(1);
+            }
+            weights = Some(model.into_model());
+        }
+    }
+    bar.finish_and_clear();
+    match args.output.as_str() {
+        "json" => output::println(&serde_json::to_string_pretty(&rows)?),
+        "jsonl" => rows.iter().try_for_each(|r| serde_json::to_string(r).map(|l| output::println(&l)))?,
+        _ => output::print(&markdown(&rows)),
+    }
+    Ok(())
+}
+
+fn human_bytes(b: u64) -> String {
+    let mib = b as f64 / (1024.0 * 1024.0);
+    if mib >= 1024.0 {
+        format!("{:.2} GiB", mib / 1024.0)
+    } else {
+        format!("{mib:.2} MiB")
+    }
+}
+
+fn human_params(p: u64) -> String {
+    if p >= 1_000_000_000 {
+        format!("{:.2} B", p as f64 / 1e9)
+    } else {
+        format!("{:.2} M", p as f64 / 1e6)
+    }
+}
+
+/// llama-bench's table, with the cache type, KV bytes and peak RSS beside each row.
+pub fn markdown(rows: &[BenchRow]) -> String {
+    let mut out = String::from("| model | size | params | threads | cache | test | t/s | KV cache | peak RSS |\n");
+    out.push_str("| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |\n");
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {}/{} | {} | {:.2} ± {:.2} | {} | {} |\n",
+            r.model,
+            human_bytes(r.size_bytes),
+            human_params(r.params),
+            r.threads,
+            r.k_type,
+            r.v_type,
+            r.test_name(),
+            r.avg_ts,
+            r.stddev_ts,
+            human_bytes(r.kv_bytes as u64),
+            r.peak_rss_bytes.map_or("-".into(), human_bytes),
+        ));
+    }
+    out
+}
