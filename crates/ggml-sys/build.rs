@@ -83,6 +83,25 @@ fn locate_ggml_source() -> Result<PathBuf, String> {
     if let Ok(dir) = env::var("GGML_SRC_DIR") {
         return check_tree(PathBuf::from(dir));
     }
+    match locate_with_cargo_metadata() {
+        Ok(dir) => Ok(dir),
+        // `cargo metadata` needs every locked package on disk (for all platforms); after a dependency
+        // change that `cargo build` alone did not download, look in cargo's unpacked registry sources.
+        Err(why) => locate_in_registry_sources().ok_or(why),
+    }
+}
+
+fn locate_in_registry_sources() -> Option<PathBuf> {
+    let cargo_home = env::var_os("CARGO_HOME").map(PathBuf::from).or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))?;
+    let package = format!("{SOURCE_PACKAGE}-{SOURCE_VERSION}");
+    std::fs::read_dir(cargo_home.join("registry/src"))
+        .ok()?
+        .filter_map(|index| index.ok())
+        .map(|index| index.path().join(&package).join("llama.cpp/ggml"))
+        .find_map(|tree| check_tree(tree).ok())
+}
+
+fn locate_with_cargo_metadata() -> Result<PathBuf, String> {
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let manifest = Path::new(&env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")).join("Cargo.toml");
     // --offline: the build never downloads; `make setup` does that, once, through `cargo fetch`.
@@ -140,8 +159,15 @@ fn base_build(ggml_dir: &Path, generated_include: &Path) -> cc::Build {
         build.flag("-march=x86-64");
     } else {
         // The SIMD kernels are chosen at compile time from these flags. AMX tile instructions fault in
-        // the VMs we run on, so they stay off even where the CPU reports them.
-        build.flag("-march=native").flag("-mno-amx-tile").flag("-mno-amx-int8").flag("-mno-amx-bf16");
+        // the VMs we run on, so they stay off even where the CPU reports them. AVX512-FP16 switches
+        // ggml's f16 vectors to 128-element steps, which leaves head-sized (64) f16 rows to scalar
+        // code: f16 KV decode at depth 2048 ran at less than half speed with it on.
+        build
+            .flag("-march=native")
+            .flag("-mno-amx-tile")
+            .flag("-mno-amx-int8")
+            .flag("-mno-amx-bf16")
+            .flag_if_supported("-mno-avx512fp16");
     }
     if feature("openmp") {
         build.define("GGML_USE_OPENMP", None).flag("-fopenmp");
