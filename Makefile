@@ -46,15 +46,21 @@ build: setup
 
 ## test: the whole suite
 test: setup models
-	$(CARGO) test $(RELEASE) --workspace
+	$(CARGO) test $(RELEASE) --workspace --exclude ccsm-plots
 
 ## run: the main job on the embedded default (a generated sample model)
 run: build models
 	$(BIN) -m models/tiny-llama.gguf -p "Hello there" -n 16 --temp 0
 
-## bench: standard benchmark set
-bench: build
-	$(BIN) system
+## bench: the standard measurements on SmolLM2 (speed, perplexity, KL per cache type) -> docs/benchmarks.md
+bench: build models data
+	./tools/bench.sh
+
+## plots: PNG figures of KV bytes vs context and KLD vs bits per element (after make bench)
+plots: setup models
+	@ls /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf >/dev/null 2>&1 || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-dejavu-core >/dev/null; }
+	$(CARGO) run $(RELEASE) -p ccsm-plots -- --out docs
 
 clean:
 	$(CARGO) clean
