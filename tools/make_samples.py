@@ -1,20 +1,41 @@
 #!/usr/bin/env python3
 """Generates the project's sample models (deterministic random weights, real tensor names).
 
-    make_samples.py OUT_DIR        # writes OUT_DIR/tiny-llama.gguf and OUT_DIR/tiny-llama3.gguf
+    make_samples.py OUT_DIR                  # tiny-llama.gguf, tiny-llama3.gguf, tiny-csm.gguf
+    make_samples.py OUT_DIR --csm-1b-shape   # csm-1b-shape.gguf: CSM-1B's dimensions, random q8_0 weights
 
 Written with the `gguf` package (not with the engine's own writer), so the engine's reader is tested
 against files it did not make.
 """
 import argparse
+import json
 import os
 import sys
+import tempfile
 
 import numpy as np
 from gguf import GGUFWriter
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples"))
+import csm_checkpoint  # noqa: E402
+import safetensors_io  # noqa: E402
 import tiny_bpe  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import convert_csm  # noqa: E402
+
+# tiny-csm: CSM's structure (2 transformers, 32 codebooks, llama3 RoPE) at toy sizes. Head dims are
+# multiples of 32 so every KV cache type applies.
+TINY_CSM = {
+    "backbone": {"n_layer": 2, "n_embd": 128, "n_head": 4, "n_head_kv": 2, "head_dim": 32, "n_ff": 256},
+    "decoder": {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_head_kv": 1, "head_dim": 32, "n_ff": 128},
+    "rms_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_context": 64},
+    "max_seq_len": 256,
+    "audio_vocab_size": 65,
+    "audio_num_codebooks": 32,
+}
 
 
 def llama_stack(writer, rng, prefix, n_layer, n_embd, n_head, n_head_kv, n_ff):
@@ -80,14 +101,72 @@ def tiny_llama(path, pre="smollm"):
     w.close()
 
 
+def tiny_csm(path, seed=20261130):
+    """A synthetic checkpoint in the original naming, converted by tools/convert_csm.py (f32)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = tiny_bpe.llama3_tokenizer_json(200)
+        tok_path = os.path.join(tmp, "tokenizer.json")
+        with open(tok_path, "w") as f:
+            json.dump(tok, f)
+        config = {**TINY_CSM, "text_vocab_size": len(tok["model"]["vocab"]) + len(tok["added_tokens"])}
+        cfg_path = os.path.join(tmp, "config.json")
+        csm_checkpoint.save_config(cfg_path, config)
+        ckpt_path = os.path.join(tmp, "model.safetensors")
+        safetensors_io.save(ckpt_path, csm_checkpoint.synthetic_original(config, seed))
+        convert_csm.convert(ckpt_path, tok_path, path, "f32", cfg_path, name="tiny-csm")
+
+
+def csm_1b_shape(path, seed=7):
+    """CSM-1B's dimensions with random q8_0 weights, written block by block (no f32 copy of 1.5 B
+    parameters): for speed measurements only."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    rng = np.random.default_rng(seed)
+    config = csm_checkpoint.CSM_1B
+    tok = tiny_bpe.llama3_tokenizer_json(200, pad_to=config["text_vocab_size"])
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_path = os.path.join(tmp, "tokenizer.json")
+        with open(tok_path, "w") as f:
+            json.dump(tok, f)
+
+        def random_q8_0(rows, cols, scale):
+            blocks = rows * cols // 32
+            raw = np.empty((blocks, 34), dtype=np.uint8)
+            raw[:, :2] = np.full((blocks, 1), scale / 127, dtype=np.float16).view(np.uint8)
+            raw[:, 2:] = rng.integers(-127, 128, size=(blocks, 32), dtype=np.int8).view(np.uint8)
+            return raw.reshape(rows, cols // 32 * 34)
+
+        w = GGUFWriter(path, "csm")
+        convert_csm.write_metadata(w, config, "original", tok_path, "csm-1b-shape")
+        for name in convert_csm.expected_original_names(config):
+            shape = convert_csm.gguf_shape(name, config)
+            gname = convert_csm.gguf_name(name)
+            if len(shape) == 1:
+                w.add_tensor(gname, (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32))
+            else:
+                rows, cols = int(np.prod(shape[:-1])), shape[-1]
+                raw = random_q8_0(rows, cols, 2.0 / np.sqrt(cols))
+                w.add_tensor(gname, raw, raw_shape=(*shape[:-1], cols // 32 * 34), raw_dtype=GGMLQuantizationType.Q8_0)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file(progress=False)
+        w.close()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir")
+    ap.add_argument("--csm-1b-shape", action="store_true", help="write only csm-1b-shape.gguf")
     args = ap.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
+    if args.csm_1b_shape:
+        csm_1b_shape(os.path.join(args.out_dir, "csm-1b-shape.gguf"))
+        return
     tiny_llama(os.path.join(args.out_dir, "tiny-llama.gguf"))
     # The same model with Llama 3's pre-tokenizer (CSM's text tokenizer).
     tiny_llama(os.path.join(args.out_dir, "tiny-llama3.gguf"), pre="llama-bpe")
+    tiny_csm(os.path.join(args.out_dir, "tiny-csm.gguf"))
 
 
 if __name__ == "__main__":

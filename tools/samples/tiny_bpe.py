@@ -33,12 +33,12 @@ def bytes_to_unicode():
     return {b: chr(c) for b, c in zip(printable, chars)}
 
 
-def train(n_merges, corpus=CORPUS):
+def train(n_merges, corpus=CORPUS, specials=SPECIAL_TOKENS):
     """Returns (tokens, merges, token_types): specials, the 256 byte tokens, then merged tokens."""
     byte_map = bytes_to_unicode()
     words = Counter(re.findall(r" ?[^\s]+|\s+", corpus))
     seqs = {w: [byte_map[b] for b in w.encode("utf-8")] for w in words}
-    tokens = SPECIAL_TOKENS + [byte_map[b] for b in range(256)]
+    tokens = list(specials) + [byte_map[b] for b in range(256)]
     merges = []
     for _ in range(n_merges):
         pairs = Counter()
@@ -60,5 +60,26 @@ def train(n_merges, corpus=CORPUS):
                     out.append(seq[i])
                     i += 1
             seqs[w] = out
-    types = [3] * len(SPECIAL_TOKENS) + [1] * (len(tokens) - len(SPECIAL_TOKENS))
+    types = [3] * len(specials) + [1] * (len(tokens) - len(specials))
     return tokens, merges, types
+
+
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>"]
+LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+
+
+def llama3_tokenizer_json(n_merges, pad_to=None):
+    """A tokenizer.json in HF's format with Llama 3's pre-tokenizer and special tokens (specials last,
+    as in Llama 3), optionally padded with unused tokens to `pad_to` entries."""
+    tokens, merges, _ = train(n_merges, specials=[])
+    pad = max(0, (pad_to or 0) - len(tokens) - len(LLAMA3_SPECIALS))
+    tokens += [f"<|reserved_{i}|>" for i in range(pad)]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    added = [{"id": len(tokens) + i, "content": t, "special": True} for i, t in enumerate(LLAMA3_SPECIALS)]
+    return {
+        "model": {"type": "BPE", "vocab": vocab, "merges": merges},
+        "added_tokens": added,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+    }

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod cache_type;
+pub mod csm;
 mod error;
 pub mod generate;
 pub mod kv_cache;

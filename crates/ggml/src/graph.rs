@@ -111,6 +111,14 @@ impl<'ctx> Graph<'ctx> {
         Ok(())
     }
 
+    /// The tensor of the graph with this name (inputs to write, outputs to read).
+    pub fn find(&self, name: &str) -> Option<Tensor<'ctx>> {
+        let c_name = std::ffi::CString::new(name).ok()?;
+        // SAFETY: the graph is alive and the name is NUL-terminated; ggml returns null when absent.
+        let raw = unsafe { sys::ggml_graph_get_tensor(self.raw(), c_name.as_ptr()) };
+        NonNull::new(raw).map(Tensor::from_raw)
+    }
+
     pub fn n_nodes(&self) -> usize {
         // SAFETY: reads the node count of a live graph.
         unsafe { sys::ggml_graph_n_nodes(self.raw()) as usize }

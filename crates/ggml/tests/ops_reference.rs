@@ -268,6 +268,18 @@ fn rms_norm_softmax_swiglu_and_rope_match_naive_math() {
 }
 
 #[test]
+fn sum_rows_and_concat_match_naive_math() {
+    let ctx = Context::with_data(8, 1 << 16).unwrap();
+    let a = tensor_from(&ctx, DType::F32, &[4, 3], &[1., 2., 3., 4., 5., 6., 7., 8., -1., -2., -3., -4.]);
+    assert_eq!(compute(&ctx, ctx.sum_rows(a).unwrap()), vec![10.0, 26.0, -10.0]);
+    let b = tensor_from(&ctx, DType::F32, &[4, 1], &[9., 9., 9., 9.]);
+    let joined = ctx.concat(a, b, 1).unwrap();
+    assert_eq!(joined.shape(), [4, 4, 1, 1]);
+    assert_eq!(&compute(&ctx, joined)[12..], &[9.0; 4]);
+    assert!(ctx.concat(a, b, 0).is_err(), "dim 1 differs (3 vs 1)");
+}
+
+#[test]
 fn get_rows_reads_embedding_rows_of_any_cache_type() {
     let mut rng = Rng::new(13);
     let (d, vocab) = (64usize, 12usize);

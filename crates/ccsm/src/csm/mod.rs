@@ -1,0 +1,12 @@
+//! Sesame's Conversational Speech Model: a Llama backbone over text and audio-frame rows, and a small
+//! Llama decoder that turns each backbone state into the 32 codes of a Mimi frame.
+
+mod config;
+mod generator;
+mod model;
+mod prompt;
+
+pub use config::CsmConfig;
+pub use generator::{CsmGenerator, CsmOptions, FrameTimings};
+pub use model::CsmModel;
+pub use prompt::{Frame, Row, Segment};

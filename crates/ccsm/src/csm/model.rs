@@ -1,0 +1,109 @@
+//! CSM weights from our GGUF, every shape checked against the config.
+
+use std::path::Path;
+
+use ggml::gguf::GgufFile;
+use ggml::{TensorId, TensorStore};
+
+use super::config::CsmConfig;
+use crate::error::{Error, Result};
+use crate::llama::{StackNames, Transformer, TOKEN_EMBD};
+use crate::tokenizer::Tokenizer;
+use crate::weights::WeightLoader;
+
+/// Tensor names of our CSM GGUF beyond the two Llama stacks.
+pub const AUDIO_EMBD: &str = "audio_embd.weight";
+pub const PROJECTION: &str = "projection.weight";
+pub const CODEBOOK0_HEAD: &str = "codebook0_head.weight";
+pub const AUDIO_HEAD: &str = "audio_head.weight";
+
+/// The immutable part of a CSM model.
+pub struct CsmModel {
+    pub(crate) config: CsmConfig,
+    pub(crate) weights: TensorStore,
+    pub(crate) backbone: Transformer,
+    pub(crate) decoder: Transformer,
+    pub(crate) text_embd: TensorId,
+    /// `[n_embd_backbone, audio_vocab * n_codebooks]`: code t of codebook k is row t + k * audio_vocab.
+    pub(crate) audio_embd: TensorId,
+    /// backbone width → decoder width.
+    pub(crate) projection: TensorId,
+    pub(crate) codebook0_head: TensorId,
+    /// `[n_embd_decoder, audio_vocab, n_codebooks - 1]`: slice i gives the logits of codebook i + 1.
+    pub(crate) audio_head: TensorId,
+    tokenizer: Tokenizer,
+    name: String,
+    weight_bytes: u64,
+    params: u64,
+}
+
+impl CsmModel {
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let file = GgufFile::open(path.as_ref())?;
+        Self::from_file(&file, path.as_ref())
+    }
+
+    pub fn from_file(file: &GgufFile, path: &Path) -> Result<Self> {
+        let arch: String = file.get("general.architecture")?;
+        if arch != "csm" {
+            return Err(Error::Architecture { path: path.display().to_string(), found: arch, expected: "csm" });
+        }
+        let config = CsmConfig::from_gguf(file)?;
+        let tokenizer = Tokenizer::from_gguf(file)?;
+        if tokenizer.vocab_size() != config.text_vocab {
+            return Err(Error::Tokenizer(format!("{} tokens, but csm.text_vocab_size is {}", tokenizer.vocab_size(), config.text_vocab)));
+        }
+        if tokenizer.bos().is_none() || tokenizer.eos().is_none() {
+            return Err(Error::Tokenizer("CSM segments need BOS and EOS ids (tokenizer.ggml.bos/eos_token_id)".into()));
+        }
+        let (bb, dd) = (config.backbone.n_embd, config.decoder.n_embd);
+        let (v, k) = (config.audio_vocab, config.n_codebooks);
+        let mut loader = WeightLoader::new(file)?;
+        let text_embd = loader.matrix(TOKEN_EMBD, &[bb, config.text_vocab])?;
+        let audio_embd = loader.matrix(AUDIO_EMBD, &[bb, v * k])?;
+        let projection = loader.matrix(PROJECTION, &[bb, dd])?;
+        let codebook0_head = loader.matrix(CODEBOOK0_HEAD, &[bb, v])?;
+        let audio_head = loader.matrix(AUDIO_HEAD, &[dd, v, k - 1])?;
+        let backbone = Transformer::load(&mut loader, &StackNames::new("backbone."), config.backbone.clone(), None)?;
+        let decoder = Transformer::load(&mut loader, &StackNames::new("decoder."), config.decoder.clone(), None)?;
+        let weights = loader.finish()?;
+        let name = file.get_opt::<String>("general.name")?.unwrap_or_else(|| path.display().to_string());
+        let weight_bytes = weights.buffer_bytes() as u64;
+        let params = file.tensors().iter().map(|t| t.nelements() as u64).sum();
+        Ok(CsmModel {
+            config,
+            weights,
+            backbone,
+            decoder,
+            text_embd,
+            audio_embd,
+            projection,
+            codebook0_head,
+            audio_head,
+            tokenizer,
+            name,
+            weight_bytes,
+            params,
+        })
+    }
+
+    pub fn config(&self) -> &CsmConfig {
+        &self.config
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    pub fn params(&self) -> u64 {
+        self.params
+    }
+}

@@ -1,0 +1,55 @@
+//! CSM prompts: segments `[speaker]text` (BOS … EOS, one text row per token), each optionally followed
+//! by its audio frames and one all-zero frame.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+
+/// The codes of one audio frame, one per codebook.
+pub type Frame = Vec<u32>;
+
+/// One backbone position.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Row {
+    /// A text token (column 32 of the 33-column row).
+    Text(u32),
+    /// A frame of audio codes (columns 0..32).
+    Audio(Frame),
+}
+
+/// A turn of the conversation: what a speaker said, and (for context) the frames of how it sounded.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Segment {
+    pub speaker: u32,
+    pub text: String,
+    #[serde(default)]
+    pub frames: Vec<Frame>,
+}
+
+impl Segment {
+    /// The segment's backbone rows.
+    pub fn rows(&self, tokenizer: &Tokenizer, n_codebooks: usize, audio_vocab: usize) -> Result<Vec<Row>> {
+        let (bos, eos) = match (tokenizer.bos(), tokenizer.eos()) {
+            (Some(b), Some(e)) => (b, e),
+            _ => return Err(Error::Tokenizer("CSM segments need BOS and EOS ids".into())),
+        };
+        let mut rows = vec![Row::Text(bos)];
+        rows.extend(tokenizer.encode_plain(&format!("[{}]{}", self.speaker, self.text))?.into_iter().map(Row::Text));
+        rows.push(Row::Text(eos));
+        for (i, frame) in self.frames.iter().enumerate() {
+            if frame.len() != n_codebooks {
+                return Err(Error::Input(format!("context frame {i} has {} codes, the model uses {n_codebooks}", frame.len())));
+            }
+            if let Some(&bad) = frame.iter().find(|&&c| c as usize >= audio_vocab) {
+                return Err(Error::Input(format!("context frame {i} has code {bad}, beyond the audio vocabulary of {audio_vocab}")));
+            }
+            rows.push(Row::Audio(frame.clone()));
+        }
+        if !self.frames.is_empty() {
+            rows.push(Row::Audio(vec![0; n_codebooks]));
+        }
+        Ok(rows)
+    }
+}
