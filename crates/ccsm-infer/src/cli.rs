@@ -170,9 +170,9 @@ pub struct GenerateArgs {
     #[arg(short = 'f', long = "file", value_name = "PATH", conflicts_with = "prompt")]
     pub prompt_file: Option<PathBuf>,
 
-    /// Tokens to generate at most.
-    #[arg(short = 'n', long = "n-predict", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
-    pub n_predict: u32,
+    /// Tokens (text models) or audio frames (CSM) to generate at most [default: 64 tokens, 125 frames].
+    #[arg(short = 'n', long = "n-predict", value_parser = clap::value_parser!(u32).range(1..))]
+    pub n_predict: Option<u32>,
 
     /// Context size: KV cache cells (default: the model's training context, at most 4096).
     #[arg(short = 'c', long = "ctx-size", value_parser = clap::value_parser!(u32).range(1..))]
@@ -190,17 +190,35 @@ pub struct GenerateArgs {
     #[arg(short, long, default_value_t = 42)]
     pub seed: u64,
 
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.8, value_parser = non_negative_f32)]
-    pub temp: f32,
+    /// Sampling temperature; 0 is greedy [default: 0.8 for text, 0.9 for CSM].
+    #[arg(long, value_parser = non_negative_f32)]
+    pub temp: Option<f32>,
 
-    /// Keep only the K most likely tokens (ties with the K-th are kept); 0 keeps all.
-    #[arg(long, default_value_t = 40)]
-    pub top_k: usize,
+    /// Keep only the K most likely tokens (ties with the K-th are kept); 0 keeps all [default: 40 for
+    /// text, 50 for CSM].
+    #[arg(long)]
+    pub top_k: Option<usize>,
 
-    /// Keep the smallest set of tokens whose probability reaches P.
-    #[arg(long, default_value_t = 0.95, value_parser = unit_interval)]
-    pub top_p: f32,
+    /// Keep the smallest set of tokens whose probability reaches P [default: 0.95 for text, 1 for CSM].
+    #[arg(long, value_parser = unit_interval)]
+    pub top_p: Option<f32>,
+
+    /// CSM: the speaker id of the text to say.
+    #[arg(long, default_value_t = 0)]
+    pub speaker: u32,
+
+    /// CSM: context segments (JSON list of {"speaker", "text", "frames": [[codes...], ...]}) said before.
+    #[arg(long, value_name = "FILE")]
+    pub context: Option<PathBuf>,
+
+    /// CSM: where to write the frames (JSON). Without it they go to stdout.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: Option<PathBuf>,
+
+    /// CSM: run the requests of a JSONL file (one {"text", "speaker", "context", "seed", "max_frames"} per
+    /// line), writing one JSON result line per request to stdout (or -o).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["prompt", "prompt_file", "context"])]
+    pub batch: Option<PathBuf>,
 
     #[command(flatten)]
     pub cache: CacheArgs,

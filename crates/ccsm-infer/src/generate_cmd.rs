@@ -22,7 +22,7 @@ pub fn model_path(args: &GenerateArgs) -> Result<PathBuf> {
     })
 }
 
-fn prompt_text(args: &GenerateArgs) -> Result<String> {
+pub fn prompt_text(args: &GenerateArgs) -> Result<String> {
     match (&args.prompt, &args.prompt_file) {
         (Some(p), _) => Ok(p.clone()),
         (None, Some(path)) => std::fs::read_to_string(path).with_context(|| format!("reading prompt file {}", path.display())),
@@ -30,8 +30,21 @@ fn prompt_text(args: &GenerateArgs) -> Result<String> {
     }
 }
 
+/// Generation with whatever model the file holds: text for `llama`, audio frames for `csm`.
 pub fn run(args: &GenerateArgs, log: &LogArgs) -> Result<()> {
     let path = model_path(args)?;
+    let file = ggml::gguf::GgufFile::open(&path).with_context(|| format!("loading {}", path.display()))?;
+    let arch: String = file.get("general.architecture").with_context(|| format!("loading {}", path.display()))?;
+    match arch.as_str() {
+        "csm" => crate::speech_cmd::run(args, log, &path, &file),
+        _ => run_text(args, log, path),
+    }
+}
+
+fn run_text(args: &GenerateArgs, log: &LogArgs, path: PathBuf) -> Result<()> {
+    if args.batch.is_some() || args.context.is_some() || args.output.is_some() {
+        return Err(UsageError("--batch, --context and -o are for CSM models; this is a text model".into()).into());
+    }
     let prompt = prompt_text(args)?;
     let model = LlamaModel::load(&path).with_context(|| format!("loading {}", path.display()))?;
     let n_ctx = match args.ctx_size {
@@ -47,13 +60,19 @@ pub fn run(args: &GenerateArgs, log: &LogArgs) -> Result<()> {
     };
     let mut model = GGMLModel::new(model, options).context("setting up the model")?;
     let prompt_tokens = model.model().tokenizer().encode(&prompt)?;
-    let mut sampler = Sampler::new(SamplerConfig { temperature: args.temp, top_k: args.top_k, top_p: args.top_p, seed: args.seed })?;
+    let mut sampler = Sampler::new(SamplerConfig {
+        temperature: args.temp.unwrap_or(0.8),
+        top_k: args.top_k.unwrap_or(40),
+        top_p: args.top_p.unwrap_or(0.95),
+        seed: args.seed,
+    })?;
+    let n_predict = args.n_predict.unwrap_or(64) as usize;
 
     // Stream text as it forms: decode the whole continuation each time and print what is new, so
     // multi-byte characters split across tokens come out whole.
     let mut shown = String::new();
     let mut ids = Vec::new();
-    let generation = generate(&mut model, &prompt_tokens, args.n_predict as usize, &mut sampler, |token, tokenizer| {
+    let generation = generate(&mut model, &prompt_tokens, n_predict, &mut sampler, |token, tokenizer| {
         if args.json {
             return true;
         }

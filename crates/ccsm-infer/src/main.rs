@@ -7,6 +7,7 @@ mod generate_cmd;
 mod output;
 mod perplexity_cmd;
 mod progress;
+mod speech_cmd;
 
 use std::process::ExitCode;
 

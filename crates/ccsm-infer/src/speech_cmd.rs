@@ -1,0 +1,228 @@
+//! Generation with a CSM model: audio frames (32 Mimi codes each) for a text, as JSON.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use ccsm::csm::{CsmGenerator, CsmModel, CsmOptions, Frame, FrameTimings, Segment};
+use ccsm::sampling::{Sampler, SamplerConfig};
+use ccsm::{CacheType, Model};
+use ggml::gguf::GgufFile;
+
+use crate::cli::{GenerateArgs, LogArgs};
+use crate::{output, progress, UsageError};
+
+/// Mimi's frame rate: 12.5 frames are one second of 24 kHz audio.
+pub const FRAMES_PER_SECOND: f64 = 12.5;
+const DEFAULT_FRAMES: u32 = 125;
+
+/// One thing to say. In `--batch` files, one per line.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    pub text: String,
+    #[serde(default)]
+    pub speaker: u32,
+    #[serde(default)]
+    pub context: Vec<Segment>,
+    pub seed: Option<u64>,
+    pub max_frames: Option<u32>,
+}
+
+#[derive(Serialize)]
+pub struct SpeechTimings {
+    pub prompt_rows: usize,
+    pub prompt_seconds: f64,
+    pub seconds: f64,
+    pub frames_per_second: f64,
+    /// Generation time over audio time: below 1 is faster than real time.
+    pub real_time_factor: f64,
+    pub backbone_seconds: f64,
+    pub decoder_seconds: f64,
+}
+
+#[derive(Serialize)]
+pub struct SpeechResult {
+    pub model: String,
+    pub text: String,
+    pub speaker: u32,
+    pub seed: u64,
+    /// `end_of_speech` (the model produced an all-zero frame) or `limit`.
+    pub stop: &'static str,
+    pub n_frames: usize,
+    pub audio_seconds: f64,
+    pub timings: SpeechTimings,
+    pub k_type: CacheType,
+    pub v_type: CacheType,
+    pub kv_bytes: usize,
+    pub frames: Vec<Frame>,
+}
+
+pub fn run(args: &GenerateArgs, log: &LogArgs, path: &Path, file: &GgufFile) -> Result<()> {
+    let model = CsmModel::from_file(file, path).with_context(|| format!("loading {}", path.display()))?;
+    let n_ctx = args.ctx_size.map_or(model.config().backbone.n_ctx_train, |c| c as usize);
+    let options = CsmOptions {
+        n_ctx,
+        k_type: args.cache.k_type(CacheType::F16),
+        v_type: args.cache.v_type(CacheType::F16),
+        n_threads: args.threads as usize,
+        n_batch: args.batch_size as usize,
+    };
+    let mut generator = CsmGenerator::new(model, options).context("setting up the model")?;
+    let model_name = path.display().to_string();
+    if let Some(batch) = &args.batch {
+        return run_batch(args, log, &mut generator, &model_name, batch);
+    }
+    let context: Vec<Segment> = match &args.context {
+        Some(p) => serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+            .with_context(|| format!("{}: expected a JSON list of {{\"speaker\", \"text\", \"frames\"}}", p.display()))?,
+        None => Vec::new(),
+    };
+    let request = Request { text: crate::generate_cmd::prompt_text(args)?, speaker: args.speaker, context, seed: None, max_frames: None };
+    let result = speak(args, log, &mut generator, &model_name, &request)?;
+    let json = serde_json::to_string(&result)?;
+    match &args.output {
+        Some(out) => write_atomically(out, &json)?,
+        None if !args.json => output::println(&json),
+        None => {}
+    }
+    if args.json {
+        let mut summary = serde_json::to_value(&result)?;
+        if args.output.is_some() {
+            summary["frames"] = serde_json::Value::Null;
+            summary["output"] = serde_json::Value::String(args.output.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
+        }
+        output::println(&summary.to_string());
+    }
+    if !log.quiet {
+        let t = &result.timings;
+        eprintln!(
+            "{} frames ({:.2} s of audio, stop: {}) in {:.2} s: {:.2} frames/s, real-time factor {:.2} | backbone {:.2} s, decoder {:.2} s | KV cache {} bytes ({}/{})",
+            result.n_frames, result.audio_seconds, result.stop, t.seconds, t.frames_per_second, t.real_time_factor,
+            t.backbone_seconds, t.decoder_seconds, result.kv_bytes, result.k_type, result.v_type
+        );
+    }
+    Ok(())
+}
+
+fn sampler_for(args: &GenerateArgs, seed: u64) -> Result<Sampler> {
+    Ok(Sampler::new(SamplerConfig {
+        temperature: args.temp.unwrap_or(0.9),
+        top_k: args.top_k.unwrap_or(50),
+        top_p: args.top_p.unwrap_or(1.0),
+        seed,
+    })?)
+}
+
+/// Generates the frames of one request from an empty state.
+fn speak(args: &GenerateArgs, log: &LogArgs, generator: &mut CsmGenerator, model_name: &str, request: &Request) -> Result<SpeechResult> {
+    generator.reset();
+    let c = generator.model().config().clone();
+    let target = Segment { speaker: request.speaker, text: request.text.clone(), frames: Vec::new() };
+    let mut rows = Vec::new();
+    for segment in request.context.iter().chain(std::iter::once(&target)) {
+        rows.extend(segment.rows(generator.model().tokenizer(), c.n_codebooks, c.audio_vocab)?);
+    }
+    let max_frames = request.max_frames.or(args.n_predict).unwrap_or(DEFAULT_FRAMES) as usize;
+    let capacity = generator.backbone_cache().capacity();
+    if rows.len() + max_frames > capacity {
+        return Err(UsageError(format!(
+            "the prompt ({} rows) plus {max_frames} frames needs {} backbone positions, but the context holds {capacity}; lower -n or raise -c (at most {})",
+            rows.len(),
+            rows.len() + max_frames,
+            c.backbone.n_ctx_train
+        ))
+        .into());
+    }
+    let seed = request.seed.unwrap_or(args.seed);
+    let mut sampler = sampler_for(args, seed)?;
+    let started = Instant::now();
+    generator.prefill(&rows)?;
+    let bar = progress::bar(max_frames as u64, "frames", log.quiet);
+    let mut frames = Vec::new();
+    let mut stop = "limit";
+    while frames.len() < max_frames {
+        match generator.generate_frame(&mut sampler, None)? {
+            Some(frame) => frames.push(frame),
+            None => {
+                stop = "end_of_speech";
+                break;
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+    let t: FrameTimings = generator.timings();
+    let audio_seconds = frames.len() as f64 / FRAMES_PER_SECOND;
+    Ok(SpeechResult {
+        model: model_name.to_owned(),
+        text: request.text.clone(),
+        speaker: request.speaker,
+        seed,
+        stop,
+        n_frames: frames.len(),
+        audio_seconds,
+        timings: SpeechTimings {
+            prompt_rows: t.prompt_rows,
+            prompt_seconds: t.prompt_seconds,
+            seconds,
+            frames_per_second: frames.len() as f64 / seconds,
+            real_time_factor: if audio_seconds > 0.0 { seconds / audio_seconds } else { 0.0 },
+            backbone_seconds: t.backbone_seconds,
+            decoder_seconds: t.decoder_seconds,
+        },
+        k_type: generator.backbone_cache().k_type(),
+        v_type: generator.backbone_cache().v_type(),
+        kv_bytes: generator.kv_memory_usage(),
+        frames,
+    })
+}
+
+/// Runs every line of a JSONL request file; a bad line is reported (with its number) and skipped.
+fn run_batch(args: &GenerateArgs, log: &LogArgs, generator: &mut CsmGenerator, model_name: &str, batch: &PathBuf) -> Result<()> {
+    let file = std::fs::File::open(batch).with_context(|| format!("opening {}", batch.display()))?;
+    let mut lines_out = Vec::new();
+    let mut failures = 0;
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let number = i + 1;
+        let line = line.with_context(|| format!("{}: reading line {number}", batch.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let result = serde_json::from_str::<Request>(&line)
+            .map_err(|e| anyhow::anyhow!("malformed request: {e}"))
+            .and_then(|request| speak(args, log, generator, model_name, &request));
+        let out = match result {
+            Ok(r) => serde_json::to_value(&r)?,
+            Err(e) => {
+                failures += 1;
+                eprintln!("error: {}: line {number}: {e:#}", batch.display());
+                serde_json::json!({ "line": number, "error": format!("{e:#}") })
+            }
+        };
+        let mut out = out;
+        out["line"] = serde_json::json!(number);
+        let text = out.to_string();
+        if args.output.is_none() {
+            output::println(&text);
+        }
+        lines_out.push(text);
+    }
+    if let Some(path) = &args.output {
+        write_atomically(path, &(lines_out.join("\n") + "\n"))?;
+    }
+    anyhow::ensure!(failures == 0, "{failures} of {} requests failed", lines_out.len());
+    Ok(())
+}
+
+/// Writes a file whole or not at all: a temporary file beside it, then a rename.
+pub fn write_atomically(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension(format!("{}.partial", path.extension().and_then(|e| e.to_str()).unwrap_or("out")));
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
