@@ -6,8 +6,10 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+use ccsm::csm::{CsmGenerator, CsmModel, CsmOptions, Row};
 use ccsm::llama::LlamaModel;
-use ccsm::{CacheType, GGMLModel, Logits, ModelOptions};
+use ccsm::sampling::{Sampler, SamplerConfig};
+use ccsm::{CacheType, GGMLModel, Logits, Model, ModelOptions};
 
 use crate::cli::{BenchArgs, LogArgs};
 use crate::{output, progress};
@@ -30,11 +32,29 @@ pub struct BenchRow {
     pub samples_ts: Vec<f64>,
     pub kv_bytes: usize,
     pub peak_rss_bytes: Option<u64>,
+    /// CSM frame tests: where the time went.
+    pub frame_detail: Option<FrameDetail>,
+}
+
+/// A CSM frame test's split and real-time factor.
+#[derive(Serialize, Clone, Copy)]
+pub struct FrameDetail {
+    /// Generation time over audio time (12.5 frames per second of audio): below 1 is faster than real time.
+    pub real_time_factor: f64,
+    /// Share of the frame time in the backbone step.
+    pub backbone_share: f64,
+    /// Share in the decoder's steps (31 per frame for CSM-1B).
+    pub decoder_share: f64,
+    pub sampling_share: f64,
 }
 
 impl BenchRow {
     fn test_name(&self) -> String {
-        let base = if self.test == "pp" { format!("pp{}", self.n_prompt) } else { format!("tg{}", self.n_gen) };
+        let base = match self.test {
+            "pp" => format!("pp{}", self.n_prompt),
+            "frame" => format!("frame{}", self.n_gen),
+            _ => format!("tg{}", self.n_gen),
+        };
         if self.depth > 0 {
             format!("{base} @ d{}", self.depth)
         } else {
@@ -73,8 +93,23 @@ fn mean_stddev(samples: &[f64]) -> (f64, f64) {
 }
 
 pub fn run(args: &BenchArgs, log: &LogArgs) -> Result<()> {
+    let file = ggml::gguf::GgufFile::open(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
+    let rows = if file.get::<String>("general.architecture")? == "csm" { bench_csm(args, log, &file)? } else { bench_llama(args, log)? };
+    match args.output.as_str() {
+        "json" => output::println(&serde_json::to_string_pretty(&rows)?),
+        "jsonl" => rows.iter().try_for_each(|r| serde_json::to_string(r).map(|l| output::println(&l)))?,
+        _ => output::print(&markdown(&rows)),
+    }
+    Ok(())
+}
+
+fn model_name(args: &BenchArgs) -> String {
+    args.model.file_name().map_or_else(|| args.model.display().to_string(), |f| f.to_string_lossy().into_owned())
+}
+
+fn bench_llama(args: &BenchArgs, log: &LogArgs) -> Result<Vec<BenchRow>> {
     let mut weights = Some(LlamaModel::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?);
-    let name = args.model.file_name().map_or_else(|| args.model.display().to_string(), |f| f.to_string_lossy().into_owned());
+    let name = model_name(args);
     let tests: Vec<&'static str> = [("pp", args.n_prompt), ("tg", args.n_gen)].into_iter().filter(|t| t.1 > 0).map(|t| t.0).collect();
     let total = (args.cache_types.len() * args.depths.len() * tests.len()) as u64;
     let bar = progress::bar(total, "bench", log.quiet);
@@ -126,6 +161,7 @@ pub fn run(args: &BenchArgs, log: &LogArgs) -> Result<()> {
                     samples_ts: samples,
                     kv_bytes: ccsm::Model::kv_memory_usage(&model),
                     peak_rss_bytes: peak_rss(),
+                    frame_detail: None,
                 });
                 bar.inc(1);
             }
@@ -133,12 +169,81 @@ pub fn run(args: &BenchArgs, log: &LogArgs) -> Result<()> {
         }
     }
     bar.finish_and_clear();
-    match args.output.as_str() {
-        "json" => output::println(&serde_json::to_string_pretty(&rows)?),
-        "jsonl" => rows.iter().try_for_each(|r| serde_json::to_string(r).map(|l| output::println(&l)))?,
-        _ => output::print(&markdown(&rows)),
+    Ok(rows)
+}
+
+/// CSM: prompt rows per second (`-p` text rows) and frames per second (`-n` frames) at each depth.
+fn bench_csm(args: &BenchArgs, log: &LogArgs, file: &ggml::gguf::GgufFile) -> Result<Vec<BenchRow>> {
+    let name = model_name(args);
+    let mut weights = Some(CsmModel::from_file(file, &args.model)?);
+    let tests: Vec<&'static str> = [("pp", args.n_prompt), ("frame", args.n_gen)].into_iter().filter(|t| t.1 > 0).map(|t| t.0).collect();
+    let bar = progress::bar((args.cache_types.len() * args.depths.len() * tests.len()) as u64, "bench", log.quiet);
+    let mut rows = Vec::new();
+    for &cache in &args.cache_types {
+        for &depth in &args.depths {
+            let csm = weights.take().expect("weights are returned after each run");
+            let (text_vocab, n_ctx_train) = (csm.config().text_vocab, csm.config().backbone.n_ctx_train);
+            let n_ctx = depth as usize + args.n_prompt.max(args.n_gen) as usize + 1;
+            anyhow::ensure!(n_ctx <= n_ctx_train, "depth {depth} + {} rows exceeds the model's context {n_ctx_train}", args.n_prompt.max(args.n_gen));
+            let options = CsmOptions { n_ctx, k_type: cache, v_type: cache, n_threads: args.threads as usize, n_batch: 512 };
+            let mut generator = CsmGenerator::new(csm, options)?;
+            reset_peak_rss();
+            let text_rows = |n: usize, seed: u64| -> Vec<Row> { filler_tokens(n, text_vocab, seed).into_iter().map(Row::Text).collect() };
+            for &test in &tests {
+                let mut samples = Vec::new();
+                let mut detail = FrameDetail { real_time_factor: 0.0, backbone_share: 0.0, decoder_share: 0.0, sampling_share: 0.0 };
+                for rep in 0..args.repetitions {
+                    generator.reset();
+                    generator.prefill(&text_rows(depth.max(1) as usize, 1))?;
+                    if test == "pp" {
+                        let prompt = text_rows(args.n_prompt as usize, 100 + rep as u64);
+                        let start = Instant::now();
+                        generator.prefill(&prompt)?;
+                        samples.push(args.n_prompt as f64 / start.elapsed().as_secs_f64());
+                        continue;
+                    }
+                    let mut sampler = Sampler::new(SamplerConfig { temperature: 0.9, top_k: 50, top_p: 1.0, seed: rep as u64 })?;
+                    let before = generator.timings();
+                    let start = Instant::now();
+                    for _ in 0..args.n_gen {
+                        generator.generate_frame(&mut sampler, None)?;
+                    }
+                    let seconds = start.elapsed().as_secs_f64();
+                    let t = generator.timings();
+                    samples.push(args.n_gen as f64 / seconds);
+                    detail = FrameDetail {
+                        real_time_factor: seconds / (args.n_gen as f64 / crate::speech_cmd::FRAMES_PER_SECOND),
+                        backbone_share: (t.backbone_seconds - before.backbone_seconds) / seconds,
+                        decoder_share: (t.decoder_seconds - before.decoder_seconds) / seconds,
+                        sampling_share: (t.sampling_seconds - before.sampling_seconds) / seconds,
+                    };
+                }
+                let (avg_ts, stddev_ts) = mean_stddev(&samples);
+                rows.push(BenchRow {
+                    model: name.clone(),
+                    size_bytes: generator.model().weight_bytes(),
+                    params: generator.model().params(),
+                    threads: args.threads,
+                    k_type: cache,
+                    v_type: cache,
+                    test,
+                    n_prompt: if test == "pp" { args.n_prompt } else { 0 },
+                    n_gen: if test == "frame" { args.n_gen } else { 0 },
+                    depth,
+                    avg_ts,
+                    stddev_ts,
+                    samples_ts: samples,
+                    kv_bytes: ccsm::Model::kv_memory_usage(&generator),
+                    peak_rss_bytes: peak_rss(),
+                    frame_detail: (test == "frame").then_some(detail),
+                });
+                bar.inc(1);
+            }
+            weights = Some(generator.into_model());
+        }
     }
-    Ok(())
+    bar.finish_and_clear();
+    Ok(rows)
 }
 
 fn human_bytes(b: u64) -> String {
@@ -160,11 +265,14 @@ fn human_params(p: u64) -> String {
 
 /// llama-bench's table, with the cache type, KV bytes and peak RSS beside each row.
 pub fn markdown(rows: &[BenchRow]) -> String {
-    let mut out = String::from("| model | size | params | threads | cache | test | t/s | KV cache | peak RSS |\n");
-    out.push_str("| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |\n");
+    let mut out = String::from("| model | size | params | threads | cache | test | t/s | KV cache | peak RSS | RTF (backbone / decoder) |\n");
+    out.push_str("| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |\n");
     for r in rows {
+        let frame = r.frame_detail.map_or("-".into(), |d| {
+            format!("{:.2} ({:.0} % / {:.0} %)", d.real_time_factor, 100.0 * d.backbone_share, 100.0 * d.decoder_share)
+        });
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {}/{} | {} | {:.2} ± {:.2} | {} | {} |\n",
+            "| {} | {} | {} | {} | {}/{} | {} | {:.2} ± {:.2} | {} | {} | {frame} |\n",
             r.model,
             human_bytes(r.size_bytes),
             human_params(r.params),

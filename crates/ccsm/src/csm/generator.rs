@@ -211,6 +211,11 @@ impl CsmGenerator {
         &self.model
     }
 
+    /// The weights back, dropping the runtime state.
+    pub fn into_model(self) -> CsmModel {
+        self.model
+    }
+
     pub fn backbone_cache(&self) -> &KvCache {
         &self.backbone_cache
     }
