@@ -12,6 +12,19 @@ use ggml::{Context, Tensor, TensorId, TensorStore};
 use crate::error::{Error, Result};
 use crate::CacheType;
 
+/// Rows converted at a time by `quantize` (bounds its f32 scratch memory).
+const CONVERT_ROWS: usize = 256;
+
+/// What a live conversion did to the cache's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct QuantizeReport {
+    pub bytes_before: usize,
+    pub bytes_after: usize,
+    /// Most K/V buffer bytes alive at once during the conversion (old layers not yet converted plus
+    /// the tensor being written).
+    pub peak_bytes: usize,
+}
+
 /// Granularity of the attention window of single-token steps (see `KvCache::decode_window`).
 pub const DECODE_WINDOW: usize = 256;
 
@@ -85,6 +98,18 @@ fn single_tensor_store(name: &str, t: CacheType, n_embd_kv: usize, capacity: usi
     Ok((store, id))
 }
 
+/// Copies the first `rows` rows of `src` (type `from`) into `dst` (type `to`) through f32.
+fn convert_rows(src: Tensor<'_>, dst: Tensor<'_>, from: CacheType, to: CacheType, n_embd: usize, rows: usize) -> Result<()> {
+    let (src_row, dst_row) = (from.dtype().row_size(n_embd)?, to.dtype().row_size(n_embd)?);
+    for first in (0..rows).step_by(CONVERT_ROWS) {
+        let n = CONVERT_ROWS.min(rows - first);
+        let bytes = src.read_bytes_at(first * src_row, n * src_row)?;
+        let values = from.dtype().dequantize(&bytes, n * n_embd)?;
+        dst.write_bytes_at(first * dst_row, &to.dtype().quantize(&values, n_embd)?)?;
+    }
+    Ok(())
+}
+
 impl KvCache {
     pub fn new(config: KvCacheConfig) -> Result<Self> {
         config.validate()?;
@@ -130,6 +155,11 @@ impl KvCache {
 
     pub fn k_type(&self) -> CacheType {
         self.config.k_type
+    }
+
+    /// The type of both halves when K and V agree.
+    pub fn current_quantization_type(&self) -> Option<CacheType> {
+        (self.config.k_type == self.config.v_type).then_some(self.config.k_type)
     }
 
     pub fn v_type(&self) -> CacheType {
@@ -190,6 +220,37 @@ impl KvCache {
             }
         }
         mask
+    }
+
+    /// Converts the live cache, every layer's K then V, to the given types, keeping every cached
+    /// token. One tensor is converted at a time (new buffer, rows converted in chunks through f32,
+    /// old buffer freed), so memory peaks at the old cache plus one layer's new tensor.
+    pub fn quantize(&mut self, k_type: CacheType, v_type: CacheType) -> Result<QuantizeReport> {
+        let target = KvCacheConfig { k_type, v_type, ..self.config };
+        target.validate()?;
+        let bytes_before = self.memory_usage();
+        let mut live = bytes_before;
+        let mut peak = live;
+        let (n_embd, capacity, len) = (self.config.n_embd_kv(), self.config.capacity, self.len());
+        for l in 0..self.layers.len() {
+            for (half, to) in [("k", k_type), ("v", v_type)] {
+                let old = if half == "k" { &self.layers[l].k } else { &self.layers[l].v };
+                let from = if half == "k" { self.config.k_type } else { self.config.v_type };
+                if from == to {
+                    continue;
+                }
+                let (store, id) = single_tensor_store(&format!("cache_{half}.{l}"), to, n_embd, capacity)?;
+                let new_bytes = store.get(id).nbytes();
+                peak = peak.max(live + new_bytes);
+                convert_rows(old.get(self.tensor), store.get(id), from, to, n_embd, len)?;
+                let old_bytes = old.get(self.tensor).nbytes();
+                let slot = if half == "k" { &mut self.layers[l].k } else { &mut self.layers[l].v };
+                *slot = store;
+                live = live + new_bytes - old_bytes;
+            }
+        }
+        self.config = target;
+        Ok(QuantizeReport { bytes_before, bytes_after: self.memory_usage(), peak_bytes: peak })
     }
 
     fn k(&self, layer: usize) -> Tensor<'_> {

@@ -15,7 +15,7 @@ pub mod weights;
 
 pub use cache_type::CacheType;
 pub use error::{Error, Result};
-pub use model::{GGMLModel, Logits, Model, ModelOptions};
+pub use model::{CacheReport, GGMLModel, Logits, Model, ModelOptions};
 
 /// The engine's version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

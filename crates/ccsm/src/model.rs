@@ -6,7 +6,7 @@ use std::ops::Range;
 use ggml::{Backend, ComputeBuffer, Context, DType, Graph, ReusableGraph, Tensor};
 
 use crate::error::{Error, Result};
-use crate::kv_cache::{KvCache, KvCacheConfig};
+use crate::kv_cache::{KvCache, KvCacheConfig, QuantizeReport};
 use crate::llama::transformer::BuildScope;
 use crate::llama::{LlamaModel, StepInputs};
 use crate::CacheType;
@@ -33,6 +33,18 @@ pub trait Model {
 
     /// Exact bytes of all KV caches.
     fn kv_memory_usage(&self) -> usize;
+
+    /// Converts every KV cache, with all its cached tokens, to these types; generation continues
+    /// from the same history.
+    fn quantize_kv_cache(&mut self, k_type: CacheType, v_type: CacheType) -> Result<Vec<CacheReport>>;
+}
+
+/// What happened to one of a model's caches.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct CacheReport {
+    /// "text" for a Llama model; "backbone" or "decoder" for CSM.
+    pub cache: &'static str,
+    pub report: QuantizeReport,
 }
 
 /// Runtime settings of a model.
@@ -281,5 +293,11 @@ impl Model for GGMLModel {
 
     fn kv_memory_usage(&self) -> usize {
         self.cache.memory_usage()
+    }
+
+    fn quantize_kv_cache(&mut self, k_type: CacheType, v_type: CacheType) -> Result<Vec<CacheReport>> {
+        // The kept decode graph reads the old buffers; drop it before they are replaced.
+        self.decode_graph = None;
+        Ok(vec![CacheReport { cache: "text", report: self.cache.quantize(k_type, v_type)? }])
     }
 }

@@ -268,6 +268,43 @@ impl<'ctx> Tensor<'ctx> {
         Ok(out)
     }
 
+    fn check_range(self, op: &'static str, offset: usize, len: usize) -> Result<()> {
+        self.check_io(op, self.nbytes())?;
+        if offset.checked_add(len).is_none_or(|end| end > self.nbytes()) {
+            return Err(Error::invalid(op, format!("bytes {offset}..{} outside the tensor's {}", offset.saturating_add(len), self.nbytes())));
+        }
+        Ok(())
+    }
+
+    /// Copies `len` bytes starting `offset` bytes into the (contiguous) tensor.
+    pub fn read_bytes_at(self, offset: usize, len: usize) -> Result<Vec<u8>> {
+        self.check_range("read_bytes_at", offset, len)?;
+        let mut out = vec![0u8; len];
+        let header = self.header();
+        if header.buffer.is_null() {
+            // SAFETY: the range lies inside the tensor's allocated bytes (checked above).
+            unsafe { std::ptr::copy_nonoverlapping(header.data.cast::<u8>().add(offset), out.as_mut_ptr(), len) };
+        } else {
+            // SAFETY: the tensor lives in a backend buffer and offset + len <= nbytes (checked).
+            unsafe { sys::ggml_backend_tensor_get(self.raw(), out.as_mut_ptr().cast(), offset, len) };
+        }
+        Ok(out)
+    }
+
+    /// Copies `bytes` into the (contiguous) tensor starting `offset` bytes in.
+    pub fn write_bytes_at(self, offset: usize, bytes: &[u8]) -> Result<()> {
+        self.check_range("write_bytes_at", offset, bytes.len())?;
+        let header = self.header();
+        if header.buffer.is_null() {
+            // SAFETY: the range lies inside the tensor's allocated bytes (checked above).
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), header.data.cast::<u8>().add(offset), bytes.len()) };
+        } else {
+            // SAFETY: the tensor lives in a backend buffer and offset + len <= nbytes (checked).
+            unsafe { sys::ggml_backend_tensor_set(self.raw(), bytes.as_ptr().cast(), offset, bytes.len()) };
+        }
+        Ok(())
+    }
+
     /// Writes F32 values, converted (quantized) to the tensor's type.
     pub fn write_f32(self, values: &[f32]) -> Result<()> {
         if values.len() as i64 != self.nelements() {

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::llama::transformer::BuildScope;
 use crate::llama::{StepInputs, Transformer};
-use crate::model::Model;
+use crate::model::{CacheReport, Model};
 use crate::sampling::Sampler;
 use crate::CacheType;
 
@@ -418,5 +418,15 @@ impl Model for CsmGenerator {
 
     fn kv_memory_usage(&self) -> usize {
         self.backbone_cache.memory_usage() + self.decoder_cache.memory_usage()
+    }
+
+    fn quantize_kv_cache(&mut self, k_type: CacheType, v_type: CacheType) -> Result<Vec<CacheReport>> {
+        // Kept graphs read the old buffers; drop them before the buffers are replaced.
+        self.backbone_step = None;
+        self.decoder_steps.iter_mut().for_each(|g| *g = None);
+        Ok(vec![
+            CacheReport { cache: "backbone", report: self.backbone_cache.quantize(k_type, v_type)? },
+            CacheReport { cache: "decoder", report: self.decoder_cache.quantize(k_type, v_type)? },
+        ])
     }
 }
