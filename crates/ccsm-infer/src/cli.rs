@@ -30,12 +30,29 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
+    /// Model facts: architecture, parameters, weight bytes, and KV cache bytes per cache type at a context.
+    Info(InfoArgs),
     /// Perplexity of a text (llama-perplexity's method), and KL divergence against a reference run.
     Perplexity(PerplexityArgs),
     /// Prompt-processing and decode speed per cache type and context depth (llama-bench's shape).
     Bench(BenchArgs),
     /// Print the engine version, the ggml version and the CPU features ggml was built with.
     System,
+}
+
+#[derive(Args, Clone)]
+pub struct InfoArgs {
+    /// Model file (GGUF).
+    #[arg(value_name = "MODEL")]
+    pub model: PathBuf,
+
+    /// Context (cache cells) to size the KV caches for [default: the model's context].
+    #[arg(short = 'c', long = "ctx-size", value_parser = clap::value_parser!(u32).range(1..))]
+    pub ctx_size: Option<u32>,
+
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Clone)]
@@ -222,6 +239,11 @@ pub struct GenerateArgs {
 
     #[command(flatten)]
     pub cache: CacheArgs,
+
+    /// Start with an f32 cache and convert it live to the --kv-quant/--ctk/--ctv types after N tokens
+    /// (text) or frames (CSM).
+    #[arg(long, value_name = "N")]
+    pub quantize_after: Option<u32>,
 
     /// Print one JSON object (text, token ids, timings, memory) on stdout instead of the text.
     #[arg(long)]

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use serde_json::json;
 
-use ccsm::generate::generate;
+use ccsm::generate::{generate, LiveQuantize};
 use ccsm::llama::LlamaModel;
 use ccsm::sampling::{Sampler, SamplerConfig};
 use ccsm::{CacheType, GGMLModel, Model, ModelOptions};
@@ -51,10 +51,13 @@ fn run_text(args: &GenerateArgs, log: &LogArgs, path: PathBuf) -> Result<()> {
         Some(c) => c as usize,
         None => model.config().n_ctx_train.min(DEFAULT_CTX_CAP),
     };
+    let (k_type, v_type) = (args.cache.k_type(CacheType::F16), args.cache.v_type(CacheType::F16));
+    let live = args.quantize_after.map(|n| LiveQuantize { after: n as usize, k_type, v_type });
+    let start_type = |t| if live.is_some() { CacheType::F32 } else { t };
     let options = ModelOptions {
         n_ctx,
-        k_type: args.cache.k_type(CacheType::F16),
-        v_type: args.cache.v_type(CacheType::F16),
+        k_type: start_type(k_type),
+        v_type: start_type(v_type),
         n_threads: args.threads as usize,
         n_batch: args.batch_size as usize,
     };
@@ -72,7 +75,7 @@ fn run_text(args: &GenerateArgs, log: &LogArgs, path: PathBuf) -> Result<()> {
     // multi-byte characters split across tokens come out whole.
     let mut shown = String::new();
     let mut ids = Vec::new();
-    let generation = generate(&mut model, &prompt_tokens, n_predict, &mut sampler, |token, tokenizer| {
+    let generation = generate(&mut model, &prompt_tokens, n_predict, &mut sampler, live, |token, tokenizer| {
         if args.json {
             return true;
         }
@@ -103,6 +106,7 @@ fn run_text(args: &GenerateArgs, log: &LogArgs, path: PathBuf) -> Result<()> {
                 "decode_seconds": t.decode_seconds,
                 "decode_tokens_per_second": t.decode_tokens_per_second(),
             },
+            "conversion": generation.conversion,
             "memory": {
                 "kv_bytes": model.kv_memory_usage(),
                 "k_type": model.cache().k_type(),
@@ -117,6 +121,9 @@ fn run_text(args: &GenerateArgs, log: &LogArgs, path: PathBuf) -> Result<()> {
         // Whatever the stream could not show yet (an incomplete character at the end).
         let rest = text.strip_prefix(shown.as_str()).unwrap_or("");
         output::println(rest);
+    }
+    if let (false, Some(reports)) = (log.quiet, &generation.conversion) {
+        crate::speech_cmd::log_conversion(reports, args.quantize_after.unwrap_or(0) as usize, "tokens");
     }
     if !log.quiet {
         eprintln!(

@@ -4,6 +4,7 @@
 mod bench_cmd;
 mod cli;
 mod generate_cmd;
+mod info_cmd;
 mod output;
 mod perplexity_cmd;
 mod progress;
@@ -55,6 +56,7 @@ fn main() -> ExitCode {
             output::println(&format!("cpu features: {}", ggml::cpu_features().join(" ")));
             Ok(())
         }
+        Some(Command::Info(args)) => info_cmd::run(&args),
         Some(Command::Perplexity(args)) => perplexity_cmd::run(&args, &cli.log),
         Some(Command::Bench(args)) => bench_cmd::run(&args, &cli.log),
         None => generate_cmd::run(&cli.generate, &cli.log),

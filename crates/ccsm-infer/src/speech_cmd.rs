@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use ccsm::csm::{CsmGenerator, CsmModel, CsmOptions, Frame, FrameTimings, Segment};
 use ccsm::sampling::{Sampler, SamplerConfig};
-use ccsm::{CacheType, Model};
+use ccsm::{CacheReport, CacheType, Model};
 use ggml::gguf::GgufFile;
 
 use crate::cli::{GenerateArgs, LogArgs};
@@ -58,16 +58,30 @@ pub struct SpeechResult {
     pub k_type: CacheType,
     pub v_type: CacheType,
     pub kv_bytes: usize,
+    /// The live cache conversion (--quantize-after), when one ran.
+    pub conversion: Option<Vec<CacheReport>>,
     pub frames: Vec<Frame>,
+}
+
+/// One stderr line per converted cache.
+pub fn log_conversion(reports: &[CacheReport], after: usize, unit: &str) {
+    for r in reports {
+        eprintln!(
+            "converted the {} KV cache after {after} {unit}: {} -> {} bytes (peak {} during the conversion)",
+            r.cache, r.report.bytes_before, r.report.bytes_after, r.report.peak_bytes
+        );
+    }
 }
 
 pub fn run(args: &GenerateArgs, log: &LogArgs, path: &Path, file: &GgufFile) -> Result<()> {
     let model = CsmModel::from_file(file, path).with_context(|| format!("loading {}", path.display()))?;
     let n_ctx = args.ctx_size.map_or(model.config().backbone.n_ctx_train, |c| c as usize);
+    // With --quantize-after the caches start in f32 and are converted to the requested types live.
+    let start_type = |t| if args.quantize_after.is_some() { CacheType::F32 } else { t };
     let options = CsmOptions {
         n_ctx,
-        k_type: args.cache.k_type(CacheType::F16),
-        v_type: args.cache.v_type(CacheType::F16),
+        k_type: start_type(args.cache.k_type(CacheType::F16)),
+        v_type: start_type(args.cache.v_type(CacheType::F16)),
         n_threads: args.threads as usize,
         n_batch: args.batch_size as usize,
     };
@@ -144,7 +158,15 @@ fn speak(args: &GenerateArgs, log: &LogArgs, generator: &mut CsmGenerator, model
     let bar = progress::bar(max_frames as u64, "frames", log.quiet);
     let mut frames = Vec::new();
     let mut stop = "limit";
+    let mut conversion = None;
     while frames.len() < max_frames {
+        if args.quantize_after.is_some_and(|n| n as usize == frames.len()) && conversion.is_none() {
+            let reports = generator.quantize_kv_cache(args.cache.k_type(CacheType::F16), args.cache.v_type(CacheType::F16))?;
+            if !log.quiet {
+                bar.suspend(|| log_conversion(&reports, frames.len(), "frames"));
+            }
+            conversion = Some(reports);
+        }
         match generator.generate_frame(&mut sampler, None)? {
             Some(frame) => frames.push(frame),
             None => {
@@ -178,6 +200,7 @@ fn speak(args: &GenerateArgs, log: &LogArgs, generator: &mut CsmGenerator, model
         k_type: generator.backbone_cache().k_type(),
         v_type: generator.backbone_cache().v_type(),
         kv_bytes: generator.kv_memory_usage(),
+        conversion,
         frames,
     })
 }

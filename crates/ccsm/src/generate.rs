@@ -5,7 +5,8 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::model::{GGMLModel, Logits};
+use crate::model::{CacheReport, GGMLModel, Logits, Model};
+use crate::CacheType;
 use crate::sampling::Sampler;
 use crate::tokenizer::Tokenizer;
 
@@ -50,16 +51,27 @@ pub struct Generation {
     pub tokens: Vec<u32>,
     pub stop: StopReason,
     pub timings: GenerationTimings,
+    /// The live cache conversion, when one ran.
+    pub conversion: Option<Vec<CacheReport>>,
+}
+
+/// Convert the cache to other types once `after` tokens have been generated.
+#[derive(Clone, Copy, Debug)]
+pub struct LiveQuantize {
+    pub after: usize,
+    pub k_type: CacheType,
+    pub v_type: CacheType,
 }
 
 /// Generates up to `max_new` tokens after `prompt` (which must be non-empty), from the model's
-/// current (usually empty) cache. `on_token` sees each new token (with the tokenizer, to show it);
+/// current (usually empty) cache, converting the cache live when `live` says so. `on_token` sees each new token (with the tokenizer, to show it);
 /// returning false stops early.
 pub fn generate(
     model: &mut GGMLModel,
     prompt: &[u32],
     max_new: usize,
     sampler: &mut Sampler,
+    live: Option<LiveQuantize>,
     mut on_token: impl FnMut(u32, &Tokenizer) -> bool,
 ) -> Result<Generation> {
     if prompt.is_empty() {
@@ -80,7 +92,11 @@ pub fn generate(
 
     let mut tokens = Vec::new();
     let mut stop = StopReason::Limit;
+    let mut conversion = None;
     while tokens.len() < max_new {
+        if let Some(l) = live.filter(|l| l.after == tokens.len() && conversion.is_none()) {
+            conversion = Some(model.quantize_kv_cache(l.k_type, l.v_type)?);
+        }
         let next = sampler.sample(&logits)?;
         if model.model().tokenizer().is_end(next) {
             stop = StopReason::EndOfText;
@@ -99,5 +115,5 @@ pub fn generate(
         timings.decode_seconds += step.elapsed().as_secs_f64();
         timings.decode_steps += 1;
     }
-    Ok(Generation { tokens, stop, timings })
+    Ok(Generation { tokens, stop, timings, conversion })
 }

@@ -212,9 +212,10 @@ impl std::ops::Deref for GraphContext<'_> {
     }
 }
 
-/// The CPU backend.
+/// The CPU backend, with a persistent thread pool (ggml would otherwise start threads per compute).
 pub struct Backend {
     raw: NonNull<sys::ggml_backend>,
+    threadpool: NonNull<sys::ggml_threadpool>,
     n_threads: usize,
 }
 
@@ -229,7 +230,22 @@ impl Backend {
         let raw = NonNull::new(raw).ok_or(Error::Allocation { what: "CPU backend", bytes: 0 })?;
         // SAFETY: `raw` is a CPU backend, as ggml_backend_cpu_set_n_threads requires.
         unsafe { sys::ggml_backend_cpu_set_n_threads(raw.as_ptr(), n_threads as i32) };
-        Ok(Backend { raw, n_threads })
+        // SAFETY: the params are ggml's defaults for this thread count; a null pool is an error.
+        let mut params = unsafe { sys::ggml_threadpool_params_default(n_threads as i32) };
+        // Idle workers sleep instead of spinning for the next graph. Spinning bought nothing measurable
+        // on SmolLM2 decode, and when another process shares the cores (parallel tests, a second
+        // model) spinning workers slowed small graphs down a hundredfold.
+        params.poll = 0;
+        // SAFETY: `params` is a valid, initialised parameter block.
+        let pool = unsafe { sys::ggml_threadpool_new(&mut params) };
+        let Some(threadpool) = NonNull::new(pool) else {
+            // SAFETY: `raw` was created above and is freed once here.
+            unsafe { sys::ggml_backend_free(raw.as_ptr()) };
+            return Err(Error::Allocation { what: "thread pool", bytes: 0 });
+        };
+        // SAFETY: both are alive; the backend only borrows the pool, which outlives it (see Drop).
+        unsafe { sys::ggml_backend_cpu_set_threadpool(raw.as_ptr(), threadpool.as_ptr()) };
+        Ok(Backend { raw, threadpool, n_threads })
     }
 
     pub fn n_threads(&self) -> usize {
@@ -256,7 +272,9 @@ impl Backend {
 
 impl Drop for Backend {
     fn drop(&mut self) {
-        // SAFETY: `raw` came from ggml_backend_cpu_init and is freed once.
+        // SAFETY: `raw` came from ggml_backend_cpu_init and is freed once, before the pool it uses.
         unsafe { sys::ggml_backend_free(self.raw.as_ptr()) }
+        // SAFETY: the pool came from ggml_threadpool_new and no backend refers to it any more.
+        unsafe { sys::ggml_threadpool_free(self.threadpool.as_ptr()) }
     }
 }
