@@ -91,6 +91,9 @@ pub struct PerplexityArgs {
     #[arg(long, value_name = "FILE")]
     pub kl: Option<PathBuf>,
 
+    #[command(flatten)]
+    pub memory: MemoryArgs,
+
     /// Print one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -169,6 +172,51 @@ impl CacheArgs {
     }
 }
 
+/// Keeping the KV caches within a memory budget.
+#[derive(Args, Clone, Debug)]
+pub struct MemoryArgs {
+    /// Keep the KV caches within N MiB for the whole run: the optimizer resizes, quantizes (q8_0, then
+    /// q4_0) and prunes as the budget demands, and a full cache evicts instead of failing.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    pub max_memory_mb: Option<u32>,
+
+    /// Which tokens to keep when evicting: sink-recent (first tokens + most recent, StreamingLLM) or
+    /// attention (most attention received so far, H2O; costs an extra score pass per layer).
+    #[arg(long, value_name = "POLICY", default_value = "sink-recent", value_parser = ["sink-recent", "attention"])]
+    pub prune_policy: String,
+
+    /// Tokens at the start that eviction always keeps (attention sinks).
+    #[arg(long, value_name = "S", default_value_t = 4)]
+    pub keep_sinks: usize,
+}
+
+impl MemoryArgs {
+    pub fn policy(&self) -> ccsm::kv_cache::EvictionPolicy {
+        use ccsm::kv_cache::EvictionPolicy;
+        match self.prune_policy.as_str() {
+            "attention" => EvictionPolicy::Attention { sinks: self.keep_sinks },
+            _ => EvictionPolicy::SinkRecent { sinks: self.keep_sinks },
+        }
+    }
+
+    /// Applies the budget to a freshly made model: optimizes once, then evicts when full.
+    pub fn apply(&self, model: &mut impl ccsm::Model, quiet: bool) -> anyhow::Result<Option<ccsm::memory::MemoryReport>> {
+        let Some(mb) = self.max_memory_mb else { return Ok(None) };
+        let report = model.optimize_memory((mb as usize) << 20, self.policy())?;
+        model.set_eviction(Some(self.policy()));
+        if !quiet {
+            eprintln!(
+                "KV budget {mb} MiB: r = {:.3}, {:?}{}; caches now {} bytes",
+                report.ratio,
+                report.strategy,
+                if report.actions.is_empty() { String::new() } else { format!(" ({})", report.actions.join("; ")) },
+                report.bytes_after()
+            );
+        }
+        Ok(Some(report))
+    }
+}
+
 #[derive(Args, Clone)]
 pub struct GenerateArgs {
     /// Model file (GGUF). Same as -m.
@@ -244,6 +292,9 @@ pub struct GenerateArgs {
     /// (text) or frames (CSM).
     #[arg(long, value_name = "N")]
     pub quantize_after: Option<u32>,
+
+    #[command(flatten)]
+    pub memory: MemoryArgs,
 
     /// Print one JSON object (text, token ids, timings, memory) on stdout instead of the text.
     #[arg(long)]

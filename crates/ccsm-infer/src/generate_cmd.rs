@@ -62,6 +62,7 @@ fn run_text(args: &GenerateArgs, log: &LogArgs, path: PathBuf) -> Result<()> {
         n_batch: args.batch_size as usize,
     };
     let mut model = GGMLModel::new(model, options).context("setting up the model")?;
+    let memory = args.memory.apply(&mut model, log.quiet)?;
     let prompt_tokens = model.model().tokenizer().encode(&prompt)?;
     let mut sampler = Sampler::new(SamplerConfig {
         temperature: args.temp.unwrap_or(0.8),
@@ -107,6 +108,7 @@ fn run_text(args: &GenerateArgs, log: &LogArgs, path: PathBuf) -> Result<()> {
                 "decode_tokens_per_second": t.decode_tokens_per_second(),
             },
             "conversion": generation.conversion,
+            "memory_optimizer": memory,
             "memory": {
                 "kv_bytes": model.kv_memory_usage(),
                 "k_type": model.cache().k_type(),

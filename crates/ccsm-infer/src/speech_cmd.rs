@@ -86,6 +86,7 @@ pub fn run(args: &GenerateArgs, log: &LogArgs, path: &Path, file: &GgufFile) -> 
         n_batch: args.batch_size as usize,
     };
     let mut generator = CsmGenerator::new(model, options).context("setting up the model")?;
+    args.memory.apply(&mut generator, log.quiet)?;
     let model_name = path.display().to_string();
     if let Some(batch) = &args.batch {
         return run_batch(args, log, &mut generator, &model_name, batch);
@@ -142,7 +143,7 @@ fn speak(args: &GenerateArgs, log: &LogArgs, generator: &mut CsmGenerator, model
     }
     let max_frames = request.max_frames.or(args.n_predict).unwrap_or(DEFAULT_FRAMES) as usize;
     let capacity = generator.backbone_cache().capacity();
-    if rows.len() + max_frames > capacity {
+    if rows.len() + max_frames > capacity && args.memory.max_memory_mb.is_none() {
         return Err(UsageError(format!(
             "the prompt ({} rows) plus {max_frames} frames needs {} backbone positions, but the context holds {capacity}; lower -n or raise -c (at most {})",
             rows.len(),

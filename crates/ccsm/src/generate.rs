@@ -79,7 +79,7 @@ pub fn generate(
     }
     let capacity = model.cache().capacity();
     let needed = model.cache().len() + prompt.len() + max_new.saturating_sub(1);
-    if needed > capacity {
+    if needed > capacity && !model.evicts() {
         return Err(Error::Input(format!(
             "prompt ({} tokens) + n-predict ({max_new}) needs {needed} cache cells, but the context holds {capacity}; raise -c/--ctx-size",
             prompt.len()

@@ -7,6 +7,7 @@ mod error;
 pub mod generate;
 pub mod kv_cache;
 pub mod llama;
+pub mod memory;
 mod model;
 pub mod perplexity;
 pub mod sampling;

@@ -6,7 +6,8 @@ use std::ops::Range;
 use ggml::{Backend, ComputeBuffer, Context, DType, Graph, ReusableGraph, Tensor};
 
 use crate::error::{Error, Result};
-use crate::kv_cache::{KvCache, KvCacheConfig, QuantizeReport};
+use crate::kv_cache::{EvictionPolicy, KvCache, KvCacheConfig, QuantizeReport};
+use crate::memory::{self, make_room, ManagedCache, MemoryReport};
 use crate::llama::transformer::BuildScope;
 use crate::llama::{LlamaModel, StepInputs};
 use crate::CacheType;
@@ -37,6 +38,24 @@ pub trait Model {
     /// Converts every KV cache, with all its cached tokens, to these types; generation continues
     /// from the same history.
     fn quantize_kv_cache(&mut self, k_type: CacheType, v_type: CacheType) -> Result<Vec<CacheReport>>;
+
+    /// Fits the KV caches into `max_bytes` by the seed's strategy (see `memory`).
+    fn optimize_memory(&mut self, max_bytes: usize, policy: EvictionPolicy) -> Result<MemoryReport>;
+
+    /// Keeps `fraction` (0..=1) of the cached tokens of the persistent cache, chosen by `policy`;
+    /// returns how many were evicted.
+    fn prune_caches(&mut self, fraction: f64, policy: EvictionPolicy) -> Result<usize>;
+
+    /// When the cache is full, evict by `policy` instead of failing (`None`: fail).
+    fn set_eviction(&mut self, policy: Option<EvictionPolicy>);
+}
+
+/// The number of cells `fraction` of `len` keeps.
+pub(crate) fn keep_count(len: usize, fraction: f64) -> Result<usize> {
+    if !(0.0..=1.0).contains(&fraction) {
+        return Err(Error::Input(format!("prune fraction {fraction} must be within 0..=1")));
+    }
+    Ok((len as f64 * fraction).round() as usize)
 }
 
 /// What happened to one of a model's caches.
@@ -72,9 +91,12 @@ pub struct GGMLModel {
     compute: ComputeBuffer,
     backend: Backend,
     n_batch: usize,
-    /// The single-token step graph, kept across decode steps, with its attention window.
-    decode_graph: Option<(usize, ReusableGraph)>,
+    /// The single-token step graph, kept across decode steps, with its attention window and
+    /// whether it tracks attention.
+    decode_graph: Option<(usize, bool, ReusableGraph)>,
     reuse_decode_graph: bool,
+    track_attention: bool,
+    evict: Option<EvictionPolicy>,
 }
 
 impl GGMLModel {
@@ -102,6 +124,8 @@ impl GGMLModel {
             n_batch: options.n_batch,
             decode_graph: None,
             reuse_decode_graph: true,
+            track_attention: false,
+            evict: None,
         })
     }
 
@@ -123,6 +147,17 @@ impl GGMLModel {
         &self.cache
     }
 
+    /// Computes, per cached cell, the attention mass it receives (for the attention eviction policy).
+    /// Costs one extra score computation per layer while on.
+    pub fn set_track_attention(&mut self, on: bool) {
+        self.track_attention = on;
+    }
+
+    /// Whether full caches evict instead of failing.
+    pub fn evicts(&self) -> bool {
+        self.evict.is_some()
+    }
+
     /// Whether single-token steps reuse one kept graph (default) or build a graph per token.
     pub fn set_reuse_decode_graph(&mut self, reuse: bool) {
         self.reuse_decode_graph = reuse;
@@ -131,7 +166,7 @@ impl GGMLModel {
 
     /// Bytes of the compute buffer (grows to the largest step so far).
     pub fn compute_buffer_bytes(&self) -> usize {
-        self.compute.size() + self.decode_graph.as_ref().map_or(0, |(_, g)| g.buffer_size())
+        self.compute.size() + self.decode_graph.as_ref().map_or(0, |(_, _, g)| g.buffer_size())
     }
 
     /// Runs `tokens` after the cached ones; returns logits per `which` (`[n][vocab]` for `All`).
@@ -143,15 +178,23 @@ impl GGMLModel {
         if let Some(&id) = tokens.iter().find(|&&id| id as usize >= vocab) {
             return Err(Error::TokenOutOfRange { id, vocab });
         }
-        if self.cache.len() + tokens.len() > self.cache.capacity() {
+        if self.evict.is_none() && self.cache.len() + tokens.len() > self.cache.capacity() {
             return Err(Error::CacheFull { needed: self.cache.len() + tokens.len(), capacity: self.cache.capacity() });
         }
+        // With eviction, steps stay within a quarter of the capacity so room can always be made.
+        let step = match self.evict {
+            Some(_) => self.n_batch.min((self.cache.capacity() / 4).max(1)),
+            None => self.n_batch,
+        };
         let mut logits = Vec::new();
-        let chunks: Vec<&[u32]> = tokens.chunks(self.n_batch).collect();
+        let chunks: Vec<&[u32]> = tokens.chunks(step).collect();
         for (i, chunk) in chunks.iter().enumerate() {
-            let want = if which == Logits::All || i + 1 == chunks.len() { which } else { Logits::Last };
-            let out = self.eval_chunk(chunk, want)?;
-            if which == Logits::All || i + 1 == chunks.len() {
+            if let Some(policy) = self.evict {
+                make_room(&mut self.cache, chunk.len(), policy)?;
+            }
+            let last = i + 1 == chunks.len();
+            let out = self.eval_chunk(chunk, if which == Logits::All || last { which } else { Logits::Last })?;
+            if which == Logits::All || last {
                 logits.extend(out);
             }
         }
@@ -178,33 +221,46 @@ impl GGMLModel {
         let max_nodes = model.transformer.max_nodes();
         let ctx = self.compute.context(max_nodes + 16, max_nodes)?;
         let mut graph = ctx.new_graph(max_nodes)?;
-        let step = build_step(model, cache, &ctx, &mut graph, tokens.len(), cache.len(), which)?;
+        let track = self.track_attention;
+        let step = build_step(model, cache, &ctx, &mut graph, tokens.len(), cache.len(), which, track)?;
         ctx.allocate(&graph)?;
         step.write_inputs(model, cache, tokens, cells)?;
         self.backend.compute(&graph)?;
-        Ok(step.logits.read_f32()?)
+        let mass = if track { Some(graph.find("attn_mass").ok_or(Error::Input("no attention output".into()))?.read_f32()?) } else { None };
+        let logits = step.logits.read_f32()?;
+        if let Some(mass) = mass {
+            drop(ctx);
+            self.cache.add_scores(&mass);
+        }
+        Ok(logits)
     }
 
     /// One token through the kept decode graph, rebuilt only when the attention window grows or
     /// the cache's buffers change.
     fn decode_step(&mut self, token: u32, cells: Range<usize>) -> Result<Vec<f32>> {
         let n_kv = self.cache.decode_window();
-        let kept = matches!(&self.decode_graph, Some((window, g)) if *window == n_kv && g.is_current());
+        let track = self.track_attention;
+        let kept = matches!(&self.decode_graph, Some((window, tracked, g)) if *window == n_kv && *tracked == track && g.is_current());
         if !kept {
             self.decode_graph = None;
             let max_nodes = self.model.transformer.max_nodes();
             let mut graph = ReusableGraph::new(max_nodes + 16, max_nodes)?;
             let mut building = graph.context().new_graph(max_nodes)?;
-            build_step(&self.model, &self.cache, graph.context(), &mut building, 1, n_kv, Logits::Last)?;
+            build_step(&self.model, &self.cache, graph.context(), &mut building, 1, n_kv, Logits::Last, track)?;
             let sealed = building.seal();
             graph.finish(sealed)?;
-            self.decode_graph = Some((n_kv, graph));
+            self.decode_graph = Some((n_kv, track, graph));
         }
-        let (_, graph) = self.decode_graph.as_ref().expect("set above");
+        let (_, _, graph) = self.decode_graph.as_ref().expect("set above");
         let step = StepTensors::lookup(graph, self.model.transformer.freq_factors().is_some())?;
         step.write_inputs(&self.model, &self.cache, &[token], cells)?;
         graph.compute(&self.backend)?;
-        Ok(step.logits.read_f32()?)
+        let logits = step.logits.read_f32()?;
+        if track {
+            let mass = graph.tensor("attn_mass")?.read_f32()?;
+            self.cache.add_scores(&mass);
+        }
+        Ok(logits)
     }
 }
 
@@ -253,6 +309,7 @@ fn build_step<'c>(
     n: usize,
     n_kv: usize,
     which: Logits,
+    track_attention: bool,
 ) -> Result<StepTensors<'c>> {
     let transformer = &model.transformer;
     let n = n as i64;
@@ -264,7 +321,7 @@ fn build_step<'c>(
         freq_factors: transformer.freq_factor_input(ctx)?,
     };
     let x = ctx.get_rows(model.weights.get(model.token_embd), tokens)?;
-    let mut scope = BuildScope { ctx, graph, weights: &model.weights, cache, inputs };
+    let mut scope = BuildScope::new(ctx, graph, &model.weights, cache, inputs).tracking_attention(track_attention);
     let hidden = transformer.build(&mut scope, x)?;
     let hidden = match which {
         Logits::All => hidden,
@@ -299,5 +356,20 @@ impl Model for GGMLModel {
         // The kept decode graph reads the old buffers; drop it before they are replaced.
         self.decode_graph = None;
         Ok(vec![CacheReport { cache: "text", report: self.cache.quantize(k_type, v_type)? }])
+    }
+
+    fn optimize_memory(&mut self, max_bytes: usize, policy: EvictionPolicy) -> Result<MemoryReport> {
+        self.decode_graph = None;
+        memory::optimize(vec![ManagedCache { name: "text", cache: &mut self.cache, resizable: true }], max_bytes, policy)
+    }
+
+    fn prune_caches(&mut self, fraction: f64, policy: EvictionPolicy) -> Result<usize> {
+        let keep = keep_count(self.cache.len(), fraction)?;
+        self.cache.prune(keep, policy)
+    }
+
+    fn set_eviction(&mut self, policy: Option<EvictionPolicy>) {
+        self.evict = policy;
+        self.track_attention = policy.is_some_and(EvictionPolicy::tracks_attention);
     }
 }

@@ -48,7 +48,7 @@ pub fn score(
     if ctx < 4 {
         return Err(Error::Input(format!("context {ctx} is too small to score (at least 4)")));
     }
-    if ctx > model.cache().capacity() {
+    if ctx > model.cache().capacity() && !model.evicts() {
         return Err(Error::Input(format!("context {ctx} exceeds the cache's {} cells", model.cache().capacity())));
     }
     let available = tokens.len() / ctx;

@@ -16,7 +16,9 @@ use crate::error::{Error, Result};
 use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::llama::transformer::BuildScope;
 use crate::llama::{StepInputs, Transformer};
-use crate::model::{CacheReport, Model};
+use crate::kv_cache::EvictionPolicy;
+use crate::memory::{self, make_room, ManagedCache, MemoryReport};
+use crate::model::{keep_count, CacheReport, Model};
 use crate::sampling::Sampler;
 use crate::CacheType;
 
@@ -53,7 +55,9 @@ pub struct CsmGenerator {
     backend: Backend,
     compute: ComputeBuffer,
     n_batch: usize,
-    backbone_step: Option<(usize, ReusableGraph)>,
+    backbone_step: Option<(usize, bool, ReusableGraph)>,
+    track_attention: bool,
+    evict: Option<EvictionPolicy>,
     decoder_steps: Vec<Option<ReusableGraph>>,
     /// After the last backbone step: its final-normed hidden state and codebook-0 logits.
     last: Option<(Vec<f32>, Vec<f32>)>,
@@ -97,7 +101,15 @@ fn last_column<'c>(ctx: &'c Context, x: Tensor<'c>) -> Result<Tensor<'c>> {
 }
 
 /// The backbone over `n` rows: masked sums of text and audio embeddings → hidden → codebook-0 logits.
-fn build_backbone<'c>(model: &'c CsmModel, cache: &'c KvCache, ctx: &'c Context, graph: &mut Graph<'c>, n: usize, n_kv: usize) -> Result<()> {
+fn build_backbone<'c>(
+    model: &'c CsmModel,
+    cache: &'c KvCache,
+    ctx: &'c Context,
+    graph: &mut Graph<'c>,
+    n: usize,
+    n_kv: usize,
+    track_attention: bool,
+) -> Result<()> {
     let (k, d) = (model.config.n_codebooks as i64, model.config.backbone.n_embd as i64);
     let n = n as i64;
     let w = |id| model.weights.get(id);
@@ -112,7 +124,7 @@ fn build_backbone<'c>(model: &'c CsmModel, cache: &'c KvCache, ctx: &'c Context,
     let audio = ctx.reshape(ctx.sum_rows(audio)?, &[d, n])?;
     let x = ctx.add(text, audio)?.set_name("backbone_in");
     let inputs = step_inputs(ctx, &model.backbone, n, n_kv)?;
-    let mut scope = BuildScope { ctx, graph, weights: &model.weights, cache, inputs };
+    let mut scope = BuildScope::new(ctx, graph, &model.weights, cache, inputs).tracking_attention(track_attention);
     let hidden = model.backbone.build(&mut scope, x)?;
     let last = last_column(ctx, hidden)?.set_name("h_last").set_output();
     let logits = ctx.mul_mat(w(model.codebook0_head), last)?.set_name("c0_logits").set_output();
@@ -135,7 +147,7 @@ fn build_decoder_step<'c>(model: &'c CsmModel, cache: &'c KvCache, ctx: &'c Cont
     };
     let x = ctx.mul_mat(w(model.projection), x)?.set_name("decoder_in");
     let inputs = step_inputs(ctx, &model.decoder, n, n_kv)?;
-    let mut scope = BuildScope { ctx, graph, weights: &model.weights, cache, inputs };
+    let mut scope = BuildScope::new(ctx, graph, &model.weights, cache, inputs);
     let hidden = model.decoder.build(&mut scope, x)?;
     let last = if n > 1 { last_column(ctx, hidden)? } else { hidden };
     let heads = w(model.audio_head);
@@ -201,6 +213,8 @@ impl CsmGenerator {
             compute: ComputeBuffer::new()?,
             n_batch: options.n_batch,
             backbone_step: None,
+            track_attention: false,
+            evict: None,
             decoder_steps: (0..steps).map(|_| None).collect(),
             last: None,
             timings: FrameTimings::default(),
@@ -228,6 +242,11 @@ impl CsmGenerator {
         self.timings
     }
 
+    /// Computes, per backbone cell, the attention mass it receives (for the attention eviction policy).
+    pub fn set_track_attention(&mut self, on: bool) {
+        self.track_attention = on;
+    }
+
     /// Codebook-0 logits after the last backbone step.
     pub fn c0_logits(&self) -> Option<&[f32]> {
         self.last.as_ref().map(|(_, logits)| logits.as_slice())
@@ -236,7 +255,12 @@ impl CsmGenerator {
     /// Runs `rows` through the backbone after what is cached (the prompt, in batches).
     pub fn prefill(&mut self, rows: &[Row]) -> Result<()> {
         let started = Instant::now();
-        for chunk in rows.chunks(self.n_batch) {
+        // With eviction, steps stay within a quarter of the capacity so room can always be made.
+        let step = match self.evict {
+            Some(_) => self.n_batch.min((self.backbone_cache.capacity() / 4).max(1)),
+            None => self.n_batch,
+        };
+        for chunk in rows.chunks(step) {
             self.backbone_rows(chunk)?;
         }
         self.timings.prompt_rows += rows.len();
@@ -263,12 +287,18 @@ impl CsmGenerator {
             return Err(Error::Input("no rows to evaluate".into()));
         }
         self.check_rows(rows)?;
+        if let Some(policy) = self.evict {
+            make_room(&mut self.backbone_cache, rows.len(), policy)?;
+        }
         let start = self.backbone_cache.len();
         let cells = self.backbone_cache.append(rows.len())?;
         let result = self.compute_backbone(rows, cells);
         match result {
-            Ok(state) => {
-                self.last = Some(state);
+            Ok((h, logits, mass)) => {
+                if let Some(mass) = mass {
+                    self.backbone_cache.add_scores(&mass);
+                }
+                self.last = Some((h, logits));
                 Ok(())
             }
             Err(e) => {
@@ -278,33 +308,36 @@ impl CsmGenerator {
         }
     }
 
-    fn compute_backbone(&mut self, rows: &[Row], cells: Range<usize>) -> Result<(Vec<f32>, Vec<f32>)> {
-        let (model, cache) = (&self.model, &self.backbone_cache);
+    /// The backbone over rows already appended: hidden state, codebook-0 logits, attention mass.
+    fn compute_backbone(&mut self, rows: &[Row], cells: Range<usize>) -> Result<(Vec<f32>, Vec<f32>, Option<Vec<f32>>)> {
+        let (model, cache, track) = (&self.model, &self.backbone_cache, self.track_attention);
         let max_nodes = model.backbone.max_nodes() + 32;
         if rows.len() == 1 {
             let n_kv = cache.decode_window();
-            let kept = matches!(&self.backbone_step, Some((window, g)) if *window == n_kv && g.is_current());
+            let kept = matches!(&self.backbone_step, Some((window, tracked, g)) if *window == n_kv && *tracked == track && g.is_current());
             if !kept {
                 self.backbone_step = None;
                 let mut graph = ReusableGraph::new(max_nodes + 16, max_nodes)?;
                 let mut building = graph.context().new_graph(max_nodes)?;
-                build_backbone(model, cache, graph.context(), &mut building, 1, n_kv)?;
+                build_backbone(model, cache, graph.context(), &mut building, 1, n_kv, track)?;
                 graph.finish(building.seal())?;
-                self.backbone_step = Some((n_kv, graph));
+                self.backbone_step = Some((n_kv, track, graph));
             }
-            let (_, graph) = self.backbone_step.as_ref().expect("set above");
+            let (_, _, graph) = self.backbone_step.as_ref().expect("set above");
             self.write_backbone_inputs(|name| graph.tensor(name), rows, cells)?;
             graph.compute(&self.backend)?;
-            return Ok((graph.tensor("h_last")?.read_f32()?, graph.tensor("c0_logits")?.read_f32()?));
+            let mass = if track { Some(graph.tensor("attn_mass")?.read_f32()?) } else { None };
+            return Ok((graph.tensor("h_last")?.read_f32()?, graph.tensor("c0_logits")?.read_f32()?, mass));
         }
         let ctx = self.compute.context(max_nodes + 16, max_nodes)?;
         let mut graph = ctx.new_graph(max_nodes)?;
-        build_backbone(model, cache, &ctx, &mut graph, rows.len(), cache.len())?;
+        build_backbone(model, cache, &ctx, &mut graph, rows.len(), cache.len(), track)?;
         ctx.allocate(&graph)?;
         let find = |name: &str| find_named(&graph, name);
         write_backbone_inputs_with(model, cache, &find, rows, cells)?;
         self.backend.compute(&graph)?;
-        Ok((find("h_last")?.read_f32()?, find("c0_logits")?.read_f32()?))
+        let mass = if track { Some(find("attn_mass")?.read_f32()?) } else { None };
+        Ok((find("h_last")?.read_f32()?, find("c0_logits")?.read_f32()?, mass))
     }
 
     fn write_backbone_inputs<'g>(&self, find: impl Fn(&str) -> ggml::Result<Tensor<'g>>, rows: &[Row], cells: Range<usize>) -> Result<()> {
@@ -428,5 +461,25 @@ impl Model for CsmGenerator {
             CacheReport { cache: "backbone", report: self.backbone_cache.quantize(k_type, v_type)? },
             CacheReport { cache: "decoder", report: self.decoder_cache.quantize(k_type, v_type)? },
         ])
+    }
+
+    fn optimize_memory(&mut self, max_bytes: usize, policy: EvictionPolicy) -> Result<MemoryReport> {
+        self.backbone_step = None;
+        self.decoder_steps.iter_mut().for_each(|g| *g = None);
+        let caches = vec![
+            ManagedCache { name: "backbone", cache: &mut self.backbone_cache, resizable: true },
+            ManagedCache { name: "decoder", cache: &mut self.decoder_cache, resizable: false },
+        ];
+        memory::optimize(caches, max_bytes, policy)
+    }
+
+    fn prune_caches(&mut self, fraction: f64, policy: EvictionPolicy) -> Result<usize> {
+        let keep = keep_count(self.backbone_cache.len(), fraction)?;
+        self.backbone_cache.prune(keep, policy)
+    }
+
+    fn set_eviction(&mut self, policy: Option<EvictionPolicy>) {
+        self.evict = policy;
+        self.track_attention = policy.is_some_and(EvictionPolicy::tracks_attention);
     }
 }

@@ -57,6 +57,35 @@ pub struct BuildScope<'c, 'g> {
     pub weights: &'c TensorStore,
     pub cache: &'c KvCache,
     pub inputs: StepInputs<'c>,
+    /// Also compute the attention mass each cell receives (summed over layers, heads and queries)
+    /// as the output "attn_mass" `[n_kv]`, for the attention eviction policy.
+    pub track_attention: bool,
+    attention_mass: Option<Tensor<'c>>,
+}
+
+impl<'c, 'g> BuildScope<'c, 'g> {
+    pub fn new(ctx: &'c Context, graph: &'g mut Graph<'c>, weights: &'c TensorStore, cache: &'c KvCache, inputs: StepInputs<'c>) -> Self {
+        BuildScope { ctx, graph, weights, cache, inputs, track_attention: false, attention_mass: None }
+    }
+
+    pub fn tracking_attention(mut self, on: bool) -> Self {
+        self.track_attention = on;
+        self
+    }
+
+    /// softmax(K·Q) of one layer, summed per cell, added to the running total.
+    fn add_attention_mass(&mut self, keys: Tensor<'c>, queries: Tensor<'c>, scale: f32) -> Result<()> {
+        let ctx = self.ctx;
+        let scores = ctx.soft_max_ext(ctx.mul_mat(keys, queries)?, Some(self.inputs.mask), scale)?;
+        let [n_kv, n, heads, _] = scores.shape();
+        let per_query = ctx.cont(ctx.transpose(ctx.reshape(scores, &[n_kv, n * heads])?)?)?;
+        let mass = ctx.reshape(ctx.sum_rows(per_query)?, &[n_kv])?;
+        self.attention_mass = Some(match self.attention_mass {
+            Some(total) => ctx.add(total, mass)?,
+            None => mass,
+        });
+        Ok(())
+    }
 }
 
 impl Attention {
@@ -99,6 +128,9 @@ impl Attention {
         let values = ctx.permute(s.cache.v_tensor(ctx, layer, n_kv)?, [0, 2, 1, 3])?;
         let queries = ctx.permute(q, [0, 2, 1, 3])?;
         let scale = 1.0 / (c.head_dim as f32).sqrt();
+        if s.track_attention {
+            s.add_attention_mass(keys, queries, scale)?;
+        }
         let attended = ctx.flash_attn_ext(queries, keys, values, Some(s.inputs.mask), scale)?;
         let merged = ctx.reshape(attended, &[hd * n_head, n])?;
         Ok(ctx.mul_mat(w(self.out), merged)?.set_name(&format!("blk.{layer}.attn_out")))
@@ -166,6 +198,9 @@ impl Transformer {
             x = block.build(s, &self.config, layer, x)?;
         }
         let normed = s.ctx.mul(s.ctx.rms_norm(x, self.config.rms_eps)?, s.weights.get(self.output_norm))?;
+        if let Some(mass) = s.attention_mass.take() {
+            s.graph.expand(mass.set_name("attn_mass").set_output())?;
+        }
         Ok(normed.set_name("output_norm"))
     }
 

@@ -5,6 +5,10 @@
 //! i" and "a node that stores these rows"; every cell keeps the absolute position its token had when
 //! it was stored (RoPE is applied before K is stored).
 
+mod evict;
+
+pub use evict::EvictionPolicy;
+
 use std::ops::Range;
 
 use ggml::{Context, Tensor, TensorId, TensorStore};
@@ -89,6 +93,8 @@ pub struct KvCache {
     /// Absolute position of the token in each live cell; cell i is row i of every layer.
     positions: Vec<i32>,
     next_position: i32,
+    /// Attention mass each cell has received (kept only while the attention policy tracks it).
+    scores: Vec<f32>,
 }
 
 fn single_tensor_store(name: &str, t: CacheType, n_embd_kv: usize, capacity: usize) -> Result<(TensorStore, TensorId)> {
@@ -122,7 +128,7 @@ impl KvCache {
             layers.push(LayerCache { k, v });
         }
         let tensor = tensor.expect("n_layer > 0 was validated");
-        Ok(KvCache { config, layers, tensor, positions: Vec::new(), next_position: 0 })
+        Ok(KvCache { config, layers, tensor, positions: Vec::new(), next_position: 0, scores: Vec::new() })
     }
 
     pub fn config(&self) -> &KvCacheConfig {
@@ -169,6 +175,7 @@ impl KvCache {
     /// Forgets every cell (memory stays allocated); positions restart at 0.
     pub fn clear(&mut self) {
         self.positions.clear();
+        self.scores.clear();
         self.next_position = 0;
     }
 
@@ -186,6 +193,7 @@ impl KvCache {
         }
         let first = self.next_position;
         self.positions.extend((0..n as i32).map(|i| first + i));
+        self.scores.resize(self.positions.len(), 0.0);
         self.next_position = first + n as i32;
         Ok(start..start + n)
     }
@@ -193,6 +201,7 @@ impl KvCache {
     /// Drops cells from `len` on (undoing an `append`); the next position follows the last kept cell.
     pub fn truncate(&mut self, len: usize) {
         self.positions.truncate(len);
+        self.scores.truncate(len);
         self.next_position = self.positions.last().map_or(0, |p| p + 1);
     }
 

@@ -1,0 +1,233 @@
+//! The memory optimizer: strategy thresholds, cache operations against a naive model of the cache,
+//! and a long run under a budget.
+
+mod common;
+
+use ccsm::kv_cache::{EvictionPolicy, KvCache, KvCacheConfig};
+use ccsm::llama::LlamaModel;
+use ccsm::memory::Strategy as Plan;
+use ccsm::sampling::argmax;
+use ccsm::{CacheType, GGMLModel, Logits, Model, ModelOptions};
+use common::{model, SMOLLM2, TINY_LLAMA};
+use ggml::{Backend, ComputeBuffer, DType};
+use proptest::prelude::*;
+
+#[test]
+fn strategy_thresholds_at_and_around_each_boundary() {
+    let cases = [
+        (10.0, Plan::Nothing),
+        (1.0, Plan::Nothing),
+        (0.999_999, Plan::Resize),
+        (0.5, Plan::Resize),
+        (0.499_999, Plan::Q8ThenResize),
+        (0.25, Plan::Q8ThenResize),
+        (0.249_999, Plan::Q4ThenPrune),
+        (0.0, Plan::Q4ThenPrune),
+    ];
+    for (r, want) in cases {
+        assert_eq!(Plan::for_ratio(r), want, "r = {r}");
+    }
+}
+
+fn tiny(n_ctx: usize) -> GGMLModel {
+    let options = ModelOptions { n_ctx, k_type: CacheType::F32, v_type: CacheType::F32, n_threads: 1, n_batch: 64 };
+    GGMLModel::new(LlamaModel::load(model(TINY_LLAMA)).unwrap(), options).unwrap()
+}
+
+#[test]
+fn the_optimizer_takes_the_branch_the_ratio_selects() {
+    let tokens: Vec<u32> = (0..100).map(|i| 10 + i % 200).collect();
+    let full = tiny(256).kv_memory_usage(); // f32, 256 cells
+    let policy = EvictionPolicy::SinkRecent { sinks: 4 };
+    // Bytes per cell from the block math: 2 layers × (K + V) × 64 values × bytes per element.
+    let per_cell = |t: CacheType| (2.0 * 2.0 * 64.0 * match t {
+        CacheType::F32 => 4.0,
+        CacheType::Q8_0 => 34.0 / 32.0,
+        _ => 18.0 / 32.0,
+    }) as usize;
+    // (budget, expected strategy, expected type): q8_0 is 26.6 % of f32, q4_0 14 %.
+    let cases = [
+        (full, Plan::Nothing, CacheType::F32),
+        (full - 1, Plan::Resize, CacheType::F32),
+        (full / 2, Plan::Resize, CacheType::F32),
+        (full / 2 - 1, Plan::Q8ThenResize, CacheType::Q8_0), // fits without resizing
+        (full / 4, Plan::Q8ThenResize, CacheType::Q8_0),     // resized
+        (full / 4 - 1, Plan::Q4ThenPrune, CacheType::Q4_0),  // fits without pruning
+        (full / 10, Plan::Q4ThenPrune, CacheType::Q4_0),     // pruned and resized
+    ];
+    for (budget, strategy, t) in cases {
+        let max_cells = (budget / per_cell(t)).min(256);
+        let mut m = tiny(256);
+        m.eval(&tokens, Logits::Last).unwrap();
+        let report = m.optimize_memory(budget, policy).unwrap();
+        assert_eq!(report.strategy, strategy, "budget {budget} of {full}");
+        assert_eq!(m.cache().k_type(), t);
+        assert_eq!(m.cache().capacity(), max_cells, "{budget}: {} cells", m.cache().capacity());
+        assert!(m.kv_memory_usage() <= budget, "{budget}: {} bytes after", m.kv_memory_usage());
+        assert_eq!(report.bytes_after(), m.kv_memory_usage());
+        // Generation goes on at the next position.
+        let next_position = m.cache().next_position();
+        m.set_eviction(Some(policy));
+        m.eval(&[42], Logits::Last).unwrap();
+        assert_eq!(*m.cache().positions().last().unwrap(), next_position);
+    }
+    // Extremes: no budget at all is refused before anything changes; a huge one changes nothing.
+    let mut m = tiny(256);
+    assert!(m.optimize_memory(100, policy).is_err());
+    assert_eq!(m.cache().k_type(), CacheType::F32);
+    assert_eq!(m.optimize_memory(usize::MAX / 2, policy).unwrap().strategy, Plan::Nothing);
+}
+
+/// A cache operation for the property test.
+#[derive(Clone, Debug)]
+enum Op {
+    Append(usize),
+    Prune(usize, bool),
+    Resize(usize, bool),
+    Quantize(usize),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (1usize..20).prop_map(Op::Append),
+        (0usize..40, any::<bool>()).prop_map(|(k, a)| Op::Prune(k, a)),
+        (16usize..80, any::<bool>()).prop_map(|(c, a)| Op::Resize(c, a)),
+        (0usize..5).prop_map(Op::Quantize),
+    ]
+}
+
+/// Writes rows whose every element is the cell's position (through the cache's own store nodes).
+fn store_rows(cache: &KvCache, cells: std::ops::Range<usize>) {
+    let width = cache.config().n_embd_kv();
+    let mut compute = ComputeBuffer::new().unwrap();
+    let ctx = compute.context(16, 16).unwrap();
+    let n = cells.len() as i64;
+    let rows = ctx.new_tensor(DType::F32, &[width as i64, n]).unwrap().set_input();
+    let idx = ctx.new_tensor(DType::I64, &[n]).unwrap().set_input();
+    let mut graph = ctx.new_graph(16).unwrap();
+    graph.expand(cache.store_k(&ctx, 0, rows, idx).unwrap()).unwrap();
+    graph.expand(cache.store_v(&ctx, 0, rows, idx).unwrap()).unwrap();
+    ctx.allocate(&graph).unwrap();
+    let values: Vec<f32> = cells.clone().flat_map(|c| std::iter::repeat_n(cache.positions()[c] as f32, width)).collect();
+    rows.write_f32(&values).unwrap();
+    idx.write_i64(&KvCache::cell_indices(cells)).unwrap();
+    Backend::cpu(1).unwrap().compute(&graph).unwrap();
+}
+
+/// Every live K and V row still holds its cell's position (within the type's rounding).
+fn rows_hold_positions(cache: &KvCache) -> bool {
+    if cache.is_empty() {
+        return true;
+    }
+    let mut compute = ComputeBuffer::new().unwrap();
+    let ctx = compute.context(8, 8).unwrap();
+    let (k, v) = (cache.k_tensor(&ctx, 0, cache.len()).unwrap(), cache.v_tensor(&ctx, 0, cache.len()).unwrap());
+    let width = cache.config().n_embd_kv();
+    [k, v].iter().zip([cache.k_type(), cache.v_type()]).all(|(t, ty)| {
+        let values = ty.dtype().dequantize(&t.read_bytes().unwrap(), cache.len() * width).unwrap();
+        values.chunks(width).zip(cache.positions()).all(|(row, &p)| row.iter().all(|&x| (x - p as f32).abs() <= 0.02 * (p as f32).max(1.0)))
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Appends, prunes, resizes and conversions against a naive list of (cell → position).
+    #[test]
+    fn cache_operations_match_a_naive_model(ops in proptest::collection::vec(op(), 1..12)) {
+        let mut cache = KvCache::new(KvCacheConfig { n_layer: 1, head_dim: 32, n_head_kv: 1, capacity: 40, k_type: CacheType::F32, v_type: CacheType::F32 }).unwrap();
+        let mut naive: Vec<i32> = Vec::new();
+        let mut next = 0i32;
+        for op in ops {
+            let policy = |attention| if attention { EvictionPolicy::Attention { sinks: 2 } } else { EvictionPolicy::SinkRecent { sinks: 2 } };
+            match op {
+                Op::Append(n) => {
+                    if cache.len() + n <= cache.capacity() {
+                        let cells = cache.append(n).unwrap();
+                        store_rows(&cache, cells);
+                        naive.extend(next..next + n as i32);
+                        next += n as i32;
+                    } else {
+                        prop_assert!(cache.append(n).is_err());
+                    }
+                }
+                Op::Prune(keep, attention) => {
+                    cache.prune(keep, policy(attention)).unwrap();
+                    if keep < naive.len() {
+                        // No scores were recorded, and ties favour the most recent: both policies agree.
+                        let sinks = 2.min(keep);
+                        let recent = keep - sinks;
+                        let kept: Vec<i32> = naive[..sinks].iter().chain(&naive[naive.len() - recent..]).copied().collect();
+                        naive = kept;
+                    }
+                }
+                Op::Resize(capacity, attention) => {
+                    cache.resize(capacity, policy(attention)).unwrap();
+                    if capacity < naive.len() {
+                        let sinks = 2.min(capacity);
+                        let kept: Vec<i32> = naive[..sinks].iter().chain(&naive[naive.len() - (capacity - sinks)..]).copied().collect();
+                        naive = kept;
+                    }
+                }
+                Op::Quantize(t) => {
+                    let t = CacheType::ALL[t];
+                    cache.quantize(t, t).unwrap();
+                }
+            }
+            prop_assert_eq!(cache.positions(), naive.as_slice());
+            prop_assert!(cache.len() <= cache.capacity());
+            prop_assert_eq!(cache.next_position(), next);
+            let want = cache.config().bytes().unwrap();
+            prop_assert_eq!(cache.memory_usage(), want);
+            prop_assert!(rows_hold_positions(&cache), "rows moved away from their positions");
+        }
+    }
+
+    /// Model-level actions under a budget: after each, the caches fit and generation still runs.
+    #[test]
+    fn generation_runs_after_every_action(actions in proptest::collection::vec((0usize..4, 1usize..60), 1..6)) {
+        let mut m = tiny(128);
+        let policy = EvictionPolicy::SinkRecent { sinks: 4 };
+        m.set_eviction(Some(policy));
+        let mut budget = usize::MAX;
+        for (kind, amount) in actions {
+            match kind {
+                0 => { m.eval(&(0..amount as u32).map(|i| 5 + i).collect::<Vec<_>>(), Logits::Last).unwrap(); }
+                1 => { m.prune_caches(amount as f64 / 60.0, policy).unwrap(); }
+                2 => {
+                    budget = budget.min(m.kv_memory_usage() * amount / 60 + 1);
+                    if m.optimize_memory(budget, policy).is_err() {
+                        budget = usize::MAX; // below the minimal cache: refused, nothing changed
+                    }
+                }
+                // Narrowing only: a requested widening may exceed a budget by design.
+                _ => { m.quantize_kv_cache(CacheType::Q4_0, CacheType::Q4_0).unwrap(); }
+            }
+            prop_assert!(m.cache().len() <= m.cache().capacity());
+            prop_assert!(m.kv_memory_usage() <= budget);
+            let logits = m.eval(&[7], Logits::Last).unwrap();
+            prop_assert!(logits.iter().all(|l| l.is_finite()));
+        }
+    }
+}
+
+/// A long greedy run on SmolLM2 under a budget far below its cache: bytes checked at every step.
+#[test]
+fn a_long_run_never_exceeds_its_budget() {
+    let options = ModelOptions { n_ctx: 2048, k_type: CacheType::F32, v_type: CacheType::F32, n_threads: 2, n_batch: 256 };
+    let mut m = GGMLModel::new(LlamaModel::load(model(SMOLLM2)).unwrap(), options).unwrap();
+    let budget = 2 << 20; // 2 MiB, 2 % of the 90 MiB f32 cache
+    let policy = EvictionPolicy::SinkRecent { sinks: 4 };
+    let report = m.optimize_memory(budget, policy).unwrap();
+    m.set_eviction(Some(policy));
+    assert!(m.kv_memory_usage() <= budget, "{report:?}");
+    let prompt = m.model().tokenizer().encode("The Jargon File is a glossary of hacker slang.").unwrap();
+    let mut next = argmax(&m.eval(&prompt, Logits::Last).unwrap()) as u32;
+    let capacity = m.cache().capacity();
+    for step in 0..400 {
+        next = argmax(&m.eval(&[next], Logits::Last).unwrap()) as u32;
+        assert!(m.kv_memory_usage() <= budget, "step {step}: {} bytes", m.kv_memory_usage());
+    }
+    assert!(m.cache().next_position() as usize > capacity, "the run went past the cache's capacity");
+    assert_eq!(m.cache().next_position() as usize, prompt.len() + 400);
+}
