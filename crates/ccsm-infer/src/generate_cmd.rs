@@ -78,7 +78,7 @@ fn run_text(args: &GenerateArgs, log: &LogArgs, path: PathBuf) -> Result<()> {
     let mut ids = Vec::new();
     let generation = generate(&mut model, &prompt_tokens, n_predict, &mut sampler, live, |token, tokenizer| {
         if args.json {
-            return true;
+            return !crate::interrupt::requested();
         }
         ids.push(token);
         let Ok(text) = tokenizer.decode(&ids) else { return true };
@@ -87,7 +87,7 @@ fn run_text(args: &GenerateArgs, log: &LogArgs, path: PathBuf) -> Result<()> {
             output::print(new);
             shown = text.clone();
         }
-        true
+        !crate::interrupt::requested()
     });
     let generation = generation?;
     let text = model.model().tokenizer().decode(&generation.tokens)?;

@@ -5,6 +5,7 @@ mod bench_cmd;
 mod cli;
 mod generate_cmd;
 mod info_cmd;
+mod interrupt;
 mod output;
 mod perplexity_cmd;
 mod progress;
@@ -49,6 +50,7 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&cli.log);
+    interrupt::install();
     let result = match cli.command {
         Some(Command::System) => {
             output::println(&format!("ccsm {}", ccsm::VERSION));
@@ -62,6 +64,7 @@ fn main() -> ExitCode {
         None => generate_cmd::run(&cli.generate, &cli.log),
     };
     match result {
+        Ok(()) if interrupt::requested() => ExitCode::from(interrupt::EXIT_CODE),
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -50,7 +50,7 @@ pub struct SpeechResult {
     pub text: String,
     pub speaker: u32,
     pub seed: u64,
-    /// `end_of_speech` (the model produced an all-zero frame) or `limit`.
+    /// `end_of_speech` (the model produced an all-zero frame), `limit`, or `interrupted` (Ctrl-C).
     pub stop: &'static str,
     pub n_frames: usize,
     pub audio_seconds: f64,
@@ -161,6 +161,10 @@ fn speak(args: &GenerateArgs, log: &LogArgs, generator: &mut CsmGenerator, model
     let mut stop = "limit";
     let mut conversion = None;
     while frames.len() < max_frames {
+        if crate::interrupt::requested() {
+            stop = "interrupted";
+            break;
+        }
         if args.quantize_after.is_some_and(|n| n as usize == frames.len()) && conversion.is_none() {
             let reports = generator.quantize_kv_cache(args.cache.k_type(CacheType::F16), args.cache.v_type(CacheType::F16))?;
             if !log.quiet {
@@ -212,6 +216,9 @@ fn run_batch(args: &GenerateArgs, log: &LogArgs, generator: &mut CsmGenerator, m
     let mut lines_out = Vec::new();
     let mut failures = 0;
     for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        if crate::interrupt::requested() {
+            break;
+        }
         let number = i + 1;
         let line = line.with_context(|| format!("{}: reading line {number}", batch.display()))?;
         if line.trim().is_empty() {
