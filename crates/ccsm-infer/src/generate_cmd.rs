@@ -22,6 +22,10 @@ pub fn model_path(args: &GenerateArgs) -> Result<PathBuf> {
     })
 }
 
+fn n_predict_of(args: &GenerateArgs) -> usize {
+    args.n_predict.unwrap_or(64) as usize
+}
+
 pub fn prompt_text(args: &GenerateArgs) -> Result<String> {
     match (&args.prompt, &args.prompt_file) {
         (Some(p), _) => Ok(p.clone()),
@@ -48,6 +52,9 @@ fn run_text(args: &GenerateArgs, log: &LogArgs, path: PathBuf) -> Result<()> {
     let prompt = prompt_text(args)?;
     let model = LlamaModel::load(&path).with_context(|| format!("loading {}", path.display()))?;
     let n_ctx = match args.ctx_size {
+        Some(c) if c as usize > model.config().n_ctx_train => {
+            return Err(UsageError(format!("-c {c} is beyond the model's context of {}", model.config().n_ctx_train)).into())
+        }
         Some(c) => c as usize,
         None => model.config().n_ctx_train.min(DEFAULT_CTX_CAP),
     };
@@ -64,13 +71,25 @@ fn run_text(args: &GenerateArgs, log: &LogArgs, path: PathBuf) -> Result<()> {
     let mut model = GGMLModel::new(model, options).context("setting up the model")?;
     let memory = args.memory.apply(&mut model, log.quiet)?;
     let prompt_tokens = model.model().tokenizer().encode(&prompt)?;
+    if prompt_tokens.is_empty() {
+        return Err(UsageError("the prompt is empty".into()).into());
+    }
+    if !model.evicts() && prompt_tokens.len() + n_predict_of(args) - 1 > model.cache().capacity() {
+        return Err(UsageError(format!(
+            "the prompt ({} tokens) plus -n {} does not fit the context of {} cells: raise -c/--ctx-size, lower -n, or set --max-memory-mb",
+            prompt_tokens.len(),
+            n_predict_of(args),
+            model.cache().capacity()
+        ))
+        .into());
+    }
     let mut sampler = Sampler::new(SamplerConfig {
         temperature: args.temp.unwrap_or(0.8),
         top_k: args.top_k.unwrap_or(40),
         top_p: args.top_p.unwrap_or(0.95),
         seed: args.seed,
     })?;
-    let n_predict = args.n_predict.unwrap_or(64) as usize;
+    let n_predict = n_predict_of(args);
 
     // Stream text as it forms: decode the whole continuation each time and print what is new, so
     // multi-byte characters split across tokens come out whole.

@@ -76,6 +76,9 @@ pub fn log_conversion(reports: &[CacheReport], after: usize, unit: &str) {
 pub fn run(args: &GenerateArgs, log: &LogArgs, path: &Path, file: &GgufFile) -> Result<()> {
     let model = CsmModel::from_file(file, path).with_context(|| format!("loading {}", path.display()))?;
     let n_ctx = args.ctx_size.map_or(model.config().backbone.n_ctx_train, |c| c as usize);
+    if n_ctx > model.config().backbone.n_ctx_train {
+        return Err(UsageError(format!("-c {n_ctx} is beyond the model's context of {}", model.config().backbone.n_ctx_train)).into());
+    }
     // With --quantize-after the caches start in f32 and are converted to the requested types live.
     let start_type = |t| if args.quantize_after.is_some() { CacheType::F32 } else { t };
     let options = CsmOptions {

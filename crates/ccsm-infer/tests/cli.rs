@@ -77,8 +77,9 @@ fn runtime_failures_exit_1_with_one_clear_line() {
     let not_gguf = dir.path().join("text.gguf");
     std::fs::write(&not_gguf, "hello").unwrap();
     infer().args([not_gguf.to_str().unwrap(), "-p", "x"]).assert().code(1).stderr(predicate::str::contains("GGUF"));
-    // Prompt + n-predict beyond the context.
-    infer().args([&tiny(), "-p", "Hello there", "-n", "50", "-c", "8"]).assert().code(1).stderr(predicate::str::contains("ctx-size"));
+    // Prompt + n-predict beyond the context, or a context beyond the model's: usage errors.
+    infer().args([&tiny(), "-p", "Hello there", "-n", "50", "-c", "8"]).assert().code(2).stderr(predicate::str::contains("ctx-size"));
+    infer().args([&tiny(), "-p", "Hello", "-c", "100000"]).assert().code(2).stderr(predicate::str::contains("context"));
 }
 
 #[test]

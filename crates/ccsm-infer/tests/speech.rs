@@ -76,5 +76,5 @@ fn batch_runs_every_good_line_and_reports_bad_ones_by_number() {
 #[test]
 fn a_prompt_that_cannot_fit_is_refused_before_any_work() {
     infer().args([&tiny_csm(), "-p", "Hello", "-n", "300"]).assert().code(2).stderr(predicate::str::contains("-c"));
-    infer().args([&tiny_csm(), "-p", "Hello", "-c", "5000"]).assert().code(1).stderr(predicate::str::contains("context"));
+    infer().args([&tiny_csm(), "-p", "Hello", "-c", "5000"]).assert().code(2).stderr(predicate::str::contains("context"));
 }
