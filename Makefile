@@ -7,7 +7,7 @@ SAMPLES := models/tiny-llama.gguf models/tiny-llama3.gguf models/tiny-csm.gguf
 SMOLLM2 := models/SmolLM2-135M-Instruct.Q4_1.gguf
 JARGON := data/jargon.txt
 
-.PHONY: setup deps pydeps ggml-source build test run bench plots models data csm-1b-shape clean
+.PHONY: setup deps pydeps ggml-source build test run bench bench-memory plots models data csm-1b-shape clean
 
 ## setup: system packages (libclang for bindgen), Python tools, the pinned ggml source
 setup: deps pydeps ggml-source
@@ -63,6 +63,11 @@ run: build models
 ## bench: the standard measurements on SmolLM2 (speed, perplexity, KL per cache type) -> docs/benchmarks.md
 bench: build models data
 	./tools/bench.sh
+
+## bench-memory: the memory optimizer under budgets on SmolLM2 (docs/data/memory.jsonl; in docs/benchmarks.md)
+bench-memory: build models data
+	./tools/memory_bench.sh
+	python3 tools/bench_report.py docs/data > docs/benchmarks.md
 
 ## plots: PNG figures of KV bytes vs context and KLD vs bits per element (after make bench)
 plots: setup models

@@ -52,6 +52,25 @@ def main():
             f"{peer[0] if peer else '—'} | {peer[1] if peer else '—'} |"
         )
     print("\nllama.cpp's KLD is measured against an f16 cache, ours against an f32 cache.")
+    memory_section(data)
+
+
+def memory_section(data):
+    """The optimizer under budgets (tools/memory_bench.sh), when its results are there."""
+    path = data / "memory.jsonl"
+    if not path.exists():
+        return
+    base = json.loads((data / "memory-base.json").read_text())
+    runs = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    print(f"\n## Memory optimizer (ctx 2048, {base['chunks']} chunks of the Jargon File)\n")
+    print("Budgets are about 50 %, 25 % and 10 % of the f32 cache (90 MiB at 2048 cells); the unconstrained f32 run has")
+    print(f"PPL {base['ppl']['mean']:.4f}. A full cache evicts down to three quarters of its capacity.\n")
+    print("| budget MiB | policy | strategy | actions | PPL | mean KLD | same top % |")
+    print("| ---: | --- | --- | --- | ---: | ---: | ---: |")
+    for r in runs:
+        m = r["memory_optimizer"]
+        print(f"| {r['budget_mb']} | {r['policy']} | {m['strategy']} | {'; '.join(m['actions'])} | {r['ppl']['mean']:.4f} | "
+              f"{r['kl']['kld']['mean']:.5f} | {r['kl']['same_top_percent']['mean']:.2f} |")
 
 
 if __name__ == "__main__":
