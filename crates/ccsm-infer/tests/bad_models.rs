@@ -1,0 +1,89 @@
+//! Model files that parse as GGUF but are wrong for their architecture: one clear line, exit 1.
+
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+use ggml::gguf::{GgufFile, GgufWriter, Value};
+use ggml::DType;
+
+fn tiny() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama.gguf")
+}
+
+/// A copy of tiny-llama with metadata and tensors changed by `edit`.
+fn altered(dir: &Path, name: &str, edit: impl Fn(&mut Vec<(String, Value)>, &mut Vec<(String, DType, Vec<i64>, Vec<u8>)>)) -> PathBuf {
+    let file = GgufFile::open(tiny()).unwrap();
+    let mut metadata: Vec<(String, Value)> = file.metadata().to_vec();
+    let mut tensors: Vec<(String, DType, Vec<i64>, Vec<u8>)> = file
+        .tensors()
+        .iter()
+        .map(|t| {
+            let mut data = vec![0u8; t.size as usize];
+            file.read_tensor_data(t, &mut data).unwrap();
+            (t.name.clone(), t.dtype, t.shape.clone(), data)
+        })
+        .collect();
+    edit(&mut metadata, &mut tensors);
+    let mut w = GgufWriter::new();
+    for (k, v) in metadata {
+        w.set(&k, v);
+    }
+    for (n, t, s, d) in tensors {
+        w.add_tensor(&n, t, &s, d).unwrap();
+    }
+    let path = dir.join(name);
+    w.write(&path).unwrap();
+    path
+}
+
+fn fails_with(path: &Path, expected: &str) {
+    let out = Command::cargo_bin("ccsm-infer").unwrap().arg(path).args(["-p", "hi", "-n", "2"]).assert().code(1);
+    let stderr = String::from_utf8(out.get_output().stderr.clone()).unwrap();
+    assert!(stderr.contains(expected), "expected `{expected}` in: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+}
+
+#[test]
+fn architecture_level_errors_name_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let missing_key = altered(d, "missing-key.gguf", |m, _| m.retain(|(k, _)| k != "llama.block_count"));
+    fails_with(&missing_key, "llama.block_count");
+    let wrong_type = altered(d, "wrong-type.gguf", |m, _| {
+        m.iter_mut().filter(|(k, _)| k == "llama.embedding_length").for_each(|(_, v)| *v = Value::String("128".into()))
+    });
+    fails_with(&wrong_type, "llama.embedding_length");
+    let missing_tensor = altered(d, "missing-tensor.gguf", |_, t| t.retain(|(n, ..)| n != "blk.1.ffn_up.weight"));
+    fails_with(&missing_tensor, "blk.1.ffn_up.weight");
+    let wrong_shape = altered(d, "wrong-shape.gguf", |_, t| {
+        for (n, _, s, _) in t.iter_mut().filter(|(n, ..)| n == "blk.0.attn_q.weight") {
+            let _ = n;
+            s.swap(0, 1);
+            s[0] /= 2;
+            s[1] *= 2;
+        }
+    });
+    fails_with(&wrong_shape, "blk.0.attn_q.weight");
+    let int_weights = altered(d, "int-weights.gguf", |_, t| {
+        t.iter_mut().filter(|(n, ..)| n == "blk.0.ffn_gate.weight").for_each(|(_, ty, _, _)| *ty = DType::I32)
+    });
+    fails_with(&int_weights, "blk.0.ffn_gate.weight");
+    let short_vocab = altered(d, "short-vocab.gguf", |m, _| {
+        for (k, v) in m.iter_mut() {
+            if k == "tokenizer.ggml.tokens" || k == "tokenizer.ggml.token_type" {
+                if let Value::Array { items, .. } = v {
+                    items.truncate(items.len() - 3);
+                }
+            }
+        }
+    });
+    fails_with(&short_vocab, "vocabulary");
+    let unknown_pre = altered(d, "unknown-pre.gguf", |m, _| {
+        m.iter_mut().filter(|(k, _)| k == "tokenizer.ggml.pre").for_each(|(_, v)| *v = Value::String("qwen9".into()))
+    });
+    fails_with(&unknown_pre, "qwen9");
+    let other_arch = altered(d, "other-arch.gguf", |m, _| {
+        m.iter_mut().filter(|(k, _)| k == "general.architecture").for_each(|(_, v)| *v = Value::String("mamba".into()))
+    });
+    fails_with(&other_arch, "mamba");
+}
