@@ -1,21 +1,13 @@
 //! KvCache bookkeeping: bytes against the block math, cells and positions, masks, refused layouts.
 
+mod common;
+
 use ccsm::kv_cache::{KvCache, KvCacheConfig, DECODE_WINDOW};
+use common::bytes_per_element;
 use ccsm::{CacheType, Error};
 
 fn config(k: CacheType, v: CacheType, head_dim: usize, capacity: usize) -> KvCacheConfig {
     KvCacheConfig { n_layer: 3, head_dim, n_head_kv: 2, capacity, k_type: k, v_type: v }
-}
-
-/// Bytes per element from ggml's documented block layouts, independent of ggml.
-fn bytes_per_element(t: CacheType) -> f64 {
-    match t {
-        CacheType::F32 => 4.0,
-        CacheType::F16 => 2.0,
-        CacheType::Q8_0 => 34.0 / 32.0,
-        CacheType::Q4_1 => 20.0 / 32.0,
-        CacheType::Q4_0 => 18.0 / 32.0,
-    }
 }
 
 #[test]

@@ -7,19 +7,8 @@ use ccsm::kv_cache::{KvCache, KvCacheConfig};
 use ccsm::llama::LlamaModel;
 use ccsm::sampling::{argmax, Sampler, SamplerConfig};
 use ccsm::{CacheType, GGMLModel, Logits, Model, ModelOptions};
-use common::{model, SMOLLM2, TINY_LLAMA};
+use common::{bytes_per_element, model, SMOLLM2, TINY_LLAMA};
 use ggml::{Backend, ComputeBuffer, DType};
-
-/// ggml's block layouts: bytes per element of each cache type.
-fn bytes_per_element(t: CacheType) -> f64 {
-    match t {
-        CacheType::F32 => 4.0,
-        CacheType::F16 => 2.0,
-        CacheType::Q8_0 => 34.0 / 32.0,
-        CacheType::Q4_1 => 20.0 / 32.0,
-        CacheType::Q4_0 => 18.0 / 32.0,
-    }
-}
 
 #[test]
 fn both_csm_caches_and_a_llama_cache_allocate_the_block_math() {

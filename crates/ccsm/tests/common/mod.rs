@@ -76,3 +76,15 @@ pub fn compare(engine: &[f32], reference: &[f64], vocab: usize) -> Agreement {
     }
     Agreement { worst_relative_error: worst, top1_matches: matches, rows: engine.len() / vocab }
 }
+
+/// Bytes per element of each cache type from ggml's documented block layouts (independent of ggml).
+pub fn bytes_per_element(t: ccsm::CacheType) -> f64 {
+    use ccsm::CacheType;
+    match t {
+        CacheType::F32 => 4.0,
+        CacheType::F16 => 2.0,
+        CacheType::Q8_0 => 34.0 / 32.0,
+        CacheType::Q4_1 => 20.0 / 32.0,
+        CacheType::Q4_0 => 18.0 / 32.0,
+    }
+}
