@@ -63,6 +63,40 @@ impl BenchRow {
     }
 }
 
+/// What every row of one model, cache type and depth shares.
+struct RowSource<'a> {
+    args: &'a BenchArgs,
+    model: &'a str,
+    size_bytes: u64,
+    params: u64,
+    cache: CacheType,
+    depth: u32,
+}
+
+impl RowSource<'_> {
+    fn row(&self, test: &'static str, samples: Vec<f64>, kv_bytes: usize, frame_detail: Option<FrameDetail>) -> BenchRow {
+        let (avg_ts, stddev_ts) = mean_stddev(&samples);
+        BenchRow {
+            model: self.model.to_owned(),
+            size_bytes: self.size_bytes,
+            params: self.params,
+            threads: self.args.threads,
+            k_type: self.cache,
+            v_type: self.cache,
+            test,
+            n_prompt: if test == "pp" { self.args.n_prompt } else { 0 },
+            n_gen: if test == "pp" { 0 } else { self.args.n_gen },
+            depth: self.depth,
+            avg_ts,
+            stddev_ts,
+            samples_ts: samples,
+            kv_bytes,
+            peak_rss_bytes: peak_rss(),
+            frame_detail,
+        }
+    }
+}
+
 /// Deterministic token ids spread over the vocabulary (what they are does not change the speed).
 fn filler_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
     let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -144,25 +178,8 @@ fn bench_llama(args: &BenchArgs, log: &LogArgs) -> Result<Vec<BenchRow>> {
                     };
                     samples.push(1.0 / seconds);
                 }
-                let (avg_ts, stddev_ts) = mean_stddev(&samples);
-                rows.push(BenchRow {
-                    model: name.clone(),
-                    size_bytes: model.model().weight_bytes(),
-                    params: model.model().params(),
-                    threads: args.threads,
-                    k_type: cache,
-                    v_type: cache,
-                    test,
-                    n_prompt: if test == "pp" { args.n_prompt } else { 0 },
-                    n_gen: if test == "tg" { args.n_gen } else { 0 },
-                    depth,
-                    avg_ts,
-                    stddev_ts,
-                    samples_ts: samples,
-                    kv_bytes: ccsm::Model::kv_memory_usage(&model),
-                    peak_rss_bytes: peak_rss(),
-                    frame_detail: None,
-                });
+                let source = RowSource { args, model: &name, size_bytes: model.model().weight_bytes(), params: model.model().params(), cache, depth };
+                rows.push(source.row(test, samples, model.kv_memory_usage(), None));
                 bar.inc(1);
             }
             weights = Some(model.into_model());
@@ -218,25 +235,9 @@ fn bench_csm(args: &BenchArgs, log: &LogArgs, file: &ggml::gguf::GgufFile) -> Re
                         sampling_share: (t.sampling_seconds - before.sampling_seconds) / seconds,
                     };
                 }
-                let (avg_ts, stddev_ts) = mean_stddev(&samples);
-                rows.push(BenchRow {
-                    model: name.clone(),
-                    size_bytes: generator.model().weight_bytes(),
-                    params: generator.model().params(),
-                    threads: args.threads,
-                    k_type: cache,
-                    v_type: cache,
-                    test,
-                    n_prompt: if test == "pp" { args.n_prompt } else { 0 },
-                    n_gen: if test == "frame" { args.n_gen } else { 0 },
-                    depth,
-                    avg_ts,
-                    stddev_ts,
-                    samples_ts: samples,
-                    kv_bytes: ccsm::Model::kv_memory_usage(&generator),
-                    peak_rss_bytes: peak_rss(),
-                    frame_detail: (test == "frame").then_some(detail),
-                });
+                let source =
+                    RowSource { args, model: &name, size_bytes: generator.model().weight_bytes(), params: generator.model().params(), cache, depth };
+                rows.push(source.row(test, samples, generator.kv_memory_usage(), (test == "frame").then_some(detail)));
                 bar.inc(1);
             }
             weights = Some(generator.into_model());
