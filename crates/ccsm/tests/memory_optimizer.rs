@@ -231,3 +231,20 @@ fn a_long_run_never_exceeds_its_budget() {
     assert!(m.cache().next_position() as usize > capacity, "the run went past the cache's capacity");
     assert_eq!(m.cache().next_position() as usize, prompt.len() + 400);
 }
+
+/// The attention policy keeps the sinks and the cells with the most recorded attention, in order.
+#[test]
+fn attention_policy_keeps_the_most_attended_cells() {
+    let mut cache = KvCache::new(KvCacheConfig { n_layer: 1, head_dim: 32, n_head_kv: 1, capacity: 16, k_type: CacheType::F32, v_type: CacheType::F32 }).unwrap();
+    cache.append(10).unwrap();
+    cache.add_scores(&[9.0, 0.1, 5.0, 0.2, 7.0, 0.3, 0.4, 6.0, 0.5, 0.6]);
+    let policy = EvictionPolicy::Attention { sinks: 1 };
+    // Sink: cell 0; then the three largest of cells 1.. : 4 (7.0), 7 (6.0), 2 (5.0).
+    assert_eq!(cache.cells_to_keep(4, policy), vec![0, 2, 4, 7]);
+    cache.prune(4, policy).unwrap();
+    assert_eq!(cache.positions(), &[0, 2, 4, 7]);
+    assert_eq!(cache.scores(), &[9.0, 5.0, 7.0, 6.0]);
+    assert_eq!(cache.next_position(), 10, "new tokens continue after the evicted ones");
+    // Sink-recent on the same cache ignores the scores.
+    assert_eq!(cache.cells_to_keep(2, EvictionPolicy::SinkRecent { sinks: 1 }), vec![0, 3]);
+}
