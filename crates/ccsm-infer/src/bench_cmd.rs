@@ -219,7 +219,7 @@ fn bench_csm(args: &BenchArgs, log: &LogArgs, file: &ggml::gguf::GgufFile) -> Re
                         samples.push(args.n_prompt as f64 / start.elapsed().as_secs_f64());
                         continue;
                     }
-                    let mut sampler = Sampler::new(SamplerConfig { temperature: 0.9, top_k: 50, top_p: 1.0, seed: rep as u64 })?;
+                    let mut sampler = Sampler::new(SamplerConfig { temperature: 0.9, top_k: Some(50), top_p: 1.0, seed: rep as u64 })?;
                     let before = generator.timings();
                     let start = Instant::now();
                     for _ in 0..args.n_gen {

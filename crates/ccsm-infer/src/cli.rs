@@ -259,10 +259,10 @@ pub struct GenerateArgs {
     #[arg(long, value_parser = non_negative_f32)]
     pub temp: Option<f32>,
 
-    /// Keep only the K most likely tokens (ties with the K-th are kept); 0 keeps all [default: 40 for
-    /// text, 50 for CSM].
-    #[arg(long)]
-    pub top_k: Option<usize>,
+    /// Keep only the K most likely tokens (ties with the K-th are kept), K >= 1, or `all` for no limit
+    /// [default: 40 for text, 50 for CSM].
+    #[arg(long, value_name = "K|all", value_parser = top_k_value)]
+    pub top_k: Option<TopK>,
 
     /// Keep the smallest set of tokens whose probability reaches P [default: 0.95 for text, 1 for CSM].
     #[arg(long, value_parser = unit_interval)]
@@ -311,6 +311,34 @@ fn non_negative_f32(s: &str) -> Result<f32, String> {
         Ok(v)
     } else {
         Err(format!("{v} must be a finite number >= 0"))
+    }
+}
+
+/// A `--top-k` value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopK {
+    All,
+    Count(usize),
+}
+
+impl TopK {
+    /// The sampler's limit: `None` keeps every token.
+    pub fn limit(self) -> Option<usize> {
+        match self {
+            TopK::All => None,
+            TopK::Count(k) => Some(k),
+        }
+    }
+}
+
+fn top_k_value(s: &str) -> Result<TopK, String> {
+    if s == "all" {
+        return Ok(TopK::All);
+    }
+    match s.parse::<usize>() {
+        Ok(0) => Err("0 would keep no token: give a count of at least 1, or `all` for no limit".into()),
+        Ok(k) => Ok(TopK::Count(k)),
+        Err(e) => Err(format!("{e}: expected a count of at least 1, or `all`")),
     }
 }
 

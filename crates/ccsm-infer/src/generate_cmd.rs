@@ -8,9 +8,9 @@ use serde_json::json;
 use ccsm::generate::{generate, LiveQuantize};
 use ccsm::llama::LlamaModel;
 use ccsm::sampling::{Sampler, SamplerConfig};
-use ccsm::{CacheType, GGMLModel, Model, ModelOptions};
+use ccsm::{AnyModel, CacheType, GGMLModel, Model, ModelOptions};
 
-use crate::cli::{GenerateArgs, LogArgs};
+use crate::cli::{GenerateArgs, LogArgs, TopK};
 use crate::{output, UsageError};
 
 /// Default context when the model's own is larger (keeps the cache modest).
@@ -37,20 +37,17 @@ pub fn prompt_text(args: &GenerateArgs) -> Result<String> {
 /// Generation with whatever model the file holds: text for `llama`, audio frames for `csm`.
 pub fn run(args: &GenerateArgs, log: &LogArgs) -> Result<()> {
     let path = model_path(args)?;
-    let file = ggml::gguf::GgufFile::open(&path).with_context(|| format!("loading {}", path.display()))?;
-    let arch: String = file.get("general.architecture").with_context(|| format!("loading {}", path.display()))?;
-    match arch.as_str() {
-        "csm" => crate::speech_cmd::run(args, log, &path, &file),
-        _ => run_text(args, log, path),
+    match ccsm::load_model(&path).with_context(|| format!("loading {}", path.display()))? {
+        AnyModel::Csm(model) => crate::speech_cmd::run(args, log, &path, model),
+        AnyModel::Llama(model) => run_text(args, log, path, model),
     }
 }
 
-fn run_text(args: &GenerateArgs, log: &LogArgs, path: PathBuf) -> Result<()> {
+fn run_text(args: &GenerateArgs, log: &LogArgs, path: PathBuf, model: LlamaModel) -> Result<()> {
     if args.batch.is_some() || args.context.is_some() || args.output.is_some() {
         return Err(UsageError("--batch, --context and -o are for CSM models; this is a text model".into()).into());
     }
     let prompt = prompt_text(args)?;
-    let model = LlamaModel::load(&path).with_context(|| format!("loading {}", path.display()))?;
     let n_ctx = match args.ctx_size {
         Some(c) if c as usize > model.config().n_ctx_train => {
             return Err(UsageError(format!("-c {c} is beyond the model's context of {}", model.config().n_ctx_train)).into())
@@ -85,7 +82,7 @@ fn run_text(args: &GenerateArgs, log: &LogArgs, path: PathBuf) -> Result<()> {
     }
     let mut sampler = Sampler::new(SamplerConfig {
         temperature: args.temp.unwrap_or(0.8),
-        top_k: args.top_k.unwrap_or(40),
+        top_k: args.top_k.map_or(Some(40), TopK::limit),
         top_p: args.top_p.unwrap_or(0.95),
         seed: args.seed,
     })?;

@@ -5,32 +5,18 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use ccsm::csm::{CsmGenerator, CsmModel, CsmOptions, Frame, FrameTimings, Segment};
+use ccsm::csm::{CsmGenerator, CsmModel, CsmOptions, Frame, FrameTimings, Request, Segment};
 use ccsm::sampling::{Sampler, SamplerConfig};
 use ccsm::{CacheReport, CacheType, Model};
-use ggml::gguf::GgufFile;
 
-use crate::cli::{GenerateArgs, LogArgs};
+use crate::cli::{GenerateArgs, LogArgs, TopK};
 use crate::{output, progress, UsageError};
 
 /// Mimi's frame rate: 12.5 frames are one second of 24 kHz audio.
 pub const FRAMES_PER_SECOND: f64 = 12.5;
 const DEFAULT_FRAMES: u32 = 125;
-
-/// One thing to say. In `--batch` files, one per line.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Request {
-    pub text: String,
-    #[serde(default)]
-    pub speaker: u32,
-    #[serde(default)]
-    pub context: Vec<Segment>,
-    pub seed: Option<u64>,
-    pub max_frames: Option<u32>,
-}
 
 #[derive(Serialize)]
 pub struct SpeechTimings {
@@ -73,8 +59,7 @@ pub fn log_conversion(reports: &[CacheReport], after: usize, unit: &str) {
     }
 }
 
-pub fn run(args: &GenerateArgs, log: &LogArgs, path: &Path, file: &GgufFile) -> Result<()> {
-    let model = CsmModel::from_file(file, path).with_context(|| format!("loading {}", path.display()))?;
+pub fn run(args: &GenerateArgs, log: &LogArgs, path: &Path, model: CsmModel) -> Result<()> {
     let n_ctx = args.ctx_size.map_or(model.config().backbone.n_ctx_train, |c| c as usize);
     if n_ctx > model.config().backbone.n_ctx_train {
         return Err(UsageError(format!("-c {n_ctx} is beyond the model's context of {}", model.config().backbone.n_ctx_train)).into());
@@ -129,7 +114,7 @@ pub fn run(args: &GenerateArgs, log: &LogArgs, path: &Path, file: &GgufFile) -> 
 fn sampler_for(args: &GenerateArgs, seed: u64) -> Result<Sampler> {
     Ok(Sampler::new(SamplerConfig {
         temperature: args.temp.unwrap_or(0.9),
-        top_k: args.top_k.unwrap_or(50),
+        top_k: args.top_k.map_or(Some(50), TopK::limit),
         top_p: args.top_p.unwrap_or(1.0),
         seed,
     })?)
@@ -138,12 +123,7 @@ fn sampler_for(args: &GenerateArgs, seed: u64) -> Result<Sampler> {
 /// Generates the frames of one request from an empty state.
 fn speak(args: &GenerateArgs, log: &LogArgs, generator: &mut CsmGenerator, model_name: &str, request: &Request) -> Result<SpeechResult> {
     generator.reset();
-    let c = generator.model().config().clone();
-    let target = Segment { speaker: request.speaker, text: request.text.clone(), frames: Vec::new() };
-    let mut rows = Vec::new();
-    for segment in request.context.iter().chain(std::iter::once(&target)) {
-        rows.extend(segment.rows(generator.model().tokenizer(), c.n_codebooks, c.audio_vocab)?);
-    }
+    let rows = request.rows(generator.model())?;
     let max_frames = request.max_frames.or(args.n_predict).unwrap_or(DEFAULT_FRAMES) as usize;
     let capacity = generator.backbone_cache().capacity();
     if rows.len() + max_frames > capacity && args.memory.max_memory_mb.is_none() {
@@ -151,7 +131,7 @@ fn speak(args: &GenerateArgs, log: &LogArgs, generator: &mut CsmGenerator, model
             "the prompt ({} rows) plus {max_frames} frames needs {} backbone positions, but the context holds {capacity}; lower -n or raise -c (at most {})",
             rows.len(),
             rows.len() + max_frames,
-            c.backbone.n_ctx_train
+            generator.model().config().backbone.n_ctx_train
         ))
         .into());
     }
@@ -218,17 +198,18 @@ fn run_batch(args: &GenerateArgs, log: &LogArgs, generator: &mut CsmGenerator, m
     let file = std::fs::File::open(batch).with_context(|| format!("opening {}", batch.display()))?;
     let mut lines_out = Vec::new();
     let mut failures = 0;
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+    // Split on bytes, not `lines()`: a line that is not UTF-8 is that request's error, not the batch's.
+    for (i, line) in std::io::BufReader::new(file).split(b'\n').enumerate() {
         if crate::interrupt::requested() {
             break;
         }
         let number = i + 1;
         let line = line.with_context(|| format!("{}: reading line {number}", batch.display()))?;
-        if line.trim().is_empty() {
+        if line.trim_ascii().is_empty() {
             continue;
         }
-        let result = serde_json::from_str::<Request>(&line)
-            .map_err(|e| anyhow::anyhow!("malformed request: {e}"))
+        let result = Request::from_line_bytes(&line)
+            .map_err(anyhow::Error::from)
             .and_then(|request| speak(args, log, generator, model_name, &request));
         let out = match result {
             Ok(r) => serde_json::to_value(&r)?,

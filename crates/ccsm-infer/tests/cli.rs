@@ -62,10 +62,24 @@ fn usage_errors_exit_2() {
         vec![tiny().as_str(), "-p", "x", "-t", "0"],
         vec![tiny().as_str(), "-p", "x", "-c", "0"],
         vec![tiny().as_str(), "-p", "x", "--top-p", "0"],
+        vec![tiny().as_str(), "-p", "x", "--top-k", "-3"],
         vec![tiny().as_str(), "--no-such-flag"],
     ] {
         infer().args(&args).assert().code(2).stderr(predicate::str::is_empty().not());
     }
+    infer().args([&tiny(), "-p", "x", "--top-k", "0"]).assert().code(2).stderr(predicate::str::contains("keep no token"));
+}
+
+#[test]
+fn top_k_all_is_no_limit() {
+    let tokens = |top_k: &str| {
+        let out = infer().args([&tiny(), "-p", "Hello", "-n", "12", "--temp", "1.5", "--top-p", "1", "--top-k", top_k, "--json"]).assert().success();
+        let v: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).unwrap();
+        v["tokens"].clone()
+    };
+    // tiny-llama has fewer than 1000 tokens: a limit above that keeps all of them, as `all` does; a limit of 1 is greedy.
+    assert_eq!(tokens("all"), tokens("100000"));
+    assert_ne!(tokens("all"), tokens("1"));
 }
 
 #[test]

@@ -4,9 +4,11 @@
 mod cache_type;
 pub mod csm;
 mod error;
+pub mod exercise;
 pub mod generate;
 pub mod kv_cache;
 pub mod llama;
+mod load;
 pub mod memory;
 mod model;
 pub mod perplexity;
@@ -16,6 +18,7 @@ pub mod weights;
 
 pub use cache_type::CacheType;
 pub use error::{Error, Result};
+pub use load::{load_model, AnyModel};
 pub use model::{CacheReport, GGMLModel, Logits, Model, ModelOptions};
 
 /// The engine's version.

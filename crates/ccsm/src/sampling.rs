@@ -10,8 +10,8 @@ use crate::error::{Error, Result};
 pub struct SamplerConfig {
     /// 0 means greedy (argmax).
     pub temperature: f32,
-    /// Keep the k most likely tokens (and any tied with the k-th); 0 keeps all.
-    pub top_k: usize,
+    /// Keep the k most likely tokens (and any tied with the k-th); `None` keeps all.
+    pub top_k: Option<usize>,
     /// Keep the smallest set whose probability reaches p; 1 keeps all.
     pub top_p: f32,
     pub seed: u64,
@@ -19,7 +19,7 @@ pub struct SamplerConfig {
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        SamplerConfig { temperature: 0.8, top_k: 40, top_p: 0.95, seed: 42 }
+        SamplerConfig { temperature: 0.8, top_k: Some(40), top_p: 0.95, seed: 42 }
     }
 }
 
@@ -27,6 +27,9 @@ impl SamplerConfig {
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             return Err(Error::Input(format!("temperature {} must be a finite number >= 0", self.temperature)));
+        }
+        if self.top_k == Some(0) {
+            return Err(Error::Input("top-k 0 would keep no token: give at least 1 (or no limit to keep all)".into()));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(Error::Input(format!("top-p {} must be in (0, 1]", self.top_p)));
@@ -89,8 +92,8 @@ impl Sampler {
             return vec![(argmax(logits), 1.0)];
         }
         order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-        if c.top_k > 0 && c.top_k < order.len() {
-            let kth = logits[order[c.top_k - 1]];
+        if let Some(k) = c.top_k.filter(|&k| k < order.len()) {
+            let kth = logits[order[k - 1]];
             let keep = order.iter().take_while(|&&i| logits[i] >= kth).count();
             order.truncate(keep);
         }
@@ -126,7 +129,7 @@ mod tests {
     #[test]
     fn same_seed_same_draws_and_top_k_keeps_ties() {
         let logits: Vec<f32> = (0..100).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
-        let config = SamplerConfig { temperature: 0.9, top_k: 5, top_p: 1.0, seed: 7 };
+        let config = SamplerConfig { temperature: 0.9, top_k: Some(5), top_p: 1.0, seed: 7 };
         let draws = |seed| {
             let mut s = Sampler::new(SamplerConfig { seed, ..config }).unwrap();
             (0..50).map(|_| s.sample(&logits).unwrap()).collect::<Vec<_>>()
@@ -145,5 +148,6 @@ mod tests {
     fn bad_settings_are_refused() {
         assert!(Sampler::new(SamplerConfig { temperature: -1.0, ..Default::default() }).is_err());
         assert!(Sampler::new(SamplerConfig { top_p: 0.0, ..Default::default() }).is_err());
+        assert!(Sampler::new(SamplerConfig { top_k: Some(0), ..Default::default() }).is_err());
     }
 }

@@ -236,7 +236,7 @@ fn tiny_csm_keeps_generating_valid_frames_after_a_live_quantization() {
     let mut g = CsmGenerator::new(csm, CsmOptions { n_ctx: 128, k_type: CacheType::F32, v_type: CacheType::F32, n_threads: 2, n_batch: 64 }).unwrap();
     let rows = Segment { speaker: 0, text: "Hello there.".into(), frames: vec![] }.rows(g.model().tokenizer(), c.n_codebooks, c.audio_vocab).unwrap();
     g.prefill(&rows).unwrap();
-    let mut sampler = Sampler::new(SamplerConfig { temperature: 0.9, top_k: 50, top_p: 1.0, seed: 5 }).unwrap();
+    let mut sampler = Sampler::new(SamplerConfig { temperature: 0.9, top_k: Some(50), top_p: 1.0, seed: 5 }).unwrap();
     let mut frames = 0;
     for i in 0..12 {
         if i == 4 {

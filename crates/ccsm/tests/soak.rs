@@ -35,7 +35,7 @@ fn twenty_thousand_tokens_under_a_budget_keep_rss_flat() {
     let policy = EvictionPolicy::SinkRecent { sinks: 4 };
     m.optimize_memory(budget, policy).unwrap();
     m.set_eviction(Some(policy));
-    let mut sampler = Sampler::new(SamplerConfig { temperature: 0.9, top_k: 40, top_p: 0.95, seed: 1 }).unwrap();
+    let mut sampler = Sampler::new(SamplerConfig { temperature: 0.9, top_k: Some(40), top_p: 0.95, seed: 1 }).unwrap();
     let prompt = m.model().tokenizer().encode("The Jargon File is a glossary of hacker slang.").unwrap();
     let mut logits = m.eval(&prompt, Logits::Last).unwrap();
     let mut samples = Vec::new();

@@ -5,8 +5,10 @@ mod config;
 mod generator;
 mod model;
 mod prompt;
+mod request;
 
 pub use config::CsmConfig;
 pub use generator::{CsmGenerator, CsmOptions, FrameTimings};
 pub use model::CsmModel;
 pub use prompt::{Frame, Row, Segment};
+pub use request::Request;

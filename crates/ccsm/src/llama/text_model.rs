@@ -29,11 +29,15 @@ pub struct LlamaModel {
 impl LlamaModel {
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let file = GgufFile::open(path.as_ref())?;
+        Self::from_file(&file, path.as_ref())
+    }
+
+    pub fn from_file(file: &GgufFile, path: &Path) -> Result<Self> {
         let arch: String = file.get("general.architecture")?;
         if arch != "llama" {
-            return Err(Error::Architecture { path: path.as_ref().display().to_string(), found: arch, expected: "llama" });
+            return Err(Error::Architecture { path: path.display().to_string(), found: arch, expected: "llama" });
         }
-        let config = LlamaConfig::from_gguf(&file, "llama", RopeMode::Normal)?;
+        let config = LlamaConfig::from_gguf(file, "llama", RopeMode::Normal)?;
         let embd_info = file.tensor(TOKEN_EMBD)?;
         let vocab_size = embd_info.shape.get(1).copied().unwrap_or(0) as usize;
         if let Some(declared) = file.get_opt::<usize>("llama.vocab_size")? {
@@ -41,7 +45,7 @@ impl LlamaModel {
                 return Err(Error::Config { key: "llama.vocab_size".into(), why: format!("{declared}, but {TOKEN_EMBD} has {vocab_size} rows") });
             }
         }
-        let tokenizer = Tokenizer::from_gguf(&file)?;
+        let tokenizer = Tokenizer::from_gguf(file)?;
         if tokenizer.vocab_size() != vocab_size {
             return Err(Error::Tokenizer(format!("{} tokens, but the model has a vocabulary of {vocab_size}", tokenizer.vocab_size())));
         }
@@ -55,12 +59,12 @@ impl LlamaModel {
             }
         }
 
-        let mut loader = WeightLoader::new(&file)?;
+        let mut loader = WeightLoader::new(file)?;
         let token_embd = loader.matrix(TOKEN_EMBD, &[config.n_embd, vocab_size])?;
         let output = loader.optional_matrix(OUTPUT, &[config.n_embd, vocab_size])?.unwrap_or(token_embd);
         let transformer = Transformer::load(&mut loader, &StackNames::new(""), config, freq_factors)?;
         let weights = loader.finish()?;
-        let name = file.get_opt::<String>("general.name")?.unwrap_or_else(|| path.as_ref().display().to_string());
+        let name = file.get_opt::<String>("general.name")?.unwrap_or_else(|| path.display().to_string());
         let weight_bytes = weights.buffer_bytes() as u64;
         let params = file.tensors().iter().map(|t| t.nelements() as u64).sum();
         Ok(LlamaModel { weights, transformer, token_embd, output, tokenizer, vocab_size, name, weight_bytes, params })

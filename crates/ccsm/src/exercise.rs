@@ -1,0 +1,65 @@
+//! Inputs run end to end the way the CLI runs them, for the fuzz targets (`fuzz/`) and the tests that
+//! replay what they found. Each returns an error for bad input; a panic or an abort is a bug.
+
+use std::path::Path;
+
+use crate::csm::{CsmGenerator, CsmOptions, Request};
+use crate::error::{Error, Result};
+use crate::load::{load_model, AnyModel};
+use crate::model::{GGMLModel, Logits, Model, ModelOptions};
+use crate::sampling::{Sampler, SamplerConfig};
+use crate::CacheType;
+
+/// Small enough to keep a fuzz execution fast, large enough for a prompt and a few decode steps.
+const N_CTX: usize = 16;
+
+fn greedy() -> Result<Sampler> {
+    Sampler::new(SamplerConfig { temperature: 0.0, top_k: None, top_p: 1.0, seed: 0 })
+}
+
+/// Loads a model file of any architecture and, when it loads, tokenizes a prompt with its tokenizer,
+/// evaluates the prompt and one decode step (text), or prefills a turn and generates a frame (CSM).
+pub fn model_file(path: &Path) -> Result<()> {
+    match load_model(path)? {
+        AnyModel::Llama(model) => {
+            let mut ids = model.tokenizer().encode("Hello, wörld 42!")?;
+            ids.truncate(N_CTX - 1);
+            if ids.is_empty() {
+                ids.push(0);
+            }
+            let options = ModelOptions { n_ctx: N_CTX, n_threads: 1, n_batch: 4, ..ModelOptions::default() };
+            let mut model = GGMLModel::new(model, options)?;
+            let logits = model.eval(&ids, Logits::Last)?;
+            let next = crate::sampling::argmax(&logits) as u32;
+            model.eval(&[next], Logits::Last)?;
+            Ok(())
+        }
+        AnyModel::Csm(model) => {
+            let options = CsmOptions { n_ctx: N_CTX, k_type: CacheType::F16, v_type: CacheType::F16, n_threads: 1, n_batch: 4 };
+            let mut generator = CsmGenerator::new(model, options)?;
+            let request = Request { text: "Hi".into(), speaker: 0, context: Vec::new(), seed: None, max_frames: Some(1) };
+            request_in(&request, &mut generator)
+        }
+    }
+}
+
+/// One `--batch` line: parsed, checked against the model, prefilled and one frame generated.
+pub fn batch_line(line: &[u8], generator: &mut CsmGenerator) -> Result<()> {
+    request_in(&Request::from_line_bytes(line)?, generator)
+}
+
+fn request_in(request: &Request, generator: &mut CsmGenerator) -> Result<()> {
+    generator.reset();
+    let rows = request.rows(generator.model())?;
+    let capacity = generator.backbone_cache().capacity();
+    if rows.len() >= capacity {
+        return Err(Error::CacheFull { needed: rows.len() + 1, capacity });
+    }
+    generator.prefill(&rows)?;
+    let mut sampler = match request.seed {
+        Some(seed) => Sampler::new(SamplerConfig { temperature: 0.9, top_k: Some(50), top_p: 1.0, seed })?,
+        None => greedy()?,
+    };
+    generator.generate_frame(&mut sampler, None)?;
+    Ok(())
+}
