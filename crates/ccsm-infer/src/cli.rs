@@ -46,7 +46,8 @@ pub struct InfoArgs {
     #[arg(value_name = "MODEL")]
     pub model: PathBuf,
 
-    /// Context (cache cells) to size the KV caches for [default: the model's context].
+    /// Context (cache cells) to size the KV caches for [default: as generation, the model's context,
+    /// at most 4096].
     #[arg(short = 'c', long = "ctx-size", value_parser = clap::value_parser!(u32).range(1..))]
     pub ctx_size: Option<u32>,
 

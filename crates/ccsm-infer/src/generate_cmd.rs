@@ -13,8 +13,9 @@ use ccsm::{AnyModel, CacheType, GGMLModel, Model, ModelOptions};
 use crate::cli::{GenerateArgs, LogArgs, TopK};
 use crate::{output, UsageError};
 
-/// Default context when the model's own is larger (keeps the cache modest).
-const DEFAULT_CTX_CAP: usize = 4096;
+/// Default context when the model's own is larger: keeps the cache modest, and a file that claims a
+/// huge context cannot make the engine allocate for it unasked.
+pub const DEFAULT_CTX_CAP: usize = 4096;
 
 pub fn model_path(args: &GenerateArgs) -> Result<PathBuf> {
     args.model.clone().or_else(|| args.model_positional.clone()).ok_or_else(|| {

@@ -11,6 +11,7 @@ use ggml::gguf::GgufFile;
 use ggml::RopeMode;
 
 use crate::cli::InfoArgs;
+use crate::generate_cmd::DEFAULT_CTX_CAP;
 use crate::output;
 
 /// The caches a model runs with: (name, stack, cells).
@@ -19,12 +20,12 @@ fn caches(file: &GgufFile, ctx: Option<usize>) -> Result<(String, Vec<(&'static 
     Ok(match arch.as_str() {
         "csm" => {
             let c = CsmConfig::from_gguf(file)?;
-            let cells = ctx.unwrap_or(c.backbone.n_ctx_train);
+            let cells = ctx.unwrap_or(c.backbone.n_ctx_train.min(DEFAULT_CTX_CAP));
             (arch, vec![("backbone", c.backbone.clone(), cells), ("decoder", c.decoder.clone(), c.n_codebooks)])
         }
         "llama" => {
             let c = LlamaConfig::from_gguf(file, "llama", RopeMode::Normal)?;
-            let cells = ctx.unwrap_or(c.n_ctx_train);
+            let cells = ctx.unwrap_or(c.n_ctx_train.min(DEFAULT_CTX_CAP));
             (arch, vec![("text", c, cells)])
         }
         other => anyhow::bail!("architecture `{other}` is not supported (llama, csm)"),

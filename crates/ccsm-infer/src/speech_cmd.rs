@@ -60,9 +60,10 @@ pub fn log_conversion(reports: &[CacheReport], after: usize, unit: &str) {
 }
 
 pub fn run(args: &GenerateArgs, log: &LogArgs, path: &Path, model: CsmModel) -> Result<()> {
-    let n_ctx = args.ctx_size.map_or(model.config().backbone.n_ctx_train, |c| c as usize);
-    if n_ctx > model.config().backbone.n_ctx_train {
-        return Err(UsageError(format!("-c {n_ctx} is beyond the model's context of {}", model.config().backbone.n_ctx_train)).into());
+    let n_ctx_train = model.config().backbone.n_ctx_train;
+    let n_ctx = args.ctx_size.map_or(n_ctx_train.min(crate::generate_cmd::DEFAULT_CTX_CAP), |c| c as usize);
+    if n_ctx > n_ctx_train {
+        return Err(UsageError(format!("-c {n_ctx} is beyond the model's context of {n_ctx_train}")).into());
     }
     // With --quantize-after the caches start in f32 and are converted to the requested types live.
     let start_type = |t| if args.quantize_after.is_some() { CacheType::F32 } else { t };

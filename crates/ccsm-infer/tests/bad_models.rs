@@ -10,9 +10,16 @@ fn tiny() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama.gguf")
 }
 
+type Edit<'a> = &'a dyn Fn(&mut Vec<(String, Value)>, &mut Vec<(String, DType, Vec<i64>, Vec<u8>)>);
+
 /// A copy of tiny-llama with metadata and tensors changed by `edit`.
 fn altered(dir: &Path, name: &str, edit: impl Fn(&mut Vec<(String, Value)>, &mut Vec<(String, DType, Vec<i64>, Vec<u8>)>)) -> PathBuf {
-    let file = GgufFile::open(tiny()).unwrap();
+    altered_copy(&tiny(), dir, name, &edit)
+}
+
+/// A copy of `source` with metadata and tensors changed by `edit`.
+fn altered_copy(source: &Path, dir: &Path, name: &str, edit: Edit) -> PathBuf {
+    let file = GgufFile::open(source).unwrap();
     let mut metadata: Vec<(String, Value)> = file.metadata().to_vec();
     let mut tensors: Vec<(String, DType, Vec<i64>, Vec<u8>)> = file
         .tensors()
@@ -86,4 +93,19 @@ fn architecture_level_errors_name_what_is_wrong() {
         m.iter_mut().filter(|(k, _)| k == "general.architecture").for_each(|(_, v)| *v = Value::String("mamba".into()))
     });
     fails_with(&other_arch, "mamba");
+}
+
+#[test]
+fn a_huge_declared_context_does_not_size_the_default_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let csm = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-csm.gguf");
+    let huge = altered_copy(&csm, dir.path(), "huge-context.gguf", &|m, _| {
+        m.iter_mut().filter(|(k, _)| k == "csm.backbone.context_length").for_each(|(_, v)| *v = Value::U32(1 << 24))
+    });
+    let out = Command::cargo_bin("ccsm-infer").unwrap().arg(&huge).args(["-p", "hi", "-n", "2", "--json", "-q"]).assert().success();
+    let v: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).unwrap();
+    // tiny-csm, f16: backbone 4096 cells (the default cap) and decoder 32 cells (one per codebook),
+    // each 2 layers × (K + V) × 64 (backbone) or 32 (decoder) values × 2 bytes.
+    let expected = 4096 * 2 * 2 * 64 * 2 + 32 * 2 * 2 * 32 * 2;
+    assert_eq!(v["kv_bytes"], expected);
 }

@@ -185,3 +185,39 @@ impl Tokenizer {
         self.inner.decode(ids, true).map_err(|e| Error::Tokenizer(format!("decode: {e}")))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// Vocabularies a hostile file can declare: each builds and encodes without panicking, or is refused.
+    #[test]
+    fn odd_vocabularies_encode_or_are_refused() {
+        let cases: Vec<(Vec<String>, Vec<String>, Option<Vec<i32>>)> = vec![
+            (strings(&["", "a", "b"]), vec![], None),
+            (strings(&["", "a", "b"]), vec![], Some(vec![3, 1, 1])),
+            (strings(&["a", "b", "ab"]), strings(&["a b"]), Some(vec![3, 3, 3])),
+            (strings(&["a", "b"]), strings(&["a b"]), None),
+            (strings(&["a", "b", "ab"]), strings(&["a b", "a b"]), None),
+            (strings(&["a", " ", "a "]), strings(&["a  "]), None),
+            (strings(&["\u{0}", "\u{fffd}", "é"]), vec![], Some(vec![3, 3, 3])),
+            (vec![], vec![], None),
+        ];
+        for (tokens, merges, types) in cases {
+            for pre in [PreTokenizer::Smollm, PreTokenizer::LlamaBpe, PreTokenizer::Gpt2] {
+                if let Ok(t) = Tokenizer::build(&tokens, &merges, types.as_deref(), pre) {
+                    for text in ["", "ab ab", "Hello, wörld 42!", "\u{0}\u{fffd}"] {
+                        if let Ok(ids) = t.encode(text) {
+                            assert!(ids.iter().all(|&id| (id as usize) < tokens.len()), "{tokens:?}: id beyond the vocabulary");
+                            let _ = t.decode(&ids);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

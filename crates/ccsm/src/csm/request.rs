@@ -28,7 +28,12 @@ impl Request {
 
     /// Parses one JSONL line; the error says what is wrong (and where, by serde's column).
     pub fn from_json_line(line: &str) -> Result<Request> {
-        let request: Request = serde_json::from_str(line).map_err(|e| Error::Input(format!("malformed request: {e}")))?;
+        let request: Request = serde_json::from_str(line).map_err(|e| {
+            // serde counts lines within the JSON; a batch line is one line, so the column is what locates it.
+            let message = e.to_string();
+            let what = message.rsplit_once(" at line ").map_or(message.as_str(), |(what, _)| what);
+            Error::Input(format!("malformed request at column {}: {what}", e.column()))
+        })?;
         if request.max_frames == Some(0) {
             return Err(Error::Input("max_frames must be at least 1".into()));
         }
@@ -45,5 +50,26 @@ impl Request {
             rows.extend(segment.rows(model.tokenizer(), c.n_codebooks, c.audio_vocab)?);
         }
         Ok(rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error(line: &[u8]) -> String {
+        Request::from_line_bytes(line).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn lines_parse_or_say_what_is_wrong_and_where() {
+        let r = Request::from_line_bytes(b"{\"text\": \"hi\", \"speaker\": 2, \"max_frames\": 5}\r").unwrap();
+        assert_eq!((r.text.as_str(), r.speaker, r.max_frames, r.seed), ("hi", 2, Some(5), None));
+        // serde points at the end of the offending value: column 11 is the `2` of `12`.
+        assert_eq!(error(b"{\"text\": 12 }"), "invalid input: malformed request at column 11: invalid type: integer `12`, expected a string");
+        assert!(error(b"{\"text\": \"x\", \"voice\": 1}").contains("unknown field `voice`"));
+        assert!(error(b"{\"speaker\": 1}").contains("missing field `text`"));
+        assert!(error(b"{\"text\": \"x\", \"max_frames\": 0}").contains("max_frames must be at least 1"));
+        assert!(error(b"{\"text\": \"\xff\"}").contains("not UTF-8"));
     }
 }
