@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use ccsm::kv_cache::Rotation;
 use ccsm::CacheType;
 
 #[derive(Parser)]
@@ -159,6 +160,11 @@ pub struct CacheArgs {
     /// V cache type (overrides --kv-quant for V). llama.cpp spells it -ctv; clap needs --ctv.
     #[arg(long = "cache-type-v", visible_alias = "ctv", value_name = "TYPE")]
     pub cache_type_v: Option<CacheType>,
+
+    /// Store quantized K/V rows Hadamard-rotated per head (`quantized`: same bytes, far less error
+    /// for 4-bit types), as computed (`off`), or all rows rotated, f16/f32 too (`all`, a check).
+    #[arg(long, value_name = "WHEN", default_value = "quantized")]
+    pub kv_rotation: Rotation,
 }
 
 impl CacheArgs {
@@ -170,6 +176,14 @@ impl CacheArgs {
     /// The V type, falling back to --kv-quant, then to `default`.
     pub fn v_type(&self, default: CacheType) -> CacheType {
         self.cache_type_v.or(self.kv_quant).unwrap_or(default)
+    }
+
+    /// Sets the rotation on a freshly made model (models start with the default).
+    pub fn apply_rotation(&self, model: &mut impl ccsm::Model) -> anyhow::Result<()> {
+        if self.kv_rotation != Rotation::default() {
+            model.set_kv_rotation(self.kv_rotation)?;
+        }
+        Ok(())
     }
 }
 

@@ -67,6 +67,7 @@ fn run_text(args: &GenerateArgs, log: &LogArgs, path: PathBuf, model: LlamaModel
         n_batch: args.batch_size as usize,
     };
     let mut model = GGMLModel::new(model, options).context("setting up the model")?;
+    args.cache.apply_rotation(&mut model)?;
     let memory = args.memory.apply(&mut model, log.quiet)?;
     let prompt_tokens = model.model().tokenizer().encode(&prompt)?;
     if prompt_tokens.is_empty() {

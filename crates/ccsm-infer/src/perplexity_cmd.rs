@@ -21,6 +21,7 @@ pub fn run(args: &PerplexityArgs, log: &LogArgs) -> Result<()> {
     let ctx = args.ctx_size as usize;
     let options = ModelOptions { n_ctx: ctx, k_type, v_type, n_threads: args.threads as usize, n_batch: args.batch_size as usize };
     let mut model = GGMLModel::new(model, options).context("setting up the model")?;
+    args.cache.apply_rotation(&mut model)?;
     let memory = args.memory.apply(&mut model, log.quiet)?;
     let tokens = model.model().tokenizer().encode_plain(&text)?;
     let reference = match &args.kl {

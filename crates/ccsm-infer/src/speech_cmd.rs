@@ -75,6 +75,7 @@ pub fn run(args: &GenerateArgs, log: &LogArgs, path: &Path, model: CsmModel) -> 
         n_batch: args.batch_size as usize,
     };
     let mut generator = CsmGenerator::new(model, options).context("setting up the model")?;
+    args.cache.apply_rotation(&mut generator)?;
     args.memory.apply(&mut generator, log.quiet)?;
     let model_name = path.display().to_string();
     if let Some(batch) = &args.batch {

@@ -6,7 +6,7 @@ use std::ops::Range;
 use ggml::{Backend, ComputeBuffer, Context, DType, Graph, ReusableGraph, Tensor};
 
 use crate::error::{Error, Result};
-use crate::kv_cache::{EvictionPolicy, KvCache, KvCacheConfig, QuantizeReport};
+use crate::kv_cache::{EvictionPolicy, KvCache, KvCacheConfig, QuantizeReport, Rotation};
 use crate::memory::{self, make_room, ManagedCache, MemoryReport};
 use crate::llama::transformer::BuildScope;
 use crate::llama::{LlamaModel, StepInputs};
@@ -48,6 +48,10 @@ pub trait Model {
 
     /// When the cache is full, evict by `policy` instead of failing (`None`: fail).
     fn set_eviction(&mut self, policy: Option<EvictionPolicy>);
+
+    /// Which cache rows are stored Hadamard-rotated (default: the quantized halves); rows already
+    /// cached are converted.
+    fn set_kv_rotation(&mut self, rotation: Rotation) -> Result<()>;
 }
 
 /// The number of cells `fraction` of `len` keeps.
@@ -108,14 +112,14 @@ impl GGMLModel {
         if options.n_batch == 0 {
             return Err(Error::Input("batch size must be at least 1".into()));
         }
-        let cache = KvCache::new(KvCacheConfig {
+        let cache = KvCache::with_rotation(KvCacheConfig {
             n_layer: c.n_layer,
             head_dim: c.head_dim,
             n_head_kv: c.n_head_kv,
             capacity: options.n_ctx,
             k_type: options.k_type,
             v_type: options.v_type,
-        })?;
+        }, Rotation::default())?;
         Ok(GGMLModel {
             model,
             cache,
@@ -371,5 +375,11 @@ impl Model for GGMLModel {
     fn set_eviction(&mut self, policy: Option<EvictionPolicy>) {
         self.evict = policy;
         self.track_attention = policy.is_some_and(EvictionPolicy::tracks_attention);
+    }
+
+    fn set_kv_rotation(&mut self, rotation: Rotation) -> Result<()> {
+        self.decode_graph = None;
+        self.cache.set_rotation(rotation)?;
+        Ok(())
     }
 }

@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::model::CsmModel;
 use super::prompt::{Frame, Row};
 use crate::error::{Error, Result};
-use crate::kv_cache::{KvCache, KvCacheConfig};
+use crate::kv_cache::{KvCache, KvCacheConfig, Rotation};
 use crate::llama::transformer::BuildScope;
 use crate::llama::{StepInputs, Transformer};
 use crate::kv_cache::EvictionPolicy;
@@ -192,14 +192,14 @@ impl CsmGenerator {
             return Err(Error::Input("batch size must be at least 1".into()));
         }
         let cache = |stack: &crate::llama::LlamaConfig, capacity| {
-            KvCache::new(KvCacheConfig {
+            KvCache::with_rotation(KvCacheConfig {
                 n_layer: stack.n_layer,
                 head_dim: stack.head_dim,
                 n_head_kv: stack.n_head_kv,
                 capacity,
                 k_type: options.k_type,
                 v_type: options.v_type,
-            })
+            }, Rotation::default())
         };
         let backbone_cache = cache(&c.backbone, options.n_ctx)?;
         // The decoder sees one frame: h, then one input per codebook but the last.
@@ -481,5 +481,13 @@ impl Model for CsmGenerator {
     fn set_eviction(&mut self, policy: Option<EvictionPolicy>) {
         self.evict = policy;
         self.track_attention = policy.is_some_and(EvictionPolicy::tracks_attention);
+    }
+
+    fn set_kv_rotation(&mut self, rotation: Rotation) -> Result<()> {
+        self.backbone_step = None;
+        self.decoder_steps.iter_mut().for_each(|g| *g = None);
+        self.backbone_cache.set_rotation(rotation)?;
+        self.decoder_cache.set_rotation(rotation)?;
+        Ok(())
     }
 }

@@ -6,8 +6,10 @@
 //! it was stored (RoPE is applied before K is stored).
 
 mod evict;
+mod rotation;
 
 pub use evict::EvictionPolicy;
+pub use rotation::{hadamard_matrix, rotate_heads, Rotation};
 
 use std::ops::Range;
 
@@ -95,6 +97,9 @@ pub struct KvCache {
     next_position: i32,
     /// Attention mass each cell has received (kept only while the attention policy tracks it).
     scores: Vec<f32>,
+    rotation: Rotation,
+    /// The F32 `[head_dim, head_dim]` Hadamard matrix graphs rotate with, while a half is rotated.
+    hadamard: Option<(TensorStore, TensorId)>,
 }
 
 fn single_tensor_store(name: &str, t: CacheType, n_embd_kv: usize, capacity: usize) -> Result<(TensorStore, TensorId)> {
@@ -104,20 +109,36 @@ fn single_tensor_store(name: &str, t: CacheType, n_embd_kv: usize, capacity: usi
     Ok((store, id))
 }
 
-/// Copies the first `rows` rows of `src` (type `from`) into `dst` (type `to`) through f32.
-fn convert_rows(src: Tensor<'_>, dst: Tensor<'_>, from: CacheType, to: CacheType, n_embd: usize, rows: usize) -> Result<()> {
+fn hadamard_store(head_dim: usize) -> Result<(TensorStore, TensorId)> {
+    let (store, id) = single_tensor_store("cache_rotation", CacheType::F32, head_dim, head_dim)?;
+    store.get(id).write_f32(&hadamard_matrix(head_dim))?;
+    Ok((store, id))
+}
+
+/// Copies the first `rows` rows of `src` (type `from`) into `dst` (type `to`) through f32, rotating
+/// each head (`Some(head_dim)`) on the way when the two sides differ in rotation (H undoes itself).
+fn convert_rows(src: Tensor<'_>, dst: Tensor<'_>, from: CacheType, to: CacheType, n_embd: usize, rows: usize, rotate: Option<usize>) -> Result<()> {
     let (src_row, dst_row) = (from.dtype().row_size(n_embd)?, to.dtype().row_size(n_embd)?);
     for first in (0..rows).step_by(CONVERT_ROWS) {
         let n = CONVERT_ROWS.min(rows - first);
         let bytes = src.read_bytes_at(first * src_row, n * src_row)?;
-        let values = from.dtype().dequantize(&bytes, n * n_embd)?;
+        let mut values = from.dtype().dequantize(&bytes, n * n_embd)?;
+        if let Some(head_dim) = rotate {
+            rotate_heads(&mut values, head_dim);
+        }
         dst.write_bytes_at(first * dst_row, &to.dtype().quantize(&values, n_embd)?)?;
     }
     Ok(())
 }
 
 impl KvCache {
+    /// A cache whose rows are stored as computed (no rotation).
     pub fn new(config: KvCacheConfig) -> Result<Self> {
+        Self::with_rotation(config, Rotation::Off)
+    }
+
+    /// A cache that rotates its rows under `rotation` (see `Rotation`).
+    pub fn with_rotation(config: KvCacheConfig, rotation: Rotation) -> Result<Self> {
         config.validate()?;
         let mut layers = Vec::with_capacity(config.n_layer);
         let mut tensor = None;
@@ -128,7 +149,38 @@ impl KvCache {
             layers.push(LayerCache { k, v });
         }
         let tensor = tensor.expect("n_layer > 0 was validated");
-        Ok(KvCache { config, layers, tensor, positions: Vec::new(), next_position: 0, scores: Vec::new() })
+        let mut cache = KvCache { config, layers, tensor, positions: Vec::new(), next_position: 0, scores: Vec::new(), rotation, hadamard: None };
+        cache.update_hadamard()?;
+        Ok(cache)
+    }
+
+    fn update_hadamard(&mut self) -> Result<()> {
+        let needed = self.rotates_k() || self.rotates_v();
+        match (&self.hadamard, needed) {
+            (None, true) => self.hadamard = Some(hadamard_store(self.config.head_dim)?),
+            (Some(_), false) => self.hadamard = None,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    pub fn rotation(&self) -> Rotation {
+        self.rotation
+    }
+
+    /// Whether K rows are stored rotated (queries must then be rotated too).
+    pub fn rotates_k(&self) -> bool {
+        self.rotation.applies(self.config.k_type, self.config.head_dim)
+    }
+
+    /// Whether V rows are stored rotated (attention outputs must then be rotated back).
+    pub fn rotates_v(&self) -> bool {
+        self.rotation.applies(self.config.v_type, self.config.head_dim)
+    }
+
+    /// The F32 `[head_dim, head_dim]` Hadamard matrix (symmetric), while a half is rotated.
+    pub fn hadamard_tensor(&self) -> Option<Tensor<'_>> {
+        self.hadamard.as_ref().map(|(store, id)| store.get(*id))
     }
 
     pub fn config(&self) -> &KvCacheConfig {
@@ -235,8 +287,18 @@ impl KvCache {
     /// token. One tensor is converted at a time (new buffer, rows converted in chunks through f32,
     /// old buffer freed), so memory peaks at the old cache plus one layer's new tensor.
     pub fn quantize(&mut self, k_type: CacheType, v_type: CacheType) -> Result<QuantizeReport> {
+        self.convert(k_type, v_type, self.rotation)
+    }
+
+    /// Changes the rotation policy, rotating (or un-rotating) the stored rows that it changes.
+    pub fn set_rotation(&mut self, rotation: Rotation) -> Result<QuantizeReport> {
+        self.convert(self.config.k_type, self.config.v_type, rotation)
+    }
+
+    fn convert(&mut self, k_type: CacheType, v_type: CacheType, rotation: Rotation) -> Result<QuantizeReport> {
         let target = KvCacheConfig { k_type, v_type, ..self.config };
         target.validate()?;
+        let hd = self.config.head_dim;
         let bytes_before = self.memory_usage();
         let mut live = bytes_before;
         let mut peak = live;
@@ -245,13 +307,14 @@ impl KvCache {
             for (half, to) in [("k", k_type), ("v", v_type)] {
                 let old = if half == "k" { &self.layers[l].k } else { &self.layers[l].v };
                 let from = if half == "k" { self.config.k_type } else { self.config.v_type };
-                if from == to {
+                let rotate = self.rotation.applies(from, hd) != rotation.applies(to, hd);
+                if from == to && !rotate {
                     continue;
                 }
                 let (store, id) = single_tensor_store(&format!("cache_{half}.{l}"), to, n_embd, capacity)?;
                 let new_bytes = store.get(id).nbytes();
                 peak = peak.max(live + new_bytes);
-                convert_rows(old.get(self.tensor), store.get(id), from, to, n_embd, len)?;
+                convert_rows(old.get(self.tensor), store.get(id), from, to, n_embd, len, rotate.then_some(hd))?;
                 let old_bytes = old.get(self.tensor).nbytes();
                 let slot = if half == "k" { &mut self.layers[l].k } else { &mut self.layers[l].v };
                 *slot = store;
@@ -259,6 +322,8 @@ impl KvCache {
             }
         }
         self.config = target;
+        self.rotation = rotation;
+        self.update_hadamard()?;
         Ok(QuantizeReport { bytes_before, bytes_after: self.memory_usage(), peak_bytes: peak })
     }
 

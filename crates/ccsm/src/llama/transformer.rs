@@ -118,6 +118,20 @@ impl Attention {
         let k = ctx.rope_ext(k, s.inputs.positions, s.inputs.freq_factors, &rope)?.set_name(&format!("blk.{layer}.k"));
         let v = ctx.mul_mat(w(self.v), h)?.set_name(&format!("blk.{layer}.v"));
 
+        // A rotated cache stores H·k and H·v per head: queries rotate with the keys (scores keep
+        // q·k), and the attention output comes back through H (see kv_cache::rotation).
+        let hadamard = s.cache.hadamard_tensor();
+        let rotate = |t: Tensor<'c>, on: bool| -> Result<Tensor<'c>> {
+            match (hadamard, on) {
+                (Some(h), true) => Ok(ctx.reshape(ctx.mul_mat(h, ctx.reshape(t, &[hd, t.nelements() / hd])?)?, &t.shape()[..t.n_dims()])?),
+                _ => Ok(t),
+            }
+        };
+        let (rotate_k, rotate_v) = (s.cache.rotates_k(), s.cache.rotates_v());
+        let q = rotate(q, rotate_k)?;
+        let k = rotate(k, rotate_k)?;
+        let v = rotate(v, rotate_v)?;
+
         // The stores run before the attention reads the cache: they enter the graph first.
         let k_rows = ctx.reshape(k, &[hd * n_head_kv, n])?;
         s.graph.expand(s.cache.store_k(ctx, layer, k_rows, s.inputs.cells)?)?;
@@ -131,7 +145,7 @@ impl Attention {
         if s.track_attention {
             s.add_attention_mass(keys, queries, scale)?;
         }
-        let attended = ctx.flash_attn_ext(queries, keys, values, Some(s.inputs.mask), scale)?;
+        let attended = rotate(ctx.flash_attn_ext(queries, keys, values, Some(s.inputs.mask), scale)?, rotate_v)?;
         let merged = ctx.reshape(attended, &[hd * n_head, n])?;
         Ok(ctx.mul_mat(w(self.out), merged)?.set_name(&format!("blk.{layer}.attn_out")))
     }
@@ -206,6 +220,7 @@ impl Transformer {
 
     /// Graph nodes one step of this stack needs at most (for sizing contexts).
     pub fn max_nodes(&self) -> usize {
-        48 * self.config.n_layer + 64
+        // About 40 per block, up to 12 more when the cache rotates.
+        64 * self.config.n_layer + 64
     }
 }

@@ -1,0 +1,144 @@
+//! Hadamard rotation of quantized K/V rows. Each head's slice is multiplied by the orthonormal
+//! Walsh-Hadamard matrix H (symmetric, H·H = I) before it is quantized: an outlier channel is spread
+//! over the whole head, so the per-block scales of Q4/Q8 formats fit the values far better.
+//! Attention is unchanged in exact arithmetic: scores use (Hq)·(Hk) = q·k, and the output of
+//! attention over HV is H times the output over V, undone by one more product with H.
+
+use serde::Serialize;
+
+use crate::CacheType;
+
+/// When cache rows are rotated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Rotation {
+    /// Never: rows are stored as computed.
+    Off,
+    /// A half (K or V) is rotated when it is stored in a quantized type and the head dimension is a
+    /// power of two.
+    #[default]
+    Quantized,
+    /// Every half with a power-of-two head dimension, f16 and f32 included: no accuracy gain there,
+    /// but it checks the rotation itself (attention over rotated f32 rows equals the plain result).
+    All,
+}
+
+impl Rotation {
+    /// Whether rows of `head_dim` values stored as `ty` are rotated under this policy.
+    pub fn applies(self, ty: CacheType, head_dim: usize) -> bool {
+        let wanted = match self {
+            Rotation::Off => false,
+            Rotation::Quantized => ty.is_quantized(),
+            Rotation::All => true,
+        };
+        wanted && head_dim.is_power_of_two() && head_dim >= 2
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Rotation::Off => "off",
+            Rotation::Quantized => "quantized",
+            Rotation::All => "all",
+        }
+    }
+}
+
+impl std::str::FromStr for Rotation {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "off" => Ok(Rotation::Off),
+            "quantized" => Ok(Rotation::Quantized),
+            "all" => Ok(Rotation::All),
+            _ => Err(format!(
+                "unknown rotation `{s}` (expected quantized, off or all)"
+            )),
+        }
+    }
+}
+
+/// The orthonormal Hadamard matrix of order `n` (a power of two), row-major: entry (i, j) is
+/// (−1)^popcount(i & j) / √n (Sylvester's construction).
+pub fn hadamard_matrix(n: usize) -> Vec<f32> {
+    let scale = 1.0 / (n as f32).sqrt();
+    (0..n * n)
+        .map(|k| {
+            if ((k / n) & (k % n)).count_ones() % 2 == 0 {
+                scale
+            } else {
+                -scale
+            }
+        })
+        .collect()
+}
+
+/// Multiplies every `head_dim` slice of `values` by the orthonormal Hadamard matrix, in place, with
+/// the fast Walsh-Hadamard transform (`head_dim` log `head_dim` additions per slice).
+pub fn rotate_heads(values: &mut [f32], head_dim: usize) {
+    debug_assert!(head_dim.is_power_of_two() && values.len() % head_dim == 0);
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    for head in values.chunks_exact_mut(head_dim) {
+        let mut span = 1;
+        while span < head_dim {
+            for start in (0..head_dim).step_by(2 * span) {
+                for i in start..start + span {
+                    let (a, b) = (head[i], head[i + span]);
+                    head[i] = a + b;
+                    head[i + span] = a - b;
+                }
+            }
+            span *= 2;
+        }
+        head.iter_mut().for_each(|v| *v *= scale);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fast_transform_is_the_matrix_product_and_its_own_inverse() {
+        let n = 16;
+        let h = hadamard_matrix(n);
+        let x: Vec<f32> = (0..2 * n)
+            .map(|i| ((i * 7919) % 23) as f32 - 11.0)
+            .collect();
+        let mut fast = x.clone();
+        rotate_heads(&mut fast, n);
+        for (head, out) in x.chunks(n).zip(fast.chunks(n)) {
+            for i in 0..n {
+                let naive: f64 = (0..n).map(|j| h[i * n + j] as f64 * head[j] as f64).sum();
+                assert!(
+                    (naive - out[i] as f64).abs() < 1e-5,
+                    "row {i}: {naive} vs {}",
+                    out[i]
+                );
+            }
+        }
+        rotate_heads(&mut fast, n);
+        assert!(
+            x.iter().zip(&fast).all(|(a, b)| (a - b).abs() < 1e-5),
+            "H·H = I"
+        );
+        // Orthonormal: rows of unit length, pairwise orthogonal.
+        for i in 0..n {
+            for j in 0..n {
+                let dot: f32 = (0..n).map(|k| h[i * n + k] * h[j * n + k]).sum();
+                assert!((dot - if i == j { 1.0 } else { 0.0 }).abs() < 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn only_quantized_halves_with_power_of_two_heads_rotate() {
+        assert!(Rotation::Quantized.applies(CacheType::Q4_0, 64));
+        assert!(!Rotation::Quantized.applies(CacheType::F16, 64));
+        assert!(!Rotation::Quantized.applies(CacheType::Q8_0, 96));
+        assert!(!Rotation::Off.applies(CacheType::Q4_0, 64));
+        assert!(
+            Rotation::All.applies(CacheType::F32, 64) && !Rotation::All.applies(CacheType::F32, 48)
+        );
+    }
+}
