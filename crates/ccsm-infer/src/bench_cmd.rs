@@ -23,6 +23,8 @@ pub struct BenchRow {
     pub threads: u32,
     pub k_type: CacheType,
     pub v_type: CacheType,
+    /// Whether the cache stores Hadamard-rotated rows (`--kv-rotation`).
+    pub kv_rotated: bool,
     pub test: &'static str,
     pub n_prompt: u32,
     pub n_gen: u32,
@@ -70,6 +72,7 @@ struct RowSource<'a> {
     size_bytes: u64,
     params: u64,
     cache: CacheType,
+    rotated: bool,
     depth: u32,
 }
 
@@ -83,6 +86,7 @@ impl RowSource<'_> {
             threads: self.args.threads,
             k_type: self.cache,
             v_type: self.cache,
+            kv_rotated: self.rotated,
             test,
             n_prompt: if test == "pp" { self.args.n_prompt } else { 0 },
             n_gen: if test == "pp" { 0 } else { self.args.n_gen },
@@ -154,6 +158,7 @@ fn bench_llama(args: &BenchArgs, log: &LogArgs) -> Result<Vec<BenchRow>> {
             let n_ctx = depth as usize + args.n_prompt.max(args.n_gen) as usize + 1;
             let options = ModelOptions { n_ctx, k_type: cache, v_type: cache, n_threads: args.threads as usize, n_batch: 512 };
             let mut model = GGMLModel::new(llama, options).with_context(|| format!("a {cache} cache of {n_ctx} cells"))?;
+            model.set_kv_rotation(args.kv_rotation)?;
             reset_peak_rss();
             let vocab = model.model().vocab_size();
             if depth > 0 {
@@ -178,7 +183,7 @@ fn bench_llama(args: &BenchArgs, log: &LogArgs) -> Result<Vec<BenchRow>> {
                     };
                     samples.push(1.0 / seconds);
                 }
-                let source = RowSource { args, model: &name, size_bytes: model.model().weight_bytes(), params: model.model().params(), cache, depth };
+                let source = RowSource { args, model: &name, size_bytes: model.model().weight_bytes(), params: model.model().params(), cache, rotated: model.cache().rotates_k() || model.cache().rotates_v(), depth };
                 rows.push(source.row(test, samples, model.kv_memory_usage(), None));
                 bar.inc(1);
             }
@@ -204,6 +209,7 @@ fn bench_csm(args: &BenchArgs, log: &LogArgs, file: &ggml::gguf::GgufFile) -> Re
             anyhow::ensure!(n_ctx <= n_ctx_train, "depth {depth} + {} rows exceeds the model's context {n_ctx_train}", args.n_prompt.max(args.n_gen));
             let options = CsmOptions { n_ctx, k_type: cache, v_type: cache, n_threads: args.threads as usize, n_batch: 512 };
             let mut generator = CsmGenerator::new(csm, options)?;
+            generator.set_kv_rotation(args.kv_rotation)?;
             reset_peak_rss();
             let text_rows = |n: usize, seed: u64| -> Vec<Row> { filler_tokens(n, text_vocab, seed).into_iter().map(Row::Text).collect() };
             for &test in &tests {
@@ -236,7 +242,7 @@ fn bench_csm(args: &BenchArgs, log: &LogArgs, file: &ggml::gguf::GgufFile) -> Re
                     };
                 }
                 let source =
-                    RowSource { args, model: &name, size_bytes: generator.model().weight_bytes(), params: generator.model().params(), cache, depth };
+                    RowSource { args, model: &name, size_bytes: generator.model().weight_bytes(), params: generator.model().params(), cache, rotated: generator.backbone_cache().rotates_k() || generator.backbone_cache().rotates_v(), depth };
                 rows.push(source.row(test, samples, generator.kv_memory_usage(), (test == "frame").then_some(detail)));
                 bar.inc(1);
             }
@@ -273,13 +279,15 @@ pub fn markdown(rows: &[BenchRow]) -> String {
             format!("{:.2} ({:.0} % / {:.0} %)", d.real_time_factor, 100.0 * d.backbone_share, 100.0 * d.decoder_share)
         });
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {}/{} | {} | {:.2} ± {:.2} | {} | {} | {frame} |\n",
+            "| {} | {} | {} | {} | {}/{}{} | {} | {:.2} ± {:.2} | {} | {} | {frame} |\n",
             r.model,
             human_bytes(r.size_bytes),
             human_params(r.params),
             r.threads,
             r.k_type,
             r.v_type,
+            // Rows stored rotated get a mark: "q4_0/q4_0 ·H".
+            if r.kv_rotated { " ·H" } else { "" },
             r.test_name(),
             r.avg_ts,
             r.stddev_ts,

@@ -111,6 +111,10 @@ pub struct BenchArgs {
     #[arg(long = "kv-quant", value_name = "TYPES", value_delimiter = ',', default_value = "f16")]
     pub cache_types: Vec<CacheType>,
 
+    /// Hadamard rotation of the cache rows (quantized, off, all), as for generation.
+    #[arg(long, value_name = "WHEN", default_value = "quantized")]
+    pub kv_rotation: Rotation,
+
     /// Context depths (tokens already in the cache), comma-separated.
     #[arg(short = 'd', long = "depth", value_delimiter = ',', default_value = "0")]
     pub depths: Vec<u32>,

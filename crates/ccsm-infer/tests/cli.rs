@@ -63,6 +63,7 @@ fn usage_errors_exit_2() {
         vec![tiny().as_str(), "-p", "x", "-c", "0"],
         vec![tiny().as_str(), "-p", "x", "--top-p", "0"],
         vec![tiny().as_str(), "-p", "x", "--top-k", "-3"],
+        vec![tiny().as_str(), "-p", "x", "--kv-rotation", "sometimes"],
         vec![tiny().as_str(), "--no-such-flag"],
     ] {
         infer().args(&args).assert().code(2).stderr(predicate::str::is_empty().not());
