@@ -74,7 +74,7 @@ fn kl_against_its_own_base_is_zero_and_against_another_cache_is_not() {
 
 /// The keys of a bench JSON row: scripts read them, so they change only on purpose.
 const BENCH_KEYS: &[&str] = &[
-    "model", "size_bytes", "params", "threads", "k_type", "v_type", "test", "n_prompt", "n_gen", "depth", "avg_ts",
+    "model", "size_bytes", "params", "threads", "k_type", "v_type", "kv_rotated", "test", "n_prompt", "n_gen", "depth", "avg_ts",
     "stddev_ts", "samples_ts", "kv_bytes", "peak_rss_bytes", "frame_detail",
 ];
 
@@ -90,6 +90,8 @@ fn bench_json_keys_are_stable_and_markdown_has_a_row_per_combination() {
         assert_eq!(row.keys().map(String::as_str).collect::<Vec<_>>(), expected);
         assert!(row["avg_ts"].as_f64().unwrap() > 0.0);
         assert_eq!(row["samples_ts"].as_array().unwrap().len(), 2);
+        // By default only quantized halves are rotated (tiny-llama's heads of 32 are a power of two).
+        assert_eq!(row["kv_rotated"], row["k_type"] == "q8_0");
     }
     // KV bytes are the block math: 2 layers × (K + V) × 64 values × cells (depth + 8 + 1).
     let q8 = rows.iter().find(|r| r["k_type"] == "q8_0" && r["depth"] == 16).unwrap();
