@@ -29,6 +29,9 @@ def main():
     print("development machine. llama.cpp's numbers are from the same kind of machine (commit 0c1e570, AVX-512,")
     print("flash attention). Runs on this shared machine vary by 5–15 %.\n")
     print("## Speed (tokens/s, avg ± stddev of 3 runs)\n")
+    if rows and "kv_rotated" not in rows[0]:
+        print("These speed rows predate rotated caches (quantized rows stored plain); rotation's cost is below this")
+        print("machine's noise (`docs/kv-rotation.md`).\n")
     print("| cache | test | ccsm t/s | llama.cpp t/s | ratio | KV cache MiB | peak RSS MiB |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
@@ -51,7 +54,9 @@ def main():
             f"{kl['same_top_percent']['mean']:.2f} | {kl['delta_ln_ppl']['mean']:+.5f} | {kl['rms_delta_p_percent']:.3f} | "
             f"{peer[0] if peer else '—'} | {peer[1] if peer else '—'} |"
         )
-    print("\nllama.cpp's KLD is measured against an f16 cache, ours against an f32 cache.")
+    print("\nllama.cpp's KLD is measured against an f16 cache, ours against an f32 cache. Quantized halves are stored")
+    print("Hadamard-rotated (the default `--kv-rotation quantized`); `docs/kv-rotation.md` has the pairs against an f16")
+    print("cache, with and without rotation.")
     memory_section(data)
 
 
