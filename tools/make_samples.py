@@ -38,6 +38,12 @@ TINY_CSM = {
     "audio_num_codebooks": 32,
 }
 
+# The fuzz seeds: the smallest models with every structure of the real ones, so that mutations land
+# in metadata and tensor infos rather than in weight bytes.
+MICRO_LLAMA = {"n_embd": 32, "n_head": 2, "n_head_kv": 1, "n_ff": 32, "n_layer": 1, "n_merges": 8, "wtype": np.float16}
+MICRO_STACK = {"n_layer": 1, "n_embd": 32, "n_head": 1, "n_head_kv": 1, "head_dim": 32, "n_ff": 32}
+MICRO_CSM = {**TINY_CSM, "backbone": MICRO_STACK, "decoder": MICRO_STACK, "max_seq_len": 64, "audio_vocab_size": 8, "audio_num_codebooks": 4}
+
 
 def llama_stack(writer, rng, prefix, n_layer, n_embd, n_head, n_head_kv, n_ff, wtype=np.float32):
     """Random Llama block weights under `prefix` (numpy shapes are ggml's reversed)."""
@@ -61,21 +67,6 @@ def llama_stack(writer, rng, prefix, n_layer, n_embd, n_head, n_head_kv, n_ff, w
         matrix(b + "ffn_up.weight", n_ff, n_embd)
         matrix(b + "ffn_down.weight", n_embd, n_ff)
     norm(prefix + "output_norm.weight", n_embd)
-
-
-# The fuzz seeds: the smallest models with every structure of the real ones, so that mutations land
-# in metadata and tensor infos rather than in weight bytes.
-MICRO_LLAMA = {"n_embd": 32, "n_head": 2, "n_head_kv": 1, "n_ff": 32, "n_layer": 1, "n_merges": 8, "wtype": np.float16}
-MICRO_CSM = {
-    "backbone": {"n_layer": 1, "n_embd": 32, "n_head": 1, "n_head_kv": 1, "head_dim": 32, "n_ff": 32},
-    "decoder": {"n_layer": 1, "n_embd": 32, "n_head": 1, "n_head_kv": 1, "head_dim": 32, "n_ff": 32},
-    "rms_eps": 1e-5,
-    "rope_theta": 500000.0,
-    "rope_scaling": {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_context": 64},
-    "max_seq_len": 64,
-    "audio_vocab_size": 8,
-    "audio_num_codebooks": 4,
-}
 
 
 def tiny_llama(path, pre="smollm", name="tiny-llama", n_embd=128, n_head=4, n_head_kv=2, n_ff=256, n_layer=2, n_merges=200, wtype=np.float32):

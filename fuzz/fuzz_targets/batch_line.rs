@@ -4,15 +4,12 @@
 
 use std::cell::RefCell;
 
-use ccsm::csm::{CsmGenerator, CsmModel, CsmOptions};
-use ccsm::CacheType;
+use ccsm::csm::CsmGenerator;
 use libfuzzer_sys::fuzz_target;
 
 fn load_generator() -> CsmGenerator {
     let path = std::env::var("CCSM_FUZZ_CSM").unwrap_or_else(|_| "../models/tiny-csm.gguf".into());
-    let model = CsmModel::load(&path).unwrap_or_else(|e| panic!("{path}: {e} (run `make models`)"));
-    let options = CsmOptions { n_ctx: 64, k_type: CacheType::Q8_0, v_type: CacheType::F16, n_threads: 1, n_batch: 16 };
-    CsmGenerator::new(model, options).expect("setting up tiny-csm")
+    ccsm::exercise::batch_generator(path.as_ref()).unwrap_or_else(|e| panic!("{path}: {e} (run `make models`)"))
 }
 
 thread_local! {

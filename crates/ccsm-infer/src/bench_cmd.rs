@@ -183,7 +183,7 @@ fn bench_llama(args: &BenchArgs, log: &LogArgs) -> Result<Vec<BenchRow>> {
                     };
                     samples.push(1.0 / seconds);
                 }
-                let source = RowSource { args, model: &name, size_bytes: model.model().weight_bytes(), params: model.model().params(), cache, rotated: model.cache().rotates_k() || model.cache().rotates_v(), depth };
+                let source = RowSource { args, model: &name, size_bytes: model.model().weight_bytes(), params: model.model().params(), cache, rotated: model.cache().is_rotated(), depth };
                 rows.push(source.row(test, samples, model.kv_memory_usage(), None));
                 bar.inc(1);
             }
@@ -242,7 +242,7 @@ fn bench_csm(args: &BenchArgs, log: &LogArgs, file: &ggml::gguf::GgufFile) -> Re
                     };
                 }
                 let source =
-                    RowSource { args, model: &name, size_bytes: generator.model().weight_bytes(), params: generator.model().params(), cache, rotated: generator.backbone_cache().rotates_k() || generator.backbone_cache().rotates_v(), depth };
+                    RowSource { args, model: &name, size_bytes: generator.model().weight_bytes(), params: generator.model().params(), cache, rotated: generator.backbone_cache().is_rotated(), depth };
                 rows.push(source.row(test, samples, generator.kv_memory_usage(), (test == "frame").then_some(detail)));
                 bar.inc(1);
             }

@@ -182,12 +182,9 @@ impl CacheArgs {
         self.cache_type_v.or(self.kv_quant).unwrap_or(default)
     }
 
-    /// Sets the rotation on a freshly made model (models start with the default).
+    /// Sets the rotation on a freshly made model (rows convert only where it changes something).
     pub fn apply_rotation(&self, model: &mut impl ccsm::Model) -> anyhow::Result<()> {
-        if self.kv_rotation != Rotation::default() {
-            model.set_kv_rotation(self.kv_rotation)?;
-        }
-        Ok(())
+        Ok(model.set_kv_rotation(self.kv_rotation)?)
     }
 }
 

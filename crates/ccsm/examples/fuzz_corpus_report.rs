@@ -9,8 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use ccsm::csm::{CsmGenerator, CsmModel, CsmOptions};
-use ccsm::{exercise, CacheType};
+use ccsm::exercise;
 
 /// An error's kind: its message with the file name, numbers and quoted names masked (they vary per
 /// input), cut to its first words.
@@ -47,11 +46,8 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let mut generator = (target == "batch_line").then(|| {
-        let model = CsmModel::load(args.get(3).map_or("models/tiny-csm.gguf", String::as_str)).expect("tiny-csm");
-        let options = CsmOptions { n_ctx: 64, k_type: CacheType::Q8_0, v_type: CacheType::F16, n_threads: 1, n_batch: 16 };
-        CsmGenerator::new(model, options).expect("generator")
-    });
+    let csm = args.get(3).map_or("models/tiny-csm.gguf", String::as_str);
+    let mut generator = (target == "batch_line").then(|| exercise::batch_generator(csm.as_ref()).expect("tiny-csm"));
     let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
     // Per outcome: the smallest input and its exact message.
     let mut smallest: BTreeMap<String, (Vec<u8>, String)> = BTreeMap::new();

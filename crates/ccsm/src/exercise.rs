@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::csm::{CsmGenerator, CsmOptions, Request};
+use crate::csm::{CsmGenerator, CsmModel, CsmOptions, Request};
 use crate::error::{Error, Result};
 use crate::load::{load_model, AnyModel};
 use crate::model::{GGMLModel, Logits, Model, ModelOptions};
@@ -41,6 +41,13 @@ pub fn model_file(path: &Path) -> Result<()> {
             request_in(&request, &mut generator)
         }
     }
+}
+
+/// The generator `batch_line` runs on (tiny-csm in the fuzz target, its tests and its corpus report):
+/// 64 backbone cells, a q8_0 K cache so quantized attention and rotation are on the path.
+pub fn batch_generator(csm: &Path) -> Result<CsmGenerator> {
+    let options = CsmOptions { n_ctx: 64, k_type: CacheType::Q8_0, v_type: CacheType::F16, n_threads: 1, n_batch: 16 };
+    CsmGenerator::new(CsmModel::load(csm)?, options)
 }
 
 /// One `--batch` line: parsed, checked against the model, prefilled and one frame generated.

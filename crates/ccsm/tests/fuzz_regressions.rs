@@ -9,8 +9,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use ccsm::csm::{CsmGenerator, CsmModel, CsmOptions};
-use ccsm::{exercise, CacheType};
+use ccsm::csm::CsmGenerator;
+use ccsm::exercise;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -45,9 +45,7 @@ fn check(path: &Path, result: ccsm::Result<()>, expected: &str) {
 }
 
 fn tiny_csm_generator() -> CsmGenerator {
-    let model = CsmModel::load(common::model("tiny-csm.gguf")).unwrap();
-    let options = CsmOptions { n_ctx: 64, k_type: CacheType::Q8_0, v_type: CacheType::F16, n_threads: 1, n_batch: 16 };
-    CsmGenerator::new(model, options).unwrap()
+    exercise::batch_generator(&common::model("tiny-csm.gguf")).unwrap()
 }
 
 #[test]

@@ -221,6 +221,12 @@ impl CsmGenerator {
         })
     }
 
+    /// Kept graphs read the cache buffers; drop them before the buffers are replaced.
+    fn drop_kept_graphs(&mut self) {
+        self.backbone_step = None;
+        self.decoder_steps.iter_mut().for_each(|g| *g = None);
+    }
+
     pub fn model(&self) -> &CsmModel {
         &self.model
     }
@@ -454,9 +460,7 @@ impl Model for CsmGenerator {
     }
 
     fn quantize_kv_cache(&mut self, k_type: CacheType, v_type: CacheType) -> Result<Vec<CacheReport>> {
-        // Kept graphs read the old buffers; drop them before the buffers are replaced.
-        self.backbone_step = None;
-        self.decoder_steps.iter_mut().for_each(|g| *g = None);
+        self.drop_kept_graphs();
         Ok(vec![
             CacheReport { cache: "backbone", report: self.backbone_cache.quantize(k_type, v_type)? },
             CacheReport { cache: "decoder", report: self.decoder_cache.quantize(k_type, v_type)? },
@@ -464,8 +468,7 @@ impl Model for CsmGenerator {
     }
 
     fn optimize_memory(&mut self, max_bytes: usize, policy: EvictionPolicy) -> Result<MemoryReport> {
-        self.backbone_step = None;
-        self.decoder_steps.iter_mut().for_each(|g| *g = None);
+        self.drop_kept_graphs();
         let caches = vec![
             ManagedCache { name: "backbone", cache: &mut self.backbone_cache, resizable: true },
             ManagedCache { name: "decoder", cache: &mut self.decoder_cache, resizable: false },
@@ -484,8 +487,7 @@ impl Model for CsmGenerator {
     }
 
     fn set_kv_rotation(&mut self, rotation: Rotation) -> Result<()> {
-        self.backbone_step = None;
-        self.decoder_steps.iter_mut().for_each(|g| *g = None);
+        self.drop_kept_graphs();
         self.backbone_cache.set_rotation(rotation)?;
         self.decoder_cache.set_rotation(rotation)?;
         Ok(())

@@ -155,8 +155,7 @@ impl KvCache {
     }
 
     fn update_hadamard(&mut self) -> Result<()> {
-        let needed = self.rotates_k() || self.rotates_v();
-        match (&self.hadamard, needed) {
+        match (&self.hadamard, self.is_rotated()) {
             (None, true) => self.hadamard = Some(hadamard_store(self.config.head_dim)?),
             (Some(_), false) => self.hadamard = None,
             _ => {}
@@ -176,6 +175,11 @@ impl KvCache {
     /// Whether V rows are stored rotated (attention outputs must then be rotated back).
     pub fn rotates_v(&self) -> bool {
         self.rotation.applies(self.config.v_type, self.config.head_dim)
+    }
+
+    /// Whether either half is stored rotated.
+    pub fn is_rotated(&self) -> bool {
+        self.rotates_k() || self.rotates_v()
     }
 
     /// The F32 `[head_dim, head_dim]` Hadamard matrix (symmetric), while a half is rotated.
