@@ -15,14 +15,8 @@ const SOURCE_VERSION: &str = "0.1.161";
 const GGML_VERSION: &str = "0.26.0";
 
 /// C files of the CPU backend for this ggml version (relative to `src/`).
-const C_SOURCES: &[&str] = &[
-    "ggml.c",
-    "ggml-alloc.c",
-    "ggml-quants.c",
-    "ggml-cpu/ggml-cpu.c",
-    "ggml-cpu/quants.c",
-    "ggml-cpu/arch/x86/quants.c",
-];
+const C_SOURCES: &[&str] =
+    &["ggml.c", "ggml-alloc.c", "ggml-quants.c", "ggml-cpu/ggml-cpu.c", "ggml-cpu/quants.c", "ggml-cpu/arch/x86/quants.c"];
 
 /// C++ files of the CPU backend for this ggml version (relative to `src/`).
 const CXX_SOURCES: &[&str] = &[
@@ -92,7 +86,8 @@ fn locate_ggml_source() -> Result<PathBuf, String> {
 }
 
 fn locate_in_registry_sources() -> Option<PathBuf> {
-    let cargo_home = env::var_os("CARGO_HOME").map(PathBuf::from).or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))?;
+    let cargo_home =
+        env::var_os("CARGO_HOME").map(PathBuf::from).or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))?;
     let package = format!("{SOURCE_PACKAGE}-{SOURCE_VERSION}");
     std::fs::read_dir(cargo_home.join("registry/src"))
         .ok()?
@@ -162,12 +157,7 @@ fn base_build(ggml_dir: &Path, generated_include: &Path) -> cc::Build {
         // the VMs we run on, so they stay off even where the CPU reports them. AVX512-FP16 switches
         // ggml's f16 vectors to 128-element steps, which leaves head-sized (64) f16 rows to scalar
         // code: f16 KV decode at depth 2048 ran at less than half speed with it on.
-        build
-            .flag("-march=native")
-            .flag("-mno-amx-tile")
-            .flag("-mno-amx-int8")
-            .flag("-mno-amx-bf16")
-            .flag_if_supported("-mno-avx512fp16");
+        build.flag("-march=native").flag("-mno-amx-tile").flag("-mno-amx-int8").flag("-mno-amx-bf16").flag_if_supported("-mno-avx512fp16");
     }
     if feature("openmp") {
         build.define("GGML_USE_OPENMP", None).flag("-fopenmp");
@@ -181,10 +171,7 @@ fn base_build(ggml_dir: &Path, generated_include: &Path) -> cc::Build {
 fn compile_ggml(ggml_dir: &Path, generated_include: &Path) {
     let src = ggml_dir.join("src");
     // C objects are linked into the same archive as the C++ ones: the two halves call each other.
-    let c_objects = base_build(ggml_dir, generated_include)
-        .std("c11")
-        .files(C_SOURCES.iter().map(|f| src.join(f)))
-        .compile_intermediates();
+    let c_objects = base_build(ggml_dir, generated_include).std("c11").files(C_SOURCES.iter().map(|f| src.join(f))).compile_intermediates();
     base_build(ggml_dir, generated_include)
         .cpp(true)
         .std("c++17")

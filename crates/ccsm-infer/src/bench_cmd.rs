@@ -183,7 +183,15 @@ fn bench_llama(args: &BenchArgs, log: &LogArgs) -> Result<Vec<BenchRow>> {
                     };
                     samples.push(1.0 / seconds);
                 }
-                let source = RowSource { args, model: &name, size_bytes: model.model().weight_bytes(), params: model.model().params(), cache, rotated: model.cache().is_rotated(), depth };
+                let source = RowSource {
+                    args,
+                    model: &name,
+                    size_bytes: model.model().weight_bytes(),
+                    params: model.model().params(),
+                    cache,
+                    rotated: model.cache().is_rotated(),
+                    depth,
+                };
                 rows.push(source.row(test, samples, model.kv_memory_usage(), None));
                 bar.inc(1);
             }
@@ -206,7 +214,11 @@ fn bench_csm(args: &BenchArgs, log: &LogArgs, file: &ggml::gguf::GgufFile) -> Re
             let csm = weights.take().expect("weights are returned after each run");
             let (text_vocab, n_ctx_train) = (csm.config().text_vocab, csm.config().backbone.n_ctx_train);
             let n_ctx = depth as usize + args.n_prompt.max(args.n_gen) as usize + 1;
-            anyhow::ensure!(n_ctx <= n_ctx_train, "depth {depth} + {} rows exceeds the model's context {n_ctx_train}", args.n_prompt.max(args.n_gen));
+            anyhow::ensure!(
+                n_ctx <= n_ctx_train,
+                "depth {depth} + {} rows exceeds the model's context {n_ctx_train}",
+                args.n_prompt.max(args.n_gen)
+            );
             let options = CsmOptions { n_ctx, k_type: cache, v_type: cache, n_threads: args.threads as usize, n_batch: 512 };
             let mut generator = CsmGenerator::new(csm, options)?;
             generator.set_kv_rotation(args.kv_rotation)?;
@@ -241,8 +253,15 @@ fn bench_csm(args: &BenchArgs, log: &LogArgs, file: &ggml::gguf::GgufFile) -> Re
                         sampling_share: (t.sampling_seconds - before.sampling_seconds) / seconds,
                     };
                 }
-                let source =
-                    RowSource { args, model: &name, size_bytes: generator.model().weight_bytes(), params: generator.model().params(), cache, rotated: generator.backbone_cache().is_rotated(), depth };
+                let source = RowSource {
+                    args,
+                    model: &name,
+                    size_bytes: generator.model().weight_bytes(),
+                    params: generator.model().params(),
+                    cache,
+                    rotated: generator.backbone_cache().is_rotated(),
+                    depth,
+                };
                 rows.push(source.row(test, samples, generator.kv_memory_usage(), (test == "frame").then_some(detail)));
                 bar.inc(1);
             }
@@ -272,7 +291,8 @@ fn human_params(p: u64) -> String {
 
 /// llama-bench's table, with the cache type, KV bytes and peak RSS beside each row.
 pub fn markdown(rows: &[BenchRow]) -> String {
-    let mut out = String::from("| model | size | params | threads | cache | test | t/s | KV cache | peak RSS | RTF (backbone / decoder) |\n");
+    let mut out =
+        String::from("| model | size | params | threads | cache | test | t/s | KV cache | peak RSS | RTF (backbone / decoder) |\n");
     out.push_str("| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |\n");
     for r in rows {
         let frame = r.frame_detail.map_or("-".into(), |d| {

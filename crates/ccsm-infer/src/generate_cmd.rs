@@ -18,9 +18,10 @@ use crate::{output, UsageError};
 pub const DEFAULT_CTX_CAP: usize = 4096;
 
 pub fn model_path(args: &GenerateArgs) -> Result<PathBuf> {
-    args.model.clone().or_else(|| args.model_positional.clone()).ok_or_else(|| {
-        UsageError("no model given: pass MODEL or -m MODEL (see --help)".into()).into()
-    })
+    args.model
+        .clone()
+        .or_else(|| args.model_positional.clone())
+        .ok_or_else(|| UsageError("no model given: pass MODEL or -m MODEL (see --help)".into()).into())
 }
 
 fn n_predict_of(args: &GenerateArgs) -> usize {

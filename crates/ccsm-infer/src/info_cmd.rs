@@ -34,7 +34,14 @@ fn caches(file: &GgufFile, ctx: Option<usize>) -> Result<(String, Vec<(&'static 
 
 /// KV bytes of one cache, sized by the same code that allocates caches.
 pub fn kv_bytes(stack: &LlamaConfig, cells: usize, k: CacheType, v: CacheType) -> Result<usize> {
-    let config = KvCacheConfig { n_layer: stack.n_layer, head_dim: stack.head_dim, n_head_kv: stack.n_head_kv, capacity: cells, k_type: k, v_type: v };
+    let config = KvCacheConfig {
+        n_layer: stack.n_layer,
+        head_dim: stack.head_dim,
+        n_head_kv: stack.n_head_kv,
+        capacity: cells,
+        k_type: k,
+        v_type: v,
+    };
     Ok(config.bytes()?)
 }
 
@@ -78,15 +85,29 @@ pub fn run(args: &InfoArgs) -> Result<()> {
         output::println(&v.to_string());
         return Ok(());
     }
-    output::println(&format!("{} ({arch}): {} tensors, {:.2} M parameters, {:.2} MiB of weights", name, file.tensors().len(), params as f64 / 1e6, weight_bytes as f64 / 1048576.0));
+    output::println(&format!(
+        "{} ({arch}): {} tensors, {:.2} M parameters, {:.2} MiB of weights",
+        name,
+        file.tensors().len(),
+        params as f64 / 1e6,
+        weight_bytes as f64 / 1048576.0
+    ));
     for (cache, s, cells) in &caches {
-        output::println(&format!("{cache} cache: {cells} cells × {} layers × {} KV heads × head dim {}", s.n_layer, s.n_head_kv, s.head_dim));
+        output::println(&format!(
+            "{cache} cache: {cells} cells × {} layers × {} KV heads × head dim {}",
+            s.n_layer, s.n_head_kv, s.head_dim
+        ));
     }
     output::println("| cache type | bits/element | KV bytes | MiB |");
     output::println("| --- | ---: | ---: | ---: |");
     for e in &per_type {
         let total = e["total"].as_u64().unwrap_or(0);
-        output::println(&format!("| {} | {:.4} | {total} | {:.2} |", e["type"].as_str().unwrap_or(""), e["bits_per_element"].as_f64().unwrap_or(0.0), total as f64 / 1048576.0));
+        output::println(&format!(
+            "| {} | {:.4} | {total} | {:.2} |",
+            e["type"].as_str().unwrap_or(""),
+            e["bits_per_element"].as_f64().unwrap_or(0.0),
+            total as f64 / 1048576.0
+        ));
     }
     Ok(())
 }

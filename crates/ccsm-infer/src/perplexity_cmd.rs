@@ -27,7 +27,12 @@ pub fn run(args: &PerplexityArgs, log: &LogArgs) -> Result<()> {
     let reference = match &args.kl {
         Some(path) => {
             let (run, vocab) = PerplexityRun::load(path)?;
-            anyhow::ensure!(vocab == model.model().vocab_size(), "{}: reference vocabulary {vocab} differs from the model's {}", path.display(), model.model().vocab_size());
+            anyhow::ensure!(
+                vocab == model.model().vocab_size(),
+                "{}: reference vocabulary {vocab} differs from the model's {}",
+                path.display(),
+                model.model().vocab_size()
+            );
             Some(run)
         }
         None => None,
@@ -62,7 +67,13 @@ pub fn run(args: &PerplexityArgs, log: &LogArgs) -> Result<()> {
         });
         output::println(&summary.to_string());
     } else {
-        output::println(&format!("PPL = {:.4} +/- {:.4}  ({} chunks of {ctx}, {} tokens scored, K {k_type} V {v_type})", ppl.mean, ppl.stderr, run.chunks, run.positions.len()));
+        output::println(&format!(
+            "PPL = {:.4} +/- {:.4}  ({} chunks of {ctx}, {} tokens scored, K {k_type} V {v_type})",
+            ppl.mean,
+            ppl.stderr,
+            run.chunks,
+            run.positions.len()
+        ));
         if let Some(kl) = kl {
             output::println(&format!("Mean ln(PPL/PPL_base) = {:.5} +/- {:.5}", kl.delta_ln_ppl.mean, kl.delta_ln_ppl.stderr));
             output::println(&format!("Mean KLD = {:.6} +/- {:.6}  (max {:.4})", kl.kld.mean, kl.kld.stderr, kl.kld_max));
@@ -71,7 +82,11 @@ pub fn run(args: &PerplexityArgs, log: &LogArgs) -> Result<()> {
         }
     }
     if !log.quiet {
-        eprintln!("scored {} tokens in {seconds:.1} s ({:.1} tokens/s evaluated)", run.positions.len(), (run.chunks * ctx) as f64 / seconds);
+        eprintln!(
+            "scored {} tokens in {seconds:.1} s ({:.1} tokens/s evaluated)",
+            run.positions.len(),
+            (run.chunks * ctx) as f64 / seconds
+        );
     }
     Ok(())
 }

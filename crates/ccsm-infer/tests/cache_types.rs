@@ -33,14 +33,29 @@ fn info_bytes_equal_what_generation_allocates() {
 
 #[test]
 fn quantize_after_converts_live_and_keeps_generating() {
-    let out = json(&[&model("tiny-llama.gguf"), "-p", "Hello there", "-n", "10", "--kv-quant", "q4_1", "--quantize-after", "4", "--json", "-q", "-c", "64"]);
+    let out = json(&[
+        &model("tiny-llama.gguf"),
+        "-p",
+        "Hello there",
+        "-n",
+        "10",
+        "--kv-quant",
+        "q4_1",
+        "--quantize-after",
+        "4",
+        "--json",
+        "-q",
+        "-c",
+        "64",
+    ]);
     assert_eq!(out["tokens"].as_array().unwrap().len(), 10);
     assert_eq!(out["memory"]["k_type"], "q4_1");
     let report = &out["conversion"][0]["report"];
     assert_eq!(report["bytes_before"], 2 * 64 * 2 * 64 * 4, "started in f32");
     assert_eq!(report["bytes_after"], out["memory"]["kv_bytes"]);
 
-    let speech = json(&[&model("tiny-csm.gguf"), "-p", "Hello", "-n", "6", "--ctk", "q8_0", "--ctv", "q4_0", "--quantize-after", "2", "-q"]);
+    let speech =
+        json(&[&model("tiny-csm.gguf"), "-p", "Hello", "-n", "6", "--ctk", "q8_0", "--ctv", "q4_0", "--quantize-after", "2", "-q"]);
     assert_eq!(speech["k_type"], "q8_0");
     assert_eq!(speech["v_type"], "q4_0");
     assert_eq!(speech["conversion"].as_array().unwrap().len(), 2, "backbone and decoder");

@@ -74,7 +74,10 @@ fn usage_errors_exit_2() {
 #[test]
 fn top_k_all_is_no_limit() {
     let tokens = |top_k: &str| {
-        let out = infer().args([&tiny(), "-p", "Hello", "-n", "12", "--temp", "1.5", "--top-p", "1", "--top-k", top_k, "--json"]).assert().success();
+        let out = infer()
+            .args([&tiny(), "-p", "Hello", "-n", "12", "--temp", "1.5", "--top-p", "1", "--top-k", top_k, "--json"])
+            .assert()
+            .success();
         let v: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).unwrap();
         v["tokens"].clone()
     };

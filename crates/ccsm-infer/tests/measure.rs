@@ -74,8 +74,23 @@ fn kl_against_its_own_base_is_zero_and_against_another_cache_is_not() {
 
 /// The keys of a bench JSON row: scripts read them, so they change only on purpose.
 const BENCH_KEYS: &[&str] = &[
-    "model", "size_bytes", "params", "threads", "k_type", "v_type", "kv_rotated", "test", "n_prompt", "n_gen", "depth", "avg_ts",
-    "stddev_ts", "samples_ts", "kv_bytes", "peak_rss_bytes", "frame_detail",
+    "model",
+    "size_bytes",
+    "params",
+    "threads",
+    "k_type",
+    "v_type",
+    "kv_rotated",
+    "test",
+    "n_prompt",
+    "n_gen",
+    "depth",
+    "avg_ts",
+    "stddev_ts",
+    "samples_ts",
+    "kv_bytes",
+    "peak_rss_bytes",
+    "frame_detail",
 ];
 
 #[test]

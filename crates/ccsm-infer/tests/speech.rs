@@ -57,7 +57,9 @@ fn batch_runs_every_good_line_and_reports_bad_ones_by_number() {
     )
     .into_bytes();
     // Line 7 is not UTF-8, line 8 asks for no frames, line 9 ends in CRLF (and is fine).
-    requests.extend_from_slice(b"{\"text\": \"\xff\xfe\"}\n{\"text\": \"none\", \"max_frames\": 0}\n{\"text\": \"crlf\", \"max_frames\": 1}\r\n");
+    requests.extend_from_slice(
+        b"{\"text\": \"\xff\xfe\"}\n{\"text\": \"none\", \"max_frames\": 0}\n{\"text\": \"crlf\", \"max_frames\": 1}\r\n",
+    );
     std::fs::write(&batch, requests).unwrap();
     let out = infer().args([&tiny_csm(), "--batch", batch.to_str().unwrap(), "-q"]).assert().code(1);
     let stdout = String::from_utf8(out.get_output().stdout.clone()).unwrap();

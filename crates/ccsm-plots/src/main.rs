@@ -55,12 +55,16 @@ fn kv_bytes_plot(args: &Args) -> Result<PathBuf> {
     root.fill(&WHITE)?;
     let max_ctx = 8192usize;
     let mib = |t: CacheType, ctx: usize| -> Result<f64> {
-        let config = KvCacheConfig { n_layer: c.n_layer, head_dim: c.head_dim, n_head_kv: c.n_head_kv, capacity: ctx.max(1), k_type: t, v_type: t };
+        let config =
+            KvCacheConfig { n_layer: c.n_layer, head_dim: c.head_dim, n_head_kv: c.n_head_kv, capacity: ctx.max(1), k_type: t, v_type: t };
         Ok(config.bytes()? as f64 / (1024.0 * 1024.0))
     };
     let top = mib(CacheType::F32, max_ctx)? * 1.05;
     let mut chart = ChartBuilder::on(&root)
-        .caption(format!("KV cache bytes vs context ({}, {} layers)", args.model.file_name().unwrap_or_default().to_string_lossy(), c.n_layer), ("sans-serif", 22))
+        .caption(
+            format!("KV cache bytes vs context ({}, {} layers)", args.model.file_name().unwrap_or_default().to_string_lossy(), c.n_layer),
+            ("sans-serif", 22),
+        )
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(60)
@@ -73,7 +77,13 @@ fn kv_bytes_plot(args: &Args) -> Result<PathBuf> {
             .label(format!("{t} ({:.3} bits/elem)", t.dtype().bits_per_element()))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color(i).stroke_width(3)));
     }
-    chart.configure_series_labels().background_style(WHITE.mix(0.9)).border_style(BLACK).label_font(("sans-serif", 15)).position(SeriesLabelPosition::UpperLeft).draw()?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 15))
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()?;
     root.present()?;
     drop(chart);
     drop(root);

@@ -6,9 +6,9 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::model::{CacheReport, GGMLModel, Logits, Model};
-use crate::CacheType;
 use crate::sampling::Sampler;
 use crate::tokenizer::Tokenizer;
+use crate::CacheType;
 
 /// Time spent in the model (tokenization and sampling excluded).
 #[derive(Clone, Copy, Debug, Default, Serialize)]

@@ -7,9 +7,9 @@ use ggml::{Backend, ComputeBuffer, Context, DType, Graph, ReusableGraph, Tensor}
 
 use crate::error::{Error, Result};
 use crate::kv_cache::{EvictionPolicy, KvCache, KvCacheConfig, QuantizeReport, Rotation};
-use crate::memory::{self, make_room, ManagedCache, MemoryReport};
 use crate::llama::transformer::BuildScope;
 use crate::llama::{LlamaModel, StepInputs};
+use crate::memory::{self, make_room, ManagedCache, MemoryReport};
 use crate::CacheType;
 
 /// Which positions of a step return logits.
@@ -112,14 +112,17 @@ impl GGMLModel {
         if options.n_batch == 0 {
             return Err(Error::Input("batch size must be at least 1".into()));
         }
-        let cache = KvCache::with_rotation(KvCacheConfig {
-            n_layer: c.n_layer,
-            head_dim: c.head_dim,
-            n_head_kv: c.n_head_kv,
-            capacity: options.n_ctx,
-            k_type: options.k_type,
-            v_type: options.v_type,
-        }, Rotation::default())?;
+        let cache = KvCache::with_rotation(
+            KvCacheConfig {
+                n_layer: c.n_layer,
+                head_dim: c.head_dim,
+                n_head_kv: c.n_head_kv,
+                capacity: options.n_ctx,
+                k_type: options.k_type,
+                v_type: options.v_type,
+            },
+            Rotation::default(),
+        )?;
         Ok(GGMLModel {
             model,
             cache,
@@ -226,7 +229,8 @@ impl GGMLModel {
         let ctx = self.compute.context(max_nodes + 16, max_nodes)?;
         let mut graph = ctx.new_graph(max_nodes)?;
         let track = self.track_attention;
-        let step = build_step(model, cache, &ctx, &mut graph, tokens.len(), cache.len(), which, track)?;
+        let shape = StepShape { n: tokens.len(), n_kv: cache.len(), which, track_attention: track };
+        let step = build_step(model, cache, &ctx, &mut graph, shape)?;
         ctx.allocate(&graph)?;
         step.write_inputs(model, cache, tokens, cells)?;
         self.backend.compute(&graph)?;
@@ -250,7 +254,8 @@ impl GGMLModel {
             let max_nodes = self.model.transformer.max_nodes();
             let mut graph = ReusableGraph::new(max_nodes + 16, max_nodes)?;
             let mut building = graph.context().new_graph(max_nodes)?;
-            build_step(&self.model, &self.cache, graph.context(), &mut building, 1, n_kv, Logits::Last, track)?;
+            let shape = StepShape { n: 1, n_kv, which: Logits::Last, track_attention: track };
+            build_step(&self.model, &self.cache, graph.context(), &mut building, shape)?;
             let sealed = building.seal();
             graph.finish(sealed)?;
             self.decode_graph = Some((n_kv, track, graph));
@@ -304,17 +309,18 @@ impl<'c> StepTensors<'c> {
     }
 }
 
-/// The graph of one step: `n` new tokens attending over the first `n_kv` cache cells.
-fn build_step<'c>(
-    model: &'c LlamaModel,
-    cache: &'c KvCache,
-    ctx: &'c Context,
-    graph: &mut Graph<'c>,
+/// What one step's graph computes: `n` new tokens attending over the first `n_kv` cache cells.
+#[derive(Clone, Copy)]
+struct StepShape {
     n: usize,
     n_kv: usize,
     which: Logits,
     track_attention: bool,
-) -> Result<StepTensors<'c>> {
+}
+
+/// The graph of one step.
+fn build_step<'c>(model: &'c LlamaModel, cache: &'c KvCache, ctx: &'c Context, graph: &mut Graph<'c>, shape: StepShape) -> Result<StepTensors<'c>> {
+    let StepShape { n, n_kv, which, track_attention } = shape;
     let transformer = &model.transformer;
     let n = n as i64;
     let tokens = ctx.new_tensor(DType::I32, &[n])?.set_input().set_name("tokens");

@@ -269,4 +269,3 @@ pub struct KlComparison {
     /// Root mean square of p_run(target) − p_ref(target), in percent.
     pub rms_delta_p_percent: f64,
 }
-

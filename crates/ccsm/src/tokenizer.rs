@@ -16,7 +16,8 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior};
 use crate::error::{Error, Result};
 
 /// Llama 3's split pattern (also CSM's text tokenizer).
-const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_PATTERN: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
 const TOKEN_TYPE_CONTROL: i32 = 3;
@@ -120,10 +121,7 @@ impl Tokenizer {
                 _ => Err(Error::Tokenizer(format!("merge #{i} `{m}` is not two vocabulary tokens"))),
             })
             .collect::<Result<Vec<_>>>()?;
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| Error::Tokenizer(format!("cannot build BPE: {e}")))?;
+        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| Error::Tokenizer(format!("cannot build BPE: {e}")))?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
         inner.with_pre_tokenizer(Some(pre.build()?));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
@@ -194,10 +192,13 @@ mod tests {
         v.iter().map(|s| s.to_string()).collect()
     }
 
+    /// A vocabulary as a file declares it: tokens, merges, token types.
+    type Vocabulary = (Vec<String>, Vec<String>, Option<Vec<i32>>);
+
     /// Vocabularies a hostile file can declare: each builds and encodes without panicking, or is refused.
     #[test]
     fn odd_vocabularies_encode_or_are_refused() {
-        let cases: Vec<(Vec<String>, Vec<String>, Option<Vec<i32>>)> = vec![
+        let cases: Vec<Vocabulary> = vec![
             (strings(&["", "a", "b"]), vec![], None),
             (strings(&["", "a", "b"]), vec![], Some(vec![3, 1, 1])),
             (strings(&["a", "b", "ab"]), strings(&["a b"]), Some(vec![3, 3, 3])),

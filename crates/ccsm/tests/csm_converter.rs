@@ -16,7 +16,9 @@ fn frames_and_logits(path: &std::path::Path) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
     let options = CsmOptions { n_ctx: 64, k_type: CacheType::F32, v_type: CacheType::F32, n_threads: 2, n_batch: 64 };
     let mut g = CsmGenerator::new(csm, options).unwrap();
     let c = g.model().config().clone();
-    let rows = Segment { speaker: 0, text: "Hello there, 2026!".into(), frames: vec![] }.rows(g.model().tokenizer(), c.n_codebooks, c.audio_vocab).unwrap();
+    let rows = Segment { speaker: 0, text: "Hello there, 2026!".into(), frames: vec![] }
+        .rows(g.model().tokenizer(), c.n_codebooks, c.audio_vocab)
+        .unwrap();
     g.prefill(&rows).unwrap();
     let mut sampler = Sampler::new(SamplerConfig { temperature: 0.0, ..Default::default() }).unwrap();
     let (mut frames, mut logits) = (Vec::new(), Vec::new());
@@ -40,12 +42,7 @@ fn both_checkpoint_namings_convert_to_the_same_model() {
     let (frames_a, logits_a) = frames_and_logits(&original);
     let (frames_b, logits_b) = frames_and_logits(&hf);
     assert_eq!(frames_a, frames_b);
-    let worst = logits_a
-        .iter()
-        .flatten()
-        .zip(logits_b.iter().flatten())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let worst = logits_a.iter().flatten().zip(logits_b.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(worst < 1e-4, "logits differ by {worst}");
 
     // The recorded layout matters: the HF file read with the original's pair layout is another model.

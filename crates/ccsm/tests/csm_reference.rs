@@ -43,7 +43,8 @@ fn greedy_frames_and_logits_match_the_numpy_reference() {
     let dir = tempfile::tempdir().unwrap();
     let rows_path = dir.path().join("rows.json");
     std::fs::write(&rows_path, rows_json(&rows)).unwrap();
-    let out = python("csm_ref.py", &[model(TINY_CSM).to_str().unwrap(), "--rows", rows_path.to_str().unwrap(), "--frames", &FRAMES.to_string()]);
+    let out =
+        python("csm_ref.py", &[model(TINY_CSM).to_str().unwrap(), "--rows", rows_path.to_str().unwrap(), "--frames", &FRAMES.to_string()]);
     let reference: serde_json::Value = serde_json::from_str(&out).unwrap();
     let ref_frames: Vec<Vec<u32>> = serde_json::from_value(reference["frames"].clone()).unwrap();
     let ref_logits: Vec<Vec<Vec<f64>>> = serde_json::from_value(reference["logits"].clone()).unwrap();

@@ -3,8 +3,8 @@
 mod common;
 
 use ccsm::kv_cache::{KvCache, KvCacheConfig, DECODE_WINDOW};
-use common::bytes_per_element;
 use ccsm::{CacheType, Error};
+use common::bytes_per_element;
 
 fn config(k: CacheType, v: CacheType, head_dim: usize, capacity: usize) -> KvCacheConfig {
     KvCacheConfig { n_layer: 3, head_dim, n_head_kv: 2, capacity, k_type: k, v_type: v }

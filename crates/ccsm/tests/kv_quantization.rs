@@ -16,7 +16,8 @@ fn both_csm_caches_and_a_llama_cache_allocate_the_block_math() {
         let csm = CsmModel::load(model("tiny-csm.gguf")).unwrap();
         let c = csm.config().clone();
         let g = CsmGenerator::new(csm, CsmOptions { n_ctx: 100, k_type: t, v_type: t, n_threads: 1, n_batch: 32 }).unwrap();
-        let elements = |stack: &ccsm::llama::LlamaConfig, cells: usize| (stack.n_layer * cells * 2 * stack.n_head_kv * stack.head_dim) as f64;
+        let elements =
+            |stack: &ccsm::llama::LlamaConfig, cells: usize| (stack.n_layer * cells * 2 * stack.n_head_kv * stack.head_dim) as f64;
         assert_eq!(g.backbone_cache().memory_usage() as f64, elements(&c.backbone, 100) * bytes_per_element(t), "{t} backbone");
         assert_eq!(g.decoder_cache().memory_usage() as f64, elements(&c.decoder, c.n_codebooks) * bytes_per_element(t), "{t} decoder");
 
@@ -36,7 +37,9 @@ fn naive_attention(q: &[f32], k: &[Vec<f32>], v: &[Vec<f32>], head_dim: usize, n
         let qh = &q[h * head_dim..][..head_dim];
         let scores: Vec<f64> = k
             .iter()
-            .map(|row| qh.iter().zip(&row[kv * head_dim..][..head_dim]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (head_dim as f64).sqrt())
+            .map(|row| {
+                qh.iter().zip(&row[kv * head_dim..][..head_dim]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (head_dim as f64).sqrt()
+            })
             .collect();
         let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
@@ -99,7 +102,9 @@ fn attention_over_each_cache_type_reads_what_the_cache_stored() {
         let (k_bytes, v_bytes) = (k_view.read_bytes().unwrap(), v_view.read_bytes().unwrap());
         assert_eq!(k_bytes, t.dtype().quantize(&k_rows, width).unwrap(), "{t}: K bytes");
         assert_eq!(v_bytes, t.dtype().quantize(&v_rows, width).unwrap(), "{t}: V bytes");
-        let stored = |bytes: &[u8]| -> Vec<Vec<f32>> { t.dtype().dequantize(bytes, cells * width).unwrap().chunks(width).map(<[f32]>::to_vec).collect() };
+        let stored = |bytes: &[u8]| -> Vec<Vec<f32>> {
+            t.dtype().dequantize(bytes, cells * width).unwrap().chunks(width).map(<[f32]>::to_vec).collect()
+        };
         let (k_stored, v_stored) = (stored(&k_bytes), stored(&v_bytes));
         let (want, spread) = naive_attention(&q, &k_stored, &v_stored, head_dim, n_head, n_head_kv);
 
@@ -108,16 +113,21 @@ fn attention_over_each_cache_type_reads_what_the_cache_stored() {
         let q_err: Vec<f64> = match t {
             CacheType::F32 => vec![0.0; q.len()],
             CacheType::F16 => q.iter().map(|x| x.abs() as f64 / 2048.0).collect(),
-            _ => q.chunks(32).flat_map(|b| {
-                let amax = b.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
-                vec![amax / 254.0 * (1.0 + 127.0 / 2048.0); b.len()]
-            }).collect(),
+            _ => q
+                .chunks(32)
+                .flat_map(|b| {
+                    let amax = b.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+                    vec![amax / 254.0 * (1.0 + 127.0 / 2048.0); b.len()]
+                })
+                .collect(),
         };
         for h in 0..n_head {
             let kv = h / (n_head / n_head_kv);
             let delta = k_stored
                 .iter()
-                .map(|row| row[kv * head_dim..][..head_dim].iter().zip(&q_err[h * head_dim..]).map(|(k, e)| k.abs() as f64 * e).sum::<f64>())
+                .map(|row| {
+                    row[kv * head_dim..][..head_dim].iter().zip(&q_err[h * head_dim..]).map(|(k, e)| k.abs() as f64 * e).sum::<f64>()
+                })
                 .fold(0f64, f64::max)
                 / (head_dim as f64).sqrt();
             // An f16 V is accumulated in f16: one rounding per cell.
@@ -134,7 +144,8 @@ fn attention_over_each_cache_type_reads_what_the_cache_stored() {
 }
 
 fn smollm2(k: CacheType) -> GGMLModel {
-    GGMLModel::new(LlamaModel::load(model(SMOLLM2)).unwrap(), ModelOptions { n_ctx: 256, k_type: k, v_type: k, n_threads: 2, n_batch: 256 }).unwrap()
+    GGMLModel::new(LlamaModel::load(model(SMOLLM2)).unwrap(), ModelOptions { n_ctx: 256, k_type: k, v_type: k, n_threads: 2, n_batch: 256 })
+        .unwrap()
 }
 
 fn softmax(logits: &[f32]) -> Vec<f64> {
@@ -200,7 +211,8 @@ fn live_quantization_continues_the_same_history() {
 
         let switch = text_prompt + BEFORE - 1;
         let mut m = converted_after(&text[..switch], t);
-        let klds: Vec<f64> = (0..AFTER).map(|i| kl(&dists[BEFORE + i], &softmax(&m.eval(&[text[switch + i]], Logits::Last).unwrap()))).collect();
+        let klds: Vec<f64> =
+            (0..AFTER).map(|i| kl(&dists[BEFORE + i], &softmax(&m.eval(&[text[switch + i]], Logits::Last).unwrap()))).collect();
         let mean = klds.iter().sum::<f64>() / klds.len() as f64;
         eprintln!("{t}: greedy counting matches F32 for {matched}/{AFTER} tokens after the switch; text mean KLD {mean:.5}");
         assert!(matched >= must_match, "{t}: only {matched} tokens match");
@@ -213,7 +225,7 @@ fn conversion_peaks_at_the_old_cache_plus_one_layer() {
     let mut m = smollm2(CacheType::F32);
     let prompt = m.model().tokenizer().encode("The quick brown fox jumps over the lazy dog.").unwrap();
     m.eval(&prompt, Logits::Last).unwrap();
-    let c = m.cache().config().clone();
+    let c = *m.cache().config();
     for (from, to) in [(CacheType::F32, CacheType::Q8_0), (CacheType::Q8_0, CacheType::Q4_0), (CacheType::Q4_0, CacheType::F16)] {
         assert_eq!(m.cache().k_type(), from);
         let before = m.kv_memory_usage();
@@ -233,8 +245,12 @@ fn conversion_peaks_at_the_old_cache_plus_one_layer() {
 fn tiny_csm_keeps_generating_valid_frames_after_a_live_quantization() {
     let csm = CsmModel::load(model("tiny-csm.gguf")).unwrap();
     let c = csm.config().clone();
-    let mut g = CsmGenerator::new(csm, CsmOptions { n_ctx: 128, k_type: CacheType::F32, v_type: CacheType::F32, n_threads: 2, n_batch: 64 }).unwrap();
-    let rows = Segment { speaker: 0, text: "Hello there.".into(), frames: vec![] }.rows(g.model().tokenizer(), c.n_codebooks, c.audio_vocab).unwrap();
+    let mut g =
+        CsmGenerator::new(csm, CsmOptions { n_ctx: 128, k_type: CacheType::F32, v_type: CacheType::F32, n_threads: 2, n_batch: 64 })
+            .unwrap();
+    let rows = Segment { speaker: 0, text: "Hello there.".into(), frames: vec![] }
+        .rows(g.model().tokenizer(), c.n_codebooks, c.audio_vocab)
+        .unwrap();
     g.prefill(&rows).unwrap();
     let mut sampler = Sampler::new(SamplerConfig { temperature: 0.9, top_k: Some(50), top_p: 1.0, seed: 5 }).unwrap();
     let mut frames = 0;

@@ -11,13 +11,7 @@ use ccsm::{CacheType, GGMLModel, Logits, Model, ModelOptions};
 use common::{model, SMOLLM2, TINY_LLAMA};
 
 fn llama(name: &str, t: CacheType, rotation: Rotation, n_ctx: usize) -> GGMLModel {
-    let options = ModelOptions {
-        n_ctx,
-        k_type: t,
-        v_type: t,
-        n_threads: 2,
-        n_batch: 64,
-    };
+    let options = ModelOptions { n_ctx, k_type: t, v_type: t, n_threads: 2, n_batch: 64 };
     let mut m = GGMLModel::new(LlamaModel::load(model(name)).unwrap(), options).unwrap();
     m.set_kv_rotation(rotation).unwrap();
     m
@@ -40,25 +34,11 @@ fn prompt_and_decode(m: &mut GGMLModel, prompt: &[u32]) -> Vec<f32> {
 fn rotating_f32_rows_changes_no_logit() {
     let mut plain = llama(TINY_LLAMA, CacheType::F32, Rotation::Off, 64);
     let mut rotated = llama(TINY_LLAMA, CacheType::F32, Rotation::All, 64);
-    assert!(
-        rotated.cache().rotates_k() && rotated.cache().rotates_v() && !plain.cache().rotates_k()
-    );
-    let prompt = plain
-        .model()
-        .tokenizer()
-        .encode("The quick brown fox jumps over the lazy dog, twice.")
-        .unwrap();
-    let (a, b) = (
-        prompt_and_decode(&mut plain, &prompt),
-        prompt_and_decode(&mut rotated, &prompt),
-    );
-    let spread = a.iter().cloned().fold(f32::NEG_INFINITY, f32::max)
-        - a.iter().cloned().fold(f32::INFINITY, f32::min);
-    let worst = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
+    assert!(rotated.cache().rotates_k() && rotated.cache().rotates_v() && !plain.cache().rotates_k());
+    let prompt = plain.model().tokenizer().encode("The quick brown fox jumps over the lazy dog, twice.").unwrap();
+    let (a, b) = (prompt_and_decode(&mut plain, &prompt), prompt_and_decode(&mut rotated, &prompt));
+    let spread = a.iter().cloned().fold(f32::NEG_INFINITY, f32::max) - a.iter().cloned().fold(f32::INFINITY, f32::min);
+    let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
     eprintln!("f32 rows, rotated vs plain: max |Δlogit| {worst:.2e} of a spread of {spread:.2}");
     // Only float rounding differs: the three extra products per layer are exact in real arithmetic.
     assert!(worst <= 1e-4 * spread, "max |Δ| {worst} (spread {spread})");
@@ -69,31 +49,15 @@ fn rotating_f32_rows_changes_no_csm_frame() {
     let frames = |rotation: Rotation| {
         let csm = CsmModel::load(model("tiny-csm.gguf")).unwrap();
         let c = csm.config().clone();
-        let options = CsmOptions {
-            n_ctx: 64,
-            k_type: CacheType::F32,
-            v_type: CacheType::F32,
-            n_threads: 2,
-            n_batch: 32,
-        };
+        let options = CsmOptions { n_ctx: 64, k_type: CacheType::F32, v_type: CacheType::F32, n_threads: 2, n_batch: 32 };
         let mut g = CsmGenerator::new(csm, options).unwrap();
         g.set_kv_rotation(rotation).unwrap();
-        let rows = Segment {
-            speaker: 0,
-            text: "Rotations are free.".into(),
-            frames: vec![],
-        }
-        .rows(g.model().tokenizer(), c.n_codebooks, c.audio_vocab)
-        .unwrap();
+        let rows = Segment { speaker: 0, text: "Rotations are free.".into(), frames: vec![] }
+            .rows(g.model().tokenizer(), c.n_codebooks, c.audio_vocab)
+            .unwrap();
         g.prefill(&rows).unwrap();
-        let mut greedy = Sampler::new(SamplerConfig {
-            temperature: 0.0,
-            ..Default::default()
-        })
-        .unwrap();
-        (0..4)
-            .map(|_| g.generate_frame(&mut greedy, None).unwrap())
-            .collect::<Vec<_>>()
+        let mut greedy = Sampler::new(SamplerConfig { temperature: 0.0, ..Default::default() }).unwrap();
+        (0..4).map(|_| g.generate_frame(&mut greedy, None).unwrap()).collect::<Vec<_>>()
     };
     assert_eq!(frames(Rotation::All), frames(Rotation::Off));
 }
@@ -112,11 +76,7 @@ fn mean_kld(reference: &[f32], logits: &[f32], vocab: usize) -> f64 {
         .zip(logits.chunks(vocab))
         .map(|(p, q)| {
             let (p, q) = (softmax(p), softmax(q));
-            p.iter()
-                .zip(&q)
-                .filter(|(a, _)| **a > 0.0)
-                .map(|(a, b)| a * (a / b.max(1e-300)).ln())
-                .sum::<f64>()
+            p.iter().zip(&q).filter(|(a, _)| **a > 0.0).map(|(a, b)| a * (a / b.max(1e-300)).ln()).sum::<f64>()
         })
         .collect();
     klds.iter().sum::<f64>() / klds.len() as f64
@@ -135,20 +95,9 @@ fn rotation_cuts_the_error_of_4_bit_caches() {
     let vocab = reference.model().vocab_size();
     let want = reference.eval(&tokens, Logits::All).unwrap();
     for t in [CacheType::Q4_0, CacheType::Q4_1, CacheType::Q8_0] {
-        let kld = |rotation| {
-            mean_kld(
-                &want,
-                &llama(SMOLLM2, t, rotation, 256)
-                    .eval(&tokens, Logits::All)
-                    .unwrap(),
-                vocab,
-            )
-        };
+        let kld = |rotation| mean_kld(&want, &llama(SMOLLM2, t, rotation, 256).eval(&tokens, Logits::All).unwrap(), vocab);
         let (off, on) = (kld(Rotation::Off), kld(Rotation::Quantized));
-        eprintln!(
-            "{t}: mean KLD vs f32 over {} positions: plain {off:.5}, rotated {on:.5}",
-            tokens.len()
-        );
+        eprintln!("{t}: mean KLD vs f32 over {} positions: plain {off:.5}, rotated {on:.5}", tokens.len());
         if t == CacheType::Q8_0 {
             assert!(on < 0.01, "{t}: rotated KLD {on}");
         } else {
@@ -162,16 +111,11 @@ fn rotation_cuts_the_error_of_4_bit_caches() {
 #[test]
 fn rotating_a_filled_cache_keeps_its_history() {
     let mut plain = llama(TINY_LLAMA, CacheType::F32, Rotation::Off, 64);
-    let text = plain
-        .model()
-        .tokenizer()
-        .encode("One two three four five six seven eight nine ten eleven twelve")
-        .unwrap();
+    let text = plain.model().tokenizer().encode("One two three four five six seven eight nine ten eleven twelve").unwrap();
     let (history, next) = text.split_at(text.len() / 2);
     plain.eval(history, Logits::Last).unwrap();
     let want = plain.eval(next, Logits::All).unwrap();
-    let spread = want.iter().cloned().fold(f32::NEG_INFINITY, f32::max)
-        - want.iter().cloned().fold(f32::INFINITY, f32::min);
+    let spread = want.iter().cloned().fold(f32::NEG_INFINITY, f32::max) - want.iter().cloned().fold(f32::INFINITY, f32::min);
     for back_and_forth in [false, true] {
         let mut m = llama(TINY_LLAMA, CacheType::F32, Rotation::Off, 64);
         m.eval(history, Logits::Last).unwrap();
@@ -180,11 +124,7 @@ fn rotating_a_filled_cache_keeps_its_history() {
         if back_and_forth {
             m.set_kv_rotation(Rotation::Off).unwrap();
         }
-        let worst = want
-            .iter()
-            .zip(&m.eval(next, Logits::All).unwrap())
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let worst = want.iter().zip(&m.eval(next, Logits::All).unwrap()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         eprintln!("rotated in place (and back: {back_and_forth}): max |Δlogit| {worst:.2e} of {spread:.2}");
         assert!(worst <= 1e-4 * spread, "max |Δ| {worst} (spread {spread})");
     }

@@ -40,11 +40,15 @@ fn the_optimizer_takes_the_branch_the_ratio_selects() {
     let full = tiny(256).kv_memory_usage(); // f32, 256 cells
     let policy = EvictionPolicy::SinkRecent { sinks: 4 };
     // Bytes per cell from the block math: 2 layers × (K + V) × 64 values × bytes per element.
-    let per_cell = |t: CacheType| (2.0 * 2.0 * 64.0 * match t {
-        CacheType::F32 => 4.0,
-        CacheType::Q8_0 => 34.0 / 32.0,
-        _ => 18.0 / 32.0,
-    }) as usize;
+    let per_cell = |t: CacheType| {
+        (2.0 * 2.0
+            * 64.0
+            * match t {
+                CacheType::F32 => 4.0,
+                CacheType::Q8_0 => 34.0 / 32.0,
+                _ => 18.0 / 32.0,
+            }) as usize
+    };
     // (budget, expected strategy, expected type): q8_0 is 26.6 % of f32, q4_0 14 %.
     let cases = [
         (full, Plan::Nothing, CacheType::F32),
@@ -235,7 +239,15 @@ fn a_long_run_never_exceeds_its_budget() {
 /// The attention policy keeps the sinks and the cells with the most recorded attention, in order.
 #[test]
 fn attention_policy_keeps_the_most_attended_cells() {
-    let mut cache = KvCache::new(KvCacheConfig { n_layer: 1, head_dim: 32, n_head_kv: 1, capacity: 16, k_type: CacheType::F32, v_type: CacheType::F32 }).unwrap();
+    let mut cache = KvCache::new(KvCacheConfig {
+        n_layer: 1,
+        head_dim: 32,
+        n_head_kv: 1,
+        capacity: 16,
+        k_type: CacheType::F32,
+        v_type: CacheType::F32,
+    })
+    .unwrap();
     cache.append(10).unwrap();
     cache.add_scores(&[9.0, 0.1, 5.0, 0.2, 7.0, 0.3, 0.4, 6.0, 0.5, 0.6]);
     let policy = EvictionPolicy::Attention { sinks: 1 };

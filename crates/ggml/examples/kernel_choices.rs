@@ -16,7 +16,15 @@ const FFN: i64 = 1536;
 
 fn weights(dtype: DType, memory: StoreMemory) -> ggml::Result<TensorStore> {
     let mut store = TensorStore::new(LAYERS * 7)?;
-    let shapes = [("q", WIDTH, WIDTH), ("k", WIDTH, KV), ("v", WIDTH, KV), ("o", WIDTH, WIDTH), ("gate", WIDTH, FFN), ("up", WIDTH, FFN), ("down", FFN, WIDTH)];
+    let shapes = [
+        ("q", WIDTH, WIDTH),
+        ("k", WIDTH, KV),
+        ("v", WIDTH, KV),
+        ("o", WIDTH, WIDTH),
+        ("gate", WIDTH, FFN),
+        ("up", WIDTH, FFN),
+        ("down", FFN, WIDTH),
+    ];
     for l in 0..LAYERS {
         for (name, cols, rows) in shapes {
             store.add(&format!("{l}.{name}"), dtype, &[cols, rows])?;

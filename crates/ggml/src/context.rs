@@ -27,11 +27,7 @@ pub struct ContextParams {
 impl Context {
     pub fn new(params: ContextParams) -> Result<Self> {
         crate::init();
-        let sys_params = sys::ggml_init_params {
-            mem_size: params.mem_size,
-            mem_buffer: std::ptr::null_mut(),
-            no_alloc: params.no_alloc,
-        };
+        let sys_params = sys::ggml_init_params { mem_size: params.mem_size, mem_buffer: std::ptr::null_mut(), no_alloc: params.no_alloc };
         // SAFETY: ggml_init copies the params; a null mem_buffer asks ggml to allocate the arena,
         // and a null return (allocation failure) is turned into an error.
         let raw = unsafe { sys::ggml_init(sys_params) };
@@ -271,7 +267,10 @@ impl<'ctx> Tensor<'ctx> {
     fn check_range(self, op: &'static str, offset: usize, len: usize) -> Result<()> {
         self.check_io(op, self.nbytes())?;
         if offset.checked_add(len).is_none_or(|end| end > self.nbytes()) {
-            return Err(Error::invalid(op, format!("bytes {offset}..{} outside the tensor's {}", offset.saturating_add(len), self.nbytes())));
+            return Err(Error::invalid(
+                op,
+                format!("bytes {offset}..{} outside the tensor's {}", offset.saturating_add(len), self.nbytes()),
+            ));
         }
         Ok(())
     }

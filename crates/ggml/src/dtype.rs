@@ -151,10 +151,8 @@ impl DType {
 
     /// Whether ggml can turn F32 rows into this type (the quantize direction).
     pub fn can_quantize_from_f32(self) -> bool {
-        matches!(
-            self,
-            DType::F32 | DType::F16 | DType::BF16 | DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1
-        ) || matches!(self, DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K)
+        matches!(self, DType::F32 | DType::F16 | DType::BF16 | DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1)
+            || matches!(self, DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K)
     }
 
     /// Whether ggml can turn this type back into F32 values.
@@ -170,7 +168,7 @@ impl DType {
         if !self.can_quantize_from_f32() {
             return Err(Error::Type { op: OP, got: self, why: "no quantizer from f32 for this type" });
         }
-        if row_len == 0 || values.len() % row_len != 0 {
+        if row_len == 0 || !values.len().is_multiple_of(row_len) {
             return Err(Error::invalid(OP, format!("{} values are not whole rows of {row_len}", values.len())));
         }
         let row_bytes = self.row_size(row_len)?;
@@ -228,10 +226,6 @@ impl FromStr for DType {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
-        ALL_DTYPES
-            .iter()
-            .copied()
-            .find(|t| t.name().eq_ignore_ascii_case(s))
-            .ok_or_else(|| format!("unknown ggml type `{s}`"))
+        ALL_DTYPES.iter().copied().find(|t| t.name().eq_ignore_ascii_case(s)).ok_or_else(|| format!("unknown ggml type `{s}`"))
     }
 }

@@ -298,7 +298,11 @@ impl Context {
         require_type(OP, q, &[DType::F32], "queries must be f32")?;
         for (t, what) in [(k, "K"), (v, "V")] {
             if !has_vec_dot(t.dtype()) || !t.dtype().can_dequantize() {
-                return Err(Error::Type { op: OP, got: t.dtype(), why: if what == "K" { "unsupported K type" } else { "unsupported V type" } });
+                return Err(Error::Type {
+                    op: OP,
+                    got: t.dtype(),
+                    why: if what == "K" { "unsupported K type" } else { "unsupported V type" },
+                });
             }
             if !t.rows_contiguous() {
                 return Err(Error::shape(OP, format!("{what} rows must be contiguous"), &[t.shape()]));

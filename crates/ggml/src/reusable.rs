@@ -89,7 +89,7 @@ impl ReusableGraph {
         if self.graph.is_some() {
             return Err(Error::invalid(OP, "the graph is already finished"));
         }
-        if sealed.ctx != self.ctx.raw() as *const _ {
+        if !std::ptr::eq(sealed.ctx, self.ctx.raw()) {
             return Err(Error::invalid(OP, "the graph was built in another context"));
         }
         let mut dependencies = Vec::new();
@@ -109,7 +109,13 @@ impl ReusableGraph {
             };
             let buffer = base.buffer as usize;
             let serial = serial_of(buffer).ok_or_else(|| {
-                Error::invalid(OP, format!("{:?} is not in a TensorStore; kept graphs can only read store tensors", Tensor::from_raw(NonNull::new(t).expect("non-null"))))
+                Error::invalid(
+                    OP,
+                    format!(
+                        "{:?} is not in a TensorStore; kept graphs can only read store tensors",
+                        Tensor::from_raw(NonNull::new(t).expect("non-null"))
+                    ),
+                )
             })?;
             if !dependencies.contains(&(buffer, serial)) {
                 dependencies.push((buffer, serial));

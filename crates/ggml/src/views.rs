@@ -44,8 +44,12 @@ impl Context {
             full_strides[i] = full_strides[i - 1] * full_shape[i - 1] as usize;
         }
         let span = span_bytes(dtype, full_shape, full_strides);
-        if offset.checked_add(span).map_or(true, |end| end > a.nbytes()) {
-            return Err(Error::shape(OP, format!("view of {span} bytes at offset {offset} exceeds the {} bytes of the source", a.nbytes()), &[a.shape(), full_shape]));
+        if offset.checked_add(span).is_none_or(|end| end > a.nbytes()) {
+            return Err(Error::shape(
+                OP,
+                format!("view of {span} bytes at offset {offset} exceeds the {} bytes of the source", a.nbytes()),
+                &[a.shape(), full_shape],
+            ));
         }
         let ctx = self.raw();
         // SAFETY: the view lies inside the source's bytes (checked above), which is what ggml_view_impl

@@ -51,7 +51,7 @@ impl Raw {
             b.extend_from_slice(&ty.to_le_bytes());
             b.extend_from_slice(&offset.to_le_bytes());
         }
-        while b.len() % 32 != 0 {
+        while !b.len().is_multiple_of(32) {
             b.push(0);
         }
         b.extend_from_slice(&self.data);
@@ -86,22 +86,57 @@ fn every_malformation_gets_its_own_error() {
         ("wrong version", Raw { version: 1, ..Raw::valid() }, "version 1"),
         ("absurd tensor count", Raw { counts: Some((u64::MAX / 2, 1)), ..Raw::valid() }, "cannot fit"),
         ("absurd key count", Raw { counts: Some((1, 1 << 40)), ..Raw::valid() }, "cannot fit"),
-        ("string longer than the file", Raw { kvs: vec![(b"k".to_vec(), 8, (1u64 << 40).to_le_bytes().to_vec())], ..Raw::valid() }, "string length"),
+        (
+            "string longer than the file",
+            Raw { kvs: vec![(b"k".to_vec(), 8, (1u64 << 40).to_le_bytes().to_vec())], ..Raw::valid() },
+            "string length",
+        ),
         ("key of unknown type", Raw { kvs: vec![(b"k".to_vec(), 77, vec![0; 8])], ..Raw::valid() }, "unknown value type 77"),
-        ("array of a billion items", Raw { kvs: vec![(b"k".to_vec(), 9, [4u32.to_le_bytes().to_vec(), (1u64 << 30).to_le_bytes().to_vec()].concat())], ..Raw::valid() }, "cannot fit"),
+        (
+            "array of a billion items",
+            Raw {
+                kvs: vec![(b"k".to_vec(), 9, [4u32.to_le_bytes().to_vec(), (1u64 << 30).to_le_bytes().to_vec()].concat())],
+                ..Raw::valid()
+            },
+            "cannot fit",
+        ),
         ("non-UTF-8 key", Raw { kvs: vec![(vec![0xff, 0xfe], 4, vec![1, 0, 0, 0])], ..Raw::valid() }, "not UTF-8"),
-        ("non-UTF-8 string value", Raw { kvs: vec![(b"k".to_vec(), string_value(&[0xc3, 0x28]).0, string_value(&[0xc3, 0x28]).1)], ..Raw::valid() }, "not UTF-8"),
-        ("duplicate key", Raw { kvs: vec![(b"k".to_vec(), 4, vec![1, 0, 0, 0]), (b"k".to_vec(), 4, vec![2, 0, 0, 0])], ..Raw::valid() }, "appears twice"),
+        (
+            "non-UTF-8 string value",
+            Raw { kvs: vec![(b"k".to_vec(), string_value(&[0xc3, 0x28]).0, string_value(&[0xc3, 0x28]).1)], ..Raw::valid() },
+            "not UTF-8",
+        ),
+        (
+            "duplicate key",
+            Raw { kvs: vec![(b"k".to_vec(), 4, vec![1, 0, 0, 0]), (b"k".to_vec(), 4, vec![2, 0, 0, 0])], ..Raw::valid() },
+            "appears twice",
+        ),
         ("bool neither 0 nor 1", Raw { kvs: vec![(b"k".to_vec(), 7, vec![9])], ..Raw::valid() }, "neither 0 nor 1"),
-        ("alignment of the wrong type", Raw { kvs: vec![(b"general.alignment".to_vec(), string_value(b"32").0, string_value(b"32").1)], ..Raw::valid() }, "general.alignment"),
-        ("alignment not a power of two", Raw { kvs: vec![(b"general.alignment".to_vec(), 4, 24u32.to_le_bytes().to_vec())], ..Raw::valid() }, "power of two"),
-        ("duplicate tensor", Raw { tensors: vec![(b"t".to_vec(), vec![8], 0, 0), (b"t".to_vec(), vec![8], 0, 0)], ..Raw::valid() }, "appears twice"),
+        (
+            "alignment of the wrong type",
+            Raw { kvs: vec![(b"general.alignment".to_vec(), string_value(b"32").0, string_value(b"32").1)], ..Raw::valid() },
+            "general.alignment",
+        ),
+        (
+            "alignment not a power of two",
+            Raw { kvs: vec![(b"general.alignment".to_vec(), 4, 24u32.to_le_bytes().to_vec())], ..Raw::valid() },
+            "power of two",
+        ),
+        (
+            "duplicate tensor",
+            Raw { tensors: vec![(b"t".to_vec(), vec![8], 0, 0), (b"t".to_vec(), vec![8], 0, 0)], ..Raw::valid() },
+            "appears twice",
+        ),
         ("zero dimension", Raw { tensors: vec![(b"t".to_vec(), vec![0], 0, 0)], ..Raw::valid() }, "dimension 0"),
         ("five dimensions", Raw { tensors: vec![(b"t".to_vec(), vec![1; 5], 0, 0)], ..Raw::valid() }, "5 dimensions"),
         ("overflowing shape", Raw { tensors: vec![(b"t".to_vec(), vec![1 << 32, 1 << 32, 1 << 32], 0, 0)], ..Raw::valid() }, "overflows"),
         ("unknown tensor type", Raw { tensors: vec![(b"t".to_vec(), vec![8], 99, 0)], ..Raw::valid() }, "type id 99"),
         ("partial quantized block", Raw { tensors: vec![(b"t".to_vec(), vec![8], 8, 0)], ..Raw::valid() }, "blocks of 32"),
-        ("misaligned data offset", Raw { tensors: vec![(b"t".to_vec(), vec![8], 0, 4)], ..Raw::valid() }, "not a multiple of the alignment"),
+        (
+            "misaligned data offset",
+            Raw { tensors: vec![(b"t".to_vec(), vec![8], 0, 4)], ..Raw::valid() },
+            "not a multiple of the alignment",
+        ),
         ("data past the end", Raw { tensors: vec![(b"t".to_vec(), vec![1024], 0, 0)], ..Raw::valid() }, "past the end of the file"),
         ("offset past the end", Raw { tensors: vec![(b"t".to_vec(), vec![8], 0, 1 << 40)], ..Raw::valid() }, "past the end of the file"),
     ];

@@ -13,10 +13,10 @@ use serde::Serialize;
 use super::model::CsmModel;
 use super::prompt::{Frame, Row};
 use crate::error::{Error, Result};
+use crate::kv_cache::EvictionPolicy;
 use crate::kv_cache::{KvCache, KvCacheConfig, Rotation};
 use crate::llama::transformer::BuildScope;
 use crate::llama::{StepInputs, Transformer};
-use crate::kv_cache::EvictionPolicy;
 use crate::memory::{self, make_room, ManagedCache, MemoryReport};
 use crate::model::{keep_count, CacheReport, Model};
 use crate::sampling::Sampler;
@@ -62,6 +62,14 @@ pub struct CsmGenerator {
     /// After the last backbone step: its final-normed hidden state and codebook-0 logits.
     last: Option<(Vec<f32>, Vec<f32>)>,
     timings: FrameTimings,
+}
+
+/// What a backbone step returns: the last row's final-normed hidden state, its codebook-0 logits and,
+/// while attention is tracked, the mass each cell received.
+struct BackboneOutput {
+    h: Vec<f32>,
+    c0_logits: Vec<f32>,
+    mass: Option<Vec<f32>>,
 }
 
 /// The per-step inputs shared by both stacks' graphs.
@@ -135,7 +143,14 @@ fn build_backbone<'c>(
 
 /// Decoder step `s`: s = 0 takes [projection(h), projection(audio(c0))] at positions 0 and 1;
 /// s ≥ 1 takes projection(audio(c_s of codebook s)) at position s + 1. Logits are codebook s + 1's.
-fn build_decoder_step<'c>(model: &'c CsmModel, cache: &'c KvCache, ctx: &'c Context, graph: &mut Graph<'c>, s: usize, n_kv: usize) -> Result<()> {
+fn build_decoder_step<'c>(
+    model: &'c CsmModel,
+    cache: &'c KvCache,
+    ctx: &'c Context,
+    graph: &mut Graph<'c>,
+    s: usize,
+    n_kv: usize,
+) -> Result<()> {
     let w = |id| model.weights.get(id);
     let code = ctx.new_tensor(DType::I32, &[1])?.set_input().set_name("code");
     let audio = ctx.get_rows(w(model.audio_embd), code)?;
@@ -192,14 +207,17 @@ impl CsmGenerator {
             return Err(Error::Input("batch size must be at least 1".into()));
         }
         let cache = |stack: &crate::llama::LlamaConfig, capacity| {
-            KvCache::with_rotation(KvCacheConfig {
-                n_layer: stack.n_layer,
-                head_dim: stack.head_dim,
-                n_head_kv: stack.n_head_kv,
-                capacity,
-                k_type: options.k_type,
-                v_type: options.v_type,
-            }, Rotation::default())
+            KvCache::with_rotation(
+                KvCacheConfig {
+                    n_layer: stack.n_layer,
+                    head_dim: stack.head_dim,
+                    n_head_kv: stack.n_head_kv,
+                    capacity,
+                    k_type: options.k_type,
+                    v_type: options.v_type,
+                },
+                Rotation::default(),
+            )
         };
         let backbone_cache = cache(&c.backbone, options.n_ctx)?;
         // The decoder sees one frame: h, then one input per codebook but the last.
@@ -300,11 +318,11 @@ impl CsmGenerator {
         let cells = self.backbone_cache.append(rows.len())?;
         let result = self.compute_backbone(rows, cells);
         match result {
-            Ok((h, logits, mass)) => {
+            Ok(BackboneOutput { h, c0_logits, mass }) => {
                 if let Some(mass) = mass {
                     self.backbone_cache.add_scores(&mass);
                 }
-                self.last = Some((h, logits));
+                self.last = Some((h, c0_logits));
                 Ok(())
             }
             Err(e) => {
@@ -315,7 +333,7 @@ impl CsmGenerator {
     }
 
     /// The backbone over rows already appended: hidden state, codebook-0 logits, attention mass.
-    fn compute_backbone(&mut self, rows: &[Row], cells: Range<usize>) -> Result<(Vec<f32>, Vec<f32>, Option<Vec<f32>>)> {
+    fn compute_backbone(&mut self, rows: &[Row], cells: Range<usize>) -> Result<BackboneOutput> {
         let (model, cache, track) = (&self.model, &self.backbone_cache, self.track_attention);
         let max_nodes = model.backbone.max_nodes() + 32;
         if rows.len() == 1 {
@@ -333,7 +351,7 @@ impl CsmGenerator {
             self.write_backbone_inputs(|name| graph.tensor(name), rows, cells)?;
             graph.compute(&self.backend)?;
             let mass = if track { Some(graph.tensor("attn_mass")?.read_f32()?) } else { None };
-            return Ok((graph.tensor("h_last")?.read_f32()?, graph.tensor("c0_logits")?.read_f32()?, mass));
+            return Ok(BackboneOutput { h: graph.tensor("h_last")?.read_f32()?, c0_logits: graph.tensor("c0_logits")?.read_f32()?, mass });
         }
         let ctx = self.compute.context(max_nodes + 16, max_nodes)?;
         let mut graph = ctx.new_graph(max_nodes)?;
@@ -343,7 +361,7 @@ impl CsmGenerator {
         write_backbone_inputs_with(model, cache, &find, rows, cells)?;
         self.backend.compute(&graph)?;
         let mass = if track { Some(find("attn_mass")?.read_f32()?) } else { None };
-        Ok((find("h_last")?.read_f32()?, find("c0_logits")?.read_f32()?, mass))
+        Ok(BackboneOutput { h: find("h_last")?.read_f32()?, c0_logits: find("c0_logits")?.read_f32()?, mass })
     }
 
     fn write_backbone_inputs<'g>(&self, find: impl Fn(&str) -> ggml::Result<Tensor<'g>>, rows: &[Row], cells: Range<usize>) -> Result<()> {
@@ -354,7 +372,8 @@ impl CsmGenerator {
     /// all-zero frame, which is not emitted nor fed back). `trace`, when given, receives each
     /// codebook's logits.
     pub fn generate_frame(&mut self, sampler: &mut Sampler, mut trace: Option<&mut Vec<Vec<f32>>>) -> Result<Option<Frame>> {
-        let (h, c0_logits) = self.last.clone().ok_or_else(|| Error::Input("generate_frame before any backbone step (prefill a prompt first)".into()))?;
+        let (h, c0_logits) =
+            self.last.clone().ok_or_else(|| Error::Input("generate_frame before any backbone step (prefill a prompt first)".into()))?;
         let c = self.model.config.clone();
         let t = Instant::now();
         let mut frame = vec![sampler.sample(&c0_logits)?];

@@ -66,7 +66,10 @@ mod tests {
         let r = Request::from_line_bytes(b"{\"text\": \"hi\", \"speaker\": 2, \"max_frames\": 5}\r").unwrap();
         assert_eq!((r.text.as_str(), r.speaker, r.max_frames, r.seed), ("hi", 2, Some(5), None));
         // serde points at the end of the offending value: column 11 is the `2` of `12`.
-        assert_eq!(error(b"{\"text\": 12 }"), "invalid input: malformed request at column 11: invalid type: integer `12`, expected a string");
+        assert_eq!(
+            error(b"{\"text\": 12 }"),
+            "invalid input: malformed request at column 11: invalid type: integer `12`, expected a string"
+        );
         assert!(error(b"{\"text\": \"x\", \"voice\": 1}").contains("unknown field `voice`"));
         assert!(error(b"{\"speaker\": 1}").contains("missing field `text`"));
         assert!(error(b"{\"text\": \"x\", \"max_frames\": 0}").contains("max_frames must be at least 1"));

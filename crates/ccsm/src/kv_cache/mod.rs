@@ -63,7 +63,7 @@ impl KvCacheConfig {
         for t in [self.k_type, self.v_type] {
             let block = t.dtype().block_size();
             // Each head's slice of a row must be whole blocks for the per-head attention views.
-            if self.head_dim % block != 0 {
+            if !self.head_dim.is_multiple_of(block) {
                 return refuse(format!(
                     "{t} stores blocks of {block} elements, and a head of {} elements (rows of {}) is not a multiple of {block}",
                     self.head_dim,
@@ -117,7 +117,15 @@ fn hadamard_store(head_dim: usize) -> Result<(TensorStore, TensorId)> {
 
 /// Copies the first `rows` rows of `src` (type `from`) into `dst` (type `to`) through f32, rotating
 /// each head (`Some(head_dim)`) on the way when the two sides differ in rotation (H undoes itself).
-fn convert_rows(src: Tensor<'_>, dst: Tensor<'_>, from: CacheType, to: CacheType, n_embd: usize, rows: usize, rotate: Option<usize>) -> Result<()> {
+fn convert_rows(
+    src: Tensor<'_>,
+    dst: Tensor<'_>,
+    from: CacheType,
+    to: CacheType,
+    n_embd: usize,
+    rows: usize,
+    rotate: Option<usize>,
+) -> Result<()> {
     let (src_row, dst_row) = (from.dtype().row_size(n_embd)?, to.dtype().row_size(n_embd)?);
     for first in (0..rows).step_by(CONVERT_ROWS) {
         let n = CONVERT_ROWS.min(rows - first);
@@ -149,7 +157,8 @@ impl KvCache {
             layers.push(LayerCache { k, v });
         }
         let tensor = tensor.expect("n_layer > 0 was validated");
-        let mut cache = KvCache { config, layers, tensor, positions: Vec::new(), next_position: 0, scores: Vec::new(), rotation, hadamard: None };
+        let mut cache =
+            KvCache { config, layers, tensor, positions: Vec::new(), next_position: 0, scores: Vec::new(), rotation, hadamard: None };
         cache.update_hadamard()?;
         Ok(cache)
     }

@@ -51,9 +51,7 @@ impl std::str::FromStr for Rotation {
             "off" => Ok(Rotation::Off),
             "quantized" => Ok(Rotation::Quantized),
             "all" => Ok(Rotation::All),
-            _ => Err(format!(
-                "unknown rotation `{s}` (expected quantized, off or all)"
-            )),
+            _ => Err(format!("unknown rotation `{s}` (expected quantized, off or all)")),
         }
     }
 }
@@ -62,21 +60,13 @@ impl std::str::FromStr for Rotation {
 /// (−1)^popcount(i & j) / √n (Sylvester's construction).
 pub fn hadamard_matrix(n: usize) -> Vec<f32> {
     let scale = 1.0 / (n as f32).sqrt();
-    (0..n * n)
-        .map(|k| {
-            if ((k / n) & (k % n)).count_ones() % 2 == 0 {
-                scale
-            } else {
-                -scale
-            }
-        })
-        .collect()
+    (0..n * n).map(|k| if ((k / n) & (k % n)).count_ones().is_multiple_of(2) { scale } else { -scale }).collect()
 }
 
 /// Multiplies every `head_dim` slice of `values` by the orthonormal Hadamard matrix, in place, with
 /// the fast Walsh-Hadamard transform (`head_dim` log `head_dim` additions per slice).
 pub fn rotate_heads(values: &mut [f32], head_dim: usize) {
-    debug_assert!(head_dim.is_power_of_two() && values.len() % head_dim == 0);
+    debug_assert!(head_dim.is_power_of_two() && values.len().is_multiple_of(head_dim));
     let scale = 1.0 / (head_dim as f32).sqrt();
     for head in values.chunks_exact_mut(head_dim) {
         let mut span = 1;
@@ -136,8 +126,6 @@ mod tests {
         assert!(!Rotation::Quantized.applies(CacheType::F16, 64));
         assert!(!Rotation::Quantized.applies(CacheType::Q8_0, 96));
         assert!(!Rotation::Off.applies(CacheType::Q4_0, 64));
-        assert!(
-            Rotation::All.applies(CacheType::F32, 64) && !Rotation::All.applies(CacheType::F32, 48)
-        );
+        assert!(Rotation::All.applies(CacheType::F32, 64) && !Rotation::All.applies(CacheType::F32, 48));
     }
 }

@@ -42,8 +42,8 @@ impl RopeConfig {
                 } else if wavelen > low_wavelen {
                     freq / s.factor as f64
                 } else {
-                    let smooth = (s.original_context as f64 / wavelen - s.low_freq_factor as f64)
-                        / (s.high_freq_factor - s.low_freq_factor) as f64;
+                    let smooth =
+                        (s.original_context as f64 / wavelen - s.low_freq_factor as f64) / (s.high_freq_factor - s.low_freq_factor) as f64;
                     (1.0 - smooth) * freq / s.factor as f64 + smooth * freq
                 };
                 (freq / scaled) as f32
@@ -96,7 +96,9 @@ impl LlamaConfig {
         let head_dim = match file.get_opt::<usize>(&key("attention.key_length"))? {
             Some(v) => v,
             None if n_embd % n_head == 0 => n_embd / n_head,
-            None => return Err(Error::Config { key: key("attention.head_count"), why: format!("{n_head} heads do not divide width {n_embd}") }),
+            None => {
+                return Err(Error::Config { key: key("attention.head_count"), why: format!("{n_head} heads do not divide width {n_embd}") })
+            }
         };
         if head_dim == 0 || head_dim % 2 != 0 {
             return Err(Error::Config { key: key("attention.key_length"), why: format!("head dim {head_dim} must be even") });
@@ -122,7 +124,10 @@ impl LlamaConfig {
                 original_context: file.get(&key("rope.scaling.original_context_length"))?,
             }),
             Some(other) => {
-                return Err(Error::Config { key: key("rope.scaling.type"), why: format!("scaling `{other}` is not supported (none, llama3)") })
+                return Err(Error::Config {
+                    key: key("rope.scaling.type"),
+                    why: format!("scaling `{other}` is not supported (none, llama3)"),
+                })
             }
         };
         if let Some(s) = llama3 {

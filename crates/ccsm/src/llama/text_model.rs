@@ -42,7 +42,10 @@ impl LlamaModel {
         let vocab_size = embd_info.shape.get(1).copied().unwrap_or(0) as usize;
         if let Some(declared) = file.get_opt::<usize>("llama.vocab_size")? {
             if declared != vocab_size {
-                return Err(Error::Config { key: "llama.vocab_size".into(), why: format!("{declared}, but {TOKEN_EMBD} has {vocab_size} rows") });
+                return Err(Error::Config {
+                    key: "llama.vocab_size".into(),
+                    why: format!("{declared}, but {TOKEN_EMBD} has {vocab_size} rows"),
+                });
             }
         }
         let tokenizer = Tokenizer::from_gguf(file)?;
@@ -55,7 +58,11 @@ impl LlamaModel {
         };
         if let Some(f) = &freq_factors {
             if f.len() != config.rope.n_dims / 2 {
-                return Err(Error::TensorShape { name: ROPE_FREQS.into(), expected: vec![config.rope.n_dims as i64 / 2], found: vec![f.len() as i64] });
+                return Err(Error::TensorShape {
+                    name: ROPE_FREQS.into(),
+                    expected: vec![config.rope.n_dims as i64 / 2],
+                    found: vec![f.len() as i64],
+                });
             }
         }
 

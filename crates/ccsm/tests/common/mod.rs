@@ -59,22 +59,46 @@ pub struct Agreement {
     /// max |Δ| over a row divided by that row's reference spread (max − min), worst row.
     pub worst_relative_error: f64,
     pub top1_matches: usize,
+    /// Rows whose top-1 differs although the reference's margin between the two picks exceeds
+    /// `near_tie` of the spread (a near tie within the tolerance may flip; a clear winner may not).
+    pub clear_top1_mismatches: usize,
+    /// The smallest reference margin (top-1 minus the engine's pick, over the spread) among mismatches.
+    pub smallest_mismatch_margin: f64,
     pub rows: usize,
 }
 
 pub fn compare(engine: &[f32], reference: &[f64], vocab: usize) -> Agreement {
+    compare_with_ties(engine, reference, vocab, 0.0)
+}
+
+/// `compare`, counting as clear mismatches only rows whose reference margin exceeds `near_tie`.
+pub fn compare_with_ties(engine: &[f32], reference: &[f64], vocab: usize, near_tie: f64) -> Agreement {
     assert_eq!(engine.len(), reference.len(), "logit counts differ");
+    assert!(!engine.is_empty() && engine.len().is_multiple_of(vocab), "{} logits are not whole rows of {vocab}", engine.len());
     let mut worst = 0f64;
     let mut matches = 0;
+    let (mut clear_mismatches, mut smallest_margin) = (0, f64::INFINITY);
     for (e, r) in engine.chunks(vocab).zip(reference.chunks(vocab)) {
         let spread = r.iter().cloned().fold(f64::NEG_INFINITY, f64::max) - r.iter().cloned().fold(f64::INFINITY, f64::min);
         let max_diff = e.iter().zip(r).map(|(a, b)| (*a as f64 - b).abs()).fold(0f64, f64::max);
         worst = worst.max(max_diff / spread);
         let argmax_e = e.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
         let argmax_r = r.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
-        matches += (argmax_e == argmax_r) as usize;
+        if argmax_e == argmax_r {
+            matches += 1;
+        } else {
+            let margin = (r[argmax_r] - r[argmax_e]) / spread;
+            smallest_margin = smallest_margin.min(margin);
+            clear_mismatches += (margin > near_tie) as usize;
+        }
     }
-    Agreement { worst_relative_error: worst, top1_matches: matches, rows: engine.len() / vocab }
+    Agreement {
+        worst_relative_error: worst,
+        top1_matches: matches,
+        clear_top1_mismatches: clear_mismatches,
+        smallest_mismatch_margin: smallest_margin,
+        rows: engine.len() / vocab,
+    }
 }
 
 /// Bytes per element of each cache type from ggml's documented block layouts (independent of ggml).

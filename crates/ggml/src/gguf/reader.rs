@@ -81,9 +81,7 @@ impl Source {
             return Err(self.truncated(what));
         }
         let mut buf = [0u8; N];
-        self.reader
-            .read_exact(&mut buf)
-            .map_err(|source| GgufError::Io { path: self.path.clone(), source })?;
+        self.reader.read_exact(&mut buf).map_err(|source| GgufError::Io { path: self.path.clone(), source })?;
         self.pos += N as u64;
         Ok(buf)
     }
@@ -103,9 +101,7 @@ impl Source {
             return Err(self.malformed(at, format!("{what}: string length {len} exceeds the {} bytes left", self.remaining())));
         }
         let mut buf = vec![0u8; len as usize];
-        self.reader
-            .read_exact(&mut buf)
-            .map_err(|source| GgufError::Io { path: self.path.clone(), source })?;
+        self.reader.read_exact(&mut buf).map_err(|source| GgufError::Io { path: self.path.clone(), source })?;
         self.pos += len;
         String::from_utf8(buf).map_err(|e| self.malformed(at + 8, format!("{what}: string is not UTF-8 ({e})")))
     }
@@ -147,7 +143,9 @@ impl Source {
                     .ok_or_else(|| self.malformed(at, format!("{what}: unknown array element type {type_id}")))?;
                 let count = self.u64(what)?;
                 if count.saturating_mul(element.min_size()) > self.remaining() {
-                    return Err(self.malformed(at, format!("{what}: array of {count} items cannot fit in the {} bytes left", self.remaining())));
+                    return Err(
+                        self.malformed(at, format!("{what}: array of {count} items cannot fit in the {} bytes left", self.remaining()))
+                    );
                 }
                 let items = (0..count).map(|_| self.value(element, what, depth + 1)).collect::<GgufResult<Vec<_>>>()?;
                 Value::Array { element, items }
@@ -181,7 +179,9 @@ impl GgufFile {
         let n_kv = src.u64("the metadata count")?;
         // Each key-value pair takes at least 8 (key length) + 4 (type) + 1 bytes; each tensor info 8+4+8+4+8.
         if n_kv.saturating_mul(13) > src.remaining() || n_tensors.saturating_mul(32) > src.remaining() {
-            return Err(src.malformed(counts_at, format!("{n_tensors} tensors and {n_kv} metadata keys cannot fit in a file of {} bytes", src.len)));
+            return Err(
+                src.malformed(counts_at, format!("{n_tensors} tensors and {n_kv} metadata keys cannot fit in a file of {} bytes", src.len))
+            );
         }
 
         let mut metadata = Vec::with_capacity(n_kv as usize);
@@ -190,7 +190,8 @@ impl GgufFile {
             let at = src.pos;
             let key = src.string(&format!("metadata key #{i}"))?;
             let type_id = src.u32(&format!("the type of `{key}`"))?;
-            let ty = ValueType::from_id(type_id).ok_or_else(|| src.malformed(at, format!("key `{key}` has unknown value type {type_id}")))?;
+            let ty =
+                ValueType::from_id(type_id).ok_or_else(|| src.malformed(at, format!("key `{key}` has unknown value type {type_id}")))?;
             let value = src.value(ty, &format!("the value of `{key}`"), 0)?;
             if index.insert(key.clone(), metadata.len()).is_some() {
                 return Err(src.malformed(at, format!("metadata key `{key}` appears twice")));
@@ -223,16 +224,22 @@ impl GgufFile {
         let data_offset = src.pos.div_ceil(alignment) * alignment;
         for (tensor, (relative, at)) in tensors.iter_mut().zip(relative_offsets) {
             if relative % alignment != 0 {
-                return Err(src.malformed(at, format!("tensor `{}` data offset {relative} is not a multiple of the alignment {alignment}", tensor.name)));
+                return Err(src.malformed(
+                    at,
+                    format!("tensor `{}` data offset {relative} is not a multiple of the alignment {alignment}", tensor.name),
+                ));
             }
             let end = data_offset.checked_add(relative).and_then(|o| o.checked_add(tensor.size));
             match end {
                 Some(end) if end <= src.len => tensor.offset = data_offset + relative,
                 _ => {
-                    return Err(src.malformed(at, format!(
-                        "tensor `{}` data ({} bytes at offset {relative} after {data_offset}) runs past the end of the file ({} bytes)",
-                        tensor.name, tensor.size, src.len
-                    )))
+                    return Err(src.malformed(
+                        at,
+                        format!(
+                            "tensor `{}` data ({} bytes at offset {relative} after {data_offset}) runs past the end of the file ({} bytes)",
+                            tensor.name, tensor.size, src.len
+                        ),
+                    ))
                 }
             }
         }
@@ -284,16 +291,16 @@ impl GgufFile {
     }
 
     pub fn tensor(&self, name: &str) -> GgufResult<&TensorInfo> {
-        self.tensor_index
-            .get(name)
-            .map(|&i| &self.tensors[i])
-            .ok_or_else(|| GgufError::MissingTensor { name: name.to_owned() })
+        self.tensor_index.get(name).map(|&i| &self.tensors[i]).ok_or_else(|| GgufError::MissingTensor { name: name.to_owned() })
     }
 
     /// Reads a tensor's bytes into `dst`, which must be exactly its size.
     pub fn read_tensor_data(&self, info: &TensorInfo, dst: &mut [u8]) -> GgufResult<()> {
         if dst.len() as u64 != info.size {
-            return Err(GgufError::Tensor { name: info.name.clone(), why: format!("destination holds {} bytes, data is {}", dst.len(), info.size) });
+            return Err(GgufError::Tensor {
+                name: info.name.clone(),
+                why: format!("destination holds {} bytes, data is {}", dst.len(), info.size),
+            });
         }
         let io_err = |source| GgufError::Io { path: self.path.clone(), source };
         let mut file = File::open(&self.path).map_err(io_err)?;
@@ -332,8 +339,11 @@ fn read_tensor_info(src: &mut Source, name: &str, at: u64) -> GgufResult<(Tensor
     let relative = src.u64(&format!("the offset of `{name}`"))?;
     let elements = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
     let block = dtype.block_size() as u64;
-    if shape[0] as u64 % block != 0 {
-        return Err(GgufError::Tensor { name: name.to_owned(), why: format!("rows of {} elements are not whole {dtype} blocks of {block}", shape[0]) });
+    if !(shape[0] as u64).is_multiple_of(block) {
+        return Err(GgufError::Tensor {
+            name: name.to_owned(),
+            why: format!("rows of {} elements are not whole {dtype} blocks of {block}", shape[0]),
+        });
     }
     let size = elements
         .and_then(|n| (n / block).checked_mul(dtype.type_size() as u64))

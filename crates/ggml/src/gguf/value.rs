@@ -53,7 +53,10 @@ pub enum Value {
     Bool(bool),
     String(String),
     /// Items all of `element` type (checked when read and when written).
-    Array { element: ValueType, items: Vec<Value> },
+    Array {
+        element: ValueType,
+        items: Vec<Value>,
+    },
     U64(u64),
     I64(i64),
     F64(f64),

@@ -71,11 +71,7 @@ impl GgufWriter {
     }
 
     fn alignment(&self) -> u64 {
-        self.metadata
-            .iter()
-            .find(|(k, _)| k == ALIGNMENT_KEY)
-            .and_then(|(_, v)| v.as_i128())
-            .map_or(DEFAULT_ALIGNMENT, |a| a as u64)
+        self.metadata.iter().find(|(k, _)| k == ALIGNMENT_KEY).and_then(|(_, v)| v.as_i128()).map_or(DEFAULT_ALIGNMENT, |a| a as u64)
     }
 
     fn write_to(&self, out: &mut impl Write) -> std::io::Result<()> {
