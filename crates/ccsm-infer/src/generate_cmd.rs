@@ -8,14 +8,10 @@ use serde_json::json;
 use ccsm::generate::{generate, LiveQuantize};
 use ccsm::llama::LlamaModel;
 use ccsm::sampling::{Sampler, SamplerConfig};
-use ccsm::{AnyModel, CacheType, GGMLModel, Model, ModelOptions};
+use ccsm::{AnyModel, CacheType, GGMLModel, Model, ModelOptions, DEFAULT_CTX_CAP};
 
 use crate::cli::{GenerateArgs, LogArgs, TopK};
 use crate::{output, UsageError};
-
-/// Default context when the model's own is larger: keeps the cache modest, and a file that claims a
-/// huge context cannot make the engine allocate for it unasked.
-pub const DEFAULT_CTX_CAP: usize = 4096;
 
 pub fn model_path(args: &GenerateArgs) -> Result<PathBuf> {
     args.model

@@ -61,7 +61,7 @@ pub fn log_conversion(reports: &[CacheReport], after: usize, unit: &str) {
 
 pub fn run(args: &GenerateArgs, log: &LogArgs, path: &Path, model: CsmModel) -> Result<()> {
     let n_ctx_train = model.config().backbone.n_ctx_train;
-    let n_ctx = args.ctx_size.map_or(n_ctx_train.min(crate::generate_cmd::DEFAULT_CTX_CAP), |c| c as usize);
+    let n_ctx = args.ctx_size.map_or(n_ctx_train.min(ccsm::DEFAULT_CTX_CAP), |c| c as usize);
     if n_ctx > n_ctx_train {
         return Err(UsageError(format!("-c {n_ctx} is beyond the model's context of {n_ctx_train}")).into());
     }

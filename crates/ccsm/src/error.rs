@@ -1,5 +1,7 @@
 //! Errors of the engine library.
 
+use std::path::PathBuf;
+
 use crate::CacheType;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -30,11 +32,27 @@ pub enum Error {
     #[error("KV cache is full: {needed} cells needed, capacity {capacity}")]
     CacheFull { needed: usize, capacity: usize },
 
+    #[error("a KV budget of {budget} bytes cannot hold even a minimal cache ({minimum} bytes: q4_0, {min_cells} cells)")]
+    BudgetTooSmall { budget: usize, minimum: usize, min_cells: usize },
+
     #[error("token id {id} is outside the vocabulary of {vocab}")]
     TokenOutOfRange { id: u32, vocab: usize },
 
+    #[error("nothing to evaluate: {0}")]
+    EmptyInput(&'static str),
+
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+
+    #[error("{}: not a usable KL reference file: {why}", path.display())]
+    KlReference { path: PathBuf, why: String },
+
+    /// Something the engine guarantees did not hold: a bug, reported instead of a panic.
+    #[error("internal error (a bug in ccsm): {0}")]
+    Invariant(String),
 
     #[error("invalid input: {0}")]
     Input(String),

@@ -75,7 +75,7 @@ pub fn generate(
     mut on_token: impl FnMut(u32, &Tokenizer) -> bool,
 ) -> Result<Generation> {
     if prompt.is_empty() {
-        return Err(Error::Input("the prompt is empty (it tokenized to no tokens)".into()));
+        return Err(Error::EmptyInput("the prompt tokenized to no tokens"));
     }
     let capacity = model.cache().capacity();
     let needed = model.cache().len() + prompt.len() + max_new.saturating_sub(1);

@@ -18,7 +18,7 @@ pub mod weights;
 
 pub use cache_type::CacheType;
 pub use error::{Error, Result};
-pub use load::{load_model, AnyModel};
+pub use load::{inspect, load_model, AnyModel, Architecture, CacheShape, ModelFacts, DEFAULT_CTX_CAP};
 pub use model::{CacheReport, GGMLModel, Logits, Model, ModelOptions};
 
 /// The engine's version.

@@ -1,5 +1,5 @@
 //! Opening a model file whatever its architecture: the one entry point the CLI and the loader fuzz
-//! target share.
+//! target share, and the same checks without the weights for `info`.
 
 use std::path::Path;
 
@@ -7,7 +7,13 @@ use ggml::gguf::GgufFile;
 
 use crate::csm::CsmModel;
 use crate::error::{Error, Result};
-use crate::llama::LlamaModel;
+use crate::kv_cache::KvCacheConfig;
+use crate::llama::{LlamaConfig, LlamaModel};
+use crate::CacheType;
+
+/// Default context when the model's own is larger: keeps the cache modest, and a file that claims a
+/// huge context cannot make the engine allocate for it unasked.
+pub const DEFAULT_CTX_CAP: usize = 4096;
 
 /// A loaded model of one of the supported architectures.
 #[allow(clippy::large_enum_variant)] // made once per process; boxing would buy nothing
@@ -21,10 +27,91 @@ pub enum AnyModel {
 pub fn load_model(path: impl AsRef<Path>) -> Result<AnyModel> {
     let path = path.as_ref();
     let file = GgufFile::open(path)?;
+    match architecture(&file, path)? {
+        Architecture::Llama => LlamaModel::from_file(&file, path).map(AnyModel::Llama),
+        Architecture::Csm => CsmModel::from_file(&file, path).map(AnyModel::Csm),
+    }
+}
+
+/// The model architectures this engine runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    Llama,
+    Csm,
+}
+
+fn architecture(file: &GgufFile, path: &Path) -> Result<Architecture> {
     let arch: String = file.get("general.architecture")?;
     match arch.as_str() {
-        "llama" => LlamaModel::from_file(&file, path).map(AnyModel::Llama),
-        "csm" => CsmModel::from_file(&file, path).map(AnyModel::Csm),
+        "llama" => Ok(Architecture::Llama),
+        "csm" => Ok(Architecture::Csm),
         _ => Err(Error::Architecture { path: path.display().to_string(), found: arch, expected: "llama or csm" }),
     }
+}
+
+/// One KV cache a run of the model allocates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CacheShape {
+    /// "text" for a Llama model; "backbone" or "decoder" for CSM.
+    pub name: &'static str,
+    pub n_layer: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    /// Cells it gets (the context for text and the CSM backbone; one per codebook for the decoder).
+    pub cells: usize,
+}
+
+impl CacheShape {
+    fn of(name: &'static str, stack: &LlamaConfig, cells: usize) -> Self {
+        CacheShape { name, n_layer: stack.n_layer, n_head_kv: stack.n_head_kv, head_dim: stack.head_dim, cells }
+    }
+
+    /// The cache's config with these types (its bytes: `config(..).bytes()`).
+    pub fn config(&self, k_type: CacheType, v_type: CacheType) -> KvCacheConfig {
+        KvCacheConfig { n_layer: self.n_layer, head_dim: self.head_dim, n_head_kv: self.n_head_kv, capacity: self.cells, k_type, v_type }
+    }
+}
+
+/// What a model file holds, from a file that passed every check loading makes.
+#[derive(Clone, Debug)]
+pub struct ModelFacts {
+    pub architecture: Architecture,
+    pub name: String,
+    pub params: u64,
+    /// Bytes of tensor data in the file.
+    pub weight_bytes: u64,
+    pub tensors: usize,
+    pub caches: Vec<CacheShape>,
+}
+
+/// Checks the file exactly as `load_model` does (metadata, tokenizer, every tensor's name, shape and
+/// type) without reading the weights, and reports what it holds; caches sized for `n_ctx` cells
+/// (default: the model's context, at most `DEFAULT_CTX_CAP`).
+pub fn inspect(path: impl AsRef<Path>, n_ctx: Option<usize>) -> Result<ModelFacts> {
+    let path = path.as_ref();
+    let file = GgufFile::open(path)?;
+    let architecture = architecture(&file, path)?;
+    let cells = |trained: usize| n_ctx.unwrap_or(trained.min(DEFAULT_CTX_CAP));
+    let caches = match architecture {
+        Architecture::Llama => {
+            let c = LlamaModel::check_file(&file, path)?;
+            vec![CacheShape::of("text", &c, cells(c.n_ctx_train))]
+        }
+        Architecture::Csm => {
+            let c = CsmModel::check_file(&file, path)?;
+            vec![
+                CacheShape::of("backbone", &c.backbone, cells(c.backbone.n_ctx_train)),
+                CacheShape::of("decoder", &c.decoder, c.n_codebooks),
+            ]
+        }
+    };
+    Ok(ModelFacts {
+        architecture,
+        name: file.get_opt::<String>("general.name")?.unwrap_or_default(),
+        params: file.tensors().iter().map(|t| t.nelements() as u64).sum(),
+        weight_bytes: file.tensors().iter().map(|t| t.size).sum(),
+        tensors: file.tensors().len(),
+        caches,
+    })
 }

@@ -2,13 +2,14 @@
 //!
 //! With r = budget / current bytes: r ≥ 1 → nothing; 0.5 ≤ r < 1 → resize (evicting by the policy);
 //! 0.25 ≤ r < 0.5 → Q8_0, then resize if still over; r < 0.25 → Q4_0, then prune (evict and resize)
-//! if still over. Only caches that persist across steps are resized or pruned (for CSM the backbone;
+//! if still over; when a step's result would not fit (capacities never go below `MIN_CELLS`), the next
+//! step is taken. Only caches that persist across steps are resized or pruned (for CSM the backbone;
 //! the decoder's is reset every frame); all are quantized.
 
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::kv_cache::{EvictionPolicy, KvCache};
+use crate::kv_cache::{EvictionPolicy, KvCache, KvCacheConfig};
 use crate::CacheType;
 
 /// The smallest capacity a resizable cache is shrunk to.
@@ -37,6 +38,25 @@ impl Strategy {
             Strategy::Q4ThenPrune
         }
     }
+
+    /// The step after this one when its result would not fit (None after the last).
+    pub fn next(self) -> Option<Strategy> {
+        match self {
+            Strategy::Nothing => Some(Strategy::Resize),
+            Strategy::Resize => Some(Strategy::Q8ThenResize),
+            Strategy::Q8ThenResize => Some(Strategy::Q4ThenPrune),
+            Strategy::Q4ThenPrune => None,
+        }
+    }
+
+    /// The type the strategy narrows caches to, if any.
+    fn quantize_to(self) -> Option<CacheType> {
+        match self {
+            Strategy::Q8ThenResize => Some(CacheType::Q8_0),
+            Strategy::Q4ThenPrune => Some(CacheType::Q4_0),
+            Strategy::Nothing | Strategy::Resize => None,
+        }
+    }
 }
 
 /// A cache the optimizer may act on.
@@ -52,7 +72,10 @@ pub struct ManagedCache<'a> {
 pub struct MemoryReport {
     pub budget_bytes: usize,
     pub ratio: f64,
+    /// The strategy applied: the ratio's, or a later one when the ratio's result would not fit.
     pub strategy: Strategy,
+    /// The ratio's strategy, when a later one had to be taken instead.
+    pub escalated_from: Option<Strategy>,
     pub actions: Vec<String>,
     /// (cache, bytes) before and after.
     pub before: Vec<(&'static str, usize)>,
@@ -69,9 +92,13 @@ fn total(caches: &[ManagedCache<'_>]) -> usize {
     caches.iter().map(|c| c.cache.memory_usage()).sum()
 }
 
-/// Bytes one more cell costs in `cache` at its current types.
-fn bytes_per_cell(cache: &KvCache) -> usize {
-    cache.memory_usage() / cache.capacity()
+/// `from`, or `to` when `to` takes fewer bits (the optimizer only narrows).
+fn narrowed(from: CacheType, to: CacheType) -> CacheType {
+    if from.dtype().bits_per_element() > to.dtype().bits_per_element() {
+        to
+    } else {
+        from
+    }
 }
 
 /// The least memory the caches can be brought to: fixed caches at q4_0, resizable ones at q4_0 with
@@ -81,7 +108,7 @@ pub fn minimum_bytes(caches: &[ManagedCache<'_>]) -> Result<usize> {
         .iter()
         .map(|c| {
             let mut config = *c.cache.config();
-            (config.k_type, config.v_type) = (CacheType::Q4_0, CacheType::Q4_0);
+            (config.k_type, config.v_type) = (narrowed(config.k_type, CacheType::Q4_0), narrowed(config.v_type, CacheType::Q4_0));
             if c.resizable {
                 config.capacity = config.capacity.min(MIN_CELLS);
             }
@@ -90,46 +117,91 @@ pub fn minimum_bytes(caches: &[ManagedCache<'_>]) -> Result<usize> {
         .sum()
 }
 
-/// Applies the strategy for `budget` bytes to `caches`.
+/// The target of one cache under a strategy: its types and capacity.
+#[derive(Clone, Copy, Debug)]
+struct Target {
+    config: KvCacheConfig,
+    /// Fewest cells the cache may be given.
+    min_cells: usize,
+}
+
+/// The caches' configs under `strategy` for `budget`: types narrowed, then (when still over) the
+/// resizable caches' capacities shared out of what the fixed ones leave, and trimmed if the clamp to
+/// `MIN_CELLS` pushed them over. The result may still exceed the budget: the caller escalates.
+fn plan(caches: &[ManagedCache<'_>], strategy: Strategy, budget: usize) -> Result<Vec<Target>> {
+    let mut targets: Vec<Target> = caches
+        .iter()
+        .map(|c| {
+            let mut config = *c.cache.config();
+            if let Some(t) = strategy.quantize_to() {
+                (config.k_type, config.v_type) = (narrowed(config.k_type, t), narrowed(config.v_type, t));
+            }
+            let min_cells = if c.resizable { MIN_CELLS.min(config.capacity) } else { config.capacity };
+            Target { config, min_cells }
+        })
+        .collect();
+    let bytes = |targets: &[Target]| targets.iter().map(|t| t.config.bytes()).sum::<Result<usize>>();
+    if strategy == Strategy::Nothing || bytes(&targets)? <= budget {
+        return Ok(targets);
+    }
+    let per_cell = |t: &Target| KvCacheConfig { capacity: 1, ..t.config }.bytes();
+    let fixed: usize = targets.iter().filter(|t| t.min_cells == t.config.capacity).map(|t| t.config.bytes()).sum::<Result<usize>>()?;
+    let resizable: Vec<usize> = (0..targets.len()).filter(|&i| targets[i].min_cells < targets[i].config.capacity).collect();
+    // Share what the fixed caches leave in proportion to each resizable cache's size.
+    let room = budget.saturating_sub(fixed);
+    let sizes: usize = resizable.iter().map(|&i| targets[i].config.bytes()).sum::<Result<usize>>()?;
+    for &i in &resizable {
+        let t = &mut targets[i];
+        let share = room as f64 * t.config.bytes()? as f64 / sizes as f64;
+        t.config.capacity = (share as usize / per_cell(t)?).clamp(t.min_cells, t.config.capacity);
+    }
+    // The clamp may have pushed the total over: take the excess back, largest rows first.
+    let mut over = bytes(&targets)?.saturating_sub(budget);
+    let mut by_row = resizable.clone();
+    by_row.sort_by_key(|&i| std::cmp::Reverse(per_cell(&targets[i]).unwrap_or(0)));
+    for i in by_row {
+        if over == 0 {
+            break;
+        }
+        let t = &mut targets[i];
+        let row = per_cell(t)?;
+        let cut = over.div_ceil(row).min(t.config.capacity - t.min_cells);
+        t.config.capacity -= cut;
+        over = over.saturating_sub(cut * row);
+    }
+    Ok(targets)
+}
+
+/// Fits `caches` into `budget` bytes. The ratio budget / current bytes picks the seed's strategy; when
+/// its result would not fit (the capacity clamp at `MIN_CELLS`), the next, stronger one is taken. The
+/// whole plan is checked before any cache is touched: a budget below the minimal layout is refused
+/// with nothing changed, and an accepted one is met exactly as planned.
 pub fn optimize(mut caches: Vec<ManagedCache<'_>>, budget: usize, policy: EvictionPolicy) -> Result<MemoryReport> {
     let before: Vec<_> = caches.iter().map(|c| (c.name, c.cache.memory_usage())).collect();
     let current = total(&caches);
     let ratio = budget as f64 / current as f64;
-    let strategy = Strategy::for_ratio(ratio);
     let minimum = minimum_bytes(&caches)?;
     if budget < minimum {
-        return Err(Error::Input(format!(
-            "a KV budget of {budget} bytes cannot hold even a minimal cache ({minimum} bytes: q4_0, {MIN_CELLS} cells)"
-        )));
+        return Err(Error::BudgetTooSmall { budget, minimum, min_cells: MIN_CELLS });
     }
-    let mut actions = Vec::new();
-    let quantize_to = match strategy {
-        Strategy::Q8ThenResize => Some(CacheType::Q8_0),
-        Strategy::Q4ThenPrune => Some(CacheType::Q4_0),
-        _ => None,
-    };
-    if let Some(t) = quantize_to {
-        for c in caches.iter_mut() {
-            // Only narrow: a cache already at or below the target's bits stays as it is.
-            let narrower = |from: CacheType| if from.dtype().bits_per_element() > t.dtype().bits_per_element() { t } else { from };
-            let (k, v) = (narrower(c.cache.k_type()), narrower(c.cache.v_type()));
-            if (k, v) != (c.cache.k_type(), c.cache.v_type()) {
-                c.cache.quantize(k, v)?;
-                actions.push(format!("{}: quantized to {k}/{v}", c.name));
-            }
+    let chosen = Strategy::for_ratio(ratio);
+    let mut strategy = chosen;
+    let targets = loop {
+        let targets = plan(&caches, strategy, budget)?;
+        if targets.iter().map(|t| t.config.bytes()).sum::<Result<usize>>()? <= budget {
+            break targets;
         }
-    }
-    if strategy != Strategy::Nothing && total(&caches) > budget {
-        let fixed: usize = caches.iter().filter(|c| !c.resizable).map(|c| c.cache.memory_usage()).sum();
-        let resizable: Vec<usize> = (0..caches.len()).filter(|&i| caches[i].resizable).collect();
-        // Share what the fixed caches leave in proportion to each resizable cache's current size.
-        let room = budget.saturating_sub(fixed);
-        let sizes: usize = resizable.iter().map(|&i| caches[i].cache.memory_usage()).sum();
-        for &i in &resizable {
-            let c = &mut caches[i];
-            let share = room as f64 * c.cache.memory_usage() as f64 / sizes as f64;
-            let cells = ((share as usize) / bytes_per_cell(c.cache)).clamp(MIN_CELLS.min(c.cache.capacity()), c.cache.capacity());
-            let (len, from) = (c.cache.len(), c.cache.capacity());
+        strategy = strategy.next().ok_or(Error::BudgetTooSmall { budget, minimum, min_cells: MIN_CELLS })?;
+    };
+    let mut actions = Vec::new();
+    for (c, target) in caches.iter_mut().zip(&targets) {
+        let (k, v) = (target.config.k_type, target.config.v_type);
+        if (k, v) != (c.cache.k_type(), c.cache.v_type()) {
+            c.cache.quantize(k, v)?;
+            actions.push(format!("{}: quantized to {k}/{v}", c.name));
+        }
+        let (len, from, cells) = (c.cache.len(), c.cache.capacity(), target.config.capacity);
+        if cells != from {
             if strategy == Strategy::Q4ThenPrune && len > cells {
                 let evicted = c.cache.prune(cells, policy)?;
                 actions.push(format!("{}: pruned {evicted} of {len} cells ({policy:?})", c.name));
@@ -139,7 +211,12 @@ pub fn optimize(mut caches: Vec<ManagedCache<'_>>, budget: usize, policy: Evicti
         }
     }
     let after: Vec<_> = caches.iter().map(|c| (c.name, c.cache.memory_usage())).collect();
-    Ok(MemoryReport { budget_bytes: budget, ratio, strategy, actions, before, after })
+    let bytes_after = total(&caches);
+    if bytes_after > budget {
+        return Err(Error::Invariant(format!("the memory optimizer planned within {budget} bytes but the caches hold {bytes_after}")));
+    }
+    let escalated_from = (strategy != chosen).then_some(chosen);
+    Ok(MemoryReport { budget_bytes: budget, ratio, strategy, escalated_from, actions, before, after })
 }
 
 /// Makes room for `needed` more cells in a full cache by evicting down to three quarters of its

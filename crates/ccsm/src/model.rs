@@ -179,7 +179,7 @@ impl GGMLModel {
     /// Runs `tokens` after the cached ones; returns logits per `which` (`[n][vocab]` for `All`).
     pub fn eval(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
         if tokens.is_empty() {
-            return Err(Error::Input("no tokens to evaluate".into()));
+            return Err(Error::EmptyInput("no tokens"));
         }
         let vocab = self.model.vocab_size();
         if let Some(&id) = tokens.iter().find(|&&id| id as usize >= vocab) {
@@ -234,7 +234,16 @@ impl GGMLModel {
         ctx.allocate(&graph)?;
         step.write_inputs(model, cache, tokens, cells)?;
         self.backend.compute(&graph)?;
-        let mass = if track { Some(graph.find("attn_mass").ok_or(Error::Input("no attention output".into()))?.read_f32()?) } else { None };
+        let mass = if track {
+            Some(
+                graph
+                    .find("attn_mass")
+                    .ok_or(Error::Invariant("the step tracks attention but its graph has no attn_mass".into()))?
+                    .read_f32()?,
+            )
+        } else {
+            None
+        };
         let logits = step.logits.read_f32()?;
         if let Some(mass) = mass {
             drop(ctx);
@@ -252,7 +261,7 @@ impl GGMLModel {
         if !kept {
             self.decode_graph = None;
             let max_nodes = self.model.transformer.max_nodes();
-            let mut graph = ReusableGraph::new(max_nodes + 16, max_nodes)?;
+            let graph = ReusableGraph::new(max_nodes + 16, max_nodes)?;
             let mut building = graph.context().new_graph(max_nodes)?;
             let shape = StepShape { n: 1, n_kv, which: Logits::Last, track_attention: track };
             build_step(&self.model, &self.cache, graph.context(), &mut building, shape)?;
@@ -319,7 +328,13 @@ struct StepShape {
 }
 
 /// The graph of one step.
-fn build_step<'c>(model: &'c LlamaModel, cache: &'c KvCache, ctx: &'c Context, graph: &mut Graph<'c>, shape: StepShape) -> Result<StepTensors<'c>> {
+fn build_step<'c>(
+    model: &'c LlamaModel,
+    cache: &'c KvCache,
+    ctx: &'c Context,
+    graph: &mut Graph<'c>,
+    shape: StepShape,
+) -> Result<StepTensors<'c>> {
     let StepShape { n, n_kv, which, track_attention } = shape;
     let transformer = &model.transformer;
     let n = n as i64;

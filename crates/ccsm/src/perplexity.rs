@@ -69,6 +69,15 @@ pub fn score(
         }
     }
     let vocab = model.model().vocab_size();
+    // Every token id that will index this model's logits: the text's and the reference's.
+    if let Some(&id) = tokens[..chunks * ctx].iter().find(|&&id| id as usize >= vocab) {
+        return Err(Error::TokenOutOfRange { id, vocab });
+    }
+    if let Some(r) = reference {
+        if let Some(&(id, _)) = r.positions.iter().flat_map(|p| &p.top).find(|(id, _)| *id as usize >= vocab) {
+            return Err(Error::TokenOutOfRange { id, vocab });
+        }
+    }
     let mut positions = Vec::with_capacity(chunks * per_chunk);
     let mut kl = KlAccumulator::default();
     for c in 0..chunks {
@@ -191,7 +200,7 @@ impl PerplexityRun {
 
     /// Writes the run as a KL reference file.
     pub fn save(&self, path: &Path, vocab: usize) -> Result<()> {
-        let io = |e: std::io::Error| Error::Input(format!("{}: {e}", path.display()));
+        let io = |source: std::io::Error| Error::Io { path: path.to_path_buf(), source };
         let mut out = BufWriter::new(std::fs::File::create(path).map_err(io)?);
         let mut put = |bytes: &[u8]| out.write_all(bytes).map_err(io);
         put(MAGIC)?;
@@ -211,7 +220,7 @@ impl PerplexityRun {
 
     /// Reads a KL reference file written by `save`; returns the run and its vocabulary size.
     pub fn load(path: &Path) -> Result<(Self, usize)> {
-        let bad = |why: String| Error::Input(format!("{}: not a usable KL reference file: {why}", path.display()));
+        let bad = |why: String| Error::KlReference { path: path.to_path_buf(), why };
         let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
         let len = file.metadata().map_err(|e| bad(e.to_string()))?.len();
         let mut input = BufReader::new(file);

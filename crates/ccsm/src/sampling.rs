@@ -67,7 +67,7 @@ impl Sampler {
     /// Picks a token id from `logits`.
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
         if logits.is_empty() {
-            return Err(Error::Input("no logits to sample from".into()));
+            return Err(Error::EmptyInput("no logits to sample from"));
         }
         if self.config.temperature == 0.0 {
             return Ok(argmax(logits) as u32);

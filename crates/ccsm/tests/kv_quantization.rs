@@ -232,7 +232,7 @@ fn conversion_peaks_at_the_old_cache_plus_one_layer() {
         let report = m.quantize_kv_cache(to, to).unwrap()[0].report;
         // One layer's new tensors: K and V rows of the new type for every cell. Quantizing shrinks the
         // cache, so the limit is the old cache plus that; a widening conversion ends larger than it began.
-        let one_layer = 2 * c.capacity * to.dtype().row_size(c.n_embd_kv()).unwrap();
+        let one_layer = 2 * c.capacity * to.dtype().row_size(c.n_embd_kv().unwrap()).unwrap();
         let limit = before.max(report.bytes_after) + one_layer;
         eprintln!("{from} -> {to}: before {} after {} peak {} (limit {limit})", report.bytes_before, report.bytes_after, report.peak_bytes);
         assert_eq!(report.bytes_before, before);

@@ -102,7 +102,7 @@ fn op() -> impl Strategy<Value = Op> {
 
 /// Writes rows whose every element is the cell's position (through the cache's own store nodes).
 fn store_rows(cache: &KvCache, cells: std::ops::Range<usize>) {
-    let width = cache.config().n_embd_kv();
+    let width = cache.config().n_embd_kv().unwrap();
     let mut compute = ComputeBuffer::new().unwrap();
     let ctx = compute.context(16, 16).unwrap();
     let n = cells.len() as i64;
@@ -126,7 +126,7 @@ fn rows_hold_positions(cache: &KvCache) -> bool {
     let mut compute = ComputeBuffer::new().unwrap();
     let ctx = compute.context(8, 8).unwrap();
     let (k, v) = (cache.k_tensor(&ctx, 0, cache.len()).unwrap(), cache.v_tensor(&ctx, 0, cache.len()).unwrap());
-    let width = cache.config().n_embd_kv();
+    let width = cache.config().n_embd_kv().unwrap();
     [k, v].iter().zip([cache.k_type(), cache.v_type()]).all(|(t, ty)| {
         let values = ty.dtype().dequantize(&t.read_bytes().unwrap(), cache.len() * width).unwrap();
         values.chunks(width).zip(cache.positions()).all(|(row, &p)| row.iter().all(|&x| (x - p as f32).abs() <= 0.02 * (p as f32).max(1.0)))

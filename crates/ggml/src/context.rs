@@ -85,6 +85,13 @@ impl Context {
         self.wrap(raw, OP)
     }
 
+    /// Whether the tensor header at `t` lives in this context's arena (was made in this context).
+    pub(crate) fn owns(&self, t: *const sys::ggml_tensor) -> bool {
+        // SAFETY: the context is alive; these read its arena's address and size.
+        let (base, size) = unsafe { (sys::ggml_get_mem_buffer(self.raw()) as usize, sys::ggml_get_mem_size(self.raw())) };
+        (base..base + size).contains(&(t as usize))
+    }
+
     fn allocates_data(&self) -> bool {
         // SAFETY: the context is alive.
         !unsafe { sys::ggml_get_no_alloc(self.raw()) }
@@ -121,7 +128,8 @@ pub struct Tensor<'ctx> {
 }
 
 impl<'ctx> Tensor<'ctx> {
-    /// Wraps a tensor owned by a structure that keeps its context alive for `'ctx`.
+    /// Wraps a tensor owned by a structure that keeps its context alive for `'ctx`. Every call site
+    /// must say why the header and its data outlive `'ctx` (see the crate docs' list).
     pub(crate) fn from_raw(raw: NonNull<sys::ggml_tensor>) -> Self {
         Tensor { raw, _ctx: PhantomData }
     }

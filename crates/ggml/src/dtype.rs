@@ -100,8 +100,18 @@ impl DType {
 
     /// Bytes of a row of `n` elements; `n` must be a multiple of the block size.
     pub fn row_size(self, n: usize) -> Result<usize> {
-        self.check_row_len("row_size", n as i64)?;
-        Ok(n / self.block_size() * self.type_size())
+        let block = self.block_size();
+        if n % block != 0 {
+            return Err(Error::BlockAlignment {
+                op: "row_size",
+                dtype: self,
+                row_len: i64::try_from(n).unwrap_or(i64::MAX),
+                block: block as i64,
+            });
+        }
+        (n / block)
+            .checked_mul(self.type_size())
+            .ok_or_else(|| Error::invalid("row_size", format!("a row of {n} {self} elements overflows")))
     }
 
     pub fn is_quantized(self) -> bool {

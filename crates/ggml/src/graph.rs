@@ -124,6 +124,25 @@ impl<'ctx> Graph<'ctx> {
         unsafe { sys::ggml_graph_n_nodes(self.raw()) as usize }
     }
 
+    /// Refuses a graph with a tensor that has no memory and was not made in `ctx` (a tensor of a store
+    /// not yet allocated): the allocator would give it memory in the compute buffer, leaving its owner
+    /// pointing into memory it does not own once the graph is gone.
+    pub(crate) fn check_foreign_memory(&self, ctx: &Context, op: &'static str) -> Result<()> {
+        // SAFETY: `visited` holds live tensors of this graph.
+        let foreign = self.visited.iter().find(|&&t| unsafe { (*t).data.is_null() } && !ctx.owns(t));
+        match foreign {
+            // The tensor is alive: the graph's lifetime keeps every operand's owner alive.
+            Some(&t) => Err(Error::invalid(
+                op,
+                format!(
+                    "{:?} has no memory and belongs to another context or store (allocate it first)",
+                    Tensor::from_raw(NonNull::new(t).expect("visited pointers are non-null"))
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Every tensor of the graph has memory (so computing it cannot touch a null pointer).
     fn check_allocated(&self) -> Result<()> {
         // SAFETY: `visited` holds live tensors of this graph.
@@ -191,9 +210,14 @@ impl GraphContext<'_> {
     /// Gives every tensor of `graph` without memory a place in the buffer. Once per context: a second
     /// allocation could move the buffer under the first graph's tensors.
     pub fn allocate(&self, graph: &Graph<'_>) -> Result<()> {
-        if self.allocated.replace(true) {
+        if self.allocated.get() {
             return Err(Error::invalid("allocate", "a graph context allocates one graph, once"));
         }
+        if graph.context_ptr() != self.ctx.raw() as *const _ {
+            return Err(Error::invalid("allocate", "the graph was built in another context"));
+        }
+        graph.check_foreign_memory(&self.ctx, "allocate")?;
+        self.allocated.set(true);
         // SAFETY: both objects are alive; gallocr reports failure through its return value.
         let ok = unsafe { sys::ggml_gallocr_alloc_graph(self.buffer.raw.as_ptr(), graph.raw()) };
         if ok {

@@ -2,6 +2,27 @@
 //!
 //! Every op checks the shapes and types ggml would assert on and returns an [`Error`] instead, since a
 //! failed ggml assert aborts the whole process. Tensors borrow the context (or store) that owns them.
+//!
+//! # Where raw tensor pointers become `Tensor<'_>`
+//! A [`Tensor<'ctx>`] is a copyable pointer whose lifetime promises that its header and its data stay
+//! alive for `'ctx`. Raw pointers become tensors only here, each relying on one invariant:
+//! - `Context::wrap` (every op and `new_tensor`): the pointer ggml just returned from a live context;
+//!   `'ctx` borrows that context, and the op signatures make every operand outlive it.
+//! - `TensorStore::get`: headers in the store's context, data in its buffer, both freed only when the
+//!   store drops; the tensor borrows the store.
+//! - `Graph::find`: tensors reachable from a `Graph<'ctx>`, which exists only while its context and
+//!   every operand's owner (stores borrowed by the ops) are alive.
+//! - `Graph::check_allocated` / `check_foreign_memory`: the same, for an error message only.
+//! - `ReusableGraph::finish`: the `SealedGraph<'ctx>` still borrows every store the graph was built
+//!   from, so the headers it walks are alive (dropping a store before `finish` does not compile).
+//! - `ReusableGraph::tensor`: only tensors whose header is in the kept graph's own context and whose
+//!   data is in its own compute buffer; tensors of stores (weights, cache views) are refused, since the
+//!   kept graph does not keep stores alive (it records their buffers' serials and refuses to compute
+//!   once one is gone).
+//!
+//! Graph allocation (`GraphContext::allocate`, `ReusableGraph::finish`) refuses a graph holding a
+//! tensor of another context that has no memory yet: the allocator would place it in the compute buffer
+//! and leave its owner pointing into memory it does not own.
 
 mod context;
 mod dtype;

@@ -4,9 +4,28 @@
 //! A kept graph points at tensors of other stores (weights, cache layers), which lifetimes cannot
 //! follow once the graph is stored. Every store buffer is therefore registered with a serial number
 //! while alive; the graph records the serials of the buffers it reads, and refuses to compute (an
-//! error, not a crash) once any of them was freed or replaced.
+//! error, not a crash) once any of them was freed or replaced. It hands out only the tensors whose
+//! memory is its own (inputs, intermediates, outputs): those live exactly as long as the graph.
+//!
+//! Building borrows the stores until the graph is finished, so none can be freed in between:
+//!
+//! ```compile_fail
+//! # use ggml::{DType, ReusableGraph, TensorStore};
+//! let mut store = TensorStore::new(1).unwrap();
+//! let w = store.add("w", DType::F32, &[4, 2]).unwrap();
+//! store.allocate().unwrap();
+//! let kept = ReusableGraph::new(8, 8).unwrap();
+//! let mut graph = kept.context().new_graph(8).unwrap();
+//! let x = kept.context().new_tensor(DType::F32, &[4]).unwrap();
+//! graph.expand(kept.context().mul_mat(store.get(w), x).unwrap()).unwrap();
+//! let sealed = graph.seal();
+//! drop(store); // error: `store` is still borrowed by the sealed graph
+//! kept.finish(sealed).unwrap();
+//! ```
 
-use std::collections::HashMap;
+use std::cell::OnceCell;
+use std::collections::{HashMap, HashSet};
+use std::marker::PhantomData;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -41,27 +60,42 @@ fn serial_of(buffer: usize) -> Option<u64> {
     live.as_ref().and_then(|m| m.get(&buffer).copied())
 }
 
-/// A graph that has been built and can be handed to `ReusableGraph::finish`.
-pub struct SealedGraph {
+/// A graph that has been built and can be handed to `ReusableGraph::finish`. It still borrows what
+/// the graph was built from (`'ctx`), so no store it reads can be freed before it is finished.
+pub struct SealedGraph<'ctx> {
     ctx: *const sys::ggml_context,
     raw: NonNull<sys::ggml_cgraph>,
     tensors: Vec<*mut sys::ggml_tensor>,
+    _borrow: PhantomData<&'ctx Context>,
 }
 
-impl Graph<'_> {
+impl<'ctx> Graph<'ctx> {
     /// Ends building: the graph can now only be finished by the `ReusableGraph` that owns its context.
-    pub fn seal(self) -> SealedGraph {
-        SealedGraph { ctx: self.context_ptr(), raw: NonNull::new(self.raw()).expect("graphs are non-null"), tensors: self.tensor_ptrs() }
+    pub fn seal(self) -> SealedGraph<'ctx> {
+        SealedGraph {
+            ctx: self.context_ptr(),
+            raw: NonNull::new(self.raw()).expect("graphs are non-null"),
+            tensors: self.tensor_ptrs(),
+            _borrow: PhantomData,
+        }
     }
+}
+
+/// What a finished graph knows.
+struct Finished {
+    graph: NonNull<sys::ggml_cgraph>,
+    /// (buffer address, serial) of every store buffer the graph reads or writes.
+    dependencies: Vec<(usize, u64)>,
+    /// Named tensors whose memory the graph's own compute buffer holds.
+    own: HashMap<String, NonNull<sys::ggml_tensor>>,
+    /// Names of tensors in store memory (weights, cache views): refused by `tensor`.
+    foreign: HashSet<String>,
 }
 
 /// A graph with its own context and compute buffer, kept across computes.
 pub struct ReusableGraph {
-    graph: Option<NonNull<sys::ggml_cgraph>>,
-    /// (buffer address, serial) of every store buffer the graph reads or writes.
-    dependencies: Vec<(usize, u64)>,
-    named: HashMap<String, NonNull<sys::ggml_tensor>>,
-    // Dropped after the graph pointers above, which point into this context.
+    // Dropped before the context and buffer its pointers point into.
+    finished: OnceCell<Finished>,
     ctx: Context,
     buffer: ComputeBuffer,
 }
@@ -69,13 +103,7 @@ pub struct ReusableGraph {
 impl ReusableGraph {
     /// An empty graph context for `max_nodes` nodes; build in `context()`, then `finish`.
     pub fn new(max_tensors: usize, max_nodes: usize) -> Result<Self> {
-        Ok(ReusableGraph {
-            graph: None,
-            dependencies: Vec::new(),
-            named: HashMap::new(),
-            ctx: Context::for_graph(max_tensors, max_nodes)?,
-            buffer: ComputeBuffer::new()?,
-        })
+        Ok(ReusableGraph { finished: OnceCell::new(), ctx: Context::for_graph(max_tensors, max_nodes)?, buffer: ComputeBuffer::new()? })
     }
 
     /// The context to build the graph in (before `finish`).
@@ -84,58 +112,63 @@ impl ReusableGraph {
     }
 
     /// Records what the graph depends on and allocates its intermediate tensors, once.
-    pub fn finish(&mut self, sealed: SealedGraph) -> Result<()> {
+    pub fn finish(&self, sealed: SealedGraph<'_>) -> Result<()> {
         const OP: &str = "ReusableGraph::finish";
-        if self.graph.is_some() {
+        if self.finished.get().is_some() {
             return Err(Error::invalid(OP, "the graph is already finished"));
         }
-        if !std::ptr::eq(sealed.ctx, self.ctx.raw()) {
+        if sealed.ctx != self.ctx.raw() as *const _ {
             return Err(Error::invalid(OP, "the graph was built in another context"));
         }
         let mut dependencies = Vec::new();
+        let mut own = Vec::new();
+        let mut foreign = HashSet::new();
         for &t in &sealed.tensors {
-            // SAFETY: the sealed graph's tensors are alive: they are in this context or in stores
-            // the builder borrowed until now.
+            let tensor = Tensor::from_raw(NonNull::new(t).expect("graph tensors are non-null"));
+            // SAFETY: the sealed graph borrows everything it was built from, so every tensor in it is
+            // alive: headers in this context or in stores, data in stores or not yet allocated.
             let header = unsafe { &*t };
             if header.data.is_null() {
+                // Memory comes from this graph's compute buffer; only this context's tensors may get it.
+                if !self.ctx.owns(t) {
+                    return Err(Error::invalid(
+                        OP,
+                        format!("{tensor:?} has no memory and belongs to another context or store (allocate it first)"),
+                    ));
+                }
+                own.push(t);
                 continue;
             }
             let base = if header.view_src.is_null() {
                 header
             } else {
-                // SAFETY: a view's source outlives the view (ggml keeps it in the same or an
-                // enclosing store or context, alive as argued above).
+                // SAFETY: a view's source outlives the view (it is in the same or an enclosing store or
+                // context, alive as argued above).
                 unsafe { &*header.view_src }
             };
             let buffer = base.buffer as usize;
             let serial = serial_of(buffer).ok_or_else(|| {
-                Error::invalid(
-                    OP,
-                    format!(
-                        "{:?} is not in a TensorStore; kept graphs can only read store tensors",
-                        Tensor::from_raw(NonNull::new(t).expect("non-null"))
-                    ),
-                )
+                Error::invalid(OP, format!("{tensor:?} is not in a TensorStore; kept graphs can only read store tensors"))
             })?;
             if !dependencies.contains(&(buffer, serial)) {
                 dependencies.push((buffer, serial));
             }
+            foreign.insert(tensor.name());
         }
-        // SAFETY: the compute buffer's allocator and the graph are alive; failure is reported.
+        // SAFETY: the compute buffer's allocator and the graph are alive, and every tensor it will
+        // place is a header of this context (checked above); failure is reported.
         let ok = unsafe { sys::ggml_gallocr_alloc_graph(self.buffer.raw(), sealed.raw.as_ptr()) };
         if !ok {
             return Err(Error::Allocation { what: "kept graph compute buffer", bytes: 0 });
         }
-        for &t in &sealed.tensors {
-            let tensor = Tensor::from_raw(NonNull::new(t).expect("non-null"));
-            let name = tensor.name();
-            if !name.is_empty() {
-                self.named.insert(name, NonNull::new(t).expect("non-null"));
-            }
-        }
-        self.dependencies = dependencies;
-        self.graph = Some(sealed.raw);
-        Ok(())
+        let own = own
+            .into_iter()
+            .map(|t| NonNull::new(t).expect("graph tensors are non-null"))
+            .map(|t| (Tensor::from_raw(t).name(), t))
+            .filter(|(name, _)| !name.is_empty())
+            .collect();
+        let finished = Finished { graph: sealed.raw, dependencies, own, foreign };
+        self.finished.set(finished).map_err(|_| Error::invalid(OP, "the graph is already finished"))
     }
 
     /// Bytes of the graph's own compute buffer.
@@ -145,23 +178,30 @@ impl ReusableGraph {
 
     /// Whether every store the graph uses is still the one it was built over.
     pub fn is_current(&self) -> bool {
-        self.graph.is_some() && self.dependencies.iter().all(|&(buffer, serial)| serial_of(buffer) == Some(serial))
+        self.finished.get().is_some_and(|f| f.dependencies.iter().all(|&(buffer, serial)| serial_of(buffer) == Some(serial)))
     }
 
-    /// A named tensor of the graph (inputs to write, outputs to read).
+    /// A named tensor of the graph's own memory (inputs to write, outputs to read). Tensors of stores
+    /// (weights, cache rows and their views) are refused: the graph does not keep them alive.
     pub fn tensor(&self, name: &str) -> Result<Tensor<'_>> {
-        self.named
-            .get(name)
-            .map(|&t| Tensor::from_raw(t))
-            .ok_or_else(|| Error::invalid("ReusableGraph::tensor", format!("no tensor named `{name}`")))
+        const OP: &str = "ReusableGraph::tensor";
+        let finished = self.finished.get().ok_or_else(|| Error::invalid(OP, "the graph is not finished"))?;
+        match finished.own.get(name) {
+            // The header is in `self.ctx` and its data in `self.buffer`: both live as long as `&self`.
+            Some(&t) => Ok(Tensor::from_raw(t)),
+            None if finished.foreign.contains(name) => {
+                Err(Error::invalid(OP, format!("`{name}` lives in a store, not in the graph; read it from its store")))
+            }
+            None => Err(Error::invalid(OP, format!("no tensor named `{name}`"))),
+        }
     }
 
     /// Computes the graph; an error if it is not finished or a store it uses is gone.
     pub fn compute(&self, backend: &Backend) -> Result<()> {
-        let graph = self.graph.ok_or_else(|| Error::invalid("ReusableGraph::compute", "the graph is not finished"))?;
+        let finished = self.finished.get().ok_or_else(|| Error::invalid("ReusableGraph::compute", "the graph is not finished"))?;
         if !self.is_current() {
             return Err(Error::invalid("ReusableGraph::compute", "a store this graph uses was freed or replaced; rebuild it"));
         }
-        backend.compute_raw(graph.as_ptr())
+        backend.compute_raw(finished.graph.as_ptr())
     }
 }

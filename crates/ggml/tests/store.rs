@@ -41,7 +41,7 @@ fn kept_graphs_recompute_with_new_inputs_and_refuse_freed_stores() {
     store.allocate().unwrap();
     store.get(w).write_f32(&[1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 2.0]).unwrap();
 
-    let mut kept = ReusableGraph::new(8, 8).unwrap();
+    let kept = ReusableGraph::new(8, 8).unwrap();
     let mut graph = kept.context().new_graph(8).unwrap();
     let x = kept.context().new_tensor(DType::F32, &[4]).unwrap().set_input().set_name("x");
     let y = kept.context().mul_mat(store.get(w), x).unwrap().set_name("y");
@@ -56,9 +56,43 @@ fn kept_graphs_recompute_with_new_inputs_and_refuse_freed_stores() {
         assert_eq!(kept.tensor("y").unwrap().read_f32().unwrap(), want);
     }
     assert!(kept.is_current());
+    // The weight is a tensor of the graph too, but its memory is the store's: a kept graph does not
+    // keep it alive, so it never hands it out (reading it after the store is gone would read freed memory).
+    let refused = kept.tensor("w").unwrap_err().to_string();
+    assert!(refused.contains("lives in a store"), "{refused}");
     drop(store);
     assert!(!kept.is_current(), "the weights it reads are gone");
     assert!(kept.compute(&backend).is_err());
+    assert!(kept.tensor("w").is_err(), "a freed store's tensor through a kept graph");
+    // The graph's own tensors (its memory) stay readable: the last result.
+    assert_eq!(kept.tensor("y").unwrap().read_f32().unwrap(), [2.0, 2.0]);
+}
+
+/// A tensor of a store that was never allocated has no memory: allocating a graph over it would give
+/// it memory in the compute buffer, which the store would keep pointing into. Both kinds of graph refuse.
+#[test]
+fn graphs_over_unallocated_store_tensors_are_refused() {
+    use ggml::ReusableGraph;
+    let mut store = TensorStore::new(1).unwrap();
+    let w = store.add("w", DType::F32, &[4, 2]).unwrap();
+
+    let mut compute = ComputeBuffer::new().unwrap();
+    let ctx = compute.context(8, 8).unwrap();
+    let x = ctx.new_tensor(DType::F32, &[4]).unwrap();
+    let mut graph = ctx.new_graph(8).unwrap();
+    graph.expand(ctx.mul_mat(store.get(w), x).unwrap()).unwrap();
+    let refused = ctx.allocate(&graph).unwrap_err().to_string();
+    assert!(refused.contains("has no memory"), "{refused}");
+    assert!(!store.get(w).is_allocated(), "the store's tensor got memory it does not own");
+
+    let kept = ReusableGraph::new(8, 8).unwrap();
+    let mut graph = kept.context().new_graph(8).unwrap();
+    let x = kept.context().new_tensor(DType::F32, &[4]).unwrap();
+    graph.expand(kept.context().mul_mat(store.get(w), x).unwrap()).unwrap();
+    assert!(kept.finish(graph.seal()).is_err());
+    assert!(!store.get(w).is_allocated());
+    store.allocate().unwrap();
+    assert!(store.get(w).is_allocated());
 }
 
 #[test]
@@ -66,7 +100,7 @@ fn kept_graphs_only_read_store_tensors() {
     use ggml::{Context, ReusableGraph};
     let data = Context::with_data(4, 1024).unwrap();
     let w = data.new_tensor(DType::F32, &[4, 2]).unwrap();
-    let mut kept = ReusableGraph::new(8, 8).unwrap();
+    let kept = ReusableGraph::new(8, 8).unwrap();
     let mut graph = kept.context().new_graph(8).unwrap();
     let x = kept.context().new_tensor(DType::F32, &[4]).unwrap();
     graph.expand(kept.context().mul_mat(w, x).unwrap()).unwrap();

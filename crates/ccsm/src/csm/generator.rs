@@ -278,6 +278,9 @@ impl CsmGenerator {
 
     /// Runs `rows` through the backbone after what is cached (the prompt, in batches).
     pub fn prefill(&mut self, rows: &[Row]) -> Result<()> {
+        if rows.is_empty() {
+            return Err(Error::EmptyInput("no backbone rows"));
+        }
         let started = Instant::now();
         // With eviction, steps stay within a quarter of the capacity so room can always be made.
         let step = match self.evict {
@@ -308,7 +311,7 @@ impl CsmGenerator {
 
     fn backbone_rows(&mut self, rows: &[Row]) -> Result<()> {
         if rows.is_empty() {
-            return Err(Error::Input("no rows to evaluate".into()));
+            return Err(Error::EmptyInput("no backbone rows"));
         }
         self.check_rows(rows)?;
         if let Some(policy) = self.evict {
@@ -341,7 +344,7 @@ impl CsmGenerator {
             let kept = matches!(&self.backbone_step, Some((window, tracked, g)) if *window == n_kv && *tracked == track && g.is_current());
             if !kept {
                 self.backbone_step = None;
-                let mut graph = ReusableGraph::new(max_nodes + 16, max_nodes)?;
+                let graph = ReusableGraph::new(max_nodes + 16, max_nodes)?;
                 let mut building = graph.context().new_graph(max_nodes)?;
                 build_backbone(model, cache, graph.context(), &mut building, 1, n_kv, track)?;
                 graph.finish(building.seal())?;
@@ -413,7 +416,7 @@ impl CsmGenerator {
         let n_kv = cache.capacity();
         if !self.decoder_steps[s].as_ref().is_some_and(|g| g.is_current()) {
             let max_nodes = model.decoder.max_nodes() + 32;
-            let mut graph = ReusableGraph::new(max_nodes + 16, max_nodes)?;
+            let graph = ReusableGraph::new(max_nodes + 16, max_nodes)?;
             let mut building = graph.context().new_graph(max_nodes)?;
             build_decoder_step(model, cache, graph.context(), &mut building, s, n_kv)?;
             graph.finish(building.seal())?;

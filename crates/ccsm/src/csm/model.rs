@@ -43,29 +43,12 @@ impl CsmModel {
         Self::from_file(&file, path.as_ref())
     }
 
+    /// Checks the file as loading does (metadata, tokenizer, every tensor's name, shape and type) and
+    /// loads the weights.
     pub fn from_file(file: &GgufFile, path: &Path) -> Result<Self> {
-        let arch: String = file.get("general.architecture")?;
-        if arch != "csm" {
-            return Err(Error::Architecture { path: path.display().to_string(), found: arch, expected: "csm" });
-        }
-        let config = CsmConfig::from_gguf(file)?;
-        let tokenizer = Tokenizer::from_gguf(file)?;
-        if tokenizer.vocab_size() != config.text_vocab {
-            return Err(Error::Tokenizer(format!("{} tokens, but csm.text_vocab_size is {}", tokenizer.vocab_size(), config.text_vocab)));
-        }
-        if tokenizer.bos().is_none() || tokenizer.eos().is_none() {
-            return Err(Error::Tokenizer("CSM segments need BOS and EOS ids (tokenizer.ggml.bos/eos_token_id)".into()));
-        }
-        let (bb, dd) = (config.backbone.n_embd, config.decoder.n_embd);
-        let (v, k) = (config.audio_vocab, config.n_codebooks);
         let mut loader = WeightLoader::new(file)?;
-        let text_embd = loader.matrix(TOKEN_EMBD, &[bb, config.text_vocab])?;
-        let audio_embd = loader.matrix(AUDIO_EMBD, &[bb, v * k])?;
-        let projection = loader.matrix(PROJECTION, &[bb, dd])?;
-        let codebook0_head = loader.matrix(CODEBOOK0_HEAD, &[bb, v])?;
-        let audio_head = loader.matrix(AUDIO_HEAD, &[dd, v, k - 1])?;
-        let backbone = Transformer::load(&mut loader, &StackNames::new("backbone."), config.backbone.clone(), None)?;
-        let decoder = Transformer::load(&mut loader, &StackNames::new("decoder."), config.decoder.clone(), None)?;
+        let Parts { config, tokenizer, backbone, decoder, text_embd, audio_embd, projection, codebook0_head, audio_head } =
+            declare(file, path, &mut loader)?;
         let weights = loader.finish()?;
         let name = file.get_opt::<String>("general.name")?.unwrap_or_else(|| path.display().to_string());
         let weight_bytes = weights.buffer_bytes() as u64;
@@ -87,6 +70,12 @@ impl CsmModel {
         })
     }
 
+    /// Every check `from_file` makes, without reading the weights: the config of a file that would load.
+    pub fn check_file(file: &GgufFile, path: &Path) -> Result<CsmConfig> {
+        let mut loader = WeightLoader::new(file)?;
+        Ok(declare(file, path, &mut loader)?.config)
+    }
+
     pub fn config(&self) -> &CsmConfig {
         &self.config
     }
@@ -106,4 +95,43 @@ impl CsmModel {
     pub fn params(&self) -> u64 {
         self.params
     }
+}
+
+/// A CSM model's parts but its weights' data.
+struct Parts {
+    config: CsmConfig,
+    tokenizer: Tokenizer,
+    backbone: Transformer,
+    decoder: Transformer,
+    text_embd: TensorId,
+    audio_embd: TensorId,
+    projection: TensorId,
+    codebook0_head: TensorId,
+    audio_head: TensorId,
+}
+
+/// Reads the config and tokenizer and declares every tensor (checked against the config) on `loader`.
+fn declare(file: &GgufFile, path: &Path, loader: &mut WeightLoader<'_>) -> Result<Parts> {
+    let arch: String = file.get("general.architecture")?;
+    if arch != "csm" {
+        return Err(Error::Architecture { path: path.display().to_string(), found: arch, expected: "csm" });
+    }
+    let config = CsmConfig::from_gguf(file)?;
+    let tokenizer = Tokenizer::from_gguf(file)?;
+    if tokenizer.vocab_size() != config.text_vocab {
+        return Err(Error::Tokenizer(format!("{} tokens, but csm.text_vocab_size is {}", tokenizer.vocab_size(), config.text_vocab)));
+    }
+    if tokenizer.bos().is_none() || tokenizer.eos().is_none() {
+        return Err(Error::Tokenizer("CSM segments need BOS and EOS ids (tokenizer.ggml.bos/eos_token_id)".into()));
+    }
+    let (bb, dd) = (config.backbone.n_embd, config.decoder.n_embd);
+    let (v, k) = (config.audio_vocab, config.n_codebooks);
+    let text_embd = loader.matrix(TOKEN_EMBD, &[bb, config.text_vocab])?;
+    let audio_embd = loader.matrix(AUDIO_EMBD, &[bb, v * k])?;
+    let projection = loader.matrix(PROJECTION, &[bb, dd])?;
+    let codebook0_head = loader.matrix(CODEBOOK0_HEAD, &[bb, v])?;
+    let audio_head = loader.matrix(AUDIO_HEAD, &[dd, v, k - 1])?;
+    let backbone = Transformer::load(loader, &StackNames::new("backbone."), config.backbone.clone(), None)?;
+    let decoder = Transformer::load(loader, &StackNames::new("decoder."), config.decoder.clone(), None)?;
+    Ok(Parts { config, tokenizer, backbone, decoder, text_embd, audio_embd, projection, codebook0_head, audio_head })
 }

@@ -4,7 +4,7 @@
 
 use ggml::Tensor;
 
-use super::{single_tensor_store, KvCache};
+use super::{single_tensor_store, KvCache, KvCacheConfig};
 use crate::error::{Error, Result};
 
 /// Which cells to keep when the cache must shed some.
@@ -102,9 +102,10 @@ impl KvCache {
         if capacity == self.config.capacity {
             return Ok(());
         }
+        KvCacheConfig { capacity, ..self.config }.validate()?;
         let kept = self.cells_to_keep(capacity, policy);
         let (k_row, v_row) = self.row_bytes()?;
-        let n_embd = self.config.n_embd_kv();
+        let n_embd = self.width();
         for l in 0..self.layers.len() {
             let (k_store, k_id) = single_tensor_store(&format!("cache_k.{l}"), self.config.k_type, n_embd, capacity)?;
             let (v_store, v_id) = single_tensor_store(&format!("cache_v.{l}"), self.config.v_type, n_embd, capacity)?;
@@ -122,7 +123,7 @@ impl KvCache {
     }
 
     fn row_bytes(&self) -> Result<(usize, usize)> {
-        let n = self.config.n_embd_kv();
+        let n = self.width();
         Ok((self.config.k_type.dtype().row_size(n)?, self.config.v_type.dtype().row_size(n)?))
     }
 

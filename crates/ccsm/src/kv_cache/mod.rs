@@ -47,11 +47,16 @@ pub struct KvCacheConfig {
 }
 
 impl KvCacheConfig {
-    pub fn n_embd_kv(&self) -> usize {
-        self.head_dim * self.n_head_kv
+    /// Width of a row (one token across the KV heads), when it fits in `usize`.
+    pub fn n_embd_kv(&self) -> Result<usize> {
+        self.head_dim.checked_mul(self.n_head_kv).ok_or_else(|| self.overflow())
     }
 
-    /// Refuses type/shape combinations ggml cannot store or attend over.
+    fn overflow(&self) -> Error {
+        Error::CacheLayout { k: self.k_type, v: self.v_type, why: format!("the size of {self:?} overflows") }
+    }
+
+    /// Refuses type/shape combinations ggml cannot store or attend over, and sizes that overflow.
     pub fn validate(&self) -> Result<()> {
         let refuse = |why: String| Err(Error::CacheLayout { k: self.k_type, v: self.v_type, why });
         if self.n_layer == 0 || self.head_dim == 0 || self.n_head_kv == 0 {
@@ -63,22 +68,28 @@ impl KvCacheConfig {
         for t in [self.k_type, self.v_type] {
             let block = t.dtype().block_size();
             // Each head's slice of a row must be whole blocks for the per-head attention views.
-            if !self.head_dim.is_multiple_of(block) {
+            if self.head_dim % block != 0 {
                 return refuse(format!(
                     "{t} stores blocks of {block} elements, and a head of {} elements (rows of {}) is not a multiple of {block}",
                     self.head_dim,
-                    self.n_embd_kv()
+                    self.head_dim.saturating_mul(self.n_head_kv)
                 ));
             }
         }
-        Ok(())
+        self.checked_bytes().map(|_| ())
+    }
+
+    fn checked_bytes(&self) -> Result<usize> {
+        let width = self.n_embd_kv()?;
+        let row = |t: CacheType| t.dtype().row_size(width).map_err(|_| self.overflow());
+        let per_cell = row(self.k_type)?.checked_add(row(self.v_type)?);
+        per_cell.and_then(|c| c.checked_mul(self.capacity)).and_then(|b| b.checked_mul(self.n_layer)).ok_or_else(|| self.overflow())
     }
 
     /// Bytes the cache allocates: 2 tensors per layer, rows sized by each type's block math.
     pub fn bytes(&self) -> Result<usize> {
         self.validate()?;
-        let row = |t: CacheType| t.dtype().row_size(self.n_embd_kv()).map_err(Error::from);
-        Ok(self.n_layer * self.capacity * (row(self.k_type)? + row(self.v_type)?))
+        self.checked_bytes()
     }
 }
 
@@ -151,8 +162,8 @@ impl KvCache {
         let mut layers = Vec::with_capacity(config.n_layer);
         let mut tensor = None;
         for l in 0..config.n_layer {
-            let (k, id) = single_tensor_store(&format!("cache_k.{l}"), config.k_type, config.n_embd_kv(), config.capacity)?;
-            let (v, _) = single_tensor_store(&format!("cache_v.{l}"), config.v_type, config.n_embd_kv(), config.capacity)?;
+            let (k, id) = single_tensor_store(&format!("cache_k.{l}"), config.k_type, config.n_embd_kv()?, config.capacity)?;
+            let (v, _) = single_tensor_store(&format!("cache_v.{l}"), config.v_type, config.n_embd_kv()?, config.capacity)?;
             tensor = Some(id);
             layers.push(LayerCache { k, v });
         }
@@ -198,6 +209,11 @@ impl KvCache {
 
     pub fn config(&self) -> &KvCacheConfig {
         &self.config
+    }
+
+    /// Width of a row; the config was validated, so the product fits.
+    fn width(&self) -> usize {
+        self.config.head_dim * self.config.n_head_kv
     }
 
     /// Live cells.
@@ -315,7 +331,7 @@ impl KvCache {
         let bytes_before = self.memory_usage();
         let mut live = bytes_before;
         let mut peak = live;
-        let (n_embd, capacity, len) = (self.config.n_embd_kv(), self.config.capacity, self.len());
+        let (n_embd, capacity, len) = (self.width(), self.config.capacity, self.len());
         for l in 0..self.layers.len() {
             for (half, to) in [("k", k_type), ("v", v_type)] {
                 let old = if half == "k" { &self.layers[l].k } else { &self.layers[l].v };
@@ -372,10 +388,10 @@ impl KvCache {
     fn live_view<'c>(&'c self, ctx: &'c Context, t: Tensor<'c>, ty: CacheType, n_kv: usize) -> Result<Tensor<'c>> {
         let c = &self.config;
         if self.is_empty() || n_kv < self.len() || n_kv > self.capacity() {
-            return Err(Error::Input(format!("attention over {n_kv} cells of a cache holding {} of {}", self.len(), self.capacity())));
+            return Err(Error::Invariant(format!("attention over {n_kv} cells of a cache holding {} of {}", self.len(), self.capacity())));
         }
         let head_bytes = ty.dtype().row_size(c.head_dim)?;
-        let row_bytes = ty.dtype().row_size(c.n_embd_kv())?;
+        let row_bytes = ty.dtype().row_size(self.width())?;
         let shape = [c.head_dim as i64, c.n_head_kv as i64, n_kv as i64];
         Ok(ctx.view(t, &shape, &[head_bytes, row_bytes], 0)?)
     }

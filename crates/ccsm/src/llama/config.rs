@@ -6,6 +6,15 @@ use ggml::RopeMode;
 
 use crate::error::{Error, Result};
 
+/// Bounds of the hyperparameters (far above any released model): with them no width, tensor size or
+/// cache size computed from a config can overflow 64 bits.
+pub const MAX_LAYERS: usize = 4096;
+pub const MAX_WIDTH: usize = 1 << 20;
+pub const MAX_HEADS: usize = 4096;
+pub const MAX_HEAD_DIM: usize = 4096;
+pub const MAX_FFN: usize = 1 << 22;
+pub const MAX_CONTEXT: usize = 1 << 24;
+
 /// Llama 3 long-context RoPE scaling (frequency-dependent division of the rotation speed).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Llama3Scaling {
@@ -73,35 +82,46 @@ impl LlamaConfig {
     /// malformed key is an error naming it.
     pub fn from_gguf(file: &GgufFile, prefix: &str, rope_mode: RopeMode) -> Result<Self> {
         let key = |name: &str| format!("{prefix}.{name}");
-        let positive = |name: &str| -> Result<usize> {
+        // Every count is bounded so that products of them (widths, byte sizes) cannot overflow.
+        let bounded = |name: &str, value: Option<usize>, max: usize| -> Result<usize> {
             let k = key(name);
-            let v: usize = file.get(&k)?;
-            if v == 0 || v > 1 << 24 {
-                return Err(Error::Config { key: k, why: format!("{v} is out of range") });
+            let v = match value {
+                Some(v) => v,
+                None => file.get(&k)?,
+            };
+            if v == 0 || v > max {
+                return Err(Error::Config { key: k, why: format!("{v} is out of range (1..={max})") });
             }
             Ok(v)
         };
-        let n_embd = positive("embedding_length")?;
-        let n_head = positive("attention.head_count")?;
-        let n_head_kv = match file.get_opt::<usize>(&key("attention.head_count_kv"))? {
-            Some(v) => v,
-            None => n_head,
-        };
-        if n_head_kv == 0 || n_head % n_head_kv != 0 {
+        let positive = |name: &str, max: usize| bounded(name, None, max);
+        let n_embd = positive("embedding_length", MAX_WIDTH)?;
+        let n_head = positive("attention.head_count", MAX_HEADS)?;
+        let n_head_kv =
+            bounded("attention.head_count_kv", Some(file.get_opt::<usize>(&key("attention.head_count_kv"))?.unwrap_or(n_head)), MAX_HEADS)?;
+        if n_head % n_head_kv != 0 {
             return Err(Error::Config {
                 key: key("attention.head_count_kv"),
                 why: format!("{n_head_kv} KV heads do not divide {n_head} query heads"),
             });
         }
         let head_dim = match file.get_opt::<usize>(&key("attention.key_length"))? {
-            Some(v) => v,
-            None if n_embd % n_head == 0 => n_embd / n_head,
+            Some(v) => bounded("attention.key_length", Some(v), MAX_HEAD_DIM)?,
+            None if n_embd % n_head == 0 => bounded("attention.key_length", Some(n_embd / n_head), MAX_HEAD_DIM)?,
             None => {
                 return Err(Error::Config { key: key("attention.head_count"), why: format!("{n_head} heads do not divide width {n_embd}") })
             }
         };
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim % 2 != 0 {
             return Err(Error::Config { key: key("attention.key_length"), why: format!("head dim {head_dim} must be even") });
+        }
+        if let Some(v) = file.get_opt::<usize>(&key("attention.value_length"))? {
+            if v != head_dim {
+                return Err(Error::Config {
+                    key: key("attention.value_length"),
+                    why: format!("{v} differs from the key length {head_dim}"),
+                });
+            }
         }
         let rms_eps: f32 = file.get(&key("attention.layer_norm_rms_epsilon"))?;
         if !(rms_eps.is_finite() && rms_eps > 0.0 && rms_eps < 1.0) {
@@ -137,15 +157,15 @@ impl LlamaConfig {
             }
         }
         Ok(LlamaConfig {
-            n_layer: positive("block_count")?,
+            n_layer: positive("block_count", MAX_LAYERS)?,
             n_embd,
             n_head,
             n_head_kv,
             head_dim,
-            n_ff: positive("feed_forward_length")?,
+            n_ff: positive("feed_forward_length", MAX_FFN)?,
             rms_eps,
             rope: RopeConfig { freq_base, n_dims, mode: rope_mode, llama3 },
-            n_ctx_train: positive("context_length")?,
+            n_ctx_train: positive("context_length", MAX_CONTEXT)?,
         })
     }
 

@@ -32,49 +32,23 @@ impl LlamaModel {
         Self::from_file(&file, path.as_ref())
     }
 
+    /// Checks the file as loading does (metadata, tokenizer, every tensor's name, shape and type) and
+    /// loads the weights.
     pub fn from_file(file: &GgufFile, path: &Path) -> Result<Self> {
-        let arch: String = file.get("general.architecture")?;
-        if arch != "llama" {
-            return Err(Error::Architecture { path: path.display().to_string(), found: arch, expected: "llama" });
-        }
-        let config = LlamaConfig::from_gguf(file, "llama", RopeMode::Normal)?;
-        let embd_info = file.tensor(TOKEN_EMBD)?;
-        let vocab_size = embd_info.shape.get(1).copied().unwrap_or(0) as usize;
-        if let Some(declared) = file.get_opt::<usize>("llama.vocab_size")? {
-            if declared != vocab_size {
-                return Err(Error::Config {
-                    key: "llama.vocab_size".into(),
-                    why: format!("{declared}, but {TOKEN_EMBD} has {vocab_size} rows"),
-                });
-            }
-        }
-        let tokenizer = Tokenizer::from_gguf(file)?;
-        if tokenizer.vocab_size() != vocab_size {
-            return Err(Error::Tokenizer(format!("{} tokens, but the model has a vocabulary of {vocab_size}", tokenizer.vocab_size())));
-        }
-        let freq_factors = match file.tensor(ROPE_FREQS) {
-            Ok(_) => Some(file.read_tensor_f32(ROPE_FREQS)?),
-            Err(_) => None,
-        };
-        if let Some(f) = &freq_factors {
-            if f.len() != config.rope.n_dims / 2 {
-                return Err(Error::TensorShape {
-                    name: ROPE_FREQS.into(),
-                    expected: vec![config.rope.n_dims as i64 / 2],
-                    found: vec![f.len() as i64],
-                });
-            }
-        }
-
         let mut loader = WeightLoader::new(file)?;
-        let token_embd = loader.matrix(TOKEN_EMBD, &[config.n_embd, vocab_size])?;
-        let output = loader.optional_matrix(OUTPUT, &[config.n_embd, vocab_size])?.unwrap_or(token_embd);
-        let transformer = Transformer::load(&mut loader, &StackNames::new(""), config, freq_factors)?;
+        let parts = declare(file, path, &mut loader)?;
         let weights = loader.finish()?;
         let name = file.get_opt::<String>("general.name")?.unwrap_or_else(|| path.display().to_string());
         let weight_bytes = weights.buffer_bytes() as u64;
         let params = file.tensors().iter().map(|t| t.nelements() as u64).sum();
+        let Parts { transformer, token_embd, output, tokenizer, vocab_size } = parts;
         Ok(LlamaModel { weights, transformer, token_embd, output, tokenizer, vocab_size, name, weight_bytes, params })
+    }
+
+    /// Every check `from_file` makes, without reading the weights: the config of a file that would load.
+    pub fn check_file(file: &GgufFile, path: &Path) -> Result<LlamaConfig> {
+        let mut loader = WeightLoader::new(file)?;
+        Ok(declare(file, path, &mut loader)?.transformer.config().clone())
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -102,4 +76,53 @@ impl LlamaModel {
     pub fn weight_bytes(&self) -> u64 {
         self.weight_bytes
     }
+}
+
+/// A text model's parts but its weights' data.
+struct Parts {
+    transformer: Transformer,
+    token_embd: TensorId,
+    output: TensorId,
+    tokenizer: Tokenizer,
+    vocab_size: usize,
+}
+
+/// Reads the config and tokenizer and declares every tensor (checked against the config) on `loader`.
+fn declare(file: &GgufFile, path: &Path, loader: &mut WeightLoader<'_>) -> Result<Parts> {
+    let arch: String = file.get("general.architecture")?;
+    if arch != "llama" {
+        return Err(Error::Architecture { path: path.display().to_string(), found: arch, expected: "llama" });
+    }
+    let config = LlamaConfig::from_gguf(file, "llama", RopeMode::Normal)?;
+    let embd_info = file.tensor(TOKEN_EMBD)?;
+    let vocab_size = embd_info.shape.get(1).copied().unwrap_or(0) as usize;
+    if let Some(declared) = file.get_opt::<usize>("llama.vocab_size")? {
+        if declared != vocab_size {
+            return Err(Error::Config {
+                key: "llama.vocab_size".into(),
+                why: format!("{declared}, but {TOKEN_EMBD} has {vocab_size} rows"),
+            });
+        }
+    }
+    let tokenizer = Tokenizer::from_gguf(file)?;
+    if tokenizer.vocab_size() != vocab_size {
+        return Err(Error::Tokenizer(format!("{} tokens, but the model has a vocabulary of {vocab_size}", tokenizer.vocab_size())));
+    }
+    let freq_factors = match file.tensor(ROPE_FREQS) {
+        Ok(_) => Some(file.read_tensor_f32(ROPE_FREQS)?),
+        Err(_) => None,
+    };
+    if let Some(f) = &freq_factors {
+        if f.len() != config.rope.n_dims / 2 {
+            return Err(Error::TensorShape {
+                name: ROPE_FREQS.into(),
+                expected: vec![config.rope.n_dims as i64 / 2],
+                found: vec![f.len() as i64],
+            });
+        }
+    }
+    let token_embd = loader.matrix(TOKEN_EMBD, &[config.n_embd, vocab_size])?;
+    let output = loader.optional_matrix(OUTPUT, &[config.n_embd, vocab_size])?.unwrap_or(token_embd);
+    let transformer = Transformer::load(loader, &StackNames::new(""), config, freq_factors)?;
+    Ok(Parts { transformer, token_embd, output, tokenizer, vocab_size })
 }
