@@ -3,12 +3,15 @@
 
 mod common;
 
+use ccsm::csm::{CsmGenerator, CsmModel, CsmOptions, Row};
 use ccsm::kv_cache::{EvictionPolicy, KvCache, KvCacheConfig};
+use ccsm::memory::{self, ManagedCache};
+use ccsm::sampling::{Sampler, SamplerConfig};
 use ccsm::llama::LlamaModel;
 use ccsm::memory::Strategy as Plan;
 use ccsm::sampling::argmax;
 use ccsm::{CacheType, GGMLModel, Logits, Model, ModelOptions};
-use common::{model, SMOLLM2, TINY_LLAMA};
+use common::{bytes_per_element, model, SMOLLM2, TINY_LLAMA};
 use ggml::{Backend, ComputeBuffer, DType};
 use proptest::prelude::*;
 
@@ -211,6 +214,131 @@ proptest! {
             prop_assert!(m.kv_memory_usage() <= budget);
             let logits = m.eval(&[7], Logits::Last).unwrap();
             prop_assert!(logits.iter().all(|l| l.is_finite()));
+        }
+    }
+}
+
+/// Bytes of a cache from the block math alone (independent of ggml and of the cache's own sizing).
+fn block_math_bytes(n_layer: usize, width: usize, cells: usize, k: CacheType, v: CacheType) -> usize {
+    (n_layer as f64 * cells as f64 * width as f64 * (bytes_per_element(k) + bytes_per_element(v))) as usize
+}
+
+/// The least a set of caches can be brought to: q4_0 everywhere, resizable ones at 16 cells (or fewer
+/// if they have fewer).
+fn minimal_bytes(caches: &[(&KvCache, bool)]) -> usize {
+    caches
+        .iter()
+        .map(|(c, resizable)| {
+            let cfg = c.config();
+            let cells = if *resizable { cfg.capacity.min(16) } else { cfg.capacity };
+            block_math_bytes(cfg.n_layer, cfg.head_dim * cfg.n_head_kv, cells, CacheType::Q4_0, CacheType::Q4_0)
+        })
+        .sum()
+}
+
+fn cache(n_layer: usize, n_head_kv: usize, head_dim: usize, capacity: usize, k: CacheType, v: CacheType) -> KvCache {
+    KvCache::new(KvCacheConfig { n_layer, head_dim, n_head_kv, capacity, k_type: k, v_type: v }).unwrap()
+}
+
+/// The example: CSM-1B's two caches at `-c 24` in f32 under 1 MiB. Resizing alone would clamp
+/// the backbone to 16 cells (1.25 MiB with the decoder): the optimizer must take the next step.
+#[test]
+fn csm_1b_shape_with_24_cells_fits_one_mib() {
+    let mut backbone = cache(16, 8, 64, 24, CacheType::F32, CacheType::F32);
+    let mut decoder = cache(4, 2, 128, 32, CacheType::F32, CacheType::F32);
+    backbone.append(20).unwrap();
+    let budget = 1 << 20;
+    let caches = vec![
+        ManagedCache { name: "backbone", cache: &mut backbone, resizable: true },
+        ManagedCache { name: "decoder", cache: &mut decoder, resizable: false },
+    ];
+    let report = memory::optimize(caches, budget, EvictionPolicy::default()).unwrap();
+    let total = backbone.memory_usage() + decoder.memory_usage();
+    eprintln!("{:?} (from {:?}): {total} bytes in {budget}; {:?}", report.strategy, report.escalated_from, report.actions);
+    assert!(total <= budget, "{total} bytes in a budget of {budget}");
+    assert_eq!(report.bytes_after(), total);
+    assert_eq!(report.escalated_from, Some(Plan::Resize), "r = {} selects resize, which cannot fit", report.ratio);
+    assert_eq!(total, block_math_bytes(16, 512, backbone.capacity(), backbone.k_type(), backbone.v_type()) + block_math_bytes(4, 256, 32, decoder.k_type(), decoder.v_type()));
+}
+
+fn any_type() -> impl Strategy<Value = CacheType> {
+    (0usize..CacheType::ALL.len()).prop_map(|i| CacheType::ALL[i])
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Any budget: at or above the minimal layout the caches end within it (by block math), below it
+    /// the optimizer refuses and changes nothing. Small capacities make the 16-cell clamp bite; with
+    /// `decoder` a fixed cache stands beside the resizable one, as in CSM.
+    #[test]
+    fn budgets_hold_where_the_cell_clamp_applies(
+        (layers, heads, head_dim) in (1usize..5, 1usize..4, prop_oneof![Just(32usize), Just(64)]),
+        capacity in 1usize..48,
+        filled in 0usize..48,
+        (k, v) in (any_type(), any_type()),
+        decoder in proptest::option::of((1usize..4, 1usize..33, any_type())),
+        per_mille in 1usize..1100,
+    ) {
+        let mut main = cache(layers, heads, head_dim, capacity, k, v);
+        main.append(filled.min(capacity)).unwrap();
+        let mut fixed = decoder.map(|(l, cells, t)| cache(l, 1, 32, cells, t, t));
+        let minimum = minimal_bytes(&[(&main, true)]) + fixed.as_ref().map_or(0, |d| minimal_bytes(&[(d, false)]));
+        let current = main.memory_usage() + fixed.as_ref().map_or(0, KvCache::memory_usage);
+        let budget = (current * per_mille / 1000).max(1);
+        let before = (*main.config(), fixed.as_ref().map(|d| *d.config()));
+        let mut caches = vec![ManagedCache { name: "main", cache: &mut main, resizable: true }];
+        if let Some(d) = fixed.as_mut() {
+            caches.push(ManagedCache { name: "decoder", cache: d, resizable: false });
+        }
+        let result = memory::optimize(caches, budget, EvictionPolicy::default());
+        let total = main.memory_usage() + fixed.as_ref().map_or(0, KvCache::memory_usage);
+        if budget >= minimum {
+            let report = result.unwrap();
+            prop_assert!(total <= budget, "{total} bytes in {budget} ({report:?})");
+            let block_math = block_math_bytes(layers, heads * head_dim, main.capacity(), main.k_type(), main.v_type())
+                + fixed.as_ref().map_or(0, |d| block_math_bytes(d.config().n_layer, 32, d.capacity(), d.k_type(), d.v_type()));
+            prop_assert_eq!(total, block_math);
+            prop_assert!(main.len() <= main.capacity());
+        } else {
+            prop_assert!(result.is_err(), "{budget} below the minimum {minimum} was accepted");
+            prop_assert_eq!((*main.config(), fixed.as_ref().map(|d| *d.config())), before, "a refused budget changed the caches");
+        }
+    }
+
+    /// The same through the models: tiny-llama's cache, and tiny-csm's backbone and decoder caches,
+    /// with contexts small enough for the clamp; generation runs after every accepted budget.
+    #[test]
+    fn model_budgets_hold_for_llama_and_both_csm_caches(n_ctx in 1usize..40, per_mille in 1usize..1100, csm in any::<bool>()) {
+        let policy = EvictionPolicy::SinkRecent { sinks: 2 };
+        let (total, budget, minimum, result) = if csm {
+            let options = CsmOptions { n_ctx, k_type: CacheType::F32, v_type: CacheType::F32, n_threads: 1, n_batch: 16 };
+            let mut g = CsmGenerator::new(CsmModel::load(model("tiny-csm.gguf")).unwrap(), options).unwrap();
+            let minimum = minimal_bytes(&[(g.backbone_cache(), true), (g.decoder_cache(), false)]);
+            let budget = (g.kv_memory_usage() * per_mille / 1000).max(1);
+            let result = g.optimize_memory(budget, policy);
+            // A cache of a few cells cannot keep 2 sinks and make room: generate where it can.
+            if result.is_ok() && g.backbone_cache().capacity() >= 8 {
+                g.set_eviction(Some(policy));
+                g.prefill(&[Row::Text(1), Row::Text(2)]).unwrap();
+                let mut greedy = Sampler::new(SamplerConfig { temperature: 0.0, ..Default::default() }).unwrap();
+                g.generate_frame(&mut greedy, None).unwrap();
+            }
+            (g.kv_memory_usage(), budget, minimum, result)
+        } else {
+            let mut m = tiny(n_ctx);
+            let minimum = minimal_bytes(&[(m.cache(), true)]);
+            let budget = (m.kv_memory_usage() * per_mille / 1000).max(1);
+            let result = m.optimize_memory(budget, policy);
+            if result.is_ok() && m.cache().capacity() >= 8 {
+                m.set_eviction(Some(policy));
+                m.eval(&[5, 6, 7], Logits::Last).unwrap();
+            }
+            (m.kv_memory_usage(), budget, minimum, result)
+        };
+        prop_assert_eq!(result.is_ok(), budget >= minimum, "budget {} minimum {}: {:?}", budget, minimum, result.as_ref().err());
+        if result.is_ok() {
+            prop_assert!(total <= budget, "{total} bytes in {budget}");
         }
     }
 }
