@@ -43,11 +43,15 @@ fn altered_copy(source: &Path, dir: &Path, name: &str, edit: Edit) -> PathBuf {
     path
 }
 
+/// Generation and `info` both refuse the file with one line naming the problem, exit 1.
 fn fails_with(path: &Path, expected: &str) {
-    let out = Command::cargo_bin("ccsm-infer").unwrap().arg(path).args(["-p", "hi", "-n", "2"]).assert().code(1);
-    let stderr = String::from_utf8(out.get_output().stderr.clone()).unwrap();
-    assert!(stderr.contains(expected), "expected `{expected}` in: {stderr}");
-    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    for args in [vec![path.to_str().unwrap(), "-p", "hi", "-n", "2"], vec!["info", path.to_str().unwrap()]] {
+        let out = Command::cargo_bin("ccsm-infer").unwrap().args(&args).assert().code(1);
+        let stderr = String::from_utf8(out.get_output().stderr.clone()).unwrap();
+        assert!(stderr.contains(expected), "{args:?}: expected `{expected}` in: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: one line: {stderr}");
+        assert!(out.get_output().stdout.is_empty(), "{args:?}: printed facts of a file that does not load");
+    }
 }
 
 #[test]
@@ -93,6 +97,13 @@ fn architecture_level_errors_name_what_is_wrong() {
         m.iter_mut().filter(|(k, _)| k == "general.architecture").for_each(|(_, v)| *v = Value::String("mamba".into()))
     });
     fails_with(&other_arch, "mamba");
+    // Counts that multiply into sizes are bounded: a head dim of 2^62 made every KV byte count wrap to 0.
+    let huge_head = altered(d, "huge-head-dim.gguf", |m, _| m.push(("llama.attention.key_length".into(), Value::U64(1 << 62))));
+    fails_with(&huge_head, "llama.attention.key_length");
+    let huge_kv_heads = altered(d, "huge-kv-heads.gguf", |m, _| {
+        m.iter_mut().filter(|(k, _)| k == "llama.attention.head_count_kv").for_each(|(_, v)| *v = Value::U64(1 << 40))
+    });
+    fails_with(&huge_kv_heads, "llama.attention.head_count_kv");
 }
 
 #[test]

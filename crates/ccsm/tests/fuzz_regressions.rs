@@ -64,6 +64,10 @@ fn the_fuzz_seeds_load_and_run() {
 fn model_loader_regressions() {
     for (path, expected) in regressions("model_loader") {
         check(&path, exercise::model_file(&path), &expected);
+        // `info` checks without loading: it must refuse exactly the files loading refuses, with the same error.
+        let loaded = ccsm::load_model(&path).err().map(|e| e.to_string());
+        let inspected = ccsm::inspect(&path, None).err().map(|e| e.to_string());
+        assert_eq!(inspected, loaded, "{}: inspect and load disagree", path.display());
     }
 }
 

@@ -66,3 +66,29 @@ fn masks_are_causal_over_positions_and_hide_padding() {
     cache.append(600 - cache.len()).unwrap();
     assert_eq!(cache.decode_window(), 600, "never past the capacity");
 }
+
+/// Sizes that do not fit 64 bits are refused, never wrapped (a wrapped product once sized a cache
+/// with a 2^62-wide head at 0 bytes).
+#[test]
+fn sizes_that_overflow_are_refused() {
+    let huge = [
+        KvCacheConfig { n_layer: 1, head_dim: 1 << 62, n_head_kv: 4, capacity: 16, k_type: CacheType::F32, v_type: CacheType::F32 },
+        KvCacheConfig { n_layer: 1 << 40, head_dim: 64, n_head_kv: 8, capacity: 1 << 20, k_type: CacheType::F16, v_type: CacheType::F16 },
+        KvCacheConfig {
+            n_layer: 2,
+            head_dim: 64,
+            n_head_kv: 8,
+            capacity: usize::MAX / 64,
+            k_type: CacheType::Q4_0,
+            v_type: CacheType::Q4_0,
+        },
+    ];
+    for c in huge {
+        match c.bytes() {
+            Err(Error::CacheLayout { why, .. }) => assert!(why.contains("overflows"), "{why}"),
+            other => panic!("{c:?}: {other:?}"),
+        }
+        assert!(c.n_embd_kv().is_err() || c.head_dim * c.n_head_kv <= 1 << 20);
+        assert!(KvCache::new(c).is_err());
+    }
+}

@@ -5,11 +5,11 @@ mod common;
 
 use ccsm::csm::{CsmGenerator, CsmModel, CsmOptions, Row};
 use ccsm::kv_cache::{EvictionPolicy, KvCache, KvCacheConfig};
-use ccsm::memory::{self, ManagedCache};
-use ccsm::sampling::{Sampler, SamplerConfig};
 use ccsm::llama::LlamaModel;
 use ccsm::memory::Strategy as Plan;
+use ccsm::memory::{self, ManagedCache};
 use ccsm::sampling::argmax;
+use ccsm::sampling::{Sampler, SamplerConfig};
 use ccsm::{CacheType, GGMLModel, Logits, Model, ModelOptions};
 use common::{bytes_per_element, model, SMOLLM2, TINY_LLAMA};
 use ggml::{Backend, ComputeBuffer, DType};
@@ -258,7 +258,11 @@ fn csm_1b_shape_with_24_cells_fits_one_mib() {
     assert!(total <= budget, "{total} bytes in a budget of {budget}");
     assert_eq!(report.bytes_after(), total);
     assert_eq!(report.escalated_from, Some(Plan::Resize), "r = {} selects resize, which cannot fit", report.ratio);
-    assert_eq!(total, block_math_bytes(16, 512, backbone.capacity(), backbone.k_type(), backbone.v_type()) + block_math_bytes(4, 256, 32, decoder.k_type(), decoder.v_type()));
+    assert_eq!(
+        total,
+        block_math_bytes(16, 512, backbone.capacity(), backbone.k_type(), backbone.v_type())
+            + block_math_bytes(4, 256, 32, decoder.k_type(), decoder.v_type())
+    );
 }
 
 fn any_type() -> impl Strategy<Value = CacheType> {
