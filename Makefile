@@ -8,7 +8,7 @@ FUZZ_SEEDS := models/micro-llama.gguf models/micro-csm.gguf
 SMOLLM2 := models/SmolLM2-135M-Instruct.Q4_1.gguf
 JARGON := data/jargon.txt
 
-.PHONY: setup deps pydeps ggml-source build test run bench bench-memory plots models data csm-1b-shape fuzz clean
+.PHONY: setup deps pydeps ggml-source build test lint run bench bench-memory plots models data csm-1b-shape fuzz clean
 
 ## setup: system packages (libclang for bindgen), Python tools, the pinned ggml source
 setup: deps pydeps ggml-source
@@ -63,6 +63,11 @@ build: setup
 ## test: the whole suite
 test: setup models
 	$(CARGO) test $(RELEASE) --workspace --exclude ccsm-plots
+
+## lint: rustfmt and clippy (warnings are errors), as CI runs them
+lint: setup
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy $(RELEASE) --workspace --all-targets -- -D warnings
 
 ## run: the main job on the embedded default: speech frames from the generated tiny CSM model
 run: build models

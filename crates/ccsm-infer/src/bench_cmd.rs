@@ -11,8 +11,20 @@ use ccsm::llama::LlamaModel;
 use ccsm::sampling::{Sampler, SamplerConfig};
 use ccsm::{CacheType, GGMLModel, Logits, Model, ModelOptions};
 
-use crate::cli::{BenchArgs, LogArgs};
+use crate::cli::{BenchArgs, BenchFormat, LogArgs};
 use crate::{output, progress};
+
+/// What a row measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchTest {
+    /// Prompt processing: `-p` tokens (or CSM text rows) in one evaluation.
+    Pp,
+    /// Text generation: `-n` single-token steps.
+    Tg,
+    /// CSM: `-n` frames.
+    Frame,
+}
 
 /// One row: a test (pp or tg) at one depth with one cache type.
 #[derive(Serialize)]
@@ -25,7 +37,7 @@ pub struct BenchRow {
     pub v_type: CacheType,
     /// Whether the cache stores Hadamard-rotated rows (`--kv-rotation`).
     pub kv_rotated: bool,
-    pub test: &'static str,
+    pub test: BenchTest,
     pub n_prompt: u32,
     pub n_gen: u32,
     pub depth: u32,
@@ -53,9 +65,9 @@ pub struct FrameDetail {
 impl BenchRow {
     fn test_name(&self) -> String {
         let base = match self.test {
-            "pp" => format!("pp{}", self.n_prompt),
-            "frame" => format!("frame{}", self.n_gen),
-            _ => format!("tg{}", self.n_gen),
+            BenchTest::Pp => format!("pp{}", self.n_prompt),
+            BenchTest::Frame => format!("frame{}", self.n_gen),
+            BenchTest::Tg => format!("tg{}", self.n_gen),
         };
         if self.depth > 0 {
             format!("{base} @ d{}", self.depth)
@@ -77,7 +89,7 @@ struct RowSource<'a> {
 }
 
 impl RowSource<'_> {
-    fn row(&self, test: &'static str, samples: Vec<f64>, kv_bytes: usize, frame_detail: Option<FrameDetail>) -> BenchRow {
+    fn row(&self, test: BenchTest, samples: Vec<f64>, kv_bytes: usize, frame_detail: Option<FrameDetail>) -> BenchRow {
         let (avg_ts, stddev_ts) = mean_stddev(&samples);
         BenchRow {
             model: self.model.to_owned(),
@@ -88,8 +100,8 @@ impl RowSource<'_> {
             v_type: self.cache,
             kv_rotated: self.rotated,
             test,
-            n_prompt: if test == "pp" { self.args.n_prompt } else { 0 },
-            n_gen: if test == "pp" { 0 } else { self.args.n_gen },
+            n_prompt: if test == BenchTest::Pp { self.args.n_prompt } else { 0 },
+            n_gen: if test == BenchTest::Pp { 0 } else { self.args.n_gen },
             depth: self.depth,
             avg_ts,
             stddev_ts,
@@ -133,10 +145,10 @@ fn mean_stddev(samples: &[f64]) -> (f64, f64) {
 pub fn run(args: &BenchArgs, log: &LogArgs) -> Result<()> {
     let file = ggml::gguf::GgufFile::open(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
     let rows = if file.get::<String>("general.architecture")? == "csm" { bench_csm(args, log, &file)? } else { bench_llama(args, log)? };
-    match args.output.as_str() {
-        "json" => output::println(&serde_json::to_string_pretty(&rows)?),
-        "jsonl" => rows.iter().try_for_each(|r| serde_json::to_string(r).map(|l| output::println(&l)))?,
-        _ => output::print(&markdown(&rows)),
+    match args.output {
+        BenchFormat::Json => output::println(&serde_json::to_string_pretty(&rows)?),
+        BenchFormat::Jsonl => rows.iter().try_for_each(|r| serde_json::to_string(r).map(|l| output::println(&l)))?,
+        BenchFormat::Md => output::print(&markdown(&rows)),
     }
     Ok(())
 }
@@ -148,7 +160,8 @@ fn model_name(args: &BenchArgs) -> String {
 fn bench_llama(args: &BenchArgs, log: &LogArgs) -> Result<Vec<BenchRow>> {
     let mut weights = Some(LlamaModel::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?);
     let name = model_name(args);
-    let tests: Vec<&'static str> = [("pp", args.n_prompt), ("tg", args.n_gen)].into_iter().filter(|t| t.1 > 0).map(|t| t.0).collect();
+    let tests: Vec<BenchTest> =
+        [(BenchTest::Pp, args.n_prompt), (BenchTest::Tg, args.n_gen)].into_iter().filter(|t| t.1 > 0).map(|t| t.0).collect();
     let total = (args.cache_types.len() * args.depths.len() * tests.len()) as u64;
     let bar = progress::bar(total, "bench", log.quiet);
     let mut rows = Vec::new();
@@ -168,7 +181,7 @@ fn bench_llama(args: &BenchArgs, log: &LogArgs) -> Result<Vec<BenchRow>> {
                 let mut samples = Vec::new();
                 for rep in 0..args.repetitions {
                     model.truncate(depth as usize);
-                    let seconds = if test == "pp" {
+                    let seconds = if test == BenchTest::Pp {
                         let prompt = filler_tokens(args.n_prompt as usize, vocab, 100 + rep as u64);
                         let start = Instant::now();
                         model.eval(&prompt, Logits::Last)?;
@@ -206,7 +219,8 @@ fn bench_llama(args: &BenchArgs, log: &LogArgs) -> Result<Vec<BenchRow>> {
 fn bench_csm(args: &BenchArgs, log: &LogArgs, file: &ggml::gguf::GgufFile) -> Result<Vec<BenchRow>> {
     let name = model_name(args);
     let mut weights = Some(CsmModel::from_file(file, &args.model)?);
-    let tests: Vec<&'static str> = [("pp", args.n_prompt), ("frame", args.n_gen)].into_iter().filter(|t| t.1 > 0).map(|t| t.0).collect();
+    let tests: Vec<BenchTest> =
+        [(BenchTest::Pp, args.n_prompt), (BenchTest::Frame, args.n_gen)].into_iter().filter(|t| t.1 > 0).map(|t| t.0).collect();
     let bar = progress::bar((args.cache_types.len() * args.depths.len() * tests.len()) as u64, "bench", log.quiet);
     let mut rows = Vec::new();
     for &cache in &args.cache_types {
@@ -230,7 +244,7 @@ fn bench_csm(args: &BenchArgs, log: &LogArgs, file: &ggml::gguf::GgufFile) -> Re
                 for rep in 0..args.repetitions {
                     generator.reset();
                     generator.prefill(&text_rows(depth.max(1) as usize, 1))?;
-                    if test == "pp" {
+                    if test == BenchTest::Pp {
                         let prompt = text_rows(args.n_prompt as usize, 100 + rep as u64);
                         let start = Instant::now();
                         generator.prefill(&prompt)?;
@@ -262,7 +276,7 @@ fn bench_csm(args: &BenchArgs, log: &LogArgs, file: &ggml::gguf::GgufFile) -> Re
                     rotated: generator.backbone_cache().is_rotated(),
                     depth,
                 };
-                rows.push(source.row(test, samples, generator.kv_memory_usage(), (test == "frame").then_some(detail)));
+                rows.push(source.row(test, samples, generator.kv_memory_usage(), (test == BenchTest::Frame).then_some(detail)));
                 bar.inc(1);
             }
             weights = Some(generator.into_model());

@@ -135,8 +135,28 @@ pub struct BenchArgs {
     pub threads: u32,
 
     /// Output format: md (a markdown table), json (one array), jsonl (one object per line).
-    #[arg(short = 'o', long = "output", default_value = "md", value_parser = ["md", "json", "jsonl"])]
-    pub output: String,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = BenchFormat::Md)]
+    pub output: BenchFormat,
+}
+
+/// How `bench` prints its rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchFormat {
+    /// A markdown table, llama-bench's shape.
+    Md,
+    /// One JSON array.
+    Json,
+    /// One JSON object per line.
+    Jsonl,
+}
+
+/// Which tokens eviction keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PrunePolicy {
+    /// The first tokens and the most recent ones (StreamingLLM).
+    SinkRecent,
+    /// The first tokens and those that received the most attention so far (H2O).
+    Attention,
 }
 
 #[derive(Args, Clone)]
@@ -198,8 +218,8 @@ pub struct MemoryArgs {
 
     /// Which tokens to keep when evicting: sink-recent (first tokens + most recent, StreamingLLM) or
     /// attention (most attention received so far, H2O; costs an extra score pass per layer).
-    #[arg(long, value_name = "POLICY", default_value = "sink-recent", value_parser = ["sink-recent", "attention"])]
-    pub prune_policy: String,
+    #[arg(long, value_name = "POLICY", value_enum, default_value_t = PrunePolicy::SinkRecent)]
+    pub prune_policy: PrunePolicy,
 
     /// Tokens at the start that eviction always keeps (attention sinks).
     #[arg(long, value_name = "S", default_value_t = 4)]
@@ -209,9 +229,9 @@ pub struct MemoryArgs {
 impl MemoryArgs {
     pub fn policy(&self) -> ccsm::kv_cache::EvictionPolicy {
         use ccsm::kv_cache::EvictionPolicy;
-        match self.prune_policy.as_str() {
-            "attention" => EvictionPolicy::Attention { sinks: self.keep_sinks },
-            _ => EvictionPolicy::SinkRecent { sinks: self.keep_sinks },
+        match self.prune_policy {
+            PrunePolicy::Attention => EvictionPolicy::Attention { sinks: self.keep_sinks },
+            PrunePolicy::SinkRecent => EvictionPolicy::SinkRecent { sinks: self.keep_sinks },
         }
     }
 

@@ -114,6 +114,7 @@ fn run_text(args: &GenerateArgs, log: &LogArgs, path: PathBuf, model: LlamaModel
             "text": text,
             "tokens": generation.tokens,
             "stop": generation.stop,
+            "past_trained_context": model.past_trained_context(),
             "seed": args.seed,
             "timings": {
                 "prompt_seconds": t.prompt_seconds,

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use ccsm::csm::{CsmGenerator, CsmModel, CsmOptions, Frame, FrameTimings, Request, Segment};
+use ccsm::generate::StopReason;
 use ccsm::sampling::{Sampler, SamplerConfig};
 use ccsm::{CacheReport, CacheType, Model};
 
@@ -37,7 +38,9 @@ pub struct SpeechResult {
     pub speaker: u32,
     pub seed: u64,
     /// `end_of_speech` (the model produced an all-zero frame), `limit`, or `interrupted` (Ctrl-C).
-    pub stop: &'static str,
+    pub stop: StopReason,
+    /// Backbone positions went past the model's trained context (possible only under a memory budget).
+    pub past_trained_context: bool,
     pub n_frames: usize,
     pub audio_seconds: f64,
     pub timings: SpeechTimings,
@@ -105,7 +108,7 @@ pub fn run(args: &GenerateArgs, log: &LogArgs, path: &Path, model: CsmModel) -> 
     if !log.quiet {
         let t = &result.timings;
         eprintln!(
-            "{} frames ({:.2} s of audio, stop: {}) in {:.2} s: {:.2} frames/s, real-time factor {:.2} | backbone {:.2} s, decoder {:.2} s | KV cache {} bytes ({}/{})",
+            "{} frames ({:.2} s of audio, stop: {:?}) in {:.2} s: {:.2} frames/s, real-time factor {:.2} | backbone {:.2} s, decoder {:.2} s | KV cache {} bytes ({}/{})",
             result.n_frames, result.audio_seconds, result.stop, t.seconds, t.frames_per_second, t.real_time_factor,
             t.backbone_seconds, t.decoder_seconds, result.kv_bytes, result.k_type, result.v_type
         );
@@ -143,11 +146,11 @@ fn speak(args: &GenerateArgs, log: &LogArgs, generator: &mut CsmGenerator, model
     generator.prefill(&rows)?;
     let bar = progress::bar(max_frames as u64, "frames", log.quiet);
     let mut frames = Vec::new();
-    let mut stop = "limit";
+    let mut stop = StopReason::Limit;
     let mut conversion = None;
     while frames.len() < max_frames {
         if crate::interrupt::requested() {
-            stop = "interrupted";
+            stop = StopReason::Interrupted;
             break;
         }
         if args.quantize_after.is_some_and(|n| n as usize == frames.len()) && conversion.is_none() {
@@ -160,7 +163,7 @@ fn speak(args: &GenerateArgs, log: &LogArgs, generator: &mut CsmGenerator, model
         match generator.generate_frame(&mut sampler, None)? {
             Some(frame) => frames.push(frame),
             None => {
-                stop = "end_of_speech";
+                stop = StopReason::EndOfSpeech;
                 break;
             }
         }
@@ -176,6 +179,7 @@ fn speak(args: &GenerateArgs, log: &LogArgs, generator: &mut CsmGenerator, model
         speaker: request.speaker,
         seed,
         stop,
+        past_trained_context: generator.past_trained_context(),
         n_frames: frames.len(),
         audio_seconds,
         timings: SpeechTimings {

@@ -104,3 +104,23 @@ fn runtime_failures_exit_1_with_one_clear_line() {
 fn help_explains_the_cache_flags_and_exit_codes() {
     infer().arg("--help").assert().success().stdout(predicate::str::contains("--ctk").and(predicate::str::contains("Exit codes")));
 }
+
+/// Under a memory budget a full cache evicts, so positions can pass the trained context (tiny models:
+/// 256). Generation goes on, warns once on stderr and says so in the JSON; within the context it is quiet.
+#[test]
+fn running_past_the_trained_context_warns_once_and_says_so() {
+    let csm = models().join("tiny-csm.gguf").display().to_string();
+    for (model, n, past) in [(tiny(), "300", true), (tiny(), "20", false), (csm.clone(), "300", true), (csm, "20", false)] {
+        let out = infer()
+            .args([&model, "-p", "Hello there", "-n", n, "-c", "64", "--max-memory-mb", "1", "--temp", "0", "--json"])
+            .assert()
+            .success();
+        let out = out.get_output();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let warnings = stderr.lines().filter(|l| l.contains("passed the model's trained context of 256")).count();
+        assert_eq!(v["past_trained_context"], past, "{model} -n {n}: {v}");
+        assert_eq!(warnings, past as usize, "{model} -n {n}: {stderr}");
+        assert!(!stderr.contains('\u{1b}'), "colour codes in a log that is not a terminal: {stderr:?}");
+    }
+}

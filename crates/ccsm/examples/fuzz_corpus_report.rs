@@ -74,7 +74,7 @@ fn main() {
         total += 1;
     }
     let mut sorted: Vec<_> = outcomes.into_iter().collect();
-    sorted.sort_by(|a, b| b.1.cmp(&a.1));
+    sorted.sort_by_key(|b| std::cmp::Reverse(b.1));
     println!("{total} inputs, {} outcomes", sorted.len());
     for (k, n) in sorted {
         println!("{n:6}  {k}");

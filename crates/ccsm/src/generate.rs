@@ -42,8 +42,13 @@ fn rate(n: usize, seconds: f64) -> f64 {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StopReason {
+    /// A text model sampled an end-of-text token.
     EndOfText,
+    /// CSM produced an all-zero frame.
+    EndOfSpeech,
+    /// The token or frame limit was reached.
     Limit,
+    /// The caller asked to stop (Ctrl-C).
     Interrupted,
 }
 

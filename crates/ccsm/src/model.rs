@@ -62,6 +62,40 @@ pub(crate) fn keep_count(len: usize, fraction: f64) -> Result<usize> {
     Ok((len as f64 * fraction).round() as usize)
 }
 
+/// Notices when positions pass the context a model was trained for. Only a memory budget lets that
+/// happen (full caches evict instead of failing); generation goes on, with one warning per run, since
+/// RoPE positions beyond the trained range may degrade the output.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TrainedContext {
+    limit: usize,
+    passed: bool,
+}
+
+impl TrainedContext {
+    pub(crate) fn new(limit: usize) -> Self {
+        TrainedContext { limit, passed: false }
+    }
+
+    /// Records the next position of a cache; warns the first time it passes the limit.
+    pub(crate) fn observe(&mut self, next_position: i32, what: &str) {
+        if !self.passed && next_position as usize > self.limit {
+            self.passed = true;
+            tracing::warn!(
+                "{what} positions passed the model's trained context of {} (the memory budget evicts instead of stopping); output may degrade from here",
+                self.limit
+            );
+        }
+    }
+
+    pub(crate) fn passed(&self) -> bool {
+        self.passed
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.passed = false;
+    }
+}
+
 /// What happened to one of a model's caches.
 #[derive(Clone, Copy, Debug, serde::Serialize)]
 pub struct CacheReport {
@@ -101,6 +135,7 @@ pub struct GGMLModel {
     reuse_decode_graph: bool,
     track_attention: bool,
     evict: Option<EvictionPolicy>,
+    trained: TrainedContext,
 }
 
 impl GGMLModel {
@@ -123,6 +158,7 @@ impl GGMLModel {
             },
             Rotation::default(),
         )?;
+        let trained = TrainedContext::new(c.n_ctx_train);
         Ok(GGMLModel {
             model,
             cache,
@@ -133,6 +169,7 @@ impl GGMLModel {
             reuse_decode_graph: true,
             track_attention: false,
             evict: None,
+            trained,
         })
     }
 
@@ -158,6 +195,12 @@ impl GGMLModel {
     /// Costs one extra score computation per layer while on.
     pub fn set_track_attention(&mut self, on: bool) {
         self.track_attention = on;
+    }
+
+    /// Whether positions went past the model's trained context since the last reset (only possible
+    /// with eviction; warned once on the `ccsm` log).
+    pub fn past_trained_context(&self) -> bool {
+        self.trained.passed()
     }
 
     /// Whether full caches evict instead of failing.
@@ -205,6 +248,7 @@ impl GGMLModel {
                 logits.extend(out);
             }
         }
+        self.trained.observe(self.cache.next_position(), "token");
         Ok(logits)
     }
 
@@ -366,6 +410,7 @@ impl Model for GGMLModel {
 
     fn reset(&mut self) {
         self.cache.clear();
+        self.trained.reset();
     }
 
     /// Logits of the last token of `input`.

@@ -8,7 +8,7 @@ use std::process::Command;
 use ccsm::csm::{CsmGenerator, CsmModel, CsmOptions, Segment};
 use ccsm::sampling::{Sampler, SamplerConfig};
 use ccsm::CacheType;
-use common::repo_root;
+use common::{max_abs_diff, repo_root};
 use ggml::gguf::GgufFile;
 
 fn frames_and_logits(path: &std::path::Path) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
@@ -42,14 +42,15 @@ fn both_checkpoint_namings_convert_to_the_same_model() {
     let (frames_a, logits_a) = frames_and_logits(&original);
     let (frames_b, logits_b) = frames_and_logits(&hf);
     assert_eq!(frames_a, frames_b);
-    let worst = logits_a.iter().flatten().zip(logits_b.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert_eq!(logits_a.len(), 3 * 32, "3 frames of 32 codebooks' logits");
+    let worst = max_abs_diff(logits_a.iter().flatten(), logits_b.iter().flatten());
     assert!(worst < 1e-4, "logits differ by {worst}");
 
     // The recorded layout matters: the HF file read with the original's pair layout is another model.
     let wrong = dir.path().join("hf-read-as-normal.gguf");
     relabel_rope_layout(&hf, &wrong, "normal");
     let (_, logits_wrong) = frames_and_logits(&wrong);
-    let moved = logits_b.iter().flatten().zip(logits_wrong.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let moved = max_abs_diff(logits_b.iter().flatten(), logits_wrong.iter().flatten());
     assert!(moved > 1e-2, "the layout did not change the logits ({moved})");
 }
 

@@ -49,6 +49,7 @@ fn greedy_frames_and_logits_match_the_numpy_reference() {
     let ref_frames: Vec<Vec<u32>> = serde_json::from_value(reference["frames"].clone()).unwrap();
     let ref_logits: Vec<Vec<Vec<f64>>> = serde_json::from_value(reference["logits"].clone()).unwrap();
     assert_eq!(ref_frames.len(), FRAMES, "the reference ended early");
+    assert_eq!(ref_logits.len(), FRAMES, "the reference's logits are one list per frame");
 
     engine.prefill(&rows).unwrap();
     let mut sampler = Sampler::new(SamplerConfig { temperature: 0.0, ..Default::default() }).unwrap();
@@ -57,8 +58,11 @@ fn greedy_frames_and_logits_match_the_numpy_reference() {
         let mut trace = Vec::new();
         let frame = engine.generate_frame(&mut sampler, Some(&mut trace)).unwrap().expect("a frame");
         assert_eq!(&frame, want_frame, "frame {f}");
+        let codebooks = engine.model().config().n_codebooks;
+        assert_eq!((trace.len(), want_logits.len()), (codebooks, codebooks), "frame {f}: one logit row per codebook on both sides");
         for (k, (got, want)) in trace.iter().zip(want_logits).enumerate() {
             let spread = want.iter().cloned().fold(f64::NEG_INFINITY, f64::max) - want.iter().cloned().fold(f64::INFINITY, f64::min);
+            assert_eq!(got.len(), want.len(), "frame {f} codebook {k}: vocabulary sizes differ");
             let diff = got.iter().zip(want).map(|(a, b)| (*a as f64 - b).abs()).fold(0f64, f64::max);
             worst = worst.max(diff / spread);
             assert!(diff / spread < 1e-4, "frame {f} codebook {k}: max |Δ| {diff} of spread {spread}");

@@ -156,6 +156,7 @@ fn softmax(logits: &[f32]) -> Vec<f64> {
 }
 
 fn kl(p: &[f64], q: &[f64]) -> f64 {
+    assert_eq!(p.len(), q.len(), "distributions over different vocabularies");
     p.iter().zip(q).filter(|(a, _)| **a > 0.0).map(|(a, b)| a * (a / b.max(1e-300)).ln()).sum()
 }
 

@@ -8,7 +8,7 @@ use ccsm::kv_cache::Rotation;
 use ccsm::llama::LlamaModel;
 use ccsm::sampling::{argmax, Sampler, SamplerConfig};
 use ccsm::{CacheType, GGMLModel, Logits, Model, ModelOptions};
-use common::{model, SMOLLM2, TINY_LLAMA};
+use common::{max_abs_diff, model, SMOLLM2, TINY_LLAMA};
 
 fn llama(name: &str, t: CacheType, rotation: Rotation, n_ctx: usize) -> GGMLModel {
     let options = ModelOptions { n_ctx, k_type: t, v_type: t, n_threads: 2, n_batch: 64 };
@@ -38,7 +38,7 @@ fn rotating_f32_rows_changes_no_logit() {
     let prompt = plain.model().tokenizer().encode("The quick brown fox jumps over the lazy dog, twice.").unwrap();
     let (a, b) = (prompt_and_decode(&mut plain, &prompt), prompt_and_decode(&mut rotated, &prompt));
     let spread = a.iter().cloned().fold(f32::NEG_INFINITY, f32::max) - a.iter().cloned().fold(f32::INFINITY, f32::min);
-    let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let worst = max_abs_diff(&a, &b);
     eprintln!("f32 rows, rotated vs plain: max |Δlogit| {worst:.2e} of a spread of {spread:.2}");
     // Only float rounding differs: the three extra products per layer are exact in real arithmetic.
     assert!(worst <= 1e-4 * spread, "max |Δ| {worst} (spread {spread})");
@@ -57,9 +57,14 @@ fn rotating_f32_rows_changes_no_csm_frame() {
             .unwrap();
         g.prefill(&rows).unwrap();
         let mut greedy = Sampler::new(SamplerConfig { temperature: 0.0, ..Default::default() }).unwrap();
-        (0..4).map(|_| g.generate_frame(&mut greedy, None).unwrap()).collect::<Vec<_>>()
+        // Every step must make a frame: two runs that both stop at once would agree on nothing.
+        (0..4)
+            .map(|i| g.generate_frame(&mut greedy, None).unwrap().unwrap_or_else(|| panic!("frame {i}: end of speech")))
+            .collect::<Vec<_>>()
     };
-    assert_eq!(frames(Rotation::All), frames(Rotation::Off));
+    let (rotated, plain) = (frames(Rotation::All), frames(Rotation::Off));
+    assert_eq!(rotated.len(), 4);
+    assert_eq!(rotated, plain);
 }
 
 fn softmax(logits: &[f32]) -> Vec<f64> {
@@ -71,6 +76,12 @@ fn softmax(logits: &[f32]) -> Vec<f64> {
 
 /// Mean KL(f32 ‖ model) over every position of `logits` (rows of `vocab`).
 fn mean_kld(reference: &[f32], logits: &[f32], vocab: usize) -> f64 {
+    assert!(
+        reference.len() == logits.len() && !logits.is_empty() && logits.len().is_multiple_of(vocab),
+        "{} vs {} logits",
+        reference.len(),
+        logits.len()
+    );
     let klds: Vec<f64> = reference
         .chunks(vocab)
         .zip(logits.chunks(vocab))
@@ -124,7 +135,7 @@ fn rotating_a_filled_cache_keeps_its_history() {
         if back_and_forth {
             m.set_kv_rotation(Rotation::Off).unwrap();
         }
-        let worst = want.iter().zip(&m.eval(next, Logits::All).unwrap()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let worst = max_abs_diff(&want, &m.eval(next, Logits::All).unwrap());
         eprintln!("rotated in place (and back: {back_and_forth}): max |Δlogit| {worst:.2e} of {spread:.2}");
         assert!(worst <= 1e-4 * spread, "max |Δ| {worst} (spread {spread})");
     }

@@ -36,6 +36,7 @@ fn check(name: &str) {
     let path = model(name);
     let tokenizer = Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
     let reference = reference_ids(&path);
+    assert_eq!(reference.len(), TEXTS.len(), "{name}: the reference tokenized every text");
     for (text, want) in TEXTS.iter().zip(reference) {
         let got = tokenizer.encode_plain(text).unwrap();
         assert_eq!(got, want, "{name}: {text:?}");

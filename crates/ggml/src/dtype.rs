@@ -101,7 +101,7 @@ impl DType {
     /// Bytes of a row of `n` elements; `n` must be a multiple of the block size.
     pub fn row_size(self, n: usize) -> Result<usize> {
         let block = self.block_size();
-        if n % block != 0 {
+        if !n.is_multiple_of(block) {
             return Err(Error::BlockAlignment {
                 op: "row_size",
                 dtype: self,

@@ -213,7 +213,7 @@ impl GraphContext<'_> {
         if self.allocated.get() {
             return Err(Error::invalid("allocate", "a graph context allocates one graph, once"));
         }
-        if graph.context_ptr() != self.ctx.raw() as *const _ {
+        if !std::ptr::eq(graph.context_ptr(), self.ctx.raw()) {
             return Err(Error::invalid("allocate", "the graph was built in another context"));
         }
         graph.check_foreign_memory(&self.ctx, "allocate")?;

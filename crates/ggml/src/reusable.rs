@@ -117,7 +117,7 @@ impl ReusableGraph {
         if self.finished.get().is_some() {
             return Err(Error::invalid(OP, "the graph is already finished"));
         }
-        if sealed.ctx != self.ctx.raw() as *const _ {
+        if !std::ptr::eq(sealed.ctx, self.ctx.raw()) {
             return Err(Error::invalid(OP, "the graph was built in another context"));
         }
         let mut dependencies = Vec::new();

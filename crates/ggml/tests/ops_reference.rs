@@ -137,6 +137,7 @@ fn flash_attention_matches_naive_attention_for_all_25_cache_type_pairs() {
             let v_stored = decode(v_type, &v_raw.read_bytes().unwrap(), case.v.len());
             let (want, bounds) = case.reference(&k_stored, &v_stored, k_type, v_type);
             let mut worst = 0f64;
+            assert_eq!(got.len(), want.len(), "K {k_type} V {v_type}: output size");
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 let bound = bounds[i / case.d];
                 let err = (*g as f64 - w).abs();

@@ -18,7 +18,7 @@ use crate::kv_cache::{KvCache, KvCacheConfig, Rotation};
 use crate::llama::transformer::BuildScope;
 use crate::llama::{StepInputs, Transformer};
 use crate::memory::{self, make_room, ManagedCache, MemoryReport};
-use crate::model::{keep_count, CacheReport, Model};
+use crate::model::{keep_count, CacheReport, Model, TrainedContext};
 use crate::sampling::Sampler;
 use crate::CacheType;
 
@@ -58,6 +58,7 @@ pub struct CsmGenerator {
     backbone_step: Option<(usize, bool, ReusableGraph)>,
     track_attention: bool,
     evict: Option<EvictionPolicy>,
+    trained: TrainedContext,
     decoder_steps: Vec<Option<ReusableGraph>>,
     /// After the last backbone step: its final-normed hidden state and codebook-0 logits.
     last: Option<(Vec<f32>, Vec<f32>)>,
@@ -223,6 +224,7 @@ impl CsmGenerator {
         // The decoder sees one frame: h, then one input per codebook but the last.
         let decoder_cache = cache(&c.decoder, c.n_codebooks)?;
         let steps = c.n_codebooks - 1;
+        let trained = TrainedContext::new(c.backbone.n_ctx_train);
         Ok(CsmGenerator {
             model,
             backbone_cache,
@@ -233,6 +235,7 @@ impl CsmGenerator {
             backbone_step: None,
             track_attention: false,
             evict: None,
+            trained,
             decoder_steps: (0..steps).map(|_| None).collect(),
             last: None,
             timings: FrameTimings::default(),
@@ -269,6 +272,12 @@ impl CsmGenerator {
     /// Computes, per backbone cell, the attention mass it receives (for the attention eviction policy).
     pub fn set_track_attention(&mut self, on: bool) {
         self.track_attention = on;
+    }
+
+    /// Whether backbone positions went past the model's trained context since the last reset (only
+    /// possible with eviction; warned once on the `ccsm` log).
+    pub fn past_trained_context(&self) -> bool {
+        self.trained.passed()
     }
 
     /// Codebook-0 logits after the last backbone step.
@@ -326,6 +335,7 @@ impl CsmGenerator {
                     self.backbone_cache.add_scores(&mass);
                 }
                 self.last = Some((h, c0_logits));
+                self.trained.observe(self.backbone_cache.next_position(), "backbone");
                 Ok(())
             }
             Err(e) => {
@@ -465,6 +475,7 @@ impl Model for CsmGenerator {
     type Output = Vec<f32>;
 
     fn reset(&mut self) {
+        self.trained.reset();
         self.backbone_cache.clear();
         self.decoder_cache.clear();
         self.last = None;

@@ -68,7 +68,7 @@ impl KvCacheConfig {
         for t in [self.k_type, self.v_type] {
             let block = t.dtype().block_size();
             // Each head's slice of a row must be whole blocks for the per-head attention views.
-            if self.head_dim % block != 0 {
+            if !self.head_dim.is_multiple_of(block) {
                 return refuse(format!(
                     "{t} stores blocks of {block} elements, and a head of {} elements (rows of {}) is not a multiple of {block}",
                     self.head_dim,

@@ -54,6 +54,15 @@ fn run_reference(model: &Path, tokens: &[u32], extra: &[&str]) -> Vec<f64> {
     read_f64(&out)
 }
 
+/// The largest |a − b| of two runs' values; they must be equally many, and not none (a comparison of
+/// two empty runs proves nothing).
+pub fn max_abs_diff<'a>(a: impl IntoIterator<Item = &'a f32>, b: impl IntoIterator<Item = &'a f32>) -> f32 {
+    let (a, b): (Vec<f32>, Vec<f32>) = (a.into_iter().copied().collect(), b.into_iter().copied().collect());
+    assert_eq!(a.len(), b.len(), "the runs made different numbers of values");
+    assert!(!a.is_empty(), "nothing to compare");
+    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+}
+
 /// Agreement of engine logits with reference logits, row by row.
 pub struct Agreement {
     /// max |Δ| over a row divided by that row's reference spread (max − min), worst row.
