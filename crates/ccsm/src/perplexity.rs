@@ -221,8 +221,9 @@ impl PerplexityRun {
     /// Reads a KL reference file written by `save`; returns the run and its vocabulary size.
     pub fn load(path: &Path) -> Result<(Self, usize)> {
         let bad = |why: String| Error::KlReference { path: path.to_path_buf(), why };
-        let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
-        let len = file.metadata().map_err(|e| bad(e.to_string()))?.len();
+        let io = |source: std::io::Error| Error::Io { path: path.to_path_buf(), source };
+        let file = std::fs::File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
         let mut input = BufReader::new(file);
         let mut read = |buf: &mut [u8]| input.read_exact(buf).map_err(|e| bad(format!("truncated ({e})")));
         let mut magic = [0u8; 8];
