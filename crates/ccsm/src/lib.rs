@@ -1,6 +1,7 @@
 //! ccsm: CSM-1B and Llama inference on ggml with a quantized KV cache.
 #![forbid(unsafe_code)]
 
+pub mod attention;
 mod cache_type;
 pub mod csm;
 mod error;
@@ -10,6 +11,7 @@ pub mod kv_cache;
 pub mod llama;
 mod load;
 pub mod memory;
+pub mod mimi;
 mod model;
 pub mod perplexity;
 pub mod sampling;

@@ -5,10 +5,10 @@ use std::ops::Range;
 
 use ggml::{Backend, ComputeBuffer, Context, DType, Graph, ReusableGraph, Tensor};
 
+use crate::attention::{BuildScope, StepInputs};
 use crate::error::{Error, Result};
 use crate::kv_cache::{EvictionPolicy, KvCache, KvCacheConfig, QuantizeReport, Rotation};
-use crate::llama::transformer::BuildScope;
-use crate::llama::{LlamaModel, StepInputs};
+use crate::llama::LlamaModel;
 use crate::memory::{self, make_room, ManagedCache, MemoryReport};
 use crate::CacheType;
 

@@ -68,11 +68,17 @@ impl<'f> WeightLoader<'f> {
 
     /// A vector (norm scale, frequency factors) held as F32 whatever its type in the file.
     pub fn vector_f32(&mut self, name: &str, len: usize) -> Result<TensorId> {
-        let info = self.info(name, &[len])?;
+        self.dense_f32(name, &[len])
+    }
+
+    /// A tensor held as F32 whatever its type in the file (element-wise operands such as conv taps).
+    pub fn dense_f32(&mut self, name: &str, shape: &[usize]) -> Result<TensorId> {
+        let info = self.info(name, shape)?;
         if !info.dtype.can_dequantize() {
             return Err(Error::TensorType { name: name.to_owned(), dtype: info.dtype, why: "cannot be read as f32" });
         }
-        let id = self.store.add(name, DType::F32, &[len as i64])?;
+        let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        let id = self.store.add(name, DType::F32, &dims)?;
         let fill = if info.dtype == DType::F32 { Fill::Raw } else { Fill::ToF32 };
         self.pending.push((id, info, fill));
         Ok(id)

@@ -147,6 +147,9 @@ impl Context {
         require_type(op, a, &[DType::F32], "element-wise ops run in f32")?;
         require_type(op, b, &[DType::F32], "element-wise ops run in f32")?;
         require_repeat(op, a, b)?;
+        if !a.rows_contiguous() {
+            return Err(Error::shape(op, "the first operand's rows must be contiguous", &[a.shape()]));
+        }
         // SAFETY: both operands are f32 and b broadcasts over a (ggml_can_repeat), as ggml asserts.
         self.wrap(unsafe { f(self.raw(), a.raw(), b.raw()) }, op)
     }
@@ -186,13 +189,57 @@ impl Context {
     }
 
     pub fn silu<'c>(&'c self, a: Tensor<'c>) -> Result<Tensor<'c>> {
-        const OP: &str = "silu";
-        require_type(OP, a, &[DType::F32], "activations run in f32")?;
+        self.unary("silu", a, sys::ggml_silu)
+    }
+
+    /// GELU with the exact erf (not ggml_gelu's tanh approximation).
+    pub fn gelu_erf<'c>(&'c self, a: Tensor<'c>) -> Result<Tensor<'c>> {
+        self.unary("gelu_erf", a, sys::ggml_gelu_erf)
+    }
+
+    /// ELU with α = 1: x for x > 0, eˣ − 1 otherwise.
+    pub fn elu<'c>(&'c self, a: Tensor<'c>) -> Result<Tensor<'c>> {
+        self.unary("elu", a, sys::ggml_elu)
+    }
+
+    fn unary<'c>(
+        &'c self,
+        op: &'static str,
+        a: Tensor<'c>,
+        f: unsafe extern "C" fn(*mut sys::ggml_context, *mut sys::ggml_tensor) -> *mut sys::ggml_tensor,
+    ) -> Result<Tensor<'c>> {
+        require_type(op, a, &[DType::F32], "activations run in f32")?;
         if !is_contiguous_1(a) {
-            return Err(Error::shape(OP, "rows must be contiguous", &[a.shape()]));
+            return Err(Error::shape(op, "rows must be contiguous", &[a.shape()]));
         }
         // SAFETY: f32 input with contiguous rows, as ggml_unary asserts.
-        self.wrap(unsafe { sys::ggml_silu(self.raw(), a.raw()) }, OP)
+        self.wrap(unsafe { f(self.raw(), a.raw()) }, op)
+    }
+
+    /// Normalisation over `ne[0]` to zero mean and unit variance (LayerNorm without its affine part).
+    pub fn norm<'c>(&'c self, a: Tensor<'c>, eps: f32) -> Result<Tensor<'c>> {
+        const OP: &str = "norm";
+        require_type(OP, a, &[DType::F32], "normalisation runs in f32")?;
+        if !a.rows_contiguous() {
+            return Err(Error::shape(OP, "rows must be contiguous", &[a.shape()]));
+        }
+        if !(eps.is_finite() && eps >= 0.0) {
+            return Err(Error::invalid(OP, format!("eps {eps} must be finite and non-negative")));
+        }
+        // SAFETY: f32 input with contiguous rows, as the CPU kernel requires.
+        self.wrap(unsafe { sys::ggml_norm(self.raw(), a.raw(), eps) }, OP)
+    }
+
+    /// `a` tiled to `shape`: every dimension of `shape` is a multiple of `a`'s.
+    pub fn repeat_4d<'c>(&'c self, a: Tensor<'c>, shape: [i64; 4]) -> Result<Tensor<'c>> {
+        const OP: &str = "repeat";
+        require_type(OP, a, &[DType::F32], "repeats run in f32")?;
+        let sa = a.shape();
+        if shape.iter().any(|&d| d <= 0) || (0..4).any(|i| shape[i] % sa[i] != 0) {
+            return Err(Error::shape(OP, format!("{shape:?} is not a tiling of the source"), &[sa]));
+        }
+        // SAFETY: every target dimension is a positive multiple of the source's (ggml_can_repeat).
+        self.wrap(unsafe { sys::ggml_repeat_4d(self.raw(), a.raw(), shape[0], shape[1], shape[2], shape[3]) }, OP)
     }
 
     /// `silu(gate) * up`, fused.

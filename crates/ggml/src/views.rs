@@ -51,9 +51,18 @@ impl Context {
                 &[a.shape(), full_shape],
             ));
         }
+        // ggml also asserts that the view's dense size fits after the offset, whatever its strides:
+        // overlapping views (rows closer than their length) abort there.
+        let dense = full_shape[1..].iter().try_fold(row, |acc, &d| acc.checked_mul(d as usize));
+        if dense.and_then(|d| d.checked_add(offset)).is_none_or(|end| end > a.nbytes()) {
+            let why =
+                format!("its dense size at offset {offset} exceeds the {} bytes of the source (ggml has no overlapping views)", a.nbytes());
+            return Err(Error::shape(OP, why, &[a.shape(), full_shape]));
+        }
         let ctx = self.raw();
-        // SAFETY: the view lies inside the source's bytes (checked above), which is what ggml_view_impl
-        // asserts; dims and strides are passed in the counts each ggml_view_Nd reads.
+        // SAFETY: the view lies inside the source's bytes and so does its dense size (both checked
+        // above), which is what ggml_view_impl asserts; dims and strides are passed in the counts each
+        // ggml_view_Nd reads.
         let raw = unsafe {
             match n {
                 1 => sys::ggml_view_1d(ctx, a.raw(), shape[0], offset),

@@ -12,11 +12,11 @@ use serde::Serialize;
 
 use super::model::CsmModel;
 use super::prompt::{Frame, Row};
+use crate::attention::{BuildScope, StepInputs};
 use crate::error::{Error, Result};
 use crate::kv_cache::EvictionPolicy;
 use crate::kv_cache::{KvCache, KvCacheConfig, Rotation};
-use crate::llama::transformer::BuildScope;
-use crate::llama::{StepInputs, Transformer};
+use crate::llama::Transformer;
 use crate::memory::{self, make_room, ManagedCache, MemoryReport};
 use crate::model::{keep_count, CacheReport, Model, TrainedContext};
 use crate::sampling::Sampler;

@@ -301,10 +301,16 @@ impl KvCache {
     /// the query's position, −∞ elsewhere (causal over absolute positions, whatever the cell order)
     /// and for cells past `len()` up to `n_kv`.
     pub fn attention_mask(&self, query_positions: &[i32], n_kv: usize) -> Vec<f32> {
+        self.windowed_attention_mask(query_positions, n_kv, usize::MAX)
+    }
+
+    /// `attention_mask`, but a query also sees only the `window` most recent positions, itself
+    /// included (0 where q − window < p ≤ q).
+    pub fn windowed_attention_mask(&self, query_positions: &[i32], n_kv: usize, window: usize) -> Vec<f32> {
         let mut mask = vec![f32::NEG_INFINITY; query_positions.len() * n_kv];
         for (row, &q) in mask.chunks_mut(n_kv).zip(query_positions) {
             for (m, &p) in row.iter_mut().zip(&self.positions) {
-                if p <= q {
+                if p <= q && ((q - p) as u64) < window as u64 {
                     *m = 0.0;
                 }
             }

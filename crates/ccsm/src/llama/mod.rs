@@ -8,4 +8,4 @@ pub(crate) mod transformer;
 pub use config::{Llama3Scaling, LlamaConfig, RopeConfig};
 pub use names::{BlockTensor, StackNames, OUTPUT, ROPE_FREQS, TOKEN_EMBD};
 pub use text_model::LlamaModel;
-pub use transformer::{StepInputs, Transformer};
+pub use transformer::Transformer;

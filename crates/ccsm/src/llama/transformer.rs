@@ -1,26 +1,13 @@
 //! A Llama stack as ggml graph nodes: per block RMSNorm → attention (RoPE, KV cache, flash
 //! attention) → residual → RMSNorm → SwiGLU MLP → residual; then the final norm.
 
-use ggml::{Context, DType, Graph, RopeParams, Tensor, TensorId, TensorStore};
+use ggml::{Context, DType, RopeParams, Tensor, TensorId};
 
 use super::config::LlamaConfig;
 use super::names::{BlockTensor, StackNames};
+use crate::attention::{self, AttentionShape, BuildScope};
 use crate::error::Result;
-use crate::kv_cache::KvCache;
 use crate::weights::WeightLoader;
-
-/// Per-step inputs shared by every block (filled after the graph is allocated).
-#[derive(Clone, Copy)]
-pub struct StepInputs<'c> {
-    /// I32 `[n]`: absolute position of each new token.
-    pub positions: Tensor<'c>,
-    /// I64 `[n]`: cache cell each new token's K/V row goes to.
-    pub cells: Tensor<'c>,
-    /// F16 `[n_kv, n]`: additive attention mask over the first `n_kv` cells.
-    pub mask: Tensor<'c>,
-    /// F32 `[rope_dims / 2]`: RoPE frequency divisors, when the model scales RoPE.
-    pub freq_factors: Option<Tensor<'c>>,
-}
 
 struct Attention {
     norm: TensorId,
@@ -48,44 +35,6 @@ pub struct Transformer {
     blocks: Vec<Block>,
     output_norm: TensorId,
     freq_factors: Option<Vec<f32>>,
-}
-
-/// What one graph needs from its surroundings.
-pub struct BuildScope<'c, 'g> {
-    pub ctx: &'c Context,
-    pub graph: &'g mut Graph<'c>,
-    pub weights: &'c TensorStore,
-    pub cache: &'c KvCache,
-    pub inputs: StepInputs<'c>,
-    /// Also compute the attention mass each cell receives (summed over layers, heads and queries)
-    /// as the output "attn_mass" `[n_kv]`, for the attention eviction policy.
-    pub track_attention: bool,
-    attention_mass: Option<Tensor<'c>>,
-}
-
-impl<'c, 'g> BuildScope<'c, 'g> {
-    pub fn new(ctx: &'c Context, graph: &'g mut Graph<'c>, weights: &'c TensorStore, cache: &'c KvCache, inputs: StepInputs<'c>) -> Self {
-        BuildScope { ctx, graph, weights, cache, inputs, track_attention: false, attention_mass: None }
-    }
-
-    pub fn tracking_attention(mut self, on: bool) -> Self {
-        self.track_attention = on;
-        self
-    }
-
-    /// softmax(K·Q) of one layer, summed per cell, added to the running total.
-    fn add_attention_mass(&mut self, keys: Tensor<'c>, queries: Tensor<'c>, scale: f32) -> Result<()> {
-        let ctx = self.ctx;
-        let scores = ctx.soft_max_ext(ctx.mul_mat(keys, queries)?, Some(self.inputs.mask), scale)?;
-        let [n_kv, n, heads, _] = scores.shape();
-        let per_query = ctx.cont(ctx.transpose(ctx.reshape(scores, &[n_kv, n * heads])?)?)?;
-        let mass = ctx.reshape(ctx.sum_rows(per_query)?, &[n_kv])?;
-        self.attention_mass = Some(match self.attention_mass {
-            Some(total) => ctx.add(total, mass)?,
-            None => mass,
-        });
-        Ok(())
-    }
 }
 
 impl Attention {
@@ -117,36 +66,8 @@ impl Attention {
         let k = ctx.reshape(ctx.mul_mat(w(self.k), h)?, &[hd, n_head_kv, n])?;
         let k = ctx.rope_ext(k, s.inputs.positions, s.inputs.freq_factors, &rope)?.set_name(&format!("blk.{layer}.k"));
         let v = ctx.mul_mat(w(self.v), h)?.set_name(&format!("blk.{layer}.v"));
-
-        // A rotated cache stores H·k and H·v per head: queries rotate with the keys (scores keep
-        // q·k), and the attention output comes back through H (see kv_cache::rotation).
-        let hadamard = s.cache.hadamard_tensor();
-        let rotate = |t: Tensor<'c>, on: bool| -> Result<Tensor<'c>> {
-            match (hadamard, on) {
-                (Some(h), true) => Ok(ctx.reshape(ctx.mul_mat(h, ctx.reshape(t, &[hd, t.nelements() / hd])?)?, &t.shape()[..t.n_dims()])?),
-                _ => Ok(t),
-            }
-        };
-        let (rotate_k, rotate_v) = (s.cache.rotates_k(), s.cache.rotates_v());
-        let q = rotate(q, rotate_k)?;
-        let k = rotate(k, rotate_k)?;
-        let v = rotate(v, rotate_v)?;
-
-        // The stores run before the attention reads the cache: they enter the graph first.
-        let k_rows = ctx.reshape(k, &[hd * n_head_kv, n])?;
-        s.graph.expand(s.cache.store_k(ctx, layer, k_rows, s.inputs.cells)?)?;
-        s.graph.expand(s.cache.store_v(ctx, layer, v, s.inputs.cells)?)?;
-
-        let n_kv = s.inputs.mask.ne(0) as usize;
-        let keys = ctx.permute(s.cache.k_tensor(ctx, layer, n_kv)?, [0, 2, 1, 3])?;
-        let values = ctx.permute(s.cache.v_tensor(ctx, layer, n_kv)?, [0, 2, 1, 3])?;
-        let queries = ctx.permute(q, [0, 2, 1, 3])?;
-        let scale = 1.0 / (c.head_dim as f32).sqrt();
-        if s.track_attention {
-            s.add_attention_mass(keys, queries, scale)?;
-        }
-        let attended = rotate(ctx.flash_attn_ext(queries, keys, values, Some(s.inputs.mask), scale)?, rotate_v)?;
-        let merged = ctx.reshape(attended, &[hd * n_head, n])?;
+        let shape = AttentionShape { head_dim: c.head_dim, n_head: c.n_head, n_head_kv: c.n_head_kv };
+        let merged = attention::over_cache(s, layer, shape, q, k, v)?;
         Ok(ctx.mul_mat(w(self.out), merged)?.set_name(&format!("blk.{layer}.attn_out")))
     }
 }
@@ -212,7 +133,7 @@ impl Transformer {
             x = block.build(s, &self.config, layer, x)?;
         }
         let normed = s.ctx.mul(s.ctx.rms_norm(x, self.config.rms_eps)?, s.weights.get(self.output_norm))?;
-        if let Some(mass) = s.attention_mass.take() {
+        if let Some(mass) = s.take_attention_mass() {
             s.graph.expand(mass.set_name("attn_mass").set_output())?;
         }
         Ok(normed.set_name("output_norm"))

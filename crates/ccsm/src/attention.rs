@@ -1,0 +1,119 @@
+//! Attention over a KV cache as graph nodes: this step's K/V rows stored into the cache, then flash
+//! attention of the queries over the cache's first cells under the step's mask. Shared by every
+//! transformer of the engine (the Llama stacks, Mimi's decoder transformer); the blocks around it
+//! (norms, projections, RoPE, residuals) are each model's own.
+
+use ggml::{Context, Graph, Tensor, TensorStore};
+
+use crate::error::Result;
+use crate::kv_cache::KvCache;
+
+/// Per-step inputs shared by every block (filled after the graph is allocated).
+#[derive(Clone, Copy)]
+pub struct StepInputs<'c> {
+    /// I32 `[n]`: absolute position of each new row.
+    pub positions: Tensor<'c>,
+    /// I64 `[n]`: cache cell each new row's K/V goes to.
+    pub cells: Tensor<'c>,
+    /// F16 `[n_kv, n]`: additive attention mask over the first `n_kv` cells.
+    pub mask: Tensor<'c>,
+    /// F32 `[rope_dims / 2]`: RoPE frequency divisors, when the model scales RoPE.
+    pub freq_factors: Option<Tensor<'c>>,
+}
+
+/// What one graph needs from its surroundings.
+pub struct BuildScope<'c, 'g> {
+    pub ctx: &'c Context,
+    pub graph: &'g mut Graph<'c>,
+    pub weights: &'c TensorStore,
+    pub cache: &'c KvCache,
+    pub inputs: StepInputs<'c>,
+    /// Also compute the attention mass each cell receives (summed over layers, heads and queries)
+    /// as the output "attn_mass" `[n_kv]`, for the attention eviction policy.
+    pub track_attention: bool,
+    attention_mass: Option<Tensor<'c>>,
+}
+
+impl<'c, 'g> BuildScope<'c, 'g> {
+    pub fn new(ctx: &'c Context, graph: &'g mut Graph<'c>, weights: &'c TensorStore, cache: &'c KvCache, inputs: StepInputs<'c>) -> Self {
+        BuildScope { ctx, graph, weights, cache, inputs, track_attention: false, attention_mass: None }
+    }
+
+    pub fn tracking_attention(mut self, on: bool) -> Self {
+        self.track_attention = on;
+        self
+    }
+
+    /// The summed attention mass, once every layer is built (None unless tracking).
+    pub fn take_attention_mass(&mut self) -> Option<Tensor<'c>> {
+        self.attention_mass.take()
+    }
+
+    /// softmax(K·Q) of one layer, summed per cell, added to the running total.
+    fn add_attention_mass(&mut self, keys: Tensor<'c>, queries: Tensor<'c>, scale: f32) -> Result<()> {
+        let ctx = self.ctx;
+        let scores = ctx.soft_max_ext(ctx.mul_mat(keys, queries)?, Some(self.inputs.mask), scale)?;
+        let [n_kv, n, heads, _] = scores.shape();
+        let per_query = ctx.cont(ctx.transpose(ctx.reshape(scores, &[n_kv, n * heads])?)?)?;
+        let mass = ctx.reshape(ctx.sum_rows(per_query)?, &[n_kv])?;
+        self.attention_mass = Some(match self.attention_mass {
+            Some(total) => ctx.add(total, mass)?,
+            None => mass,
+        });
+        Ok(())
+    }
+}
+
+/// Heads of one attention layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub head_dim: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+}
+
+/// Queries `[head_dim, n_head, n]` and this step's keys `[head_dim, n_head_kv, n]` (RoPE applied) and
+/// values `[head_dim · n_head_kv, n]` of cache layer `layer` → attention output `[head_dim · n_head, n]`.
+/// The step's K/V rows are stored in the cache first; softmax scale 1/√head_dim.
+pub fn over_cache<'c>(
+    s: &mut BuildScope<'c, '_>,
+    layer: usize,
+    shape: AttentionShape,
+    q: Tensor<'c>,
+    k: Tensor<'c>,
+    v: Tensor<'c>,
+) -> Result<Tensor<'c>> {
+    let ctx = s.ctx;
+    let (hd, n_head, n_head_kv) = (shape.head_dim as i64, shape.n_head as i64, shape.n_head_kv as i64);
+    let n = q.ne(2);
+
+    // A rotated cache stores H·k and H·v per head: queries rotate with the keys (scores keep q·k),
+    // and the attention output comes back through H (see kv_cache::rotation).
+    let hadamard = s.cache.hadamard_tensor();
+    let rotate = |t: Tensor<'c>, on: bool| -> Result<Tensor<'c>> {
+        match (hadamard, on) {
+            (Some(h), true) => Ok(ctx.reshape(ctx.mul_mat(h, ctx.reshape(t, &[hd, t.nelements() / hd])?)?, &t.shape()[..t.n_dims()])?),
+            _ => Ok(t),
+        }
+    };
+    let (rotate_k, rotate_v) = (s.cache.rotates_k(), s.cache.rotates_v());
+    let q = rotate(q, rotate_k)?;
+    let k = rotate(k, rotate_k)?;
+    let v = rotate(v, rotate_v)?;
+
+    // The stores run before the attention reads the cache: they enter the graph first.
+    let k_rows = ctx.reshape(k, &[hd * n_head_kv, n])?;
+    s.graph.expand(s.cache.store_k(ctx, layer, k_rows, s.inputs.cells)?)?;
+    s.graph.expand(s.cache.store_v(ctx, layer, v, s.inputs.cells)?)?;
+
+    let n_kv = s.inputs.mask.ne(0) as usize;
+    let keys = ctx.permute(s.cache.k_tensor(ctx, layer, n_kv)?, [0, 2, 1, 3])?;
+    let values = ctx.permute(s.cache.v_tensor(ctx, layer, n_kv)?, [0, 2, 1, 3])?;
+    let queries = ctx.permute(q, [0, 2, 1, 3])?;
+    let scale = 1.0 / (shape.head_dim as f32).sqrt();
+    if s.track_attention {
+        s.add_attention_mass(keys, queries, scale)?;
+    }
+    let attended = rotate(ctx.flash_attn_ext(queries, keys, values, Some(s.inputs.mask), scale)?, rotate_v)?;
+    Ok(ctx.reshape(attended, &[hd * n_head, n])?)
+}

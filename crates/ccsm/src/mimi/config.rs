@@ -1,0 +1,161 @@
+//! Mimi hyperparameters from our GGUF (`mimi.*`), each bounded so no size computed from them overflows.
+
+use ggml::gguf::GgufFile;
+use ggml::RopeMode;
+
+use crate::error::{Error, Result};
+
+/// Shape and numerics of the codec's decoder path.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MimiConfig {
+    pub sample_rate: usize,
+    pub channels: usize,
+    /// Width of the latent, the transformer and the SEANet input (512 for Mimi).
+    pub hidden: usize,
+    /// Transformer steps per frame (2: 12.5 Hz frames, 25 Hz transformer).
+    pub upsample_stride: usize,
+    /// Codebooks of the quantizer (32), of which the first `n_semantic` (1) form their own group.
+    pub n_q: usize,
+    pub n_semantic: usize,
+    pub codebook_size: usize,
+    pub codebook_dim: usize,
+    pub transformer: MimiTransformerConfig,
+    pub seanet: SeanetConfig,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct MimiTransformerConfig {
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub n_ff: usize,
+    /// Steps a query sees, itself included (250).
+    pub context: usize,
+    pub norm_eps: f32,
+    pub rope_base: f32,
+    pub rope_mode: RopeMode,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeanetConfig {
+    pub filters: usize,
+    /// Upsampling ratios in decoder order (8, 6, 5, 4).
+    pub ratios: Vec<usize>,
+    pub kernel_size: usize,
+    pub last_kernel_size: usize,
+    pub residual_kernel_size: usize,
+    pub residual_layers: usize,
+    pub dilation_base: usize,
+    pub compress: usize,
+}
+
+impl SeanetConfig {
+    /// Channels entering upsampling block `i` (the first conv's output is filters · 2^len).
+    pub fn channels_before(&self, i: usize) -> usize {
+        self.filters << (self.ratios.len() - i)
+    }
+}
+
+impl MimiConfig {
+    /// Samples per frame: upsample stride × the SEANet ratios (1920 for Mimi).
+    pub fn frame_samples(&self) -> usize {
+        self.upsample_stride * self.seanet.ratios.iter().product::<usize>()
+    }
+
+    /// Frames per second of audio (12.5 for Mimi).
+    pub fn frame_rate(&self) -> f64 {
+        self.sample_rate as f64 / self.frame_samples() as f64
+    }
+
+    pub fn from_gguf(file: &GgufFile) -> Result<Self> {
+        let count = |name: &str, max: usize| -> Result<usize> {
+            let key = format!("mimi.{name}");
+            let v: usize = file.get(&key)?;
+            if v == 0 || v > max {
+                return Err(Error::Config { key, why: format!("{v} is out of range (1..={max})") });
+            }
+            Ok(v)
+        };
+        let float = |name: &str, lo: f32, hi: f32| -> Result<f32> {
+            let key = format!("mimi.{name}");
+            let v: f32 = file.get(&key)?;
+            if !(v.is_finite() && v > lo && v < hi) {
+                return Err(Error::Config { key, why: format!("{v} is out of range") });
+            }
+            Ok(v)
+        };
+        let layout: String = file.get("mimi.rope_layout")?;
+        let rope_mode = match layout.as_str() {
+            "normal" => RopeMode::Normal,
+            "neox" => RopeMode::Neox,
+            other => return Err(Error::Config { key: "mimi.rope_layout".into(), why: format!("`{other}` (expected normal or neox)") }),
+        };
+        let ratios: Vec<usize> = file.get("mimi.seanet.ratios")?;
+        if ratios.is_empty() || ratios.len() > 8 || ratios.iter().any(|&r| r == 0 || r > 64) {
+            return Err(Error::Config { key: "mimi.seanet.ratios".into(), why: format!("{ratios:?} (1 to 8 ratios of 1..=64)") });
+        }
+        let transformer = MimiTransformerConfig {
+            n_layer: count("transformer.block_count", 256)?,
+            n_head: count("transformer.head_count", 256)?,
+            n_head_kv: count("transformer.head_count_kv", 256)?,
+            head_dim: count("transformer.key_length", 1024)?,
+            n_ff: count("transformer.feed_forward_length", 1 << 16)?,
+            context: count("transformer.context_length", 1 << 16)?,
+            norm_eps: float("transformer.layer_norm_epsilon", 0.0, 1.0)?,
+            rope_base: float("transformer.rope.freq_base", 1.0, 1e9)?,
+            rope_mode,
+        };
+        let seanet = SeanetConfig {
+            filters: count("seanet.filters", 1024)?,
+            ratios,
+            kernel_size: count("seanet.kernel_size", 64)?,
+            last_kernel_size: count("seanet.last_kernel_size", 64)?,
+            residual_kernel_size: count("seanet.residual_kernel_size", 64)?,
+            residual_layers: count("seanet.residual_layers", 8)?,
+            dilation_base: count("seanet.dilation_base", 8)?,
+            compress: count("seanet.compress", 64)?,
+        };
+        let config = MimiConfig {
+            sample_rate: count("sample_rate", 1 << 20)?,
+            channels: count("channels", 8)?,
+            hidden: count("hidden_size", 8192)?,
+            upsample_stride: count("upsample_stride", 64)?,
+            n_q: count("codebook_count", 256)?,
+            n_semantic: count("semantic_codebook_count", 256)?,
+            codebook_size: count("codebook_size", 1 << 16)?,
+            codebook_dim: count("codebook_dim", 8192)?,
+            transformer,
+            seanet,
+        };
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Relations between the counts the graphs rely on.
+    fn check(&self) -> Result<()> {
+        let bad = |key: &str, why: String| Err(Error::Config { key: format!("mimi.{key}"), why });
+        let t = &self.transformer;
+        if self.n_semantic > self.n_q {
+            return bad("semantic_codebook_count", format!("{} of {} codebooks", self.n_semantic, self.n_q));
+        }
+        if t.n_head % t.n_head_kv != 0 {
+            return bad("transformer.head_count_kv", format!("{} KV heads do not divide {} heads", t.n_head_kv, t.n_head));
+        }
+        if t.n_head * t.head_dim != self.hidden || t.head_dim % 2 != 0 {
+            return bad(
+                "transformer.key_length",
+                format!("{} heads of {} (even) must make the width {}", t.n_head, t.head_dim, self.hidden),
+            );
+        }
+        let s = &self.seanet;
+        let top = s.filters.checked_shl(s.ratios.len() as u32).filter(|&c| c <= 1 << 16);
+        if top.is_none() || s.channels_before(s.ratios.len()) % s.compress != 0 || s.filters / s.compress == 0 {
+            return bad("seanet.filters", format!("{} filters over {} ratios with compression {}", s.filters, s.ratios.len(), s.compress));
+        }
+        if (0..s.ratios.len()).any(|i| (s.channels_before(i) / 2) % s.compress != 0) {
+            return bad("seanet.compress", format!("{} does not divide every residual width", s.compress));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,13 @@
+//! Mimi, the neural audio codec whose codes CSM generates: its decoder path on ggml (split RVQ →
+//! depthwise upsampling → a windowed transformer → the SEANet decoder), streaming frame by frame.
+
+mod config;
+mod conv;
+mod decoder;
+mod model;
+mod seanet;
+mod transformer;
+
+pub use config::{MimiConfig, MimiTransformerConfig, SeanetConfig};
+pub use decoder::{MimiDecoder, MimiOptions};
+pub use model::{has_codec, MimiModel, EMBEDDED_PREFIX};
