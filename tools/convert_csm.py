@@ -2,11 +2,15 @@
 """Converts a CSM checkpoint (original torchtune naming or HF-transformers naming) to our CSM GGUF.
 
     convert_csm.py CHECKPOINT --tokenizer tokenizer.json --out model.gguf [--type f32|f16|q8_0] [--config cfg.json]
+                   [--mimi SRC [--mimi-config moshi-config.json] [--mimi-type f32|f16|q8_0]]
 
 CHECKPOINT is a .safetensors file or a directory holding model.safetensors (and, for HF checkpoints,
 config.json). Without --config, an HF directory's config.json is read, else CSM-1B's hyperparameters
 are assumed. The RoPE pair layout is recorded in `csm.rope_layout`: `normal` for the original
 (interleaved pairs), `neox` for HF (q/k rows permuted to halves).
+
+With --mimi, the Mimi codec (any source tools/convert_mimi.py reads) is embedded: its `mimi.*` metadata
+and its tensors prefixed `codec.`, so the one file speaks.
 """
 import argparse
 import json
@@ -20,6 +24,9 @@ from gguf.quants import quantize
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples"))
 import csm_checkpoint as ckpt  # noqa: E402
 import safetensors_io  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import convert_mimi  # noqa: E402
 
 LLAMA3_PRE = "llama-bpe"
 
@@ -92,11 +99,15 @@ def main():
     ap.add_argument("--type", choices=["f32", "f16", "q8_0"], default="f16", help="type of the weight matrices")
     ap.add_argument("--config", help="hyperparameters as JSON (see tools/samples/csm_checkpoint.py)")
     ap.add_argument("--name", default="csm")
+    ap.add_argument("--mimi", help="a Mimi checkpoint to embed (see tools/convert_mimi.py)")
+    ap.add_argument("--mimi-config", help="moshi-style hyperparameters for a moshi Mimi checkpoint")
+    ap.add_argument("--mimi-type", choices=["f32", "f16", "q8_0"], default="f16", help="type of the codec's weight matrices")
     args = ap.parse_args()
-    convert(args.checkpoint, args.tokenizer, args.out, args.type, args.config, args.name)
+    mimi = (args.mimi, args.mimi_type, args.mimi_config) if args.mimi else None
+    convert(args.checkpoint, args.tokenizer, args.out, args.type, args.config, args.name, mimi)
 
 
-def convert(checkpoint, tokenizer, out, wtype, config_path=None, name="csm"):
+def convert(checkpoint, tokenizer, out, wtype, config_path=None, name="csm", mimi=None):
     tensors, naming, hf_cfg = load_checkpoint(checkpoint)
     if config_path:
         with open(config_path) as f:
@@ -111,7 +122,7 @@ def convert(checkpoint, tokenizer, out, wtype, config_path=None, name="csm"):
         if missing:
             sys.exit(f"error: HF checkpoint lacks {missing[:3]}")
         tensors = {by_hf[h]: tensors[h] for h in by_hf}
-    write_gguf(tensors, config, naming, tokenizer, out, wtype, name)
+    write_gguf(tensors, config, naming, tokenizer, out, wtype, name, mimi)
 
 
 def expected_original_names(config):
@@ -196,9 +207,13 @@ def write_metadata(w, config, naming, tokenizer, name):
     w.add_add_bos_token(False)
 
 
-def write_gguf(tensors, config, naming, tokenizer, out, wtype, name):
+def write_gguf(tensors, config, naming, tokenizer, out, wtype, name, mimi=None):
+    """`mimi`: (source, weight type, moshi config or None) of a codec to embed under `codec.`."""
     w = GGUFWriter(out, "csm")
     write_metadata(w, config, naming, tokenizer, name)
+    if mimi:
+        src, mimi_type, mimi_config = mimi
+        convert_mimi.add_mimi(w, src, mimi_type, mimi_config, prefix="codec.")
     for original, arr in tensors.items():
         arr = np.asarray(arr, dtype=np.float32)
         if original == "audio_head":

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Generates the project's sample models (deterministic random weights, real tensor names).
 
-    make_samples.py OUT_DIR                  # tiny-llama.gguf, tiny-llama3.gguf, tiny-csm.gguf
+    make_samples.py OUT_DIR                  # tiny-llama.gguf, tiny-llama3.gguf, tiny-mimi.gguf, and
+                                             # tiny-csm.gguf (tiny-mimi embedded: one file that speaks)
     make_samples.py OUT_DIR --csm-1b-shape   # csm-1b-shape.gguf: CSM-1B's dimensions, random q8_0 weights
+    make_samples.py OUT_DIR --mimi-shape     # mimi-shape.gguf: Mimi's dimensions, random f16 weights
     make_samples.py OUT_DIR --fuzz-seeds     # micro-llama.gguf, micro-csm.gguf: the fuzz targets' seeds
 
 Written with the `gguf` package (not with the engine's own writer), so the engine's reader is tested
@@ -19,11 +21,13 @@ from gguf import GGUFWriter
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples"))
 import csm_checkpoint  # noqa: E402
+import mimi_checkpoint  # noqa: E402
 import safetensors_io  # noqa: E402
 import tiny_bpe  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import convert_csm  # noqa: E402
+import convert_mimi  # noqa: E402
 
 # tiny-csm: CSM's structure (2 transformers, 32 codebooks, llama3 RoPE) at toy sizes. Head dims are
 # multiples of 32 so every KV cache type applies.
@@ -107,8 +111,31 @@ def tiny_llama(path, pre="smollm", name="tiny-llama", n_embd=128, n_head=4, n_he
     w.close()
 
 
-def tiny_csm(path, seed=20261130, shape=TINY_CSM, name="tiny-csm", n_merges=200, dtype="f32"):
-    """A synthetic checkpoint in the original naming, converted by tools/convert_csm.py."""
+def mimi_source(tmp, config, seed):
+    """A synthetic moshi-naming Mimi checkpoint and its config JSON in `tmp`."""
+    ckpt_path, cfg_path = os.path.join(tmp, "mimi.safetensors"), os.path.join(tmp, "mimi-config.json")
+    safetensors_io.save(ckpt_path, mimi_checkpoint.synthetic_moshi(config, seed))
+    with open(cfg_path, "w") as f:
+        json.dump(config, f)
+    return ckpt_path, cfg_path
+
+
+def mimi(path, config, name, seed=20261201, dtype="f32"):
+    """A synthetic moshi-naming Mimi checkpoint converted by tools/convert_mimi.py."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt_path, cfg_path = mimi_source(tmp, config, seed)
+        w = GGUFWriter(path, "mimi")
+        w.add_name(name)
+        convert_mimi.add_mimi(w, ckpt_path, dtype, cfg_path)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file(progress=False)
+        w.close()
+
+
+def tiny_csm(path, seed=20261130, shape=TINY_CSM, name="tiny-csm", n_merges=200, dtype="f32", codec=None):
+    """A synthetic checkpoint in the original naming, converted by tools/convert_csm.py; with `codec`
+    (a moshi-form Mimi config) a synthetic codec is embedded."""
     with tempfile.TemporaryDirectory() as tmp:
         tok = tiny_bpe.llama3_tokenizer_json(n_merges)
         tok_path = os.path.join(tmp, "tokenizer.json")
@@ -119,7 +146,11 @@ def tiny_csm(path, seed=20261130, shape=TINY_CSM, name="tiny-csm", n_merges=200,
         csm_checkpoint.save_config(cfg_path, config)
         ckpt_path = os.path.join(tmp, "model.safetensors")
         safetensors_io.save(ckpt_path, csm_checkpoint.synthetic_original(config, seed))
-        convert_csm.convert(ckpt_path, tok_path, path, dtype, cfg_path, name=name)
+        embedded = None
+        if codec is not None:
+            mimi_ckpt, mimi_cfg = mimi_source(tmp, codec, 20261201)
+            embedded = (mimi_ckpt, "f32", mimi_cfg)
+        convert_csm.convert(ckpt_path, tok_path, path, dtype, cfg_path, name=name, mimi=embedded)
 
 
 def csm_1b_shape(path, seed=7):
@@ -165,6 +196,7 @@ def main():
     ap.add_argument("out_dir")
     ap.add_argument("--csm-1b-shape", action="store_true", help="write only csm-1b-shape.gguf")
     ap.add_argument("--fuzz-seeds", action="store_true", help="write only the fuzz seeds micro-llama.gguf, micro-csm.gguf")
+    ap.add_argument("--mimi-shape", action="store_true", help="write only mimi-shape.gguf")
     args = ap.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
     if args.fuzz_seeds:
@@ -174,10 +206,14 @@ def main():
     if args.csm_1b_shape:
         csm_1b_shape(os.path.join(args.out_dir, "csm-1b-shape.gguf"))
         return
+    if args.mimi_shape:
+        mimi(os.path.join(args.out_dir, "mimi-shape.gguf"), mimi_checkpoint.MIMI, "mimi-shape", seed=8, dtype="f16")
+        return
     tiny_llama(os.path.join(args.out_dir, "tiny-llama.gguf"))
     # The same model with Llama 3's pre-tokenizer (CSM's text tokenizer).
     tiny_llama(os.path.join(args.out_dir, "tiny-llama3.gguf"), pre="llama-bpe")
-    tiny_csm(os.path.join(args.out_dir, "tiny-csm.gguf"))
+    mimi(os.path.join(args.out_dir, "tiny-mimi.gguf"), mimi_checkpoint.TINY_MIMI, "tiny-mimi")
+    tiny_csm(os.path.join(args.out_dir, "tiny-csm.gguf"), codec=mimi_checkpoint.TINY_MIMI)
 
 
 if __name__ == "__main__":

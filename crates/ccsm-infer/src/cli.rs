@@ -37,8 +37,41 @@ pub enum Command {
     Perplexity(PerplexityArgs),
     /// Prompt-processing and decode speed per cache type and context depth (llama-bench's shape).
     Bench(BenchArgs),
+    /// Decode Mimi frames (generation's -o JSON, or {"frames": [[code, ...], ...]}) into a WAV.
+    Decode(DecodeArgs),
     /// Print the engine version, the ggml version and the CPU features ggml was built with.
     System,
+}
+
+#[derive(Args, Clone)]
+pub struct DecodeArgs {
+    /// The frames: a JSON object with "frames": [[code per codebook], ...] (any number of codebooks up to
+    /// the codec's).
+    #[arg(value_name = "FRAMES")]
+    pub frames: PathBuf,
+
+    /// The Mimi codec: a Mimi GGUF, or a CSM GGUF with one embedded.
+    #[arg(long, value_name = "FILE")]
+    pub codec: PathBuf,
+
+    /// The WAV to write, or - for stdout.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: PathBuf,
+
+    /// Samples in the WAV: s16 (16-bit PCM) or f32 (32-bit float).
+    #[arg(long, value_enum, default_value_t = SampleFormatArg::S16)]
+    pub sample_format: SampleFormatArg,
+
+    #[arg(short = 't', long, default_value_t = default_threads(), value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub threads: u32,
+
+    /// KV cache type of the codec's transformer (K and V).
+    #[arg(long, value_name = "TYPE", default_value = "f32")]
+    pub kv_quant: CacheType,
+
+    /// Print one JSON object on stdout (needs -o FILE).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Clone)]
@@ -137,6 +170,22 @@ pub struct BenchArgs {
     /// Output format: md (a markdown table), json (one array), jsonl (one object per line).
     #[arg(short = 'o', long = "output", value_enum, default_value_t = BenchFormat::Md)]
     pub output: BenchFormat,
+}
+
+/// `--sample-format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SampleFormatArg {
+    S16,
+    F32,
+}
+
+impl From<SampleFormatArg> for ccsm::wav::SampleFormat {
+    fn from(f: SampleFormatArg) -> Self {
+        match f {
+            SampleFormatArg::S16 => ccsm::wav::SampleFormat::S16,
+            SampleFormatArg::F32 => ccsm::wav::SampleFormat::F32,
+        }
+    }
 }
 
 /// How `bench` prints its rows.
@@ -312,12 +361,23 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "FILE")]
     pub context: Option<PathBuf>,
 
-    /// CSM: where to write the frames (JSON). Without it they go to stdout.
+    /// CSM: where the result goes: FILE.wav (audio, decoded by the codec as frames are made), FILE.json
+    /// (the frames), or - (a WAV streamed to stdout). Without it the frames JSON goes to stdout.
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     pub output: Option<PathBuf>,
 
-    /// CSM: run the requests of a JSONL file (one {"text", "speaker", "context", "seed", "max_frames"} per
-    /// line), writing one JSON result line per request to stdout (or -o).
+    /// CSM: the Mimi codec for audio output (a Mimi GGUF, or a CSM GGUF with one embedded) when the
+    /// model has none embedded.
+    #[arg(long, value_name = "FILE")]
+    pub codec: Option<PathBuf>,
+
+    /// Samples in the WAV: s16 (16-bit PCM) or f32 (32-bit float).
+    #[arg(long, value_enum, default_value_t = SampleFormatArg::S16)]
+    pub sample_format: SampleFormatArg,
+
+    /// CSM: run the requests of a JSONL file (one {"text", "speaker", "context", "seed", "max_frames",
+    /// "output"} per line; "output" names a WAV for that request's audio), writing one JSON result line
+    /// per request to stdout (or -o).
     #[arg(long, value_name = "FILE", conflicts_with_all = ["prompt", "prompt_file", "context"])]
     pub batch: Option<PathBuf>,
 

@@ -42,8 +42,8 @@ pub fn run(args: &GenerateArgs, log: &LogArgs) -> Result<()> {
 }
 
 fn run_text(args: &GenerateArgs, log: &LogArgs, path: PathBuf, model: LlamaModel) -> Result<()> {
-    if args.batch.is_some() || args.context.is_some() || args.output.is_some() {
-        return Err(UsageError("--batch, --context and -o are for CSM models; this is a text model".into()).into());
+    if args.batch.is_some() || args.context.is_some() || args.output.is_some() || args.codec.is_some() {
+        return Err(UsageError("--batch, --context, -o and --codec are for CSM models; this is a text model".into()).into());
     }
     let prompt = prompt_text(args)?;
     let n_ctx = match args.ctx_size {

@@ -1,8 +1,10 @@
 //! `ccsm-infer`: the command-line front end of the ccsm engine.
 #![forbid(unsafe_code)]
 
+mod audio;
 mod bench_cmd;
 mod cli;
+mod decode_cmd;
 mod generate_cmd;
 mod info_cmd;
 mod interrupt;
@@ -62,6 +64,7 @@ fn main() -> ExitCode {
         Some(Command::Info(args)) => info_cmd::run(&args),
         Some(Command::Perplexity(args)) => perplexity_cmd::run(&args, &cli.log),
         Some(Command::Bench(args)) => bench_cmd::run(&args, &cli.log),
+        Some(Command::Decode(args)) => decode_cmd::run(&args, &cli.log),
         None => generate_cmd::run(&cli.generate, &cli.log),
     };
     match result {

@@ -1,4 +1,5 @@
-//! Generation with a CSM model: audio frames (32 Mimi codes each) for a text, as JSON.
+//! Generation with a CSM model: audio frames (32 Mimi codes each) for a text, as JSON, or decoded by the
+//! codec into a WAV (a file, or streamed to stdout) as each frame is made.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -9,9 +10,12 @@ use serde::Serialize;
 
 use ccsm::csm::{CsmGenerator, CsmModel, CsmOptions, Frame, FrameTimings, Request, Segment};
 use ccsm::generate::StopReason;
+use ccsm::mimi::MimiDecoder;
 use ccsm::sampling::{Sampler, SamplerConfig};
+use ccsm::wav::SampleFormat;
 use ccsm::{CacheReport, CacheType, Model};
 
+use crate::audio::{self, AudioOut, OutputKind};
 use crate::cli::{GenerateArgs, LogArgs, TopK};
 use crate::{output, progress, UsageError};
 
@@ -25,10 +29,25 @@ pub struct SpeechTimings {
     pub prompt_seconds: f64,
     pub seconds: f64,
     pub frames_per_second: f64,
-    /// Generation time over audio time: below 1 is faster than real time.
+    /// Time of the whole pipeline (generation and, with audio out, the codec) over audio time: below 1
+    /// is faster than real time.
     pub real_time_factor: f64,
     pub backbone_seconds: f64,
     pub decoder_seconds: f64,
+    /// The codec's decoding (audio out only).
+    pub codec_seconds: f64,
+    /// From the start of the request to the first samples written (audio out only).
+    pub time_to_first_audio_seconds: Option<f64>,
+}
+
+/// What was written as audio.
+#[derive(Serialize)]
+pub struct AudioReport {
+    /// The WAV file, or `-` for stdout.
+    pub output: String,
+    pub sample_rate: usize,
+    pub samples: u64,
+    pub format: SampleFormat,
 }
 
 #[derive(Serialize)]
@@ -49,6 +68,7 @@ pub struct SpeechResult {
     pub kv_bytes: usize,
     /// The live cache conversion (--quantize-after), when one ran.
     pub conversion: Option<Vec<CacheReport>>,
+    pub audio: Option<AudioReport>,
     pub frames: Vec<Frame>,
 }
 
@@ -62,40 +82,68 @@ pub fn log_conversion(reports: &[CacheReport], after: usize, unit: &str) {
     }
 }
 
+/// The codec and the WAV it writes into, for one request.
+struct AudioSink<'a> {
+    codec: &'a mut MimiDecoder,
+    out: AudioOut,
+    name: String,
+}
+
 pub fn run(args: &GenerateArgs, log: &LogArgs, path: &Path, model: CsmModel) -> Result<()> {
     let n_ctx_train = model.config().backbone.n_ctx_train;
     let n_ctx = args.ctx_size.map_or(n_ctx_train.min(ccsm::DEFAULT_CTX_CAP), |c| c as usize);
     if n_ctx > n_ctx_train {
         return Err(UsageError(format!("-c {n_ctx} is beyond the model's context of {n_ctx_train}")).into());
     }
+    let kind = if args.batch.is_some() { OutputKind::FramesJson(args.output.clone()) } else { OutputKind::of(args.output.as_deref())? };
+    if kind == OutputKind::WavStdout && args.json {
+        return Err(UsageError("-o - writes the WAV to stdout; --json needs -o FILE.wav".into()).into());
+    }
     // With --quantize-after the caches start in f32 and are converted to the requested types live.
     let start_type = |t| if args.quantize_after.is_some() { CacheType::F32 } else { t };
+    let (k_type, v_type) = (args.cache.k_type(CacheType::F16), args.cache.v_type(CacheType::F16));
     let options = CsmOptions {
         n_ctx,
-        k_type: start_type(args.cache.k_type(CacheType::F16)),
-        v_type: start_type(args.cache.v_type(CacheType::F16)),
+        k_type: start_type(k_type),
+        v_type: start_type(v_type),
         n_threads: args.threads as usize,
         n_batch: args.batch_size as usize,
     };
+    let mut codec = audio::open_codec(Some(path), args.codec.as_deref(), args.threads as usize, (k_type, v_type))?;
+    if kind.is_audio() && codec.is_none() {
+        return Err(audio::no_codec(path));
+    }
     let mut generator = CsmGenerator::new(model, options).context("setting up the model")?;
+    if let Some(c) = &codec {
+        generator.set_code_limit(Some(c.model().config().codebook_size));
+    }
     args.cache.apply_rotation(&mut generator)?;
     args.memory.apply(&mut generator, log.quiet)?;
     let model_name = path.display().to_string();
     if let Some(batch) = &args.batch {
-        return run_batch(args, log, &mut generator, &model_name, batch);
+        return run_batch(args, log, &mut generator, codec.as_mut(), &model_name, batch);
     }
     let context: Vec<Segment> = match &args.context {
         Some(p) => serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
             .with_context(|| format!("{}: expected a JSON list of {{\"speaker\", \"text\", \"frames\"}}", p.display()))?,
         None => Vec::new(),
     };
-    let request = Request { text: crate::generate_cmd::prompt_text(args)?, speaker: args.speaker, context, seed: None, max_frames: None };
-    let result = speak(args, log, &mut generator, &model_name, &request)?;
-    let json = serde_json::to_string(&result)?;
-    match &args.output {
-        Some(out) => write_atomically(out, &json)?,
-        None if !args.json => output::println(&json),
-        None => {}
+    let text = crate::generate_cmd::prompt_text(args)?;
+    let request = Request { text, speaker: args.speaker, context, seed: None, max_frames: None, output: None };
+    let sink = match (&kind, codec.as_mut()) {
+        (OutputKind::WavFile(p), Some(c)) => {
+            Some(AudioSink { out: AudioOut::file(p, audio::spec(c, args.sample_format.into()))?, codec: c, name: p.display().to_string() })
+        }
+        (OutputKind::WavStdout, Some(c)) => {
+            Some(AudioSink { out: AudioOut::stdout(audio::spec(c, args.sample_format.into()))?, codec: c, name: "-".into() })
+        }
+        _ => None,
+    };
+    let result = speak(args, log, &mut generator, sink, &model_name, &request)?;
+    match &kind {
+        OutputKind::FramesJson(Some(out)) => write_atomically(out, &serde_json::to_string(&result)?)?,
+        OutputKind::FramesJson(None) if !args.json => output::println(&serde_json::to_string(&result)?),
+        _ => {}
     }
     if args.json {
         let mut summary = serde_json::to_value(&result)?;
@@ -106,14 +154,38 @@ pub fn run(args: &GenerateArgs, log: &LogArgs, path: &Path, model: CsmModel) -> 
         output::println(&summary.to_string());
     }
     if !log.quiet {
-        let t = &result.timings;
-        eprintln!(
-            "{} frames ({:.2} s of audio, stop: {:?}) in {:.2} s: {:.2} frames/s, real-time factor {:.2} | backbone {:.2} s, decoder {:.2} s | KV cache {} bytes ({}/{})",
-            result.n_frames, result.audio_seconds, result.stop, t.seconds, t.frames_per_second, t.real_time_factor,
-            t.backbone_seconds, t.decoder_seconds, result.kv_bytes, result.k_type, result.v_type
-        );
+        summarize(&result);
     }
     Ok(())
+}
+
+fn summarize(result: &SpeechResult) {
+    let t = &result.timings;
+    let audio = match (&result.audio, t.time_to_first_audio_seconds) {
+        (Some(a), first) => format!(
+            " | codec {:.2} s, first audio after {:.0} ms | wrote {} ({} samples at {} Hz)",
+            t.codec_seconds,
+            1000.0 * first.unwrap_or(0.0),
+            a.output,
+            a.samples,
+            a.sample_rate
+        ),
+        _ => String::new(),
+    };
+    eprintln!(
+        "{} frames ({:.2} s of audio, stop: {:?}) in {:.2} s: {:.2} frames/s, real-time factor {:.2} | backbone {:.2} s, decoder {:.2} s{audio} | KV cache {} bytes ({}/{})",
+        result.n_frames,
+        result.audio_seconds,
+        result.stop,
+        t.seconds,
+        t.frames_per_second,
+        t.real_time_factor,
+        t.backbone_seconds,
+        t.decoder_seconds,
+        result.kv_bytes,
+        result.k_type,
+        result.v_type
+    );
 }
 
 fn sampler_for(args: &GenerateArgs, seed: u64) -> Result<Sampler> {
@@ -125,8 +197,16 @@ fn sampler_for(args: &GenerateArgs, seed: u64) -> Result<Sampler> {
     })?)
 }
 
-/// Generates the frames of one request from an empty state.
-fn speak(args: &GenerateArgs, log: &LogArgs, generator: &mut CsmGenerator, model_name: &str, request: &Request) -> Result<SpeechResult> {
+/// Generates the frames of one request from an empty state; with a sink, each frame's audio is decoded
+/// and written as soon as the frame exists.
+fn speak(
+    args: &GenerateArgs,
+    log: &LogArgs,
+    generator: &mut CsmGenerator,
+    mut sink: Option<AudioSink<'_>>,
+    model_name: &str,
+    request: &Request,
+) -> Result<SpeechResult> {
     generator.reset();
     let rows = request.rows(generator.model())?;
     let max_frames = request.max_frames.or(args.n_predict).unwrap_or(DEFAULT_FRAMES) as usize;
@@ -140,6 +220,9 @@ fn speak(args: &GenerateArgs, log: &LogArgs, generator: &mut CsmGenerator, model
         ))
         .into());
     }
+    if let Some(s) = sink.as_mut() {
+        s.codec.reset()?;
+    }
     let seed = request.seed.unwrap_or(args.seed);
     let mut sampler = sampler_for(args, seed)?;
     let started = Instant::now();
@@ -148,6 +231,7 @@ fn speak(args: &GenerateArgs, log: &LogArgs, generator: &mut CsmGenerator, model
     let mut frames = Vec::new();
     let mut stop = StopReason::Limit;
     let mut conversion = None;
+    let (mut codec_seconds, mut first_audio) = (0.0, None);
     while frames.len() < max_frames {
         if crate::interrupt::requested() {
             stop = StopReason::Interrupted;
@@ -160,17 +244,35 @@ fn speak(args: &GenerateArgs, log: &LogArgs, generator: &mut CsmGenerator, model
             }
             conversion = Some(reports);
         }
-        match generator.generate_frame(&mut sampler, None)? {
-            Some(frame) => frames.push(frame),
-            None => {
-                stop = StopReason::EndOfSpeech;
-                break;
-            }
+        let Some(frame) = generator.generate_frame(&mut sampler, None)? else {
+            stop = StopReason::EndOfSpeech;
+            break;
+        };
+        if let Some(s) = sink.as_mut() {
+            let t = Instant::now();
+            let samples = s.codec.decode(std::slice::from_ref(&frame))?;
+            codec_seconds += t.elapsed().as_secs_f64();
+            s.out.write(&samples)?;
+            first_audio.get_or_insert_with(|| started.elapsed().as_secs_f64());
         }
+        frames.push(frame);
         bar.inc(1);
     }
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
+    let audio = match sink {
+        Some(s) => {
+            let report = AudioReport {
+                output: s.name,
+                sample_rate: s.codec.model().config().sample_rate,
+                samples: s.out.samples(),
+                format: args.sample_format.into(),
+            };
+            s.out.finish()?;
+            Some(report)
+        }
+        None => None,
+    };
     let t: FrameTimings = generator.timings();
     let audio_seconds = frames.len() as f64 / FRAMES_PER_SECOND;
     Ok(SpeechResult {
@@ -190,17 +292,28 @@ fn speak(args: &GenerateArgs, log: &LogArgs, generator: &mut CsmGenerator, model
             real_time_factor: if audio_seconds > 0.0 { seconds / audio_seconds } else { 0.0 },
             backbone_seconds: t.backbone_seconds,
             decoder_seconds: t.decoder_seconds,
+            codec_seconds,
+            time_to_first_audio_seconds: first_audio,
         },
         k_type: generator.backbone_cache().k_type(),
         v_type: generator.backbone_cache().v_type(),
         kv_bytes: generator.kv_memory_usage(),
         conversion,
+        audio,
         frames,
     })
 }
 
-/// Runs every line of a JSONL request file; a bad line is reported (with its number) and skipped.
-fn run_batch(args: &GenerateArgs, log: &LogArgs, generator: &mut CsmGenerator, model_name: &str, batch: &PathBuf) -> Result<()> {
+/// Runs every line of a JSONL request file; a bad line is reported (with its number) and skipped. A
+/// line's `"output"` names a WAV its audio goes to.
+fn run_batch(
+    args: &GenerateArgs,
+    log: &LogArgs,
+    generator: &mut CsmGenerator,
+    mut codec: Option<&mut MimiDecoder>,
+    model_name: &str,
+    batch: &PathBuf,
+) -> Result<()> {
     let file = std::fs::File::open(batch).with_context(|| format!("opening {}", batch.display()))?;
     let mut lines_out = Vec::new();
     let mut failures = 0;
@@ -214,9 +327,18 @@ fn run_batch(args: &GenerateArgs, log: &LogArgs, generator: &mut CsmGenerator, m
         if line.trim_ascii().is_empty() {
             continue;
         }
-        let result = Request::from_line_bytes(&line)
-            .map_err(anyhow::Error::from)
-            .and_then(|request| speak(args, log, generator, model_name, &request));
+        let result = Request::from_line_bytes(&line).map_err(anyhow::Error::from).and_then(|request| {
+            let sink = match (&request.output, codec.as_deref_mut()) {
+                (Some(p), Some(c)) => Some(AudioSink {
+                    out: AudioOut::file(p, audio::spec(c, args.sample_format.into()))?,
+                    codec: c,
+                    name: p.display().to_string(),
+                }),
+                (Some(_), None) => return Err(audio::no_codec(Path::new(model_name))),
+                (None, _) => None,
+            };
+            speak(args, log, generator, sink, model_name, &request)
+        });
         let out = match result {
             Ok(r) => serde_json::to_value(&r)?,
             Err(e) => {

@@ -37,7 +37,7 @@ pub fn model_file(path: &Path) -> Result<()> {
         AnyModel::Csm(model) => {
             let options = CsmOptions { n_ctx: N_CTX, k_type: CacheType::F16, v_type: CacheType::F16, n_threads: 1, n_batch: 4 };
             let mut generator = CsmGenerator::new(model, options)?;
-            let request = Request { text: "Hi".into(), speaker: 0, context: Vec::new(), seed: None, max_frames: Some(1) };
+            let request = Request { text: "Hi".into(), speaker: 0, context: Vec::new(), seed: None, max_frames: Some(1), output: None };
             request_in(&request, &mut generator)
         }
     }

@@ -14,8 +14,10 @@ pub mod memory;
 pub mod mimi;
 mod model;
 pub mod perplexity;
+pub mod profile;
 pub mod sampling;
 pub mod tokenizer;
+pub mod wav;
 pub mod weights;
 
 pub use cache_type::CacheType;

@@ -236,6 +236,18 @@ impl std::ops::Deref for GraphContext<'_> {
     }
 }
 
+/// Time one node of a graph took when the graph was computed node by node (`Backend::profile`).
+#[derive(Clone, Debug)]
+pub struct NodeTime {
+    /// ggml's op name ("MUL_MAT", "FLASH_ATTN_EXT"; the unary op's own name for unary ops).
+    pub op: String,
+    pub name: String,
+    pub shape: crate::Shape,
+    /// Shapes of its first two sources (the operands of a product).
+    pub sources: [Option<crate::Shape>; 2],
+    pub seconds: f64,
+}
+
 /// The CPU backend, with a persistent thread pool (ggml would otherwise start threads per compute).
 pub struct Backend {
     raw: NonNull<sys::ggml_backend>,
@@ -259,7 +271,7 @@ impl Backend {
         // Idle workers sleep instead of spinning for the next graph. Spinning bought nothing measurable
         // on SmolLM2 decode, and when another process shares the cores (parallel tests, a second
         // model) spinning workers slowed small graphs down a hundredfold.
-        params.poll = 0;
+        params.poll = std::env::var("CCSM_POLL").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
         // SAFETY: `params` is a valid, initialised parameter block.
         let pool = unsafe { sys::ggml_threadpool_new(&mut params) };
         let Some(threadpool) = NonNull::new(pool) else {
@@ -280,6 +292,45 @@ impl Backend {
     pub fn compute(&self, graph: &Graph<'_>) -> Result<()> {
         graph.check_allocated()?;
         self.compute_raw(graph.raw())
+    }
+
+    /// Runs the graph one node at a time, timing each (a profile: each node also pays one dispatch
+    /// to the thread pool, a few microseconds).
+    pub fn profile(&self, graph: &Graph<'_>) -> Result<Vec<NodeTime>> {
+        graph.check_allocated()?;
+        self.profile_raw(graph.raw())
+    }
+
+    /// `profile` for a graph whose tensors all have memory (the caller checked it).
+    pub(crate) fn profile_raw(&self, graph: *mut sys::ggml_cgraph) -> Result<Vec<NodeTime>> {
+        let scratch = Context::for_graph(0, 1)?;
+        // SAFETY: the context has room for a one-node graph (sized by for_graph).
+        let one = unsafe { sys::ggml_new_graph_custom(scratch.raw(), 1, false) };
+        let one = NonNull::new(one).ok_or(Error::Allocation { what: "profile graph", bytes: 0 })?;
+        // SAFETY: the caller's graph is alive and allocated.
+        let n = unsafe { sys::ggml_graph_n_nodes(graph) };
+        let mut times = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            // SAFETY: i < n_nodes; the node is a live, allocated tensor of the caller's graph, whose
+            // sources were computed by the nodes before it, so computing it alone is what the full
+            // compute does at this point.
+            let node = unsafe {
+                let node = sys::ggml_graph_node(graph, i);
+                sys::ggml_graph_clear(one.as_ptr());
+                sys::ggml_graph_add_node(one.as_ptr(), node);
+                node
+            };
+            let started = std::time::Instant::now();
+            self.compute_raw(one.as_ptr())?;
+            let seconds = started.elapsed().as_secs_f64();
+            let tensor: Tensor<'_> = Tensor::from_raw(NonNull::new(node).expect("graph nodes are non-null"));
+            // SAFETY: ggml_op_desc returns a static NUL-terminated name.
+            let op = unsafe { std::ffi::CStr::from_ptr(sys::ggml_op_desc(node)) }.to_string_lossy().into_owned();
+            // SAFETY: a live node's sources are live tensors or null.
+            let sources = unsafe { (*node).src }.map(|s| NonNull::new(s).map(|s| Tensor::from_raw(s).shape()));
+            times.push(NodeTime { op, name: tensor.name(), shape: tensor.shape(), sources: [sources[0], sources[1]], seconds });
+        }
+        Ok(times)
     }
 
     /// Runs a graph whose tensors all have memory (the caller checked it).

@@ -13,6 +13,7 @@
 //! - `Graph::find`: tensors reachable from a `Graph<'ctx>`, which exists only while its context and
 //!   every operand's owner (stores borrowed by the ops) are alive.
 //! - `Graph::check_allocated` / `check_foreign_memory`: the same, for an error message only.
+//! - `Backend::profile_raw`: nodes of a graph the caller keeps alive (a `Graph` or a current kept graph).
 //! - `ReusableGraph::finish`: the `SealedGraph<'ctx>` still borrows every store the graph was built
 //!   from, so the headers it walks are alive (dropping a store before `finish` does not compile).
 //! - `ReusableGraph::tensor`: only tensors whose header is in the kept graph's own context and whose
@@ -25,6 +26,7 @@
 //! and leave its owner pointing into memory it does not own.
 
 mod context;
+mod custom;
 mod dtype;
 mod error;
 pub mod gguf;
@@ -38,7 +40,7 @@ mod views;
 pub use context::{tensor_overhead, Context, ContextParams, Tensor};
 pub use dtype::{DType, ALL_DTYPES};
 pub use error::{Error, Result, Shape};
-pub use graph::{graph_overhead, Backend, ComputeBuffer, Graph, GraphContext};
+pub use graph::{graph_overhead, Backend, ComputeBuffer, Graph, GraphContext, NodeTime};
 pub use ops::{RopeMode, RopeParams};
 pub use reusable::{ReusableGraph, SealedGraph};
 pub use store::{StoreMemory, TensorId, TensorStore};

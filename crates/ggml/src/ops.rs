@@ -197,11 +197,6 @@ impl Context {
         self.unary("gelu_erf", a, sys::ggml_gelu_erf)
     }
 
-    /// ELU with α = 1: x for x > 0, eˣ − 1 otherwise.
-    pub fn elu<'c>(&'c self, a: Tensor<'c>) -> Result<Tensor<'c>> {
-        self.unary("elu", a, sys::ggml_elu)
-    }
-
     fn unary<'c>(
         &'c self,
         op: &'static str,

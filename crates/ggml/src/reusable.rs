@@ -196,6 +196,15 @@ impl ReusableGraph {
         }
     }
 
+    /// Computes the graph node by node, timing each (see `Backend::profile`).
+    pub fn profile(&self, backend: &Backend) -> Result<Vec<crate::graph::NodeTime>> {
+        let finished = self.finished.get().ok_or_else(|| Error::invalid("ReusableGraph::profile", "the graph is not finished"))?;
+        if !self.is_current() {
+            return Err(Error::invalid("ReusableGraph::profile", "a store this graph uses was freed or replaced; rebuild it"));
+        }
+        backend.profile_raw(finished.graph.as_ptr())
+    }
+
     /// Computes the graph; an error if it is not finished or a store it uses is gone.
     pub fn compute(&self, backend: &Backend) -> Result<()> {
         let finished = self.finished.get().ok_or_else(|| Error::invalid("ReusableGraph::compute", "the graph is not finished"))?;

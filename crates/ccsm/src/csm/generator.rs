@@ -59,6 +59,8 @@ pub struct CsmGenerator {
     track_attention: bool,
     evict: Option<EvictionPolicy>,
     trained: TrainedContext,
+    /// Codes sampled are below this (a codec's codebook size; CSM's audio vocabulary has specials past it).
+    code_limit: Option<usize>,
     decoder_steps: Vec<Option<ReusableGraph>>,
     /// After the last backbone step: its final-normed hidden state and codebook-0 logits.
     last: Option<(Vec<f32>, Vec<f32>)>,
@@ -236,6 +238,7 @@ impl CsmGenerator {
             track_attention: false,
             evict: None,
             trained,
+            code_limit: None,
             decoder_steps: (0..steps).map(|_| None).collect(),
             last: None,
             timings: FrameTimings::default(),
@@ -278,6 +281,12 @@ impl CsmGenerator {
     /// possible with eviction; warned once on the `ccsm` log).
     pub fn past_trained_context(&self) -> bool {
         self.trained.passed()
+    }
+
+    /// Samples only codes below `limit` (the attached codec's codebook size: CSM-1B's audio vocabulary
+    /// of 2051 holds 3 specials past Mimi's 2048 codes, which no codec could decode).
+    pub fn set_code_limit(&mut self, limit: Option<usize>) {
+        self.code_limit = limit.filter(|&l| l > 0);
     }
 
     /// Codebook-0 logits after the last backbone step.
@@ -389,7 +398,8 @@ impl CsmGenerator {
             self.last.clone().ok_or_else(|| Error::Input("generate_frame before any backbone step (prefill a prompt first)".into()))?;
         let c = self.model.config.clone();
         let t = Instant::now();
-        let mut frame = vec![sampler.sample(&c0_logits)?];
+        let limit = self.code_limit.unwrap_or(c.audio_vocab).min(c.audio_vocab);
+        let mut frame = vec![sampler.sample(&c0_logits[..limit])?];
         self.timings.sampling_seconds += t.elapsed().as_secs_f64();
         if let Some(trace) = trace.as_deref_mut() {
             trace.push(c0_logits);
@@ -400,7 +410,7 @@ impl CsmGenerator {
         for s in 0..c.n_codebooks - 1 {
             let logits = self.decoder_step(s, &h, frame[s])?;
             let t = Instant::now();
-            frame.push(sampler.sample(&logits)?);
+            frame.push(sampler.sample(&logits[..limit])?);
             self.timings.sampling_seconds += t.elapsed().as_secs_f64();
             if let Some(trace) = trace.as_deref_mut() {
                 trace.push(logits);

@@ -17,6 +17,9 @@ pub struct Request {
     pub context: Vec<Segment>,
     pub seed: Option<u64>,
     pub max_frames: Option<u32>,
+    /// A WAV file the request's audio goes to (the command line's `--batch`; needs a codec).
+    #[serde(default)]
+    pub output: Option<std::path::PathBuf>,
 }
 
 impl Request {

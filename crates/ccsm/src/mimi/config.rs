@@ -139,21 +139,21 @@ impl MimiConfig {
         if self.n_semantic > self.n_q {
             return bad("semantic_codebook_count", format!("{} of {} codebooks", self.n_semantic, self.n_q));
         }
-        if t.n_head % t.n_head_kv != 0 {
+        if !t.n_head.is_multiple_of(t.n_head_kv) {
             return bad("transformer.head_count_kv", format!("{} KV heads do not divide {} heads", t.n_head_kv, t.n_head));
         }
-        if t.n_head * t.head_dim != self.hidden || t.head_dim % 2 != 0 {
+        if t.n_head * t.head_dim != self.hidden || !t.head_dim.is_multiple_of(2) {
             return bad(
                 "transformer.key_length",
                 format!("{} heads of {} (even) must make the width {}", t.n_head, t.head_dim, self.hidden),
             );
         }
         let s = &self.seanet;
-        let top = s.filters.checked_shl(s.ratios.len() as u32).filter(|&c| c <= 1 << 16);
-        if top.is_none() || s.channels_before(s.ratios.len()) % s.compress != 0 || s.filters / s.compress == 0 {
-            return bad("seanet.filters", format!("{} filters over {} ratios with compression {}", s.filters, s.ratios.len(), s.compress));
+        if s.filters << s.ratios.len() > 1 << 16 {
+            return bad("seanet.filters", format!("{} filters over {} ratios make more than 65536 channels", s.filters, s.ratios.len()));
         }
-        if (0..s.ratios.len()).any(|i| (s.channels_before(i) / 2) % s.compress != 0) {
+        // Residual units of block i are channels_before(i) / 2 wide, compressed inside.
+        if (0..s.ratios.len()).any(|i| !(s.channels_before(i) / 2).is_multiple_of(s.compress)) {
             return bad("seanet.compress", format!("{} does not divide every residual width", s.compress));
         }
         Ok(())

@@ -5,7 +5,7 @@
 
 use std::ops::Range;
 
-use ggml::{Backend, Context, DType, Graph, ReusableGraph};
+use ggml::{Backend, Context, DType, Graph, NodeTime, ReusableGraph};
 
 use super::conv::{ConvScope, ConvStates};
 use super::model::MimiModel;
@@ -159,31 +159,46 @@ impl MimiDecoder {
     /// Decodes the next frames of the stream; returns their samples (interleaved when the codec has
     /// several channels), `frame_samples()` per frame.
     pub fn decode(&mut self, frames: &[Frame]) -> Result<Vec<f32>> {
+        self.decode_with(frames, None)
+    }
+
+    /// `decode`, computing the graphs node by node and adding each node's time to `profile`.
+    pub fn decode_profiled(&mut self, frames: &[Frame], profile: &mut Vec<NodeTime>) -> Result<Vec<f32>> {
+        self.decode_with(frames, Some(profile))
+    }
+
+    fn decode_with(&mut self, frames: &[Frame], mut profile: Option<&mut Vec<NodeTime>>) -> Result<Vec<f32>> {
         let codebooks = self.check_frames(frames, self.frames as usize)?;
         self.codebooks = Some(codebooks);
         let mut samples = Vec::with_capacity(frames.len() * self.frame_samples() * self.model.config().channels);
         for chunk in frames.chunks(self.max_chunk) {
-            samples.extend(self.decode_chunk(chunk, codebooks)?);
+            samples.extend(self.decode_chunk(chunk, codebooks, profile.as_deref_mut())?);
             self.frames += chunk.len() as u64;
         }
         Ok(samples)
     }
 
-    fn decode_chunk(&mut self, frames: &[Frame], codebooks: usize) -> Result<Vec<f32>> {
+    fn decode_chunk(&mut self, frames: &[Frame], codebooks: usize, profile: Option<&mut Vec<NodeTime>>) -> Result<Vec<f32>> {
         let c = self.model.config();
         let steps = frames.len() * c.upsample_stride;
         // Only the last `context` steps are ever attended to: older cells go.
         make_room(&mut self.cache, steps, EvictionPolicy::SinkRecent { sinks: 0 })?;
         let start = self.cache.len();
         let cells = self.cache.append(steps)?;
-        let result = self.compute(frames, codebooks, cells);
+        let result = self.compute(frames, codebooks, cells, profile);
         if result.is_err() {
             self.cache.truncate(start);
         }
         result
     }
 
-    fn compute(&mut self, frames: &[Frame], codebooks: usize, cells: Range<usize>) -> Result<Vec<f32>> {
+    fn compute(
+        &mut self,
+        frames: &[Frame],
+        codebooks: usize,
+        cells: Range<usize>,
+        profile: Option<&mut Vec<NodeTime>>,
+    ) -> Result<Vec<f32>> {
         let n_kv = self.cache.decode_window();
         let shape = (frames.len(), codebooks, n_kv);
         let found = self.kept.iter().position(|k| (k.frames, k.codebooks, k.n_kv) == shape && k.graph.is_current());
@@ -211,7 +226,10 @@ impl MimiDecoder {
         graph.tensor("positions")?.write_i32(positions)?;
         graph.tensor("cells")?.write_i64(&KvCache::cell_indices(cells))?;
         graph.tensor("mask")?.write_f32(&self.cache.windowed_attention_mask(positions, n_kv, c.transformer.context))?;
-        graph.compute(&self.backend)?;
+        match profile {
+            Some(times) => times.extend(graph.profile(&self.backend)?),
+            None => graph.compute(&self.backend)?,
+        }
         Ok(graph.tensor("codec.audio")?.read_f32()?)
     }
 }

@@ -1,0 +1,155 @@
+//! The Mimi decoder against the upstream implementations' own output: fixtures written by moshi
+//! (batch and streaming(1) decoding) and by transformers for one small random codec, converted from
+//! both checkpoint namings (tools/reference/make_mimi_fixtures.py, committed; no torch here).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ccsm::csm::Frame;
+use ccsm::mimi::{MimiDecoder, MimiModel, MimiOptions};
+use ccsm::CacheType;
+use common::{python, read_f64, repo_root};
+
+fn fixtures() -> PathBuf {
+    repo_root().join("tools/reference/fixtures/mimi")
+}
+
+/// The fixture codec converted by tools/convert_mimi.py from one naming.
+fn convert(dir: &Path, naming: &str, outtype: &str) -> PathBuf {
+    let out = dir.join(format!("{naming}-{outtype}.gguf"));
+    let mut cmd = Command::new("python3");
+    cmd.arg(repo_root().join("tools/convert_mimi.py"));
+    match naming {
+        "hf" => cmd.arg(fixtures().join("hf")),
+        _ => cmd.arg(fixtures().join("moshi.safetensors")).arg("--config").arg(fixtures().join("moshi-config.json")),
+    };
+    let status = cmd.arg("-o").arg(&out).args(["--outtype", outtype]).output().unwrap();
+    assert!(status.status.success(), "convert_mimi.py failed: {}", String::from_utf8_lossy(&status.stderr));
+    out
+}
+
+fn fixture_frames() -> Vec<Frame> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("codes.json")).unwrap()).unwrap();
+    let codes: Vec<Vec<u32>> = serde_json::from_value(v["codes"].clone()).unwrap();
+    (0..codes[0].len()).map(|t| codes.iter().map(|k| k[t]).collect()).collect()
+}
+
+fn read_f32(path: &Path) -> Vec<f64> {
+    std::fs::read(path).unwrap().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+}
+
+/// Decodes `frames` in calls of `chunk` frames (1: streaming frame by frame).
+fn decode(model: &Path, frames: &[Frame], chunk: usize, cache: CacheType) -> Vec<f64> {
+    let options = MimiOptions { n_threads: 2, k_type: cache, v_type: cache, max_chunk_frames: chunk.clamp(1, 16) };
+    let mut d = MimiDecoder::new(MimiModel::load(model).unwrap(), options).unwrap();
+    let mut out = Vec::new();
+    for call in frames.chunks(chunk) {
+        let samples = d.decode(call).unwrap();
+        assert_eq!(samples.len(), call.len() * d.frame_samples(), "samples per frame");
+        out.extend(samples.into_iter().map(f64::from));
+    }
+    out
+}
+
+/// Signal-to-noise ratio of `got` against `reference`, in dB.
+fn snr_db(reference: &[f64], got: &[f64]) -> f64 {
+    assert_eq!(reference.len(), got.len(), "sample counts differ");
+    assert!(!reference.is_empty());
+    let signal: f64 = reference.iter().map(|x| x * x).sum();
+    let noise: f64 = reference.iter().zip(got).map(|(a, b)| (a - b) * (a - b)).sum();
+    assert!(signal > 0.0, "a silent reference");
+    10.0 * (signal / noise.max(1e-300)).log10()
+}
+
+/// Frames 0..8 (16 steps) are inside the fixture's 16-step attention window.
+const INSIDE_WINDOW: usize = 8 * 1920;
+
+#[test]
+fn matches_moshi_and_transformers_from_both_namings() {
+    let dir = tempfile::tempdir().unwrap();
+    let frames = fixture_frames();
+    let moshi_batch = read_f32(&fixtures().join("moshi-batch.f32"));
+    let moshi_stream = read_f32(&fixtures().join("moshi-stream.f32"));
+    let hf_batch = read_f32(&fixtures().join("hf-batch.f32"));
+    assert_eq!(moshi_batch.len(), frames.len() * 1920);
+    let mut outputs = Vec::new();
+    for naming in ["moshi", "hf"] {
+        let model = convert(dir.path(), naming, "f32");
+        for chunk in [16, 1] {
+            let ours = decode(&model, &frames, chunk, CacheType::F32);
+            let (batch, stream) = (snr_db(&moshi_batch, &ours), snr_db(&moshi_stream, &ours));
+            let hf = snr_db(&hf_batch[..INSIDE_WINDOW], &ours[..INSIDE_WINDOW]);
+            let stream_inside = snr_db(&moshi_stream[..INSIDE_WINDOW], &ours[..INSIDE_WINDOW]);
+            eprintln!(
+                "{naming} naming, f32 weights, {chunk} frame(s) per call: SNR vs moshi batch {batch:.1} dB, vs moshi streaming {stream:.1} dB \
+                 ({stream_inside:.1} inside the window), vs transformers {hf:.1} dB inside the window"
+            );
+            assert!(batch >= 60.0 && hf >= 60.0 && stream_inside >= 60.0, "{naming}/{chunk}: {batch} {hf} {stream_inside}");
+            // Past the window moshi's streaming ring buffer (exactly `context` entries) drops a key
+            // that batch decoding keeps; this decoder keeps it, so it follows batch decoding there.
+            assert!(stream >= 60.0 && stream < batch, "{naming}/{chunk}: vs streaming {stream}, vs batch {batch}");
+            outputs.push(ours);
+        }
+    }
+    // One checkpoint in two namings (q/k permuted for NeoX RoPE in one): the same samples within rounding.
+    let same = snr_db(&outputs[0], &outputs[2]);
+    eprintln!("moshi vs transformers naming, decoded: SNR {same:.1} dB");
+    assert!(same >= 100.0, "the namings decode differently: {same} dB");
+}
+
+#[test]
+fn lower_precision_weights_and_caches_stay_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let frames = fixture_frames();
+    let moshi_batch = read_f32(&fixtures().join("moshi-batch.f32"));
+    // (Quantized caches need heads of 32: this codec's are 8 wide.)
+    for (outtype, cache, floor) in [("f16", CacheType::F32, 50.0), ("q8_0", CacheType::F32, 50.0), ("f32", CacheType::F16, 80.0)] {
+        let model = convert(dir.path(), "moshi", outtype);
+        let snr = snr_db(&moshi_batch, &decode(&model, &frames, 1, cache));
+        eprintln!("{outtype} weights, {cache} KV cache: SNR vs moshi batch {snr:.1} dB");
+        assert!(snr >= floor, "{outtype}/{cache}: {snr} dB");
+    }
+}
+
+/// Streaming equals decoding a clip in chunks, for clips far past the attention window (48 frames are
+/// 96 steps, 6 windows of the fixture codec), and both equal the independent numpy reference.
+#[test]
+fn streaming_equals_batch_past_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = convert(dir.path(), "moshi", "f32");
+    let frames: Vec<Frame> = (0..48u32).map(|t| (0..8u32).map(|k| (t * 37 + k * 11 + t * k) % 64).collect()).collect();
+    let codes: Vec<Vec<u32>> = (0..8).map(|k| frames.iter().map(|f| f[k]).collect()).collect();
+    let codes_path = dir.path().join("codes.json");
+    std::fs::write(&codes_path, serde_json::json!({ "codes": codes }).to_string()).unwrap();
+    let reference_path = dir.path().join("reference.f64");
+    python("mimi_ref.py", &[model.to_str().unwrap(), "--codes", codes_path.to_str().unwrap(), "--out", reference_path.to_str().unwrap()]);
+    let reference = read_f64(&reference_path);
+    let streamed = decode(&model, &frames, 1, CacheType::F32);
+    for chunk in [16, 5] {
+        let chunked = decode(&model, &frames, chunk, CacheType::F32);
+        let snr = snr_db(&chunked, &streamed);
+        eprintln!("48 frames, streamed vs {chunk}-frame calls: SNR {snr:.1} dB");
+        assert!(snr >= 100.0, "chunk {chunk}: {snr} dB");
+    }
+    let snr = snr_db(&reference, &streamed);
+    eprintln!("48 frames, streamed vs the numpy reference: SNR {snr:.1} dB");
+    assert!(snr >= 60.0, "{snr} dB");
+}
+
+#[test]
+fn bad_frames_name_the_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = convert(dir.path(), "moshi", "f16");
+    let mut d = MimiDecoder::new(MimiModel::load(&model).unwrap(), MimiOptions::default()).unwrap();
+    let good: Frame = vec![1; 8];
+    let error = |d: &mut MimiDecoder, frames: &[Frame]| d.decode(frames).unwrap_err().to_string();
+    assert!(error(&mut d, &[good.clone(), vec![1; 7]]).contains("frame 1 has 7 codes"));
+    assert!(error(&mut d, &[good.clone(), good.clone(), vec![1, 2, 64, 0, 0, 0, 0, 0]]).contains("frame 2: code 64 of codebook 2"));
+    assert!(error(&mut d, &[vec![1; 9]]).contains("1 to 8 codebooks"));
+    assert!(error(&mut d, &[vec![]]).contains("1 to 8 codebooks"));
+    // Fewer codebooks than the codec has decode (as moshi's set_num_codebooks does).
+    assert_eq!(d.decode(&[vec![3, 4]]).unwrap().len(), 1920);
+    assert_eq!(d.frames_decoded(), 1);
+}
