@@ -4,7 +4,7 @@ RELEASE := --release --locked
 BIN := target/release/ccsm-infer
 
 SAMPLES := models/tiny-llama.gguf models/tiny-llama3.gguf models/tiny-mimi.gguf models/tiny-csm.gguf
-FUZZ_SEEDS := models/micro-llama.gguf models/micro-csm.gguf
+FUZZ_SEEDS := models/micro-llama.gguf models/micro-csm.gguf models/micro-mimi.gguf
 SMOLLM2 := models/SmolLM2-135M-Instruct.Q4_1.gguf
 JARGON := data/jargon.txt
 

@@ -5,7 +5,7 @@
                                              # tiny-csm.gguf (tiny-mimi embedded: one file that speaks)
     make_samples.py OUT_DIR --csm-1b-shape   # csm-1b-shape.gguf: CSM-1B's dimensions, random q8_0 weights
     make_samples.py OUT_DIR --mimi-shape     # mimi-shape.gguf: Mimi's dimensions, random f16 weights
-    make_samples.py OUT_DIR --fuzz-seeds     # micro-llama.gguf, micro-csm.gguf: the fuzz targets' seeds
+    make_samples.py OUT_DIR --fuzz-seeds     # micro-llama.gguf, micro-csm.gguf, micro-mimi.gguf: the fuzz seeds
 
 Written with the `gguf` package (not with the engine's own writer), so the engine's reader is tested
 against files it did not make.
@@ -195,13 +195,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir")
     ap.add_argument("--csm-1b-shape", action="store_true", help="write only csm-1b-shape.gguf")
-    ap.add_argument("--fuzz-seeds", action="store_true", help="write only the fuzz seeds micro-llama.gguf, micro-csm.gguf")
+    ap.add_argument("--fuzz-seeds", action="store_true", help="write only the fuzz seeds micro-llama.gguf, micro-csm.gguf, micro-mimi.gguf")
     ap.add_argument("--mimi-shape", action="store_true", help="write only mimi-shape.gguf")
     args = ap.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
     if args.fuzz_seeds:
         tiny_llama(os.path.join(args.out_dir, "micro-llama.gguf"), name="micro-llama", **MICRO_LLAMA)
         tiny_csm(os.path.join(args.out_dir, "micro-csm.gguf"), shape=MICRO_CSM, name="micro-csm", n_merges=8, dtype="f16")
+        mimi(os.path.join(args.out_dir, "micro-mimi.gguf"), mimi_checkpoint.MICRO_MIMI, "micro-mimi", dtype="f16")
         return
     if args.csm_1b_shape:
         csm_1b_shape(os.path.join(args.out_dir, "csm-1b-shape.gguf"))

@@ -7,9 +7,9 @@ A config is moshi's form: {"sample_rate", "frame_rate", "seanet": {...}, "quanti
 import numpy as np
 
 
-def moshi_config(hidden, filters, n_q, bins, dim, layers, heads, ffn, context, ratios=(8, 6, 5, 4)):
+def moshi_config(hidden, filters, n_q, bins, dim, layers, heads, ffn, context, ratios=(8, 6, 5, 4), sample_rate=24000):
     return {
-        "sample_rate": 24000,
+        "sample_rate": sample_rate,
         "frame_rate": 12.5,
         "seanet": {"channels": 1, "dimension": hidden, "n_filters": filters, "n_residual_layers": 1, "ratios": list(ratios), "kernel_size": 7,
                    "residual_kernel_size": 3, "last_kernel_size": 3, "dilation_base": 2, "compress": 2, "true_skip": True, "pad_mode": "constant"},
@@ -23,6 +23,10 @@ def moshi_config(hidden, filters, n_q, bins, dim, layers, heads, ffn, context, r
 # with 64 codes per codebook to pair with tiny-csm's audio vocabulary (65, the last one never a code).
 # Heads of 32 so every KV cache type applies to its transformer.
 TINY_MIMI = moshi_config(hidden=64, filters=4, n_q=32, bins=64, dim=16, layers=2, heads=2, ffn=128, context=250)
+
+# micro-mimi, the loader fuzz target's codec seed: every structure at the smallest size (a 100 Hz "audio
+# rate" keeps the upsampling stride at 2 with two ratios of 2).
+MICRO_MIMI = moshi_config(hidden=32, filters=2, n_q=2, bins=8, dim=8, layers=1, heads=1, ffn=32, context=4, ratios=(2, 2), sample_rate=100)
 
 # Mimi's published shape (for speed measurements: make mimi-shape).
 MIMI = moshi_config(hidden=512, filters=64, n_q=32, bins=2048, dim=256, layers=8, heads=8, ffn=2048, context=250)

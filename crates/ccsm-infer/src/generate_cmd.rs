@@ -38,6 +38,12 @@ pub fn run(args: &GenerateArgs, log: &LogArgs) -> Result<()> {
     match ccsm::load_model(&path).with_context(|| format!("loading {}", path.display()))? {
         AnyModel::Csm(model) => crate::speech_cmd::run(args, log, &path, model),
         AnyModel::Llama(model) => run_text(args, log, path, model),
+        AnyModel::Mimi(_) => Err(UsageError(format!(
+            "{} is a codec (mimi): it decodes frames, it does not generate; use `ccsm-infer decode FRAMES.json --codec {}`",
+            path.display(),
+            path.display()
+        ))
+        .into()),
     }
 }
 

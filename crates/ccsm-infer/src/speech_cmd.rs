@@ -82,9 +82,8 @@ pub fn log_conversion(reports: &[CacheReport], after: usize, unit: &str) {
     }
 }
 
-/// The codec and the WAV it writes into, for one request.
-struct AudioSink<'a> {
-    codec: &'a mut MimiDecoder,
+/// The WAV a request's audio goes into, and its name for the report (`-`: stdout).
+struct AudioSink {
     out: AudioOut,
     name: String,
 }
@@ -130,16 +129,12 @@ pub fn run(args: &GenerateArgs, log: &LogArgs, path: &Path, model: CsmModel) -> 
     };
     let text = crate::generate_cmd::prompt_text(args)?;
     let request = Request { text, speaker: args.speaker, context, seed: None, max_frames: None, output: None };
-    let sink = match (&kind, codec.as_mut()) {
-        (OutputKind::WavFile(p), Some(c)) => {
-            Some(AudioSink { out: AudioOut::file(p, audio::spec(c, args.sample_format.into()))?, codec: c, name: p.display().to_string() })
-        }
-        (OutputKind::WavStdout, Some(c)) => {
-            Some(AudioSink { out: AudioOut::stdout(audio::spec(c, args.sample_format.into()))?, codec: c, name: "-".into() })
-        }
+    let sink = match (&kind, codec.as_ref()) {
+        (OutputKind::WavFile(p), Some(c)) => Some(AudioSink { out: AudioOut::file(p, audio::spec(c, args.sample_format.into()))?, name: p.display().to_string() }),
+        (OutputKind::WavStdout, Some(c)) => Some(AudioSink { out: AudioOut::stdout(audio::spec(c, args.sample_format.into()))?, name: "-".into() }),
         _ => None,
     };
-    let result = speak(args, log, &mut generator, sink, &model_name, &request)?;
+    let result = speak(args, log, &mut generator, codec.as_mut(), sink, &model_name, &request)?;
     match &kind {
         OutputKind::FramesJson(Some(out)) => write_atomically(out, &serde_json::to_string(&result)?)?,
         OutputKind::FramesJson(None) if !args.json => output::println(&serde_json::to_string(&result)?),
@@ -198,12 +193,13 @@ fn sampler_for(args: &GenerateArgs, seed: u64) -> Result<Sampler> {
 }
 
 /// Generates the frames of one request from an empty state; with a sink, each frame's audio is decoded
-/// and written as soon as the frame exists.
+/// by the codec and written as soon as the frame exists.
 fn speak(
     args: &GenerateArgs,
     log: &LogArgs,
     generator: &mut CsmGenerator,
-    mut sink: Option<AudioSink<'_>>,
+    mut codec: Option<&mut MimiDecoder>,
+    mut sink: Option<AudioSink>,
     model_name: &str,
     request: &Request,
 ) -> Result<SpeechResult> {
@@ -220,8 +216,8 @@ fn speak(
         ))
         .into());
     }
-    if let Some(s) = sink.as_mut() {
-        s.codec.reset()?;
+    if let Some(c) = codec.as_deref_mut() {
+        c.reset()?;
     }
     let seed = request.seed.unwrap_or(args.seed);
     let mut sampler = sampler_for(args, seed)?;
@@ -248,9 +244,9 @@ fn speak(
             stop = StopReason::EndOfSpeech;
             break;
         };
-        if let Some(s) = sink.as_mut() {
+        if let (Some(s), Some(c)) = (sink.as_mut(), codec.as_deref_mut()) {
             let t = Instant::now();
-            let samples = s.codec.decode(std::slice::from_ref(&frame))?;
+            let samples = c.decode(std::slice::from_ref(&frame))?;
             codec_seconds += t.elapsed().as_secs_f64();
             s.out.write(&samples)?;
             first_audio.get_or_insert_with(|| started.elapsed().as_secs_f64());
@@ -260,19 +256,16 @@ fn speak(
     }
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
-    let audio = match sink {
-        Some(s) => {
-            let report = AudioReport {
-                output: s.name,
-                sample_rate: s.codec.model().config().sample_rate,
-                samples: s.out.samples(),
-                format: args.sample_format.into(),
-            };
+    let audio = match (sink, codec.as_deref()) {
+        (Some(s), Some(c)) => {
+            let report =
+                AudioReport { output: s.name, sample_rate: c.model().config().sample_rate, samples: s.out.samples(), format: args.sample_format.into() };
             s.out.finish()?;
             Some(report)
         }
-        None => None,
+        _ => None,
     };
+    let codec_kv_bytes = codec.as_deref().map_or(0, |c| c.cache().memory_usage());
     let t: FrameTimings = generator.timings();
     let audio_seconds = frames.len() as f64 / FRAMES_PER_SECOND;
     Ok(SpeechResult {
@@ -297,7 +290,7 @@ fn speak(
         },
         k_type: generator.backbone_cache().k_type(),
         v_type: generator.backbone_cache().v_type(),
-        kv_bytes: generator.kv_memory_usage(),
+        kv_bytes: generator.kv_memory_usage() + codec_kv_bytes,
         conversion,
         audio,
         frames,
@@ -328,16 +321,12 @@ fn run_batch(
             continue;
         }
         let result = Request::from_line_bytes(&line).map_err(anyhow::Error::from).and_then(|request| {
-            let sink = match (&request.output, codec.as_deref_mut()) {
-                (Some(p), Some(c)) => Some(AudioSink {
-                    out: AudioOut::file(p, audio::spec(c, args.sample_format.into()))?,
-                    codec: c,
-                    name: p.display().to_string(),
-                }),
+            let sink = match (&request.output, codec.as_deref()) {
+                (Some(p), Some(c)) => Some(AudioSink { out: AudioOut::file(p, audio::spec(c, args.sample_format.into()))?, name: p.display().to_string() }),
                 (Some(_), None) => return Err(audio::no_codec(Path::new(model_name))),
                 (None, _) => None,
             };
-            speak(args, log, generator, sink, model_name, &request)
+            speak(args, log, generator, codec.as_deref_mut(), sink, model_name, &request)
         });
         let out = match result {
             Ok(r) => serde_json::to_value(&r)?,

@@ -10,6 +10,9 @@ fn tiny() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama.gguf")
 }
 
+/// Tensors as the tests edit them: name, type, shape, bytes.
+type Tensors = Vec<(String, DType, Vec<i64>, Vec<u8>)>;
+
 type Edit<'a> = &'a dyn Fn(&mut Vec<(String, Value)>, &mut Vec<(String, DType, Vec<i64>, Vec<u8>)>);
 
 /// A copy of tiny-llama with metadata and tensors changed by `edit`.
@@ -116,7 +119,55 @@ fn a_huge_declared_context_does_not_size_the_default_cache() {
     let out = Command::cargo_bin("ccsm-infer").unwrap().arg(&huge).args(["-p", "hi", "-n", "2", "--json", "-q"]).assert().success();
     let v: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).unwrap();
     // tiny-csm, f16: backbone 4096 cells (the default cap) and decoder 32 cells (one per codebook),
-    // each 2 layers × (K + V) × 64 (backbone) or 32 (decoder) values × 2 bytes.
-    let expected = 4096 * 2 * 2 * 64 * 2 + 32 * 2 * 2 * 32 * 2;
+    // each 2 layers × (K + V) × 64 (backbone) or 32 (decoder) values × 2 bytes; and its embedded codec's
+    // transformer, 512 cells × 2 layers × (K + V) × 64 values × 2 bytes (not sized by the CSM context).
+    let expected = 4096 * 2 * 2 * 64 * 2 + 32 * 2 * 2 * 32 * 2 + 512 * 2 * 2 * 64 * 2;
     assert_eq!(v["kv_bytes"], expected);
+}
+
+/// Codec files that parse as GGUF but are wrong for a Mimi codec: `decode` and `info` both say what is
+/// wrong in one line, exit 1.
+#[test]
+fn bad_codec_files_name_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mimi = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-mimi.gguf");
+    let frames = d.join("frames.json");
+    std::fs::write(&frames, r#"{"frames": [[1, 2, 3]]}"#).unwrap();
+    let set = |key: &'static str, value: Value| move |m: &mut Vec<(String, Value)>, _: &mut Tensors| {
+        m.iter_mut().filter(|(k, _)| k == key).for_each(|(_, v)| *v = value.clone())
+    };
+    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<(String, Value)>, &mut Tensors)>, &str)> = vec![
+        ("no-key", Box::new(|m: &mut Vec<(String, Value)>, _: &mut Tensors| m.retain(|(k, _)| k != "mimi.codebook_size")), "mimi.codebook_size"),
+        ("string-key", Box::new(set("mimi.hidden_size", Value::String("64".into()))), "mimi.hidden_size"),
+        ("huge-layers", Box::new(set("mimi.transformer.block_count", Value::U64(1 << 40))), "mimi.transformer.block_count"),
+        ("bad-layout", Box::new(set("mimi.rope_layout", Value::String("spiral".into()))), "spiral"),
+        ("bad-ratios", Box::new(set("mimi.seanet.ratios", Value::Array { element: ggml::gguf::ValueType::U32, items: vec![Value::U32(0)] })), "mimi.seanet.ratios"),
+        ("heads", Box::new(set("mimi.transformer.head_count", Value::U32(3))), "mimi.transformer"),
+        ("no-tensor", Box::new(|_: &mut Vec<(String, Value)>, t: &mut Tensors| t.retain(|(n, ..)| n != "decoder.up.2.weight")), "decoder.up.2.weight"),
+        (
+            "int-weights",
+            Box::new(|_: &mut Vec<(String, Value)>, t: &mut Tensors| {
+                t.iter_mut().filter(|(n, ..)| n == "transformer.blk.1.ffn_up.weight").for_each(|(_, ty, _, _)| *ty = DType::I32)
+            }),
+            "transformer.blk.1.ffn_up.weight",
+        ),
+        (
+            "wrong-shape",
+            Box::new(|_: &mut Vec<(String, Value)>, t: &mut Tensors| {
+                t.iter_mut().filter(|(n, ..)| n == "decoder.conv_in.weight").for_each(|(_, _, s, _)| s.swap(0, 1))
+            }),
+            "decoder.conv_in.weight",
+        ),
+    ];
+    for (name, edit, expected) in cases {
+        let bad = altered_copy(&mimi, d, &format!("{name}.gguf"), &*edit);
+        for args in [vec!["decode", frames.to_str().unwrap(), "--codec", bad.to_str().unwrap(), "-o", d.join("o.wav").to_str().unwrap()], vec!["info", bad.to_str().unwrap()]] {
+            let out = Command::cargo_bin("ccsm-infer").unwrap().args(&args).assert().code(1);
+            let stderr = String::from_utf8(out.get_output().stderr.clone()).unwrap();
+            assert!(stderr.contains(expected), "{name} {args:?}: expected `{expected}` in: {stderr}");
+            assert_eq!(stderr.trim().lines().count(), 1, "{name}: one line: {stderr}");
+        }
+        assert!(!d.join("o.wav").exists(), "{name}: a WAV from a file that does not load");
+    }
 }

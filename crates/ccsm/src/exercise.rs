@@ -3,7 +3,10 @@
 
 use std::path::Path;
 
-use crate::csm::{CsmGenerator, CsmModel, CsmOptions, Request};
+use ggml::gguf::GgufFile;
+
+use crate::csm::{CsmGenerator, CsmModel, CsmOptions, Frame, Request};
+use crate::mimi::{has_codec, MimiDecoder, MimiModel, MimiOptions};
 use crate::error::{Error, Result};
 use crate::load::{load_model, AnyModel};
 use crate::model::{GGMLModel, Logits, Model, ModelOptions};
@@ -18,8 +21,13 @@ fn greedy() -> Result<Sampler> {
 }
 
 /// Loads a model file of any architecture and, when it loads, tokenizes a prompt with its tokenizer,
-/// evaluates the prompt and one decode step (text), or prefills a turn and generates a frame (CSM).
+/// evaluates the prompt and one decode step (text), prefills a turn and generates a frame (CSM; decoded
+/// by its embedded codec when it has one), or decodes two frames (a codec).
 pub fn model_file(path: &Path) -> Result<()> {
+    let codec = match GgufFile::open(path) {
+        Ok(file) if has_codec(&file) && file.get::<String>("general.architecture").is_ok_and(|a| a == "csm") => Some(MimiModel::from_file(&file, path)?),
+        _ => None,
+    };
     match load_model(path)? {
         AnyModel::Llama(model) => {
             let mut ids = model.tokenizer().encode("Hello, wörld 42!")?;
@@ -37,10 +45,24 @@ pub fn model_file(path: &Path) -> Result<()> {
         AnyModel::Csm(model) => {
             let options = CsmOptions { n_ctx: N_CTX, k_type: CacheType::F16, v_type: CacheType::F16, n_threads: 1, n_batch: 4 };
             let mut generator = CsmGenerator::new(model, options)?;
+            generator.set_code_limit(codec.as_ref().map(|c| c.config().codebook_size));
             let request = Request { text: "Hi".into(), speaker: 0, context: Vec::new(), seed: None, max_frames: Some(1), output: None };
-            request_in(&request, &mut generator)
+            let frame = request_in(&request, &mut generator)?;
+            match (codec, frame) {
+                (Some(codec), Some(frame)) => codec_decoder(codec)?.decode(&[frame]).map(|_| ()),
+                _ => Ok(()),
+            }
+        }
+        AnyModel::Mimi(codec) => {
+            let c = codec.config().clone();
+            let frame: Frame = (0..c.n_q).map(|k| (k * 7 % c.codebook_size) as u32).collect();
+            codec_decoder(codec)?.decode(&[frame.clone(), frame]).map(|_| ())
         }
     }
+}
+
+fn codec_decoder(codec: MimiModel) -> Result<MimiDecoder> {
+    MimiDecoder::new(codec, MimiOptions { n_threads: 1, max_chunk_frames: 2, ..MimiOptions::default() })
 }
 
 /// The generator `batch_line` runs on (tiny-csm in the fuzz target, its tests and its corpus report):
@@ -52,10 +74,10 @@ pub fn batch_generator(csm: &Path) -> Result<CsmGenerator> {
 
 /// One `--batch` line: parsed, checked against the model, prefilled and one frame generated.
 pub fn batch_line(line: &[u8], generator: &mut CsmGenerator) -> Result<()> {
-    request_in(&Request::from_line_bytes(line)?, generator)
+    request_in(&Request::from_line_bytes(line)?, generator).map(|_| ())
 }
 
-fn request_in(request: &Request, generator: &mut CsmGenerator) -> Result<()> {
+fn request_in(request: &Request, generator: &mut CsmGenerator) -> Result<Option<Frame>> {
     generator.reset();
     let rows = request.rows(generator.model())?;
     let capacity = generator.backbone_cache().capacity();
@@ -67,6 +89,5 @@ fn request_in(request: &Request, generator: &mut CsmGenerator) -> Result<()> {
         Some(seed) => Sampler::new(SamplerConfig { temperature: 0.9, top_k: Some(50), top_p: 1.0, seed })?,
         None => greedy()?,
     };
-    generator.generate_frame(&mut sampler, None)?;
-    Ok(())
+    generator.generate_frame(&mut sampler, None)
 }

@@ -6,6 +6,7 @@ use std::path::Path;
 use ggml::gguf::GgufFile;
 
 use crate::csm::CsmModel;
+use crate::mimi::{has_codec, MimiConfig, MimiDecoder, MimiModel, MimiOptions};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCacheConfig;
 use crate::llama::{LlamaConfig, LlamaModel};
@@ -20,6 +21,8 @@ pub const DEFAULT_CTX_CAP: usize = 4096;
 pub enum AnyModel {
     Llama(LlamaModel),
     Csm(CsmModel),
+    /// A codec alone (it decodes frames; it generates nothing).
+    Mimi(MimiModel),
 }
 
 /// Parses the file (in Rust: ggml's C parser never sees it), checks it against its architecture and
@@ -30,6 +33,7 @@ pub fn load_model(path: impl AsRef<Path>) -> Result<AnyModel> {
     match architecture(&file, path)? {
         Architecture::Llama => LlamaModel::from_file(&file, path).map(AnyModel::Llama),
         Architecture::Csm => CsmModel::from_file(&file, path).map(AnyModel::Csm),
+        Architecture::Mimi => MimiModel::from_file(&file, path).map(AnyModel::Mimi),
     }
 }
 
@@ -39,6 +43,7 @@ pub fn load_model(path: impl AsRef<Path>) -> Result<AnyModel> {
 pub enum Architecture {
     Llama,
     Csm,
+    Mimi,
 }
 
 fn architecture(file: &GgufFile, path: &Path) -> Result<Architecture> {
@@ -46,14 +51,15 @@ fn architecture(file: &GgufFile, path: &Path) -> Result<Architecture> {
     match arch.as_str() {
         "llama" => Ok(Architecture::Llama),
         "csm" => Ok(Architecture::Csm),
-        _ => Err(Error::Architecture { path: path.display().to_string(), found: arch, expected: "llama or csm" }),
+        "mimi" => Ok(Architecture::Mimi),
+        _ => Err(Error::Architecture { path: path.display().to_string(), found: arch, expected: "llama, csm or mimi" }),
     }
 }
 
 /// One KV cache a run of the model allocates.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CacheShape {
-    /// "text" for a Llama model; "backbone" or "decoder" for CSM.
+    /// "text" for a Llama model; "backbone" or "decoder" for CSM; "codec" for Mimi's transformer.
     pub name: &'static str,
     pub n_layer: usize,
     pub n_head_kv: usize,
@@ -71,6 +77,13 @@ impl CacheShape {
     pub fn config(&self, k_type: CacheType, v_type: CacheType) -> KvCacheConfig {
         KvCacheConfig { n_layer: self.n_layer, head_dim: self.head_dim, n_head_kv: self.n_head_kv, capacity: self.cells, k_type, v_type }
     }
+}
+
+/// The codec transformer's cache, as `MimiDecoder` sizes it by default.
+fn codec_cache(c: &MimiConfig) -> CacheShape {
+    let t = &c.transformer;
+    let cells = MimiDecoder::cache_capacity(c, MimiOptions::default().max_chunk_frames);
+    CacheShape { name: "codec", n_layer: t.n_layer, n_head_kv: t.n_head_kv, head_dim: t.head_dim, cells }
 }
 
 /// What a model file holds, from a file that passed every check loading makes.
@@ -100,11 +113,13 @@ pub fn inspect(path: impl AsRef<Path>, n_ctx: Option<usize>) -> Result<ModelFact
         }
         Architecture::Csm => {
             let c = CsmModel::check_file(&file, path)?;
-            vec![
-                CacheShape::of("backbone", &c.backbone, cells(c.backbone.n_ctx_train)),
-                CacheShape::of("decoder", &c.decoder, c.n_codebooks),
-            ]
+            let mut caches = vec![CacheShape::of("backbone", &c.backbone, cells(c.backbone.n_ctx_train)), CacheShape::of("decoder", &c.decoder, c.n_codebooks)];
+            if has_codec(&file) {
+                caches.push(codec_cache(&MimiModel::check_file(&file, path)?));
+            }
+            caches
         }
+        Architecture::Mimi => vec![codec_cache(&MimiModel::check_file(&file, path)?)],
     };
     Ok(ModelFacts {
         architecture,

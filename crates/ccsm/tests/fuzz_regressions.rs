@@ -50,7 +50,7 @@ fn tiny_csm_generator() -> CsmGenerator {
 
 #[test]
 fn the_fuzz_seeds_load_and_run() {
-    for seed in ["micro-llama.gguf", "micro-csm.gguf"] {
+    for seed in ["micro-llama.gguf", "micro-csm.gguf", "micro-mimi.gguf"] {
         exercise::model_file(&common::model(seed)).unwrap_or_else(|e| panic!("{seed}: {e}"));
     }
     let mut generator = tiny_csm_generator();
@@ -107,7 +107,7 @@ fn seeded_mutations_of_the_seeds_never_crash() {
     let dir = tempfile::tempdir().unwrap();
     let scratch = dir.path().join("mutant.gguf");
     let mut rng = ChaCha8Rng::seed_from_u64(20_261_129);
-    for seed in ["micro-llama.gguf", "micro-csm.gguf"] {
+    for seed in ["micro-llama.gguf", "micro-csm.gguf", "micro-mimi.gguf"] {
         let original = std::fs::read(common::model(seed)).unwrap();
         let header_len = ggml::gguf::GgufFile::open(common::model(seed)).unwrap().data_offset() as usize;
         let (mut ok, mut failed) = (0, 0);

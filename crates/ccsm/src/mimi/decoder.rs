@@ -7,6 +7,7 @@ use std::ops::Range;
 
 use ggml::{Backend, Context, DType, Graph, NodeTime, ReusableGraph};
 
+use super::config::MimiConfig;
 use super::conv::{ConvScope, ConvStates};
 use super::model::MimiModel;
 use crate::attention::{BuildScope, StepInputs};
@@ -63,13 +64,8 @@ impl MimiDecoder {
         if options.max_chunk_frames == 0 {
             return Err(Error::Input("the codec needs chunks of at least one frame".into()));
         }
-        let c = model.config();
-        let t = &c.transformer;
-        // A query needs the `context - 1` steps before it; eviction keeps 3/4 of the capacity, and a
-        // chunk's steps must fit beside what it keeps.
-        let steps = options.max_chunk_frames * c.upsample_stride;
-        let needed = ((t.context - 1) * 4).div_ceil(3).max(t.context - 1 + steps) + 1;
-        let capacity = needed.div_ceil(DECODE_WINDOW) * DECODE_WINDOW;
+        let t = &model.config().transformer;
+        let capacity = Self::cache_capacity(model.config(), options.max_chunk_frames);
         let cache = KvCache::with_rotation(
             KvCacheConfig {
                 n_layer: t.n_layer,
@@ -92,6 +88,16 @@ impl MimiDecoder {
             codebooks: None,
             frames: 0,
         })
+    }
+
+    /// Cells of the transformer's KV cache for chunks of up to `max_chunk_frames` frames: a query needs
+    /// the `context - 1` steps before it, eviction keeps 3/4 of the capacity, and a chunk's steps must fit
+    /// beside what it keeps.
+    pub fn cache_capacity(config: &MimiConfig, max_chunk_frames: usize) -> usize {
+        let t = &config.transformer;
+        let steps = max_chunk_frames * config.upsample_stride;
+        let needed = ((t.context - 1) * 4).div_ceil(3).max(t.context - 1 + steps) + 1;
+        needed.div_ceil(DECODE_WINDOW) * DECODE_WINDOW
     }
 
     pub fn model(&self) -> &MimiModel {
