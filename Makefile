@@ -78,11 +78,12 @@ lint: setup
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy $(RELEASE) --workspace --all-targets -- -D warnings
 
-## run: the main job on the embedded default: speech frames from the generated tiny CSM model
+## run: the main job on the embedded default: speech from the generated tiny CSM model (random weights, so
+## the sound is noise; the pipeline is the real one), decoded by its embedded tiny Mimi into a WAV
 run: build models
 	@mkdir -p out
-	$(BIN) models/tiny-csm.gguf -p "Hello there" --speaker 0 -n 25 -o out/frames.json
-	@echo "frames written to out/frames.json"
+	$(BIN) models/tiny-csm.gguf -p "Hello there" --speaker 0 -n 25 -o out/hello.wav
+	@echo "audio written to out/hello.wav (24 kHz, 16-bit mono)"
 
 ## bench: the standard measurements on SmolLM2 (speed, perplexity, KL per cache type) -> docs/benchmarks.md
 bench: build models data

@@ -17,7 +17,8 @@ ggml's layouts (numpy shapes are ggml's reversed):
   quantizer.codebooks.weight        (n_q * size, dim)  centroids = embed_sum / max(usage, 1e-5), semantic first
   quantizer.{semantic,acoustic}_proj.weight  (hidden, dim)
   upsample.weight                   (2 * stride, hidden)  depthwise taps
-  transformer.blk.L.{attn_norm,ffn_norm}.{weight,bias}, attn_{q,k,v,output}.weight, ffn_up/ffn_down.weight,
+  transformer.blk.L.{attn_norm,ffn_norm}.{weight,bias}, attn_qkv.weight (rows q, k, v), attn_output.weight,
+                    ffn_up/ffn_down.weight,
                     attn_scale.weight, ffn_scale.weight (LayerScale)
   decoder.conv_in / decoder.conv_out / decoder.res.I.J.conv1 / conv2  (Cout, K, Cin) + .bias  (causal convs)
   decoder.up.I                      (K, Cout, Cin) + .bias  (transposed convs)
@@ -215,7 +216,9 @@ def transformer_tensors(tensors, naming, config):
             norms = {"attn_norm": p + "norm1.", "ffn_norm": p + "norm2."}
             up, down = get(tensors, p + "linear1.weight"), get(tensors, p + "linear2.weight")
             scales = {"attn_scale": p + "layer_scale_1.scale", "ffn_scale": p + "layer_scale_2.scale"}
-        for name, w in [("attn_q", q), ("attn_k", k), ("attn_v", v), ("attn_output", o), ("ffn_up", up), ("ffn_down", down)]:
+        # One product for q, k and v: rows q, then k, then v.
+        out[ours + "attn_qkv.weight"] = np.concatenate([q, k, v], axis=0)
+        for name, w in [("attn_output", o), ("ffn_up", up), ("ffn_down", down)]:
             out[ours + name + ".weight"] = w
         for name, p_norm in norms.items():
             out[ours + name + ".weight"] = get(tensors, p_norm + "weight")
@@ -305,15 +308,18 @@ def write_metadata(w, config, naming):
     w.add_uint32(k + "seanet.compress", config["compress"])
 
 
+QUANTIZED = {"q8_0": GGMLQuantizationType.Q8_0, "q5_0": GGMLQuantizationType.Q5_0, "q4_0": GGMLQuantizationType.Q4_0}
+
+
 def stored(name, arr, outtype):
     """The array in the type it is stored in: vectors and depthwise taps f32; matrices per --outtype
-    (q8_0 where rows are whole 32-element blocks, f16 otherwise)."""
+    (quantized where rows are whole 32-element blocks, f16 otherwise; codebooks f16, they are looked up)."""
     if arr.ndim == 1 or name == "upsample.weight" or outtype == "f32":
         return arr, None
     if name == "quantizer.codebooks.weight" or outtype == "f16" or arr.shape[-1] % 32 != 0:
         return arr.astype(np.float16), None
-    q = quantize(arr, GGMLQuantizationType.Q8_0)
-    return q, GGMLQuantizationType.Q8_0
+    q = quantize(arr, QUANTIZED[outtype])
+    return q, QUANTIZED[outtype]
 
 
 def add_mimi(w, src, outtype, config_path=None, prefix=""):
@@ -335,7 +341,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src")
     ap.add_argument("-o", "--out", required=True)
-    ap.add_argument("--outtype", choices=["f32", "f16", "q8_0"], default="f16", help="type of the weight matrices")
+    ap.add_argument("--outtype", choices=["f32", "f16", "q8_0", "q5_0", "q4_0"], default="f16", help="type of the weight matrices")
     ap.add_argument("--config", help="moshi-style hyperparameters JSON (moshi checkpoints), or a transformers config.json")
     ap.add_argument("--name", default="mimi")
     args = ap.parse_args()

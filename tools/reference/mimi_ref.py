@@ -121,9 +121,11 @@ def decode(meta, w, codes, stages=None):
     for l in range(m("transformer.block_count")):
         p = f"transformer.blk.{l}."
         h = layer_norm(x, w[p + "attn_norm.weight"], w[p + "attn_norm.bias"], eps).T  # [T, d]
-        q = rope((h @ w[p + "attn_q.weight"].T).reshape(steps, heads, hd), pos, theta, neox)
-        k = rope((h @ w[p + "attn_k.weight"].T).reshape(steps, kv_heads, hd), pos, theta, neox)
-        v = (h @ w[p + "attn_v.weight"].T).reshape(steps, kv_heads, hd)
+        qkv = w[p + "attn_qkv.weight"]
+        wq, wk, wv = qkv[:heads * hd], qkv[heads * hd:(heads + kv_heads) * hd], qkv[(heads + kv_heads) * hd:]
+        q = rope((h @ wq.T).reshape(steps, heads, hd), pos, theta, neox)
+        k = rope((h @ wk.T).reshape(steps, kv_heads, hd), pos, theta, neox)
+        v = (h @ wv.T).reshape(steps, kv_heads, hd)
         out = np.zeros((steps, heads, hd))
         for hh in range(heads):
             g = hh // (heads // kv_heads)

@@ -170,6 +170,19 @@ pub struct BenchArgs {
     /// Output format: md (a markdown table), json (one array), jsonl (one object per line).
     #[arg(short = 'o', long = "output", value_enum, default_value_t = BenchFormat::Md)]
     pub output: BenchFormat,
+
+    /// CSM: decode every generated frame with this Mimi codec (end to end: frames/s, real-time factor,
+    /// time to first audio, the codec's share). A codec file given as MODEL benches the codec alone.
+    #[arg(long, value_name = "FILE")]
+    pub codec: Option<PathBuf>,
+
+    /// Codec: frames per decode call, comma-separated (1 is streaming, frame by frame).
+    #[arg(long, value_delimiter = ',', default_value = "1,16", value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub chunk: Vec<u32>,
+
+    /// Also time every graph node once per test and print the time per op kind.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// `--sample-format`.

@@ -2,7 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod audio;
-mod bench_cmd;
+mod bench;
 mod cli;
 mod decode_cmd;
 mod generate_cmd;
@@ -63,7 +63,7 @@ fn main() -> ExitCode {
         }
         Some(Command::Info(args)) => info_cmd::run(&args),
         Some(Command::Perplexity(args)) => perplexity_cmd::run(&args, &cli.log),
-        Some(Command::Bench(args)) => bench_cmd::run(&args, &cli.log),
+        Some(Command::Bench(args)) => bench::run(&args, &cli.log),
         Some(Command::Decode(args)) => decode_cmd::run(&args, &cli.log),
         None => generate_cmd::run(&cli.generate, &cli.log),
     };

@@ -130,8 +130,12 @@ pub fn run(args: &GenerateArgs, log: &LogArgs, path: &Path, model: CsmModel) -> 
     let text = crate::generate_cmd::prompt_text(args)?;
     let request = Request { text, speaker: args.speaker, context, seed: None, max_frames: None, output: None };
     let sink = match (&kind, codec.as_ref()) {
-        (OutputKind::WavFile(p), Some(c)) => Some(AudioSink { out: AudioOut::file(p, audio::spec(c, args.sample_format.into()))?, name: p.display().to_string() }),
-        (OutputKind::WavStdout, Some(c)) => Some(AudioSink { out: AudioOut::stdout(audio::spec(c, args.sample_format.into()))?, name: "-".into() }),
+        (OutputKind::WavFile(p), Some(c)) => {
+            Some(AudioSink { out: AudioOut::file(p, audio::spec(c, args.sample_format.into()))?, name: p.display().to_string() })
+        }
+        (OutputKind::WavStdout, Some(c)) => {
+            Some(AudioSink { out: AudioOut::stdout(audio::spec(c, args.sample_format.into()))?, name: "-".into() })
+        }
         _ => None,
     };
     let result = speak(args, log, &mut generator, codec.as_mut(), sink, &model_name, &request)?;
@@ -258,8 +262,12 @@ fn speak(
     let seconds = started.elapsed().as_secs_f64();
     let audio = match (sink, codec.as_deref()) {
         (Some(s), Some(c)) => {
-            let report =
-                AudioReport { output: s.name, sample_rate: c.model().config().sample_rate, samples: s.out.samples(), format: args.sample_format.into() };
+            let report = AudioReport {
+                output: s.name,
+                sample_rate: c.model().config().sample_rate,
+                samples: s.out.samples(),
+                format: args.sample_format.into(),
+            };
             s.out.finish()?;
             Some(report)
         }
@@ -322,7 +330,9 @@ fn run_batch(
         }
         let result = Request::from_line_bytes(&line).map_err(anyhow::Error::from).and_then(|request| {
             let sink = match (&request.output, codec.as_deref()) {
-                (Some(p), Some(c)) => Some(AudioSink { out: AudioOut::file(p, audio::spec(c, args.sample_format.into()))?, name: p.display().to_string() }),
+                (Some(p), Some(c)) => {
+                    Some(AudioSink { out: AudioOut::file(p, audio::spec(c, args.sample_format.into()))?, name: p.display().to_string() })
+                }
                 (Some(_), None) => return Err(audio::no_codec(Path::new(model_name))),
                 (None, _) => None,
             };

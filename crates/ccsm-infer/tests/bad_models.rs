@@ -134,17 +134,30 @@ fn bad_codec_files_name_what_is_wrong() {
     let mimi = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-mimi.gguf");
     let frames = d.join("frames.json");
     std::fs::write(&frames, r#"{"frames": [[1, 2, 3]]}"#).unwrap();
-    let set = |key: &'static str, value: Value| move |m: &mut Vec<(String, Value)>, _: &mut Tensors| {
-        m.iter_mut().filter(|(k, _)| k == key).for_each(|(_, v)| *v = value.clone())
+    let set = |key: &'static str, value: Value| {
+        move |m: &mut Vec<(String, Value)>, _: &mut Tensors| m.iter_mut().filter(|(k, _)| k == key).for_each(|(_, v)| *v = value.clone())
     };
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<(String, Value)>, &mut Tensors)>, &str)> = vec![
-        ("no-key", Box::new(|m: &mut Vec<(String, Value)>, _: &mut Tensors| m.retain(|(k, _)| k != "mimi.codebook_size")), "mimi.codebook_size"),
+    type BoxedEdit = Box<dyn Fn(&mut Vec<(String, Value)>, &mut Tensors)>;
+    let cases: Vec<(&str, BoxedEdit, &str)> = vec![
+        (
+            "no-key",
+            Box::new(|m: &mut Vec<(String, Value)>, _: &mut Tensors| m.retain(|(k, _)| k != "mimi.codebook_size")),
+            "mimi.codebook_size",
+        ),
         ("string-key", Box::new(set("mimi.hidden_size", Value::String("64".into()))), "mimi.hidden_size"),
         ("huge-layers", Box::new(set("mimi.transformer.block_count", Value::U64(1 << 40))), "mimi.transformer.block_count"),
         ("bad-layout", Box::new(set("mimi.rope_layout", Value::String("spiral".into()))), "spiral"),
-        ("bad-ratios", Box::new(set("mimi.seanet.ratios", Value::Array { element: ggml::gguf::ValueType::U32, items: vec![Value::U32(0)] })), "mimi.seanet.ratios"),
+        (
+            "bad-ratios",
+            Box::new(set("mimi.seanet.ratios", Value::Array { element: ggml::gguf::ValueType::U32, items: vec![Value::U32(0)] })),
+            "mimi.seanet.ratios",
+        ),
         ("heads", Box::new(set("mimi.transformer.head_count", Value::U32(3))), "mimi.transformer"),
-        ("no-tensor", Box::new(|_: &mut Vec<(String, Value)>, t: &mut Tensors| t.retain(|(n, ..)| n != "decoder.up.2.weight")), "decoder.up.2.weight"),
+        (
+            "no-tensor",
+            Box::new(|_: &mut Vec<(String, Value)>, t: &mut Tensors| t.retain(|(n, ..)| n != "decoder.up.2.weight")),
+            "decoder.up.2.weight",
+        ),
         (
             "int-weights",
             Box::new(|_: &mut Vec<(String, Value)>, t: &mut Tensors| {
@@ -162,7 +175,10 @@ fn bad_codec_files_name_what_is_wrong() {
     ];
     for (name, edit, expected) in cases {
         let bad = altered_copy(&mimi, d, &format!("{name}.gguf"), &*edit);
-        for args in [vec!["decode", frames.to_str().unwrap(), "--codec", bad.to_str().unwrap(), "-o", d.join("o.wav").to_str().unwrap()], vec!["info", bad.to_str().unwrap()]] {
+        for args in [
+            vec!["decode", frames.to_str().unwrap(), "--codec", bad.to_str().unwrap(), "-o", d.join("o.wav").to_str().unwrap()],
+            vec!["info", bad.to_str().unwrap()],
+        ] {
             let out = Command::cargo_bin("ccsm-infer").unwrap().args(&args).assert().code(1);
             let stderr = String::from_utf8(out.get_output().stderr.clone()).unwrap();
             assert!(stderr.contains(expected), "{name} {args:?}: expected `{expected}` in: {stderr}");

@@ -6,9 +6,9 @@ use std::path::Path;
 use ggml::gguf::GgufFile;
 
 use crate::csm::{CsmGenerator, CsmModel, CsmOptions, Frame, Request};
-use crate::mimi::{has_codec, MimiDecoder, MimiModel, MimiOptions};
 use crate::error::{Error, Result};
 use crate::load::{load_model, AnyModel};
+use crate::mimi::{has_codec, MimiDecoder, MimiModel, MimiOptions};
 use crate::model::{GGMLModel, Logits, Model, ModelOptions};
 use crate::sampling::{Sampler, SamplerConfig};
 use crate::CacheType;
@@ -25,7 +25,9 @@ fn greedy() -> Result<Sampler> {
 /// by its embedded codec when it has one), or decodes two frames (a codec).
 pub fn model_file(path: &Path) -> Result<()> {
     let codec = match GgufFile::open(path) {
-        Ok(file) if has_codec(&file) && file.get::<String>("general.architecture").is_ok_and(|a| a == "csm") => Some(MimiModel::from_file(&file, path)?),
+        Ok(file) if has_codec(&file) && file.get::<String>("general.architecture").is_ok_and(|a| a == "csm") => {
+            Some(MimiModel::from_file(&file, path)?)
+        }
         _ => None,
     };
     match load_model(path)? {

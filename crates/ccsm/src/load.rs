@@ -6,10 +6,10 @@ use std::path::Path;
 use ggml::gguf::GgufFile;
 
 use crate::csm::CsmModel;
-use crate::mimi::{has_codec, MimiConfig, MimiDecoder, MimiModel, MimiOptions};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCacheConfig;
 use crate::llama::{LlamaConfig, LlamaModel};
+use crate::mimi::{has_codec, MimiConfig, MimiDecoder, MimiModel, MimiOptions};
 use crate::CacheType;
 
 /// Default context when the model's own is larger: keeps the cache modest, and a file that claims a
@@ -113,7 +113,10 @@ pub fn inspect(path: impl AsRef<Path>, n_ctx: Option<usize>) -> Result<ModelFact
         }
         Architecture::Csm => {
             let c = CsmModel::check_file(&file, path)?;
-            let mut caches = vec![CacheShape::of("backbone", &c.backbone, cells(c.backbone.n_ctx_train)), CacheShape::of("decoder", &c.decoder, c.n_codebooks)];
+            let mut caches = vec![
+                CacheShape::of("backbone", &c.backbone, cells(c.backbone.n_ctx_train)),
+                CacheShape::of("decoder", &c.decoder, c.n_codebooks),
+            ];
             if has_codec(&file) {
                 caches.push(codec_cache(&MimiModel::check_file(&file, path)?));
             }

@@ -23,6 +23,9 @@ fn convert(dir: &Path, naming: &str, outtype: &str) -> PathBuf {
     cmd.arg(repo_root().join("tools/convert_mimi.py"));
     match naming {
         "hf" => cmd.arg(fixtures().join("hf")),
+        // Written by mimi_checkpoint_variants.py into `dir`.
+        "csm-1b" => cmd.arg(dir.join("csm-1b")),
+        "weight-norm" => cmd.arg(dir.join("weight-norm.safetensors")).arg("--config").arg(fixtures().join("moshi-config.json")),
         _ => cmd.arg(fixtures().join("moshi.safetensors")).arg("--config").arg(fixtures().join("moshi-config.json")),
     };
     let status = cmd.arg("-o").arg(&out).args(["--outtype", outtype]).output().unwrap();
@@ -97,6 +100,21 @@ fn matches_moshi_and_transformers_from_both_namings() {
     let same = snr_db(&outputs[0], &outputs[2]);
     eprintln!("moshi vs transformers naming, decoded: SNR {same:.1} dB");
     assert!(same >= 100.0, "the namings decode differently: {same} dB");
+}
+
+/// The codec inside a sharded sesame/csm-1b-style folder (under `codec_model.`), and a moshi file whose
+/// convolutions are weight-normed, convert to the same codec.
+#[test]
+fn other_checkpoint_layouts_convert_to_the_same_codec() {
+    let dir = tempfile::tempdir().unwrap();
+    python("mimi_checkpoint_variants.py", &[fixtures().to_str().unwrap(), dir.path().to_str().unwrap()]);
+    let frames = fixture_frames();
+    let moshi_batch = read_f32(&fixtures().join("moshi-batch.f32"));
+    for layout in ["csm-1b", "weight-norm"] {
+        let snr = snr_db(&moshi_batch, &decode(&convert(dir.path(), layout, "f32"), &frames, 16, CacheType::F32));
+        eprintln!("{layout}: SNR vs moshi batch {snr:.1} dB");
+        assert!(snr >= 100.0, "{layout}: {snr} dB");
+    }
 }
 
 #[test]

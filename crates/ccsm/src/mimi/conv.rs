@@ -81,6 +81,10 @@ impl<'c> ConvScope<'c> {
     }
 }
 
+/// Up to this many output columns a convolution stacks its shifted inputs into one product; beyond, it
+/// sums one product per tap (the stacking copy would cost more than the products gain).
+const ONE_PRODUCT_MAX_COLUMNS: i64 = 32;
+
 /// A causal 1-D convolution, stride 1: output t sees inputs t − (K−1)·d … t.
 pub struct CausalConv {
     weight: TensorId,
@@ -120,11 +124,23 @@ impl CausalConv {
                 input
             }
         };
+        let column = input.strides()[1];
+        let tap = |j: usize| ctx.view(input, &[c_in, t], &[column], j * self.dilation * column);
+        if self.kernel > 1 && t <= ONE_PRODUCT_MAX_COLUMNS {
+            // Few columns: the products would be matrix-vector ones reading the weight in K strided
+            // pieces; stacking the K shifted inputs (a small copy) makes it one product over the whole.
+            let mut stacked = tap(0)?;
+            for j in 1..self.kernel {
+                stacked = ctx.concat(stacked, tap(j)?, 0)?;
+            }
+            let w = ctx.reshape(weight, &[c_in * self.kernel as i64, c_out])?;
+            return Ok(ctx.add(ctx.mul_mat(w, stacked)?, s.weights.get(self.bias))?);
+        }
         let mut y: Option<Tensor<'c>> = None;
         for j in 0..self.kernel {
             // W_j: row j of every output's [Cin, K] kernel; the input from column j·d on.
             let w_j = ctx.view(weight, &[c_in, c_out], &[weight.strides()[2]], j * weight.strides()[1])?;
-            let x_j = ctx.view(input, &[c_in, t], &[input.strides()[1]], j * self.dilation * input.strides()[1])?;
+            let x_j = tap(j)?;
             let product = ctx.mul_mat(w_j, x_j)?;
             y = Some(match y {
                 Some(sum) => ctx.add(sum, product)?,

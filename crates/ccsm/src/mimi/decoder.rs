@@ -104,6 +104,11 @@ impl MimiDecoder {
         &self.model
     }
 
+    /// The weights back, dropping the decoding state.
+    pub fn into_model(self) -> MimiModel {
+        self.model
+    }
+
     pub fn cache(&self) -> &KvCache {
         &self.cache
     }

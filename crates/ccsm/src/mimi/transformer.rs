@@ -2,7 +2,7 @@
 //! (RoPE at absolute positions, a causal window of `context` steps) → LayerScale → residual →
 //! LayerNorm → fc1 → exact GELU → fc2 → LayerScale → residual. No final norm.
 
-use ggml::{RopeParams, Tensor, TensorId};
+use ggml::{DType, RopeParams, Tensor, TensorId};
 
 use super::config::MimiTransformerConfig;
 use crate::attention::{self, AttentionShape, BuildScope};
@@ -16,9 +16,8 @@ struct LayerNorm {
 
 struct Block {
     attn_norm: LayerNorm,
-    q: TensorId,
-    k: TensorId,
-    v: TensorId,
+    /// `[width, q + k + v rows]`: one product for the three projections.
+    qkv: TensorId,
     out: TensorId,
     attn_scale: TensorId,
     ffn_norm: LayerNorm,
@@ -56,9 +55,7 @@ impl MimiTransformer {
                 let name = |t: &str| format!("{prefix}transformer.blk.{l}.{t}");
                 Ok(Block {
                     attn_norm: LayerNorm::load(loader, &name("attn_norm"), width)?,
-                    q: loader.matrix(&name("attn_q.weight"), &[width, q_width])?,
-                    k: loader.matrix(&name("attn_k.weight"), &[width, kv_width])?,
-                    v: loader.matrix(&name("attn_v.weight"), &[width, kv_width])?,
+                    qkv: loader.matrix(&name("attn_qkv.weight"), &[width, q_width + 2 * kv_width])?,
                     out: loader.matrix(&name("attn_output.weight"), &[q_width, width])?,
                     attn_scale: loader.vector_f32(&name("attn_scale.weight"), width)?,
                     ffn_norm: LayerNorm::load(loader, &name("ffn_norm"), width)?,
@@ -81,9 +78,14 @@ impl MimiTransformer {
         for (layer, b) in self.blocks.iter().enumerate() {
             let (ctx, w) = (s.ctx, |id| s.weights.get(id));
             let h = b.attn_norm.build(s, x, c.norm_eps)?;
-            let q = ctx.rope_ext(ctx.reshape(ctx.mul_mat(w(b.q), h)?, &[hd, c.n_head as i64, n])?, s.inputs.positions, None, &rope)?;
-            let k = ctx.rope_ext(ctx.reshape(ctx.mul_mat(w(b.k), h)?, &[hd, c.n_head_kv as i64, n])?, s.inputs.positions, None, &rope)?;
-            let v = ctx.mul_mat(w(b.v), h)?;
+            let qkv = ctx.mul_mat(w(b.qkv), h)?;
+            let (f, row) = (DType::F32.type_size(), qkv.strides()[1]);
+            let (q_heads, kv_heads) = (c.n_head as i64, c.n_head_kv as i64);
+            let part =
+                |heads: i64, first_head: i64| ctx.view(qkv, &[hd, heads, n], &[hd as usize * f, row], (first_head * hd) as usize * f);
+            let q = ctx.rope_ext(ctx.cont(part(q_heads, 0)?)?, s.inputs.positions, None, &rope)?;
+            let k = ctx.rope_ext(ctx.cont(part(kv_heads, q_heads)?)?, s.inputs.positions, None, &rope)?;
+            let v = ctx.cont(ctx.view(qkv, &[hd * kv_heads, n], &[row], ((q_heads + kv_heads) * hd) as usize * f)?)?;
             let attended = attention::over_cache(s, layer, shape, q, k, v)?;
             let (ctx, w) = (s.ctx, |id| s.weights.get(id));
             x = ctx.add(x, ctx.mul(ctx.mul_mat(w(b.out), attended)?, w(b.attn_scale))?)?;

@@ -1,0 +1,70 @@
+//! Text models: prompt processing (`-p` tokens at once) and decode (`-n` single-token steps).
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+use ccsm::llama::LlamaModel;
+use ccsm::{GGMLModel, Logits, Model, ModelOptions};
+
+use super::{filler_tokens, model_name, reset_peak_rss, BenchRow, BenchTest, RowSource};
+use crate::cli::{BenchArgs, LogArgs};
+use crate::progress;
+
+pub fn bench_llama(args: &BenchArgs, log: &LogArgs) -> Result<Vec<BenchRow>> {
+    let mut weights = Some(LlamaModel::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?);
+    let name = model_name(args);
+    let tests: Vec<BenchTest> =
+        [(BenchTest::Pp, args.n_prompt), (BenchTest::Tg, args.n_gen)].into_iter().filter(|t| t.1 > 0).map(|t| t.0).collect();
+    let total = (args.cache_types.len() * args.depths.len() * tests.len()) as u64;
+    let bar = progress::bar(total, "bench", log.quiet);
+    let mut rows = Vec::new();
+    for &cache in &args.cache_types {
+        for &depth in &args.depths {
+            let llama = weights.take().expect("weights are returned after each run");
+            let n_ctx = depth as usize + args.n_prompt.max(args.n_gen) as usize + 1;
+            let options = ModelOptions { n_ctx, k_type: cache, v_type: cache, n_threads: args.threads as usize, n_batch: 512 };
+            let mut model = GGMLModel::new(llama, options).with_context(|| format!("a {cache} cache of {n_ctx} cells"))?;
+            model.set_kv_rotation(args.kv_rotation)?;
+            reset_peak_rss();
+            let vocab = model.model().vocab_size();
+            if depth > 0 {
+                model.eval(&filler_tokens(depth as usize, vocab, 1), Logits::Last)?;
+            }
+            for &test in &tests {
+                let mut samples = Vec::new();
+                for rep in 0..args.repetitions {
+                    model.truncate(depth as usize);
+                    let seconds = if test == BenchTest::Pp {
+                        let prompt = filler_tokens(args.n_prompt as usize, vocab, 100 + rep as u64);
+                        let start = Instant::now();
+                        model.eval(&prompt, Logits::Last)?;
+                        start.elapsed().as_secs_f64() / args.n_prompt as f64
+                    } else {
+                        let tokens = filler_tokens(args.n_gen as usize, vocab, 200 + rep as u64);
+                        let start = Instant::now();
+                        for &t in &tokens {
+                            model.eval(&[t], Logits::Last)?;
+                        }
+                        start.elapsed().as_secs_f64() / args.n_gen as f64
+                    };
+                    samples.push(1.0 / seconds);
+                }
+                let source = RowSource {
+                    args,
+                    model: &name,
+                    size_bytes: model.model().weight_bytes(),
+                    params: model.model().params(),
+                    cache,
+                    rotated: model.cache().is_rotated(),
+                    depth,
+                };
+                rows.push(source.row(test, samples, model.kv_memory_usage(), None));
+                bar.inc(1);
+            }
+            weights = Some(model.into_model());
+        }
+    }
+    bar.finish_and_clear();
+    Ok(rows)
+}
