@@ -50,7 +50,7 @@ csm-1b-shape: models/csm-1b-shape.gguf
 models/csm-1b-shape.gguf: tools/make_samples.py
 	python3 tools/make_samples.py models --csm-1b-shape
 
-## mimi-shape: Mimi's dimensions with random f16 weights (for speed measurements only)
+## mimi-shape: Mimi's dimensions with random q8_0 weights (for speed measurements only)
 mimi-shape: models/mimi-shape.gguf
 
 models/mimi-shape.gguf: tools/make_samples.py tools/samples/mimi_checkpoint.py tools/convert_mimi.py

@@ -4,7 +4,7 @@
     make_samples.py OUT_DIR                  # tiny-llama.gguf, tiny-llama3.gguf, tiny-mimi.gguf, and
                                              # tiny-csm.gguf (tiny-mimi embedded: one file that speaks)
     make_samples.py OUT_DIR --csm-1b-shape   # csm-1b-shape.gguf: CSM-1B's dimensions, random q8_0 weights
-    make_samples.py OUT_DIR --mimi-shape     # mimi-shape.gguf: Mimi's dimensions, random f16 weights
+    make_samples.py OUT_DIR --mimi-shape     # mimi-shape.gguf: Mimi's dimensions, random q8_0 weights
     make_samples.py OUT_DIR --fuzz-seeds     # micro-llama.gguf, micro-csm.gguf, micro-mimi.gguf: the fuzz seeds
 
 Written with the `gguf` package (not with the engine's own writer), so the engine's reader is tested
@@ -208,7 +208,7 @@ def main():
         csm_1b_shape(os.path.join(args.out_dir, "csm-1b-shape.gguf"))
         return
     if args.mimi_shape:
-        mimi(os.path.join(args.out_dir, "mimi-shape.gguf"), mimi_checkpoint.MIMI, "mimi-shape", seed=8, dtype="f16")
+        mimi(os.path.join(args.out_dir, "mimi-shape.gguf"), mimi_checkpoint.MIMI, "mimi-shape", seed=8, dtype="q8_0")
         return
     tiny_llama(os.path.join(args.out_dir, "tiny-llama.gguf"))
     # The same model with Llama 3's pre-tokenizer (CSM's text tokenizer).
