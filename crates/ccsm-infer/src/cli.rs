@@ -148,6 +148,12 @@ pub struct BenchArgs {
     #[arg(long, value_name = "WHEN", default_value = "quantized")]
     pub kv_rotation: Rotation,
 
+    /// Attention kernels to measure, comma-separated: auto (chosen per step), direct (ggml's flash
+    /// attention over the cache as stored), dequantized (the cache copied to f32 for ggml's tiled
+    /// kernel), split (ours, split by cells). See docs/attention.md.
+    #[arg(long, value_name = "PATHS", value_delimiter = ',', default_value = "auto")]
+    pub attention: Vec<ccsm::attention::AttentionChoice>,
+
     /// Context depths (tokens already in the cache), comma-separated.
     #[arg(short = 'd', long = "depth", value_delimiter = ',', default_value = "0")]
     pub depths: Vec<u32>,

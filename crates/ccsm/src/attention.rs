@@ -3,7 +3,7 @@
 //! transformer of the engine (the Llama stacks, Mimi's decoder transformer); the blocks around it
 //! (norms, projections, RoPE, residuals) are each model's own.
 
-use ggml::{Context, Graph, Tensor, TensorStore};
+use ggml::{Context, DType, Graph, Tensor, TensorStore};
 
 use crate::error::Result;
 use crate::kv_cache::KvCache;
@@ -107,13 +107,90 @@ pub fn over_cache<'c>(
     s.graph.expand(s.cache.store_v(ctx, layer, v, s.inputs.cells)?)?;
 
     let n_kv = s.inputs.mask.ne(0) as usize;
-    let keys = ctx.permute(s.cache.k_tensor(ctx, layer, n_kv)?, [0, 2, 1, 3])?;
-    let values = ctx.permute(s.cache.v_tensor(ctx, layer, n_kv)?, [0, 2, 1, 3])?;
+    let path = s.cache.attention().resolve(n as usize, s.cache.k_type(), s.cache.v_type());
+    let (k_view, v_view) = (s.cache.k_tensor(ctx, layer, n_kv)?, s.cache.v_tensor(ctx, layer, n_kv)?);
+    let (k_view, v_view) = match path {
+        // The stored rows in f32 (ggml's dequantizing copy), so flash attention takes its tiled path.
+        AttentionPath::Dequantized => (
+            ctx.cpy(k_view, ctx.new_tensor(DType::F32, &k_view.shape()[..3])?)?,
+            ctx.cpy(v_view, ctx.new_tensor(DType::F32, &v_view.shape()[..3])?)?,
+        ),
+        _ => (k_view, v_view),
+    };
+    let keys = ctx.permute(k_view, [0, 2, 1, 3])?;
+    let values = ctx.permute(v_view, [0, 2, 1, 3])?;
     let queries = ctx.permute(q, [0, 2, 1, 3])?;
     let scale = 1.0 / (shape.head_dim as f32).sqrt();
     if s.track_attention {
         s.add_attention_mass(keys, queries, scale)?;
     }
-    let attended = rotate(ctx.flash_attn_ext(queries, keys, values, Some(s.inputs.mask), scale)?, rotate_v)?;
-    Ok(ctx.reshape(attended, &[hd * n_head, n])?)
+    let attended = match path {
+        AttentionPath::Split => ctx.split_attention(queries, keys, values, s.inputs.mask, scale)?,
+        AttentionPath::Direct | AttentionPath::Dequantized => ctx.flash_attn_ext(queries, keys, values, Some(s.inputs.mask), scale)?,
+    };
+    Ok(ctx.reshape(rotate(attended, rotate_v)?, &[hd * n_head, n])?)
+}
+
+/// Which kernel a step's attention runs (`docs/attention.md` has the measurements behind the choice).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionPath {
+    /// ggml's flash attention over the cache as stored: its tiled path for f16/f32 caches and many
+    /// queries, one query row at a time otherwise.
+    Direct,
+    /// The cache's rows copied to f32 first, for ggml's tiled flash attention.
+    Dequantized,
+    /// Our kernel split by cells (`ggml::Context::split_attention`): each block of cells decoded once
+    /// for every query row and every query head of its KV head.
+    Split,
+}
+
+/// The attention kernels a cache's steps run: chosen per step (`Auto`), or one for every step (to
+/// measure and compare them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttentionChoice {
+    #[default]
+    Auto,
+    Only(AttentionPath),
+}
+
+/// Query rows from which f16/f32 caches go to ggml's tiled kernel (its tiles are 64 rows).
+pub const TILED_MIN_QUERIES: usize = 64;
+
+impl AttentionChoice {
+    /// The path a step of `n_queries` rows over caches of these types takes.
+    pub fn resolve(self, n_queries: usize, k: crate::CacheType, v: crate::CacheType) -> AttentionPath {
+        match self {
+            AttentionChoice::Only(path) => path,
+            AttentionChoice::Auto if n_queries >= TILED_MIN_QUERIES && !k.is_quantized() && !v.is_quantized() && k == v => {
+                AttentionPath::Direct
+            }
+            AttentionChoice::Auto => AttentionPath::Split,
+        }
+    }
+}
+
+impl std::str::FromStr for AttentionChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Ok(match s {
+            "auto" => AttentionChoice::Auto,
+            "direct" => AttentionChoice::Only(AttentionPath::Direct),
+            "dequantized" => AttentionChoice::Only(AttentionPath::Dequantized),
+            "split" => AttentionChoice::Only(AttentionPath::Split),
+            other => return Err(format!("unknown attention path '{other}' (auto, direct, dequantized, split)")),
+        })
+    }
+}
+
+impl std::fmt::Display for AttentionChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AttentionChoice::Auto => "auto",
+            AttentionChoice::Only(AttentionPath::Direct) => "direct",
+            AttentionChoice::Only(AttentionPath::Dequantized) => "dequantized",
+            AttentionChoice::Only(AttentionPath::Split) => "split",
+        })
+    }
 }

@@ -3,7 +3,7 @@
 
 use std::ops::Range;
 
-use ggml::{Backend, ComputeBuffer, Context, DType, Graph, ReusableGraph, Tensor};
+use ggml::{Backend, ComputeBuffer, Context, DType, Graph, NodeTime, ReusableGraph, Tensor};
 
 use crate::attention::{BuildScope, StepInputs};
 use crate::error::{Error, Result};
@@ -136,6 +136,8 @@ pub struct GGMLModel {
     track_attention: bool,
     evict: Option<EvictionPolicy>,
     trained: TrainedContext,
+    /// While profiling: every computed node's time, in order.
+    profile: Option<Vec<NodeTime>>,
 }
 
 impl GGMLModel {
@@ -170,6 +172,7 @@ impl GGMLModel {
             track_attention: false,
             evict: None,
             trained,
+            profile: None,
         })
     }
 
@@ -206,6 +209,23 @@ impl GGMLModel {
     /// Whether full caches evict instead of failing.
     pub fn evicts(&self) -> bool {
         self.evict.is_some()
+    }
+
+    /// Starts (or, with false, stops) timing every graph node of the following steps; the times
+    /// are collected until `take_profile`. Profiled steps run one node at a time (slower).
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profile = on.then(Vec::new);
+    }
+
+    /// The node times collected since profiling started (empty when it is off).
+    pub fn take_profile(&mut self) -> Vec<NodeTime> {
+        self.profile.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Which attention kernels the steps run (auto by default; one path to compare them).
+    pub fn set_attention(&mut self, choice: crate::attention::AttentionChoice) {
+        self.cache.set_attention(choice);
+        self.decode_graph = None;
     }
 
     /// Whether single-token steps reuse one kept graph (default) or build a graph per token.
@@ -277,7 +297,10 @@ impl GGMLModel {
         let step = build_step(model, cache, &ctx, &mut graph, shape)?;
         ctx.allocate(&graph)?;
         step.write_inputs(model, cache, tokens, cells)?;
-        self.backend.compute(&graph)?;
+        match self.profile.as_mut() {
+            Some(times) => times.extend(self.backend.profile(&graph)?),
+            None => self.backend.compute(&graph)?,
+        }
         let mass = if track {
             Some(
                 graph
@@ -316,7 +339,10 @@ impl GGMLModel {
         let (_, _, graph) = self.decode_graph.as_ref().expect("set above");
         let step = StepTensors::lookup(graph, self.model.transformer.freq_factors().is_some())?;
         step.write_inputs(&self.model, &self.cache, &[token], cells)?;
-        graph.compute(&self.backend)?;
+        match self.profile.as_mut() {
+            Some(times) => times.extend(graph.profile(&self.backend)?),
+            None => graph.compute(&self.backend)?,
+        }
         let logits = step.logits.read_f32()?;
         if track {
             let mass = graph.tensor("attn_mass")?.read_f32()?;

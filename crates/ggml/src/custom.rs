@@ -82,26 +82,55 @@ fn elu_portable(x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// eˣ − 1 for x ≤ 0: 2ᵏ·p(r) − 1 with x = k·ln 2 + r, |r| ≤ ln2/2, p a degree-7 Taylor polynomial of eʳ
-/// (relative error < 1e-7 over that range); near 0 the polynomial is evaluated without its constant
-/// term, which keeps the small results as accurate as expm1's.
+/// eˣ = 2ᵏ·(1 + q) for x ≤ 0 with x = k·ln 2 + r, |r| ≤ ln2/2, and q = eʳ − 1 by a degree-7 Taylor
+/// polynomial (relative error < 1e-7 over that range). Returns (2ᵏ, q). Branch-free, so loops over it
+/// vectorize.
 #[inline(always)]
-fn exp_m1_negative(x: f32) -> f32 {
+fn exp_parts(x: f32) -> (f32, f32) {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     let x = x.max(-87.0);
-    let k = (x * std::f32::consts::LOG2_E).round();
+    let k = (x * std::f32::consts::LOG2_E).round_ties_even();
     let r = (x - k * LN2_HI) - k * LN2_LO;
-    // p(r) − 1 = r + r²/2 + … + r⁷/5040
+    // q = r + r²/2 + … + r⁷/5040
     let q = r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let scale = f32::from_bits(((k as i32 + 127) as u32) << 23);
-    // 2ᵏ(1 + q) − 1 = 2ᵏ·q + (2ᵏ − 1), exact when k = 0.
+    (f32::from_bits(((k as i32 + 127) as u32) << 23), q)
+}
+
+/// eˣ − 1 for x ≤ 0: 2ᵏ·q + (2ᵏ − 1), exact for small |x| (k = 0), as accurate as expm1.
+#[inline(always)]
+fn exp_m1_negative(x: f32) -> f32 {
+    let (scale, q) = exp_parts(x);
     scale * q + (scale - 1.0)
+}
+
+/// eˣ for x ≤ 0, 0 below −87 (and for −∞).
+#[inline(always)]
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
+    let (scale, q) = exp_parts(x);
+    if x < -87.0 {
+        0.0
+    } else {
+        scale * q + scale
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exp_matches_within_2_ulp_and_flushes_below_the_range() {
+        for i in 0..200_000 {
+            let x = -87.0 + i as f32 * 0.000435;
+            let want = (x as f64).exp();
+            let got = exp_nonpositive(x) as f64;
+            assert!((got - want).abs() <= 2.0 * want * f32::EPSILON as f64, "exp({x}) = {got}, want {want}");
+        }
+        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_nonpositive(-100.0), 0.0);
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+    }
 
     #[test]
     fn elu_matches_expm1_within_2_ulp() {

@@ -34,6 +34,7 @@ mod graph;
 mod log;
 mod ops;
 mod reusable;
+mod split_attention;
 mod store;
 mod views;
 

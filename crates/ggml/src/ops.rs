@@ -337,46 +337,7 @@ impl Context {
         scale: f32,
     ) -> Result<Tensor<'c>> {
         const OP: &str = "flash_attn_ext";
-        require_type(OP, q, &[DType::F32], "queries must be f32")?;
-        for (t, what) in [(k, "K"), (v, "V")] {
-            if !has_vec_dot(t.dtype()) || !t.dtype().can_dequantize() {
-                return Err(Error::Type {
-                    op: OP,
-                    got: t.dtype(),
-                    why: if what == "K" { "unsupported K type" } else { "unsupported V type" },
-                });
-            }
-            if !t.rows_contiguous() {
-                return Err(Error::shape(OP, format!("{what} rows must be contiguous"), &[t.shape()]));
-            }
-        }
-        let (sq, sk, sv) = (q.shape(), k.shape(), v.shape());
-        let shapes = [sq, sk, sv];
-        if sq[0] != sk[0] {
-            return Err(Error::shape(OP, "q and k head dims differ", &shapes));
-        }
-        if sk[1] != sv[1] || sk[2] != sv[2] {
-            return Err(Error::shape(OP, "k and v differ in cells or kv heads", &shapes));
-        }
-        if sq[2] % sk[2] != 0 {
-            return Err(Error::shape(OP, "query heads are not a multiple of kv heads", &shapes));
-        }
-        if sq[3] != sk[3] || sq[3] != sv[3] {
-            return Err(Error::shape(OP, "batch dim 3 differs", &shapes));
-        }
-        if !q.rows_contiguous() {
-            return Err(Error::shape(OP, "q rows must be contiguous", &shapes));
-        }
-        if let Some(m) = mask {
-            require_type(OP, m, &[DType::F16], "the mask must be f16")?;
-            let sm = m.shape();
-            if !m.is_contiguous() || sm[0] != sk[1] || sm[1] < sq[1] || sq[2] % sm[2] != 0 || sq[3] % sm[3] != 0 {
-                return Err(Error::shape(OP, "mask must be contiguous [n_kv, >= n_q, ...]", &[sq, sk, sm]));
-            }
-        }
-        if !scale.is_finite() {
-            return Err(Error::invalid(OP, format!("scale {scale} is not finite")));
-        }
+        check_attention(OP, q, k, v, mask, scale)?;
         let mask_raw = mask.map_or(std::ptr::null_mut(), |m| m.raw());
         // SAFETY: every condition ggml_flash_attn_ext and the CPU kernel assert was checked above.
         let raw = unsafe { sys::ggml_flash_attn_ext(self.raw(), q.raw(), k.raw(), v.raw(), mask_raw, scale, 0.0, 0.0) };
@@ -385,4 +346,55 @@ impl Context {
         unsafe { sys::ggml_prec_set_acc(out.raw(), sys::GGML_PREC_F32) };
         Ok(out)
     }
+}
+
+/// What ggml's flash attention asserts of its operands (and our own attention kernels rely on).
+pub(crate) fn check_attention(
+    op: &'static str,
+    q: Tensor<'_>,
+    k: Tensor<'_>,
+    v: Tensor<'_>,
+    mask: Option<Tensor<'_>>,
+    scale: f32,
+) -> Result<()> {
+    require_type(op, q, &[DType::F32], "queries must be f32")?;
+    for (t, what) in [(k, "K"), (v, "V")] {
+        if !has_vec_dot(t.dtype()) || !t.dtype().can_dequantize() {
+            return Err(Error::Type { op, got: t.dtype(), why: if what == "K" { "unsupported K type" } else { "unsupported V type" } });
+        }
+        if !t.rows_contiguous() {
+            return Err(Error::shape(op, format!("{what} rows must be contiguous"), &[t.shape()]));
+        }
+    }
+    let (sq, sk, sv) = (q.shape(), k.shape(), v.shape());
+    let shapes = [sq, sk, sv];
+    if sq[0] != sk[0] {
+        return Err(Error::shape(op, "q and k head dims differ", &shapes));
+    }
+    if sk[1] != sv[1] || sk[2] != sv[2] {
+        return Err(Error::shape(op, "k and v differ in cells or kv heads", &shapes));
+    }
+    if sq[2] % sk[2] != 0 {
+        return Err(Error::shape(op, "query heads are not a multiple of kv heads", &shapes));
+    }
+    if sq[3] != sk[3] || sq[3] != sv[3] {
+        return Err(Error::shape(op, "batch dim 3 differs", &shapes));
+    }
+    if !q.rows_contiguous() {
+        return Err(Error::shape(op, "q rows must be contiguous", &shapes));
+    }
+    if let Some(m) = mask {
+        require_type(op, m, &[DType::F16], "the mask must be f16")?;
+        let sm = m.shape();
+        if !m.is_contiguous() || sm[0] != sk[1] || sm[1] < sq[1] || sq[2] % sm[2] != 0 || sq[3] % sm[3] != 0 {
+            return Err(Error::shape(op, "mask must be contiguous [n_kv, >= n_q, ...]", &[sq, sk, sm]));
+        }
+    }
+    if !scale.is_finite() {
+        return Err(Error::invalid(op, format!("scale {scale} is not finite")));
+    }
+    for t in [k, v] {
+        t.dtype().check_row_len(op, t.ne(0))?;
+    }
+    Ok(())
 }

@@ -61,6 +61,7 @@ pub fn bench_codec(args: &BenchArgs, log: &LogArgs) -> Result<Vec<BenchRow>> {
                 params: 0,
                 cache,
                 rotated: decoder.cache().is_rotated(),
+                attention: decoder.cache().attention(),
                 depth: 0,
             };
             let mut row = source.row(BenchTest::Decode, samples, decoder.state_bytes(), Some(detail));

@@ -27,9 +27,9 @@ pub fn bench_csm(args: &BenchArgs, log: &LogArgs, file: &ggml::gguf::GgufFile) -
     };
     let tests: Vec<BenchTest> =
         [(BenchTest::Pp, args.n_prompt), (BenchTest::Frame, args.n_gen)].into_iter().filter(|t| t.1 > 0).map(|t| t.0).collect();
-    let bar = progress::bar((args.cache_types.len() * args.depths.len() * tests.len()) as u64, "bench", log.quiet);
+    let bar = progress::bar((args.cache_types.len() * args.attention.len() * args.depths.len() * tests.len()) as u64, "bench", log.quiet);
     let mut rows = Vec::new();
-    for &cache in &args.cache_types {
+    for (&cache, &attention) in args.cache_types.iter().flat_map(|c| args.attention.iter().map(move |a| (c, a))) {
         for &depth in &args.depths {
             let csm = weights.take().expect("weights are returned after each run");
             let (text_vocab, n_ctx_train) = (csm.config().text_vocab, csm.config().backbone.n_ctx_train);
@@ -42,6 +42,7 @@ pub fn bench_csm(args: &BenchArgs, log: &LogArgs, file: &ggml::gguf::GgufFile) -
             let options = CsmOptions { n_ctx, k_type: cache, v_type: cache, n_threads: args.threads as usize, n_batch: 512 };
             let mut generator = CsmGenerator::new(csm, options)?;
             generator.set_kv_rotation(args.kv_rotation)?;
+            generator.set_attention(attention);
             generator.set_code_limit(codec.as_ref().map(|c| c.model().config().codebook_size));
             reset_peak_rss();
             let text_rows = |n: usize, seed: u64| -> Vec<Row> { filler_tokens(n, text_vocab, seed).into_iter().map(Row::Text).collect() };
@@ -101,6 +102,7 @@ pub fn bench_csm(args: &BenchArgs, log: &LogArgs, file: &ggml::gguf::GgufFile) -
                     params: generator.model().params(),
                     cache,
                     rotated: generator.backbone_cache().is_rotated(),
+                    attention,
                     depth,
                 };
                 rows.push(source.row(test, samples, generator.kv_memory_usage(), (test == BenchTest::Frame).then_some(detail)));

@@ -16,16 +16,17 @@ pub fn bench_llama(args: &BenchArgs, log: &LogArgs) -> Result<Vec<BenchRow>> {
     let name = model_name(args);
     let tests: Vec<BenchTest> =
         [(BenchTest::Pp, args.n_prompt), (BenchTest::Tg, args.n_gen)].into_iter().filter(|t| t.1 > 0).map(|t| t.0).collect();
-    let total = (args.cache_types.len() * args.depths.len() * tests.len()) as u64;
+    let total = (args.cache_types.len() * args.attention.len() * args.depths.len() * tests.len()) as u64;
     let bar = progress::bar(total, "bench", log.quiet);
     let mut rows = Vec::new();
-    for &cache in &args.cache_types {
+    for (&cache, &attention) in args.cache_types.iter().flat_map(|c| args.attention.iter().map(move |a| (c, a))) {
         for &depth in &args.depths {
             let llama = weights.take().expect("weights are returned after each run");
             let n_ctx = depth as usize + args.n_prompt.max(args.n_gen) as usize + 1;
             let options = ModelOptions { n_ctx, k_type: cache, v_type: cache, n_threads: args.threads as usize, n_batch: 512 };
             let mut model = GGMLModel::new(llama, options).with_context(|| format!("a {cache} cache of {n_ctx} cells"))?;
             model.set_kv_rotation(args.kv_rotation)?;
+            model.set_attention(attention);
             reset_peak_rss();
             let vocab = model.model().vocab_size();
             if depth > 0 {
@@ -57,9 +58,14 @@ pub fn bench_llama(args: &BenchArgs, log: &LogArgs) -> Result<Vec<BenchRow>> {
                     params: model.model().params(),
                     cache,
                     rotated: model.cache().is_rotated(),
+                    attention,
                     depth,
                 };
-                rows.push(source.row(test, samples, model.kv_memory_usage(), None));
+                let mut row = source.row(test, samples, model.kv_memory_usage(), None);
+                if args.profile {
+                    row.profile = Some(profile_one(&mut model, test, args, depth as usize)?);
+                }
+                rows.push(row);
                 bar.inc(1);
             }
             weights = Some(model.into_model());
@@ -67,4 +73,21 @@ pub fn bench_llama(args: &BenchArgs, log: &LogArgs) -> Result<Vec<BenchRow>> {
     }
     bar.finish_and_clear();
     Ok(rows)
+}
+
+/// Time per op kind of one prompt evaluation (pp) or one decode step (tg), at the test's depth.
+fn profile_one(model: &mut GGMLModel, test: BenchTest, args: &BenchArgs, depth: usize) -> Result<Vec<ccsm::profile::OpTotal>> {
+    let vocab = model.model().vocab_size();
+    model.truncate(depth);
+    let tokens = filler_tokens(if test == BenchTest::Pp { args.n_prompt as usize } else { 2 }, vocab, 300);
+    if test == BenchTest::Tg {
+        // A first step builds the kept decode graph, so the profiled step is a steady one.
+        model.eval(&tokens[..1], Logits::Last)?;
+    }
+    model.set_profiling(true);
+    let run = model.eval(if test == BenchTest::Pp { &tokens } else { &tokens[1..] }, Logits::Last);
+    let times = model.take_profile();
+    model.set_profiling(false);
+    run?;
+    Ok(ccsm::profile::by_op(&times))
 }

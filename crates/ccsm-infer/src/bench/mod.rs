@@ -8,6 +8,7 @@ mod llama;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+use ccsm::attention::AttentionChoice;
 use ccsm::CacheType;
 
 use crate::cli::{BenchArgs, BenchFormat, LogArgs};
@@ -38,6 +39,8 @@ pub struct BenchRow {
     pub v_type: CacheType,
     /// Whether the cache stores Hadamard-rotated rows (`--kv-rotation`).
     pub kv_rotated: bool,
+    /// The attention kernels (`--attention`): auto, direct, dequantized or split.
+    pub attention: String,
     pub test: BenchTest,
     pub n_prompt: u32,
     pub n_gen: u32,
@@ -95,6 +98,7 @@ pub(crate) struct RowSource<'a> {
     params: u64,
     cache: CacheType,
     rotated: bool,
+    attention: AttentionChoice,
     depth: u32,
 }
 
@@ -109,6 +113,7 @@ impl RowSource<'_> {
             k_type: self.cache,
             v_type: self.cache,
             kv_rotated: self.rotated,
+            attention: self.attention.to_string(),
             test,
             n_prompt: if test == BenchTest::Pp { self.args.n_prompt } else { 0 },
             n_gen: if test == BenchTest::Pp { 0 } else { self.args.n_gen },
@@ -201,7 +206,7 @@ pub fn markdown(rows: &[BenchRow]) -> String {
             format!("{:.3} ({:.0} % / {:.0} %{codec}{first})", d.real_time_factor, 100.0 * d.backbone_share, 100.0 * d.decoder_share)
         });
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {}/{}{} | {} | {:.2} ± {:.2} | {} | {} | {frame} |\n",
+            "| {} | {} | {} | {} | {}/{}{}{} | {} | {:.2} ± {:.2} | {} | {} | {frame} |\n",
             r.model,
             human_bytes(r.size_bytes),
             human_params(r.params),
@@ -210,6 +215,8 @@ pub fn markdown(rows: &[BenchRow]) -> String {
             r.v_type,
             // Rows stored rotated get a mark: "q4_0/q4_0 ·H".
             if r.kv_rotated { " ·H" } else { "" },
+            // A forced attention path is named: "q8_0/q8_0 ·H split".
+            if r.attention == "auto" { String::new() } else { format!(" {}", r.attention) },
             r.test_name(),
             r.avg_ts,
             r.stddev_ts,

@@ -260,6 +260,13 @@ impl CsmGenerator {
         self.model
     }
 
+    /// Which attention kernels the steps of both transformers run (auto by default).
+    pub fn set_attention(&mut self, choice: crate::attention::AttentionChoice) {
+        self.drop_kept_graphs();
+        self.backbone_cache.set_attention(choice);
+        self.decoder_cache.set_attention(choice);
+    }
+
     pub fn backbone_cache(&self) -> &KvCache {
         &self.backbone_cache
     }

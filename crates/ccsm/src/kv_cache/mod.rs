@@ -15,6 +15,7 @@ use std::ops::Range;
 
 use ggml::{Context, Tensor, TensorId, TensorStore};
 
+use crate::attention::AttentionChoice;
 use crate::error::{Error, Result};
 use crate::CacheType;
 
@@ -111,6 +112,7 @@ pub struct KvCache {
     rotation: Rotation,
     /// The F32 `[head_dim, head_dim]` Hadamard matrix graphs rotate with, while a half is rotated.
     hadamard: Option<(TensorStore, TensorId)>,
+    attention: AttentionChoice,
 }
 
 fn single_tensor_store(name: &str, t: CacheType, n_embd_kv: usize, capacity: usize) -> Result<(TensorStore, TensorId)> {
@@ -168,8 +170,17 @@ impl KvCache {
             layers.push(LayerCache { k, v });
         }
         let tensor = tensor.expect("n_layer > 0 was validated");
-        let mut cache =
-            KvCache { config, layers, tensor, positions: Vec::new(), next_position: 0, scores: Vec::new(), rotation, hadamard: None };
+        let mut cache = KvCache {
+            config,
+            layers,
+            tensor,
+            positions: Vec::new(),
+            next_position: 0,
+            scores: Vec::new(),
+            rotation,
+            hadamard: None,
+            attention: AttentionChoice::Auto,
+        };
         cache.update_hadamard()?;
         Ok(cache)
     }
@@ -185,6 +196,15 @@ impl KvCache {
 
     pub fn rotation(&self) -> Rotation {
         self.rotation
+    }
+
+    /// The attention kernels steps over this cache run (graphs built before a change keep theirs).
+    pub fn attention(&self) -> AttentionChoice {
+        self.attention
+    }
+
+    pub fn set_attention(&mut self, choice: AttentionChoice) {
+        self.attention = choice;
     }
 
     /// Whether K rows are stored rotated (queries must then be rotated too).

@@ -1,0 +1,372 @@
+//! Attention of a few query rows over many cached cells, split across threads by cells: ggml's own
+//! split-KV path takes F16/F32 caches only, so over a quantized cache decode work splits over query
+//! heads alone (9 heads on 2 threads for SmolLM2) and every V row is dequantized once per query head.
+//!
+//! Two custom ops. `partials`: each part (a slice of the cells) decodes its K and V rows once per KV
+//! head, in blocks of 32 cells, scores them against every query head of that head's group, and keeps an
+//! online softmax (max, sum, weighted V sum) per query head. `merge`: the parts' results combined.
+//! `rows` turns cache rows into f32, `math` holds the inner loops (AVX2/FMA/F16C when the CPU has them).
+
+mod math;
+mod rows;
+
+use std::os::raw::{c_int, c_void};
+use std::ptr::NonNull;
+
+use ggml_sys as sys;
+
+use crate::context::{Context, Tensor};
+use crate::error::{Error, Result};
+use crate::DType;
+use math::{Math, Portable};
+use rows::RowKind;
+
+/// Cells decoded and scored together.
+const BLOCK: usize = 32;
+/// Fewest cells per part worth a thread's share.
+const CELLS_PER_PART: i64 = 128;
+/// Most parts (the merge reads all of them).
+const MAX_PARTS: i64 = 64;
+
+impl Context {
+    /// `softmax(q kᵀ · scale + mask) v` for few query rows, with the shapes and result layout of
+    /// `flash_attn_ext`: q `[hd, n_q, n_head]` f32, k `[hd, n_kv, n_head_kv]`, v `[hd_v, n_kv, n_head_kv]`
+    /// (any row type ggml dequantizes; views with any strides), mask f16 `[n_kv, >= n_q]`; result
+    /// `[hd_v, n_head, n_q]`. The cells are split into parts computed in parallel and merged.
+    pub fn split_attention<'c>(&'c self, q: Tensor<'c>, k: Tensor<'c>, v: Tensor<'c>, mask: Tensor<'c>, scale: f32) -> Result<Tensor<'c>> {
+        const OP: &str = "split_attention";
+        crate::ops::check_attention(OP, q, k, v, Some(mask), scale)?;
+        let sm = mask.shape();
+        if q.ne(3) != 1 || sm[2] != 1 || sm[3] != 1 {
+            return Err(Error::shape(OP, "one batch, and one mask row per query shared by every head", &[q.shape(), sm]));
+        }
+        for t in [k, v] {
+            if RowKind::of(t.dtype()).is_none() {
+                return Err(Error::Type { op: OP, got: t.dtype(), why: "ggml has no dequantizer for these rows" });
+            }
+        }
+        let (hd_v, n_kv, n_q, n_head) = (v.ne(0), k.ne(1), q.ne(1), q.ne(2));
+        let parts = (n_kv / CELLS_PER_PART).clamp(1, MAX_PARTS);
+        let mut args = [q.raw(), k.raw(), v.raw(), mask.raw()];
+        // The scale travels as the userdata pointer's bits: nothing is ever dereferenced through it.
+        let userdata = scale.to_bits() as usize as *mut c_void;
+        // SAFETY: the operands passed every check flash attention makes (check_attention), which is
+        // what `partials_kernel` relies on; the result is a new f32 tensor of the stated shape; args
+        // holds 4 live tensors and ggml copies the pointers into the node's sources.
+        let partials = unsafe {
+            sys::ggml_custom_4d(
+                self.raw(),
+                DType::F32.to_sys(),
+                2 + hd_v,
+                n_head,
+                n_q,
+                parts,
+                args.as_mut_ptr(),
+                4,
+                Some(partials_kernel),
+                parts as c_int,
+                userdata,
+            )
+        };
+        let partials = self.wrap(partials, OP)?.set_name("attn_partials");
+        let mut args = [partials.raw()];
+        // SAFETY: one live f32 source of shape [2 + hd_v, n_head, n_q, parts], as `merge_kernel` reads.
+        let out = unsafe {
+            sys::ggml_custom_4d(
+                self.raw(),
+                DType::F32.to_sys(),
+                hd_v,
+                n_head,
+                n_q,
+                1,
+                args.as_mut_ptr(),
+                1,
+                Some(merge_kernel),
+                -1,
+                std::ptr::null_mut(),
+            )
+        };
+        self.wrap(out, OP)
+    }
+}
+
+/// A tensor's data pointer, sizes and byte strides.
+#[derive(Clone, Copy)]
+struct View {
+    data: *const u8,
+    nb: [usize; 4],
+    ne: [i64; 4],
+    dtype: DType,
+}
+
+impl View {
+    /// # Safety
+    /// `t` is a live, allocated tensor.
+    unsafe fn of(t: *const sys::ggml_tensor) -> View {
+        // SAFETY: the caller's contract.
+        let t = unsafe { &*t };
+        View { data: t.data as *const u8, nb: t.nb, ne: t.ne, dtype: DType::from_sys(t.type_).unwrap_or(DType::F32) }
+    }
+
+    fn at(&self, i1: i64, i2: i64, i3: i64) -> *const u8 {
+        // The offset of an element the caller knows to be inside the tensor.
+        self.data.wrapping_add(i1 as usize * self.nb[1] + i2 as usize * self.nb[2] + i3 as usize * self.nb[3])
+    }
+}
+
+/// One partials node: its operands and the sizes the loops run over.
+struct Job {
+    out: View,
+    q: View,
+    k: View,
+    v: View,
+    mask: View,
+    k_rows: RowKind,
+    v_rows: RowKind,
+    scale: f32,
+    hd: usize,
+    hd_v: usize,
+    group: usize,
+    per_part: i64,
+}
+
+/// Per-thread buffers: a block's decoded rows, the group's queries, scores and weights, and the
+/// online-softmax state (max, sum, Σ weight·v) of each query head of the group.
+struct Scratch {
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    queries: Vec<f32>,
+    weights: Vec<f32>,
+    acc: Vec<f32>,
+    state: Vec<(f32, f32)>,
+    /// Each query row's mask over the block, and whether any of its cells is visible.
+    masks: Vec<f32>,
+    live: Vec<bool>,
+}
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Thread `ith` of `nth` computes the parts `ith, ith + nth, …` of the cells for every query row and
+/// head: (max, sum, Σ weight·v) of an online softmax over the part's cells.
+unsafe extern "C" fn partials_kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, userdata: *mut c_void) {
+    let Some(dst) = NonNull::new(dst) else { return };
+    // SAFETY: ggml calls this for the node built by `split_attention`: dst and its four sources are
+    // live and allocated, with the shapes and types that function checked.
+    let (out, q, k, v, mask) = unsafe {
+        let d = dst.as_ref();
+        (View::of(d), View::of(d.src[0]), View::of(d.src[1]), View::of(d.src[2]), View::of(d.src[3]))
+    };
+    let (Some(k_rows), Some(v_rows)) = (RowKind::of(k.dtype), RowKind::of(v.dtype)) else { return };
+    let parts = out.ne[3];
+    let job = Job {
+        out,
+        q,
+        k,
+        v,
+        mask,
+        k_rows,
+        v_rows,
+        scale: f32::from_bits(userdata as usize as u32),
+        hd: q.ne[0] as usize,
+        hd_v: v.ne[0] as usize,
+        group: (q.ne[2] / k.ne[2]) as usize,
+        per_part: (k.ne[1] + parts - 1) / parts,
+    };
+    let (first, step) = (ith.max(0) as i64, nth.max(1) as i64);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked); the job's views are as `run_parts` needs.
+        unsafe { run_parts_avx2(&job, first, step) };
+        return;
+    }
+    // SAFETY: the job's views are as `run_parts` needs.
+    unsafe { run_parts::<Portable>(&job, first, step) };
+}
+
+/// # Safety
+/// As `run_parts`, on a CPU with AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn run_parts_avx2(job: &Job, first: i64, step: i64) {
+    // SAFETY: the caller's contract.
+    unsafe { run_parts::<math::Avx2>(job, first, step) }
+}
+
+/// # Safety
+/// The job's views are the live operands `split_attention` checked; the CPU has `M`'s features.
+#[inline(always)]
+unsafe fn run_parts<M: Math>(job: &Job, first: i64, step: i64) {
+    let (hd, hd_v, rows) = (job.hd, job.hd_v, (job.q.ne[1] * job.q.ne[2]) as usize);
+    let mut s = Scratch {
+        keys: vec![0.0; BLOCK * hd],
+        values: vec![0.0; BLOCK * hd_v],
+        queries: vec![0.0; rows * hd],
+        weights: vec![0.0; job.q.ne[1] as usize * job.group * BLOCK],
+        acc: vec![0.0; rows * hd_v],
+        state: vec![(f32::NEG_INFINITY, 0.0); rows],
+        masks: vec![0.0; job.q.ne[1] as usize * BLOCK],
+        live: vec![false; job.q.ne[1] as usize],
+    };
+    let mut part = first;
+    while part < job.out.ne[3] {
+        // SAFETY: the caller's contract.
+        unsafe { one_part::<M>(job, &mut s, part) };
+        part += step;
+    }
+}
+
+/// Every query row and head over the cells of `part`, block by block: each KV head's K and V rows of
+/// a block are decoded once for all query rows and the KV head's group of query heads (a block's cells
+/// hold every KV head's rows side by side, so memory is read in order). The (query row, head) pairs
+/// are indexed `qi * n_head + h` in the scratch buffers.
+///
+/// # Safety
+/// As `run_parts`.
+#[inline(always)]
+unsafe fn one_part<M: Math>(job: &Job, s: &mut Scratch, part: i64) {
+    let (hd, hd_v, group) = (job.hd, job.hd_v, job.group);
+    let (n_q, n_head) = (job.q.ne[1] as usize, job.q.ne[2] as usize);
+    for (i, row) in s.queries.chunks_exact_mut(hd).enumerate() {
+        // SAFETY: query row i / n_head of head i % n_head is hd contiguous f32 values (checked layout).
+        let src = unsafe { std::slice::from_raw_parts(job.q.at((i / n_head) as i64, (i % n_head) as i64, 0).cast::<f32>(), hd) };
+        row.iter_mut().zip(src).for_each(|(d, &x)| *d = x * job.scale);
+    }
+    s.state.iter_mut().for_each(|st| *st = (f32::NEG_INFINITY, 0.0));
+    s.acc.iter_mut().for_each(|a| *a = 0.0);
+    let (c0, c1) = (part * job.per_part, ((part + 1) * job.per_part).min(job.k.ne[1]));
+    let mut c = c0;
+    while c < c1 {
+        let n = ((c1 - c) as usize).min(BLOCK);
+        let first = c;
+        c += n as i64;
+        for (qi, (mask, live)) in s.masks.chunks_exact_mut(BLOCK).zip(s.live.iter_mut()).enumerate() {
+            // SAFETY: row qi of the f16 mask holds n_kv halves (checked shape); first + n <= n_kv.
+            unsafe { M::halves(job.mask.at(qi as i64, 0, 0).cast::<u16>().add(first as usize), &mut mask[..n]) };
+            *live = mask[..n].iter().any(|m| *m != f32::NEG_INFINITY);
+        }
+        if !s.live.contains(&true) {
+            continue;
+        }
+        for g in 0..job.k.ne[2] as usize {
+            for j in 0..n {
+                // SAFETY: cell first + j of KV head g is a row of hd elements of the cache type in k.
+                unsafe { rows::decode_row::<M>(job.k_rows, job.k.at(first + j as i64, g as i64, 0), &mut s.keys[j * hd..(j + 1) * hd]) };
+            }
+            for qi in (0..n_q).filter(|&qi| s.live[qi]) {
+                let mask = &s.masks[qi * BLOCK..qi * BLOCK + n];
+                for h in g * group..(g + 1) * group {
+                    let (i, w) = (qi * n_head + h, &mut s.weights[(qi * group + h - g * group) * BLOCK..][..n]);
+                    M::scores(&s.queries[i * hd..(i + 1) * hd], &s.keys[..n * hd], w);
+                    let (max, sum) = &mut s.state[i];
+                    if let Some(rescale) = M::softmax_block(w, mask, max, sum) {
+                        if rescale != 1.0 {
+                            s.acc[i * hd_v..(i + 1) * hd_v].iter_mut().for_each(|a| *a *= rescale);
+                        }
+                    }
+                }
+            }
+            for j in 0..n {
+                // SAFETY: as for the keys, in v.
+                unsafe {
+                    rows::decode_row::<M>(job.v_rows, job.v.at(first + j as i64, g as i64, 0), &mut s.values[j * hd_v..(j + 1) * hd_v])
+                };
+            }
+            for qi in (0..n_q).filter(|&qi| s.live[qi]) {
+                for h in g * group..(g + 1) * group {
+                    let (i, w) = (qi * n_head + h, &s.weights[(qi * group + h - g * group) * BLOCK..][..n]);
+                    M::accumulate(&mut s.acc[i * hd_v..(i + 1) * hd_v], w, &s.values[..n * hd_v]);
+                }
+            }
+        }
+    }
+    for (i, (&(max, sum), acc)) in s.state.iter().zip(s.acc.chunks_exact(hd_v)).enumerate() {
+        // SAFETY: dst is [2 + hd_v, n_head, n_q, parts] f32; this writes one column.
+        let column =
+            unsafe { std::slice::from_raw_parts_mut(job.out.at((i % n_head) as i64, (i / n_head) as i64, part) as *mut f32, 2 + hd_v) };
+        column[0] = max;
+        column[1] = sum;
+        column[2..].copy_from_slice(acc);
+    }
+}
+
+/// IEEE half to f32.
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let frac = (h & 0x3ff) as u32;
+    let bits = match exp {
+        0 if frac == 0 => sign,
+        0 => {
+            // Subnormal: normalize.
+            let shift = frac.leading_zeros() - 21;
+            sign | ((127 - 15 - shift + 1) << 23) | ((frac << (shift + 13)) & 0x7f_ffff)
+        }
+        31 => sign | 0x7f80_0000 | (frac << 13),
+        _ => sign | ((exp + 127 - 15) << 23) | (frac << 13),
+    };
+    f32::from_bits(bits)
+}
+
+/// Thread `ith` of `nth` merges the parts of its share of (query row, head) columns.
+unsafe extern "C" fn merge_kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, _userdata: *mut c_void) {
+    let Some(dst) = NonNull::new(dst) else { return };
+    // SAFETY: ggml calls this for the merge node built by `split_attention`: dst [hd_v, n_head, n_q]
+    // and its source, the partials [2 + hd_v, n_head, n_q, parts], are live and allocated f32 tensors.
+    let (out, partials) = unsafe { (View::of(dst.as_ptr()), View::of(dst.as_ref().src[0])) };
+    let (hd_v, n_head, n_q, parts) = (out.ne[0] as usize, out.ne[1], out.ne[2], partials.ne[3]);
+    let columns = n_head * n_q;
+    let mut column = ith.max(0) as i64;
+    while column < columns {
+        let (h, qi) = (column % n_head, column / n_head);
+        // SAFETY: as above; each part's column is 2 + hd_v floats, the output column hd_v floats.
+        let results: Vec<&[f32]> =
+            (0..parts).map(|p| unsafe { std::slice::from_raw_parts(partials.at(h, qi, p).cast::<f32>(), 2 + hd_v) }).collect();
+        let target = unsafe { std::slice::from_raw_parts_mut(out.at(h, qi, 0) as *mut f32, hd_v) };
+        let max = results.iter().map(|r| r[0]).fold(f32::NEG_INFINITY, f32::max);
+        target.iter_mut().for_each(|t| *t = 0.0);
+        if max == f32::NEG_INFINITY {
+            column += nth.max(1) as i64;
+            continue; // every cell masked: ggml's kernels give zeros too
+        }
+        let mut sum = 0.0;
+        for r in &results {
+            if r[0] == f32::NEG_INFINITY {
+                continue;
+            }
+            let w = crate::custom::exp_nonpositive(r[0] - max);
+            sum += w * r[1];
+            for (t, &a) in target.iter_mut().zip(&r[2..]) {
+                *t += w * a;
+            }
+        }
+        target.iter_mut().for_each(|t| *t /= sum);
+        column += nth.max(1) as i64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn halves_convert_exactly() {
+        for bits in 0..=u16::MAX {
+            let want = ggml_f16(bits);
+            let got = f16_to_f32(bits);
+            assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()), "{bits:#06x}: {got} vs {want}");
+        }
+    }
+
+    fn ggml_f16(bits: u16) -> f32 {
+        crate::DType::F16.dequantize(&bits.to_le_bytes(), 1).unwrap()[0]
+    }
+}
