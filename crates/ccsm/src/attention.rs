@@ -107,7 +107,7 @@ pub fn over_cache<'c>(
     s.graph.expand(s.cache.store_v(ctx, layer, v, s.inputs.cells)?)?;
 
     let n_kv = s.inputs.mask.ne(0) as usize;
-    let path = s.cache.attention().resolve(n as usize, s.cache.k_type(), s.cache.v_type());
+    let path = s.cache.attention().resolve();
     let (k_view, v_view) = (s.cache.k_tensor(ctx, layer, n_kv)?, s.cache.v_tensor(ctx, layer, n_kv)?);
     let (k_view, v_view) = match path {
         // The stored rows in f32 (ggml's dequantizing copy), so flash attention takes its tiled path.
@@ -154,17 +154,13 @@ pub enum AttentionChoice {
     Only(AttentionPath),
 }
 
-/// Query rows from which f16/f32 caches go to ggml's tiled kernel (its tiles are 64 rows).
-pub const TILED_MIN_QUERIES: usize = 64;
-
 impl AttentionChoice {
-    /// The path a step of `n_queries` rows over caches of these types takes.
-    pub fn resolve(self, n_queries: usize, k: crate::CacheType, v: crate::CacheType) -> AttentionPath {
+    /// The kernel a step runs. `Auto` is the split kernel for every step, every cache type and
+    /// every batch size: measured on SmolLM2 it beat ggml's kernel (tiled for f16 prompts, one row at
+    /// a time otherwise) and the f32 copy at every depth and batch size (`docs/attention.md`).
+    pub fn resolve(self) -> AttentionPath {
         match self {
             AttentionChoice::Only(path) => path,
-            AttentionChoice::Auto if n_queries >= TILED_MIN_QUERIES && !k.is_quantized() && !v.is_quantized() && k == v => {
-                AttentionPath::Direct
-            }
             AttentionChoice::Auto => AttentionPath::Split,
         }
     }

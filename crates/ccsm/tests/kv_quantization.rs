@@ -7,7 +7,7 @@ use ccsm::kv_cache::{KvCache, KvCacheConfig};
 use ccsm::llama::LlamaModel;
 use ccsm::sampling::{argmax, Sampler, SamplerConfig};
 use ccsm::{CacheType, GGMLModel, Logits, Model, ModelOptions};
-use common::{bytes_per_element, model, SMOLLM2, TINY_LLAMA};
+use common::{bytes_per_element, kl, model, softmax, SMOLLM2, TINY_LLAMA};
 use ggml::{Backend, ComputeBuffer, DType};
 
 #[test]
@@ -146,18 +146,6 @@ fn attention_over_each_cache_type_reads_what_the_cache_stored() {
 fn smollm2(k: CacheType) -> GGMLModel {
     GGMLModel::new(LlamaModel::load(model(SMOLLM2)).unwrap(), ModelOptions { n_ctx: 256, k_type: k, v_type: k, n_threads: 2, n_batch: 256 })
         .unwrap()
-}
-
-fn softmax(logits: &[f32]) -> Vec<f64> {
-    let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let e: Vec<f64> = logits.iter().map(|&l| (l as f64 - m).exp()).collect();
-    let z: f64 = e.iter().sum();
-    e.into_iter().map(|x| x / z).collect()
-}
-
-fn kl(p: &[f64], q: &[f64]) -> f64 {
-    assert_eq!(p.len(), q.len(), "distributions over different vocabularies");
-    p.iter().zip(q).filter(|(a, _)| **a > 0.0).map(|(a, b)| a * (a / b.max(1e-300)).ln()).sum()
 }
 
 /// The all-F32 greedy run: prompt + generated tokens, and each generated position's distribution.

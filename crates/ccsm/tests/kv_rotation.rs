@@ -8,7 +8,7 @@ use ccsm::kv_cache::Rotation;
 use ccsm::llama::LlamaModel;
 use ccsm::sampling::{argmax, Sampler, SamplerConfig};
 use ccsm::{CacheType, GGMLModel, Logits, Model, ModelOptions};
-use common::{max_abs_diff, model, SMOLLM2, TINY_LLAMA};
+use common::{max_abs_diff, mean_kld, model, SMOLLM2, TINY_LLAMA};
 
 fn llama(name: &str, t: CacheType, rotation: Rotation, n_ctx: usize) -> GGMLModel {
     let options = ModelOptions { n_ctx, k_type: t, v_type: t, n_threads: 2, n_batch: 64 };
@@ -65,32 +65,6 @@ fn rotating_f32_rows_changes_no_csm_frame() {
     let (rotated, plain) = (frames(Rotation::All), frames(Rotation::Off));
     assert_eq!(rotated.len(), 4);
     assert_eq!(rotated, plain);
-}
-
-fn softmax(logits: &[f32]) -> Vec<f64> {
-    let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let e: Vec<f64> = logits.iter().map(|&l| (l as f64 - m).exp()).collect();
-    let z: f64 = e.iter().sum();
-    e.into_iter().map(|x| x / z).collect()
-}
-
-/// Mean KL(f32 ‖ model) over every position of `logits` (rows of `vocab`).
-fn mean_kld(reference: &[f32], logits: &[f32], vocab: usize) -> f64 {
-    assert!(
-        reference.len() == logits.len() && !logits.is_empty() && logits.len().is_multiple_of(vocab),
-        "{} vs {} logits",
-        reference.len(),
-        logits.len()
-    );
-    let klds: Vec<f64> = reference
-        .chunks(vocab)
-        .zip(logits.chunks(vocab))
-        .map(|(p, q)| {
-            let (p, q) = (softmax(p), softmax(q));
-            p.iter().zip(&q).filter(|(a, _)| **a > 0.0).map(|(a, b)| a * (a / b.max(1e-300)).ln()).sum::<f64>()
-        })
-        .collect();
-    klds.iter().sum::<f64>() / klds.len() as f64
 }
 
 const TEXT: &str = "The Jargon File is a glossary and usage dictionary of slang used by computer programmers. \

@@ -121,3 +121,29 @@ pub fn bytes_per_element(t: ccsm::CacheType) -> f64 {
         CacheType::Q4_0 => 18.0 / 32.0,
     }
 }
+
+/// The softmax of one logit row, in f64.
+pub fn softmax(logits: &[f32]) -> Vec<f64> {
+    let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let e: Vec<f64> = logits.iter().map(|&l| (l as f64 - m).exp()).collect();
+    let z: f64 = e.iter().sum();
+    e.into_iter().map(|x| x / z).collect()
+}
+
+/// KL(p ‖ q) of two distributions over the same vocabulary.
+pub fn kl(p: &[f64], q: &[f64]) -> f64 {
+    assert_eq!(p.len(), q.len(), "distributions over different vocabularies");
+    p.iter().zip(q).filter(|(a, _)| **a > 0.0).map(|(a, b)| a * (a / b.max(1e-300)).ln()).sum()
+}
+
+/// Mean KL(reference ‖ logits) over every row of `vocab` (equally many rows, and some).
+pub fn mean_kld(reference: &[f32], logits: &[f32], vocab: usize) -> f64 {
+    assert!(
+        reference.len() == logits.len() && !logits.is_empty() && logits.len().is_multiple_of(vocab),
+        "{} vs {} logits",
+        reference.len(),
+        logits.len()
+    );
+    let klds: Vec<f64> = reference.chunks(vocab).zip(logits.chunks(vocab)).map(|(p, q)| kl(&softmax(p), &softmax(q))).collect();
+    klds.iter().sum::<f64>() / klds.len() as f64
+}

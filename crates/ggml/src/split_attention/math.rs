@@ -117,7 +117,7 @@ mod x86 {
         #[inline(always)]
         fn scores(q: &[f32], keys: &[f32], out: &mut [f32]) {
             let hd = q.len();
-            if hd % 8 != 0 {
+            if !hd.is_multiple_of(8) {
                 return Portable::scores(q, keys, out);
             }
             let mut rows = out.chunks_exact_mut(8);
@@ -135,12 +135,12 @@ mod x86 {
         #[inline(always)]
         fn accumulate(acc: &mut [f32], w: &[f32], values: &[f32]) {
             let hd = acc.len();
-            if hd % 64 == 0 {
+            if hd.is_multiple_of(64) {
                 for c in (0..hd).step_by(64) {
                     // SAFETY: columns c..c + 64 of acc and of every value row exist.
                     unsafe { accumulate_columns::<8>(acc, w, values, c) };
                 }
-            } else if hd % 8 == 0 {
+            } else if hd.is_multiple_of(8) {
                 for c in (0..hd).step_by(8) {
                     // SAFETY: as above, 8 columns.
                     unsafe { accumulate_columns::<1>(acc, w, values, c) };

@@ -27,6 +27,12 @@ const BLOCK: usize = 32;
 const CELLS_PER_PART: i64 = 128;
 /// Most parts (the merge reads all of them).
 const MAX_PARTS: i64 = 64;
+/// Bytes of partial results above which parts are merged into fewer: many query rows (a prompt)
+/// keep two threads busy with a few parts, and each part's results cost `n_q · n_head` columns.
+const PARTIALS_BYTES: i64 = 16 << 20;
+/// Fewest parts when there are cells enough: a causal prompt's later cells have fewer live rows,
+/// so a few more parts than threads keep them balanced.
+const MIN_PARTS: i64 = 8;
 
 impl Context {
     /// `softmax(q kᵀ · scale + mask) v` for few query rows, with the shapes and result layout of
@@ -46,7 +52,8 @@ impl Context {
             }
         }
         let (hd_v, n_kv, n_q, n_head) = (v.ne(0), k.ne(1), q.ne(1), q.ne(2));
-        let parts = (n_kv / CELLS_PER_PART).clamp(1, MAX_PARTS);
+        let part_bytes = (2 + hd_v) * n_head * n_q * 4;
+        let parts = (n_kv / CELLS_PER_PART).clamp(1, MAX_PARTS).min((PARTIALS_BYTES / part_bytes).max(MIN_PARTS));
         let mut args = [q.raw(), k.raw(), v.raw(), mask.raw()];
         // The scale travels as the userdata pointer's bits: nothing is ever dereferenced through it.
         let userdata = scale.to_bits() as usize as *mut c_void;
