@@ -153,9 +153,10 @@ def tiny_csm(path, seed=20261130, shape=TINY_CSM, name="tiny-csm", n_merges=200,
         convert_csm.convert(ckpt_path, tok_path, path, dtype, cfg_path, name=name, mimi=embedded)
 
 
-def csm_1b_shape(path, seed=7):
+def csm_1b_shape(path, seed=7, decoder_type="q8_0"):
     """CSM-1B's dimensions with random q8_0 weights, written block by block (no f32 copy of 1.5 B
-    parameters): for speed measurements only."""
+    parameters): for speed measurements only. `decoder_type` q4_0 stores the decoder's products
+    (its layers, the projection into it and the audio heads) in q4_0."""
     import numpy as np
     from gguf import GGMLQuantizationType, GGUFWriter
 
@@ -174,6 +175,16 @@ def csm_1b_shape(path, seed=7):
             raw[:, 2:] = rng.integers(-127, 128, size=(blocks, 32), dtype=np.int8).view(np.uint8)
             return raw.reshape(rows, cols // 32 * 34)
 
+        def random_q4_0(rows, cols, scale):
+            blocks = rows * cols // 32
+            raw = np.empty((blocks, 18), dtype=np.uint8)
+            raw[:, :2] = np.full((blocks, 1), scale / 8, dtype=np.float16).view(np.uint8)
+            raw[:, 2:] = rng.integers(0, 256, size=(blocks, 16), dtype=np.uint8)
+            return raw.reshape(rows, cols // 32 * 18)
+
+        def in_decoder(gname):
+            return gname.startswith(("decoder.", "projection", "audio_head"))
+
         w = GGUFWriter(path, "csm")
         convert_csm.write_metadata(w, config, "original", tok_path, "csm-1b-shape")
         for name in convert_csm.expected_original_names(config):
@@ -183,8 +194,11 @@ def csm_1b_shape(path, seed=7):
                 w.add_tensor(gname, (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32))
             else:
                 rows, cols = int(np.prod(shape[:-1])), shape[-1]
-                raw = random_q8_0(rows, cols, 2.0 / np.sqrt(cols))
-                w.add_tensor(gname, raw, raw_shape=(*shape[:-1], cols // 32 * 34), raw_dtype=GGMLQuantizationType.Q8_0)
+                if decoder_type == "q4_0" and in_decoder(gname):
+                    raw, qtype = random_q4_0(rows, cols, 2.0 / np.sqrt(cols)), GGMLQuantizationType.Q4_0
+                else:
+                    raw, qtype = random_q8_0(rows, cols, 2.0 / np.sqrt(cols)), GGMLQuantizationType.Q8_0
+                w.add_tensor(gname, raw, raw_shape=(*shape[:-1], raw.shape[-1]), raw_dtype=qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file(progress=False)
@@ -195,6 +209,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir")
     ap.add_argument("--csm-1b-shape", action="store_true", help="write only csm-1b-shape.gguf")
+    ap.add_argument(
+        "--csm-1b-shape-q4-decoder", action="store_true", help="write only csm-1b-shape-q4dec.gguf (the decoder's products in q4_0)"
+    )
     ap.add_argument("--fuzz-seeds", action="store_true", help="write only the fuzz seeds micro-llama.gguf, micro-csm.gguf, micro-mimi.gguf")
     ap.add_argument("--mimi-shape", action="store_true", help="write only mimi-shape.gguf")
     args = ap.parse_args()
@@ -206,6 +223,9 @@ def main():
         return
     if args.csm_1b_shape:
         csm_1b_shape(os.path.join(args.out_dir, "csm-1b-shape.gguf"))
+        return
+    if args.csm_1b_shape_q4_decoder:
+        csm_1b_shape(os.path.join(args.out_dir, "csm-1b-shape-q4dec.gguf"), decoder_type="q4_0")
         return
     if args.mimi_shape:
         mimi(os.path.join(args.out_dir, "mimi-shape.gguf"), mimi_checkpoint.MIMI, "mimi-shape", seed=8, dtype="q8_0")

@@ -417,14 +417,7 @@ fn build_step<'c>(
     };
     let x = ctx.get_rows(model.weights.get(model.token_embd), tokens)?;
     let mut scope = BuildScope::new(ctx, graph, &model.weights, cache, inputs).tracking_attention(track_attention);
-    let hidden = transformer.build(&mut scope, x)?;
-    let hidden = match which {
-        Logits::All => hidden,
-        Logits::Last => {
-            let row = hidden.strides()[1];
-            ctx.view(hidden, &[hidden.ne(0), 1], &[row], (n as usize - 1) * row)?
-        }
-    };
+    let hidden = transformer.build(&mut scope, x, which)?;
     let logits = ctx.mul_mat(model.weights.get(model.output), hidden)?.set_name("logits").set_output();
     graph.expand(logits)?;
     Ok(StepTensors { tokens, inputs, logits })

@@ -20,7 +20,7 @@ use crate::llama::Transformer;
 use crate::memory::{self, make_room, ManagedCache, MemoryReport};
 use crate::model::{keep_count, CacheReport, Model, TrainedContext};
 use crate::sampling::Sampler;
-use crate::CacheType;
+use crate::{CacheType, Logits};
 
 /// Runtime settings of a CSM model.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -105,12 +105,6 @@ fn write_step_inputs(inputs: &StepInputs<'_>, stack: &Transformer, cache: &KvCac
     Ok(())
 }
 
-/// The last column of `[d, n]` as its own `[d, 1]` tensor.
-fn last_column<'c>(ctx: &'c Context, x: Tensor<'c>) -> Result<Tensor<'c>> {
-    let row = x.strides()[1];
-    Ok(ctx.cont(ctx.view(x, &[x.ne(0), 1], &[row], (x.ne(1) as usize - 1) * row)?)?)
-}
-
 /// The backbone over `n` rows: masked sums of text and audio embeddings → hidden → codebook-0 logits.
 fn build_backbone<'c>(
     model: &'c CsmModel,
@@ -136,8 +130,7 @@ fn build_backbone<'c>(
     let x = ctx.add(text, audio)?.set_name("backbone_in");
     let inputs = step_inputs(ctx, &model.backbone, n, n_kv)?;
     let mut scope = BuildScope::new(ctx, graph, &model.weights, cache, inputs).tracking_attention(track_attention);
-    let hidden = model.backbone.build(&mut scope, x)?;
-    let last = last_column(ctx, hidden)?.set_name("h_last").set_output();
+    let last = model.backbone.build(&mut scope, x, Logits::Last)?.set_name("h_last").set_output();
     let logits = ctx.mul_mat(w(model.codebook0_head), last)?.set_name("c0_logits").set_output();
     graph.expand(last)?;
     graph.expand(logits)?;
@@ -166,8 +159,8 @@ fn build_decoder_step<'c>(
     let x = ctx.mul_mat(w(model.projection), x)?.set_name("decoder_in");
     let inputs = step_inputs(ctx, &model.decoder, n, n_kv)?;
     let mut scope = BuildScope::new(ctx, graph, &model.weights, cache, inputs);
-    let hidden = model.decoder.build(&mut scope, x)?;
-    let last = if n > 1 { last_column(ctx, hidden)? } else { hidden };
+    let last = model.decoder.build(&mut scope, x, Logits::Last)?;
+    debug_assert_eq!(last.ne(1), 1, "{n} decoder rows in, one out");
     let heads = w(model.audio_head);
     let head = ctx.view(heads, &[heads.ne(0), heads.ne(1)], &[heads.strides()[1]], s * heads.strides()[2])?;
     let logits = ctx.mul_mat(head, last)?.set_name("logits").set_output();

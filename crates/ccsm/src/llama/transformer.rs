@@ -8,6 +8,7 @@ use super::names::{BlockTensor, StackNames};
 use crate::attention::{self, AttentionShape, BuildScope};
 use crate::error::Result;
 use crate::weights::WeightLoader;
+use crate::Logits;
 
 struct Attention {
     norm: TensorId,
@@ -48,8 +49,9 @@ impl Attention {
         })
     }
 
-    /// x `[n_embd, n]` → attention output `[n_embd, n]`, storing this step's K/V rows in the cache.
-    fn build<'c>(&self, s: &mut BuildScope<'c, '_>, c: &LlamaConfig, layer: usize, x: Tensor<'c>) -> Result<Tensor<'c>> {
+    /// x `[n_embd, n]` → attention output `[n_embd, n]` (only the last row's with `last_only`),
+    /// storing this step's K/V rows in the cache.
+    fn build<'c>(&self, s: &mut BuildScope<'c, '_>, c: &LlamaConfig, layer: usize, x: Tensor<'c>, last_only: bool) -> Result<Tensor<'c>> {
         let (ctx, w) = (s.ctx, |id| s.weights.get(id));
         let n = x.ne(1);
         let (hd, n_head, n_head_kv) = (c.head_dim as i64, c.n_head as i64, c.n_head_kv as i64);
@@ -68,6 +70,7 @@ impl Attention {
         let v = ctx.mul_mat(w(self.v), h)?.set_name(&format!("blk.{layer}.v"));
         let shape = AttentionShape { head_dim: c.head_dim, n_head: c.n_head, n_head_kv: c.n_head_kv };
         let merged = attention::over_cache(s, layer, shape, q, k, v)?;
+        let merged = if last_only { last_column(ctx, merged)? } else { merged };
         Ok(ctx.mul_mat(w(self.out), merged)?.set_name(&format!("blk.{layer}.attn_out")))
     }
 }
@@ -91,8 +94,12 @@ impl Mlp {
 }
 
 impl Block {
-    fn build<'c>(&self, s: &mut BuildScope<'c, '_>, c: &LlamaConfig, layer: usize, x: Tensor<'c>) -> Result<Tensor<'c>> {
-        let x = s.ctx.add(x, self.attention.build(s, c, layer, x)?)?;
+    /// With `last_only` every row's K/V still enter the cache, but the rest of the block (output
+    /// projection, residual, MLP) runs for the last row alone.
+    fn build<'c>(&self, s: &mut BuildScope<'c, '_>, c: &LlamaConfig, layer: usize, x: Tensor<'c>, last_only: bool) -> Result<Tensor<'c>> {
+        let attended = self.attention.build(s, c, layer, x, last_only)?;
+        let x = if last_only { last_column(s.ctx, x)? } else { x };
+        let x = s.ctx.add(x, attended)?;
         let x = s.ctx.add(x, self.mlp.build(s, c, layer, x)?)?;
         Ok(x.set_name(&format!("blk.{layer}.out")))
     }
@@ -126,11 +133,15 @@ impl Transformer {
         }
     }
 
-    /// Embeddings `[n_embd, n]` → final-normed hidden states `[n_embd, n]`.
-    pub fn build<'c>(&self, s: &mut BuildScope<'c, '_>, x: Tensor<'c>) -> Result<Tensor<'c>> {
+    /// Embeddings `[n_embd, n]` → final-normed hidden states `[n_embd, n]`, or `[n_embd, 1]` of the
+    /// last row with `Logits::Last` (the last block's projections and MLP then skip the other rows,
+    /// as llama.cpp does: 1/n_layer of a prompt's MLP work).
+    pub fn build<'c>(&self, s: &mut BuildScope<'c, '_>, x: Tensor<'c>, rows: Logits) -> Result<Tensor<'c>> {
         let mut x = x;
+        let last_layer = self.blocks.len().saturating_sub(1);
         for (layer, block) in self.blocks.iter().enumerate() {
-            x = block.build(s, &self.config, layer, x)?;
+            let last_only = rows == Logits::Last && layer == last_layer && x.ne(1) > 1;
+            x = block.build(s, &self.config, layer, x, last_only)?;
         }
         let normed = s.ctx.mul(s.ctx.rms_norm(x, self.config.rms_eps)?, s.weights.get(self.output_norm))?;
         if let Some(mass) = s.take_attention_mass() {
@@ -144,4 +155,10 @@ impl Transformer {
         // About 40 per block, up to 12 more when the cache rotates.
         64 * self.config.n_layer + 64
     }
+}
+
+/// The last column of `x` `[ne0, n]`, contiguous.
+pub(crate) fn last_column<'c>(ctx: &'c Context, x: Tensor<'c>) -> Result<Tensor<'c>> {
+    let row = x.strides()[1];
+    Ok(ctx.cont(ctx.view(x, &[x.ne(0), 1], &[row], (x.ne(1) as usize - 1) * row)?)?)
 }
