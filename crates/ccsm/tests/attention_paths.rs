@@ -66,11 +66,11 @@ fn check_paths(t: CacheType, rotation: Rotation, runs: &[(AttentionChoice, usize
     let _one_at_a_time = serial();
     let (tokens, vocab, reference, floor) = f32_reference();
     let (vocab, floor) = (*vocab, *floor);
-    let direct_kld = mean_kld(&reference, &logits(t, rotation, DIRECT, 64, &tokens), vocab);
+    let direct_kld = mean_kld(reference, &logits(t, rotation, DIRECT, 64, tokens), vocab);
     eprintln!("{t} (rotation {rotation:?}): direct KLD vs f32 {direct_kld:.3e}; f32 kernels apart {floor:.3e}");
     let mut worse = Vec::new();
     for &(attention, n_batch) in runs {
-        let kld = mean_kld(&reference, &logits(t, rotation, attention, n_batch, &tokens), vocab);
+        let kld = mean_kld(reference, &logits(t, rotation, attention, n_batch, tokens), vocab);
         eprintln!("  {attention} batch {n_batch}: KLD vs f32 {kld:.3e}");
         if kld > 1.1 * direct_kld + 2.0 * floor {
             worse.push(format!("{attention} batch {n_batch}: {kld:.3e}"));
