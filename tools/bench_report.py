@@ -1,16 +1,11 @@
 #!/usr/bin/env python3
-"""Renders docs/benchmarks.md from the raw results of tools/bench.sh, beside llama.cpp's numbers
-measured on a machine of this kind (shared/notes/targets.md)."""
+"""Renders docs/benchmarks.md from the raw results of tools/bench.sh: speed side by side with llama.cpp's
+llama-bench when tools/bench.sh could run it (docs/data/peer-compare.jsonl, one interleaved run), and
+accuracy beside llama.cpp's KLD from shared/notes/targets.md."""
 import json
 import sys
 from pathlib import Path
 
-# llama.cpp (commit 0c1e570, AVX-512, 2 threads, flash attention), SmolLM2-135M Q4_1.
-LLAMA_CPP_SPEED = {  # (cache, test) -> t/s
-    ("f16", "pp512"): 278.9, ("f16", "pp512 @ d2048"): 171.6, ("f16", "tg128"): 76.4, ("f16", "tg128 @ d2048"): 36.9,
-    ("q8_0", "pp512"): 212.5, ("q8_0", "pp512 @ d2048"): 78.4, ("q8_0", "tg128"): 81.2, ("q8_0", "tg128 @ d2048"): 40.5,
-    ("q4_0", "pp512"): 185.1, ("q4_0", "pp512 @ d2048"): 47.4, ("q4_0", "tg128"): 81.2, ("q4_0", "tg128 @ d2048"): 30.2,
-}
 LLAMA_CPP_KLD_512 = {"q8_0/q8_0": (0.00366, 96.81), "q4_0/q4_0": (0.05547, 87.79), "q4_1/q4_1": (0.04997, 88.93), "q8_0/q4_0": (0.00964, 95.54)}
 
 
@@ -25,22 +20,22 @@ def main():
     kld = [json.loads(l) for l in (data / "kld.jsonl").read_text().splitlines() if l.strip()]
     base = json.loads((data / "ppl-f32.json").read_text())
     print("# Benchmarks\n")
-    print("Made by `make bench` (tools/bench.sh): SmolLM2-135M-Instruct Q4_1, 2 threads, on the 2-core")
-    print("development machine. llama.cpp's numbers are from the same kind of machine (commit 0c1e570, AVX-512,")
-    print("flash attention). Runs on this shared machine vary by 5–15 %.\n")
-    print("## Speed (tokens/s, avg ± stddev of 3 runs)\n")
-    if rows and "kv_rotated" not in rows[0]:
-        print("These speed rows predate rotated caches (quantized rows stored plain); rotation's cost is below this")
-        print("machine's noise (`docs/kv-rotation.md`).\n")
-    print("| cache | test | ccsm t/s | llama.cpp t/s | ratio | KV cache MiB | peak RSS MiB |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("Made by `make bench` (tools/bench.sh): SmolLM2-135M-Instruct Q4_1, 2 threads, flash attention, on the")
+    print("2-core development machine (AMD EPYC, AVX2). Identical runs on this shared machine move 10–20 %.\n")
+    peer = data / "peer-compare.jsonl"
+    if peer.exists():
+        side_by_side([json.loads(l) for l in peer.read_text().splitlines() if l.strip()])
+    else:
+        print("## Speed\n")
+        print("No side-by-side run: llama.cpp's llama-bench was not found. Build it with `../shared/peer/build_peer.sh`")
+        print("(about 8 minutes; or point PEER_BIN at a folder holding llama-bench) and rerun `make bench`.\n")
+    print("## ccsm alone (tokens/s, avg ± stddev of 3 runs)\n")
+    print("| cache | test | ccsm t/s | KV cache MiB | peak RSS MiB |")
+    print("| --- | --- | ---: | ---: | ---: |")
     for r in rows:
         cache = r["k_type"] if r["k_type"] == r["v_type"] else f"{r['k_type']}/{r['v_type']}"
-        name = test_name(r)
-        peer = LLAMA_CPP_SPEED.get((cache, name))
-        ratio = f"{r['avg_ts'] / peer:.2f}×" if peer else "—"
         rss = f"{r['peak_rss_bytes'] / 2**20:.1f}" if r.get("peak_rss_bytes") else "—"
-        print(f"| {cache} | {name} | {r['avg_ts']:.1f} ± {r['stddev_ts']:.1f} | {peer if peer else '—'} | {ratio} | {r['kv_bytes'] / 2**20:.2f} | {rss} |")
+        print(f"| {cache} | {test_name(r)} | {r['avg_ts']:.1f} ± {r['stddev_ts']:.1f} | {r['kv_bytes'] / 2**20:.2f} | {rss} |")
     print(f"\n## Accuracy on the Jargon File (ctx {base['ctx']}, {base['chunks']} chunks, {base['scored_tokens']} tokens scored)\n")
     print(f"F32-cache reference: PPL = {base['ppl']['mean']:.4f} ± {base['ppl']['stderr']:.4f}.\n")
     print("| K/V | PPL | mean KLD | same top % | Δ ln PPL | RMS Δp % | llama.cpp KLD (ctx 512) | llama.cpp same top % |")
@@ -58,6 +53,40 @@ def main():
     print("Hadamard-rotated (the default `--kv-rotation quantized`); `docs/kv-rotation.md` has the pairs against an f16")
     print("cache, with and without rotation.")
     memory_section(data)
+
+
+def side_by_side(rows):
+    """ccsm and llama.cpp per cache type, depth and test, from compare_bench.sh's interleaved run."""
+    def kind(r):
+        return "pp" if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0 else "tg"
+    got = {(r["engine"], r["cache"], r["depth"], kind(r)): r for r in rows}
+    cells = sorted({(c, d, k) for (_, c, d, k) in got}, key=lambda x: (CACHE_ORDER.index(x[0]), x[1], x[2]))
+    print("## Speed beside llama.cpp (one interleaved run: `../shared/peer/compare_bench.sh`, 3 repetitions each)\n")
+    print("| K/V | depth | test | ccsm t/s | llama.cpp t/s | ccsm / llama.cpp |")
+    print("| --- | ---: | --- | ---: | ---: | ---: |")
+    ours = {}
+    for cache, depth, k in cells:
+        a, b = got.get(("ccsm", cache, depth, k)), got.get(("llama.cpp", cache, depth, k))
+        if not a or not b:
+            continue
+        ours[(cache, depth, k)] = a["avg_ts"]
+        n = a["n_prompt"] if k == "pp" else a["n_gen"]
+        print(f"| {cache} | {depth} | {k}{n} | {a['avg_ts']:.1f} ± {a['stddev_ts']:.1f} | {b['avg_ts']:.1f} ± {b['stddev_ts']:.1f} | "
+              f"{a['avg_ts'] / b['avg_ts']:.2f} |")
+    deepest = max((d for (_, d, _) in ours), default=0)
+    print(f"\nQuantized caches against our own f16 cache at depth {deepest}:\n")
+    print("| K/V | pp / f16 pp | tg / f16 tg |")
+    print("| --- | ---: | ---: |")
+    for cache in CACHE_ORDER:
+        if cache in ("f16", "f32") or (cache, deepest, "pp") not in ours or ("f16", deepest, "pp") not in ours:
+            continue
+        pp = ours[(cache, deepest, "pp")] / ours[("f16", deepest, "pp")]
+        tg = ours[(cache, deepest, "tg")] / ours[("f16", deepest, "tg")]
+        print(f"| {cache} | {pp:.2f} | {tg:.2f} |")
+    print()
+
+
+CACHE_ORDER = ["f32", "f16", "q8_0", "q4_0", "q4_1"]
 
 
 def memory_section(data):

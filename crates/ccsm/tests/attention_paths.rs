@@ -111,23 +111,10 @@ fn all_runs(t: CacheType) -> Vec<(AttentionChoice, usize)> {
 }
 
 #[test]
-fn kernels_agree_on_f16_caches() {
-    check_paths(CacheType::F16, Rotation::Quantized, &all_runs(CacheType::F16));
-}
-
-#[test]
-fn kernels_agree_on_q8_0_caches() {
-    check_paths(CacheType::Q8_0, Rotation::Quantized, &all_runs(CacheType::Q8_0));
-}
-
-#[test]
-fn kernels_agree_on_q4_0_caches() {
-    check_paths(CacheType::Q4_0, Rotation::Quantized, &all_runs(CacheType::Q4_0));
-}
-
-#[test]
-fn kernels_agree_on_q4_1_caches() {
-    check_paths(CacheType::Q4_1, Rotation::Quantized, &all_runs(CacheType::Q4_1));
+fn kernels_agree_on_every_cache_type() {
+    for t in [CacheType::F16, CacheType::Q8_0, CacheType::Q4_0, CacheType::Q4_1] {
+        check_paths(t, Rotation::Quantized, &all_runs(t));
+    }
 }
 
 #[test]
