@@ -81,6 +81,7 @@ const BENCH_KEYS: &[&str] = &[
     "k_type",
     "v_type",
     "kv_rotated",
+    "attention",
     "test",
     "n_prompt",
     "n_gen",
@@ -107,6 +108,7 @@ fn bench_json_keys_are_stable_and_markdown_has_a_row_per_combination() {
         assert_eq!(row["samples_ts"].as_array().unwrap().len(), 2);
         // By default only quantized halves are rotated (tiny-llama's heads of 32 are a power of two).
         assert_eq!(row["kv_rotated"], row["k_type"] == "q8_0");
+        assert_eq!(row["attention"], "auto");
     }
     // KV bytes are the block math: 2 layers × (K + V) × 64 values × cells (depth + 8 + 1).
     let q8 = rows.iter().find(|r| r["k_type"] == "q8_0" && r["depth"] == 16).unwrap();
@@ -120,4 +122,16 @@ fn bench_json_keys_are_stable_and_markdown_has_a_row_per_combination() {
     for test in ["pp8", "tg4", "pp8 @ d16", "tg4 @ d16"] {
         assert_eq!(lines.iter().filter(|l| l.contains(&format!("| {test} |"))).count(), 2, "{test}");
     }
+}
+
+#[test]
+fn bench_measures_each_attention_kernel_asked_for() {
+    let args = ["bench", &tiny(), "--kv-quant", "q4_0", "--attention", "direct,dequantized,split", "-p", "8", "-n", "2", "-r", "1"];
+    let out = Command::cargo_bin("ccsm-infer").unwrap().args(args).args(["-o", "json", "-t", "1"]).assert().success();
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.get_output().stdout).unwrap();
+    let kernels: Vec<&str> = rows.iter().map(|r| r["attention"].as_str().unwrap()).collect();
+    assert_eq!(kernels, ["direct", "direct", "dequantized", "dequantized", "split", "split"]);
+    let bad = Command::cargo_bin("ccsm-infer").unwrap().args(["bench", &tiny(), "--attention", "tiled"]).assert().code(2);
+    let err = String::from_utf8_lossy(&bad.get_output().stderr).into_owned();
+    assert!(err.contains("unknown attention path 'tiled'"), "{err}");
 }
