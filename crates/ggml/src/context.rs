@@ -138,6 +138,13 @@ impl<'ctx> Tensor<'ctx> {
         self.raw.as_ptr()
     }
 
+    /// Whether the tensor's data is in ggml's CPU repack buffer (re-laid out for matrix products).
+    pub fn is_repacked(self) -> bool {
+        let buffer = self.header().buffer;
+        // SAFETY: a non-null buffer of a live tensor is a live backend buffer.
+        !buffer.is_null() && crate::store::repack_buffer_type() == Some(unsafe { sys::ggml_backend_buffer_get_type(buffer) })
+    }
+
     fn header(&self) -> &sys::ggml_tensor {
         // SAFETY: the tensor lives in a context that outlives 'ctx, and so this borrow.
         unsafe { self.raw.as_ref() }
@@ -233,6 +240,10 @@ impl<'ctx> Tensor<'ctx> {
     fn check_io(self, op: &'static str, len: usize) -> Result<()> {
         if !self.is_allocated() {
             return Err(Error::NotAllocated { op });
+        }
+        // ggml's repack buffer converts whole-tensor writes and has no reads (a null function).
+        if op != "write_bytes" && self.is_repacked() {
+            return Err(Error::invalid(op, "a tensor in ggml's repack buffer is only written whole (write_bytes)"));
         }
         if !self.is_contiguous() {
             return Err(Error::shape(op, "data I/O needs a contiguous tensor", &[self.shape()]));

@@ -20,8 +20,13 @@ pub enum StoreMemory {
     Repacked,
 }
 
-/// ggml's CPU repack buffer type, when this build has one.
-fn repack_buffer_type() -> Option<sys::ggml_backend_buffer_type_t> {
+/// ggml's CPU repack buffer type, when this build has one (looked up once).
+pub(crate) fn repack_buffer_type() -> Option<sys::ggml_backend_buffer_type_t> {
+    static FOUND: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    FOUND.get_or_init(|| find_repack_buffer_type().map(|t| t as usize)).map(|t| t as sys::ggml_backend_buffer_type_t)
+}
+
+fn find_repack_buffer_type() -> Option<sys::ggml_backend_buffer_type_t> {
     crate::init();
     // SAFETY: registry lookups return static objects or null; the proc address, when present, has the
     // documented ggml_backend_dev_get_extra_bufts_t signature and returns a null-terminated array.
@@ -53,27 +58,70 @@ fn repack_buffer_type() -> Option<sys::ggml_backend_buffer_type_t> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TensorId(usize);
 
-/// A set of named tensors declared first, then allocated together in one backend buffer.
-/// The buffer is freed (before the headers' context) when the store is dropped.
+/// A set of named tensors declared first, then allocated together in one backend buffer (plus one
+/// repack buffer for tensors declared with `add_repacked`). The buffers are freed (before the headers'
+/// contexts) when the store is dropped.
 pub struct TensorStore {
     buffer: Option<NonNull<sys::ggml_backend_buffer>>,
+    repack_buffer: Option<NonNull<sys::ggml_backend_buffer>>,
     tensors: Vec<NonNull<sys::ggml_tensor>>,
+    /// Per tensor: declared in `repack_ctx`.
+    repacked: Vec<bool>,
     by_name: HashMap<String, TensorId>,
     max_tensors: usize,
     memory: StoreMemory,
-    // Declared last so it is dropped after the buffer.
+    // Declared last so they are dropped after the buffers.
     ctx: Context,
+    repack_ctx: Context,
 }
 
 impl TensorStore {
     pub fn new(max_tensors: usize) -> Result<Self> {
-        let ctx = Context::new(ContextParams { mem_size: tensor_overhead() * max_tensors.max(1), no_alloc: true })?;
-        Ok(TensorStore { buffer: None, tensors: Vec::new(), by_name: HashMap::new(), max_tensors, memory: StoreMemory::Host, ctx })
+        let params = || ContextParams { mem_size: tensor_overhead() * max_tensors.max(1), no_alloc: true };
+        Ok(TensorStore {
+            buffer: None,
+            repack_buffer: None,
+            tensors: Vec::new(),
+            repacked: Vec::new(),
+            by_name: HashMap::new(),
+            max_tensors,
+            memory: StoreMemory::Host,
+            ctx: Context::new(params())?,
+            repack_ctx: Context::new(params())?,
+        })
+    }
+
+    /// Whether `add_repacked` would place a tensor of this type and shape in ggml's repack buffer:
+    /// this build has one, and the CPU has a repacked layout for it (ggml's rule on x86: Q4_0 with a
+    /// multiple of 8 rows, on AVX2). Allocation checks ggml agreed.
+    pub fn repacks(dtype: DType, shape: &[i64]) -> bool {
+        let rows = shape.get(1).copied().unwrap_or(1);
+        let matrix = shape.iter().skip(2).all(|&d| d == 1);
+        dtype == DType::Q4_0 && matrix && rows % 8 == 0 && crate::cpu_features().contains(&"AVX2") && repack_buffer_type().is_some()
+    }
+
+    /// Declares a matrix used only as the first operand of whole-tensor matrix products: in ggml's
+    /// repack buffer when `repacks` says it has a layout there (faster products), else as `add`. Its
+    /// data must be written through `Tensor::write_bytes`.
+    pub fn add_repacked(&mut self, name: &str, dtype: DType, shape: &[i64]) -> Result<TensorId> {
+        if !Self::repacks(dtype, shape) {
+            return self.add(name, dtype, shape);
+        }
+        self.declare(name, dtype, shape, true)
+    }
+
+    /// Whether the tensor lives in the repack buffer (write it through `Tensor::write_bytes`).
+    pub fn is_repacked(&self, id: TensorId) -> bool {
+        self.repacked[id.0] || self.memory == StoreMemory::Repacked
     }
 
     /// Declares a tensor; only before `allocate`.
     pub fn add(&mut self, name: &str, dtype: DType, shape: &[i64]) -> Result<TensorId> {
-        if self.buffer.is_some() {
+        self.declare(name, dtype, shape, false)
+    }
+
+    fn declare(&mut self, name: &str, dtype: DType, shape: &[i64], repacked: bool) -> Result<TensorId> {
+        if self.buffer.is_some() || self.repack_buffer.is_some() {
             return Err(Error::invalid("TensorStore::add", "the store is already allocated"));
         }
         if self.tensors.len() >= self.max_tensors {
@@ -82,9 +130,11 @@ impl TensorStore {
         if self.by_name.contains_key(name) {
             return Err(Error::invalid("TensorStore::add", format!("tensor `{name}` declared twice")));
         }
-        let raw = self.ctx.new_tensor(dtype, shape)?.set_name(name).raw();
+        let ctx = if repacked { &self.repack_ctx } else { &self.ctx };
+        let raw = ctx.new_tensor(dtype, shape)?.set_name(name).raw();
         let id = TensorId(self.tensors.len());
         self.tensors.push(NonNull::new(raw).expect("new_tensor returns non-null"));
+        self.repacked.push(repacked);
         self.by_name.insert(name.to_owned(), id);
         Ok(id)
     }
@@ -94,11 +144,37 @@ impl TensorStore {
         self.allocate_in(StoreMemory::Host)
     }
 
-    /// Gives every declared tensor memory of the given kind (zero-filled).
+    /// Gives every tensor declared with `add` memory of the given kind, and those declared with
+    /// `add_repacked` repack memory (zero-filled).
     pub fn allocate_in(&mut self, memory: StoreMemory) -> Result<()> {
-        if self.buffer.is_some() || self.tensors.is_empty() {
+        if self.buffer.is_some() || self.repack_buffer.is_some() || self.tensors.is_empty() {
             return Ok(());
         }
+        let plain: Vec<usize> = (0..self.tensors.len()).filter(|&i| !self.repacked[i]).collect();
+        let packed: Vec<usize> = (0..self.tensors.len()).filter(|&i| self.repacked[i]).collect();
+        let buffer = if plain.is_empty() { None } else { Some(self.allocate_part(false, memory, &plain)?) };
+        let repack_buffer = match packed.is_empty() {
+            true => None,
+            false => match self.allocate_part(true, StoreMemory::Repacked, &packed) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    if let Some(b) = buffer {
+                        crate::reusable::unregister_buffer(b.as_ptr());
+                        // SAFETY: allocated just above and referred to by nothing else yet.
+                        unsafe { sys::ggml_backend_buffer_free(b.as_ptr()) };
+                    }
+                    return Err(e);
+                }
+            },
+        };
+        self.buffer = buffer;
+        self.repack_buffer = repack_buffer;
+        self.memory = memory;
+        Ok(())
+    }
+
+    /// Allocates the headers of one context (the tensors at `indices`) in a buffer of `memory`.
+    fn allocate_part(&self, repack_ctx: bool, memory: StoreMemory, indices: &[usize]) -> Result<NonNull<sys::ggml_backend_buffer>> {
         let buft = match memory {
             // SAFETY: returns a static buffer type.
             StoreMemory::Host => unsafe { sys::ggml_backend_cpu_buffer_type() },
@@ -106,17 +182,18 @@ impl TensorStore {
                 repack_buffer_type().ok_or(Error::invalid("allocate_in", "this ggml build has no CPU repack buffer"))?
             }
         };
-        let bytes: usize = self.tensors.iter().map(|t| self.tensor(*t).nbytes()).sum();
-        // SAFETY: the context holds only unallocated headers; the CPU buffer type is static. A null
+        let ctx = if repack_ctx { &self.repack_ctx } else { &self.ctx };
+        let bytes: usize = indices.iter().map(|&i| self.tensor(self.tensors[i]).nbytes()).sum();
+        // SAFETY: the context holds only unallocated headers; the buffer type is static. A null
         // result is an allocation failure.
-        let raw = unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(self.ctx.raw(), buft) };
+        let raw = unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(ctx.raw(), buft) };
         let buffer = NonNull::new(raw).ok_or(Error::Allocation { what: "tensor store buffer", bytes })?;
         if memory == StoreMemory::Repacked {
             // The repack buffer records each tensor's packed layout in `extra`; a type or shape with no
             // layout on this CPU leaves it null, and writing such a tensor would crash inside ggml.
             // SAFETY: the headers are live and were just initialised by the allocation.
-            if let Some(t) = self.tensors.iter().find(|t| unsafe { t.as_ref() }.extra.is_null()) {
-                let t = self.tensor(*t);
+            if let Some(&i) = indices.iter().find(|&&i| unsafe { self.tensors[i].as_ref() }.extra.is_null()) {
+                let t = self.tensor(self.tensors[i]);
                 let why = format!("tensor `{}` ({} {:?}) has no repacked layout on this CPU", t.name(), t.dtype(), t.shape());
                 // SAFETY: the buffer was just allocated here and nothing else refers to it yet.
                 unsafe { sys::ggml_backend_buffer_free(buffer.as_ptr()) };
@@ -126,9 +203,7 @@ impl TensorStore {
         // SAFETY: the buffer was just allocated and is owned by this store.
         unsafe { sys::ggml_backend_buffer_clear(buffer.as_ptr(), 0) };
         crate::reusable::register_buffer(buffer.as_ptr());
-        self.buffer = Some(buffer);
-        self.memory = memory;
-        Ok(())
+        Ok(buffer)
     }
 
     fn tensor(&self, raw: NonNull<sys::ggml_tensor>) -> Tensor<'_> {
@@ -152,18 +227,18 @@ impl TensorStore {
         self.tensors.is_empty()
     }
 
-    /// Bytes of the backend buffer (0 before allocation).
+    /// Bytes of the backend buffers (0 before allocation).
     pub fn buffer_bytes(&self) -> usize {
-        // SAFETY: the buffer, if any, is alive while the store is.
-        self.buffer.map_or(0, |b| unsafe { sys::ggml_backend_buffer_get_size(b.as_ptr()) })
+        // SAFETY: the buffers, if any, are alive while the store is.
+        [self.buffer, self.repack_buffer].iter().flatten().map(|b| unsafe { sys::ggml_backend_buffer_get_size(b.as_ptr()) }).sum()
     }
 
     /// The tensor's bytes in host memory, for loading data straight into place.
     pub fn data_mut(&mut self, id: TensorId) -> Result<&mut [u8]> {
-        if self.buffer.is_none() {
+        if self.buffer.is_none() && self.repack_buffer.is_none() {
             return Err(Error::NotAllocated { op: "TensorStore::data_mut" });
         }
-        if self.memory != StoreMemory::Host {
+        if self.is_repacked(id) {
             return Err(Error::invalid("TensorStore::data_mut", "repacked memory is written through Tensor::write_bytes"));
         }
         let t = self.get(id);
@@ -177,10 +252,11 @@ impl TensorStore {
 
 impl Drop for TensorStore {
     fn drop(&mut self) {
-        if let Some(buffer) = self.buffer.take() {
+        for buffer in [self.buffer.take(), self.repack_buffer.take()].into_iter().flatten() {
             crate::reusable::unregister_buffer(buffer.as_ptr());
             // SAFETY: the buffer is owned by this store and freed once; the headers pointing into it
-            // are in `ctx`, dropped right after, and no Tensor borrowed from the store outlives it.
+            // are in `ctx`/`repack_ctx`, dropped right after, and no Tensor borrowed from the store
+            // outlives it.
             unsafe { sys::ggml_backend_buffer_free(buffer.as_ptr()) }
         }
     }

@@ -1,4 +1,5 @@
 //! Tensors in a backend buffer: declared, allocated zeroed, filled in place, used from a graph.
+mod common;
 
 use ggml::{Backend, ComputeBuffer, DType, TensorStore};
 
@@ -106,4 +107,56 @@ fn kept_graphs_only_read_store_tensors() {
     graph.expand(kept.context().mul_mat(w, x).unwrap()).unwrap();
     let sealed = graph.seal();
     assert!(kept.finish(sealed).is_err(), "a tensor outside any store cannot be tracked");
+}
+
+/// Q4_0 matrices in ggml's repack buffer (when this CPU has a layout for them) compute the same
+/// products as the plain layout, against f64 products over the dequantized weights; reading them back
+/// (which ggml's repack buffer cannot do) is an error, not a crash.
+#[test]
+fn repacked_q4_0_matrices_compute_the_same_products() {
+    let (cols, rows) = (256i64, 64i64);
+    assert!(!TensorStore::repacks(DType::Q4_1, &[cols, rows]), "no Q4_1 layout on x86");
+    assert!(!TensorStore::repacks(DType::Q4_0, &[cols, rows + 1]), "rows must be a multiple of 8");
+    let mut rng = common::Rng::new(5);
+    let values = rng.normals((cols * rows) as usize);
+    let bytes = DType::Q4_0.quantize(&values, cols as usize).unwrap();
+    let weights = common::decode(DType::Q4_0, &bytes, values.len());
+    let mut store = TensorStore::new(2).unwrap();
+    let plain = store.add("plain", DType::Q4_0, &[cols, rows]).unwrap();
+    let packed = store.add_repacked("packed", DType::Q4_0, &[cols, rows]).unwrap();
+    store.allocate().unwrap();
+    assert!(!store.is_repacked(plain));
+    assert_eq!(store.is_repacked(packed), TensorStore::repacks(DType::Q4_0, &[cols, rows]));
+    store.data_mut(plain).unwrap().copy_from_slice(&bytes);
+    store.get(packed).write_bytes(&bytes).unwrap();
+    if store.is_repacked(packed) {
+        assert!(store.get(packed).read_bytes().is_err(), "the repack buffer has no reads");
+        assert!(store.data_mut(packed).is_err(), "nor in-place writes");
+    }
+    let backend = Backend::cpu(2).unwrap();
+    for n in [1i64, 5] {
+        let mut compute = ComputeBuffer::new().unwrap();
+        let ctx = compute.context(8, 16).unwrap();
+        let x = ctx.new_tensor(DType::F32, &[cols, n]).unwrap().set_input();
+        let (a, b) = (ctx.mul_mat(store.get(plain), x).unwrap(), ctx.mul_mat(store.get(packed), x).unwrap());
+        let mut graph = ctx.new_graph(16).unwrap();
+        graph.expand(a).unwrap();
+        graph.expand(b).unwrap();
+        ctx.allocate(&graph).unwrap();
+        let xs = rng.normals((cols * n) as usize);
+        x.write_f32(&xs).unwrap();
+        backend.compute(&graph).unwrap();
+        let (a, b) = (a.read_f32().unwrap(), b.read_f32().unwrap());
+        for j in 0..n as usize {
+            for r in 0..rows as usize {
+                let exact: f64 = (0..cols as usize).map(|c| weights[r * cols as usize + c] as f64 * xs[j * cols as usize + c] as f64).sum();
+                let scale: f64 =
+                    (0..cols as usize).map(|c| (weights[r * cols as usize + c] * xs[j * cols as usize + c]).abs() as f64).sum();
+                let (pa, pb) = (a[j * rows as usize + r] as f64, b[j * rows as usize + r] as f64);
+                // Both round the activations to q8_0 (about 1/254 of each block's largest value).
+                assert!((pa - exact).abs() <= 0.02 * scale, "plain row {r} col {j}: {pa} vs {exact}");
+                assert!((pb - pa).abs() <= 1e-4 * scale, "repacked row {r} col {j}: {pb} vs plain {pa}");
+            }
+        }
+    }
 }

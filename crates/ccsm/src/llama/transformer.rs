@@ -42,10 +42,10 @@ impl Attention {
     fn load(loader: &mut WeightLoader<'_>, names: &StackNames, c: &LlamaConfig, l: usize) -> Result<Self> {
         Ok(Attention {
             norm: loader.vector_f32(&names.block(l, BlockTensor::AttnNorm), c.n_embd)?,
-            q: loader.matrix(&names.block(l, BlockTensor::AttnQ), &[c.n_embd, c.n_embd_q()])?,
-            k: loader.matrix(&names.block(l, BlockTensor::AttnK), &[c.n_embd, c.n_embd_kv()])?,
-            v: loader.matrix(&names.block(l, BlockTensor::AttnV), &[c.n_embd, c.n_embd_kv()])?,
-            out: loader.matrix(&names.block(l, BlockTensor::AttnOut), &[c.n_embd_q(), c.n_embd])?,
+            q: loader.product_matrix(&names.block(l, BlockTensor::AttnQ), &[c.n_embd, c.n_embd_q()])?,
+            k: loader.product_matrix(&names.block(l, BlockTensor::AttnK), &[c.n_embd, c.n_embd_kv()])?,
+            v: loader.product_matrix(&names.block(l, BlockTensor::AttnV), &[c.n_embd, c.n_embd_kv()])?,
+            out: loader.product_matrix(&names.block(l, BlockTensor::AttnOut), &[c.n_embd_q(), c.n_embd])?,
         })
     }
 
@@ -79,9 +79,9 @@ impl Mlp {
     fn load(loader: &mut WeightLoader<'_>, names: &StackNames, c: &LlamaConfig, l: usize) -> Result<Self> {
         Ok(Mlp {
             norm: loader.vector_f32(&names.block(l, BlockTensor::FfnNorm), c.n_embd)?,
-            gate: loader.matrix(&names.block(l, BlockTensor::FfnGate), &[c.n_embd, c.n_ff])?,
-            up: loader.matrix(&names.block(l, BlockTensor::FfnUp), &[c.n_embd, c.n_ff])?,
-            down: loader.matrix(&names.block(l, BlockTensor::FfnDown), &[c.n_ff, c.n_embd])?,
+            gate: loader.product_matrix(&names.block(l, BlockTensor::FfnGate), &[c.n_embd, c.n_ff])?,
+            up: loader.product_matrix(&names.block(l, BlockTensor::FfnUp), &[c.n_embd, c.n_ff])?,
+            down: loader.product_matrix(&names.block(l, BlockTensor::FfnDown), &[c.n_ff, c.n_embd])?,
         })
     }
 
