@@ -132,8 +132,7 @@ pub fn over_cache<'c>(
 }
 
 /// Which kernel a step's attention runs (`docs/attention.md` has the measurements behind the choice).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttentionPath {
     /// ggml's flash attention over the cache as stored: its tiled path for f16/f32 caches and many
     /// queries, one query row at a time otherwise.
@@ -166,27 +165,40 @@ impl AttentionChoice {
     }
 }
 
+impl AttentionChoice {
+    /// Every choice with its name on the command line and in reports.
+    const NAMED: [(&'static str, AttentionChoice); 4] = [
+        ("auto", AttentionChoice::Auto),
+        ("direct", AttentionChoice::Only(AttentionPath::Direct)),
+        ("dequantized", AttentionChoice::Only(AttentionPath::Dequantized)),
+        ("split", AttentionChoice::Only(AttentionPath::Split)),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Self::NAMED.iter().find(|(_, c)| *c == self).map_or("auto", |(n, _)| n)
+    }
+}
+
 impl std::str::FromStr for AttentionChoice {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        Ok(match s {
-            "auto" => AttentionChoice::Auto,
-            "direct" => AttentionChoice::Only(AttentionPath::Direct),
-            "dequantized" => AttentionChoice::Only(AttentionPath::Dequantized),
-            "split" => AttentionChoice::Only(AttentionPath::Split),
-            other => return Err(format!("unknown attention path '{other}' (auto, direct, dequantized, split)")),
-        })
+        Self::NAMED
+            .iter()
+            .find(|(name, _)| *name == s)
+            .map(|(_, c)| *c)
+            .ok_or_else(|| format!("unknown attention path '{s}' (auto, direct, dequantized, split)"))
     }
 }
 
 impl std::fmt::Display for AttentionChoice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            AttentionChoice::Auto => "auto",
-            AttentionChoice::Only(AttentionPath::Direct) => "direct",
-            AttentionChoice::Only(AttentionPath::Dequantized) => "dequantized",
-            AttentionChoice::Only(AttentionPath::Split) => "split",
-        })
+        f.write_str(self.name())
+    }
+}
+
+impl serde::Serialize for AttentionChoice {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
     }
 }

@@ -51,25 +51,26 @@ impl<'f> WeightLoader<'f> {
 
     /// A weight matrix `[shape[0] (contiguous), shape[1], …]` used in matrix products or row lookups.
     pub fn matrix(&mut self, name: &str, shape: &[usize]) -> Result<TensorId> {
-        let info = self.info(name, shape)?;
-        if !is_matmul_type(info.dtype) {
-            return Err(Error::TensorType { name: name.to_owned(), dtype: info.dtype, why: "cannot be used as a weight matrix" });
-        }
-        let id = self.store.add(name, info.dtype, &info.shape)?;
-        self.pending.push((id, info, Fill::Raw));
-        Ok(id)
+        self.declare_matrix(name, shape, false)
     }
 
     /// A weight matrix used only whole as the first operand of matrix products (never viewed or
     /// looked up by rows): where ggml has a faster repacked layout for its type on this CPU (Q4_0 on
     /// AVX2: 1.3× at one column, 1.6× at 128, `docs/kernel-choices.md`) it is stored so.
     pub fn product_matrix(&mut self, name: &str, shape: &[usize]) -> Result<TensorId> {
+        self.declare_matrix(name, shape, true)
+    }
+
+    fn declare_matrix(&mut self, name: &str, shape: &[usize], products_only: bool) -> Result<TensorId> {
         let info = self.info(name, shape)?;
-        if !TensorStore::repacks(info.dtype, &info.shape) {
-            return self.matrix(name, shape);
+        if !is_matmul_type(info.dtype) {
+            return Err(Error::TensorType { name: name.to_owned(), dtype: info.dtype, why: "cannot be used as a weight matrix" });
         }
-        let id = self.store.add_repacked(name, info.dtype, &info.shape)?;
-        self.pending.push((id, info, Fill::Repacked));
+        let id = match products_only {
+            true => self.store.add_repacked(name, info.dtype, &info.shape)?,
+            false => self.store.add(name, info.dtype, &info.shape)?,
+        };
+        self.pending.push((id, info, if self.store.is_repacked(id) { Fill::Repacked } else { Fill::Raw }));
         Ok(id)
     }
 

@@ -40,7 +40,7 @@ pub struct BenchRow {
     /// Whether the cache stores Hadamard-rotated rows (`--kv-rotation`).
     pub kv_rotated: bool,
     /// The attention kernels (`--attention`): auto, direct, dequantized or split.
-    pub attention: String,
+    pub attention: AttentionChoice,
     pub test: BenchTest,
     pub n_prompt: u32,
     pub n_gen: u32,
@@ -113,7 +113,7 @@ impl RowSource<'_> {
             k_type: self.cache,
             v_type: self.cache,
             kv_rotated: self.rotated,
-            attention: self.attention.to_string(),
+            attention: self.attention,
             test,
             n_prompt: if test == BenchTest::Pp { self.args.n_prompt } else { 0 },
             n_gen: if test == BenchTest::Pp { 0 } else { self.args.n_gen },
@@ -216,7 +216,7 @@ pub fn markdown(rows: &[BenchRow]) -> String {
             // Rows stored rotated get a mark: "q4_0/q4_0 ·H".
             if r.kv_rotated { " ·H" } else { "" },
             // A forced attention path is named: "q8_0/q8_0 ·H split".
-            if r.attention == "auto" { String::new() } else { format!(" {}", r.attention) },
+            if r.attention == AttentionChoice::Auto { String::new() } else { format!(" {}", r.attention) },
             r.test_name(),
             r.avg_ts,
             r.stddev_ts,

@@ -331,24 +331,21 @@ unsafe extern "C" fn merge_kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth: c
     let (out, partials) = unsafe { (View::of(dst.as_ptr()), View::of(dst.as_ref().src[0])) };
     let (hd_v, n_head, n_q, parts) = (out.ne[0] as usize, out.ne[1], out.ne[2], partials.ne[3]);
     let columns = n_head * n_q;
-    let mut column = ith.max(0) as i64;
-    while column < columns {
+    let part = |h: i64, qi: i64, p: i64| -> &[f32] {
+        // SAFETY: as above; each part's column is 2 + hd_v floats.
+        unsafe { std::slice::from_raw_parts(partials.at(h, qi, p).cast::<f32>(), 2 + hd_v) }
+    };
+    for column in (ith.max(0) as i64..columns).step_by(nth.max(1) as usize) {
         let (h, qi) = (column % n_head, column / n_head);
-        // SAFETY: as above; each part's column is 2 + hd_v floats, the output column hd_v floats.
-        let results: Vec<&[f32]> =
-            (0..parts).map(|p| unsafe { std::slice::from_raw_parts(partials.at(h, qi, p).cast::<f32>(), 2 + hd_v) }).collect();
+        // SAFETY: as above; the output column is hd_v floats, written by this thread only.
         let target = unsafe { std::slice::from_raw_parts_mut(out.at(h, qi, 0) as *mut f32, hd_v) };
-        let max = results.iter().map(|r| r[0]).fold(f32::NEG_INFINITY, f32::max);
         target.iter_mut().for_each(|t| *t = 0.0);
+        let max = (0..parts).map(|p| part(h, qi, p)[0]).fold(f32::NEG_INFINITY, f32::max);
         if max == f32::NEG_INFINITY {
-            column += nth.max(1) as i64;
             continue; // every cell masked: ggml's kernels give zeros too
         }
         let mut sum = 0.0;
-        for r in &results {
-            if r[0] == f32::NEG_INFINITY {
-                continue;
-            }
+        for r in (0..parts).map(|p| part(h, qi, p)).filter(|r| r[0] != f32::NEG_INFINITY) {
             let w = crate::custom::exp_nonpositive(r[0] - max);
             sum += w * r[1];
             for (t, &a) in target.iter_mut().zip(&r[2..]) {
@@ -356,7 +353,6 @@ unsafe extern "C" fn merge_kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth: c
             }
         }
         target.iter_mut().for_each(|t| *t /= sum);
-        column += nth.max(1) as i64;
     }
 }
 
