@@ -21,13 +21,34 @@ pub struct StepInputs<'c> {
     pub freq_factors: Option<Tensor<'c>>,
 }
 
+/// One sequence of a batched step: its cache, which of the step's rows are its, and where they go.
+#[derive(Clone, Copy)]
+pub struct SequenceInputs<'c> {
+    pub cache: &'c KvCache,
+    /// First row of the step that is this sequence's, and how many follow.
+    pub first_row: usize,
+    pub n_rows: usize,
+    /// I64 `[n_rows]`: the cells of `cache` the rows' K/V go to.
+    pub cells: Tensor<'c>,
+    /// F16 `[n_kv, n_rows]`: the rows' additive mask over the cache's first `n_kv` cells.
+    pub mask: Tensor<'c>,
+}
+
 /// What one graph needs from its surroundings.
 pub struct BuildScope<'c, 'g> {
     pub ctx: &'c Context,
     pub graph: &'g mut Graph<'c>,
     pub weights: &'c TensorStore,
     pub cache: &'c KvCache,
+    /// The step's inputs; with several sequences `cells` and `mask` are the first sequence's (each
+    /// sequence's own are in `sequences`).
     pub inputs: StepInputs<'c>,
+    /// With more than one entry, a batched step: rows of several sequences, projections and MLPs run over
+    /// all of them at once, attention per sequence over its own cache.
+    pub sequences: Vec<SequenceInputs<'c>>,
+    /// I32 `[n_out]`: the rows the last block keeps when only some rows' outputs are wanted (each
+    /// sequence's last row); `None` keeps the very last row.
+    pub output_rows: Option<Tensor<'c>>,
     /// Also compute the attention mass each cell receives (summed over layers, heads and queries)
     /// as the output "attn_mass" `[n_kv]`, for the attention eviction policy.
     pub track_attention: bool,
@@ -36,7 +57,44 @@ pub struct BuildScope<'c, 'g> {
 
 impl<'c, 'g> BuildScope<'c, 'g> {
     pub fn new(ctx: &'c Context, graph: &'g mut Graph<'c>, weights: &'c TensorStore, cache: &'c KvCache, inputs: StepInputs<'c>) -> Self {
-        BuildScope { ctx, graph, weights, cache, inputs, track_attention: false, attention_mass: None }
+        BuildScope {
+            ctx,
+            graph,
+            weights,
+            cache,
+            inputs,
+            sequences: Vec::new(),
+            output_rows: None,
+            track_attention: false,
+            attention_mass: None,
+        }
+    }
+
+    /// A scope over several sequences' rows (`positions` and `freq_factors` cover every row, in order).
+    pub fn batched(
+        ctx: &'c Context,
+        graph: &'g mut Graph<'c>,
+        weights: &'c TensorStore,
+        positions: Tensor<'c>,
+        freq_factors: Option<Tensor<'c>>,
+        sequences: Vec<SequenceInputs<'c>>,
+    ) -> Result<Self> {
+        let first = *sequences.first().ok_or(crate::Error::EmptyInput("a step over no sequences"))?;
+        let inputs = StepInputs { positions, cells: first.cells, mask: first.mask, freq_factors };
+        let mut scope = Self::new(ctx, graph, weights, first.cache, inputs);
+        scope.sequences = sequences;
+        Ok(scope)
+    }
+
+    /// `x` `[ne0, n]` cut to the rows the last block keeps: `output_rows`, or the last row.
+    pub fn kept_rows(&self, x: Tensor<'c>) -> Result<Tensor<'c>> {
+        match self.output_rows {
+            Some(ids) => Ok(self.ctx.get_rows(x, ids)?),
+            None => {
+                let row = x.strides()[1];
+                Ok(self.ctx.cont(self.ctx.view(x, &[x.ne(0), 1], &[row], (x.ne(1) as usize - 1) * row)?)?)
+            }
+        }
     }
 
     pub fn tracking_attention(mut self, on: bool) -> Self {
@@ -50,9 +108,9 @@ impl<'c, 'g> BuildScope<'c, 'g> {
     }
 
     /// softmax(K·Q) of one layer, summed per cell, added to the running total.
-    fn add_attention_mass(&mut self, keys: Tensor<'c>, queries: Tensor<'c>, scale: f32) -> Result<()> {
+    fn add_attention_mass(&mut self, keys: Tensor<'c>, queries: Tensor<'c>, mask: Tensor<'c>, scale: f32) -> Result<()> {
         let ctx = self.ctx;
-        let scores = ctx.soft_max_ext(ctx.mul_mat(keys, queries)?, Some(self.inputs.mask), scale)?;
+        let scores = ctx.soft_max_ext(ctx.mul_mat(keys, queries)?, Some(mask), scale)?;
         let [n_kv, n, heads, _] = scores.shape();
         let per_query = ctx.cont(ctx.transpose(ctx.reshape(scores, &[n_kv, n * heads])?)?)?;
         let mass = ctx.reshape(ctx.sum_rows(per_query)?, &[n_kv])?;
@@ -83,32 +141,70 @@ pub fn over_cache<'c>(
     k: Tensor<'c>,
     v: Tensor<'c>,
 ) -> Result<Tensor<'c>> {
+    if s.sequences.len() <= 1 {
+        let (cache, cells, mask) = (s.cache, s.inputs.cells, s.inputs.mask);
+        return over_one_cache(s, cache, cells, mask, layer, shape, [q, k, v]);
+    }
+    // A batched step: each sequence's columns of q, k and v attend over its own cache; the outputs
+    // are joined back in row order.
+    let ctx = s.ctx;
+    let mut joined: Option<Tensor<'c>> = None;
+    for seq in s.sequences.clone() {
+        // q and k are `[head_dim, heads, n]`, v is `[width, n]`: the view keeps the sequence's columns.
+        let cols = |t: Tensor<'c>, dims: usize| -> Result<Tensor<'c>> {
+            let strides = &t.strides()[1..dims];
+            let mut ne = t.shape()[..dims].to_vec();
+            ne[dims - 1] = seq.n_rows as i64;
+            Ok(ctx.view(t, &ne, strides, seq.first_row * strides[dims - 2])?)
+        };
+        let out = over_one_cache(s, seq.cache, seq.cells, seq.mask, layer, shape, [cols(q, 3)?, cols(k, 3)?, cols(v, 2)?])?;
+        joined = Some(match joined {
+            Some(prev) => ctx.concat(prev, out, 1)?,
+            None => out,
+        });
+    }
+    joined.ok_or(crate::Error::EmptyInput("a step over no sequences"))
+}
+
+/// `over_cache` for the rows of one sequence: stores them in `cache` at `cells`, then attends under `mask`.
+fn over_one_cache<'c>(
+    s: &mut BuildScope<'c, '_>,
+    cache: &'c KvCache,
+    cells: Tensor<'c>,
+    mask: Tensor<'c>,
+    layer: usize,
+    shape: AttentionShape,
+    [q, k, v]: [Tensor<'c>; 3],
+) -> Result<Tensor<'c>> {
     let ctx = s.ctx;
     let (hd, n_head, n_head_kv) = (shape.head_dim as i64, shape.n_head as i64, shape.n_head_kv as i64);
     let n = q.ne(2);
 
     // A rotated cache stores H·k and H·v per head: queries rotate with the keys (scores keep q·k),
     // and the attention output comes back through H (see kv_cache::rotation).
-    let hadamard = s.cache.hadamard_tensor();
+    let hadamard = cache.hadamard_tensor();
     let rotate = |t: Tensor<'c>, on: bool| -> Result<Tensor<'c>> {
         match (hadamard, on) {
-            (Some(h), true) => Ok(ctx.reshape(ctx.mul_mat(h, ctx.reshape(t, &[hd, t.nelements() / hd])?)?, &t.shape()[..t.n_dims()])?),
+            (Some(h), true) => {
+                let t = if t.is_contiguous() { t } else { ctx.cont(t)? };
+                Ok(ctx.reshape(ctx.mul_mat(h, ctx.reshape(t, &[hd, t.nelements() / hd])?)?, &t.shape()[..t.n_dims()])?)
+            }
             _ => Ok(t),
         }
     };
-    let (rotate_k, rotate_v) = (s.cache.rotates_k(), s.cache.rotates_v());
+    let (rotate_k, rotate_v) = (cache.rotates_k(), cache.rotates_v());
     let q = rotate(q, rotate_k)?;
     let k = rotate(k, rotate_k)?;
     let v = rotate(v, rotate_v)?;
 
     // The stores run before the attention reads the cache: they enter the graph first.
-    let k_rows = ctx.reshape(k, &[hd * n_head_kv, n])?;
-    s.graph.expand(s.cache.store_k(ctx, layer, k_rows, s.inputs.cells)?)?;
-    s.graph.expand(s.cache.store_v(ctx, layer, v, s.inputs.cells)?)?;
+    let k_rows = ctx.reshape(if k.is_contiguous() { k } else { ctx.cont(k)? }, &[hd * n_head_kv, n])?;
+    s.graph.expand(cache.store_k(ctx, layer, k_rows, cells)?)?;
+    s.graph.expand(cache.store_v(ctx, layer, v, cells)?)?;
 
-    let n_kv = s.inputs.mask.ne(0) as usize;
-    let path = s.cache.attention().resolve();
-    let (k_view, v_view) = (s.cache.k_tensor(ctx, layer, n_kv)?, s.cache.v_tensor(ctx, layer, n_kv)?);
+    let n_kv = mask.ne(0) as usize;
+    let path = cache.attention().resolve();
+    let (k_view, v_view) = (cache.k_tensor(ctx, layer, n_kv)?, cache.v_tensor(ctx, layer, n_kv)?);
     let (k_view, v_view) = match path {
         // The stored rows in f32 (ggml's dequantizing copy), so flash attention takes its tiled path.
         AttentionPath::Dequantized => (
@@ -122,11 +218,11 @@ pub fn over_cache<'c>(
     let queries = ctx.permute(q, [0, 2, 1, 3])?;
     let scale = 1.0 / (shape.head_dim as f32).sqrt();
     if s.track_attention {
-        s.add_attention_mass(keys, queries, scale)?;
+        s.add_attention_mass(keys, queries, mask, scale)?;
     }
     let attended = match path {
-        AttentionPath::Split => ctx.split_attention(queries, keys, values, s.inputs.mask, scale)?,
-        AttentionPath::Direct | AttentionPath::Dequantized => ctx.flash_attn_ext(queries, keys, values, Some(s.inputs.mask), scale)?,
+        AttentionPath::Split => ctx.split_attention(queries, keys, values, mask, scale)?,
+        AttentionPath::Direct | AttentionPath::Dequantized => ctx.flash_attn_ext(queries, keys, values, Some(mask), scale)?,
     };
     Ok(ctx.reshape(rotate(attended, rotate_v)?, &[hd * n_head, n])?)
 }

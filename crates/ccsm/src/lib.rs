@@ -4,6 +4,7 @@
 pub mod attention;
 mod cache_type;
 pub mod csm;
+pub mod engine;
 mod error;
 pub mod exercise;
 pub mod generate;

@@ -8,7 +8,7 @@ mod prompt;
 mod request;
 
 pub use config::CsmConfig;
-pub use generator::{CsmGenerator, CsmOptions, FrameTimings};
+pub use generator::{CsmGenerator, CsmOptions, CsmSession, FrameTimings};
 pub use model::CsmModel;
 pub use prompt::{Frame, Row, Segment};
 pub use request::Request;

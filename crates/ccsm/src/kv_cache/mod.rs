@@ -113,7 +113,12 @@ pub struct KvCache {
     /// The F32 `[head_dim, head_dim]` Hadamard matrix graphs rotate with, while a half is rotated.
     hadamard: Option<(TensorStore, TensorId)>,
     attention: AttentionChoice,
+    /// Unique among the caches of this process (kept graphs of batched steps are keyed by it).
+    id: u64,
 }
+
+/// The id the next cache gets.
+static NEXT_CACHE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn single_tensor_store(name: &str, t: CacheType, n_embd_kv: usize, capacity: usize) -> Result<(TensorStore, TensorId)> {
     let mut store = TensorStore::new(1)?;
@@ -180,6 +185,7 @@ impl KvCache {
             rotation,
             hadamard: None,
             attention: AttentionChoice::Auto,
+            id: NEXT_CACHE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         };
         cache.update_hadamard()?;
         Ok(cache)
@@ -192,6 +198,11 @@ impl KvCache {
             _ => {}
         }
         Ok(())
+    }
+
+    /// This cache's id, unique in the process.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     pub fn rotation(&self) -> Rotation {

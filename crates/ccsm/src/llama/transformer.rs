@@ -70,7 +70,7 @@ impl Attention {
         let v = ctx.mul_mat(w(self.v), h)?.set_name(&format!("blk.{layer}.v"));
         let shape = AttentionShape { head_dim: c.head_dim, n_head: c.n_head, n_head_kv: c.n_head_kv };
         let merged = attention::over_cache(s, layer, shape, q, k, v)?;
-        let merged = if last_only { last_column(ctx, merged)? } else { merged };
+        let merged = if last_only { s.kept_rows(merged)? } else { merged };
         Ok(ctx.mul_mat(w(self.out), merged)?.set_name(&format!("blk.{layer}.attn_out")))
     }
 }
@@ -98,7 +98,7 @@ impl Block {
     /// projection, residual, MLP) runs for the last row alone.
     fn build<'c>(&self, s: &mut BuildScope<'c, '_>, c: &LlamaConfig, layer: usize, x: Tensor<'c>, last_only: bool) -> Result<Tensor<'c>> {
         let attended = self.attention.build(s, c, layer, x, last_only)?;
-        let x = if last_only { last_column(s.ctx, x)? } else { x };
+        let x = if last_only { s.kept_rows(x)? } else { x };
         let x = s.ctx.add(x, attended)?;
         let x = s.ctx.add(x, self.mlp.build(s, c, layer, x)?)?;
         Ok(x.set_name(&format!("blk.{layer}.out")))
@@ -140,7 +140,7 @@ impl Transformer {
         let mut x = x;
         let last_layer = self.blocks.len().saturating_sub(1);
         for (layer, block) in self.blocks.iter().enumerate() {
-            let last_only = rows == Logits::Last && layer == last_layer && x.ne(1) > 1;
+            let last_only = rows == Logits::Last && layer == last_layer && (x.ne(1) > 1 || s.output_rows.is_some());
             x = block.build(s, &self.config, layer, x, last_only)?;
         }
         let normed = s.ctx.mul(s.ctx.rms_norm(x, self.config.rms_eps)?, s.weights.get(self.output_norm))?;
@@ -155,10 +155,4 @@ impl Transformer {
         // About 40 per block, up to 12 more when the cache rotates.
         64 * self.config.n_layer + 64
     }
-}
-
-/// The last column of `x` `[ne0, n]`, contiguous.
-pub(crate) fn last_column<'c>(ctx: &'c Context, x: Tensor<'c>) -> Result<Tensor<'c>> {
-    let row = x.strides()[1];
-    Ok(ctx.cont(ctx.view(x, &[x.ne(0), 1], &[row], (x.ne(1) as usize - 1) * row)?)?)
 }

@@ -59,7 +59,40 @@ pub struct MimiDecoder {
     frames: u64,
 }
 
+/// One audio stream's decoding state (convolution states, transformer cache, kept graphs over them),
+/// apart from the weights: a server keeps one per session and swaps it into the decoder.
+pub struct MimiStream {
+    states: ConvStates,
+    cache: KvCache,
+    kept: Vec<KeptChunk>,
+    codebooks: Option<usize>,
+    frames: u64,
+}
+
+impl MimiStream {
+    /// Bytes of the stream's state: the KV cache and the convolutions' states.
+    pub fn bytes(&self) -> usize {
+        self.cache.memory_usage() + self.states.bytes()
+    }
+}
+
 impl MimiDecoder {
+    /// A new stream (zero states, an empty cache of the decoder's own layout).
+    pub fn new_stream(&self) -> Result<MimiStream> {
+        let mut cache = KvCache::with_rotation(*self.cache.config(), self.cache.rotation())?;
+        cache.set_attention(self.cache.attention());
+        Ok(MimiStream { states: ConvStates::new(&self.model.state_layout)?, cache, kept: Vec::new(), codebooks: None, frames: 0 })
+    }
+
+    /// Exchanges the decoder's stream state with `stream`'s (swap in, decode, swap back).
+    pub fn swap_stream(&mut self, stream: &mut MimiStream) {
+        std::mem::swap(&mut self.states, &mut stream.states);
+        std::mem::swap(&mut self.cache, &mut stream.cache);
+        std::mem::swap(&mut self.kept, &mut stream.kept);
+        std::mem::swap(&mut self.codebooks, &mut stream.codebooks);
+        std::mem::swap(&mut self.frames, &mut stream.frames);
+    }
+
     pub fn new(model: MimiModel, options: MimiOptions) -> Result<Self> {
         if options.max_chunk_frames == 0 {
             return Err(Error::Input("the codec needs chunks of at least one frame".into()));
