@@ -39,8 +39,70 @@ pub enum Command {
     Bench(BenchArgs),
     /// Decode Mimi frames (generation's -o JSON, or {"frames": [[code, ...], ...]}) into a WAV.
     Decode(DecodeArgs),
+    /// An OpenAI-compatible HTTP server: /v1/audio/speech (CSM), /v1/completions and
+    /// /v1/chat/completions (Llama), /v1/models, /health, /metrics; many sessions in one memory budget.
+    Serve(ServeArgs),
     /// Print the engine version, the ggml version and the CPU features ggml was built with.
     System,
+}
+
+#[derive(Args, Clone)]
+pub struct ServeArgs {
+    /// Model file (GGUF): a CSM model (speech) or a Llama model (text). One model per server.
+    #[arg(value_name = "MODEL")]
+    pub model: PathBuf,
+
+    /// The Mimi codec for a CSM model without one embedded.
+    #[arg(long, value_name = "FILE")]
+    pub codec: Option<PathBuf>,
+
+    /// Address to listen on (loopback unless told otherwise).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Port to listen on (0: any free port, printed at start).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+
+    /// Sessions generating at once (their steps are batched into one graph).
+    #[arg(long, visible_alias = "np", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub parallel: u32,
+
+    /// KV cache bytes all sessions share, in MiB [default: --parallel sessions of a full context].
+    #[arg(long, value_name = "MB", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_memory_mb: Option<u32>,
+
+    /// Admit sessions only at the cache types given; without this, a session that does not fit the
+    /// memory left starts with q8_0 or q4_0 caches instead of waiting.
+    #[arg(long)]
+    pub no_adapt: bool,
+
+    /// Requests that may wait for admission; past that, new ones get 429 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    pub max_queue: u32,
+
+    /// API key clients must send (Authorization: Bearer KEY); repeat for several. Also read from
+    /// CCSM_API_KEY (comma-separated). Without any, the server is open. /health never asks.
+    #[arg(long = "api-key", value_name = "KEY")]
+    pub api_keys: Vec<String>,
+
+    /// Folder of voices: NAME.json = {"speaker": N, "context": [{"speaker", "text", "frames"}]}.
+    #[arg(long, value_name = "DIR")]
+    pub voices: Option<PathBuf>,
+
+    /// Cache cells one session may use (prompt plus output) [default: the model's context, at most 4096].
+    #[arg(short = 'c', long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub ctx_size: Option<u32>,
+
+    #[arg(short = 't', long, default_value_t = default_threads(), value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub threads: u32,
+
+    /// Most rows one engine step runs (prompts are fed in chunks within it).
+    #[arg(short = 'b', long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: u32,
+
+    #[command(flatten)]
+    pub cache: CacheArgs,
 }
 
 #[derive(Args, Clone)]
@@ -338,6 +400,11 @@ pub struct GenerateArgs {
     /// Read the prompt from a file.
     #[arg(short = 'f', long = "file", value_name = "PATH", conflicts_with = "prompt")]
     pub prompt_file: Option<PathBuf>,
+
+    /// Text models: the prompt is one user message, rendered with the model's chat template (the GGUF's
+    /// tokenizer.chat_template, as the server's /v1/chat/completions does). Instruct models need it.
+    #[arg(long)]
+    pub chat: bool,
 
     /// Tokens (text models) or audio frames (CSM) to generate at most [default: 64 tokens, 125 frames].
     #[arg(short = 'n', long = "n-predict", value_parser = clap::value_parser!(u32).range(1..))]

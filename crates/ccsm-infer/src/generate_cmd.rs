@@ -1,5 +1,6 @@
 //! The default command: text generation with a Llama model.
 
+use ccsm::chat::{ChatTemplate, Message};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -72,7 +73,14 @@ fn run_text(args: &GenerateArgs, log: &LogArgs, path: PathBuf, model: LlamaModel
     let mut model = GGMLModel::new(model, options).context("setting up the model")?;
     args.cache.apply_rotation(&mut model)?;
     let memory = args.memory.apply(&mut model, log.quiet)?;
-    let prompt_tokens = model.model().tokenizer().encode(&prompt)?;
+    let tokenizer = model.model().tokenizer();
+    let prompt_tokens = if args.chat {
+        let template = ChatTemplate::of(tokenizer)?
+            .ok_or_else(|| UsageError(format!("--chat: {} has no chat template (tokenizer.chat_template)", path.display())))?;
+        template.encode(tokenizer, &[Message { role: "user".into(), content: prompt.clone() }])?
+    } else {
+        tokenizer.encode(&prompt)?
+    };
     if prompt_tokens.is_empty() {
         return Err(UsageError("the prompt is empty".into()).into());
     }

@@ -11,6 +11,7 @@ mod interrupt;
 mod output;
 mod perplexity_cmd;
 mod progress;
+mod serve_cmd;
 mod speech_cmd;
 
 use std::process::ExitCode;
@@ -65,6 +66,7 @@ fn main() -> ExitCode {
         Some(Command::Perplexity(args)) => perplexity_cmd::run(&args, &cli.log),
         Some(Command::Bench(args)) => bench::run(&args, &cli.log),
         Some(Command::Decode(args)) => decode_cmd::run(&args, &cli.log),
+        Some(Command::Serve(args)) => serve_cmd::run(&args),
         None => generate_cmd::run(&cli.generate, &cli.log),
     };
     match result {

@@ -3,6 +3,7 @@
 
 pub mod attention;
 mod cache_type;
+pub mod chat;
 pub mod csm;
 pub mod engine;
 mod error;

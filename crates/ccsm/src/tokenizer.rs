@@ -71,6 +71,7 @@ pub struct Tokenizer {
     eos: Option<u32>,
     eot: Option<u32>,
     add_bos: bool,
+    chat_template: Option<String>,
 }
 
 impl Tokenizer {
@@ -101,6 +102,7 @@ impl Tokenizer {
         tokenizer.eos = special_id("tokenizer.ggml.eos_token_id")?;
         tokenizer.eot = special_id("tokenizer.ggml.eot_token_id")?;
         tokenizer.add_bos = file.get_opt("tokenizer.ggml.add_bos_token")?.unwrap_or(false);
+        tokenizer.chat_template = file.get_opt("tokenizer.chat_template")?;
         Ok(tokenizer)
     }
 
@@ -134,7 +136,17 @@ impl Tokenizer {
                 .collect();
             inner.add_special_tokens(&specials);
         }
-        Ok(Tokenizer { inner, vocab_size: tokens.len(), bos: None, eos: None, eot: None, add_bos: false })
+        Ok(Tokenizer { inner, vocab_size: tokens.len(), bos: None, eos: None, eot: None, add_bos: false, chat_template: None })
+    }
+
+    /// The Jinja chat template the file carries (`tokenizer.chat_template`).
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
+    /// The text of one token as the vocabulary spells it (special tokens included).
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id).map(|t| self.inner.decode(&[id], false).unwrap_or(t))
     }
 
     pub fn vocab_size(&self) -> usize {

@@ -1,0 +1,180 @@
+//! What the HTTP side hands the engine thread (a job with a channel for its output), what comes back,
+//! and the memory budget every session's caches come out of.
+
+use std::time::Instant;
+
+use ccsm::chat::Message;
+use ccsm::csm::Segment;
+use ccsm::sampling::SamplerConfig;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::api::{ApiError, Usage};
+
+pub enum TextPrompt {
+    Plain(String),
+    Chat(Vec<Message>),
+}
+
+pub struct TextJob {
+    pub prompt: TextPrompt,
+    pub max_tokens: usize,
+    pub sampler: SamplerConfig,
+    pub stop: Vec<String>,
+    pub events: UnboundedSender<TextEvent>,
+    pub arrived: Instant,
+}
+
+/// Why a generation ended, as OpenAI names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// End of text, or a stop sequence.
+    Stop,
+    /// `max_tokens` (or the audio limit) reached.
+    Length,
+}
+
+impl Finish {
+    pub fn name(self) -> &'static str {
+        match self {
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+        }
+    }
+}
+
+pub enum TextEvent {
+    /// Admitted: a cache was given and the prompt will run.
+    Accepted,
+    Delta(String),
+    Done {
+        finish: Finish,
+        usage: Usage,
+    },
+    Failed(ApiError),
+}
+
+pub struct SpeechJob {
+    pub text: String,
+    pub speaker: u32,
+    pub context: Vec<Segment>,
+    pub sampler: SamplerConfig,
+    pub max_frames: usize,
+    pub events: UnboundedSender<SpeechEvent>,
+    pub arrived: Instant,
+}
+
+pub enum SpeechEvent {
+    Accepted,
+    /// One frame's samples (24 kHz mono for Mimi), as decoded.
+    Audio(Vec<f32>),
+    Done {
+        usage: Usage,
+    },
+    Failed(ApiError),
+}
+
+pub enum Job {
+    Text(TextJob),
+    Speech(SpeechJob),
+}
+
+/// The jobs that have arrived: waits for one when `idle`, else takes what is there. `None` once the
+/// HTTP side is gone and the loop is idle (time to stop).
+pub fn gather(jobs: &std::sync::mpsc::Receiver<Job>, idle: bool) -> Option<Vec<Job>> {
+    let mut incoming = Vec::new();
+    if idle {
+        incoming.push(jobs.recv().ok()?);
+    }
+    while let Ok(job) = jobs.try_recv() {
+        incoming.push(job);
+    }
+    Some(incoming)
+}
+
+/// Bytes every running session's caches share.
+#[derive(Clone, Copy, Debug)]
+pub struct Budget {
+    pub total: usize,
+    pub used: usize,
+}
+
+impl Budget {
+    pub fn fits(&self, bytes: usize) -> bool {
+        self.used.saturating_add(bytes) <= self.total
+    }
+
+    pub fn take(&mut self, bytes: usize) {
+        self.used += bytes;
+    }
+
+    pub fn give_back(&mut self, bytes: usize) {
+        self.used = self.used.saturating_sub(bytes);
+    }
+}
+
+/// What admission decides for a session needing a cache of some cells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Start now with caches of these types and bytes.
+    Start { k: ccsm::CacheType, v: ccsm::CacheType, bytes: usize },
+    /// Not now: wait until running sessions give memory back.
+    Wait,
+    /// Never within this budget: even alone at the smallest layout it needs these bytes.
+    Never { smallest: usize },
+}
+
+/// The layouts admission tries, best first: the configured types, then (with `adapt`) the memory
+/// optimizer's escalation order, q8_0 then q4_0 — the cache is already sized to what the request needs.
+pub fn admit(
+    configured: (ccsm::CacheType, ccsm::CacheType),
+    adapt: bool,
+    budget: &Budget,
+    bytes_of: impl Fn(ccsm::CacheType, ccsm::CacheType) -> Option<usize>,
+) -> Admission {
+    use ccsm::CacheType::{Q4_0, Q8_0};
+    let mut layouts = vec![configured];
+    if adapt {
+        layouts.extend([(Q8_0, Q8_0), (Q4_0, Q4_0)].into_iter().filter(|&l| bytes_of(l.0, l.1) < bytes_of(configured.0, configured.1)));
+    }
+    let sized: Vec<_> = layouts.iter().filter_map(|&(k, v)| bytes_of(k, v).map(|b| (k, v, b))).collect();
+    if let Some(&(k, v, bytes)) = sized.iter().find(|l| budget.fits(l.2)) {
+        return Admission::Start { k, v, bytes };
+    }
+    let smallest = sized.iter().map(|l| l.2).min().unwrap_or(usize::MAX);
+    if smallest <= budget.total {
+        Admission::Wait
+    } else {
+        Admission::Never { smallest }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ccsm::CacheType::{F16, Q4_0, Q8_0};
+
+    /// Bytes by ggml's block math for a toy cache of 32 cells × 64 elements: f16 2 bytes per element,
+    /// q8_0 34 bytes per 32, q4_0 18 bytes per 32.
+    fn bytes(k: ccsm::CacheType, v: ccsm::CacheType) -> Option<usize> {
+        let row = |t| match t {
+            F16 => Some(128),
+            Q8_0 => Some(68),
+            Q4_0 => Some(36),
+            _ => None,
+        };
+        Some(32 * (row(k)? + row(v)?))
+    }
+
+    #[test]
+    fn admission_takes_the_best_layout_that_fits_and_waits_or_refuses_otherwise() {
+        let b = |total, used| Budget { total, used };
+        assert_eq!(admit((F16, F16), true, &b(10_000, 0), bytes), Admission::Start { k: F16, v: F16, bytes: 8192 });
+        assert_eq!(admit((F16, F16), true, &b(10_000, 4000), bytes), Admission::Start { k: Q8_0, v: Q8_0, bytes: 4352 });
+        assert_eq!(admit((F16, F16), true, &b(10_000, 7000), bytes), Admission::Start { k: Q4_0, v: Q4_0, bytes: 2304 });
+        assert_eq!(admit((F16, F16), true, &b(10_000, 9000), bytes), Admission::Wait);
+        assert_eq!(admit((F16, F16), false, &b(10_000, 4000), bytes), Admission::Wait);
+        assert_eq!(admit((F16, F16), true, &b(2000, 0), bytes), Admission::Never { smallest: 2304 });
+        // Already smaller than q8_0: no escalation to a larger layout.
+        assert_eq!(admit((Q4_0, Q4_0), true, &b(2000, 0), bytes), Admission::Never { smallest: 2304 });
+    }
+}

@@ -1,0 +1,215 @@
+//! ccsm's HTTP server: OpenAI's speech, completions and chat APIs over one model, many sessions in one
+//! memory budget. One thread owns the ggml state and runs the engine loop (continuous batching for
+//! text, frame rounds for speech); the HTTP side (axum on tokio) talks to it over channels.
+#![forbid(unsafe_code)]
+
+mod api;
+mod http;
+mod jobs;
+mod metrics;
+mod speech_loop;
+mod text_loop;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+
+use anyhow::{bail, Context as _, Result};
+use ccsm::csm::{CsmGenerator, CsmOptions};
+use ccsm::engine::TextEngine;
+use ccsm::mimi::{MimiDecoder, MimiModel, MimiOptions};
+use ccsm::{AnyModel, Architecture, CacheType};
+
+pub use http::{Voice, MAX_BODY_BYTES, MAX_INPUT_CHARS};
+pub use metrics::Metrics;
+
+/// How `ccsm-infer serve` runs.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub model: PathBuf,
+    /// A Mimi codec for a CSM model without one embedded.
+    pub codec: Option<PathBuf>,
+    pub host: String,
+    pub port: u16,
+    /// Sessions generating at once.
+    pub parallel: usize,
+    /// Bytes every session's caches share (default: `parallel` sessions of a full context).
+    pub max_memory_bytes: Option<usize>,
+    pub api_keys: Vec<String>,
+    pub voices: Option<PathBuf>,
+    pub k_type: CacheType,
+    pub v_type: CacheType,
+    /// Under memory pressure, admit sessions with q8_0/q4_0 caches instead of queueing them.
+    pub adapt: bool,
+    /// Most cache cells one session may use (default: the model's context, at most 4096).
+    pub n_ctx: Option<usize>,
+    pub n_threads: usize,
+    pub n_batch: usize,
+    /// Requests that may wait for admission before new ones get 429.
+    pub max_queue: usize,
+}
+
+/// Reads `DIR/NAME.json` voices (`{"speaker": 0, "context": [{"speaker", "text", "frames"}]}`).
+pub fn load_voices(dir: &Path) -> Result<BTreeMap<String, Voice>> {
+    let mut voices = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading the voices folder {}", dir.display()))? {
+        let path = entry?.path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_owned();
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let voice: Voice = serde_json::from_str(&text).with_context(|| {
+            format!("{}: expected {{\"speaker\": N, \"context\": [{{\"speaker\", \"text\", \"frames\"}}]}}", path.display())
+        })?;
+        voices.insert(name, voice);
+    }
+    Ok(voices)
+}
+
+/// The engine side, loaded on its own thread while `/health` answers 503.
+#[allow(clippy::large_enum_variant)] // made once per process
+enum Loaded {
+    Text(TextEngine),
+    Speech(speech_loop::Speech),
+}
+
+fn load(config: &ServeConfig) -> Result<Loaded> {
+    let model = ccsm::load_model(&config.model).with_context(|| format!("loading {}", config.model.display()))?;
+    match model {
+        AnyModel::Llama(m) => Ok(Loaded::Text(TextEngine::new(m, config.n_threads)?)),
+        AnyModel::Csm(m) => {
+            let codec_path = config.codec.clone().unwrap_or_else(|| config.model.clone());
+            let codec = MimiModel::load(&codec_path).with_context(|| format!("loading the codec from {}", codec_path.display()))?;
+            let codec = MimiDecoder::new(codec, MimiOptions { n_threads: config.n_threads, ..MimiOptions::default() })?;
+            // The generator's own backbone cache is never used (sessions bring theirs): keep it tiny.
+            let options = CsmOptions {
+                n_ctx: 1,
+                k_type: CacheType::F16,
+                v_type: CacheType::F16,
+                n_threads: config.n_threads,
+                n_batch: config.n_batch,
+            };
+            let mut generator = CsmGenerator::new(m, options)?;
+            generator.set_code_limit(Some(codec.model().config().codebook_size));
+            Ok(Loaded::Speech(speech_loop::Speech { generator, codec }))
+        }
+        AnyModel::Mimi(_) => bail!("{} is a codec: serve a CSM or Llama model", config.model.display()),
+    }
+}
+
+/// Serves until Ctrl-C (or SIGTERM); an error if the model cannot load or the address cannot be bound.
+pub fn serve(config: ServeConfig) -> Result<()> {
+    if config.parallel == 0 {
+        bail!("--parallel must be at least 1");
+    }
+    let facts = ccsm::inspect(&config.model, config.n_ctx).with_context(|| format!("checking {}", config.model.display()))?;
+    let (served_cache, served) = match facts.architecture {
+        Architecture::Llama => (&facts.caches[0], http::Served::Text),
+        Architecture::Csm => {
+            let has_codec = config.codec.is_some() || facts.caches.iter().any(|c| c.name == "codec");
+            if !has_codec {
+                bail!("speech needs a Mimi codec: {} has none embedded; pass --codec MIMI.gguf", config.model.display());
+            }
+            (&facts.caches[0], http::Served::Speech { sample_rate: 24_000 })
+        }
+        Architecture::Mimi => bail!("{} is a codec: serve a CSM or Llama model", config.model.display()),
+    };
+    let session_ctx = served_cache.cells;
+    served_cache.config(config.k_type, config.v_type).validate()?;
+    let voices = match &config.voices {
+        Some(dir) => load_voices(dir)?,
+        None => BTreeMap::new(),
+    };
+    let settings = text_loop::LoopSettings {
+        parallel: config.parallel,
+        n_ctx: session_ctx,
+        k_type: config.k_type,
+        v_type: config.v_type,
+        adapt: config.adapt,
+        n_batch: config.n_batch,
+        budget_bytes: config.max_memory_bytes,
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async move {
+        let address = format!("{}:{}", config.host, config.port);
+        let listener = tokio::net::TcpListener::bind(&address).await.with_context(|| format!("binding {address}"))?;
+        let bound = listener.local_addr()?;
+        let metrics = Arc::new(Metrics::default());
+        let ready = Arc::new(AtomicBool::new(false));
+        let (jobs_tx, jobs_rx) = mpsc::channel();
+        let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
+        let engine_metrics = metrics.clone();
+        let engine_ready = ready.clone();
+        let engine_config = config.clone();
+        std::thread::Builder::new().name("ccsm-engine".into()).spawn(move || {
+            let loaded = match load(&engine_config) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = failed_tx.send(e);
+                    return;
+                }
+            };
+            engine_ready.store(true, Ordering::Release);
+            tracing::info!("model loaded; serving");
+            match loaded {
+                Loaded::Text(engine) => text_loop::run(engine, settings, jobs_rx, engine_metrics),
+                Loaded::Speech(speech) => speech_loop::run(speech, settings, jobs_rx, engine_metrics),
+            }
+        })?;
+        let state = Arc::new(http::AppState {
+            model_id: model_id(&facts.name, &config.model),
+            served,
+            jobs: Mutex::new(jobs_tx),
+            ready,
+            metrics,
+            api_keys: config.api_keys.clone(),
+            voices,
+            max_queue: config.max_queue,
+        });
+        eprintln!("ccsm server on http://{bound} ({}; loading, /health answers 503 until ready)", config.model.display());
+        let (load_error_tx, load_error_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
+        let shutdown = async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate() => {}
+                error = failed_rx => {
+                    if let Ok(e) = error {
+                        let _ = load_error_tx.send(e);
+                    }
+                }
+            }
+        };
+        axum::serve(listener, http::router(state)).with_graceful_shutdown(shutdown).await?;
+        if let Ok(e) = load_error_rx.await {
+            return Err(e);
+        }
+        Ok(())
+    })
+}
+
+#[cfg(unix)]
+async fn terminate() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
+}
+
+#[cfg(not(unix))]
+async fn terminate() {
+    std::future::pending().await
+}
+
+/// The id `/v1/models` lists: the file's name without `.gguf` (as llama-server does), else its
+/// `general.name`.
+fn model_id(name: &str, path: &Path) -> String {
+    match path.file_stem().map(|s| s.to_string_lossy().into_owned()) {
+        Some(stem) if !stem.is_empty() => stem,
+        _ => name.chars().filter(|c| !c.is_control()).take(128).collect::<String>().trim().to_owned(),
+    }
+}

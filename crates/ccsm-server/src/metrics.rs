@@ -1,0 +1,114 @@
+//! The server's live numbers, rendered as Prometheus text for `/metrics`. The two gauges a router
+//! (Kubernetes' Gateway API Inference Extension) picks endpoints by are `ccsm_requests_waiting` (queue
+//! depth) and `ccsm_kv_cache_usage_ratio` (KV-cache utilisation, 0–1 of the budget).
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// Upper bounds (seconds) of the latency histograms' buckets.
+const BUCKETS: [f64; 12] = [0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0];
+
+/// A Prometheus histogram of seconds.
+#[derive(Default)]
+pub struct Histogram {
+    inner: Mutex<(Vec<u64>, f64, u64)>,
+}
+
+impl Histogram {
+    pub fn observe(&self, seconds: f64) {
+        let mut h = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if h.0.is_empty() {
+            h.0 = vec![0; BUCKETS.len()];
+        }
+        for (count, &bound) in h.0.iter_mut().zip(&BUCKETS) {
+            if seconds <= bound {
+                *count += 1;
+            }
+        }
+        h.1 += seconds;
+        h.2 += 1;
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let h = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", h.0.get(i).copied().unwrap_or(0));
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}", h.2, h.1, h.2);
+    }
+}
+
+/// Everything `/metrics` reports; the engine threads and the HTTP side update it.
+#[derive(Default)]
+pub struct Metrics {
+    pub running: AtomicUsize,
+    pub waiting: AtomicUsize,
+    pub kv_bytes: AtomicUsize,
+    pub kv_budget_bytes: AtomicUsize,
+    pub requests_ok: AtomicU64,
+    pub requests_failed: AtomicU64,
+    pub requests_cancelled: AtomicU64,
+    pub requests_rejected: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub tokens_generated: AtomicU64,
+    pub frames_generated: AtomicU64,
+    pub steps: AtomicU64,
+    pub time_to_first_token: Histogram,
+    pub time_to_first_audio: Histogram,
+}
+
+impl Metrics {
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let mut gauge = |name: &str, help: &str, kind: &str, value: String| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        };
+        let load = |a: &AtomicUsize| a.load(Ordering::Relaxed);
+        let count = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
+        gauge("ccsm_requests_running", "Requests being generated now.", "gauge", load(&self.running).to_string());
+        gauge("ccsm_requests_waiting", "Requests queued for admission (queue depth).", "gauge", load(&self.waiting).to_string());
+        gauge(
+            "ccsm_kv_cache_bytes",
+            "Bytes of the KV caches (and codec states) of running requests.",
+            "gauge",
+            load(&self.kv_bytes).to_string(),
+        );
+        gauge(
+            "ccsm_kv_cache_budget_bytes",
+            "The memory budget all sessions' caches share.",
+            "gauge",
+            load(&self.kv_budget_bytes).to_string(),
+        );
+        let ratio = load(&self.kv_bytes) as f64 / load(&self.kv_budget_bytes).max(1) as f64;
+        gauge("ccsm_kv_cache_usage_ratio", "KV-cache utilisation: bytes in use over the budget (0-1).", "gauge", format!("{ratio:.6}"));
+        let _ = writeln!(out, "# HELP ccsm_requests_total Requests ended, by outcome.\n# TYPE ccsm_requests_total counter");
+        for (outcome, n) in [
+            ("ok", &self.requests_ok),
+            ("failed", &self.requests_failed),
+            ("cancelled", &self.requests_cancelled),
+            ("rejected", &self.requests_rejected),
+        ] {
+            let _ = writeln!(out, "ccsm_requests_total{{outcome=\"{outcome}\"}} {}", n.load(Ordering::Relaxed));
+        }
+        let mut counter = |name: &str, help: &str, value: String| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+        };
+        counter("ccsm_prompt_tokens_total", "Prompt tokens (text) or backbone rows (speech) evaluated.", count(&self.prompt_tokens));
+        counter("ccsm_tokens_generated_total", "Text tokens generated.", count(&self.tokens_generated));
+        counter("ccsm_frames_generated_total", "Audio frames generated (80 ms each).", count(&self.frames_generated));
+        counter("ccsm_engine_steps_total", "Engine steps (one graph over every running session).", count(&self.steps));
+        self.time_to_first_token.render(
+            &mut out,
+            "ccsm_time_to_first_token_seconds",
+            "From the request's arrival to its first generated token.",
+        );
+        self.time_to_first_audio.render(
+            &mut out,
+            "ccsm_time_to_first_audio_seconds",
+            "From the request's arrival to its first decoded audio.",
+        );
+        out
+    }
+}

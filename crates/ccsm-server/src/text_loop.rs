@@ -1,0 +1,347 @@
+//! The text engine thread: continuous batching. Each step runs one graph over every running session
+//! (prompt chunks of the sessions still prefilling, one token of each decoding session), so the weights
+//! are read once per step for all of them; sessions join and leave between steps.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ccsm::chat::ChatTemplate;
+use ccsm::engine::{SequenceStep, TextEngine};
+use ccsm::kv_cache::KvCache;
+use ccsm::sampling::Sampler;
+use ccsm::{CacheType, Logits};
+
+use crate::api::{ApiError, Usage};
+use crate::jobs::{admit, gather, Admission, Budget, Finish, Job, TextEvent, TextJob, TextPrompt};
+use crate::metrics::Metrics;
+
+/// How the loop sizes and admits sessions.
+#[derive(Clone, Copy, Debug)]
+pub struct LoopSettings {
+    /// Sessions running at once at most.
+    pub parallel: usize,
+    /// Most cache cells one session may use (its prompt plus what it generates).
+    pub n_ctx: usize,
+    pub k_type: CacheType,
+    pub v_type: CacheType,
+    /// Under memory pressure, admit sessions with smaller cache types instead of waiting.
+    pub adapt: bool,
+    /// Most rows one step runs (prompts are fed in chunks within it).
+    pub n_batch: usize,
+    /// Bytes all sessions' caches share (`None`: `parallel` sessions of a full context).
+    pub budget_bytes: Option<usize>,
+}
+
+/// Logs and publishes the budget the loop runs with.
+pub(crate) fn start_budget(settings: &LoopSettings, full_session: usize, metrics: &Metrics) -> Budget {
+    let total = settings.budget_bytes.unwrap_or(full_session.saturating_mul(settings.parallel));
+    metrics.kv_budget_bytes.store(total, Ordering::Relaxed);
+    eprintln!(
+        "model loaded: {} sessions at once, {} cells each, KV budget {:.2} MiB ({}/{} caches)",
+        settings.parallel,
+        settings.n_ctx,
+        total as f64 / (1 << 20) as f64,
+        settings.k_type,
+        settings.v_type
+    );
+    Budget { total, used: 0 }
+}
+
+/// A request that has been checked and tokenized, waiting for a cache.
+struct Pending {
+    job: TextJob,
+    prompt: Vec<u32>,
+}
+
+/// A running request.
+struct Session {
+    job: TextJob,
+    cache: KvCache,
+    bytes: usize,
+    prompt_len: usize,
+    /// Prompt tokens not yet fed.
+    unfed: VecDeque<u32>,
+    /// The sampled token to feed next (decoding).
+    next: Option<u32>,
+    sampler: Sampler,
+    generated: Vec<u32>,
+    /// Bytes of the generated text already sent.
+    sent: usize,
+    first_token_at: Option<Instant>,
+    /// Done (or failed) and answered.
+    finished: bool,
+}
+
+pub fn run(mut engine: TextEngine, settings: LoopSettings, jobs: Receiver<Job>, metrics: Arc<Metrics>) {
+    let template = match ChatTemplate::of(engine.model().tokenizer()) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!("the model's chat template is unusable, /v1/chat/completions will refuse: {e}");
+            None
+        }
+    };
+    let full_session = engine.cache_config(settings.n_ctx, settings.k_type, settings.v_type).bytes().unwrap_or(usize::MAX);
+    let mut budget = start_budget(&settings, full_session, &metrics);
+    let mut pending: VecDeque<Pending> = VecDeque::new();
+    let mut running: Vec<Session> = Vec::new();
+    loop {
+        // Block for work when idle; otherwise take what has arrived and go on stepping.
+        let Some(incoming) = gather(&jobs, running.is_empty() && pending.is_empty()) else { return };
+        for job in incoming {
+            let Job::Text(job) = job else { continue };
+            match check(&engine, template.as_ref(), &settings, &job) {
+                Ok(prompt) => pending.push_back(Pending { job, prompt }),
+                Err(e) => {
+                    metrics.waiting.fetch_sub(1, Ordering::Relaxed);
+                    metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
+                    let _ = job.events.send(TextEvent::Failed(e));
+                }
+            }
+        }
+        // Clients that left while queued.
+        pending.retain(|p| {
+            let gone = p.job.events.is_closed();
+            if gone {
+                metrics.waiting.fetch_sub(1, Ordering::Relaxed);
+                metrics.requests_cancelled.fetch_add(1, Ordering::Relaxed);
+            }
+            !gone
+        });
+        admit_pending(&engine, &settings, &mut budget, &mut pending, &mut running, &metrics);
+        if running.is_empty() {
+            if !pending.is_empty() {
+                // Nothing runs and the head cannot start: only a new arrival or a cancellation changes that.
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            continue;
+        }
+        step(&mut engine, &settings, &mut running, &metrics);
+        // Finished or cancelled sessions free their caches.
+        running.retain(|s| {
+            let done = s.finished || s.job.events.is_closed();
+            if done {
+                budget.give_back(s.bytes);
+                if !s.finished {
+                    metrics.requests_cancelled.fetch_add(1, Ordering::Relaxed);
+                }
+                metrics.running.fetch_sub(1, Ordering::Relaxed);
+            }
+            !done
+        });
+        metrics.kv_bytes.store(budget.used, Ordering::Relaxed);
+    }
+}
+
+/// Tokenizes a job's prompt and checks it fits a session's context.
+fn check(engine: &TextEngine, template: Option<&ChatTemplate>, settings: &LoopSettings, job: &TextJob) -> Result<Vec<u32>, ApiError> {
+    let tokenizer = engine.model().tokenizer();
+    let prompt = match &job.prompt {
+        TextPrompt::Plain(text) => tokenizer.encode(text),
+        TextPrompt::Chat(messages) => match template {
+            Some(t) => t.encode(tokenizer, messages),
+            None => return Err(ApiError::invalid("this model has no chat template (tokenizer.chat_template); use /v1/completions")),
+        },
+    }
+    .map_err(|e| ApiError::invalid(e.to_string()))?;
+    if prompt.is_empty() {
+        return Err(ApiError::invalid("the prompt is empty"));
+    }
+    let needed = prompt.len() + job.max_tokens;
+    if needed > settings.n_ctx {
+        return Err(ApiError::invalid(format!(
+            "the prompt ({} tokens) plus max_tokens ({}) needs {needed} tokens of context; this server gives a session {}",
+            prompt.len(),
+            job.max_tokens,
+            settings.n_ctx
+        )));
+    }
+    Ok(prompt)
+}
+
+/// Starts queued sessions, in arrival order, while there are slots and memory.
+fn admit_pending(
+    engine: &TextEngine,
+    settings: &LoopSettings,
+    budget: &mut Budget,
+    pending: &mut VecDeque<Pending>,
+    running: &mut Vec<Session>,
+    metrics: &Metrics,
+) {
+    while running.len() < settings.parallel {
+        let Some(head) = pending.front() else { return };
+        // The last sampled token is never fed back: prompt + max_tokens − 1 cells.
+        let cells = (head.prompt.len() + head.job.max_tokens).saturating_sub(1).max(1);
+        let bytes_of = |k, v| engine.cache_config(cells, k, v).bytes().ok();
+        let decision = admit((settings.k_type, settings.v_type), settings.adapt, budget, bytes_of);
+        let Pending { job, prompt } = match decision {
+            Admission::Wait => return,
+            Admission::Never { smallest } => {
+                let p = pending.pop_front().expect("head exists");
+                metrics.waiting.fetch_sub(1, Ordering::Relaxed);
+                metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
+                let _ = p.job.events.send(TextEvent::Failed(ApiError::invalid(format!(
+                    "this request needs {smallest} bytes of KV cache at the smallest layout, more than the server's budget of {}",
+                    budget.total
+                ))));
+                continue;
+            }
+            Admission::Start { .. } => pending.pop_front().expect("head exists"),
+        };
+        let Admission::Start { k, v, bytes } = decision else { unreachable!() };
+        metrics.waiting.fetch_sub(1, Ordering::Relaxed);
+        let cache = match engine.new_cache(cells, k, v) {
+            Ok(c) => c,
+            Err(e) => {
+                metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
+                let _ = job.events.send(TextEvent::Failed(ApiError::internal(format!("cannot make the session's cache: {e}"))));
+                continue;
+            }
+        };
+        let sampler = match Sampler::new(job.sampler) {
+            Ok(s) => s,
+            Err(e) => {
+                metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
+                let _ = job.events.send(TextEvent::Failed(ApiError::invalid(e.to_string())));
+                continue;
+            }
+        };
+        budget.take(bytes);
+        metrics.running.fetch_add(1, Ordering::Relaxed);
+        metrics.prompt_tokens.fetch_add(prompt.len() as u64, Ordering::Relaxed);
+        let _ = job.events.send(TextEvent::Accepted);
+        running.push(Session {
+            job,
+            cache,
+            bytes,
+            prompt_len: prompt.len(),
+            unfed: prompt.into(),
+            next: None,
+            sampler,
+            generated: Vec::new(),
+            sent: 0,
+            first_token_at: None,
+            finished: false,
+        });
+    }
+}
+
+/// One graph over every running session; then each samples and sends what it has.
+fn step(engine: &mut TextEngine, settings: &LoopSettings, running: &mut [Session], metrics: &Metrics) {
+    // Decoding sessions take one row each; prefilling ones share what is left of the step's rows.
+    let decoding = running.iter().filter(|s| s.unfed.is_empty()).count();
+    let mut rows_left = settings.n_batch.saturating_sub(decoding).max(1);
+    let mut inputs: Vec<(usize, Vec<u32>, bool)> = Vec::new();
+    for (i, s) in running.iter_mut().enumerate() {
+        if s.job.events.is_closed() {
+            continue;
+        }
+        if let Some(token) = s.next {
+            inputs.push((i, vec![token], true));
+        } else if !s.unfed.is_empty() && rows_left > 0 {
+            let n = s.unfed.len().min(rows_left);
+            rows_left -= n;
+            let chunk: Vec<u32> = s.unfed.drain(..n).collect();
+            let last = s.unfed.is_empty();
+            inputs.push((i, chunk, last));
+        }
+    }
+    if inputs.is_empty() {
+        return;
+    }
+    let result = {
+        let mut sequences: Vec<SequenceStep> = Vec::with_capacity(inputs.len());
+        let mut rest: &mut [Session] = running;
+        let mut offset = 0;
+        for (i, tokens, _) in &inputs {
+            let (_, tail) = rest.split_at_mut(i - offset);
+            let (session, after) = tail.split_first_mut().expect("index in range");
+            sequences.push(SequenceStep { cache: &mut session.cache, tokens, logits: Logits::Last });
+            rest = after;
+            offset = i + 1;
+        }
+        engine.step(&mut sequences, false)
+    };
+    metrics.steps.fetch_add(1, Ordering::Relaxed);
+    let logits = match result {
+        Ok(l) => l,
+        Err(e) => {
+            // A step failing is the engine's fault, not a request's: every session in it ends with the error.
+            tracing::error!("engine step failed: {e}");
+            for (i, _, _) in &inputs {
+                let s = &mut running[*i];
+                let _ = s.job.events.send(TextEvent::Failed(ApiError::internal(format!("generation failed: {e}"))));
+                metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
+                s.finished = true;
+            }
+            return;
+        }
+    };
+    for ((i, _, sample), logits) in inputs.into_iter().zip(logits) {
+        let s = &mut running[i];
+        s.next = None;
+        if !sample {
+            continue;
+        }
+        match s.sampler.sample(&logits) {
+            Ok(token) => emit(engine, s, token, metrics),
+            Err(e) => {
+                let _ = s.job.events.send(TextEvent::Failed(ApiError::internal(e.to_string())));
+                metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
+                s.finished = true;
+            }
+        }
+    }
+}
+
+/// Takes a sampled token: ends the session (end of text, a stop sequence, the limit) or sends the
+/// text that can no longer become part of a stop sequence, and queues the token to feed.
+fn emit(engine: &TextEngine, s: &mut Session, token: u32, metrics: &Metrics) {
+    let tokenizer = engine.model().tokenizer();
+    if s.first_token_at.is_none() {
+        s.first_token_at = Some(Instant::now());
+        metrics.time_to_first_token.observe(s.job.arrived.elapsed().as_secs_f64());
+    }
+    let finish = |s: &mut Session, finish: Finish, text_end: Option<usize>, metrics: &Metrics| {
+        let text = tokenizer.decode(&s.generated).unwrap_or_default();
+        let end = text_end.unwrap_or(text.len()).max(s.sent);
+        if end > s.sent {
+            let _ = s.job.events.send(TextEvent::Delta(text[s.sent..end].to_owned()));
+        }
+        let _ = s.job.events.send(TextEvent::Done { finish, usage: Usage::new(s.prompt_len, s.generated.len()) });
+        metrics.requests_ok.fetch_add(1, Ordering::Relaxed);
+        s.finished = true;
+    };
+    if tokenizer.is_end(token) {
+        return finish(s, Finish::Stop, None, metrics);
+    }
+    s.generated.push(token);
+    metrics.tokens_generated.fetch_add(1, Ordering::Relaxed);
+    let text = tokenizer.decode(&s.generated).unwrap_or_default();
+    if let Some(at) = s.job.stop.iter().filter_map(|stop| text[s.sent.min(text.len())..].find(stop.as_str()).map(|i| i + s.sent)).min() {
+        return finish(s, Finish::Stop, Some(at), metrics);
+    }
+    if s.generated.len() >= s.job.max_tokens {
+        return finish(s, Finish::Length, None, metrics);
+    }
+    // Hold back a tail that may still become a stop sequence, and an unfinished character.
+    let mut safe = text.len();
+    for stop in &s.job.stop {
+        for k in (1..stop.len()).rev() {
+            if stop.is_char_boundary(k) && text.ends_with(&stop[..k]) {
+                safe = safe.min(text.len() - k);
+                break;
+            }
+        }
+    }
+    if text.ends_with('\u{FFFD}') {
+        safe = safe.min(text.len() - '\u{FFFD}'.len_utf8());
+    }
+    if safe > s.sent && text.is_char_boundary(safe) && text.is_char_boundary(s.sent) {
+        let _ = s.job.events.send(TextEvent::Delta(text[s.sent..safe].to_owned()));
+        s.sent = safe;
+    }
+    s.next = Some(token);
+}

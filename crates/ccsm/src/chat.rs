@@ -1,0 +1,97 @@
+//! Chat prompts: a model's `tokenizer.chat_template` (Jinja, as Hugging Face writes them) rendered over
+//! a list of messages, with Python's string methods that templates call (`strip`, `startswith`, …).
+
+use minijinja::{context, Environment, Error as JinjaError, ErrorKind};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+
+/// One turn of a conversation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// A compiled chat template with the special tokens it may refer to.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos: String,
+    eos: String,
+}
+
+const NAME: &str = "chat_template";
+
+fn raise_exception(message: String) -> std::result::Result<String, JinjaError> {
+    Err(JinjaError::new(ErrorKind::InvalidOperation, message))
+}
+
+impl ChatTemplate {
+    /// Compiles `source`; `bos`/`eos` are the texts of the model's special tokens (empty when it has none).
+    pub fn new(source: &str, bos: &str, eos: &str) -> Result<Self> {
+        let mut env = Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        env.add_template_owned(NAME, source.to_owned())
+            .map_err(|e| Error::Input(format!("the model's chat template does not compile: {e}")))?;
+        Ok(ChatTemplate { env, bos: bos.into(), eos: eos.into() })
+    }
+
+    /// The template of a model's tokenizer, when its file has one.
+    pub fn of(tokenizer: &Tokenizer) -> Result<Option<Self>> {
+        let Some(source) = tokenizer.chat_template() else { return Ok(None) };
+        let text = |id: Option<u32>| id.and_then(|id| tokenizer.token_text(id)).unwrap_or_default();
+        Ok(Some(Self::new(source, &text(tokenizer.bos()), &text(tokenizer.eos()))?))
+    }
+
+    /// The prompt text of `messages`, ending with the assistant's turn opened when `add_generation_prompt`.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        if messages.is_empty() {
+            return Err(Error::EmptyInput("a chat needs at least one message"));
+        }
+        let template = self.env.get_template(NAME).map_err(|e| Error::Input(format!("chat template: {e}")))?;
+        template
+            .render(context! { messages => messages, add_generation_prompt => add_generation_prompt, bos_token => &self.bos, eos_token => &self.eos })
+            .map_err(|e| Error::Input(format!("the chat template failed on these messages: {e}")))
+    }
+
+    /// Token ids of `messages` as a prompt: BOS is added when the model asks for it and the template
+    /// did not already write it.
+    pub fn encode(&self, tokenizer: &Tokenizer, messages: &[Message]) -> Result<Vec<u32>> {
+        let text = self.render(messages, true)?;
+        if !self.bos.is_empty() && text.starts_with(&self.bos) {
+            tokenizer.encode_plain(&text)
+        } else {
+            tokenizer.encode(&text)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(role: &str, content: &str) -> Message {
+        Message { role: role.into(), content: content.into() }
+    }
+
+    #[test]
+    fn chatml_renders_as_python_jinja_does() {
+        // A ChatML template of the kind SmolLM2 and Qwen ship, with Python string methods.
+        let source = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'].strip() }}<|im_end|>\n{% endfor %}\
+                      {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+        let t = ChatTemplate::new(source, "<s>", "</s>").unwrap();
+        let text = t.render(&[chat("system", "Be brief."), chat("user", "  Hi there ")], true).unwrap();
+        assert_eq!(text, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n");
+        assert!(!t.render(&[chat("user", "x")], false).unwrap().ends_with("assistant\n"));
+    }
+
+    #[test]
+    fn template_errors_are_input_errors() {
+        let t = ChatTemplate::new("{{ raise_exception('roles must alternate') }}", "", "").unwrap();
+        assert!(t.render(&[chat("user", "x")], true).unwrap_err().to_string().contains("roles must alternate"));
+        assert!(ChatTemplate::new("{% for %}", "", "").is_err());
+        assert!(t.render(&[], true).is_err());
+    }
+}
