@@ -20,7 +20,7 @@ deps:
 	fi
 
 pydeps:
-	@python3 -c "import numpy, gguf, tokenizers" 2>/dev/null || \
+	@python3 -c "import numpy, gguf, tokenizers, openai" 2>/dev/null || \
 		python3 -m pip install --quiet --disable-pip-version-check -r tools/requirements.txt
 
 ggml-source:

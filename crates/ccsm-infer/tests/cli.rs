@@ -124,3 +124,38 @@ fn running_past_the_trained_context_warns_once_and_says_so() {
         assert!(!stderr.contains('\u{1b}'), "colour codes in a log that is not a terminal: {stderr:?}");
     }
 }
+
+#[test]
+fn chat_applies_the_models_template_and_refuses_models_without_one() {
+    let smollm2 = models().join("SmolLM2-135M-Instruct.Q4_1.gguf").display().to_string();
+    let run = |chat: bool| {
+        let mut cmd = infer();
+        cmd.args([&smollm2, "-p", "What is the capital of France?", "-n", "12", "--temp", "0", "-t", "1", "--json", "-q"]);
+        if chat {
+            cmd.arg("--chat");
+        }
+        let out = cmd.assert().success().get_output().stdout.clone();
+        serde_json::from_slice::<serde_json::Value>(&out).unwrap()
+    };
+    // An instruct model answers an instruction only inside its chat turns: bare, it ends at once.
+    let (plain, chat) = (run(false), run(true));
+    assert_eq!(plain["stop"], "end_of_text", "{plain}");
+    assert_eq!(plain["text"], "", "{plain}");
+    assert!(chat["text"].as_str().unwrap().split_whitespace().count() >= 3, "{chat}");
+    // The template adds the system turn and the role markers around the prompt.
+    assert!(chat["prompt_tokens"].as_u64().unwrap() > plain["prompt_tokens"].as_u64().unwrap() + 10, "{chat} {plain}");
+    infer()
+        .args([&tiny(), "-p", "hi", "--chat", "-n", "2", "-t", "1"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("has no chat template"));
+}
+
+#[test]
+fn serve_refuses_what_it_cannot_serve() {
+    let mimi = models().join("tiny-mimi.gguf").display().to_string();
+    infer().args(["serve", &mimi, "--port", "0"]).assert().code(1).stderr(predicate::str::contains("is a codec"));
+    infer().args(["serve", "/nonexistent.gguf", "--port", "0"]).assert().code(1).stderr(predicate::str::contains("nonexistent.gguf"));
+    infer().args(["serve", &tiny(), "--parallel", "0"]).assert().code(2);
+    infer().args(["serve", &tiny(), "--api-key", ""]).assert().code(2).stderr(predicate::str::contains("must not be empty"));
+}

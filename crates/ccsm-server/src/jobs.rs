@@ -112,6 +112,13 @@ impl Budget {
     }
 }
 
+/// Cells a session's cache gets for `needed` cells: rounded up to the attention window's granularity
+/// (at most `n_ctx`). The attention kernel splits a step's cells by the window, so with the same window
+/// a session's sums, and so its output, are the single-session path's bit for bit.
+pub fn session_cells(needed: usize, n_ctx: usize) -> usize {
+    needed.max(1).div_ceil(ccsm::kv_cache::DECODE_WINDOW).saturating_mul(ccsm::kv_cache::DECODE_WINDOW).min(n_ctx)
+}
+
 /// What admission decides for a session needing a cache of some cells.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Admission {

@@ -82,7 +82,10 @@ fn load(config: &ServeConfig) -> Result<Loaded> {
         AnyModel::Csm(m) => {
             let codec_path = config.codec.clone().unwrap_or_else(|| config.model.clone());
             let codec = MimiModel::load(&codec_path).with_context(|| format!("loading the codec from {}", codec_path.display()))?;
-            let codec = MimiDecoder::new(codec, MimiOptions { n_threads: config.n_threads, ..MimiOptions::default() })?;
+            // The codec's transformer cache takes the server's cache types, as generation's does.
+            let options =
+                MimiOptions { n_threads: config.n_threads, k_type: config.k_type, v_type: config.v_type, ..MimiOptions::default() };
+            let codec = MimiDecoder::new(codec, options)?;
             // The generator's own backbone cache is never used (sessions bring theirs): keep it tiny.
             let options = CsmOptions {
                 n_ctx: 1,

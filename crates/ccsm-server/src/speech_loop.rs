@@ -14,7 +14,7 @@ use ccsm::sampling::Sampler;
 use ccsm::CacheType;
 
 use crate::api::{ApiError, Usage};
-use crate::jobs::{admit, gather, Admission, Budget, Finish, Job, SpeechEvent, SpeechJob};
+use crate::jobs::{admit, gather, session_cells, Admission, Budget, Finish, Job, SpeechEvent, SpeechJob};
 use crate::metrics::Metrics;
 use crate::text_loop::{start_budget, LoopSettings};
 
@@ -127,7 +127,7 @@ fn admit_pending(
 ) {
     while running.len() < settings.parallel {
         let Some(head) = pending.front() else { return };
-        let cells = head.rows.len() + head.job.max_frames;
+        let cells = session_cells(head.rows.len() + head.job.max_frames, settings.n_ctx);
         let bytes_of = |k, v| backbone_bytes(speech, cells, k, v).map(|b| b + stream_bytes);
         let decision = admit((settings.k_type, settings.v_type), settings.adapt, budget, bytes_of);
         let (k, v, bytes) = match decision {

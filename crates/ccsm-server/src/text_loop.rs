@@ -15,7 +15,7 @@ use ccsm::sampling::Sampler;
 use ccsm::{CacheType, Logits};
 
 use crate::api::{ApiError, Usage};
-use crate::jobs::{admit, gather, Admission, Budget, Finish, Job, TextEvent, TextJob, TextPrompt};
+use crate::jobs::{admit, gather, session_cells, Admission, Budget, Finish, Job, TextEvent, TextJob, TextPrompt};
 use crate::metrics::Metrics;
 
 /// How the loop sizes and admits sessions.
@@ -173,7 +173,7 @@ fn admit_pending(
     while running.len() < settings.parallel {
         let Some(head) = pending.front() else { return };
         // The last sampled token is never fed back: prompt + max_tokens − 1 cells.
-        let cells = (head.prompt.len() + head.job.max_tokens).saturating_sub(1).max(1);
+        let cells = session_cells((head.prompt.len() + head.job.max_tokens).saturating_sub(1), settings.n_ctx);
         let bytes_of = |k, v| engine.cache_config(cells, k, v).bytes().ok();
         let decision = admit((settings.k_type, settings.v_type), settings.adapt, budget, bytes_of);
         let Pending { job, prompt } = match decision {

@@ -1,0 +1,48 @@
+//! The HTTP server against the real `openai` Python client (`tests/server/openai_clients.py`, which
+//! starts `ccsm-infer serve` on free loopback ports): speech, completions, chat, keys, 4xx, cancellation,
+//! 8 concurrent clients against their single-session outputs within a KV budget, memory over 200
+//! requests, and the queue's 429. The parts run one at a time (each server computes on two threads).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
+
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn run_part(part: &str) {
+    let _guard = serial();
+    let root = workspace();
+    let out = Command::new("python3")
+        .arg(root.join("tests/server/openai_clients.py"))
+        .arg(env!("CARGO_BIN_EXE_ccsm-infer"))
+        .arg(root.join("models"))
+        .arg(part)
+        .output()
+        .expect("python3 runs (make pydeps installs the openai package)");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eprintln!("{stdout}");
+    assert!(out.status.success(), "the {part} clients failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains(&format!("{part}: ok")), "{stdout}");
+}
+
+#[test]
+fn text_completions_and_chat_through_the_openai_client() {
+    run_part("text");
+}
+
+#[test]
+fn speech_through_the_openai_client() {
+    run_part("speech");
+}
+
+#[test]
+fn a_full_queue_answers_429_and_loses_nothing_accepted() {
+    run_part("queue");
+}
