@@ -107,6 +107,9 @@ pub struct TextSettings {
     pub stream: bool,
     /// How many choices: only 1.
     pub n: Option<u32>,
+    /// llama-server's extension: keep generating past end-of-text (benchmarks).
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 /// `POST /v1/completions`.

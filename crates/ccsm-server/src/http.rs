@@ -252,7 +252,8 @@ async fn text(state: &AppState, prompt: TextPrompt, settings: &TextSettings, api
     }
     let (max_tokens, sampler, stop) = text_job_settings(settings)?;
     let (events, mut rx) = unbounded_channel();
-    submit(state, Job::Text(TextJob { prompt, max_tokens, sampler, stop, events, arrived: Instant::now() }))?;
+    let ignore_eos = settings.ignore_eos;
+    submit(state, Job::Text(TextJob { prompt, max_tokens, sampler, stop, ignore_eos, events, arrived: Instant::now() }))?;
     match rx.recv().await {
         Some(TextEvent::Accepted) => {}
         Some(TextEvent::Failed(e)) => return Err(e),

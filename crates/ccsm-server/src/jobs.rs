@@ -20,6 +20,8 @@ pub struct TextJob {
     pub max_tokens: usize,
     pub sampler: SamplerConfig,
     pub stop: Vec<String>,
+    /// Generate past end-of-text tokens (llama-server's `ignore_eos`).
+    pub ignore_eos: bool,
     pub events: UnboundedSender<TextEvent>,
     pub arrived: Instant,
 }

@@ -1,17 +1,16 @@
 //! The speech engine thread: CSM sessions share one generator and one codec (the weights are loaded
-//! once); each session's state (backbone cache, codec stream) is swapped in for its frames. Every
-//! running session makes one frame per round, decoded to audio as soon as it exists.
+//! once). Every running session makes one frame per round, all in one batched pass (the weights are
+//! read once per decoder and backbone step for every session), decoded to audio by the session's own
+//! codec stream as soon as it exists.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
-use ccsm::csm::{CsmGenerator, CsmSession, Request, Row};
-use ccsm::kv_cache::KvCacheConfig;
+use ccsm::csm::{CsmGenerator, CsmSession, FrameRequest, Request, Row};
 use ccsm::mimi::{MimiDecoder, MimiStream};
 use ccsm::sampling::Sampler;
-use ccsm::CacheType;
 
 use crate::api::{ApiError, Usage};
 use crate::jobs::{admit, gather, session_cells, Admission, Budget, Finish, Job, SpeechEvent, SpeechJob};
@@ -48,7 +47,7 @@ pub fn run(mut speech: Speech, settings: LoopSettings, jobs: Receiver<Job>, metr
         Ok(s) => s.bytes(),
         Err(e) => return tracing::error!("cannot make a codec stream: {e}"),
     };
-    let full_session = backbone_bytes(&speech, settings.n_ctx, settings.k_type, settings.v_type).unwrap_or(usize::MAX);
+    let full_session = speech.generator.session_bytes(settings.n_ctx, settings.k_type, settings.v_type).unwrap_or(usize::MAX);
     let mut budget = start_budget(&settings, full_session.saturating_add(stream_bytes), &metrics);
     let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut running: Vec<Session> = Vec::new();
@@ -80,9 +79,7 @@ pub fn run(mut speech: Speech, settings: LoopSettings, jobs: Receiver<Job>, metr
             }
             continue;
         }
-        for session in running.iter_mut().filter(|s| !s.job.events.is_closed()) {
-            frame(&mut speech, session, &metrics);
-        }
+        round(&mut speech, &mut running, &metrics);
         metrics.steps.fetch_add(1, Ordering::Relaxed);
         running.retain(|s| {
             let done = s.finished || s.job.events.is_closed();
@@ -128,7 +125,7 @@ fn admit_pending(
     while running.len() < settings.parallel {
         let Some(head) = pending.front() else { return };
         let cells = session_cells(head.rows.len() + head.job.max_frames, settings.n_ctx);
-        let bytes_of = |k, v| backbone_bytes(speech, cells, k, v).map(|b| b + stream_bytes);
+        let bytes_of = |k, v| speech.generator.session_bytes(cells, k, v).ok().map(|b| b + stream_bytes);
         let decision = admit((settings.k_type, settings.v_type), settings.adapt, budget, bytes_of);
         let (k, v, bytes) = match decision {
             Admission::Wait => return,
@@ -177,47 +174,63 @@ fn admit_pending(
     }
 }
 
-/// Bytes of a backbone cache of `cells` cells of these types (ggml's block math).
-fn backbone_bytes(speech: &Speech, cells: usize, k_type: CacheType, v_type: CacheType) -> Option<usize> {
-    let b = &speech.generator.model().config().backbone;
-    KvCacheConfig { n_layer: b.n_layer, head_dim: b.head_dim, n_head_kv: b.n_head_kv, capacity: cells, k_type, v_type }.bytes().ok()
-}
-
-/// The session's next frame (after its prompt, the first time), decoded and sent.
-fn frame(speech: &mut Speech, s: &mut Session, metrics: &Metrics) {
-    speech.generator.swap_session(&mut s.state);
-    let made = (|| -> ccsm::Result<_> {
-        if let Some(rows) = s.rows.take() {
-            speech.generator.prefill(&rows)?;
+/// One round: new sessions run their prompts, then every session makes its next frame in one batched
+/// pass (each decoder step one graph over all of them), and each frame is decoded by its session's codec
+/// stream and sent.
+fn round(speech: &mut Speech, running: &mut [Session], metrics: &Metrics) {
+    for s in running.iter_mut().filter(|s| s.rows.is_some() && !s.job.events.is_closed()) {
+        let rows = s.rows.take().expect("filtered");
+        speech.generator.swap_session(&mut s.state);
+        let done = speech.generator.prefill(&rows);
+        speech.generator.swap_session(&mut s.state);
+        if let Err(e) = done {
+            fail(s, format!("the prompt failed: {e}"), metrics);
         }
-        speech.generator.generate_frame(&mut s.sampler, None)
-    })();
-    speech.generator.swap_session(&mut s.state);
-    let frame = match made {
-        Ok(Some(frame)) => frame,
-        Ok(None) => return finish(s, Finish::Stop, metrics),
-        Err(e) => return fail(s, format!("generation failed: {e}"), metrics),
-    };
-    speech.codec.swap_stream(&mut s.stream);
-    let samples = speech.codec.decode(std::slice::from_ref(&frame));
-    speech.codec.swap_stream(&mut s.stream);
-    let samples = match samples {
-        Ok(samples) => samples,
-        Err(e) => return fail(s, format!("decoding failed: {e}"), metrics),
-    };
-    s.frames += 1;
-    metrics.frames_generated.fetch_add(1, Ordering::Relaxed);
-    if !s.first_audio {
-        s.first_audio = true;
-        metrics.time_to_first_audio.observe(s.job.arrived.elapsed().as_secs_f64());
     }
-    let _ = s.job.events.send(SpeechEvent::Audio(samples));
-    if s.frames >= s.job.max_frames {
-        finish(s, Finish::Length, metrics);
+    let mut active: Vec<&mut Session> = running.iter_mut().filter(|s| !s.finished && !s.job.events.is_closed()).collect();
+    if active.is_empty() {
+        return;
+    }
+    let made = {
+        let mut requests: Vec<FrameRequest> =
+            active.iter_mut().map(|s| FrameRequest { session: &mut s.state, sampler: &mut s.sampler }).collect();
+        speech.generator.generate_frames(&mut requests)
+    };
+    let frames = match made {
+        Ok(frames) => frames,
+        Err(e) => {
+            tracing::error!("frame step failed: {e}");
+            return active.into_iter().for_each(|s| fail(s, format!("generation failed: {e}"), metrics));
+        }
+    };
+    for (s, frame) in active.into_iter().zip(frames) {
+        let Some(frame) = frame else {
+            finish(s, Finish::Stop, metrics);
+            continue;
+        };
+        speech.codec.swap_stream(&mut s.stream);
+        let samples = speech.codec.decode(std::slice::from_ref(&frame));
+        speech.codec.swap_stream(&mut s.stream);
+        let samples = match samples {
+            Ok(samples) => samples,
+            Err(e) => {
+                fail(s, format!("decoding failed: {e}"), metrics);
+                continue;
+            }
+        };
+        s.frames += 1;
+        metrics.frames_generated.fetch_add(1, Ordering::Relaxed);
+        if !s.first_audio {
+            s.first_audio = true;
+            metrics.time_to_first_audio.observe(s.job.arrived.elapsed().as_secs_f64());
+        }
+        let _ = s.job.events.send(SpeechEvent::Audio(samples));
+        if s.frames >= s.job.max_frames {
+            finish(s, Finish::Length, metrics);
+        }
     }
 }
 
-/// Ends the session: `Stop` when the model ended the speech, `Length` at the audio limit.
 fn finish(s: &mut Session, finish: Finish, metrics: &Metrics) {
     tracing::debug!("speech session ended: {} after {} frames", finish.name(), s.frames);
     let _ = s.job.events.send(SpeechEvent::Done { usage: Usage::new(s.prompt_rows, s.frames) });

@@ -314,7 +314,7 @@ fn emit(engine: &TextEngine, s: &mut Session, token: u32, metrics: &Metrics) {
         metrics.requests_ok.fetch_add(1, Ordering::Relaxed);
         s.finished = true;
     };
-    if tokenizer.is_end(token) {
+    if tokenizer.is_end(token) && !s.job.ignore_eos {
         return finish(s, Finish::Stop, None, metrics);
     }
     s.generated.push(token);

@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use super::model::CsmModel;
 use super::prompt::{Frame, Row};
+pub use super::session::CsmSession;
 use crate::attention::{BuildScope, StepInputs};
 use crate::error::{Error, Result};
 use crate::kv_cache::EvictionPolicy;
@@ -49,44 +50,22 @@ pub struct FrameTimings {
 
 /// A CSM model with its two caches, ready to generate.
 pub struct CsmGenerator {
-    model: CsmModel,
-    backbone_cache: KvCache,
-    decoder_cache: KvCache,
-    backend: Backend,
-    compute: ComputeBuffer,
+    pub(super) model: CsmModel,
+    pub(super) backbone_cache: KvCache,
+    pub(super) decoder_cache: KvCache,
+    pub(super) backend: Backend,
+    pub(super) compute: ComputeBuffer,
     n_batch: usize,
-    backbone_step: Option<(usize, bool, ReusableGraph)>,
+    pub(super) backbone_step: Option<(usize, bool, ReusableGraph)>,
     track_attention: bool,
     evict: Option<EvictionPolicy>,
-    trained: TrainedContext,
+    pub(super) trained: TrainedContext,
     /// Codes sampled are below this (a codec's codebook size; CSM's audio vocabulary has specials past it).
-    code_limit: Option<usize>,
+    pub(super) code_limit: Option<usize>,
     decoder_steps: Vec<Option<ReusableGraph>>,
     /// After the last backbone step: its final-normed hidden state and codebook-0 logits.
-    last: Option<(Vec<f32>, Vec<f32>)>,
-    timings: FrameTimings,
-}
-
-/// One speech stream's state (its backbone cache and what the last step left), apart from the weights
-/// and the decoder's per-frame cache, which every stream shares: a server keeps one per session and
-/// swaps it into the generator for that session's frames.
-pub struct CsmSession {
-    backbone_cache: KvCache,
-    backbone_step: Option<(usize, bool, ReusableGraph)>,
-    last: Option<(Vec<f32>, Vec<f32>)>,
-    trained: TrainedContext,
-    timings: FrameTimings,
-}
-
-impl CsmSession {
-    /// Exact bytes of the session's backbone cache.
-    pub fn kv_bytes(&self) -> usize {
-        self.backbone_cache.memory_usage()
-    }
-
-    pub fn timings(&self) -> FrameTimings {
-        self.timings
-    }
+    pub(super) last: Option<(Vec<f32>, Vec<f32>)>,
+    pub(super) timings: FrameTimings,
 }
 
 /// What a backbone step returns: the last row's final-normed hidden state, its codebook-0 logits and,
@@ -191,7 +170,7 @@ fn build_decoder_step<'c>(
 }
 
 /// Backbone input ids and masks for `rows`.
-fn row_inputs(rows: &[Row], n_codebooks: usize, audio_vocab: usize) -> (Vec<i32>, Vec<f32>, Vec<i32>, Vec<f32>) {
+pub(super) fn row_inputs(rows: &[Row], n_codebooks: usize, audio_vocab: usize) -> (Vec<i32>, Vec<f32>, Vec<i32>, Vec<f32>) {
     let mut text = Vec::with_capacity(rows.len());
     let mut text_mask = Vec::with_capacity(rows.len());
     let mut audio = Vec::with_capacity(rows.len() * n_codebooks);
@@ -258,34 +237,6 @@ impl CsmGenerator {
             last: None,
             timings: FrameTimings::default(),
         })
-    }
-
-    /// A new empty session with a backbone cache of `capacity` cells of these types.
-    pub fn new_session(&self, capacity: usize, k_type: CacheType, v_type: CacheType) -> Result<CsmSession> {
-        let c = &self.model.config.backbone;
-        if capacity == 0 || capacity > c.n_ctx_train {
-            return Err(Error::Input(format!("context {capacity} must be between 1 and the model's {}", c.n_ctx_train)));
-        }
-        let config = KvCacheConfig { n_layer: c.n_layer, head_dim: c.head_dim, n_head_kv: c.n_head_kv, capacity, k_type, v_type };
-        let mut backbone_cache = KvCache::with_rotation(config, Rotation::default())?;
-        backbone_cache.set_attention(self.backbone_cache.attention());
-        Ok(CsmSession {
-            backbone_cache,
-            backbone_step: None,
-            last: None,
-            trained: TrainedContext::new(c.n_ctx_train),
-            timings: FrameTimings::default(),
-        })
-    }
-
-    /// Exchanges the generator's stream state with `session`'s: swap in, run the session's steps, swap
-    /// back. The kept backbone graph travels with its cache.
-    pub fn swap_session(&mut self, session: &mut CsmSession) {
-        std::mem::swap(&mut self.backbone_cache, &mut session.backbone_cache);
-        std::mem::swap(&mut self.backbone_step, &mut session.backbone_step);
-        std::mem::swap(&mut self.last, &mut session.last);
-        std::mem::swap(&mut self.trained, &mut session.trained);
-        std::mem::swap(&mut self.timings, &mut session.timings);
     }
 
     /// Kept graphs read the cache buffers; drop them before the buffers are replaced.
@@ -363,7 +314,7 @@ impl CsmGenerator {
         Ok(())
     }
 
-    fn check_rows(&self, rows: &[Row]) -> Result<()> {
+    pub(super) fn check_rows(&self, rows: &[Row]) -> Result<()> {
         let c = &self.model.config;
         for row in rows {
             match row {

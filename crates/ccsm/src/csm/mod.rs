@@ -6,9 +6,11 @@ mod generator;
 mod model;
 mod prompt;
 mod request;
+mod session;
 
 pub use config::CsmConfig;
 pub use generator::{CsmGenerator, CsmOptions, CsmSession, FrameTimings};
 pub use model::CsmModel;
 pub use prompt::{Frame, Row, Segment};
 pub use request::Request;
+pub use session::FrameRequest;
