@@ -2,6 +2,7 @@
 """Aggregate decode speed of the HTTP servers with concurrent streaming clients, ccsm beside llama-server.
 
     tools/bench_server.py MODEL [--clients 1,2,4,8] [--tokens 128] [--reps 3] [--peer DIR] [-o FILE.jsonl]
+    tools/bench_server.py CSM_MODEL --codec MIMI [--clients 1,2,4] [--audio-ms 2000]   (speech, ccsm only)
 
 Both servers run with the same threads, cache type (f16) and parallel slots as clients; for each client
 count the two are measured alternately (ours, theirs, ours, ...), and the best of --reps is kept. A round
@@ -48,10 +49,12 @@ def wait_healthy(url, proc, seconds=120):
     raise RuntimeError("server never became healthy")
 
 
-def start(kind, model, n, threads, port, peer):
+def start(kind, model, n, threads, port, peer, codec=None):
     if kind == "ccsm":
         binary = os.path.join(HERE, "..", "target", "release", "ccsm-infer")
         cmd = [binary, "serve", model, "--port", str(port), "--parallel", str(n), "-t", str(threads), "-c", "1024", "-q"]
+        if codec:
+            cmd += ["--codec", codec]
     else:
         cmd = [os.path.join(peer, "llama-server"), "-m", model, "--port", str(port), "-np", str(n), "-t", str(threads),
                "-c", str(1024 * n), "--no-webui", "-ctk", "f16", "-ctv", "f16"]
@@ -62,7 +65,8 @@ def start(kind, model, n, threads, port, peer):
 
 
 def stream_one(url, prompt, tokens, out):
-    body = json.dumps({"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, "ignore_eos": True}).encode()
+    # cache_prompt off: llama-server would otherwise reuse the cache of the same prompt from the last round.
+    body = json.dumps({"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, "ignore_eos": True, "cache_prompt": False}).encode()
     req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
     times = []
     with urllib.request.urlopen(req, timeout=600) as r:
@@ -90,6 +94,53 @@ def round_(url, n, tokens):
             "ttft_ms": 1000 * (max(firsts) - started), "wall_s": max(lasts) - started}
 
 
+def speak_one(url, i, audio_ms, out):
+    body = json.dumps({"input": PROMPTS[i % len(PROMPTS)], "voice": str(i % 4), "response_format": "pcm", "seed": i,
+                       "max_audio_ms": audio_ms}).encode()
+    req = urllib.request.Request(url + "/v1/audio/speech", data=body, headers={"Content-Type": "application/json"})
+    started = time.perf_counter()
+    first, total = None, 0
+    with urllib.request.urlopen(req, timeout=1200) as r:
+        while True:
+            chunk = r.read1(65536)
+            if not chunk:
+                break
+            first = first or time.perf_counter()
+            total += len(chunk)
+    out.append((started, first, time.perf_counter(), total / 3840))
+
+
+def speech_round(url, n, audio_ms):
+    results = []
+    threads = [threading.Thread(target=speak_one, args=(url, i, audio_ms, results)) for i in range(n)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    start, end = min(r[0] for r in results), max(r[2] for r in results)
+    frames = sum(r[3] for r in results)
+    ttfa = sorted(1000 * (r[1] - r[0]) for r in results)
+    return {"clients": n, "frames": frames, "frames_per_s": frames / (end - start), "ttfa_ms_median": ttfa[len(ttfa) // 2],
+            "ttfa_ms_max": ttfa[-1], "wall_s": end - start}
+
+
+def speech_main(args):
+    rows = []
+    for n in [int(c) for c in args.clients.split(",")]:
+        proc, url = start("ccsm", args.model, n, args.threads, 18650, args.peer, codec=args.codec)
+        try:
+            best = max((speech_round(url, n, args.audio_ms) for _ in range(args.reps)), key=lambda r: r["frames_per_s"])
+        finally:
+            proc.terminate()
+            proc.wait()
+        rows.append(best)
+        print(f"clients {n}: {best}", file=sys.stderr)
+    print("| clients | aggregate frames/s | vs 1 client | real-time factor per stream | TTFA median ms | TTFA max ms |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        per_stream = r["frames_per_s"] / r["clients"]
+        print(f"| {r['clients']} | {r['frames_per_s']:.2f} | {r['frames_per_s'] / rows[0]['frames_per_s']:.2f} | {12.5 / per_stream:.2f} | "
+              f"{r['ttfa_ms_median']:.0f} | {r['ttfa_ms_max']:.0f} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -99,7 +150,11 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--peer", default=os.path.expanduser("~/.cache/ccsm-peer/build/bin"))
     ap.add_argument("-o", "--output")
+    ap.add_argument("--codec", help="a Mimi GGUF: benchmark speech (ccsm only) instead of text")
+    ap.add_argument("--audio-ms", type=int, default=2000)
     args = ap.parse_args()
+    if args.codec:
+        return speech_main(args)
     rows = []
     out = open(args.output, "w") if args.output else None
     for n in [int(c) for c in args.clients.split(",")]:

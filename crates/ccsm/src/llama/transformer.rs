@@ -63,15 +63,15 @@ impl Attention {
             freq_base: c.rope.freq_base,
             ..Default::default()
         };
-        let q = ctx.reshape(ctx.mul_mat(w(self.q), h)?, &[hd, n_head, n])?;
+        let q = ctx.reshape(ctx.product(w(self.q), h)?, &[hd, n_head, n])?;
         let q = ctx.rope_ext(q, s.inputs.positions, s.inputs.freq_factors, &rope)?.set_name(&format!("blk.{layer}.q"));
-        let k = ctx.reshape(ctx.mul_mat(w(self.k), h)?, &[hd, n_head_kv, n])?;
+        let k = ctx.reshape(ctx.product(w(self.k), h)?, &[hd, n_head_kv, n])?;
         let k = ctx.rope_ext(k, s.inputs.positions, s.inputs.freq_factors, &rope)?.set_name(&format!("blk.{layer}.k"));
-        let v = ctx.mul_mat(w(self.v), h)?.set_name(&format!("blk.{layer}.v"));
+        let v = ctx.product(w(self.v), h)?.set_name(&format!("blk.{layer}.v"));
         let shape = AttentionShape { head_dim: c.head_dim, n_head: c.n_head, n_head_kv: c.n_head_kv };
         let merged = attention::over_cache(s, layer, shape, q, k, v)?;
         let merged = if last_only { s.kept_rows(merged)? } else { merged };
-        Ok(ctx.mul_mat(w(self.out), merged)?.set_name(&format!("blk.{layer}.attn_out")))
+        Ok(ctx.product(w(self.out), merged)?.set_name(&format!("blk.{layer}.attn_out")))
     }
 }
 
@@ -88,8 +88,8 @@ impl Mlp {
     fn build<'c>(&self, s: &BuildScope<'c, '_>, c: &LlamaConfig, layer: usize, x: Tensor<'c>) -> Result<Tensor<'c>> {
         let (ctx, w) = (s.ctx, |id| s.weights.get(id));
         let h = ctx.mul(ctx.rms_norm(x, c.rms_eps)?, w(self.norm))?;
-        let act = ctx.swiglu(ctx.mul_mat(w(self.gate), h)?, ctx.mul_mat(w(self.up), h)?)?;
-        Ok(ctx.mul_mat(w(self.down), act)?.set_name(&format!("blk.{layer}.ffn_out")))
+        let act = ctx.swiglu(ctx.product(w(self.gate), h)?, ctx.product(w(self.up), h)?)?;
+        Ok(ctx.product(w(self.down), act)?.set_name(&format!("blk.{layer}.ffn_out")))
     }
 }
 
