@@ -81,7 +81,7 @@ fn few_columns_apply(w: Tensor<'_>, x: Tensor<'_>) -> bool {
         && two_d(w)
         && two_d(x)
         && w.ne(0) == x.ne(0)
-        && w.ne(0) as usize % BLOCK == 0
+        && (w.ne(0) as usize).is_multiple_of(BLOCK)
         && (MIN_FEW_COLUMNS..=MAX_FEW_COLUMNS).contains(&x.ne(1))
         && cpu_has_kernel()
 }
