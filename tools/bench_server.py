@@ -118,8 +118,10 @@ def speech_round(url, n, audio_ms):
     start, end = min(r[0] for r in results), max(r[2] for r in results)
     frames = sum(r[3] for r in results)
     ttfa = sorted(1000 * (r[1] - r[0]) for r in results)
-    return {"clients": n, "frames": frames, "frames_per_s": frames / (end - start), "ttfa_ms_median": ttfa[len(ttfa) // 2],
-            "ttfa_ms_max": ttfa[-1], "wall_s": end - start}
+    # Steady state: frames after each stream's first, over the time from the last first audio to the end.
+    steady = (frames - n) / max(end - max(r[1] for r in results), 1e-9)
+    return {"clients": n, "frames": frames, "frames_per_s": steady, "whole_frames_per_s": frames / (end - start),
+            "ttfa_ms_median": ttfa[len(ttfa) // 2], "ttfa_ms_max": ttfa[-1], "wall_s": end - start}
 
 
 def speech_main(args):
@@ -133,12 +135,12 @@ def speech_main(args):
             proc.wait()
         rows.append(best)
         print(f"clients {n}: {best}", file=sys.stderr)
-    print("| clients | aggregate frames/s | vs 1 client | real-time factor per stream | TTFA median ms | TTFA max ms |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| clients | aggregate frames/s (steady) | vs 1 client | real-time factor per stream | frames/s incl. prompts | TTFA median ms | TTFA max ms |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         per_stream = r["frames_per_s"] / r["clients"]
         print(f"| {r['clients']} | {r['frames_per_s']:.2f} | {r['frames_per_s'] / rows[0]['frames_per_s']:.2f} | {12.5 / per_stream:.2f} | "
-              f"{r['ttfa_ms_median']:.0f} | {r['ttfa_ms_max']:.0f} |")
+              f"{r['whole_frames_per_s']:.2f} | {r['ttfa_ms_median']:.0f} | {r['ttfa_ms_max']:.0f} |")
 
 
 def main():

@@ -50,6 +50,13 @@ impl ApiError {
         e
     }
 
+    /// 400: even alone, at the smallest cache layout, the request needs more than the whole budget.
+    pub fn over_budget(smallest: usize, budget: usize) -> Self {
+        Self::invalid(format!(
+            "this request needs {smallest} bytes of caches at the smallest layout, more than the server's budget of {budget}: ask for less output or a shorter prompt"
+        ))
+    }
+
     pub fn loading() -> Self {
         let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable_error", "loading", "Loading model");
         e.retry_after = Some(1);

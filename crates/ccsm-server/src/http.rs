@@ -173,12 +173,12 @@ fn body_of(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
 }
 
 /// Length and sampling of a text request, checked.
-fn text_job_settings(s: &TextSettings) -> Result<(usize, SamplerConfig, Vec<String>), ApiError> {
+fn text_job_settings(s: &TextSettings) -> Result<(Option<usize>, SamplerConfig, Vec<String>), ApiError> {
     if s.n.is_some_and(|n| n != 1) {
         return Err(ApiError::invalid("n must be 1: one choice per request"));
     }
-    let max_tokens = s.max_completion_tokens.or(s.max_tokens).unwrap_or(256) as usize;
-    if max_tokens == 0 {
+    let max_tokens = s.max_completion_tokens.or(s.max_tokens).map(|n| n as usize);
+    if max_tokens == Some(0) {
         return Err(ApiError::invalid("max_tokens must be at least 1"));
     }
     let stop = s.stop.clone().map(|s| s.into_vec()).unwrap_or_default();

@@ -8,7 +8,10 @@ use ccsm::csm::Segment;
 use ccsm::sampling::SamplerConfig;
 use tokio::sync::mpsc::UnboundedSender;
 
+use std::sync::atomic::Ordering;
+
 use crate::api::{ApiError, Usage};
+use crate::metrics::Metrics;
 
 pub enum TextPrompt {
     Plain(String),
@@ -17,7 +20,8 @@ pub enum TextPrompt {
 
 pub struct TextJob {
     pub prompt: TextPrompt,
-    pub max_tokens: usize,
+    /// `None`: up to `DEFAULT_MAX_TOKENS`, as far as the session's context allows.
+    pub max_tokens: Option<usize>,
     pub sampler: SamplerConfig,
     pub stop: Vec<String>,
     /// Generate past end-of-text tokens (llama-server's `ignore_eos`).
@@ -91,6 +95,61 @@ pub fn gather(jobs: &std::sync::mpsc::Receiver<Job>, idle: bool) -> Option<Vec<J
         incoming.push(job);
     }
     Some(incoming)
+}
+
+/// Counts a request refused before it ran (its error already sent).
+pub fn refused(metrics: &Metrics) {
+    metrics.waiting.fetch_sub(1, Ordering::Relaxed);
+    metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Counts a session that starts: its bytes come out of the budget, its prompt is counted.
+pub fn started(budget: &mut Budget, bytes: usize, prompt_rows: usize, metrics: &Metrics) {
+    budget.take(bytes);
+    metrics.running.fetch_add(1, Ordering::Relaxed);
+    metrics.prompt_tokens.fetch_add(prompt_rows as u64, Ordering::Relaxed);
+}
+
+/// Drops the queued requests whose clients left (`gone`).
+pub fn drop_departed<P>(pending: &mut std::collections::VecDeque<P>, gone: impl Fn(&P) -> bool, metrics: &Metrics) {
+    pending.retain(|p| {
+        let gone = gone(p);
+        if gone {
+            metrics.waiting.fetch_sub(1, Ordering::Relaxed);
+            metrics.requests_cancelled.fetch_add(1, Ordering::Relaxed);
+        }
+        !gone
+    });
+}
+
+/// What the loop knows of a running session: answered (done or failed), its client gone, its bytes.
+pub struct SessionState {
+    pub finished: bool,
+    pub gone: bool,
+    pub bytes: usize,
+}
+
+/// Ends finished and cancelled sessions: their bytes go back to the budget.
+pub fn retire<S>(running: &mut Vec<S>, state: impl Fn(&S) -> SessionState, budget: &mut Budget, metrics: &Metrics) {
+    running.retain(|s| {
+        let SessionState { finished, gone, bytes } = state(s);
+        let done = finished || gone;
+        if done {
+            budget.give_back(bytes);
+            if !finished {
+                metrics.requests_cancelled.fetch_add(1, Ordering::Relaxed);
+            }
+            metrics.running.fetch_sub(1, Ordering::Relaxed);
+        }
+        !done
+    });
+    metrics.kv_bytes.store(budget.used, Ordering::Relaxed);
+}
+
+/// When nothing runs but the queue's head cannot start: only an arrival or a cancellation changes
+/// that, so wait a little instead of spinning.
+pub fn wait_for_change() {
+    std::thread::sleep(std::time::Duration::from_millis(5));
 }
 
 /// Bytes every running session's caches share.

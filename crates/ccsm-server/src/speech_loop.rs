@@ -13,7 +13,10 @@ use ccsm::mimi::{MimiDecoder, MimiStream};
 use ccsm::sampling::Sampler;
 
 use crate::api::{ApiError, Usage};
-use crate::jobs::{admit, gather, session_cells, Admission, Budget, Finish, Job, SpeechEvent, SpeechJob};
+use crate::jobs::{
+    admit, drop_departed, gather, refused, retire, session_cells, started, wait_for_change, Admission, Budget, Finish, Job, SessionState,
+    SpeechEvent, SpeechJob,
+};
 use crate::metrics::Metrics;
 use crate::text_loop::{start_budget, LoopSettings};
 
@@ -58,41 +61,27 @@ pub fn run(mut speech: Speech, settings: LoopSettings, jobs: Receiver<Job>, metr
             match check(&speech, &settings, &job) {
                 Ok(rows) => pending.push_back(Pending { job, rows }),
                 Err(e) => {
-                    metrics.waiting.fetch_sub(1, Ordering::Relaxed);
-                    metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
+                    refused(&metrics);
                     let _ = job.events.send(SpeechEvent::Failed(e));
                 }
             }
         }
-        pending.retain(|p| {
-            let gone = p.job.events.is_closed();
-            if gone {
-                metrics.waiting.fetch_sub(1, Ordering::Relaxed);
-                metrics.requests_cancelled.fetch_add(1, Ordering::Relaxed);
-            }
-            !gone
-        });
+        drop_departed(&mut pending, |p| p.job.events.is_closed(), &metrics);
         admit_pending(&speech, &settings, stream_bytes, &mut budget, &mut pending, &mut running, &metrics);
         if running.is_empty() {
             if !pending.is_empty() {
-                std::thread::sleep(std::time::Duration::from_millis(5));
+                wait_for_change();
             }
             continue;
         }
         round(&mut speech, &mut running, &metrics);
         metrics.steps.fetch_add(1, Ordering::Relaxed);
-        running.retain(|s| {
-            let done = s.finished || s.job.events.is_closed();
-            if done {
-                budget.give_back(s.bytes);
-                if !s.finished {
-                    metrics.requests_cancelled.fetch_add(1, Ordering::Relaxed);
-                }
-                metrics.running.fetch_sub(1, Ordering::Relaxed);
-            }
-            !done
-        });
-        metrics.kv_bytes.store(budget.used, Ordering::Relaxed);
+        retire(
+            &mut running,
+            |s| SessionState { finished: s.finished, gone: s.job.events.is_closed(), bytes: s.bytes },
+            &mut budget,
+            &metrics,
+        );
     }
 }
 
@@ -131,12 +120,8 @@ fn admit_pending(
             Admission::Wait => return,
             Admission::Never { smallest } => {
                 let p = pending.pop_front().expect("head exists");
-                metrics.waiting.fetch_sub(1, Ordering::Relaxed);
-                metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
-                let _ = p.job.events.send(SpeechEvent::Failed(ApiError::invalid(format!(
-                    "this request needs {smallest} bytes of caches at the smallest layout, more than the server's budget of {}",
-                    budget.total
-                ))));
+                refused(metrics);
+                let _ = p.job.events.send(SpeechEvent::Failed(ApiError::over_budget(smallest, budget.total)));
                 continue;
             }
             Admission::Start { k, v, bytes } => (k, v, bytes),
@@ -154,9 +139,7 @@ fn admit_pending(
                 continue;
             }
         };
-        budget.take(bytes);
-        metrics.running.fetch_add(1, Ordering::Relaxed);
-        metrics.prompt_tokens.fetch_add(rows.len() as u64, Ordering::Relaxed);
+        started(budget, bytes, rows.len(), metrics);
         let _ = job.events.send(SpeechEvent::Accepted);
         let prompt_rows = rows.len();
         running.push(Session {

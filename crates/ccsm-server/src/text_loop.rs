@@ -15,7 +15,10 @@ use ccsm::sampling::Sampler;
 use ccsm::{CacheType, Logits};
 
 use crate::api::{ApiError, Usage};
-use crate::jobs::{admit, gather, session_cells, Admission, Budget, Finish, Job, TextEvent, TextJob, TextPrompt};
+use crate::jobs::{
+    admit, drop_departed, gather, refused, retire, session_cells, started, wait_for_change, Admission, Budget, Finish, Job, SessionState,
+    TextEvent, TextJob, TextPrompt,
+};
 use crate::metrics::Metrics;
 
 /// How the loop sizes and admits sessions.
@@ -50,10 +53,14 @@ pub(crate) fn start_budget(settings: &LoopSettings, full_session: usize, metrics
     Budget { total, used: 0 }
 }
 
+/// Tokens a request without `max_tokens` may generate at most (fewer when its context is shorter).
+const DEFAULT_MAX_TOKENS: usize = 256;
+
 /// A request that has been checked and tokenized, waiting for a cache.
 struct Pending {
     job: TextJob,
     prompt: Vec<u32>,
+    max_tokens: usize,
 }
 
 /// A running request.
@@ -62,6 +69,7 @@ struct Session {
     cache: KvCache,
     bytes: usize,
     prompt_len: usize,
+    max_tokens: usize,
     /// Prompt tokens not yet fed.
     unfed: VecDeque<u32>,
     /// The sampled token to feed next (decoding).
@@ -93,50 +101,38 @@ pub fn run(mut engine: TextEngine, settings: LoopSettings, jobs: Receiver<Job>, 
         for job in incoming {
             let Job::Text(job) = job else { continue };
             match check(&engine, template.as_ref(), &settings, &job) {
-                Ok(prompt) => pending.push_back(Pending { job, prompt }),
+                Ok((prompt, max_tokens)) => pending.push_back(Pending { job, prompt, max_tokens }),
                 Err(e) => {
-                    metrics.waiting.fetch_sub(1, Ordering::Relaxed);
-                    metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
+                    refused(&metrics);
                     let _ = job.events.send(TextEvent::Failed(e));
                 }
             }
         }
-        // Clients that left while queued.
-        pending.retain(|p| {
-            let gone = p.job.events.is_closed();
-            if gone {
-                metrics.waiting.fetch_sub(1, Ordering::Relaxed);
-                metrics.requests_cancelled.fetch_add(1, Ordering::Relaxed);
-            }
-            !gone
-        });
+        drop_departed(&mut pending, |p| p.job.events.is_closed(), &metrics);
         admit_pending(&engine, &settings, &mut budget, &mut pending, &mut running, &metrics);
         if running.is_empty() {
             if !pending.is_empty() {
-                // Nothing runs and the head cannot start: only a new arrival or a cancellation changes that.
-                std::thread::sleep(std::time::Duration::from_millis(5));
+                wait_for_change();
             }
             continue;
         }
         step(&mut engine, &settings, &mut running, &metrics);
-        // Finished or cancelled sessions free their caches.
-        running.retain(|s| {
-            let done = s.finished || s.job.events.is_closed();
-            if done {
-                budget.give_back(s.bytes);
-                if !s.finished {
-                    metrics.requests_cancelled.fetch_add(1, Ordering::Relaxed);
-                }
-                metrics.running.fetch_sub(1, Ordering::Relaxed);
-            }
-            !done
-        });
-        metrics.kv_bytes.store(budget.used, Ordering::Relaxed);
+        retire(
+            &mut running,
+            |s| SessionState { finished: s.finished, gone: s.job.events.is_closed(), bytes: s.bytes },
+            &mut budget,
+            &metrics,
+        );
     }
 }
 
-/// Tokenizes a job's prompt and checks it fits a session's context.
-fn check(engine: &TextEngine, template: Option<&ChatTemplate>, settings: &LoopSettings, job: &TextJob) -> Result<Vec<u32>, ApiError> {
+/// Tokenizes a job's prompt and checks it fits a session's context; also returns its token limit.
+fn check(
+    engine: &TextEngine,
+    template: Option<&ChatTemplate>,
+    settings: &LoopSettings,
+    job: &TextJob,
+) -> Result<(Vec<u32>, usize), ApiError> {
     let tokenizer = engine.model().tokenizer();
     let prompt = match &job.prompt {
         TextPrompt::Plain(text) => tokenizer.encode(text),
@@ -149,16 +145,17 @@ fn check(engine: &TextEngine, template: Option<&ChatTemplate>, settings: &LoopSe
     if prompt.is_empty() {
         return Err(ApiError::invalid("the prompt is empty"));
     }
-    let needed = prompt.len() + job.max_tokens;
+    let max_tokens = job.max_tokens.unwrap_or_else(|| DEFAULT_MAX_TOKENS.min(settings.n_ctx.saturating_sub(prompt.len())));
+    let needed = prompt.len() + max_tokens.max(1);
     if needed > settings.n_ctx {
         return Err(ApiError::invalid(format!(
             "the prompt ({} tokens) plus max_tokens ({}) needs {needed} tokens of context; this server gives a session {}",
             prompt.len(),
-            job.max_tokens,
+            max_tokens,
             settings.n_ctx
         )));
     }
-    Ok(prompt)
+    Ok((prompt, max_tokens))
 }
 
 /// Starts queued sessions, in arrival order, while there are slots and memory.
@@ -173,50 +170,38 @@ fn admit_pending(
     while running.len() < settings.parallel {
         let Some(head) = pending.front() else { return };
         // The last sampled token is never fed back: prompt + max_tokens − 1 cells.
-        let cells = session_cells((head.prompt.len() + head.job.max_tokens).saturating_sub(1), settings.n_ctx);
+        let cells = session_cells((head.prompt.len() + head.max_tokens).saturating_sub(1), settings.n_ctx);
         let bytes_of = |k, v| engine.cache_config(cells, k, v).bytes().ok();
         let decision = admit((settings.k_type, settings.v_type), settings.adapt, budget, bytes_of);
-        let Pending { job, prompt } = match decision {
+        let (k, v, bytes) = match decision {
             Admission::Wait => return,
             Admission::Never { smallest } => {
                 let p = pending.pop_front().expect("head exists");
-                metrics.waiting.fetch_sub(1, Ordering::Relaxed);
-                metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
-                let _ = p.job.events.send(TextEvent::Failed(ApiError::invalid(format!(
-                    "this request needs {smallest} bytes of KV cache at the smallest layout, more than the server's budget of {}",
-                    budget.total
-                ))));
+                refused(metrics);
+                let _ = p.job.events.send(TextEvent::Failed(ApiError::over_budget(smallest, budget.total)));
                 continue;
             }
-            Admission::Start { .. } => pending.pop_front().expect("head exists"),
+            Admission::Start { k, v, bytes } => (k, v, bytes),
         };
-        let Admission::Start { k, v, bytes } = decision else { unreachable!() };
+        let Pending { job, prompt, max_tokens } = pending.pop_front().expect("head exists");
         metrics.waiting.fetch_sub(1, Ordering::Relaxed);
-        let cache = match engine.new_cache(cells, k, v) {
-            Ok(c) => c,
+        let made = (|| -> ccsm::Result<_> { Ok((engine.new_cache(cells, k, v)?, Sampler::new(job.sampler)?)) })();
+        let (cache, sampler) = match made {
+            Ok(parts) => parts,
             Err(e) => {
                 metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
-                let _ = job.events.send(TextEvent::Failed(ApiError::internal(format!("cannot make the session's cache: {e}"))));
+                let _ = job.events.send(TextEvent::Failed(ApiError::invalid(format!("cannot start the session: {e}"))));
                 continue;
             }
         };
-        let sampler = match Sampler::new(job.sampler) {
-            Ok(s) => s,
-            Err(e) => {
-                metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
-                let _ = job.events.send(TextEvent::Failed(ApiError::invalid(e.to_string())));
-                continue;
-            }
-        };
-        budget.take(bytes);
-        metrics.running.fetch_add(1, Ordering::Relaxed);
-        metrics.prompt_tokens.fetch_add(prompt.len() as u64, Ordering::Relaxed);
+        started(budget, bytes, prompt.len(), metrics);
         let _ = job.events.send(TextEvent::Accepted);
         running.push(Session {
             job,
             cache,
             bytes,
             prompt_len: prompt.len(),
+            max_tokens,
             unfed: prompt.into(),
             next: None,
             sampler,
@@ -306,9 +291,10 @@ fn emit(engine: &TextEngine, s: &mut Session, token: u32, metrics: &Metrics) {
     }
     let finish = |s: &mut Session, finish: Finish, text_end: Option<usize>, metrics: &Metrics| {
         let text = tokenizer.decode(&s.generated).unwrap_or_default();
-        let end = text_end.unwrap_or(text.len()).max(s.sent);
-        if end > s.sent {
-            let _ = s.job.events.send(TextEvent::Delta(text[s.sent..end].to_owned()));
+        let sent = floor_char_boundary(&text, s.sent);
+        let end = floor_char_boundary(&text, text_end.unwrap_or(text.len())).max(sent);
+        if end > sent {
+            let _ = s.job.events.send(TextEvent::Delta(text[sent..end].to_owned()));
         }
         let _ = s.job.events.send(TextEvent::Done { finish, usage: Usage::new(s.prompt_len, s.generated.len()) });
         metrics.requests_ok.fetch_add(1, Ordering::Relaxed);
@@ -320,13 +306,16 @@ fn emit(engine: &TextEngine, s: &mut Session, token: u32, metrics: &Metrics) {
     s.generated.push(token);
     metrics.tokens_generated.fetch_add(1, Ordering::Relaxed);
     let text = tokenizer.decode(&s.generated).unwrap_or_default();
-    if let Some(at) = s.job.stop.iter().filter_map(|stop| text[s.sent.min(text.len())..].find(stop.as_str()).map(|i| i + s.sent)).min() {
+    // What was sent is a prefix of the text (undecided characters were held back); should decoding ever
+    // disagree, start from the nearest character boundary rather than panic.
+    let sent = floor_char_boundary(&text, s.sent);
+    if let Some(at) = s.job.stop.iter().filter_map(|stop| text[sent..].find(stop.as_str()).map(|i| i + sent)).min() {
         return finish(s, Finish::Stop, Some(at), metrics);
     }
-    if s.generated.len() >= s.job.max_tokens {
+    if s.generated.len() >= s.max_tokens {
         return finish(s, Finish::Length, None, metrics);
     }
-    // Hold back a tail that may still become a stop sequence, and an unfinished character.
+    // Hold back a tail that may still become a stop sequence, and unfinished characters.
     let mut safe = text.len();
     for stop in &s.job.stop {
         for k in (1..stop.len()).rev() {
@@ -336,12 +325,21 @@ fn emit(engine: &TextEngine, s: &mut Session, token: u32, metrics: &Metrics) {
             }
         }
     }
-    if text.ends_with('\u{FFFD}') {
-        safe = safe.min(text.len() - '\u{FFFD}'.len_utf8());
+    while text[..safe].ends_with('\u{FFFD}') {
+        safe -= '\u{FFFD}'.len_utf8();
     }
-    if safe > s.sent && text.is_char_boundary(safe) && text.is_char_boundary(s.sent) {
-        let _ = s.job.events.send(TextEvent::Delta(text[s.sent..safe].to_owned()));
+    if safe > sent && text.is_char_boundary(safe) {
+        let _ = s.job.events.send(TextEvent::Delta(text[sent..safe].to_owned()));
         s.sent = safe;
     }
     s.next = Some(token);
+}
+
+/// The largest character boundary of `text` at or before `at`.
+fn floor_char_boundary(text: &str, at: usize) -> usize {
+    let mut at = at.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    at
 }

@@ -34,6 +34,64 @@ pub struct SequenceInputs<'c> {
     pub mask: Tensor<'c>,
 }
 
+/// The inputs of a step over several sequences: every row's position, each sequence's cells and mask
+/// (named `positions`, `cells.{i}`, `mask.{i}`, `rope_freq_factors`, so a kept graph finds them again).
+pub struct BatchInputs<'c> {
+    pub positions: Tensor<'c>,
+    pub freq_factors: Option<Tensor<'c>>,
+    /// Per sequence: cells `[n_rows]` and mask `[n_kv, n_rows]`.
+    pub sequences: Vec<(Tensor<'c>, Tensor<'c>)>,
+}
+
+impl<'c> BatchInputs<'c> {
+    /// New input tensors for sequences of `(rows, n_kv)` over `caches`, and the scope's view of them.
+    pub fn new(
+        ctx: &'c Context,
+        freq_factors: Option<Tensor<'c>>,
+        caches: &[&'c KvCache],
+        parts: &[(usize, usize)],
+    ) -> Result<(Self, Vec<SequenceInputs<'c>>)> {
+        let total: usize = parts.iter().map(|p| p.0).sum();
+        let positions = ctx.new_tensor(DType::I32, &[total as i64])?.set_input().set_name("positions");
+        let mut sequences = Vec::with_capacity(parts.len());
+        let mut tensors = Vec::with_capacity(parts.len());
+        let mut first_row = 0;
+        for (i, (cache, &(rows, n_kv))) in caches.iter().zip(parts).enumerate() {
+            let cells = ctx.new_tensor(DType::I64, &[rows as i64])?.set_input().set_name(&format!("cells.{i}"));
+            let mask = ctx.new_tensor(DType::F16, &[n_kv as i64, rows as i64])?.set_input().set_name(&format!("mask.{i}"));
+            sequences.push(SequenceInputs { cache, first_row, n_rows: rows, cells, mask });
+            tensors.push((cells, mask));
+            first_row += rows;
+        }
+        Ok((BatchInputs { positions, freq_factors, sequences: tensors }, sequences))
+    }
+
+    /// The same inputs of a kept graph, by name.
+    pub fn lookup(graph: &'c ggml::ReusableGraph, n_seq: usize, has_freq_factors: bool) -> Result<Self> {
+        let sequences = (0..n_seq)
+            .map(|i| Ok((graph.tensor(&format!("cells.{i}"))?, graph.tensor(&format!("mask.{i}"))?)))
+            .collect::<Result<Vec<_>>>()?;
+        let freq_factors = if has_freq_factors { Some(graph.tensor("rope_freq_factors")?) } else { None };
+        Ok(BatchInputs { positions: graph.tensor("positions")?, freq_factors, sequences })
+    }
+
+    /// Fills them for rows stored at `cells[i]` of `caches[i]` (`freq_factors`: the stack's RoPE divisors).
+    pub fn write(&self, freq_factors: Option<&[f32]>, caches: &[&KvCache], cells: &[std::ops::Range<usize>]) -> Result<()> {
+        let mut positions = Vec::new();
+        for ((cache, cells), (cells_t, mask_t)) in caches.iter().zip(cells).zip(&self.sequences) {
+            let p = &cache.positions()[cells.clone()];
+            positions.extend_from_slice(p);
+            cells_t.write_i64(&KvCache::cell_indices(cells.clone()))?;
+            mask_t.write_f32(&cache.attention_mask(p, mask_t.ne(0) as usize))?;
+        }
+        self.positions.write_i32(&positions)?;
+        if let (Some(t), Some(f)) = (self.freq_factors, freq_factors) {
+            t.write_f32(f)?;
+        }
+        Ok(())
+    }
+}
+
 /// What one graph needs from its surroundings.
 pub struct BuildScope<'c, 'g> {
     pub ctx: &'c Context,

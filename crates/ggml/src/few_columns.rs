@@ -83,20 +83,7 @@ fn few_columns_apply(w: Tensor<'_>, x: Tensor<'_>) -> bool {
         && w.ne(0) == x.ne(0)
         && (w.ne(0) as usize).is_multiple_of(BLOCK)
         && (MIN_FEW_COLUMNS..=MAX_FEW_COLUMNS).contains(&x.ne(1))
-        && cpu_has_kernel()
-}
-
-fn cpu_has_kernel() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+        && crate::split_attention::has_avx2()
 }
 
 /// ggml's callback: thread `ith` of `nth` computes its share of the rows for every column.

@@ -10,7 +10,7 @@ use ggml::{Context, DType, Graph, ReusableGraph, Tensor};
 use super::generator::{row_inputs, CsmGenerator, FrameTimings};
 use super::model::CsmModel;
 use super::prompt::{Frame, Row};
-use crate::attention::{BuildScope, SequenceInputs};
+use crate::attention::{BatchInputs, BuildScope};
 use crate::error::{Error, Result};
 use crate::kv_cache::{KvCache, KvCacheConfig, Rotation};
 use crate::model::TrainedContext;
@@ -49,13 +49,6 @@ impl CsmSession {
 pub struct FrameRequest<'a> {
     pub session: &'a mut CsmSession,
     pub sampler: &'a mut Sampler,
-}
-
-/// A step's rows per session: how many, over how many cells, and which logits come back.
-#[derive(Clone, Copy)]
-struct Part {
-    rows: usize,
-    n_kv: usize,
 }
 
 impl CsmGenerator {
@@ -163,7 +156,7 @@ impl CsmGenerator {
             cells.push(r.session.decoder_cache.append(rows)?);
         }
         let caches: Vec<&KvCache> = requests.iter().map(|r| &r.session.decoder_cache).collect();
-        let parts: Vec<Part> = caches.iter().map(|c| Part { rows, n_kv: c.capacity() }).collect();
+        let parts: Vec<(usize, usize)> = caches.iter().map(|c| (rows, c.capacity())).collect();
         let model = &self.model;
         let max_nodes = model.decoder.max_nodes() + 24 * caches.len() * model.config.decoder.n_layer + 64;
         let ctx = self.compute.context(max_nodes + 16, max_nodes)?;
@@ -178,7 +171,7 @@ impl CsmGenerator {
         if let Some(t) = step.output_rows {
             t.write_i32(&(0..caches.len() as i32).map(|i| 2 * i + 1).collect::<Vec<_>>())?;
         }
-        step.inputs.write(&model.decoder, &caches, &cells)?;
+        step.inputs.write(model.decoder.freq_factors(), &caches, &cells)?;
         self.backend.compute(&graph)?;
         Ok(step.out.read_f32()?)
     }
@@ -205,7 +198,7 @@ impl CsmGenerator {
         let rows: Vec<Row> = speaking.iter().map(|&i| Row::Audio(frames[i].clone())).collect();
         let (h, c0) = {
             let caches: Vec<&KvCache> = speaking.iter().map(|&i| &requests[i].session.backbone_cache).collect();
-            let parts: Vec<Part> = caches.iter().map(|c| Part { rows: 1, n_kv: c.decode_window() }).collect();
+            let parts: Vec<(usize, usize)> = caches.iter().map(|c| (1, c.decode_window())).collect();
             let max_nodes = model.backbone.max_nodes() + 24 * caches.len() * c.backbone.n_layer + 64;
             let ctx = self.compute.context(max_nodes + 16, max_nodes)?;
             let mut graph = ctx.new_graph(max_nodes)?;
@@ -217,7 +210,7 @@ impl CsmGenerator {
             text_mask_t.write_f32(&text_mask)?;
             audio_t.write_i32(&audio)?;
             audio_mask_t.write_f32(&audio_mask)?;
-            step.inputs.write(&model.backbone, &caches, &cells)?;
+            step.inputs.write(model.backbone.freq_factors(), &caches, &cells)?;
             self.backend.compute(&graph)?;
             (step.hidden.read_f32()?, step.logits.read_f32()?)
         };
@@ -226,52 +219,6 @@ impl CsmGenerator {
             let session = &mut *requests[i].session;
             session.last = Some((h[k * d..(k + 1) * d].to_vec(), c0[k * v..(k + 1) * v].to_vec()));
             session.trained.observe(session.backbone_cache.next_position(), "backbone");
-        }
-        Ok(())
-    }
-}
-
-/// Positions, cells and masks of a batched step.
-struct BatchInputs<'c> {
-    positions: Tensor<'c>,
-    freq_factors: Option<Tensor<'c>>,
-    sequences: Vec<(Tensor<'c>, Tensor<'c>)>,
-}
-
-impl<'c> BatchInputs<'c> {
-    /// New input tensors and the scope's sequences over `caches`.
-    fn new(
-        ctx: &'c Context,
-        stack: &crate::llama::Transformer,
-        caches: &[&'c KvCache],
-        parts: &[Part],
-    ) -> Result<(Self, Vec<SequenceInputs<'c>>)> {
-        let total: usize = parts.iter().map(|p| p.rows).sum();
-        let positions = ctx.new_tensor(DType::I32, &[total as i64])?.set_input();
-        let mut sequences = Vec::with_capacity(parts.len());
-        let mut tensors = Vec::with_capacity(parts.len());
-        let mut first_row = 0;
-        for (cache, part) in caches.iter().zip(parts) {
-            let cells = ctx.new_tensor(DType::I64, &[part.rows as i64])?.set_input();
-            let mask = ctx.new_tensor(DType::F16, &[part.n_kv as i64, part.rows as i64])?.set_input();
-            sequences.push(SequenceInputs { cache, first_row, n_rows: part.rows, cells, mask });
-            tensors.push((cells, mask));
-            first_row += part.rows;
-        }
-        Ok((BatchInputs { positions, freq_factors: stack.freq_factor_input(ctx)?, sequences: tensors }, sequences))
-    }
-
-    fn write(&self, stack: &crate::llama::Transformer, caches: &[&KvCache], cells: &[std::ops::Range<usize>]) -> Result<()> {
-        let mut positions = Vec::new();
-        for ((cache, cells), (cells_t, mask_t)) in caches.iter().zip(cells).zip(&self.sequences) {
-            let p = &cache.positions()[cells.clone()];
-            positions.extend_from_slice(p);
-            cells_t.write_i64(&KvCache::cell_indices(cells.clone()))?;
-            mask_t.write_f32(&cache.attention_mask(p, mask_t.ne(0) as usize))?;
-        }
-        self.positions.write_i32(&positions)?;
-        if let (Some(t), Some(f)) = (self.freq_factors, stack.freq_factors()) {
-            t.write_f32(f)?;
         }
         Ok(())
     }
@@ -294,7 +241,7 @@ fn build_decoder_batched<'c>(
     ctx: &'c Context,
     graph: &mut Graph<'c>,
     s: usize,
-    parts: &[Part],
+    parts: &[(usize, usize)],
 ) -> Result<DecoderStep<'c>> {
     let w = |id| model.weights.get(id);
     let n_seq = caches.len() as i64;
@@ -310,7 +257,7 @@ fn build_decoder_batched<'c>(
         (audio, None)
     };
     let x = ctx.mul_mat(w(model.projection), x)?;
-    let (inputs, sequences) = BatchInputs::new(ctx, &model.decoder, caches, parts)?;
+    let (inputs, sequences) = BatchInputs::new(ctx, model.decoder.freq_factor_input(ctx)?, caches, parts)?;
     let mut scope = BuildScope::batched(ctx, graph, &model.weights, inputs.positions, inputs.freq_factors, sequences)?;
     let output_rows = if s == 0 && caches.len() > 1 { Some(ctx.new_tensor(DType::I32, &[n_seq])?.set_input()) } else { None };
     scope.output_rows = output_rows;
@@ -337,7 +284,7 @@ fn build_backbone_batched<'c>(
     caches: &[&'c KvCache],
     ctx: &'c Context,
     graph: &mut Graph<'c>,
-    parts: &[Part],
+    parts: &[(usize, usize)],
 ) -> Result<BackboneStep<'c>> {
     let (k, d) = (model.config.n_codebooks as i64, model.config.backbone.n_embd as i64);
     let n = caches.len() as i64;
@@ -351,7 +298,7 @@ fn build_backbone_batched<'c>(
     let audio = ctx.cont(ctx.permute(ctx.reshape(audio, &[d, k, n])?, [1, 0, 2, 3])?)?;
     let audio = ctx.reshape(ctx.sum_rows(audio)?, &[d, n])?;
     let x = ctx.add(text, audio)?;
-    let (inputs, sequences) = BatchInputs::new(ctx, &model.backbone, caches, parts)?;
+    let (inputs, sequences) = BatchInputs::new(ctx, model.backbone.freq_factor_input(ctx)?, caches, parts)?;
     let mut scope = BuildScope::batched(ctx, graph, &model.weights, inputs.positions, inputs.freq_factors, sequences)?;
     let hidden = model.backbone.build(&mut scope, x, Logits::All)?.set_output();
     let logits = ctx.mul_mat(w(model.codebook0_head), hidden)?.set_output();

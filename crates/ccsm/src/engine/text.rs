@@ -2,7 +2,7 @@
 
 use ggml::{Backend, ComputeBuffer, Context, DType, Graph, NodeTime, ReusableGraph, Tensor};
 
-use crate::attention::{BuildScope, SequenceInputs};
+use crate::attention::{BatchInputs, BuildScope};
 use crate::error::{Error, Result};
 use crate::kv_cache::{KvCache, KvCacheConfig, Rotation};
 use crate::llama::LlamaModel;
@@ -39,10 +39,7 @@ pub struct TextEngine {
 /// The typed inputs and output of one step's graph.
 struct StepTensors<'c> {
     tokens: Tensor<'c>,
-    positions: Tensor<'c>,
-    freq_factors: Option<Tensor<'c>>,
-    /// Per sequence: cells and mask.
-    sequences: Vec<(Tensor<'c>, Tensor<'c>)>,
+    inputs: BatchInputs<'c>,
     output_rows: Option<Tensor<'c>>,
     logits: Tensor<'c>,
     attention_mass: Option<Tensor<'c>>,
@@ -291,18 +288,8 @@ fn build_step<'c>(
     let transformer = &model.transformer;
     let total: usize = shapes.iter().map(|s| s.n).sum();
     let tokens = ctx.new_tensor(DType::I32, &[total as i64])?.set_input().set_name("tokens");
-    let positions = ctx.new_tensor(DType::I32, &[total as i64])?.set_input().set_name("positions");
-    let freq_factors = transformer.freq_factor_input(ctx)?;
-    let mut inputs = Vec::with_capacity(shapes.len());
-    let mut sequences = Vec::with_capacity(shapes.len());
-    let mut first_row = 0;
-    for (i, (cache, shape)) in caches.iter().zip(shapes).enumerate() {
-        let cells = ctx.new_tensor(DType::I64, &[shape.n as i64])?.set_input().set_name(&format!("cells.{i}"));
-        let mask = ctx.new_tensor(DType::F16, &[shape.n_kv as i64, shape.n as i64])?.set_input().set_name(&format!("mask.{i}"));
-        sequences.push(SequenceInputs { cache, first_row, n_rows: shape.n, cells, mask });
-        inputs.push((cells, mask));
-        first_row += shape.n;
-    }
+    let parts: Vec<(usize, usize)> = shapes.iter().map(|s| (s.n, s.n_kv)).collect();
+    let (inputs, sequences) = BatchInputs::new(ctx, transformer.freq_factor_input(ctx)?, caches, &parts)?;
     let output_rows = if needs_output_rows(shapes) {
         let n_out = output_row_indices(shapes).len() as i64;
         Some(ctx.new_tensor(DType::I32, &[n_out])?.set_input().set_name("output_rows"))
@@ -314,26 +301,22 @@ fn build_step<'c>(
     let outputs: usize = shapes.iter().map(|s| s.outputs()).sum();
     let which = if outputs == total { Logits::All } else { Logits::Last };
     let x = ctx.get_rows(model.weights.get(model.token_embd), tokens)?;
-    let mut scope = BuildScope::batched(ctx, graph, &model.weights, positions, freq_factors, sequences)?.tracking_attention(track);
+    let mut scope =
+        BuildScope::batched(ctx, graph, &model.weights, inputs.positions, inputs.freq_factors, sequences)?.tracking_attention(track);
     scope.output_rows = output_rows;
     let hidden = transformer.build(&mut scope, x, which)?;
     let logits = ctx.mul_mat(model.weights.get(model.output), hidden)?.set_name("logits").set_output();
     graph.expand(logits)?;
     let attention_mass = graph.find("attn_mass");
-    Ok(StepTensors { tokens, positions, freq_factors, sequences: inputs, output_rows, logits, attention_mass })
+    Ok(StepTensors { tokens, inputs, output_rows, logits, attention_mass })
 }
 
 impl<'c> StepTensors<'c> {
     /// Finds the named inputs and outputs of a kept graph.
     fn lookup(graph: &'c ReusableGraph, n_seq: usize, has_freq_factors: bool, shapes: &[SequenceShape], track: bool) -> Result<Self> {
-        let sequences = (0..n_seq)
-            .map(|i| Ok((graph.tensor(&format!("cells.{i}"))?, graph.tensor(&format!("mask.{i}"))?)))
-            .collect::<Result<Vec<_>>>()?;
         Ok(StepTensors {
             tokens: graph.tensor("tokens")?,
-            positions: graph.tensor("positions")?,
-            freq_factors: if has_freq_factors { Some(graph.tensor("rope_freq_factors")?) } else { None },
-            sequences,
+            inputs: BatchInputs::lookup(graph, n_seq, has_freq_factors)?,
             output_rows: if needs_output_rows(shapes) { Some(graph.tensor("output_rows")?) } else { None },
             logits: graph.tensor("logits")?,
             attention_mass: if track { Some(graph.tensor("attn_mass")?) } else { None },
@@ -350,17 +333,8 @@ impl<'c> StepTensors<'c> {
         cells: &[(usize, usize)],
     ) -> Result<()> {
         self.tokens.write_i32(&tokens.iter().map(|&t| t as i32).collect::<Vec<_>>())?;
-        let mut positions = Vec::with_capacity(tokens.len());
-        for ((cache, &(start, end)), (cells_t, mask_t)) in caches.iter().zip(cells).zip(&self.sequences) {
-            let p = &cache.positions()[start..end];
-            positions.extend_from_slice(p);
-            cells_t.write_i64(&KvCache::cell_indices(start..end))?;
-            mask_t.write_f32(&cache.attention_mask(p, mask_t.ne(0) as usize))?;
-        }
-        self.positions.write_i32(&positions)?;
-        if let (Some(t), Some(f)) = (self.freq_factors, model.transformer.freq_factors()) {
-            t.write_f32(f)?;
-        }
+        let ranges: Vec<std::ops::Range<usize>> = cells.iter().map(|&(start, end)| start..end).collect();
+        self.inputs.write(model.transformer.freq_factors(), caches, &ranges)?;
         if let Some(t) = self.output_rows {
             t.write_i32(&output_row_indices(shapes))?;
         }

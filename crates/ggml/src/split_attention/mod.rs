@@ -151,7 +151,8 @@ struct Scratch {
     live: Vec<bool>,
 }
 
-fn has_avx2() -> bool {
+/// Whether our AVX2 kernels can run here.
+pub(crate) fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx2")
