@@ -8,7 +8,7 @@ FUZZ_SEEDS := models/micro-llama.gguf models/micro-csm.gguf models/micro-mimi.gg
 SMOLLM2 := models/SmolLM2-135M-Instruct.Q4_1.gguf
 JARGON := data/jargon.txt
 
-.PHONY: setup deps pydeps ggml-source build test lint run bench bench-memory plots models data csm-1b-shape mimi-shape fuzz clean
+.PHONY: setup deps pydeps ggml-source build test lint run bench bench-memory bench-server plots models data csm-1b-shape mimi-shape fuzz clean
 
 ## setup: system packages (libclang for bindgen), Python tools, the pinned ggml source
 setup: deps pydeps ggml-source
@@ -88,6 +88,12 @@ run: build models
 ## bench: the standard measurements on SmolLM2 (speed, perplexity, KL per cache type) -> docs/benchmarks.md
 bench: build models data
 	./tools/bench.sh
+
+## bench-server: aggregate decode tokens/s with 1, 2, 4, 8 streaming clients, ccsm's server beside
+## llama-server --parallel N (needs ../shared/peer/build_peer.sh), then CSM frames/s at 1, 2, 4 clients
+bench-server: build models csm-1b-shape mimi-shape
+	python3 tools/bench_server.py $(SMOLLM2)
+	python3 tools/bench_server.py models/csm-1b-shape.gguf --codec models/mimi-shape.gguf --clients 1,2,4 --reps 2 --audio-ms 2400
 
 ## bench-memory: the memory optimizer under budgets on SmolLM2 (docs/data/memory.jsonl; in docs/benchmarks.md)
 bench-memory: build models data

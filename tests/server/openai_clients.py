@@ -179,6 +179,7 @@ def text_part(bin_path, models):
         check_error(s, 400, "POST", "/v1/audio/speech", {"input": "hi", "voice": "0"}, contains="text model")
         check_error(s, 413, "POST", "/v1/completions", raw=b" " * (9 << 20), contains="larger than")
         check_error(s, 404, "GET", "/v1/nothing-here", contains="no such endpoint")
+        check_error(s, 405, "GET", "/v1/completions", contains="another method")
         try:
             c.completions.create(model="any", prompt="x", max_tokens=1, extra_body={"stop": ["a", "b", "c", "d", "e"]})
             raise AssertionError("five stop strings were accepted")

@@ -63,6 +63,10 @@ impl ApiError {
         e
     }
 
+    pub fn stopped() -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable_error", "engine_stopped", "the engine has stopped; restart the server")
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal_error", message)
     }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -45,6 +45,42 @@ pub struct Voice {
     pub context: Vec<Segment>,
 }
 
+/// Where the engine thread is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    Loading,
+    Ready,
+    /// Its loop ended (it failed): nothing more can be served.
+    Stopped,
+}
+
+/// The engine thread's state, shared with the handlers.
+#[derive(Default)]
+pub struct EngineState(std::sync::atomic::AtomicU8);
+
+impl EngineState {
+    pub fn get(&self) -> Engine {
+        match self.0.load(Ordering::Acquire) {
+            0 => Engine::Loading,
+            1 => Engine::Ready,
+            _ => Engine::Stopped,
+        }
+    }
+
+    pub fn set(&self, state: Engine) {
+        self.0.store(state as u8, Ordering::Release);
+    }
+}
+
+/// Marks the engine stopped when the thread leaves its loop, by return or by panic.
+pub struct StopsOnExit(pub Arc<EngineState>);
+
+impl Drop for StopsOnExit {
+    fn drop(&mut self) {
+        self.0.set(Engine::Stopped);
+    }
+}
+
 /// What kind of model the server runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Served {
@@ -56,7 +92,7 @@ pub struct AppState {
     pub model_id: String,
     pub served: Served,
     pub jobs: Mutex<mpsc::Sender<Job>>,
-    pub ready: Arc<AtomicBool>,
+    pub engine: Arc<EngineState>,
     pub metrics: Arc<Metrics>,
     pub api_keys: Vec<String>,
     pub voices: BTreeMap<String, Voice>,
@@ -79,6 +115,14 @@ pub fn router(state: Shared) -> Router {
         .route("/health", get(health))
         .merge(api)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                "method_not_allowed",
+                "this endpoint takes another method",
+            )
+        })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -104,10 +148,10 @@ async fn authenticate(State(state): State<Shared>, request: Request, next: Next)
 }
 
 async fn health(State(state): State<Shared>) -> Response {
-    if state.ready.load(Ordering::Acquire) {
-        Json(json!({ "status": "ok" })).into_response()
-    } else {
-        ApiError::loading().into_response()
+    match state.engine.get() {
+        Engine::Ready => Json(json!({ "status": "ok" })).into_response(),
+        Engine::Loading => ApiError::loading().into_response(),
+        Engine::Stopped => ApiError::stopped().into_response(),
     }
 }
 
@@ -140,8 +184,10 @@ fn request_id(prefix: &str) -> String {
 
 /// Hands a job to the engine, or refuses it: 503 while loading, 429 with Retry-After when the queue is full.
 fn submit(state: &AppState, job: Job) -> Result<(), ApiError> {
-    if !state.ready.load(Ordering::Acquire) {
-        return Err(ApiError::loading());
+    match state.engine.get() {
+        Engine::Ready => {}
+        Engine::Loading => return Err(ApiError::loading()),
+        Engine::Stopped => return Err(ApiError::stopped()),
     }
     let waiting = state.metrics.waiting.fetch_add(1, Ordering::AcqRel);
     if waiting >= state.max_queue {

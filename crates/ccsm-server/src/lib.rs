@@ -12,7 +12,6 @@ mod text_loop;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
 use anyhow::{bail, Context as _, Result};
@@ -141,11 +140,11 @@ pub fn serve(config: ServeConfig) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(&address).await.with_context(|| format!("binding {address}"))?;
         let bound = listener.local_addr()?;
         let metrics = Arc::new(Metrics::default());
-        let ready = Arc::new(AtomicBool::new(false));
+        let engine = Arc::new(http::EngineState::default());
         let (jobs_tx, jobs_rx) = mpsc::channel();
         let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
         let engine_metrics = metrics.clone();
-        let engine_ready = ready.clone();
+        let engine_state = engine.clone();
         let engine_config = config.clone();
         std::thread::Builder::new().name("ccsm-engine".into()).spawn(move || {
             let loaded = match load(&engine_config) {
@@ -155,7 +154,8 @@ pub fn serve(config: ServeConfig) -> Result<()> {
                     return;
                 }
             };
-            engine_ready.store(true, Ordering::Release);
+            let _stops = http::StopsOnExit(engine_state.clone());
+            engine_state.set(http::Engine::Ready);
             tracing::info!("model loaded; serving");
             match loaded {
                 Loaded::Text(engine) => text_loop::run(engine, settings, jobs_rx, engine_metrics),
@@ -166,7 +166,7 @@ pub fn serve(config: ServeConfig) -> Result<()> {
             model_id: model_id(&facts.name, &config.model),
             served,
             jobs: Mutex::new(jobs_tx),
-            ready,
+            engine,
             metrics,
             api_keys: config.api_keys.clone(),
             voices,
