@@ -77,8 +77,9 @@ pub struct ServeArgs {
     #[arg(long)]
     pub no_adapt: bool,
 
-    /// Requests that may wait for admission; past that, new ones get 429 with Retry-After.
-    #[arg(long, default_value_t = 64)]
+    /// Requests that may wait for admission (arrivals not yet given a session count); past that, new
+    /// ones get 429 with Retry-After.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_queue: u32,
 
     /// API key clients must send (Authorization: Bearer KEY); repeat for several. Also read from

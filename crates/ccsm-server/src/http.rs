@@ -32,6 +32,10 @@ use crate::metrics::Metrics;
 pub const MAX_INPUT_CHARS: usize = 4096;
 /// Largest request body: text requests are small; speech context frames can be large.
 pub const MAX_BODY_BYTES: usize = 8 << 20;
+/// Longest text prompt (all messages together), in bytes: tokenizing runs on the engine thread.
+const MAX_PROMPT_BYTES: usize = 1 << 20;
+/// Longest stop sequence, in bytes.
+const MAX_STOP_BYTES: usize = 256;
 /// Audio a speech request makes unless it says (`max_audio_ms`).
 const DEFAULT_AUDIO_MS: u64 = 10_000;
 const MS_PER_FRAME: u64 = 80;
@@ -177,6 +181,14 @@ fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// A seed for requests that give none: different for every request.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(unix_now());
+    h.finish()
+}
+
 fn request_id(prefix: &str) -> String {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     format!("{prefix}-{:x}-{}", unix_now(), NEXT.fetch_add(1, Ordering::Relaxed))
@@ -228,14 +240,14 @@ fn text_job_settings(s: &TextSettings) -> Result<(Option<usize>, SamplerConfig, 
         return Err(ApiError::invalid("max_tokens must be at least 1"));
     }
     let stop = s.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
-    if stop.len() > 4 || stop.iter().any(|s| s.is_empty()) {
-        return Err(ApiError::invalid("stop takes up to 4 non-empty strings"));
+    if stop.len() > 4 || stop.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::invalid(format!("stop takes up to 4 non-empty strings of at most {MAX_STOP_BYTES} bytes")));
     }
     let config = SamplerConfig {
         temperature: s.temperature.unwrap_or(1.0),
         top_k: s.top_k.filter(|&k| k > 0).map(|k| k as usize),
         top_p: s.top_p.unwrap_or(1.0),
-        seed: s.seed.unwrap_or_else(|| unix_now() ^ (request_id("s").len() as u64).rotate_left(17)),
+        seed: s.seed.unwrap_or_else(random_seed),
     };
     if !(0.0..=2.0).contains(&config.temperature) {
         return Err(ApiError::invalid(format!("temperature {} must be within 0..=2", config.temperature)));
@@ -295,6 +307,13 @@ async fn chat(State(state): State<Shared>, body: Result<Bytes, BytesRejection>) 
 async fn text(state: &AppState, prompt: TextPrompt, settings: &TextSettings, api: TextApi) -> Result<Response, ApiError> {
     if state.served != Served::Text {
         return Err(ApiError::invalid("this server runs a speech model: use /v1/audio/speech"));
+    }
+    let bytes = match &prompt {
+        TextPrompt::Plain(p) => p.len(),
+        TextPrompt::Chat(messages) => messages.iter().map(|m| m.content.len() + m.role.len()).sum(),
+    };
+    if bytes > MAX_PROMPT_BYTES {
+        return Err(ApiError::invalid(format!("the prompt has {bytes} bytes; at most {MAX_PROMPT_BYTES}")));
     }
     let (max_tokens, sampler, stop) = text_job_settings(settings)?;
     let (events, mut rx) = unbounded_channel();
@@ -386,14 +405,15 @@ fn sse_response<E: Send + 'static>(mut rx: UnboundedReceiver<E>, format: impl Fn
     ([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], body).into_response()
 }
 
-/// A byte-stream response fed the same way (streamed audio).
+/// A byte-stream response fed the same way (streamed audio). `format` turns an event into bytes, or
+/// into an error that aborts the transfer (so a client can tell a failed stream from a finished one).
 fn bytes_response<E: Send + 'static>(
     mut rx: UnboundedReceiver<E>,
     first: Vec<u8>,
     content_type: &'static str,
-    format: impl Fn(E) -> Option<Vec<u8>> + Send + 'static,
+    format: impl Fn(E) -> Option<std::io::Result<Vec<u8>>> + Send + 'static,
 ) -> Response {
-    let (tx, out) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(64);
+    let (tx, out) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(64);
     tokio::spawn(async move {
         if !first.is_empty() && tx.send(Ok(Bytes::from(first))).await.is_err() {
             return;
@@ -404,7 +424,8 @@ fn bytes_response<E: Send + 'static>(
                 event = rx.recv() => {
                     let Some(event) = event else { return };
                     if let Some(bytes) = format(event) {
-                        if tx.send(Ok(Bytes::from(bytes))).await.is_err() {
+                        let failed = bytes.is_err();
+                        if tx.send(bytes.map(Bytes::from)).await.is_err() || failed {
                             return;
                         }
                     }
@@ -481,7 +502,7 @@ async fn speak(state: &AppState, req: SpeechRequest) -> Result<Response, ApiErro
         temperature: req.temperature.unwrap_or(0.9),
         top_k: Some(req.top_k.unwrap_or(50).max(1) as usize),
         top_p: 1.0,
-        seed: req.seed.unwrap_or_else(unix_now),
+        seed: req.seed.unwrap_or_else(random_seed),
     };
     sampler.validate().map_err(|e| ApiError::invalid(e.to_string()))?;
     let max_frames = audio_ms.div_ceil(MS_PER_FRAME).min(1 << 20) as usize;
@@ -517,10 +538,10 @@ async fn speak(state: &AppState, req: SpeechRequest) -> Result<Response, ApiErro
     let content_type = if format == AudioFormat::Wav { "audio/wav" } else { "audio/pcm" };
     // Audio goes out frame by frame as it is decoded; a WAV starts with a header of unknown length.
     Ok(bytes_response(rx, header, content_type, move |event| match event {
-        SpeechEvent::Audio(samples) => Some(spec.encode(&samples)),
+        SpeechEvent::Audio(samples) => Some(Ok(spec.encode(&samples))),
         SpeechEvent::Failed(e) => {
             tracing::error!("speech failed after its audio started: {}", e.message);
-            None
+            Some(Err(std::io::Error::other(e.message)))
         }
         _ => None,
     }))

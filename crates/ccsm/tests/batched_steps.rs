@@ -142,3 +142,24 @@ fn a_failed_batched_step_changes_no_cache() {
     assert!(engine.step(&mut [], false).is_err());
     assert_eq!(a.len(), 0);
 }
+
+#[test]
+fn sixteen_sequences_on_rotated_caches_fit_one_graph() {
+    // Rotated (quantized) caches add the most nodes per sequence; 16 of them must still fit the graph.
+    let mut engine = TextEngine::new(LlamaModel::load(model(TINY_LLAMA)).unwrap(), 2).unwrap();
+    let mut caches: Vec<KvCache> = (0..16).map(|_| engine.new_cache(64, CacheType::Q8_0, CacheType::Q8_0).unwrap()).collect();
+    assert!(caches[0].is_rotated());
+    let options = ModelOptions { n_ctx: 64, k_type: CacheType::Q8_0, v_type: CacheType::Q8_0, n_threads: 2, n_batch: 512 };
+    let mut alone = GGMLModel::new(LlamaModel::load(model(TINY_LLAMA)).unwrap(), options).unwrap();
+    for token in [1u32, 5, 9] {
+        let want = alone.eval(&[token], Logits::Last).unwrap();
+        let tokens = [token];
+        let mut steps: Vec<SequenceStep> =
+            caches.iter_mut().map(|cache| SequenceStep { cache, tokens: &tokens, logits: Logits::Last }).collect();
+        let got = engine.step(&mut steps, false).unwrap();
+        assert_eq!(got.len(), 16);
+        for logits in &got {
+            assert!(relative_diff(logits, &want) < 1e-5, "{:.2e}", relative_diff(logits, &want));
+        }
+    }
+}

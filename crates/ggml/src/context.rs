@@ -60,6 +60,17 @@ impl Context {
         size.saturating_sub(used)
     }
 
+    /// Refuses an op when the arena has no room left for its result's header: ggml aborts the process
+    /// rather than fail when a context runs out. (Contexts that also hold data, not only headers, are
+    /// sized by their users for it.)
+    pub(crate) fn reserve_headers(&self, op: &'static str) -> Result<()> {
+        let needed = 2 * tensor_overhead();
+        if self.free_bytes() < needed {
+            return Err(Error::Allocation { what: op, bytes: needed });
+        }
+        Ok(())
+    }
+
     /// A new tensor of `dtype` with `shape` (1 to 4 dimensions, `shape[0]` contiguous).
     pub fn new_tensor(&self, dtype: DType, shape: &[i64]) -> Result<Tensor<'_>> {
         const OP: &str = "new_tensor";

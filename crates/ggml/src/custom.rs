@@ -25,6 +25,7 @@ impl Context {
         if !a.is_contiguous() {
             return Err(Error::shape(OP, "the input must be contiguous", &[a.shape()]));
         }
+        self.reserve_headers(OP)?;
         // SAFETY: the input is a live contiguous f32 tensor, which is what `elu_kernel` reads; the
         // result has its shape and type (map_custom1 duplicates the input's header); no userdata.
         let raw = unsafe { sys::ggml_map_custom1(self.raw(), a.raw(), Some(elu_kernel), -1, std::ptr::null_mut()) };

@@ -52,6 +52,7 @@ impl Context {
             ));
         }
         let mut args = [w.raw(), x.raw()];
+        self.reserve_headers(OP)?;
         // SAFETY: w is a contiguous 2-D Q4_1 tensor and x a contiguous 2-D f32 tensor with w's row length
         // (a multiple of 32) and MIN_FEW_COLUMNS..=MAX_FEW_COLUMNS columns (checked above), which is what `kernel`
         // reads; the result is a new f32 [m, n] tensor; args holds 2 live tensors.

@@ -91,6 +91,7 @@ impl Context {
         if sa[2] != sb[1] || sa[3] != sb[2] || sb[3] != 1 {
             return Err(Error::shape(OP, "indices must be [n, a.ne2, a.ne3, 1]", &[sa, sb]));
         }
+        self.reserve_headers(OP)?;
         // SAFETY: the shape and type conditions ggml_get_rows asserts were checked above.
         self.wrap(unsafe { sys::ggml_get_rows(self.raw(), a.raw(), b.raw()) }, OP)
     }
@@ -109,6 +110,7 @@ impl Context {
         if sa[0] != sb[0] || sb[2] % sa[2] != 0 || sb[3] % sa[3] != 0 {
             return Err(Error::shape(OP, "inner dimensions differ or batch dims do not broadcast", &[sa, sb]));
         }
+        self.reserve_headers(OP)?;
         // SAFETY: ggml_can_mul_mat and !ggml_is_transposed(a) hold (checked above).
         self.wrap(unsafe { sys::ggml_mul_mat(self.raw(), a.raw(), b.raw()) }, OP)
     }
@@ -123,6 +125,7 @@ impl Context {
         if !(eps.is_finite() && eps >= 0.0) {
             return Err(Error::invalid(OP, format!("eps {eps} must be finite and non-negative")));
         }
+        self.reserve_headers(OP)?;
         // SAFETY: f32 input with contiguous rows, as the CPU kernel requires.
         self.wrap(unsafe { sys::ggml_rms_norm(self.raw(), a.raw(), eps) }, OP)
     }
@@ -150,6 +153,7 @@ impl Context {
         if !a.rows_contiguous() {
             return Err(Error::shape(op, "the first operand's rows must be contiguous", &[a.shape()]));
         }
+        self.reserve_headers(op)?;
         // SAFETY: both operands are f32 and b broadcasts over a (ggml_can_repeat), as ggml asserts.
         self.wrap(unsafe { f(self.raw(), a.raw(), b.raw()) }, op)
     }
@@ -161,6 +165,7 @@ impl Context {
         if !a.rows_contiguous() {
             return Err(Error::shape(OP, "rows must be contiguous", &[a.shape()]));
         }
+        self.reserve_headers(OP)?;
         // SAFETY: f32 input with contiguous rows, as the CPU kernel asserts.
         self.wrap(unsafe { sys::ggml_sum_rows(self.raw(), a.raw()) }, OP)
     }
@@ -173,6 +178,7 @@ impl Context {
         if a.dtype() != b.dtype() || dim > 3 || (0..4).any(|d| d != dim && sa[d] != sb[d]) {
             return Err(Error::shape(OP, format!("types or dims other than {dim} differ"), &[sa, sb]));
         }
+        self.reserve_headers(OP)?;
         // SAFETY: same type, matching dims except `dim` < 4: what ggml_concat asserts.
         self.wrap(unsafe { sys::ggml_concat(self.raw(), a.raw(), b.raw(), dim as i32) }, OP)
     }
@@ -184,6 +190,7 @@ impl Context {
         if !is_contiguous_1(a) {
             return Err(Error::shape(OP, "rows must be contiguous", &[a.shape()]));
         }
+        self.reserve_headers(OP)?;
         // SAFETY: f32 input with contiguous rows.
         self.wrap(unsafe { sys::ggml_scale(self.raw(), a.raw(), s) }, OP)
     }
@@ -207,6 +214,7 @@ impl Context {
         if !is_contiguous_1(a) {
             return Err(Error::shape(op, "rows must be contiguous", &[a.shape()]));
         }
+        self.reserve_headers(op)?;
         // SAFETY: f32 input with contiguous rows, as ggml_unary asserts.
         self.wrap(unsafe { f(self.raw(), a.raw()) }, op)
     }
@@ -221,6 +229,7 @@ impl Context {
         if !(eps.is_finite() && eps >= 0.0) {
             return Err(Error::invalid(OP, format!("eps {eps} must be finite and non-negative")));
         }
+        self.reserve_headers(OP)?;
         // SAFETY: f32 input with contiguous rows, as the CPU kernel requires.
         self.wrap(unsafe { sys::ggml_norm(self.raw(), a.raw(), eps) }, OP)
     }
@@ -233,6 +242,7 @@ impl Context {
         if shape.iter().any(|&d| d <= 0) || (0..4).any(|i| shape[i] % sa[i] != 0) {
             return Err(Error::shape(OP, format!("{shape:?} is not a tiling of the source"), &[sa]));
         }
+        self.reserve_headers(OP)?;
         // SAFETY: every target dimension is a positive multiple of the source's (ggml_can_repeat).
         self.wrap(unsafe { sys::ggml_repeat_4d(self.raw(), a.raw(), shape[0], shape[1], shape[2], shape[3]) }, OP)
     }
@@ -247,6 +257,7 @@ impl Context {
         if !is_contiguous_1(gate) || !is_contiguous_1(up) {
             return Err(Error::shape(OP, "rows must be contiguous", &[gate.shape(), up.shape()]));
         }
+        self.reserve_headers(OP)?;
         // SAFETY: same shape, same type, contiguous rows: the conditions of ggml_glu_impl.
         self.wrap(unsafe { sys::ggml_swiglu_split(self.raw(), gate.raw(), up.raw()) }, OP)
     }
@@ -266,6 +277,7 @@ impl Context {
             }
         }
         let mask_raw = mask.map_or(std::ptr::null_mut(), |m| m.raw());
+        self.reserve_headers(OP)?;
         // SAFETY: the conditions ggml_soft_max_impl asserts were checked above; max_bias 0 needs no mask.
         self.wrap(unsafe { sys::ggml_soft_max_ext(self.raw(), a.raw(), mask_raw, scale, 0.0) }, OP)
     }
@@ -300,6 +312,7 @@ impl Context {
             RopeMode::Neox => sys::GGML_ROPE_TYPE_NEOX as i32,
         };
         let factors = freq_factors.map_or(std::ptr::null_mut(), |f| f.raw());
+        self.reserve_headers(OP)?;
         // SAFETY: positions are an i32 vector matching a.ne2, factors (if any) are f32 with n_dims/2
         // entries, and the mode is a plain rope mode: the conditions ggml_rope_impl asserts.
         let raw = unsafe {
@@ -339,6 +352,7 @@ impl Context {
         const OP: &str = "flash_attn_ext";
         check_attention(OP, q, k, v, mask, scale)?;
         let mask_raw = mask.map_or(std::ptr::null_mut(), |m| m.raw());
+        self.reserve_headers(OP)?;
         // SAFETY: every condition ggml_flash_attn_ext and the CPU kernel assert was checked above.
         let raw = unsafe { sys::ggml_flash_attn_ext(self.raw(), q.raw(), k.raw(), v.raw(), mask_raw, scale, 0.0, 0.0) };
         let out = self.wrap(raw, OP)?;

@@ -60,6 +60,7 @@ impl Context {
             return Err(Error::shape(OP, why, &[a.shape(), full_shape]));
         }
         let ctx = self.raw();
+        self.reserve_headers(OP)?;
         // SAFETY: the view lies inside the source's bytes and so does its dense size (both checked
         // above), which is what ggml_view_impl asserts; dims and strides are passed in the counts each
         // ggml_view_Nd reads.
@@ -88,6 +89,7 @@ impl Context {
         }
         a.dtype().check_row_len(OP, shape[0])?;
         let ctx = self.raw();
+        self.reserve_headers(OP)?;
         // SAFETY: `a` is contiguous and the element counts match: what ggml_reshape_Nd asserts.
         let raw = unsafe {
             match shape.len() {
@@ -113,6 +115,7 @@ impl Context {
             return Err(Error::Type { op: OP, got: a.dtype(), why: "quantized blocks cannot leave dimension 0" });
         }
         let [x, y, z, w] = axes.map(|v| v as i32);
+        self.reserve_headers(OP)?;
         // SAFETY: the axes are a permutation of 0..4, as ggml_permute asserts.
         self.wrap(unsafe { sys::ggml_permute(self.raw(), a.raw(), x, y, z, w) }, OP)
     }
@@ -128,6 +131,7 @@ impl Context {
         if a.dtype().is_quantized() && (!a.rows_contiguous() || a.is_transposed()) {
             return Err(Error::shape(OP, "a quantized tensor must keep contiguous rows (no transposed copy)", &[a.shape()]));
         }
+        self.reserve_headers(OP)?;
         // SAFETY: non-quantized sources, or quantized ones copied row by row, are handled by ggml_dup.
         self.wrap(unsafe { sys::ggml_cont(self.raw(), a.raw()) }, OP)
     }
@@ -158,6 +162,7 @@ impl Context {
         if !ta.can_dequantize() || !tb.can_quantize_from_f32() {
             return Err(Error::Type { op: OP, got: if ta.can_dequantize() { tb } else { ta }, why: "no conversion for this pair" });
         }
+        self.reserve_headers(OP)?;
         // SAFETY: equal element counts and a conversion pair the CPU dup kernels implement (checked).
         self.wrap(unsafe { sys::ggml_cpy(self.raw(), a.raw(), b.raw()) }, OP)
     }
@@ -187,6 +192,7 @@ impl Context {
         if !rows_ok {
             return Err(Error::shape(OP, "rows must be contiguous", &shapes));
         }
+        self.reserve_headers(OP)?;
         // SAFETY: every assertion of ggml_set_rows was checked above.
         self.wrap(unsafe { sys::ggml_set_rows(self.raw(), dst.raw(), src.raw(), indices.raw()) }, OP)
     }

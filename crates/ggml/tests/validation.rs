@@ -150,3 +150,24 @@ fn data_io_checks_sizes_and_graphs_check_allocation() {
     assert!(matches!(g.expand(v), Err(Error::GraphFull { .. })));
     assert!(Backend::cpu(0).is_err());
 }
+
+#[test]
+fn a_full_arena_refuses_ops_instead_of_aborting() {
+    // Room for a few headers only: ggml would abort the process on the first op past it.
+    let ctx = Context::new(ggml::ContextParams { mem_size: 5 * ggml::tensor_overhead(), no_alloc: true }).unwrap();
+    let a = ctx.new_tensor(DType::F32, &[8, 4]).unwrap();
+    let mut refused = None;
+    for i in 0..8 {
+        let made = match i % 3 {
+            0 => ctx.reshape(a, &[32]),
+            1 => ctx.view(a, &[8, 2], &[a.strides()[1]], 0),
+            _ => ctx.add(a, a),
+        };
+        if let Err(e) = made {
+            refused = Some(e);
+            break;
+        }
+    }
+    let e = refused.expect("the arena ran out");
+    assert!(matches!(e, Error::Allocation { .. }), "{e}");
+}

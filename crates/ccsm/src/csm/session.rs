@@ -158,7 +158,7 @@ impl CsmGenerator {
         let caches: Vec<&KvCache> = requests.iter().map(|r| &r.session.decoder_cache).collect();
         let parts: Vec<(usize, usize)> = caches.iter().map(|c| (rows, c.capacity())).collect();
         let model = &self.model;
-        let max_nodes = model.decoder.max_nodes() + 24 * caches.len() * model.config.decoder.n_layer + 64;
+        let max_nodes = model.decoder.max_nodes() + crate::engine::PER_SEQUENCE_NODES * caches.len() * model.config.decoder.n_layer + 64;
         let ctx = self.compute.context(max_nodes + 16, max_nodes)?;
         let mut graph = ctx.new_graph(max_nodes)?;
         let step = build_decoder_batched(model, &caches, &ctx, &mut graph, s, &parts)?;
@@ -199,7 +199,7 @@ impl CsmGenerator {
         let (h, c0) = {
             let caches: Vec<&KvCache> = speaking.iter().map(|&i| &requests[i].session.backbone_cache).collect();
             let parts: Vec<(usize, usize)> = caches.iter().map(|c| (1, c.decode_window())).collect();
-            let max_nodes = model.backbone.max_nodes() + 24 * caches.len() * c.backbone.n_layer + 64;
+            let max_nodes = model.backbone.max_nodes() + crate::engine::PER_SEQUENCE_NODES * caches.len() * c.backbone.n_layer + 64;
             let ctx = self.compute.context(max_nodes + 16, max_nodes)?;
             let mut graph = ctx.new_graph(max_nodes)?;
             let step = build_backbone_batched(model, &caches, &ctx, &mut graph, &parts)?;

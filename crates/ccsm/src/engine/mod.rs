@@ -4,4 +4,5 @@
 
 mod text;
 
+pub(crate) use text::PER_SEQUENCE_NODES;
 pub use text::{SequenceStep, TextEngine};

@@ -8,6 +8,9 @@ use crate::kv_cache::{KvCache, KvCacheConfig, Rotation};
 use crate::llama::LlamaModel;
 use crate::{CacheType, Logits};
 
+/// Graph nodes each sequence of a batched step adds per block, at most.
+pub(crate) const PER_SEQUENCE_NODES: usize = 48;
+
 /// One sequence's part of a step: its cache, the tokens that follow what it holds, and which logits
 /// it wants back.
 pub struct SequenceStep<'a> {
@@ -249,8 +252,9 @@ impl TextEngine {
     }
 
     fn max_nodes(&self, sequences: usize) -> usize {
-        // Per sequence and block about 20 attention nodes more (views, stores, rotation, joins).
-        self.model.transformer.max_nodes() + 24 * sequences.saturating_sub(1) * self.model.config().n_layer + 16
+        // Per sequence and block up to about 30 attention nodes more (column views, stores, cache views,
+        // permutes, the two kernel nodes, a join, and 12 for a rotated cache).
+        self.model.transformer.max_nodes() + PER_SEQUENCE_NODES * sequences * self.model.config().n_layer + 16
     }
 }
 

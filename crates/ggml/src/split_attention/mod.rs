@@ -57,6 +57,7 @@ impl Context {
         let mut args = [q.raw(), k.raw(), v.raw(), mask.raw()];
         // The scale travels as the userdata pointer's bits: nothing is ever dereferenced through it.
         let userdata = scale.to_bits() as usize as *mut c_void;
+        self.reserve_headers(OP)?;
         // SAFETY: the operands passed every check flash attention makes (check_attention), which is
         // what `partials_kernel` relies on; the result is a new f32 tensor of the stated shape; args
         // holds 4 live tensors and ggml copies the pointers into the node's sources.
@@ -77,6 +78,7 @@ impl Context {
         };
         let partials = self.wrap(partials, OP)?.set_name("attn_partials");
         let mut args = [partials.raw()];
+        self.reserve_headers(OP)?;
         // SAFETY: one live f32 source of shape [2 + hd_v, n_head, n_q, parts], as `merge_kernel` reads.
         let out = unsafe {
             sys::ggml_custom_4d(
