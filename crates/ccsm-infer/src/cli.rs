@@ -304,7 +304,8 @@ pub struct LogArgs {
 /// The KV cache types: `--kv-quant` for both halves, `--ctk`/`--ctv` overriding one half.
 #[derive(Args, Clone, Debug)]
 pub struct CacheArgs {
-    /// KV cache type for K and V: f32, f16, q8_0, q4_0, q4_1 [default: f16; f32 for --kl-base].
+    /// KV cache type for K and V: f32, f16, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl [default: f16; f32 for
+    /// --kl-base]. K-quants (q4_K …) store 256-element blocks, which a 64-wide head cannot be cut from.
     #[arg(long, value_name = "TYPE")]
     pub kv_quant: Option<CacheType>,
 

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use assert_cmd::Command;
+use predicates::prelude::*;
 
 fn model(name: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models").join(name).display().to_string()
@@ -14,7 +15,7 @@ fn json(args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.get_output().stdout).unwrap()
 }
 
-const TYPES: [&str; 5] = ["f32", "f16", "q8_0", "q4_0", "q4_1"];
+const TYPES: [&str; 8] = ["f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"];
 
 #[test]
 fn info_bytes_equal_what_generation_allocates() {
@@ -60,4 +61,22 @@ fn quantize_after_converts_live_and_keeps_generating() {
     assert_eq!(speech["v_type"], "q4_0");
     assert_eq!(speech["conversion"].as_array().unwrap().len(), 2, "backbone and decoder");
     assert!(speech["frames"].as_array().unwrap().len() > 2, "generation continued after the conversion");
+}
+
+#[test]
+fn k_quants_are_refused_with_the_reason() {
+    for t in ["q5_K", "q2_K", "Q4_K"] {
+        Command::cargo_bin("ccsm-infer")
+            .unwrap()
+            .args([&model("tiny-llama.gguf"), "-p", "x", "-n", "1", "--kv-quant", t])
+            .assert()
+            .code(2)
+            .stderr(predicates::str::contains("blocks of 256 elements").and(predicates::str::contains("head of 64")));
+    }
+    Command::cargo_bin("ccsm-infer")
+        .unwrap()
+        .args([&model("tiny-llama.gguf"), "-p", "x", "-n", "1", "--kv-quant", "q3_0"])
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains("iq4_nl"));
 }

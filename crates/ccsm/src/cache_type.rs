@@ -5,7 +5,8 @@ use std::str::FromStr;
 
 use ggml::DType;
 
-/// A KV cache element type: f32, f16, q8_0, q4_0 or q4_1.
+/// A KV cache element type: f32, f16, q8_0, q5_1, q5_0, q4_1, q4_0 or iq4_nl (all in blocks of 32
+/// elements or single elements, so a head of 64 is always whole blocks).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum CacheType {
     F32,
@@ -14,10 +15,22 @@ pub enum CacheType {
     Q8_0,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
+    IQ4NL,
 }
 
 impl CacheType {
-    pub const ALL: [CacheType; 5] = [CacheType::F32, CacheType::F16, CacheType::Q8_0, CacheType::Q4_0, CacheType::Q4_1];
+    pub const ALL: [CacheType; 8] = [
+        CacheType::F32,
+        CacheType::F16,
+        CacheType::Q8_0,
+        CacheType::Q4_0,
+        CacheType::Q4_1,
+        CacheType::Q5_0,
+        CacheType::Q5_1,
+        CacheType::IQ4NL,
+    ];
 
     pub fn dtype(self) -> DType {
         match self {
@@ -26,6 +39,9 @@ impl CacheType {
             CacheType::Q8_0 => DType::Q8_0,
             CacheType::Q4_0 => DType::Q4_0,
             CacheType::Q4_1 => DType::Q4_1,
+            CacheType::Q5_0 => DType::Q5_0,
+            CacheType::Q5_1 => DType::Q5_1,
+            CacheType::IQ4NL => DType::IQ4NL,
         }
     }
 
@@ -54,9 +70,18 @@ impl FromStr for CacheType {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        CacheType::ALL
-            .into_iter()
-            .find(|t| t.name().eq_ignore_ascii_case(s))
-            .ok_or_else(|| format!("unknown cache type `{s}` (expected one of f32, f16, q8_0, q4_0, q4_1)"))
+        if let Some(t) = CacheType::ALL.into_iter().find(|t| t.name().eq_ignore_ascii_case(s)) {
+            return Ok(t);
+        }
+        let names: Vec<&str> = CacheType::ALL.iter().map(|t| t.name()).collect();
+        match s.parse::<DType>() {
+            // K-quants (q2_K … q8_K) store 256-element blocks; a cache row is cut into heads of 64 for
+            // attention, and a head cannot start inside a block.
+            Ok(d) if d.block_size() == 256 => Err(format!(
+                "cache type `{s}` is a k-quant: it stores blocks of 256 elements, and a KV head of 64 elements cannot be cut from one; use one of {}",
+                names.join(", ")
+            )),
+            _ => Err(format!("unknown cache type `{s}` (expected one of {})", names.join(", "))),
+        }
     }
 }

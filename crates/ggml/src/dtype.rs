@@ -19,6 +19,8 @@ pub enum DType {
     Q4_1,
     Q5_0,
     Q5_1,
+    /// 4-bit non-linear (a fixed 16-value grid times a per-block f16 scale), blocks of 32.
+    IQ4NL,
     Q2K,
     Q3K,
     Q4K,
@@ -33,7 +35,7 @@ pub enum DType {
 }
 
 /// Every variant, for tables and tests.
-pub const ALL_DTYPES: [DType; 20] = [
+pub const ALL_DTYPES: [DType; 21] = [
     DType::F32,
     DType::F16,
     DType::BF16,
@@ -43,6 +45,7 @@ pub const ALL_DTYPES: [DType; 20] = [
     DType::Q4_1,
     DType::Q5_0,
     DType::Q5_1,
+    DType::IQ4NL,
     DType::Q2K,
     DType::Q3K,
     DType::Q4K,
@@ -68,6 +71,7 @@ impl DType {
             DType::Q4_1 => sys::GGML_TYPE_Q4_1,
             DType::Q5_0 => sys::GGML_TYPE_Q5_0,
             DType::Q5_1 => sys::GGML_TYPE_Q5_1,
+            DType::IQ4NL => sys::GGML_TYPE_IQ4_NL,
             DType::Q2K => sys::GGML_TYPE_Q2_K,
             DType::Q3K => sys::GGML_TYPE_Q3_K,
             DType::Q4K => sys::GGML_TYPE_Q4_K,
@@ -145,6 +149,7 @@ impl DType {
             DType::Q4_1 => "q4_1",
             DType::Q5_0 => "q5_0",
             DType::Q5_1 => "q5_1",
+            DType::IQ4NL => "iq4_nl",
             DType::Q2K => "q2_K",
             DType::Q3K => "q3_K",
             DType::Q4K => "q4_K",
@@ -161,8 +166,10 @@ impl DType {
 
     /// Whether ggml can turn F32 rows into this type (the quantize direction).
     pub fn can_quantize_from_f32(self) -> bool {
-        matches!(self, DType::F32 | DType::F16 | DType::BF16 | DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1)
-            || matches!(self, DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K)
+        matches!(
+            self,
+            DType::F32 | DType::F16 | DType::BF16 | DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::IQ4NL
+        ) || matches!(self, DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K)
     }
 
     /// Whether ggml can turn this type back into F32 values.
@@ -186,6 +193,19 @@ impl DType {
         let mut out = vec![0u8; rows * row_bytes];
         if self == DType::F32 {
             out.iter_mut().zip(values.iter().flat_map(|v| v.to_le_bytes())).for_each(|(o, b)| *o = b);
+            return Ok(out);
+        }
+        // The CPU backend's row quantizer, the one its graph writes (set_rows, cpy) use: for IQ4_NL it
+        // differs from ggml_quantize_chunk's (which searches the block scale), and cache bytes written by
+        // a step must equal those a live conversion writes.
+        // SAFETY: ggml's CPU type traits are a static table, valid for any type id.
+        let from_float = unsafe { (*sys::ggml_get_type_traits_cpu(self.to_sys())).from_float };
+        if let Some(from_float) = from_float {
+            for (src, dst) in values.chunks_exact(row_len).zip(out.chunks_exact_mut(row_bytes)) {
+                // SAFETY: `src` holds row_len floats (a whole number of blocks) and `dst` the row_bytes
+                // bytes of one row of this type: what the row quantizer reads and writes.
+                unsafe { from_float(src.as_ptr(), dst.as_mut_ptr().cast(), row_len as i64) };
+            }
             return Ok(out);
         }
         // SAFETY: `values` holds rows*row_len floats and `out` rows*row_bytes bytes, exactly what

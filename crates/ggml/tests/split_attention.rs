@@ -87,7 +87,7 @@ fn worst_relative(got: &[f32], want: &[f64], v: &[f32]) -> f64 {
 }
 
 #[test]
-fn split_attention_matches_naive_attention_for_all_25_pairs() {
+fn split_attention_matches_naive_attention_for_all_64_pairs() {
     let mut rng = Rng::new(20261201);
     // 700 cells: three parts of 256 and a half-filled last block; 9 query heads over 3 KV heads.
     let c = Case { hd: 64, n_q: 1, n_kv: 700, live: 650, n_head: 9, n_head_kv: 3 };

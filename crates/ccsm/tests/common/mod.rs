@@ -119,6 +119,11 @@ pub fn bytes_per_element(t: ccsm::CacheType) -> f64 {
         CacheType::Q8_0 => 34.0 / 32.0,
         CacheType::Q4_1 => 20.0 / 32.0,
         CacheType::Q4_0 => 18.0 / 32.0,
+        // f16 scale + 4 bytes of high bits + 16 bytes of nibbles (+ f16 min for q5_1).
+        CacheType::Q5_0 => 22.0 / 32.0,
+        CacheType::Q5_1 => 24.0 / 32.0,
+        // f16 scale + 16 bytes of grid indices.
+        CacheType::IQ4NL => 18.0 / 32.0,
     }
 }
 

@@ -48,6 +48,12 @@ pub const F16_ABS: f32 = 1.0 / (1u32 << 25) as f32;
 ///   where |x| ≤ 7.5|d|, else |d| (the clamp at 15), plus 8·|d − f16(d)|.
 /// - Q4_1: d = (max − min)/15 and min in f16, q = min(15, ⌊(x − min)/d + 0.5⌋): |e| ≤ d/2 +
 ///   15·|d − f16(d)| + |min − f16(min)|.
+/// - Q5_0: d = m/−16 in f16, q = min(31, ⌊x/d + 16.5⌋): |e| ≤ |d|/2 where |x| ≤ 15.5|d|, else |d|,
+///   plus 16·|d − f16(d)|.
+/// - Q5_1: d = (max − min)/31 and min in f16: |e| ≤ d/2 + 31·|d − f16(d)| + |min − f16(min)|.
+/// - IQ4_NL: x ≈ d·g with g on a fixed grid of 16 values in [−127, 113] and d searched by ggml around
+///   amax/127: not tight; the grid's widest gap is 24, so with d ≤ amax/100, |e| ≤ 12·amax/100 over
+///   the grid and at most the clamp beyond it: |e| ≤ 0.2·amax (a loose but format-derived bound).
 /// - F16: |e| ≤ |x|·2⁻¹¹ (+ subnormal floor); BF16: |x|·2⁻⁸; F32: exact.
 pub fn element_error_bounds(dtype: DType, row: &[f32]) -> Vec<f32> {
     let f16_err = |v: f32| v.abs() * F16_REL + F16_ABS;
@@ -72,6 +78,21 @@ pub fn element_error_bounds(dtype: DType, row: &[f32]) -> Vec<f32> {
             let d = (max - min) / 15.0;
             vec![d / 2.0 + 15.0 * f16_err(d) + f16_err(min); block.len()]
         }),
+        DType::Q5_0 => per_block(row, |block| {
+            let amax = block.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let d = amax / 16.0;
+            block.iter().map(|&x| if x.abs() <= 15.5 * d { d / 2.0 } else { d } + 16.0 * f16_err(d)).collect()
+        }),
+        DType::Q5_1 => per_block(row, |block| {
+            let min = block.iter().copied().fold(f32::INFINITY, f32::min);
+            let max = block.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let d = (max - min) / 31.0;
+            vec![d / 2.0 + 31.0 * f16_err(d) + f16_err(min); block.len()]
+        }),
+        DType::IQ4NL => per_block(row, |block| {
+            let amax = block.iter().fold(0f32, |m, x| m.max(x.abs()));
+            vec![0.2 * amax + 127.0 * f16_err(amax / 127.0); block.len()]
+        }),
         other => panic!("no derived bound for {other}"),
     }
 }
@@ -85,13 +106,16 @@ pub fn vec_dot_type(weight: DType) -> DType {
     match weight {
         DType::F32 => DType::F32,
         DType::F16 => DType::F16,
-        DType::Q4_1 => DType::Q8_1,
+        DType::Q4_1 | DType::Q5_1 => DType::Q8_1,
         _ => DType::Q8_0,
     }
 }
 
 /// The cache and weight types the engine uses everywhere.
-pub const CACHE_TYPES: [DType; 5] = [DType::F32, DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_1];
+pub const CACHE_TYPES: [DType; 8] = [DType::F32, DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::IQ4NL];
+
+/// IQ4_NL's grid (ggml's `kvalues_iq4nl`, the format's definition).
+const IQ4_NL_GRID: [f32; 16] = [-127.0, -104.0, -83.0, -65.0, -49.0, -35.0, -22.0, -10.0, 1.0, 13.0, 25.0, 38.0, 53.0, 69.0, 89.0, 113.0];
 
 /// IEEE half to f32, written from the format (sign, 5-bit exponent, 10-bit mantissa).
 pub fn f16_to_f32(h: u16) -> f32 {
@@ -109,7 +133,9 @@ pub fn f16_to_f32(h: u16) -> f32 {
 /// Decodes `n` elements of `dtype` from their bytes, from the block layouts alone (independent of
 /// ggml's dequantizers): Q8_0 = f16 d + 32 i8 (x = q·d); Q4_0 = f16 d + 16 bytes, element j in the
 /// low nibble of byte j and element j+16 in the high nibble (x = (q − 8)·d); Q4_1 = f16 d + f16 m +
-/// the same nibbles (x = q·d + m).
+/// the same nibbles (x = q·d + m); Q5_0 = f16 d + 32 high bits (bit j of a u32 for element j) + the
+/// nibbles (x = (q − 16)·d); Q5_1 = f16 d + f16 m + the same (x = q·d + m); IQ4_NL = f16 d + the
+/// nibbles as grid indices (x = grid[q]·d).
 pub fn decode(dtype: DType, bytes: &[u8], n: usize) -> Vec<f32> {
     fn h(b: &[u8], at: usize) -> f32 {
         f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]))
@@ -121,9 +147,24 @@ pub fn decode(dtype: DType, bytes: &[u8], n: usize) -> Vec<f32> {
         DType::Q8_0 => bytes.chunks_exact(34).flat_map(|b| (0..32).map(move |i| b[2 + i] as i8 as f32 * h(b, 0))).collect(),
         DType::Q4_0 => bytes.chunks_exact(18).flat_map(|b| (0..32).map(move |i| (nibble(&b[2..], i) as f32 - 8.0) * h(b, 0))).collect(),
         DType::Q4_1 => bytes.chunks_exact(20).flat_map(|b| (0..32).map(move |i| nibble(&b[4..], i) as f32 * h(b, 0) + h(b, 2))).collect(),
+        DType::Q5_0 => {
+            bytes.chunks_exact(22).flat_map(|b| (0..32).map(move |i| (five_bits(&b[2..6], &b[6..], i) as f32 - 16.0) * h(b, 0))).collect()
+        }
+        DType::Q5_1 => {
+            bytes.chunks_exact(24).flat_map(|b| (0..32).map(move |i| five_bits(&b[4..8], &b[8..], i) as f32 * h(b, 0) + h(b, 2))).collect()
+        }
+        DType::IQ4NL => {
+            bytes.chunks_exact(18).flat_map(|b| (0..32).map(move |i| IQ4_NL_GRID[nibble(&b[2..], i) as usize] * h(b, 0))).collect()
+        }
         other => panic!("no reference decoder for {other}"),
     };
     values.into_iter().take(n).collect()
+}
+
+/// Element i of a 5-bit block: its nibble and bit i of the little-endian u32 of high bits.
+fn five_bits(qh: &[u8], qs: &[u8], i: usize) -> u8 {
+    let high = (u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]) >> i) & 1;
+    nibble(qs, i) | (high as u8) << 4
 }
 
 fn nibble(qs: &[u8], i: usize) -> u8 {
