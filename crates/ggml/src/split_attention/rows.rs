@@ -23,6 +23,7 @@ pub(super) enum RowKind {
     Q4_1,
     Q5_0,
     Q5_1,
+    IQ4NL,
     Ggml(ToFloat),
 }
 
@@ -37,6 +38,7 @@ impl RowKind {
             DType::Q4_1 => RowKind::Q4_1,
             DType::Q5_0 => RowKind::Q5_0,
             DType::Q5_1 => RowKind::Q5_1,
+            DType::IQ4NL => RowKind::IQ4NL,
             other => RowKind::Ggml(ggml_to_float(other)?),
         })
     }
@@ -66,6 +68,7 @@ pub(super) unsafe fn decode_row<M: Math>(kind: RowKind, src: *const u8, dst: &mu
             RowKind::Q4_1 => blocks::<M, Q4_1, 20>(src, dst),
             RowKind::Q5_0 => blocks::<M, Q5_0, 22>(src, dst),
             RowKind::Q5_1 => blocks::<M, Q5_1, 24>(src, dst),
+            RowKind::IQ4NL => blocks::<M, IQ4NL, 18>(src, dst),
             RowKind::Ggml(f) => f(src.cast(), dst.as_mut_ptr(), n as i64),
         }
     }
@@ -179,6 +182,36 @@ impl Block<20> for Q4_1 {
             let (lo, hi) = x86::nibbles(b.as_ptr().add(4));
             x86::unsigned16(out.as_mut_ptr(), lo, d, m);
             x86::unsigned16(out.as_mut_ptr().add(16), hi, d, m);
+        }
+    }
+}
+
+/// IQ4_NL's 16 values (ggml's `kvalues_iq4nl`): a block stores indices into them and one f16 scale.
+const IQ4_NL_GRID: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
+
+struct IQ4NL;
+
+impl Block<18> for IQ4NL {
+    #[inline(always)]
+    fn decode(b: &[u8; 18], out: &mut [f32; 32]) {
+        let d = half_at(b, 0);
+        let (low, high) = out.split_at_mut(16);
+        for ((lo, hi), &q) in low.iter_mut().zip(high).zip(&b[2..]) {
+            *lo = IQ4_NL_GRID[(q & 15) as usize] as f32 * d;
+            *hi = IQ4_NL_GRID[(q >> 4) as usize] as f32 * d;
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn decode_avx2(b: &[u8; 18], out: &mut [f32; 32]) {
+        // SAFETY: the caller's contract; every access is inside b and out (the grid is 16 bytes).
+        unsafe {
+            let (d, grid) = (x86::half(b, 0), _mm_loadu_si128(IQ4_NL_GRID.as_ptr().cast()));
+            let (lo, hi) = x86::nibbles(b.as_ptr().add(2));
+            // Each nibble indexes the grid: one byte shuffle looks up 16 of them.
+            x86::signed16(out.as_mut_ptr(), _mm_shuffle_epi8(grid, lo), d);
+            x86::signed16(out.as_mut_ptr().add(16), _mm_shuffle_epi8(grid, hi), d);
         }
     }
 }
@@ -330,7 +363,7 @@ mod tests {
     #[test]
     fn rows_decode_as_ggml_does() {
         let values: Vec<f32> = (0..256).map(|i| ((i * 7919 % 1013) as f32 / 300.0 - 1.7) * if i % 5 == 0 { 9.0 } else { 1.0 }).collect();
-        for dtype in [DType::F32, DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::BF16] {
+        for dtype in [DType::F32, DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::IQ4NL, DType::BF16] {
             let bytes = if dtype == DType::F32 {
                 values.iter().flat_map(|v| v.to_le_bytes()).collect()
             } else {
