@@ -215,8 +215,7 @@ impl TextEngine {
             Some(times) => times.extend(self.backend.profile(&graph)?),
             None => self.backend.compute(&graph)?,
         }
-        let mass = step.attention_mass.map(|t| t.read_f32()).transpose()?;
-        Ok((step.logits.read_f32()?, mass))
+        step.outputs()
     }
 
     /// One token per sequence through the kept graph, rebuilt when the caches, their attention windows
@@ -247,8 +246,7 @@ impl TextEngine {
             Some(times) => times.extend(graph.profile(&self.backend)?),
             None => graph.compute(&self.backend)?,
         }
-        let mass = step.attention_mass.map(|t| t.read_f32()).transpose()?;
-        Ok((step.logits.read_f32()?, mass))
+        step.outputs()
     }
 
     fn max_nodes(&self, sequences: usize) -> usize {
@@ -325,6 +323,12 @@ impl<'c> StepTensors<'c> {
             logits: graph.tensor("logits")?,
             attention_mass: if track { Some(graph.tensor("attn_mass")?) } else { None },
         })
+    }
+
+    /// The computed logits and, when tracked, the attention mass.
+    fn outputs(&self) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+        let mass = self.attention_mass.map(|t| t.read_f32()).transpose()?;
+        Ok((self.logits.read_f32()?, mass))
     }
 
     /// Fills the inputs: the tokens, their positions, each sequence's cells and mask.

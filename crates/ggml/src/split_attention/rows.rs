@@ -134,28 +134,47 @@ impl Block<34> for Q8_0 {
     }
 }
 
+/// A block of an f16 scale and 16 bytes of nibbles, each nibble indexing a grid of 16 signed values:
+/// x = grid[q]·d. Q4_0's grid is q − 8; IQ4_NL's is ggml's non-linear one.
+trait SignedGrid {
+    const GRID: [i8; 16];
+}
+
+/// Q4_0 as a grid: −8 … 7.
 struct Q4_0;
 
-impl Block<18> for Q4_0 {
+impl SignedGrid for Q4_0 {
+    const GRID: [i8; 16] = [-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7];
+}
+
+/// IQ4_NL's 16 values (ggml's `kvalues_iq4nl`).
+struct IQ4NL;
+
+impl SignedGrid for IQ4NL {
+    const GRID: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
+}
+
+impl<T: SignedGrid> Block<18> for T {
     #[inline(always)]
     fn decode(b: &[u8; 18], out: &mut [f32; 32]) {
         let d = half_at(b, 0);
         let (low, high) = out.split_at_mut(16);
         for ((lo, hi), &q) in low.iter_mut().zip(high).zip(&b[2..]) {
-            *lo = ((q & 15) as i32 - 8) as f32 * d;
-            *hi = ((q >> 4) as i32 - 8) as f32 * d;
+            *lo = T::GRID[(q & 15) as usize] as f32 * d;
+            *hi = T::GRID[(q >> 4) as usize] as f32 * d;
         }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn decode_avx2(b: &[u8; 18], out: &mut [f32; 32]) {
-        // SAFETY: the caller's contract; every access is inside b and out.
+        // SAFETY: the caller's contract; every access is inside b and out (the grid is 16 bytes).
         unsafe {
-            let (d, eight) = (x86::half(b, 0), _mm_set1_epi8(8));
+            let (d, grid) = (x86::half(b, 0), _mm_loadu_si128(T::GRID.as_ptr().cast()));
             let (lo, hi) = x86::nibbles(b.as_ptr().add(2));
-            x86::signed16(out.as_mut_ptr(), _mm_sub_epi8(lo, eight), d);
-            x86::signed16(out.as_mut_ptr().add(16), _mm_sub_epi8(hi, eight), d);
+            // Each nibble indexes the grid: one byte shuffle looks up 16 of them.
+            x86::signed16(out.as_mut_ptr(), _mm_shuffle_epi8(grid, lo), d);
+            x86::signed16(out.as_mut_ptr().add(16), _mm_shuffle_epi8(grid, hi), d);
         }
     }
 }
@@ -182,36 +201,6 @@ impl Block<20> for Q4_1 {
             let (lo, hi) = x86::nibbles(b.as_ptr().add(4));
             x86::unsigned16(out.as_mut_ptr(), lo, d, m);
             x86::unsigned16(out.as_mut_ptr().add(16), hi, d, m);
-        }
-    }
-}
-
-/// IQ4_NL's 16 values (ggml's `kvalues_iq4nl`): a block stores indices into them and one f16 scale.
-const IQ4_NL_GRID: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
-
-struct IQ4NL;
-
-impl Block<18> for IQ4NL {
-    #[inline(always)]
-    fn decode(b: &[u8; 18], out: &mut [f32; 32]) {
-        let d = half_at(b, 0);
-        let (low, high) = out.split_at_mut(16);
-        for ((lo, hi), &q) in low.iter_mut().zip(high).zip(&b[2..]) {
-            *lo = IQ4_NL_GRID[(q & 15) as usize] as f32 * d;
-            *hi = IQ4_NL_GRID[(q >> 4) as usize] as f32 * d;
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn decode_avx2(b: &[u8; 18], out: &mut [f32; 32]) {
-        // SAFETY: the caller's contract; every access is inside b and out (the grid is 16 bytes).
-        unsafe {
-            let (d, grid) = (x86::half(b, 0), _mm_loadu_si128(IQ4_NL_GRID.as_ptr().cast()));
-            let (lo, hi) = x86::nibbles(b.as_ptr().add(2));
-            // Each nibble indexes the grid: one byte shuffle looks up 16 of them.
-            x86::signed16(out.as_mut_ptr(), _mm_shuffle_epi8(grid, lo), d);
-            x86::signed16(out.as_mut_ptr().add(16), _mm_shuffle_epi8(grid, hi), d);
         }
     }
 }
