@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::kv_layout_args::{KvLayoutArgs, MemoryStrategyArg};
+
 use ccsm::kv_cache::Rotation;
 use ccsm::CacheType;
 
@@ -37,6 +39,9 @@ pub enum Command {
     Perplexity(PerplexityArgs),
     /// Prompt-processing and decode speed per cache type and context depth (llama-bench's shape).
     Bench(BenchArgs),
+    /// Measure a text model's KV sensitivity profile (each layer's K and V cost in KL divergence per
+    /// cache type) for --kv-plan auto.
+    Calibrate(crate::calibrate_cmd::CalibrateArgs),
     /// Decode Mimi frames (generation's -o JSON, or {"frames": [[code, ...], ...]}) into a WAV.
     Decode(DecodeArgs),
     /// An OpenAI-compatible HTTP server: /v1/audio/speech (CSM), /v1/completions and
@@ -321,6 +326,9 @@ pub struct CacheArgs {
     /// for 4-bit types), as computed (`off`), or all rows rotated, f16/f32 too (`all`, a check).
     #[arg(long, value_name = "WHEN", default_value = "quantized")]
     pub kv_rotation: Rotation,
+
+    #[command(flatten)]
+    pub layers: KvLayoutArgs,
 }
 
 impl CacheArgs {
@@ -356,6 +364,11 @@ pub struct MemoryArgs {
     /// Tokens at the start that eviction always keeps (attention sinks).
     #[arg(long, value_name = "S", default_value_t = 4)]
     pub keep_sinks: usize,
+
+    /// How --max-memory-mb is met: `seed` (resize, q8_0, q4_0 + prune by the budget ratio) or `plan`
+    /// (the planner's per-layer types; text models, needs a profile) [default: plan with --kv-plan].
+    #[arg(long, value_name = "STRATEGY", value_enum)]
+    pub memory_strategy: Option<MemoryStrategyArg>,
 }
 
 impl MemoryArgs {

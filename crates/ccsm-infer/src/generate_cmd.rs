@@ -12,6 +12,7 @@ use ccsm::sampling::{Sampler, SamplerConfig};
 use ccsm::{AnyModel, CacheType, GGMLModel, Model, ModelOptions, DEFAULT_CTX_CAP};
 
 use crate::cli::{GenerateArgs, LogArgs, TopK};
+use crate::kv_layout_args::layout_json;
 use crate::{output, UsageError};
 
 pub fn model_path(args: &GenerateArgs) -> Result<PathBuf> {
@@ -62,6 +63,9 @@ fn run_text(args: &GenerateArgs, log: &LogArgs, path: PathBuf, model: LlamaModel
     };
     let (k_type, v_type) = (args.cache.k_type(CacheType::F16), args.cache.v_type(CacheType::F16));
     let live = args.quantize_after.map(|n| LiveQuantize { after: n as usize, k_type, v_type });
+    if live.is_some() && args.cache.layers.any() {
+        return Err(UsageError("--quantize-after converts to one type per half; it does not take --kv-layout or --kv-plan".into()).into());
+    }
     let start_type = |t| if live.is_some() { CacheType::F32 } else { t };
     let options = ModelOptions {
         n_ctx,
@@ -72,7 +76,8 @@ fn run_text(args: &GenerateArgs, log: &LogArgs, path: PathBuf, model: LlamaModel
     };
     let mut model = GGMLModel::new(model, options).context("setting up the model")?;
     args.cache.apply_rotation(&mut model)?;
-    let memory = args.memory.apply(&mut model, log.quiet)?;
+    let setup = args.cache.layers.apply_text(&mut model, &path, &args.memory, log.quiet)?;
+    let memory = setup.memory;
     let tokenizer = model.model().tokenizer();
     let prompt_tokens = if args.chat {
         let template = ChatTemplate::of(tokenizer)?
@@ -139,10 +144,12 @@ fn run_text(args: &GenerateArgs, log: &LogArgs, path: PathBuf, model: LlamaModel
             },
             "conversion": generation.conversion,
             "memory_optimizer": memory,
+            "kv_plan": setup.plan,
             "memory": {
                 "kv_bytes": model.kv_memory_usage(),
-                "k_type": model.cache().k_type(),
-                "v_type": model.cache().v_type(),
+                "cache": layout_json(model.cache()),
+                "k_type": model.cache().config().uniform_types().map(|t| t.k),
+                "v_type": model.cache().config().uniform_types().map(|t| t.v),
                 "ctx_size": model.cache().capacity(),
                 "weight_bytes": model.model().weight_bytes(),
                 "compute_buffer_bytes": model.compute_buffer_bytes(),
@@ -159,14 +166,13 @@ fn run_text(args: &GenerateArgs, log: &LogArgs, path: PathBuf, model: LlamaModel
     }
     if !log.quiet {
         eprintln!(
-            "prompt: {} tokens, {:.1} t/s | decode: {} tokens, {:.1} t/s | KV cache: {} bytes ({}/{}, {} cells) | stop: {:?}",
+            "prompt: {} tokens, {:.1} t/s | decode: {} tokens, {:.1} t/s | KV cache: {} bytes ({}, {} cells) | stop: {:?}",
             t.prompt_tokens,
             t.prompt_tokens_per_second(),
             t.decode_steps,
             t.decode_tokens_per_second(),
             model.kv_memory_usage(),
-            model.cache().k_type(),
-            model.cache().v_type(),
+            model.cache().layout(),
             model.cache().capacity(),
             generation.stop,
         );

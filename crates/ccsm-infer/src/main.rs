@@ -3,11 +3,13 @@
 
 mod audio;
 mod bench;
+mod calibrate_cmd;
 mod cli;
 mod decode_cmd;
 mod generate_cmd;
 mod info_cmd;
 mod interrupt;
+mod kv_layout_args;
 mod output;
 mod perplexity_cmd;
 mod progress;
@@ -65,6 +67,7 @@ fn main() -> ExitCode {
         Some(Command::Info(args)) => info_cmd::run(&args),
         Some(Command::Perplexity(args)) => perplexity_cmd::run(&args, &cli.log),
         Some(Command::Bench(args)) => bench::run(&args, &cli.log),
+        Some(Command::Calibrate(args)) => calibrate_cmd::run(&args, &cli.log),
         Some(Command::Decode(args)) => decode_cmd::run(&args, &cli.log),
         Some(Command::Serve(args)) => serve_cmd::run(&args),
         None => generate_cmd::run(&cli.generate, &cli.log),

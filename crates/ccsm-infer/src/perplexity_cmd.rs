@@ -10,6 +10,7 @@ use ccsm::perplexity::{score, PerplexityRun};
 use ccsm::{CacheType, GGMLModel, ModelOptions};
 
 use crate::cli::{LogArgs, PerplexityArgs};
+use crate::kv_layout_args::layout_json;
 use crate::{output, progress};
 
 pub fn run(args: &PerplexityArgs, log: &LogArgs) -> Result<()> {
@@ -22,7 +23,8 @@ pub fn run(args: &PerplexityArgs, log: &LogArgs) -> Result<()> {
     let options = ModelOptions { n_ctx: ctx, k_type, v_type, n_threads: args.threads as usize, n_batch: args.batch_size as usize };
     let mut model = GGMLModel::new(model, options).context("setting up the model")?;
     args.cache.apply_rotation(&mut model)?;
-    let memory = args.memory.apply(&mut model, log.quiet)?;
+    let setup = args.cache.layers.apply_text(&mut model, &args.model, &args.memory, log.quiet)?;
+    let memory = setup.memory;
     let tokens = model.model().tokenizer().encode_plain(&text)?;
     let reference = match &args.kl {
         Some(path) => {
@@ -58,7 +60,8 @@ pub fn run(args: &PerplexityArgs, log: &LogArgs) -> Result<()> {
             "ctx": ctx,
             "chunks": run.chunks,
             "scored_tokens": run.positions.len(),
-            "cache": { "k_type": k_type, "v_type": v_type },
+            "cache": layout_json(model.cache()),
+            "kv_plan": setup.plan,
             "ppl": ppl,
             "nll": run.nll(),
             "kl": kl,
@@ -68,12 +71,17 @@ pub fn run(args: &PerplexityArgs, log: &LogArgs) -> Result<()> {
         output::println(&summary.to_string());
     } else {
         output::println(&format!(
-            "PPL = {:.4} +/- {:.4}  ({} chunks of {ctx}, {} tokens scored, K {k_type} V {v_type})",
+            "PPL = {:.4} +/- {:.4}  ({} chunks of {ctx}, {} tokens scored, KV {})",
             ppl.mean,
             ppl.stderr,
             run.chunks,
-            run.positions.len()
+            run.positions.len(),
+            model.cache().layout()
         ));
+        if let Some(plan) = &setup.plan {
+            let measured = kl.as_ref().map_or("(no --kl reference)".to_string(), |k| format!("{:.6}", k.kld.mean));
+            output::println(&format!("KV plan: predicted KLD {:.6}, measured {measured}", plan.predicted_kld));
+        }
         if let Some(kl) = kl {
             output::println(&format!("Mean ln(PPL/PPL_base) = {:.5} +/- {:.5}", kl.delta_ln_ppl.mean, kl.delta_ln_ppl.stderr));
             output::println(&format!("Mean KLD = {:.6} +/- {:.6}  (max {:.4})", kl.kld.mean, kl.kld.stderr, kl.kld_max));

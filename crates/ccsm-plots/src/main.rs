@@ -55,8 +55,15 @@ fn kv_bytes_plot(args: &Args) -> Result<PathBuf> {
     root.fill(&WHITE)?;
     let max_ctx = 8192usize;
     let mib = |t: CacheType, ctx: usize| -> Result<f64> {
-        let config =
-            KvCacheConfig { n_layer: c.n_layer, head_dim: c.head_dim, n_head_kv: c.n_head_kv, capacity: ctx.max(1), k_type: t, v_type: t };
+        let config = KvCacheConfig {
+            n_layer: c.n_layer,
+            head_dim: c.head_dim,
+            n_head_kv: c.n_head_kv,
+            capacity: ctx.max(1),
+            k_type: t,
+            v_type: t,
+            layout: None,
+        };
         Ok(config.bytes()? as f64 / (1024.0 * 1024.0))
     };
     let top = mib(CacheType::F32, max_ctx)? * 1.05;

@@ -6,7 +6,7 @@
 use ggml::{Context, DType, Graph, Tensor, TensorStore};
 
 use crate::error::Result;
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{Half, KvCache};
 
 /// Per-step inputs shared by every block (filled after the graph is allocated).
 #[derive(Clone, Copy)]
@@ -250,7 +250,7 @@ fn over_one_cache<'c>(
             _ => Ok(t),
         }
     };
-    let (rotate_k, rotate_v) = (cache.rotates_k(), cache.rotates_v());
+    let (rotate_k, rotate_v) = (cache.rotates(layer, Half::K), cache.rotates(layer, Half::V));
     let q = rotate(q, rotate_k)?;
     let k = rotate(k, rotate_k)?;
     let v = rotate(v, rotate_v)?;

@@ -66,6 +66,13 @@ impl serde::Serialize for CacheType {
     }
 }
 
+impl<'de> serde::Deserialize<'de> for CacheType {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl FromStr for CacheType {
     type Err = String;
 

@@ -29,6 +29,9 @@ pub enum Error {
     #[error("KV cache: {k}/{v} cache refused: {why}")]
     CacheLayout { k: CacheType, v: CacheType, why: String },
 
+    #[error("KV cache layer {layer} ({half}): {source}")]
+    InLayer { layer: usize, half: &'static str, source: Box<Error> },
+
     #[error("KV cache is full: {needed} cells needed, capacity {capacity}")]
     CacheFull { needed: usize, capacity: usize },
 
@@ -56,4 +59,11 @@ pub enum Error {
 
     #[error("invalid input: {0}")]
     Input(String),
+}
+
+impl Error {
+    /// This error, said of one layer's half of a KV cache.
+    pub fn in_layer(self, layer: usize, half: crate::kv_cache::Half) -> Error {
+        Error::InLayer { layer, half: half.name(), source: Box::new(self) }
+    }
 }

@@ -10,6 +10,7 @@ mod error;
 pub mod exercise;
 pub mod generate;
 pub mod kv_cache;
+pub mod kv_plan;
 pub mod llama;
 mod load;
 pub mod memory;

@@ -75,7 +75,7 @@ impl CacheShape {
 
     /// The cache's config with these types (its bytes: `config(..).bytes()`).
     pub fn config(&self, k_type: CacheType, v_type: CacheType) -> KvCacheConfig {
-        KvCacheConfig { n_layer: self.n_layer, head_dim: self.head_dim, n_head_kv: self.n_head_kv, capacity: self.cells, k_type, v_type }
+        KvCacheConfig::uniform(self.n_layer, self.head_dim, self.n_head_kv, self.cells, k_type, v_type)
     }
 }
 

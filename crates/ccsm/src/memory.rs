@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::kv_cache::{EvictionPolicy, KvCache, KvCacheConfig};
+use crate::kv_plan::{self, KvPlan, PlanBudget, SensitivityProfile};
 use crate::CacheType;
 
 /// The smallest capacity a resizable cache is shrunk to.
@@ -23,6 +24,9 @@ pub enum Strategy {
     Resize,
     Q8ThenResize,
     Q4ThenPrune,
+    /// The planner's per-layer types for the budget (`kv_plan`), fewer cells only below its smallest
+    /// layout: not one of the seed's thresholds, chosen by asking for it.
+    Plan,
 }
 
 impl Strategy {
@@ -45,7 +49,7 @@ impl Strategy {
             Strategy::Nothing => Some(Strategy::Resize),
             Strategy::Resize => Some(Strategy::Q8ThenResize),
             Strategy::Q8ThenResize => Some(Strategy::Q4ThenPrune),
-            Strategy::Q4ThenPrune => None,
+            Strategy::Q4ThenPrune | Strategy::Plan => None,
         }
     }
 
@@ -54,7 +58,7 @@ impl Strategy {
         match self {
             Strategy::Q8ThenResize => Some(CacheType::Q8_0),
             Strategy::Q4ThenPrune => Some(CacheType::Q4_0),
-            Strategy::Nothing | Strategy::Resize => None,
+            Strategy::Nothing | Strategy::Resize | Strategy::Plan => None,
         }
     }
 }
@@ -80,6 +84,9 @@ pub struct MemoryReport {
     /// (cache, bytes) before and after.
     pub before: Vec<(&'static str, usize)>,
     pub after: Vec<(&'static str, usize)>,
+    /// The planner's choice, under the `plan` strategy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan: Option<KvPlan>,
 }
 
 impl MemoryReport {
@@ -107,8 +114,7 @@ pub fn minimum_bytes(caches: &[ManagedCache<'_>]) -> Result<usize> {
     caches
         .iter()
         .map(|c| {
-            let mut config = *c.cache.config();
-            (config.k_type, config.v_type) = (narrowed(config.k_type, CacheType::Q4_0), narrowed(config.v_type, CacheType::Q4_0));
+            let mut config = c.cache.config().clone().map_types(|t| narrowed(t, CacheType::Q4_0));
             if c.resizable {
                 config.capacity = config.capacity.min(MIN_CELLS);
             }
@@ -118,7 +124,7 @@ pub fn minimum_bytes(caches: &[ManagedCache<'_>]) -> Result<usize> {
 }
 
 /// The target of one cache under a strategy: its types and capacity.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Target {
     config: KvCacheConfig,
     /// Fewest cells the cache may be given.
@@ -132,9 +138,9 @@ fn plan(caches: &[ManagedCache<'_>], strategy: Strategy, budget: usize) -> Resul
     let mut targets: Vec<Target> = caches
         .iter()
         .map(|c| {
-            let mut config = *c.cache.config();
+            let mut config = c.cache.config().clone();
             if let Some(t) = strategy.quantize_to() {
-                (config.k_type, config.v_type) = (narrowed(config.k_type, t), narrowed(config.v_type, t));
+                config = config.map_types(|from| narrowed(from, t));
             }
             let min_cells = if c.resizable { MIN_CELLS.min(config.capacity) } else { config.capacity };
             Target { config, min_cells }
@@ -144,7 +150,7 @@ fn plan(caches: &[ManagedCache<'_>], strategy: Strategy, budget: usize) -> Resul
     if strategy == Strategy::Nothing || bytes(&targets)? <= budget {
         return Ok(targets);
     }
-    let per_cell = |t: &Target| KvCacheConfig { capacity: 1, ..t.config }.bytes();
+    let per_cell = |t: &Target| KvCacheConfig { capacity: 1, ..t.config.clone() }.bytes();
     let fixed: usize = targets.iter().filter(|t| t.min_cells == t.config.capacity).map(|t| t.config.bytes()).sum::<Result<usize>>()?;
     let resizable: Vec<usize> = (0..targets.len()).filter(|&i| targets[i].min_cells < targets[i].config.capacity).collect();
     // Share what the fixed caches leave in proportion to each resizable cache's size.
@@ -195,10 +201,13 @@ pub fn optimize(mut caches: Vec<ManagedCache<'_>>, budget: usize, policy: Evicti
     };
     let mut actions = Vec::new();
     for (c, target) in caches.iter_mut().zip(&targets) {
-        let (k, v) = (target.config.k_type, target.config.v_type);
-        if (k, v) != (c.cache.k_type(), c.cache.v_type()) {
-            c.cache.quantize(k, v)?;
-            actions.push(format!("{}: quantized to {k}/{v}", c.name));
+        let layout = target.config.kv_layout();
+        if layout != c.cache.layout() {
+            match target.config.layout.clone() {
+                Some(per_layer) => c.cache.quantize_layout(per_layer)?,
+                None => c.cache.quantize(target.config.k_type, target.config.v_type)?,
+            };
+            actions.push(format!("{}: quantized to {layout}", c.name));
         }
         let (len, from, cells) = (c.cache.len(), c.cache.capacity(), target.config.capacity);
         if cells != from {
@@ -216,7 +225,53 @@ pub fn optimize(mut caches: Vec<ManagedCache<'_>>, budget: usize, policy: Evicti
         return Err(Error::Invariant(format!("the memory optimizer planned within {budget} bytes but the caches hold {bytes_after}")));
     }
     let escalated_from = (strategy != chosen).then_some(chosen);
-    Ok(MemoryReport { budget_bytes: budget, ratio, strategy, escalated_from, actions, before, after })
+    Ok(MemoryReport { budget_bytes: budget, ratio, strategy, escalated_from, actions, before, after, plan: None })
+}
+
+/// Fits one resizable cache into `budget` by the planner: the layout of least predicted KLD that
+/// fits every cell, or, below the smallest layout, that layout with as many cells as fit (evicting
+/// by `policy`). Planned in full before the cache is touched.
+pub fn optimize_planned(
+    cache: ManagedCache<'_>,
+    budget: usize,
+    policy: EvictionPolicy,
+    profile: &SensitivityProfile,
+) -> Result<MemoryReport> {
+    let before = vec![(cache.name, cache.cache.memory_usage())];
+    let ratio = budget as f64 / before[0].1 as f64;
+    let chosen = kv_plan::plan(profile, cache.cache.config(), &[], PlanBudget::Bytes(budget))?;
+    let mut actions = Vec::new();
+    let (len, from) = (cache.cache.len(), cache.cache.capacity());
+    // Shrink first when cells must go, so the conversion works on the smaller cache.
+    if chosen.capacity < from {
+        if len > chosen.capacity {
+            let evicted = cache.cache.prune(chosen.capacity, policy)?;
+            actions.push(format!("{}: pruned {evicted} of {len} cells ({policy:?})", cache.name));
+        }
+        cache.cache.resize(chosen.capacity, policy)?;
+        actions.push(format!("{}: resized from {from} to {} cells", cache.name, chosen.capacity));
+    }
+    if chosen.layout != cache.cache.layout() {
+        cache.cache.quantize_layout(chosen.layout.clone())?;
+        actions.push(format!(
+            "{}: planned {} ({:.3} bits per element, predicted KLD {:.5})",
+            cache.name, chosen.spec, chosen.bits_per_element, chosen.predicted_kld
+        ));
+    }
+    let after = vec![(cache.name, cache.cache.memory_usage())];
+    if after[0].1 > budget {
+        return Err(Error::Invariant(format!("the planner planned within {budget} bytes but the cache holds {}", after[0].1)));
+    }
+    Ok(MemoryReport {
+        budget_bytes: budget,
+        ratio,
+        strategy: Strategy::Plan,
+        escalated_from: None,
+        actions,
+        before,
+        after,
+        plan: Some(chosen),
+    })
 }
 
 /// Makes room for `needed` more cells in a full cache by evicting down to three quarters of its

@@ -4,7 +4,8 @@ use ggml::NodeTime;
 
 use crate::engine::{SequenceStep, TextEngine};
 use crate::error::{Error, Result};
-use crate::kv_cache::{EvictionPolicy, KvCache, QuantizeReport, Rotation};
+use crate::kv_cache::{EvictionPolicy, KvCache, KvLayout, QuantizeReport, Rotation};
+use crate::kv_plan::SensitivityProfile;
 use crate::llama::LlamaModel;
 use crate::memory::{self, make_room, ManagedCache, MemoryReport};
 use crate::CacheType;
@@ -161,6 +162,24 @@ impl GGMLModel {
     /// Keeps the first `len` cached tokens and forgets the rest (the next token follows them).
     pub fn truncate(&mut self, len: usize) {
         self.cache.truncate(len.min(self.cache.len()));
+    }
+
+    /// Converts the cache, with its cached tokens, to per-layer types (`quantize_kv_cache` for one
+    /// type per half).
+    pub fn quantize_kv_layout(&mut self, layout: KvLayout) -> Result<QuantizeReport> {
+        self.engine.forget_kept_graph();
+        self.cache.quantize_layout(layout)
+    }
+
+    /// Fits the cache into `max_bytes` by the planner's per-layer types (`memory::optimize_planned`).
+    pub fn optimize_memory_planned(
+        &mut self,
+        max_bytes: usize,
+        policy: EvictionPolicy,
+        profile: &SensitivityProfile,
+    ) -> Result<MemoryReport> {
+        self.engine.forget_kept_graph();
+        memory::optimize_planned(ManagedCache { name: "text", cache: &mut self.cache, resizable: true }, max_bytes, policy, profile)
     }
 
     pub fn cache(&self) -> &KvCache {

@@ -7,7 +7,7 @@ use ccsm::{CacheType, Error};
 use common::bytes_per_element;
 
 fn config(k: CacheType, v: CacheType, head_dim: usize, capacity: usize) -> KvCacheConfig {
-    KvCacheConfig { n_layer: 3, head_dim, n_head_kv: 2, capacity, k_type: k, v_type: v }
+    KvCacheConfig { n_layer: 3, head_dim, n_head_kv: 2, capacity, k_type: k, v_type: v, layout: None }
 }
 
 #[test]
@@ -15,7 +15,7 @@ fn allocated_bytes_follow_the_block_math_for_every_pair() {
     for k in CacheType::ALL {
         for v in CacheType::ALL {
             let c = config(k, v, 64, 100);
-            let cache = KvCache::new(c).unwrap();
+            let cache = KvCache::new(c.clone()).unwrap();
             let elements = (3 * 100 * 2 * 64) as f64;
             let want = elements * (bytes_per_element(k) + bytes_per_element(v));
             assert_eq!(cache.memory_usage() as f64, want, "{k}/{v}");
@@ -72,8 +72,24 @@ fn masks_are_causal_over_positions_and_hide_padding() {
 #[test]
 fn sizes_that_overflow_are_refused() {
     let huge = [
-        KvCacheConfig { n_layer: 1, head_dim: 1 << 62, n_head_kv: 4, capacity: 16, k_type: CacheType::F32, v_type: CacheType::F32 },
-        KvCacheConfig { n_layer: 1 << 40, head_dim: 64, n_head_kv: 8, capacity: 1 << 20, k_type: CacheType::F16, v_type: CacheType::F16 },
+        KvCacheConfig {
+            n_layer: 1,
+            head_dim: 1 << 62,
+            n_head_kv: 4,
+            capacity: 16,
+            k_type: CacheType::F32,
+            v_type: CacheType::F32,
+            layout: None,
+        },
+        KvCacheConfig {
+            n_layer: 1 << 40,
+            head_dim: 64,
+            n_head_kv: 8,
+            capacity: 1 << 20,
+            k_type: CacheType::F16,
+            v_type: CacheType::F16,
+            layout: None,
+        },
         KvCacheConfig {
             n_layer: 2,
             head_dim: 64,
@@ -81,6 +97,7 @@ fn sizes_that_overflow_are_refused() {
             capacity: usize::MAX / 64,
             k_type: CacheType::Q4_0,
             v_type: CacheType::Q4_0,
+            layout: None,
         },
     ];
     for c in huge {

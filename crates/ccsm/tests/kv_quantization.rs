@@ -75,7 +75,8 @@ fn attention_over_each_cache_type_reads_what_the_cache_stored() {
     let v_rows: Vec<f32> = (0..cells * width).map(|_| normal()).collect();
     let q: Vec<f32> = (0..head_dim * n_head).map(|_| normal()).collect();
     for t in CacheType::ALL {
-        let mut cache = KvCache::new(KvCacheConfig { n_layer: 1, head_dim, n_head_kv, capacity: 64, k_type: t, v_type: t }).unwrap();
+        let mut cache =
+            KvCache::new(KvCacheConfig { n_layer: 1, head_dim, n_head_kv, capacity: 64, k_type: t, v_type: t, layout: None }).unwrap();
         let cell_range = cache.append(cells).unwrap();
         let mut compute = ComputeBuffer::new().unwrap();
         let ctx = compute.context(32, 32).unwrap();
@@ -217,7 +218,7 @@ fn conversion_peaks_at_the_old_cache_plus_one_layer() {
     let mut m = smollm2(CacheType::F32);
     let prompt = m.model().tokenizer().encode("The quick brown fox jumps over the lazy dog.").unwrap();
     m.eval(&prompt, Logits::Last).unwrap();
-    let c = *m.cache().config();
+    let c = m.cache().config().clone();
     for (from, to) in [(CacheType::F32, CacheType::Q8_0), (CacheType::Q8_0, CacheType::Q4_0), (CacheType::Q4_0, CacheType::F16)] {
         assert_eq!(m.cache().k_type(), from);
         let before = m.kv_memory_usage();

@@ -4,7 +4,7 @@
 mod common;
 
 use ccsm::csm::{CsmGenerator, CsmModel, CsmOptions, Segment};
-use ccsm::kv_cache::Rotation;
+use ccsm::kv_cache::{Half, Rotation};
 use ccsm::llama::LlamaModel;
 use ccsm::sampling::{argmax, Sampler, SamplerConfig};
 use ccsm::{CacheType, GGMLModel, Logits, Model, ModelOptions};
@@ -34,7 +34,7 @@ fn prompt_and_decode(m: &mut GGMLModel, prompt: &[u32]) -> Vec<f32> {
 fn rotating_f32_rows_changes_no_logit() {
     let mut plain = llama(TINY_LLAMA, CacheType::F32, Rotation::Off, 64);
     let mut rotated = llama(TINY_LLAMA, CacheType::F32, Rotation::All, 64);
-    assert!(rotated.cache().rotates_k() && rotated.cache().rotates_v() && !plain.cache().rotates_k());
+    assert!(rotated.cache().rotates(0, Half::K) && rotated.cache().rotates(0, Half::V) && !plain.cache().rotates(0, Half::K));
     let prompt = plain.model().tokenizer().encode("The quick brown fox jumps over the lazy dog, twice.").unwrap();
     let (a, b) = (prompt_and_decode(&mut plain, &prompt), prompt_and_decode(&mut rotated, &prompt));
     let spread = a.iter().cloned().fold(f32::NEG_INFINITY, f32::max) - a.iter().cloned().fold(f32::INFINITY, f32::min);
@@ -105,7 +105,7 @@ fn rotating_a_filled_cache_keeps_its_history() {
         let mut m = llama(TINY_LLAMA, CacheType::F32, Rotation::Off, 64);
         m.eval(history, Logits::Last).unwrap();
         m.set_kv_rotation(Rotation::All).unwrap();
-        assert!(m.cache().rotates_k() && m.cache().len() == history.len());
+        assert!(m.cache().rotates(0, Half::K) && m.cache().len() == history.len());
         if back_and_forth {
             m.set_kv_rotation(Rotation::Off).unwrap();
         }

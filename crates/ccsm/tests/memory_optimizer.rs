@@ -142,7 +142,7 @@ proptest! {
     /// Appends, prunes, resizes and conversions against a naive list of (cell → position).
     #[test]
     fn cache_operations_match_a_naive_model(ops in proptest::collection::vec(op(), 1..12)) {
-        let mut cache = KvCache::new(KvCacheConfig { n_layer: 1, head_dim: 32, n_head_kv: 1, capacity: 40, k_type: CacheType::F32, v_type: CacheType::F32 }).unwrap();
+        let mut cache = KvCache::new(KvCacheConfig { n_layer: 1, head_dim: 32, n_head_kv: 1, capacity: 40, k_type: CacheType::F32, v_type: CacheType::F32, layout: None }).unwrap();
         let mut naive: Vec<i32> = Vec::new();
         let mut next = 0i32;
         for op in ops {
@@ -237,7 +237,7 @@ fn minimal_bytes(caches: &[(&KvCache, bool)]) -> usize {
 }
 
 fn cache(n_layer: usize, n_head_kv: usize, head_dim: usize, capacity: usize, k: CacheType, v: CacheType) -> KvCache {
-    KvCache::new(KvCacheConfig { n_layer, head_dim, n_head_kv, capacity, k_type: k, v_type: v }).unwrap()
+    KvCache::new(KvCacheConfig { n_layer, head_dim, n_head_kv, capacity, k_type: k, v_type: v, layout: None }).unwrap()
 }
 
 /// The example: CSM-1B's two caches at `-c 24` in f32 under 1 MiB. Resizing alone would clamp
@@ -290,7 +290,7 @@ proptest! {
         let minimum = minimal_bytes(&[(&main, true)]) + fixed.as_ref().map_or(0, |d| minimal_bytes(&[(d, false)]));
         let current = main.memory_usage() + fixed.as_ref().map_or(0, KvCache::memory_usage);
         let budget = (current * per_mille / 1000).max(1);
-        let before = (*main.config(), fixed.as_ref().map(|d| *d.config()));
+        let before = (main.config().clone(), fixed.as_ref().map(|d| d.config().clone()));
         let mut caches = vec![ManagedCache { name: "main", cache: &mut main, resizable: true }];
         if let Some(d) = fixed.as_mut() {
             caches.push(ManagedCache { name: "decoder", cache: d, resizable: false });
@@ -306,7 +306,7 @@ proptest! {
             prop_assert!(main.len() <= main.capacity());
         } else {
             prop_assert!(result.is_err(), "{budget} below the minimum {minimum} was accepted");
-            prop_assert_eq!((*main.config(), fixed.as_ref().map(|d| *d.config())), before, "a refused budget changed the caches");
+            prop_assert_eq!((main.config().clone(), fixed.as_ref().map(|d| d.config().clone())), before, "a refused budget changed the caches");
         }
     }
 
@@ -378,6 +378,7 @@ fn attention_policy_keeps_the_most_attended_cells() {
         capacity: 16,
         k_type: CacheType::F32,
         v_type: CacheType::F32,
+        layout: None,
     })
     .unwrap();
     cache.append(10).unwrap();

@@ -205,14 +205,7 @@ impl CsmGenerator {
         }
         let cache = |stack: &crate::llama::LlamaConfig, capacity| {
             KvCache::with_rotation(
-                KvCacheConfig {
-                    n_layer: stack.n_layer,
-                    head_dim: stack.head_dim,
-                    n_head_kv: stack.n_head_kv,
-                    capacity,
-                    k_type: options.k_type,
-                    v_type: options.v_type,
-                },
+                KvCacheConfig::uniform(stack.n_layer, stack.head_dim, stack.n_head_kv, capacity, options.k_type, options.v_type),
                 Rotation::default(),
             )
         };

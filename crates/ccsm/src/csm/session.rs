@@ -56,7 +56,7 @@ impl CsmGenerator {
     /// of the generator's own layout.
     pub fn session_bytes(&self, capacity: usize, k_type: CacheType, v_type: CacheType) -> Result<usize> {
         let b = &self.model.config.backbone;
-        let backbone = KvCacheConfig { n_layer: b.n_layer, head_dim: b.head_dim, n_head_kv: b.n_head_kv, capacity, k_type, v_type };
+        let backbone = KvCacheConfig::uniform(b.n_layer, b.head_dim, b.n_head_kv, capacity, k_type, v_type);
         Ok(backbone.bytes()? + self.decoder_cache.config().bytes()?)
     }
 
@@ -67,10 +67,10 @@ impl CsmGenerator {
         if capacity == 0 || capacity > b.n_ctx_train {
             return Err(Error::Input(format!("context {capacity} must be between 1 and the model's {}", b.n_ctx_train)));
         }
-        let config = KvCacheConfig { n_layer: b.n_layer, head_dim: b.head_dim, n_head_kv: b.n_head_kv, capacity, k_type, v_type };
+        let config = KvCacheConfig::uniform(b.n_layer, b.head_dim, b.n_head_kv, capacity, k_type, v_type);
         let mut backbone_cache = KvCache::with_rotation(config, Rotation::default())?;
         backbone_cache.set_attention(self.backbone_cache.attention());
-        let mut decoder_cache = KvCache::with_rotation(*self.decoder_cache.config(), self.decoder_cache.rotation())?;
+        let mut decoder_cache = KvCache::with_rotation(self.decoder_cache.config().clone(), self.decoder_cache.rotation())?;
         decoder_cache.set_attention(self.decoder_cache.attention());
         Ok(CsmSession {
             backbone_cache,

@@ -89,7 +89,7 @@ impl TextEngine {
     /// The layout of a cache of `capacity` cells for this model.
     pub fn cache_config(&self, capacity: usize, k_type: CacheType, v_type: CacheType) -> KvCacheConfig {
         let c = self.model.config();
-        KvCacheConfig { n_layer: c.n_layer, head_dim: c.head_dim, n_head_kv: c.n_head_kv, capacity, k_type, v_type }
+        KvCacheConfig::uniform(c.n_layer, c.head_dim, c.n_head_kv, capacity, k_type, v_type)
     }
 
     /// A new empty cache for one sequence (quantized halves rotated, as by default).

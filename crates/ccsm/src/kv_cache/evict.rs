@@ -80,8 +80,8 @@ impl KvCache {
         if evicted == 0 {
             return Ok(0);
         }
-        let (k_row, v_row) = self.row_bytes()?;
-        for layer in &self.layers {
+        for (l, layer) in self.layers.iter().enumerate() {
+            let (k_row, v_row) = self.row_bytes(l)?;
             let (k, v) = (layer.k.get(self.tensor), layer.v.get(self.tensor));
             // kept[i] >= i, so moving rows forward in cell order never overwrites a row still needed.
             for (to, &from) in kept.iter().enumerate().filter(|(to, from)| to != *from) {
@@ -102,13 +102,14 @@ impl KvCache {
         if capacity == self.config.capacity {
             return Ok(());
         }
-        KvCacheConfig { capacity, ..self.config }.validate()?;
+        KvCacheConfig { capacity, ..self.config.clone() }.validate()?;
         let kept = self.cells_to_keep(capacity, policy);
-        let (k_row, v_row) = self.row_bytes()?;
         let n_embd = self.width();
         for l in 0..self.layers.len() {
-            let (k_store, k_id) = single_tensor_store(&format!("cache_k.{l}"), self.config.k_type, n_embd, capacity)?;
-            let (v_store, v_id) = single_tensor_store(&format!("cache_v.{l}"), self.config.v_type, n_embd, capacity)?;
+            let types = self.config.types(l);
+            let (k_row, v_row) = self.row_bytes(l)?;
+            let (k_store, k_id) = single_tensor_store(&format!("cache_k.{l}"), types.k, n_embd, capacity)?;
+            let (v_store, v_id) = single_tensor_store(&format!("cache_v.{l}"), types.v, n_embd, capacity)?;
             let (old_k, old_v) = (self.layers[l].k.get(self.tensor), self.layers[l].v.get(self.tensor));
             for (to, &from) in kept.iter().enumerate() {
                 copy_row(old_k, k_store.get(k_id), from, to, k_row)?;
@@ -122,9 +123,10 @@ impl KvCache {
         Ok(())
     }
 
-    fn row_bytes(&self) -> Result<(usize, usize)> {
-        let n = self.width();
-        Ok((self.config.k_type.dtype().row_size(n)?, self.config.v_type.dtype().row_size(n)?))
+    /// Bytes of one row of layer `layer`'s K and V.
+    fn row_bytes(&self, layer: usize) -> Result<(usize, usize)> {
+        let (n, types) = (self.width(), self.config.types(layer));
+        Ok((types.k.dtype().row_size(n)?, types.v.dtype().row_size(n)?))
     }
 
     /// Positions and scores of the kept cells, in order; the next position is unchanged.

@@ -6,9 +6,11 @@
 //! it was stored (RoPE is applied before K is stored).
 
 mod evict;
+mod layout;
 mod rotation;
 
 pub use evict::EvictionPolicy;
+pub use layout::{Half, KvLayout, LayerTypes};
 pub use rotation::{hadamard_matrix, rotate_heads, Rotation};
 
 use std::ops::Range;
@@ -36,18 +38,78 @@ pub struct QuantizeReport {
 pub const DECODE_WINDOW: usize = 256;
 
 /// Shape and types of a cache.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KvCacheConfig {
     pub n_layer: usize,
     pub head_dim: usize,
     pub n_head_kv: usize,
     /// Cells allocated per layer.
     pub capacity: usize,
+    /// The types of every layer, unless `layout` gives each layer its own (then layer 0's types,
+    /// which messages name).
     pub k_type: CacheType,
     pub v_type: CacheType,
+    /// Per-layer types (a mixed-precision cache); `None`: every layer is `k_type`/`v_type`.
+    pub layout: Option<KvLayout>,
 }
 
 impl KvCacheConfig {
+    /// A cache whose every layer stores K as `k_type` and V as `v_type`.
+    pub fn uniform(n_layer: usize, head_dim: usize, n_head_kv: usize, capacity: usize, k_type: CacheType, v_type: CacheType) -> Self {
+        KvCacheConfig { n_layer, head_dim, n_head_kv, capacity, k_type, v_type, layout: None }
+    }
+
+    /// This shape with each layer typed by `layout` (checked by `validate`: one entry per layer).
+    pub fn with_layout(self, layout: KvLayout) -> Self {
+        let first = layout.layers().first().copied().unwrap_or(LayerTypes::new(self.k_type, self.v_type));
+        KvCacheConfig { k_type: first.k, v_type: first.v, layout: Some(layout), ..self }
+    }
+
+    /// This shape with every layer stored as `k_type`/`v_type`.
+    pub fn with_types(self, k_type: CacheType, v_type: CacheType) -> Self {
+        KvCacheConfig { k_type, v_type, layout: None, ..self }
+    }
+
+    /// This shape with every layer's types replaced by `f(type)`.
+    pub fn map_types(self, f: impl Fn(CacheType) -> CacheType) -> Self {
+        match &self.layout {
+            Some(layout) => {
+                let mapped = layout.map(f);
+                self.with_layout(mapped)
+            }
+            None => {
+                let (k, v) = (f(self.k_type), f(self.v_type));
+                self.with_types(k, v)
+            }
+        }
+    }
+
+    /// The types of layer `layer`.
+    pub fn types(&self, layer: usize) -> LayerTypes {
+        match &self.layout {
+            Some(layout) => layout.layers()[layer],
+            None => LayerTypes::new(self.k_type, self.v_type),
+        }
+    }
+
+    /// Every layer's types.
+    pub fn kv_layout(&self) -> KvLayout {
+        self.layout.clone().unwrap_or_else(|| KvLayout::uniform(self.n_layer, self.k_type, self.v_type))
+    }
+
+    /// The types every layer shares, if they all agree.
+    pub fn uniform_types(&self) -> Option<LayerTypes> {
+        match &self.layout {
+            Some(layout) => layout.uniform_types(),
+            None => Some(LayerTypes::new(self.k_type, self.v_type)),
+        }
+    }
+
+    /// Every (layer, half, type) the cache stores.
+    fn halves(&self) -> impl Iterator<Item = CacheType> + '_ {
+        (0..self.n_layer).flat_map(move |l| Half::BOTH.map(|h| self.types(l).get(h)))
+    }
+
     /// Width of a row (one token across the KV heads), when it fits in `usize`.
     pub fn n_embd_kv(&self) -> Result<usize> {
         self.head_dim.checked_mul(self.n_head_kv).ok_or_else(|| self.overflow())
@@ -66,7 +128,13 @@ impl KvCacheConfig {
         if self.capacity == 0 {
             return refuse("capacity 0".into());
         }
-        for t in [self.k_type, self.v_type] {
+        if let Some(layout) = self.layout.as_ref().filter(|l| l.len() != self.n_layer) {
+            return refuse(format!("a layout of {} layers for a cache of {}", layout.len(), self.n_layer));
+        }
+        let mut types: Vec<CacheType> = self.halves().collect();
+        types.sort_by_key(|t| t.name());
+        types.dedup();
+        for t in types {
             let block = t.dtype().block_size();
             // Each head's slice of a row must be whole blocks for the per-head attention views.
             if !self.head_dim.is_multiple_of(block) {
@@ -83,8 +151,17 @@ impl KvCacheConfig {
     fn checked_bytes(&self) -> Result<usize> {
         let width = self.n_embd_kv()?;
         let row = |t: CacheType| t.dtype().row_size(width).map_err(|_| self.overflow());
-        let per_cell = row(self.k_type)?.checked_add(row(self.v_type)?);
-        per_cell.and_then(|c| c.checked_mul(self.capacity)).and_then(|b| b.checked_mul(self.n_layer)).ok_or_else(|| self.overflow())
+        let mut per_cell = 0usize;
+        if self.layout.is_none() {
+            // Every layer alike: one multiplication (also bounds n_layer's share of an overflow).
+            let layer = row(self.k_type)?.checked_add(row(self.v_type)?);
+            per_cell = layer.and_then(|c| c.checked_mul(self.n_layer)).ok_or_else(|| self.overflow())?;
+        } else {
+            for t in self.halves() {
+                per_cell = per_cell.checked_add(row(t)?).ok_or_else(|| self.overflow())?;
+            }
+        }
+        per_cell.checked_mul(self.capacity).ok_or_else(|| self.overflow())
     }
 
     /// Bytes the cache allocates: 2 tensors per layer, rows sized by each type's block math.
@@ -169,8 +246,9 @@ impl KvCache {
         let mut layers = Vec::with_capacity(config.n_layer);
         let mut tensor = None;
         for l in 0..config.n_layer {
-            let (k, id) = single_tensor_store(&format!("cache_k.{l}"), config.k_type, config.n_embd_kv()?, config.capacity)?;
-            let (v, _) = single_tensor_store(&format!("cache_v.{l}"), config.v_type, config.n_embd_kv()?, config.capacity)?;
+            let types = config.types(l);
+            let (k, id) = single_tensor_store(&format!("cache_k.{l}"), types.k, config.n_embd_kv()?, config.capacity)?;
+            let (v, _) = single_tensor_store(&format!("cache_v.{l}"), types.v, config.n_embd_kv()?, config.capacity)?;
             tensor = Some(id);
             layers.push(LayerCache { k, v });
         }
@@ -218,19 +296,15 @@ impl KvCache {
         self.attention = choice;
     }
 
-    /// Whether K rows are stored rotated (queries must then be rotated too).
-    pub fn rotates_k(&self) -> bool {
-        self.rotation.applies(self.config.k_type, self.config.head_dim)
+    /// Whether layer `layer`'s `half` is stored rotated (for K, queries must then be rotated too; for
+    /// V, attention outputs rotated back).
+    pub fn rotates(&self, layer: usize, half: Half) -> bool {
+        self.rotation.applies(self.config.types(layer).get(half), self.config.head_dim)
     }
 
-    /// Whether V rows are stored rotated (attention outputs must then be rotated back).
-    pub fn rotates_v(&self) -> bool {
-        self.rotation.applies(self.config.v_type, self.config.head_dim)
-    }
-
-    /// Whether either half is stored rotated.
+    /// Whether any layer's half is stored rotated.
     pub fn is_rotated(&self) -> bool {
-        self.rotates_k() || self.rotates_v()
+        (0..self.config.n_layer).any(|l| Half::BOTH.into_iter().any(|h| self.rotates(l, h)))
     }
 
     /// The F32 `[head_dim, head_dim]` Hadamard matrix (symmetric), while a half is rotated.
@@ -271,17 +345,29 @@ impl KvCache {
         self.next_position
     }
 
+    /// The K type of every layer (layer 0's under a per-layer layout; see `layout`).
     pub fn k_type(&self) -> CacheType {
         self.config.k_type
     }
 
-    /// The type of both halves when K and V agree.
+    /// The type of both halves of every layer, when they all agree.
     pub fn current_quantization_type(&self) -> Option<CacheType> {
-        (self.config.k_type == self.config.v_type).then_some(self.config.k_type)
+        self.config.uniform_types().filter(|t| t.k == t.v).map(|t| t.k)
     }
 
+    /// The V type of every layer (layer 0's under a per-layer layout; see `layout`).
     pub fn v_type(&self) -> CacheType {
         self.config.v_type
+    }
+
+    /// Every layer's types.
+    pub fn layout(&self) -> KvLayout {
+        self.config.kv_layout()
+    }
+
+    /// Whether layers differ in their types.
+    pub fn is_mixed(&self) -> bool {
+        self.config.uniform_types().is_none()
     }
 
     /// Forgets every cell (memory stays allocated); positions restart at 0.
@@ -353,16 +439,20 @@ impl KvCache {
     /// token. One tensor is converted at a time (new buffer, rows converted in chunks through f32,
     /// old buffer freed), so memory peaks at the old cache plus one layer's new tensor.
     pub fn quantize(&mut self, k_type: CacheType, v_type: CacheType) -> Result<QuantizeReport> {
-        self.convert(k_type, v_type, self.rotation)
+        self.convert(self.config.clone().with_types(k_type, v_type), self.rotation)
+    }
+
+    /// `quantize`, layer by layer to each layer's types in `layout`.
+    pub fn quantize_layout(&mut self, layout: KvLayout) -> Result<QuantizeReport> {
+        self.convert(self.config.clone().with_layout(layout), self.rotation)
     }
 
     /// Changes the rotation policy, rotating (or un-rotating) the stored rows that it changes.
     pub fn set_rotation(&mut self, rotation: Rotation) -> Result<QuantizeReport> {
-        self.convert(self.config.k_type, self.config.v_type, rotation)
+        self.convert(self.config.clone(), rotation)
     }
 
-    fn convert(&mut self, k_type: CacheType, v_type: CacheType, rotation: Rotation) -> Result<QuantizeReport> {
-        let target = KvCacheConfig { k_type, v_type, ..self.config };
+    fn convert(&mut self, target: KvCacheConfig, rotation: Rotation) -> Result<QuantizeReport> {
         target.validate()?;
         let hd = self.config.head_dim;
         let bytes_before = self.memory_usage();
@@ -370,19 +460,22 @@ impl KvCache {
         let mut peak = live;
         let (n_embd, capacity, len) = (self.width(), self.config.capacity, self.len());
         for l in 0..self.layers.len() {
-            for (half, to) in [("k", k_type), ("v", v_type)] {
-                let old = if half == "k" { &self.layers[l].k } else { &self.layers[l].v };
-                let from = if half == "k" { self.config.k_type } else { self.config.v_type };
+            for half in Half::BOTH {
+                let (from, to) = (self.config.types(l).get(half), target.types(l).get(half));
                 let rotate = self.rotation.applies(from, hd) != rotation.applies(to, hd);
                 if from == to && !rotate {
                     continue;
                 }
-                let (store, id) = single_tensor_store(&format!("cache_{half}.{l}"), to, n_embd, capacity)?;
+                let (store, id) = single_tensor_store(&format!("cache_{}.{l}", half.name()), to, n_embd, capacity)?;
                 let new_bytes = store.get(id).nbytes();
                 peak = peak.max(live + new_bytes);
-                convert_rows(old.get(self.tensor), store.get(id), from, to, n_embd, len, rotate.then_some(hd))?;
-                let old_bytes = old.get(self.tensor).nbytes();
-                let slot = if half == "k" { &mut self.layers[l].k } else { &mut self.layers[l].v };
+                let slot = match half {
+                    Half::K => &mut self.layers[l].k,
+                    Half::V => &mut self.layers[l].v,
+                };
+                convert_rows(slot.get(self.tensor), store.get(id), from, to, n_embd, len, rotate.then_some(hd))
+                    .map_err(|e| e.in_layer(l, half))?;
+                let old_bytes = slot.get(self.tensor).nbytes();
                 *slot = store;
                 live = live + new_bytes - old_bytes;
             }
@@ -391,6 +484,21 @@ impl KvCache {
         self.rotation = rotation;
         self.update_hadamard()?;
         Ok(QuantizeReport { bytes_before, bytes_after: self.memory_usage(), peak_bytes: peak })
+    }
+
+    /// The live rows of layer `layer`'s `half` as f32 `[len][n_embd_kv]`, as stored (rotated heads
+    /// stay rotated).
+    pub fn rows_f32(&self, layer: usize, half: Half) -> Result<Vec<f32>> {
+        if layer >= self.config.n_layer {
+            return Err(Error::Input(format!("layer {layer} of a cache of {}", self.config.n_layer)));
+        }
+        let t = self.config.types(layer).get(half);
+        let tensor = match half {
+            Half::K => self.k(layer),
+            Half::V => self.v(layer),
+        };
+        let bytes = tensor.read_bytes_at(0, self.len() * t.dtype().row_size(self.width())?)?;
+        Ok(t.dtype().dequantize(&bytes, self.len() * self.width())?)
     }
 
     fn k(&self, layer: usize) -> Tensor<'_> {
@@ -414,12 +522,12 @@ impl KvCache {
     /// K of the first `n_kv` cells of `layer` (the live ones and, past `len()`, masked padding) as
     /// `[head_dim, n_head_kv, n_kv]`, in the cache's own type.
     pub fn k_tensor<'c>(&'c self, ctx: &'c Context, layer: usize, n_kv: usize) -> Result<Tensor<'c>> {
-        self.live_view(ctx, self.k(layer), self.config.k_type, n_kv)
+        self.live_view(ctx, self.k(layer), self.config.types(layer).k, n_kv)
     }
 
     /// V of the first `n_kv` cells of `layer` as `[head_dim, n_head_kv, n_kv]`, in the cache's own type.
     pub fn v_tensor<'c>(&'c self, ctx: &'c Context, layer: usize, n_kv: usize) -> Result<Tensor<'c>> {
-        self.live_view(ctx, self.v(layer), self.config.v_type, n_kv)
+        self.live_view(ctx, self.v(layer), self.config.types(layer).v, n_kv)
     }
 
     fn live_view<'c>(&'c self, ctx: &'c Context, t: Tensor<'c>, ty: CacheType, n_kv: usize) -> Result<Tensor<'c>> {

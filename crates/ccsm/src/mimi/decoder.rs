@@ -79,7 +79,7 @@ impl MimiStream {
 impl MimiDecoder {
     /// A new stream (zero states, an empty cache of the decoder's own layout).
     pub fn new_stream(&self) -> Result<MimiStream> {
-        let mut cache = KvCache::with_rotation(*self.cache.config(), self.cache.rotation())?;
+        let mut cache = KvCache::with_rotation(self.cache.config().clone(), self.cache.rotation())?;
         cache.set_attention(self.cache.attention());
         Ok(MimiStream { states: ConvStates::new(&self.model.state_layout)?, cache, kept: Vec::new(), codebooks: None, frames: 0 })
     }
@@ -100,14 +100,7 @@ impl MimiDecoder {
         let t = &model.config().transformer;
         let capacity = Self::cache_capacity(model.config(), options.max_chunk_frames);
         let cache = KvCache::with_rotation(
-            KvCacheConfig {
-                n_layer: t.n_layer,
-                head_dim: t.head_dim,
-                n_head_kv: t.n_head_kv,
-                capacity,
-                k_type: options.k_type,
-                v_type: options.v_type,
-            },
+            KvCacheConfig::uniform(t.n_layer, t.head_dim, t.n_head_kv, capacity, options.k_type, options.v_type),
             Rotation::default(),
         )?;
         let states = ConvStates::new(&model.state_layout)?;

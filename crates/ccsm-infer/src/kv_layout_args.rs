@@ -1,0 +1,141 @@
+//! Per-layer cache types on the command line: `--kv-layout SPEC`, and the planner (`--kv-plan auto`
+//! with `--kv-profile`/the GGUF's profile and `--kv-bits` or `--max-memory-mb`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use serde_json::{json, Value};
+
+use ccsm::kv_cache::KvLayout;
+use ccsm::kv_plan::{self, KvPlan, PlanBudget, SensitivityProfile};
+use ccsm::memory::MemoryReport;
+use ccsm::{GGMLModel, Model};
+
+use crate::cli::MemoryArgs;
+use crate::UsageError;
+
+/// How per-layer types are chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PlanMode {
+    /// The planner picks each layer's K and V types from the sensitivity profile.
+    Auto,
+}
+
+/// Which memory optimizer strategy a budget runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum MemoryStrategyArg {
+    /// The seed's thresholds: resize, then q8_0, then q4_0 and prune.
+    Seed,
+    /// The planner: per-layer types of least predicted KLD within the budget (needs a profile).
+    Plan,
+}
+
+#[derive(Args, Clone, Debug, Default)]
+pub struct KvLayoutArgs {
+    /// Per-layer K/V types (text models): comma-separated LAYERS:TYPES, LAYERS = `i`, `i-j` or `*`
+    /// (the rest), TYPES = `k/v` or one type for both; e.g. `0:q8_0,1-3:q5_1/q5_0,*:iq4_nl`.
+    /// Overrides --kv-quant/--ctk/--ctv.
+    #[arg(long, value_name = "SPEC", conflicts_with = "kv_plan")]
+    pub kv_layout: Option<String>,
+
+    /// `auto`: the planner picks per-layer types from a sensitivity profile (`ccsm-infer calibrate`)
+    /// to fit --kv-bits or --max-memory-mb with the least predicted KL divergence.
+    #[arg(long, value_name = "PLAN", value_enum)]
+    pub kv_plan: Option<PlanMode>,
+
+    /// The sensitivity profile for --kv-plan (default: the one stored in the model's metadata).
+    #[arg(long, value_name = "FILE")]
+    pub kv_profile: Option<PathBuf>,
+
+    /// --kv-plan's budget as mean bits per cached element (q4_0 = 4.5, q8_0 = 8.5, f16 = 16).
+    #[arg(long, value_name = "B")]
+    pub kv_bits: Option<f64>,
+}
+
+/// What the cache options did to a text model.
+#[derive(Default)]
+pub struct TextCacheSetup {
+    pub plan: Option<KvPlan>,
+    pub memory: Option<MemoryReport>,
+}
+
+impl KvLayoutArgs {
+    /// Whether any per-layer option was given (speech models refuse them).
+    pub fn any(&self) -> bool {
+        self.kv_layout.is_some() || self.kv_plan.is_some() || self.kv_profile.is_some() || self.kv_bits.is_some()
+    }
+
+    /// The profile --kv-plan plans with: --kv-profile's, else the model file's.
+    pub fn profile(&self, model_path: &Path) -> Result<SensitivityProfile> {
+        if let Some(path) = &self.kv_profile {
+            return Ok(SensitivityProfile::load(path)?);
+        }
+        SensitivityProfile::from_gguf(model_path)?.ok_or_else(|| {
+            UsageError(format!(
+                "--kv-plan auto: {} has no KV profile in its metadata (`{}`); make one with `ccsm-infer calibrate` and pass --kv-profile",
+                model_path.display(),
+                kv_plan::GGUF_KEY
+            ))
+            .into()
+        })
+    }
+
+    /// Applies --kv-layout / --kv-plan and the memory budget to a freshly made text model.
+    pub fn apply_text(&self, model: &mut GGMLModel, model_path: &Path, memory: &MemoryArgs, quiet: bool) -> Result<TextCacheSetup> {
+        if self.kv_plan.is_none() && (self.kv_bits.is_some() || self.kv_profile.is_some()) {
+            return Err(UsageError("--kv-bits and --kv-profile go with --kv-plan auto".into()).into());
+        }
+        if let Some(spec) = &self.kv_layout {
+            let layout = KvLayout::parse(spec, model.cache().config().n_layer).map_err(|e| UsageError(format!("--kv-layout: {e}")))?;
+            model.quantize_kv_layout(layout)?;
+        }
+        // --kv-bits fixes the types; a budget beside it then runs the seed's strategy (unless asked).
+        let planned_budget = self.kv_plan.is_some() && self.kv_bits.is_none();
+        let strategy = memory.memory_strategy.unwrap_or(if planned_budget { MemoryStrategyArg::Plan } else { MemoryStrategyArg::Seed });
+        let wants_profile = self.kv_plan.is_some() || strategy == MemoryStrategyArg::Plan;
+        let profile = if wants_profile { Some(self.profile(model_path)?) } else { None };
+        let mut setup = TextCacheSetup::default();
+        if let (Some(profile), Some(bits)) = (&profile, self.kv_bits) {
+            let plan = kv_plan::plan(profile, model.cache().config(), &[], PlanBudget::BitsPerElement(bits))
+                .map_err(|e| UsageError(format!("--kv-bits {bits}: {e}")))?;
+            model.quantize_kv_layout(plan.layout.clone())?;
+            if !quiet {
+                eprintln!(
+                    "KV plan for {bits} bits: {} ({:.3} bits per element, predicted KLD {:.5})",
+                    plan.spec, plan.bits_per_element, plan.predicted_kld
+                );
+            }
+            setup.plan = Some(plan);
+        }
+        match (&profile, memory.max_memory_mb, strategy) {
+            (Some(profile), Some(mb), MemoryStrategyArg::Plan) => {
+                let report = model.optimize_memory_planned((mb as usize) << 20, memory.policy(), profile)?;
+                model.set_eviction(Some(memory.policy()));
+                if !quiet {
+                    eprintln!("KV budget {mb} MiB, plan strategy: {}; cache now {} bytes", report.actions.join("; "), report.bytes_after());
+                }
+                setup.plan = report.plan.clone();
+                setup.memory = Some(report);
+            }
+            (_, None, _) if self.kv_plan.is_some() && self.kv_bits.is_none() => {
+                return Err(UsageError("--kv-plan auto needs a budget: --kv-bits B or --max-memory-mb N".into()).into());
+            }
+            _ => setup.memory = memory.apply(model, quiet)?,
+        }
+        Ok(setup)
+    }
+}
+
+/// The cache layout for JSON reports: uniform types, or null and the per-layer list.
+pub fn layout_json(cache: &ccsm::kv_cache::KvCache) -> Value {
+    let uniform = cache.config().uniform_types();
+    let layout = cache.layout();
+    json!({
+        "k_type": uniform.map(|t| t.k),
+        "v_type": uniform.map(|t| t.v),
+        "layout": layout.to_string(),
+        "layers": if uniform.is_some() { Value::Null } else { serde_json::to_value(&layout).unwrap_or(Value::Null) },
+        "bits_per_element": layout.bits_per_element(),
+    })
+}

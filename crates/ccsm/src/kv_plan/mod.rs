@@ -1,0 +1,24 @@
+//! Mixed-precision KV caches chosen to fit a budget: a per-layer sensitivity profile (`calibrate`),
+//! and a planner that picks each layer's K and V types to minimise the profile's predicted KL
+//! divergence within a byte or bits-per-element budget (`docs/kv-planner.md`).
+
+mod calibrate;
+mod planner;
+mod sensitivity;
+
+pub use calibrate::{calibrate, relative_mse, CalibrationOptions};
+pub use planner::{plan, KvPlan, PlanBudget};
+pub use sensitivity::{CalibrationRun, HalfCost, ProfileShape, SensitivityProfile, GGUF_KEY, PROFILE_FORMAT};
+
+use crate::kv_cache::{Half, KvLayout};
+
+/// The profile's predicted KLD of a whole layout (the sum of its halves' costs), if it has them all.
+pub fn predicted_kld(profile: &SensitivityProfile, layout: &KvLayout) -> Option<f64> {
+    let mut sum = 0.0;
+    for (l, t) in layout.layers().iter().enumerate() {
+        for half in Half::BOTH {
+            sum += profile.cost(l, half, t.get(half))?;
+        }
+    }
+    Some(sum)
+}

@@ -1,0 +1,161 @@
+//! The planner: per-layer K/V types that minimise a profile's predicted KLD within a byte budget.
+//!
+//! Predicted KLD is the sum of each half's cost (the profile measures halves one at a time; the
+//! calibration run records how well the sum predicts a whole cache). Choosing one type per half under
+//! a bytes-per-cell limit is a multiple-choice knapsack, solved exactly by dynamic programming over
+//! bytes per cell (in units of the gcd of the candidates' row sizes, so a few thousand states).
+
+use serde::Serialize;
+
+use super::sensitivity::{ProfileShape, SensitivityProfile};
+use crate::error::{Error, Result};
+use crate::kv_cache::{Half, KvCacheConfig, KvLayout, LayerTypes};
+use crate::memory::MIN_CELLS;
+use crate::CacheType;
+
+/// What a plan must fit.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlanBudget {
+    /// Mean storage bits per cached element (block scales included), at the cache's capacity.
+    BitsPerElement(f64),
+    /// Bytes for the whole cache; below the smallest layout at the full capacity, fewer cells are kept.
+    Bytes(usize),
+}
+
+/// The planner's choice.
+#[derive(Clone, Debug, Serialize)]
+pub struct KvPlan {
+    pub layout: KvLayout,
+    /// `layout` in `--kv-layout` spelling.
+    pub spec: String,
+    /// Cells the cache keeps (the capacity asked for, unless the budget forced fewer).
+    pub capacity: usize,
+    pub bytes: usize,
+    pub bits_per_element: f64,
+    pub predicted_kld: f64,
+    pub budget: PlanBudget,
+}
+
+impl KvPlan {
+    /// The cache config of this plan on `shape`.
+    pub fn config(&self, shape: &KvCacheConfig) -> KvCacheConfig {
+        KvCacheConfig { capacity: self.capacity, ..shape.clone() }.with_layout(self.layout.clone())
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// Plans `shape` (its capacity is the cells wanted) within `budget`, choosing among `candidates`
+/// (the profile's types when empty).
+pub fn plan(profile: &SensitivityProfile, shape: &KvCacheConfig, candidates: &[CacheType], budget: PlanBudget) -> Result<KvPlan> {
+    let profile_shape = ProfileShape { n_layer: shape.n_layer, head_dim: shape.head_dim, n_head_kv: shape.n_head_kv };
+    profile.check(profile_shape)?;
+    let width = shape.n_embd_kv()?;
+    let mut types: Vec<CacheType> = if candidates.is_empty() { profile.types() } else { candidates.to_vec() };
+    types.retain(|&t| shape.head_dim.is_multiple_of(t.dtype().block_size()));
+    types.sort_by_key(|t| t.name());
+    types.dedup();
+    if types.is_empty() {
+        return Err(Error::Input("the planner has no cache type to choose from".into()));
+    }
+    let row = |t: CacheType| -> Result<usize> { Ok(t.dtype().row_size(width)?) };
+    let unit = types.iter().try_fold(0, |g, &t| row(t).map(|r| gcd(g, r)))?;
+    let halves: Vec<(usize, Half)> = (0..shape.n_layer).flat_map(|l| Half::BOTH.map(|h| (l, h))).collect();
+    // Each half's choices: (units per cell, cost, type), cheapest in bytes first.
+    let mut choices: Vec<Vec<(usize, f64, CacheType)>> = Vec::with_capacity(halves.len());
+    for &(l, h) in &halves {
+        let mut c = Vec::new();
+        for &t in &types {
+            let cost = profile
+                .cost(l, h, t)
+                .ok_or_else(|| Error::Input(format!("the KV profile has no cost for {t} (layer {l} {})", h.name())))?;
+            c.push((row(t)? / unit, cost, t));
+        }
+        c.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+        choices.push(c);
+    }
+    let min_units: usize = choices.iter().map(|c| c[0].0).sum();
+    let max_units: usize = choices.iter().map(|c| c.iter().map(|x| x.0).max().unwrap_or(0)).sum();
+    let elements_per_cell = (2 * shape.n_layer * width) as f64;
+    let (capacity, cell_units) = match budget {
+        PlanBudget::BitsPerElement(bits) => {
+            if !(bits.is_finite() && bits > 0.0) {
+                return Err(Error::Input(format!("--kv-bits {bits} must be a positive number")));
+            }
+            let cell_bytes = (bits * elements_per_cell / 8.0).floor() as usize;
+            if cell_bytes / unit < min_units {
+                let least = min_units as f64 * unit as f64 * 8.0 / elements_per_cell;
+                return Err(Error::Input(format!("{bits} bits per element is below the smallest layout of these types ({least:.3} bits)")));
+            }
+            (shape.capacity, cell_bytes / unit)
+        }
+        PlanBudget::Bytes(bytes) => {
+            let full = bytes / shape.capacity.max(1) / unit;
+            if full >= min_units {
+                (shape.capacity, full)
+            } else {
+                // Even the smallest layout does not fit every cell: keep as many cells as it allows.
+                let cells = bytes / (min_units * unit);
+                let least = shape.capacity.min(MIN_CELLS);
+                if cells < least {
+                    return Err(Error::BudgetTooSmall { budget: bytes, minimum: least * min_units * unit, min_cells: least });
+                }
+                (cells, min_units)
+            }
+        }
+    };
+    let limit = cell_units.min(max_units);
+    let picks = knapsack(&choices, limit);
+    let layout = KvLayout::new(
+        (0..shape.n_layer).map(|l| LayerTypes::new(choices[2 * l][picks[2 * l]].2, choices[2 * l + 1][picks[2 * l + 1]].2)).collect(),
+    );
+    let predicted_kld = picks.iter().zip(&choices).map(|(&p, c)| c[p].1).sum();
+    let config = KvCacheConfig { capacity, ..shape.clone() }.with_layout(layout.clone());
+    let bytes = config.bytes()?;
+    if let PlanBudget::Bytes(b) = budget {
+        if bytes > b {
+            return Err(Error::Invariant(format!("the planner chose {bytes} bytes for a budget of {b}")));
+        }
+    }
+    Ok(KvPlan { spec: layout.to_string(), bits_per_element: layout.bits_per_element(), layout, capacity, bytes, predicted_kld, budget })
+}
+
+/// Picks one choice per item with total units ≤ `limit` and the least total cost (exact DP).
+fn knapsack(choices: &[Vec<(usize, f64, CacheType)>], limit: usize) -> Vec<usize> {
+    let width = limit + 1;
+    // best[u]: least cost of the items so far using exactly u units (∞ if impossible).
+    let mut best = vec![f64::INFINITY; width];
+    best[0] = 0.0;
+    let mut picked: Vec<Vec<u8>> = Vec::with_capacity(choices.len());
+    for item in choices {
+        let mut next = vec![f64::INFINITY; width];
+        let mut pick = vec![0u8; width];
+        for (u, &b) in best.iter().enumerate().filter(|(_, b)| b.is_finite()) {
+            for (i, &(units, cost, _)) in item.iter().enumerate() {
+                let to = u + units;
+                if to < width && b + cost < next[to] {
+                    next[to] = b + cost;
+                    pick[to] = i as u8;
+                }
+            }
+        }
+        best = next;
+        picked.push(pick);
+    }
+    // The cheapest end state, then walk back through the choices.
+    let mut u = (0..width).min_by(|&a, &b| best[a].total_cmp(&best[b]).then(a.cmp(&b))).unwrap_or(0);
+    let mut picks = vec![0; choices.len()];
+    for i in (0..choices.len()).rev() {
+        let p = picked[i][u] as usize;
+        picks[i] = p;
+        u -= choices[i][p].0;
+    }
+    picks
+}

@@ -1,0 +1,134 @@
+//! A sensitivity profile: what storing one layer's K or V in each cache type costs in KL divergence
+//! (against an f32 cache), measured by `calibrate` and read by the planner.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::kv_cache::Half;
+use crate::CacheType;
+
+/// The format string every profile file carries.
+pub const PROFILE_FORMAT: &str = "ccsm-kv-profile/1";
+
+/// The GGUF metadata key a profile can be stored under (its JSON text).
+pub const GGUF_KEY: &str = "ccsm.kv_profile";
+
+/// The model shape a profile was measured on; a profile applies only to a cache of this shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileShape {
+    pub n_layer: usize,
+    pub head_dim: usize,
+    pub n_head_kv: usize,
+}
+
+/// How the profile was measured.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationRun {
+    /// The calibration text (a path or name, for the record).
+    pub text: String,
+    pub ctx: usize,
+    pub chunks: usize,
+    /// The type every half was measured at directly (the others are scaled from it, see `HalfCost`).
+    pub probe: CacheType,
+    /// Whether every type was measured directly (no proxy).
+    pub exhaustive: bool,
+    /// Mean KLD of the whole cache at the probe type, measured (what the sum of the halves predicts
+    /// is in `predicted_uniform_probe_kld`: their ratio checks that costs add up).
+    pub measured_uniform_probe_kld: Option<f64>,
+    pub predicted_uniform_probe_kld: f64,
+}
+
+/// One layer's half: its predicted KLD cost per cache type.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HalfCost {
+    pub layer: usize,
+    pub half: Half,
+    /// Mean KLD with only this half quantized to the probe type, the rest of the cache f32.
+    pub probe_kld: f64,
+    /// Per type: the relative squared error of this half's stored rows (‖x̂ − x‖² / ‖x‖², rotated as
+    /// the cache would store them), measured on the calibration text's rows.
+    pub relative_mse: Vec<(CacheType, f64)>,
+    /// Per type: predicted KLD = probe_kld × mse(type) / mse(probe), or measured when exhaustive.
+    pub kld: Vec<(CacheType, f64)>,
+}
+
+/// Costs of every layer's K and V at every measured type.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SensitivityProfile {
+    pub format: String,
+    pub model: String,
+    pub shape: ProfileShape,
+    pub calibration: CalibrationRun,
+    pub halves: Vec<HalfCost>,
+}
+
+impl SensitivityProfile {
+    /// The types every half has a cost for (f32 costs nothing and is always allowed).
+    pub fn types(&self) -> Vec<CacheType> {
+        let mut types: Vec<CacheType> = self.halves.first().map(|h| h.kld.iter().map(|(t, _)| *t).collect()).unwrap_or_default();
+        types.retain(|t| self.halves.iter().all(|h| h.kld.iter().any(|(u, _)| u == t)));
+        if !types.contains(&CacheType::F32) {
+            types.push(CacheType::F32);
+        }
+        types
+    }
+
+    /// Predicted KLD of storing `layer`'s `half` as `t` (f32: 0).
+    pub fn cost(&self, layer: usize, half: Half, t: CacheType) -> Option<f64> {
+        if t == CacheType::F32 {
+            return Some(0.0);
+        }
+        let h = self.halves.iter().find(|h| h.layer == layer && h.half == half)?;
+        h.kld.iter().find(|(u, _)| *u == t).map(|(_, c)| *c)
+    }
+
+    /// Errors unless the profile covers every half of a cache of `shape`.
+    pub fn check(&self, shape: ProfileShape) -> Result<()> {
+        let bad = |why: String| Err(Error::Input(format!("KV profile for {}: {why}", self.model)));
+        if self.format != PROFILE_FORMAT {
+            return bad(format!("format `{}`, expected `{PROFILE_FORMAT}`", self.format));
+        }
+        if self.shape != shape {
+            return bad(format!("measured on a cache of shape {:?}, this one is {shape:?}", self.shape));
+        }
+        for l in 0..shape.n_layer {
+            for half in Half::BOTH {
+                let Some(h) = self.halves.iter().find(|h| h.layer == l && h.half == half) else {
+                    return bad(format!("no costs for layer {l} {}", half.name()));
+                };
+                if let Some((t, c)) = h.kld.iter().find(|(_, c)| !c.is_finite() || *c < 0.0) {
+                    return bad(format!("layer {l} {} at {t} costs {c}", half.name()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a profile serializes")
+    }
+
+    pub fn from_json(text: &str, origin: &str) -> Result<Self> {
+        serde_json::from_str(text).map_err(|e| Error::Input(format!("{origin}: not a KV profile: {e}")))
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        std::fs::write(path, self.to_json() + "\n").map_err(|source| Error::Io { path: path.to_path_buf(), source })
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        Self::from_json(&text, &path.display().to_string())
+    }
+
+    /// The profile stored in a GGUF file's metadata (`GGUF_KEY`), if any.
+    pub fn from_gguf(path: &Path) -> Result<Option<Self>> {
+        let file = ggml::gguf::GgufFile::open(path)?;
+        match file.get_opt::<String>(GGUF_KEY)? {
+            Some(text) => Self::from_json(&text, &format!("{} metadata `{GGUF_KEY}`", path.display())).map(Some),
+            None => Ok(None),
+        }
+    }
+}

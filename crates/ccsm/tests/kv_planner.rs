@@ -1,0 +1,205 @@
+//! The planner: exact within its budget against brute force, fewer cells only below its smallest
+//! layout; calibration's proxy against direct measurement; the memory optimizer's plan strategy.
+
+mod common;
+
+use ccsm::kv_cache::{EvictionPolicy, Half, KvCacheConfig, KvLayout, LayerTypes};
+use ccsm::kv_plan::{
+    self, calibrate, CalibrationOptions, CalibrationRun, HalfCost, PlanBudget, ProfileShape, SensitivityProfile, PROFILE_FORMAT,
+};
+use ccsm::llama::LlamaModel;
+use ccsm::memory::Strategy;
+use ccsm::{CacheType, Error, GGMLModel, Logits, Model, ModelOptions};
+use common::{bytes_per_element, model, TINY_LLAMA};
+use proptest::prelude::*;
+
+const TYPES: [CacheType; 4] = [CacheType::F16, CacheType::Q8_0, CacheType::Q5_0, CacheType::Q4_0];
+
+fn synthetic_profile(shape: ProfileShape, costs: &[f64]) -> SensitivityProfile {
+    let mut halves = Vec::new();
+    for layer in 0..shape.n_layer {
+        for (h, half) in Half::BOTH.into_iter().enumerate() {
+            let base = costs[(2 * layer + h) % costs.len()];
+            // Fewer bits cost more: roughly 4x per bit removed, as quantization error does.
+            let kld = TYPES.iter().map(|&t| (t, base * 4f64.powf(8.5 - bytes_per_element(t) * 8.0).min(1e6))).collect();
+            halves.push(HalfCost { layer, half, probe_kld: base, relative_mse: Vec::new(), kld });
+        }
+    }
+    SensitivityProfile {
+        format: PROFILE_FORMAT.into(),
+        model: "synthetic".into(),
+        shape,
+        calibration: CalibrationRun {
+            text: "none".into(),
+            ctx: 0,
+            chunks: 0,
+            probe: CacheType::Q4_0,
+            exhaustive: true,
+            measured_uniform_probe_kld: None,
+            predicted_uniform_probe_kld: 0.0,
+        },
+        halves,
+    }
+}
+
+/// The least predicted KLD of any layout within `cell_bytes`, by trying every one.
+fn brute_force(profile: &SensitivityProfile, config: &KvCacheConfig, candidates: &[CacheType], cell_bytes: usize) -> Option<f64> {
+    let n = 2 * config.n_layer;
+    let mut best: Option<f64> = None;
+    for code in 0..candidates.len().pow(n as u32) {
+        let mut c = code;
+        let layers: Vec<LayerTypes> = (0..config.n_layer)
+            .map(|_| {
+                let k = candidates[c % candidates.len()];
+                c /= candidates.len();
+                let v = candidates[c % candidates.len()];
+                c /= candidates.len();
+                LayerTypes::new(k, v)
+            })
+            .collect();
+        let layout = KvLayout::new(layers);
+        let bytes = KvCacheConfig { capacity: 1, ..config.clone() }.with_layout(layout.clone()).bytes().unwrap();
+        if bytes <= cell_bytes {
+            let cost = kv_plan::predicted_kld(profile, &layout).unwrap();
+            best = Some(best.map_or(cost, |b: f64| b.min(cost)));
+        }
+    }
+    best
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Within a bytes budget the plan never exceeds it, and its predicted KLD is the least any layout
+    /// of those types achieves (brute force over every layout).
+    #[test]
+    fn plans_fit_their_budget_and_are_optimal(
+        n_layer in 1usize..4,
+        costs in proptest::collection::vec(1e-5f64..1e-2, 1..8),
+        fraction in 0.05f64..1.2,
+        capacity in 16usize..300,
+    ) {
+        let shape = ProfileShape { n_layer, head_dim: 64, n_head_kv: 2 };
+        let profile = synthetic_profile(shape, &costs);
+        let config = KvCacheConfig::uniform(n_layer, 64, 2, capacity, CacheType::F16, CacheType::F16);
+        let budget = (config.bytes().unwrap() as f64 * fraction) as usize;
+        match kv_plan::plan(&profile, &config, &TYPES, PlanBudget::Bytes(budget)) {
+            Ok(plan) => {
+                let planned = plan.config(&config);
+                prop_assert!(planned.bytes().unwrap() <= budget, "{} > {budget}", planned.bytes().unwrap());
+                prop_assert_eq!(planned.bytes().unwrap(), plan.bytes);
+                let cell_bytes = budget / plan.capacity;
+                if plan.capacity == capacity {
+                    let best = brute_force(&profile, &config, &TYPES, cell_bytes).unwrap();
+                    prop_assert!((plan.predicted_kld - best).abs() <= 1e-12 * best.max(1e-12), "planned {} vs best {best}", plan.predicted_kld);
+                } else {
+                    // Fewer cells only when even the smallest layout (all q4_0) does not fit them all.
+                    let smallest = config.clone().with_types(CacheType::Q4_0, CacheType::Q4_0);
+                    prop_assert!(smallest.bytes().unwrap() > budget);
+                    prop_assert_eq!(plan.layout.clone(), KvLayout::uniform(n_layer, CacheType::Q4_0, CacheType::Q4_0));
+                    prop_assert_eq!(plan.capacity, budget / KvCacheConfig { capacity: 1, ..smallest }.bytes().unwrap());
+                }
+            }
+            Err(Error::BudgetTooSmall { minimum, .. }) => prop_assert!(budget < minimum),
+            Err(e) => prop_assert!(false, "{e}"),
+        }
+    }
+
+    /// A bits-per-element budget is met on average over every cached element.
+    #[test]
+    fn bits_budgets_hold(n_layer in 1usize..6, bits in 4.5f64..17.0, costs in proptest::collection::vec(1e-5f64..1e-2, 1..8)) {
+        let shape = ProfileShape { n_layer, head_dim: 64, n_head_kv: 3 };
+        let config = KvCacheConfig::uniform(n_layer, 64, 3, 100, CacheType::F16, CacheType::F16);
+        let plan = kv_plan::plan(&synthetic_profile(shape, &costs), &config, &TYPES, PlanBudget::BitsPerElement(bits)).unwrap();
+        prop_assert!(plan.bits_per_element <= bits + 1e-9, "{} > {bits}", plan.bits_per_element);
+        let elements = (2 * n_layer * 64 * 3 * 100) as f64;
+        prop_assert!(plan.bytes as f64 * 8.0 <= bits * elements + 1e-6);
+    }
+}
+
+#[test]
+fn budgets_below_the_smallest_layout_are_refused_or_keep_fewer_cells() {
+    let shape = ProfileShape { n_layer: 2, head_dim: 64, n_head_kv: 2 };
+    let profile = synthetic_profile(shape, &[1e-3]);
+    let config = KvCacheConfig::uniform(2, 64, 2, 1000, CacheType::F16, CacheType::F16);
+    // q4_0: 18 bytes per 32 elements; a cell is 2 layers x 2 halves x 128 elements = 288 bytes.
+    let plan = kv_plan::plan(&profile, &config, &TYPES, PlanBudget::Bytes(288 * 500)).unwrap();
+    assert_eq!((plan.capacity, plan.bytes), (500, 288 * 500));
+    match kv_plan::plan(&profile, &config, &TYPES, PlanBudget::Bytes(288 * 15)) {
+        Err(Error::BudgetTooSmall { min_cells: 16, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    let err = kv_plan::plan(&profile, &config, &TYPES, PlanBudget::BitsPerElement(4.0)).unwrap_err().to_string();
+    assert!(err.contains("below the smallest layout"), "{err}");
+    let wrong = KvCacheConfig::uniform(3, 64, 2, 10, CacheType::F16, CacheType::F16);
+    let err = kv_plan::plan(&profile, &wrong, &TYPES, PlanBudget::BitsPerElement(8.0)).unwrap_err().to_string();
+    assert!(err.contains("measured on a cache of shape"), "{err}");
+}
+
+fn tiny(n_ctx: usize) -> GGMLModel {
+    let llama = LlamaModel::load(model(TINY_LLAMA)).unwrap();
+    GGMLModel::new(llama, ModelOptions { n_ctx, k_type: CacheType::F32, v_type: CacheType::F32, n_threads: 1, n_batch: 128 }).unwrap()
+}
+
+fn text_tokens(m: &GGMLModel) -> Vec<u32> {
+    let text = std::fs::read_to_string(common::repo_root().join("README.md")).unwrap();
+    m.model().tokenizer().encode_plain(&text).unwrap()
+}
+
+/// The proxy (each half measured at the probe type, other types scaled by their squared error on
+/// the same rows) against measuring every type directly: the same order of magnitude per half and
+/// type, and the sum over halves close to a whole uniform cache's measured KLD.
+#[test]
+fn calibration_proxy_tracks_direct_measurement() {
+    let mut m = tiny(128);
+    let tokens = text_tokens(&m);
+    let types = vec![CacheType::Q8_0, CacheType::Q5_1, CacheType::IQ4NL, CacheType::Q4_0];
+    let options = CalibrationOptions { ctx: 128, chunks: Some(3), types, exhaustive: false, ..CalibrationOptions::default() };
+    let proxy = calibrate(&mut m, "tiny", &tokens, &options, |_, _| {}).unwrap();
+    let direct = calibrate(&mut m, "tiny", &tokens, &CalibrationOptions { exhaustive: true, ..options.clone() }, |_, _| {}).unwrap();
+    proxy.check(proxy.shape).unwrap();
+    assert_eq!(m.cache().layout(), KvLayout::uniform(2, CacheType::F32, CacheType::F32), "calibration restores the cache's types");
+    for (p, d) in proxy.halves.iter().zip(&direct.halves) {
+        for ((t, pc), (_, dc)) in p.kld.iter().zip(&d.kld) {
+            assert!(*dc > 0.0 && *pc > 0.0, "layer {} {} {t}: costs {pc} {dc}", p.layer, p.half.name());
+            let ratio = pc / dc;
+            assert!((0.25..4.0).contains(&ratio), "layer {} {} {t}: proxy {pc} vs measured {dc}", p.layer, p.half.name());
+        }
+        // More bits never cost more, measured.
+        let cost = |t: CacheType| d.kld.iter().find(|(u, _)| *u == t).unwrap().1;
+        assert!(cost(CacheType::Q8_0) < cost(CacheType::Q5_1) && cost(CacheType::Q5_1) < cost(CacheType::Q4_0));
+    }
+    let c = &proxy.calibration;
+    let ratio = c.predicted_uniform_probe_kld / c.measured_uniform_probe_kld.unwrap();
+    assert!(
+        (0.6..1.6).contains(&ratio),
+        "costs add up: predicted {} vs measured {:?}",
+        c.predicted_uniform_probe_kld,
+        c.measured_uniform_probe_kld
+    );
+}
+
+/// The memory optimizer's plan strategy: within budget, the planned layout applied, cells kept.
+#[test]
+fn the_plan_strategy_fits_the_budget_with_the_planned_layout() {
+    let mut m = tiny(256);
+    let tokens = text_tokens(&m);
+    let options = CalibrationOptions { ctx: 128, chunks: Some(2), ..CalibrationOptions::default() };
+    let profile = calibrate(&mut m, "tiny", &tokens, &options, |_, _| {}).unwrap();
+    m.eval(&tokens[..100], Logits::Last).unwrap();
+    m.set_eviction(Some(EvictionPolicy::SinkRecent { sinks: 4 }));
+    let f16_bytes = m.cache().config().clone().with_types(CacheType::F16, CacheType::F16).bytes().unwrap();
+    for fraction in [0.6, 0.35, 0.05] {
+        let budget = (f16_bytes as f64 * fraction) as usize;
+        let report = m.optimize_memory_planned(budget, EvictionPolicy::SinkRecent { sinks: 4 }, &profile).unwrap();
+        let plan = report.plan.clone().unwrap();
+        assert_eq!(report.strategy, Strategy::Plan);
+        assert!(report.bytes_after() <= budget && m.kv_memory_usage() <= budget, "{fraction}: {} > {budget}", m.kv_memory_usage());
+        assert_eq!(m.cache().layout(), plan.layout);
+        assert_eq!(m.cache().capacity(), plan.capacity);
+        // Fewer cells only at the smallest layout (q4_0 and iq4_nl both take 4.5 bits).
+        assert!(plan.capacity == 256 || plan.bits_per_element == 4.5, "{fraction}: {} cells at {}", plan.capacity, plan.spec);
+        // Generation continues on the planned cache.
+        m.eval(&tokens[100..101], Logits::Last).unwrap();
+    }
+}
