@@ -10,6 +10,8 @@ not come from the server (the CLI's single-session runs, WAV/PCM byte math, the 
          each gives alone while KV bytes stay within the budget; memory flat over 200 requests.
   speech wav and pcm, whole and streamed, SSE events, voices, 4xx; concurrent sessions equal alone.
   queue  a full queue answers 429 with Retry-After, and nothing accepted is lost.
+  layouts per-layer cache types: sessions of a --kv-layout (and of a --kv-plan) answer what the CLI gives
+         with the same layout; under a budget the planner's layouts admit sessions that f16 could not.
 """
 
 import base64
@@ -120,9 +122,9 @@ def check_error(server, status_want, method, path, body=None, raw=None, auth=Tru
     return headers
 
 
-def cli_text(bin_path, model, prompt, n, chat=False):
+def cli_text(bin_path, model, prompt, n, chat=False, extra=()):
     """The single-session path: the CLI's greedy continuation."""
-    cmd = [bin_path, model, "-p", prompt, "-n", str(n), "--temp", "0", "-t", "2", "--json", "-q"]
+    cmd = [bin_path, model, "-p", prompt, "-n", str(n), "--temp", "0", "-t", "2", "--json", "-q", *extra]
     if chat:
         cmd.append("--chat")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -364,7 +366,44 @@ def queue_part(bin_path, models):
         print(f"queue: {codes.count(200)} served, {codes.count(429)} told to retry")
 
 
+def layouts_part(bin_path, models):
+    model = os.path.join(models, "tiny-llama.gguf")
+    prompt = "The quick brown fox"
+    layout = ["--kv-layout", "0:q8_0/q4_0,*:iq4_nl/q5_1"]
+    with Server(bin_path, model, "-c", "256", "--parallel", "1", *layout) as s:
+        text = s.client().completions.create(model="any", prompt=prompt, max_tokens=10, temperature=0).choices[0].text
+        assert text == cli_text(bin_path, model, prompt, 10, extra=["-c", "256", *layout]), text
+        # One 256-cell session of this layout, exactly: rows of 64 elements, 2 layers.
+        per_cell = 2 * 34 + 2 * 18 + 2 * 18 + 2 * 24
+        assert s.metrics()["ccsm_kv_cache_budget_bytes"] == 256 * per_cell
+    with tempfile.TemporaryDirectory() as d:
+        profile = os.path.join(d, "profile.json")
+        readme = os.path.join(os.path.dirname(models), "README.md")
+        subprocess.run([bin_path, "calibrate", model, "-f", readme, "-c", "64", "--chunks", "2", "-o", profile, "-q"], check=True)
+        plan = ["--kv-plan", "auto", "--kv-profile", profile, "--kv-bits", "6"]
+        with Server(bin_path, model, "-c", "256", *plan) as s:
+            text = s.client().completions.create(model="any", prompt=prompt, max_tokens=10, temperature=0).choices[0].text
+            assert text == cli_text(bin_path, model, prompt, 10, extra=["-c", "256", *plan]), text
+    # SmolLM2 at 256 cells: an f16 session is 5.625 MiB, so a 10 MiB budget holds one; the planner's
+    # layout at q8_0's bytes (2.99 MiB) lets two run at once. The profile is the committed one.
+    smol = os.path.join(models, "SmolLM2-135M-Instruct.Q4_1.gguf")
+    profile = os.path.join(os.path.dirname(models), "profiles", "SmolLM2-135M-Instruct.kv-profile.json")
+    with Server(bin_path, smol, "-c", "256", "--parallel", "2", "--max-memory-mb", "10", "--kv-plan", "auto", "--kv-profile", profile) as s:
+        results = []
+        ask = lambda: results.append(s.client().completions.create(model="any", prompt=prompt, max_tokens=40, temperature=0, extra_body={"ignore_eos": True}))
+        threads = [threading.Thread(target=ask) for _ in range(2)]
+        [t.start() for t in threads]
+        peak_running, peak_bytes = 0, 0
+        while any(t.is_alive() for t in threads):
+            m = s.metrics()
+            peak_running, peak_bytes = max(peak_running, m["ccsm_requests_running"]), max(peak_bytes, m["ccsm_kv_cache_bytes"])
+            time.sleep(0.005)
+        assert len(results) == 2 and peak_running == 2, (len(results), peak_running)
+        assert peak_bytes <= 10 << 20, peak_bytes
+    print(f"layouts: sessions equal the CLI; two planned sessions in a budget of one f16 session (peak {peak_bytes / (1 << 20):.2f} MiB)")
+
+
 if __name__ == "__main__":
     bin_path, models, part = sys.argv[1:4]
-    {"text": text_part, "speech": speech_part, "queue": queue_part}[part](bin_path, models)
+    {"text": text_part, "speech": speech_part, "queue": queue_part, "layouts": layouts_part}[part](bin_path, models)
     print(f"{part}: ok")

@@ -43,7 +43,7 @@ pub struct CalibrateArgs {
     pub chunks: u32,
 
     /// The types to cost, comma-separated.
-    #[arg(long, value_name = "TYPES", value_delimiter = ',', default_value = "f16,q8_0,q5_1,q5_0,q4_1,iq4_nl,q4_0")]
+    #[arg(long, value_name = "TYPES", value_delimiter = ',', default_value = "f16,q8_0,q5_1,q5_0,q4_1,iq4_nl,q4_0,mxfp4")]
     pub types: Vec<CacheType>,
 
     /// The type each layer's K and V is measured at; the others are scaled by their squared error
@@ -54,6 +54,12 @@ pub struct CalibrateArgs {
     /// Measure every type directly (one run per layer, half and type) instead of scaling the probe's.
     #[arg(long)]
     pub exhaustive: bool,
+
+    /// Calibrate the model as stored (`native`) or with its weight matrices dequantized to f32
+    /// (`f32`, the default): quantized weights make ggml round activations to 8 bits, and then any
+    /// change to the cache costs a fixed floor of KL divergence that hides what each layer costs.
+    #[arg(long, value_enum, default_value_t = WeightsArg::F32)]
+    pub weights: WeightsArg,
 
     #[arg(short = 'b', long = "batch-size", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch_size: u32,
@@ -73,7 +79,7 @@ pub fn run(args: &CalibrateArgs, log: &LogArgs) -> Result<()> {
         return Err(UsageError(format!("--types: {t} is the reference (it costs nothing)")).into());
     }
     let text = std::fs::read_to_string(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
-    let model = LlamaModel::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
+    let model = args.weights.load(&args.model)?;
     let ctx = args.ctx_size as usize;
     let options = ModelOptions {
         n_ctx: ctx,
@@ -90,6 +96,7 @@ pub fn run(args: &CalibrateArgs, log: &LogArgs) -> Result<()> {
         types: args.types.clone(),
         probe: args.probe,
         exhaustive: args.exhaustive,
+        f32_weights: args.weights == WeightsArg::F32,
         text_name: args.file.file_name().map_or_else(|| args.file.display().to_string(), |n| n.to_string_lossy().into_owned()),
     };
     let name = args.model.file_name().map_or_else(|| args.model.display().to_string(), |n| n.to_string_lossy().into_owned());
@@ -118,6 +125,25 @@ pub fn run(args: &CalibrateArgs, log: &LogArgs) -> Result<()> {
         c.measured_uniform_probe_kld.map_or("-".into(), |m| format!("{m:.5}")),
     ));
     Ok(())
+}
+
+/// How a text model's weight matrices are held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WeightsArg {
+    /// As stored in the file.
+    Native,
+    /// Dequantized to f32 on load.
+    F32,
+}
+
+impl WeightsArg {
+    pub fn load(self, path: &Path) -> Result<LlamaModel> {
+        let model = match self {
+            WeightsArg::Native => LlamaModel::load(path),
+            WeightsArg::F32 => LlamaModel::load_f32_weights(path),
+        };
+        model.with_context(|| format!("loading {}", path.display()))
+    }
 }
 
 /// Copies `src` to `dst` with the profile stored under `GGUF_KEY` (every other key and tensor as is).

@@ -186,6 +186,11 @@ pub struct PerplexityArgs {
     #[command(flatten)]
     pub cache: CacheArgs,
 
+    /// Hold the weight matrices as stored (`native`) or dequantized to f32 (`f32`): the same model
+    /// without 8-bit activations, so a KLD measures the cache alone (see `ccsm-infer calibrate`).
+    #[arg(long, value_enum, default_value_t = crate::calibrate_cmd::WeightsArg::Native)]
+    pub weights: crate::calibrate_cmd::WeightsArg,
+
     /// Save this run's distributions as a KL reference (make it with --kv-quant f32).
     #[arg(long, value_name = "FILE", conflicts_with = "kl")]
     pub kl_base: Option<PathBuf>,
@@ -257,6 +262,11 @@ pub struct BenchArgs {
     /// Also time every graph node once per test and print the time per op kind.
     #[arg(long)]
     pub profile: bool,
+
+    /// Text models: bench one per-layer layout (--kv-layout, or --kv-plan auto --kv-bits) instead of
+    /// the --kv-quant list.
+    #[command(flatten)]
+    pub layers: KvLayoutArgs,
 }
 
 /// `--sample-format`.
@@ -309,7 +319,7 @@ pub struct LogArgs {
 /// The KV cache types: `--kv-quant` for both halves, `--ctk`/`--ctv` overriding one half.
 #[derive(Args, Clone, Debug)]
 pub struct CacheArgs {
-    /// KV cache type for K and V: f32, f16, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl [default: f16; f32 for
+    /// KV cache type for K and V: f32, f16, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl, mxfp4 [default: f16; f32 for
     /// --kl-base]. K-quants (q4_K …) store 256-element blocks, which a 64-wide head cannot be cut from.
     #[arg(long, value_name = "TYPE")]
     pub kv_quant: Option<CacheType>,

@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::{Args, ValueEnum};
 use serde_json::{json, Value};
 
-use ccsm::kv_cache::KvLayout;
+use ccsm::kv_cache::{KvCacheConfig, KvLayout};
 use ccsm::kv_plan::{self, KvPlan, PlanBudget, SensitivityProfile};
 use ccsm::memory::MemoryReport;
 use ccsm::{GGMLModel, Model};
@@ -81,33 +81,52 @@ impl KvLayoutArgs {
         })
     }
 
-    /// Applies --kv-layout / --kv-plan and the memory budget to a freshly made text model.
-    pub fn apply_text(&self, model: &mut GGMLModel, model_path: &Path, memory: &MemoryArgs, quiet: bool) -> Result<TextCacheSetup> {
+    /// The layout --kv-layout names or --kv-plan auto --kv-bits plans for a cache like `config` (None:
+    /// neither given, or the plan waits for a memory budget).
+    pub fn fixed_layout(&self, model_path: &Path, config: &KvCacheConfig) -> Result<Option<(KvLayout, Option<KvPlan>)>> {
         if self.kv_plan.is_none() && (self.kv_bits.is_some() || self.kv_profile.is_some()) {
             return Err(UsageError("--kv-bits and --kv-profile go with --kv-plan auto".into()).into());
         }
         if let Some(spec) = &self.kv_layout {
-            let layout = KvLayout::parse(spec, model.cache().config().n_layer).map_err(|e| UsageError(format!("--kv-layout: {e}")))?;
-            model.quantize_kv_layout(layout)?;
+            let layout = KvLayout::parse(spec, config.n_layer).map_err(|e| UsageError(format!("--kv-layout: {e}")))?;
+            return Ok(Some((layout, None)));
+        }
+        let Some(bits) = self.kv_bits.filter(|_| self.kv_plan.is_some()) else { return Ok(None) };
+        let profile = self.profile(model_path)?;
+        let plan = kv_plan::plan(&profile, config, &[], PlanBudget::BitsPerElement(bits))
+            .map_err(|e| UsageError(format!("--kv-bits {bits}: {e}")))?;
+        Ok(Some((plan.layout.clone(), Some(plan))))
+    }
+
+    /// Applies --kv-layout / --kv-plan and the memory budget to a freshly made text model.
+    pub fn apply_text(&self, model: &mut GGMLModel, model_path: &Path, memory: &MemoryArgs, quiet: bool) -> Result<TextCacheSetup> {
+        let mut setup = TextCacheSetup::default();
+        if let Some((layout, plan)) = self.fixed_layout(model_path, model.cache().config())? {
+            match &plan {
+                Some(p) => {
+                    let cells = model.cache().capacity();
+                    model.apply_kv_plan(p, memory.policy())?;
+                    if p.capacity < cells {
+                        // Below the smallest layout the plan keeps fewer cells: a full cache evicts.
+                        model.set_eviction(Some(memory.policy()));
+                    }
+                    if !quiet {
+                        eprintln!(
+                            "KV plan: {} ({:.3} bits per element, {} of {cells} cells, predicted KLD {:.5})",
+                            p.spec, p.bits_per_element, p.capacity, p.predicted_kld
+                        );
+                    }
+                }
+                None => {
+                    model.quantize_kv_layout(layout)?;
+                }
+            }
+            setup.plan = plan;
         }
         // --kv-bits fixes the types; a budget beside it then runs the seed's strategy (unless asked).
         let planned_budget = self.kv_plan.is_some() && self.kv_bits.is_none();
         let strategy = memory.memory_strategy.unwrap_or(if planned_budget { MemoryStrategyArg::Plan } else { MemoryStrategyArg::Seed });
-        let wants_profile = self.kv_plan.is_some() || strategy == MemoryStrategyArg::Plan;
-        let profile = if wants_profile { Some(self.profile(model_path)?) } else { None };
-        let mut setup = TextCacheSetup::default();
-        if let (Some(profile), Some(bits)) = (&profile, self.kv_bits) {
-            let plan = kv_plan::plan(profile, model.cache().config(), &[], PlanBudget::BitsPerElement(bits))
-                .map_err(|e| UsageError(format!("--kv-bits {bits}: {e}")))?;
-            model.quantize_kv_layout(plan.layout.clone())?;
-            if !quiet {
-                eprintln!(
-                    "KV plan for {bits} bits: {} ({:.3} bits per element, predicted KLD {:.5})",
-                    plan.spec, plan.bits_per_element, plan.predicted_kld
-                );
-            }
-            setup.plan = Some(plan);
-        }
+        let profile = if strategy == MemoryStrategyArg::Plan { Some(self.profile(model_path)?) } else { None };
         match (&profile, memory.max_memory_mb, strategy) {
             (Some(profile), Some(mb), MemoryStrategyArg::Plan) => {
                 let report = model.optimize_memory_planned((mb as usize) << 20, memory.policy(), profile)?;

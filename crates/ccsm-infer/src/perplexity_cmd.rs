@@ -5,7 +5,6 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde_json::json;
 
-use ccsm::llama::LlamaModel;
 use ccsm::perplexity::{score, PerplexityRun};
 use ccsm::{CacheType, GGMLModel, ModelOptions};
 
@@ -15,7 +14,7 @@ use crate::{output, progress};
 
 pub fn run(args: &PerplexityArgs, log: &LogArgs) -> Result<()> {
     let text = std::fs::read_to_string(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
-    let model = LlamaModel::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
+    let model = args.weights.load(&args.model)?;
     // A KL reference is an F32-cache run unless asked otherwise.
     let default = if args.kl_base.is_some() { CacheType::F32 } else { CacheType::F16 };
     let (k_type, v_type) = (args.cache.k_type(default), args.cache.v_type(default));

@@ -14,6 +14,10 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             UsageError("serve stores quantized rows rotated (the default); --kv-rotation is for generation and bench".into()).into()
         );
     }
+    let layers = &args.cache.layers;
+    if layers.kv_plan.is_none() && (layers.kv_bits.is_some() || layers.kv_profile.is_some()) {
+        return Err(UsageError("--kv-bits and --kv-profile go with --kv-plan auto".into()).into());
+    }
     let mut api_keys = args.api_keys.clone();
     if let Ok(keys) = std::env::var("CCSM_API_KEY") {
         api_keys.extend(keys.split(',').map(str::trim).filter(|k| !k.is_empty()).map(str::to_owned));
@@ -37,6 +41,9 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         n_threads: args.threads as usize,
         n_batch: args.batch_size as usize,
         max_queue: args.max_queue as usize,
+        kv_layout: args.cache.layers.kv_layout.clone(),
+        kv_profile: if args.cache.layers.kv_plan.is_some() { Some(args.cache.layers.profile(&args.model)?) } else { None },
+        kv_bits: args.cache.layers.kv_bits,
     };
     ccsm_server::serve(config)
 }

@@ -15,7 +15,7 @@ fn json(args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.get_output().stdout).unwrap()
 }
 
-const TYPES: [&str; 8] = ["f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"];
+const TYPES: [&str; 9] = ["f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "mxfp4"];
 
 #[test]
 fn info_bytes_equal_what_generation_allocates() {

@@ -46,3 +46,8 @@ fn speech_through_the_openai_client() {
 fn a_full_queue_answers_429_and_loses_nothing_accepted() {
     run_part("queue");
 }
+
+#[test]
+fn sessions_take_per_layer_layouts_and_the_planner_admits_under_pressure() {
+    run_part("layouts");
+}

@@ -26,6 +26,12 @@ struct Args {
     /// A TrueType font for the labels.
     #[arg(long, default_value = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")]
     font: PathBuf,
+    /// The planner's table (tools/kv_planner_table.py --out).
+    #[arg(long, default_value = "docs/data/kv-planner.json")]
+    planner: PathBuf,
+    /// Cached elements per token of the planner table's model (SmolLM2: 2 x 30 layers x 192).
+    #[arg(long, default_value_t = 11520)]
+    planner_elements_per_token: usize,
     /// Where the PNG files go.
     #[arg(long, default_value = "docs")]
     out: PathBuf,
@@ -132,6 +138,59 @@ fn kld_plot(args: &Args) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Mean KLD against KV bytes per token, one panel per text and context: every fixed type of ours and
+/// of llama.cpp as points, the planner as a curve (same model with f32 weights, f32-cache reference).
+fn planner_plot(args: &Args) -> Result<PathBuf> {
+    let text = std::fs::read_to_string(&args.planner)
+        .with_context(|| format!("reading {} (run tools/kv_planner_table.py)", args.planner.display()))?;
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&text)?;
+    let mut panels: Vec<(String, u64)> =
+        rows.iter().map(|r| (r["text"].as_str().unwrap_or("").to_owned(), r["ctx"].as_u64().unwrap_or(0))).collect();
+    panels.sort();
+    panels.dedup();
+    // SmolLM2: 30 layers x (K + V) x 192 elements per token, so bytes per token = bits x 1440.
+    let elements = args.planner_elements_per_token as f64;
+    let path = args.out.join("kld-vs-bytes.png");
+    let root = BitMapBackend::new(&path, (1200, 900)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let cols = 2.min(panels.len().max(1));
+    let areas = root.split_evenly((panels.len().div_ceil(cols), cols));
+    for ((text_name, ctx), area) in panels.iter().zip(areas) {
+        let of = |engine: &str| -> Vec<(f64, f64, String)> {
+            rows.iter()
+                .filter(|r| r["text"] == text_name.as_str() && r["ctx"] == *ctx && r["engine"] == engine)
+                .filter_map(|r| {
+                    Some((r["bits"].as_f64()? * elements / 8.0, r["kld"].as_f64()?.max(1e-6), r["layout"].as_str()?.to_owned()))
+                })
+                .collect()
+        };
+        let (ours, peer, mut plan) = (of("ccsm"), of("llama.cpp"), of("ccsm plan"));
+        plan.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut chart = ChartBuilder::on(&area)
+            .caption(format!("{text_name}, ctx {ctx}"), ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(65)
+            .build_cartesian_2d(600f64..1600.0, (1e-5f64..0.2).log_scale())?;
+        chart.configure_mesh().x_desc("KV bytes per token").y_desc("mean KLD vs f32 cache (log)").label_style(("sans-serif", 14)).draw()?;
+        chart
+            .draw_series(LineSeries::new(plan.iter().map(|p| (p.0, p.1)), color(2).stroke_width(3)))?
+            .label("ccsm planner")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color(2).stroke_width(3)));
+        for (series, name, c) in [(&ours, "ccsm fixed types", color(0)), (&peer, "llama.cpp fixed types", color(1))] {
+            chart
+                .draw_series(series.iter().map(|(x, y, _)| Circle::new((*x, *y), 5, c.filled())))?
+                .label(name)
+                .legend(move |(x, y)| Circle::new((x + 10, y), 5, c.filled()));
+            chart.draw_series(series.iter().map(|(x, y, l)| Text::new(l.clone(), (*x + 8.0, *y), ("sans-serif", 12))))?;
+        }
+        chart.configure_series_labels().background_style(WHITE.mix(0.9)).border_style(BLACK).label_font(("sans-serif", 13)).draw()?;
+    }
+    root.present()?;
+    drop(root);
+    Ok(path)
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let font = std::fs::read(&args.font).with_context(|| format!("reading the font {}", args.font.display()))?;
@@ -140,5 +199,8 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&args.out)?;
     println!("{}", kv_bytes_plot(&args)?.display());
     println!("{}", kld_plot(&args)?.display());
+    if args.planner.exists() {
+        println!("{}", planner_plot(&args)?.display());
+    }
     Ok(())
 }

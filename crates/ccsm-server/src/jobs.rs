@@ -181,40 +181,45 @@ pub fn session_cells(needed: usize, n_ctx: usize) -> usize {
 }
 
 /// What admission decides for a session needing a cache of some cells.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Admission {
-    /// Start now with caches of these types and bytes.
-    Start { k: ccsm::CacheType, v: ccsm::CacheType, bytes: usize },
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admission<L> {
+    /// Start now with caches of this layout and bytes.
+    Start { layout: L, bytes: usize },
     /// Not now: wait until running sessions give memory back.
     Wait,
     /// Never within this budget: even alone at the smallest layout it needs these bytes.
     Never { smallest: usize },
 }
 
-/// The layouts admission tries, best first: the configured types, then (with `adapt`) the memory
-/// optimizer's escalation order, q8_0 then q4_0 — the cache is already sized to what the request needs.
-pub fn admit(
-    configured: (ccsm::CacheType, ccsm::CacheType),
+/// The layouts admission tries, best first: the configured one, then (with `adapt`) the `fallbacks`
+/// smaller than it, in order (the memory optimizer's escalation: q8_0 then q4_0, or the planner's
+/// layouts at those bytes) — the cache is already sized to what the request needs.
+pub fn admit<L: Clone>(
+    configured: &L,
+    fallbacks: &[L],
     adapt: bool,
     budget: &Budget,
-    bytes_of: impl Fn(ccsm::CacheType, ccsm::CacheType) -> Option<usize>,
-) -> Admission {
-    use ccsm::CacheType::{Q4_0, Q8_0};
-    let mut layouts = vec![configured];
+    bytes_of: impl Fn(&L) -> Option<usize>,
+) -> Admission<L> {
+    let mut layouts = vec![configured.clone()];
     if adapt {
-        layouts.extend([(Q8_0, Q8_0), (Q4_0, Q4_0)].into_iter().filter(|&l| bytes_of(l.0, l.1) < bytes_of(configured.0, configured.1)));
+        layouts.extend(fallbacks.iter().filter(|l| bytes_of(l) < bytes_of(configured)).cloned());
     }
-    let sized: Vec<_> = layouts.iter().filter_map(|&(k, v)| bytes_of(k, v).map(|b| (k, v, b))).collect();
-    if let Some(&(k, v, bytes)) = sized.iter().find(|l| budget.fits(l.2)) {
-        return Admission::Start { k, v, bytes };
+    let sized: Vec<(L, usize)> = layouts.into_iter().filter_map(|l| bytes_of(&l).map(|b| (l, b))).collect();
+    if let Some((layout, bytes)) = sized.iter().find(|l| budget.fits(l.1)) {
+        return Admission::Start { layout: layout.clone(), bytes: *bytes };
     }
-    let smallest = sized.iter().map(|l| l.2).min().unwrap_or(usize::MAX);
+    let smallest = sized.iter().map(|l| l.1).min().unwrap_or(usize::MAX);
     if smallest <= budget.total {
         Admission::Wait
     } else {
         Admission::Never { smallest }
     }
 }
+
+/// The seed's escalation for uniform types: q8_0, then q4_0.
+pub const UNIFORM_FALLBACKS: [(ccsm::CacheType, ccsm::CacheType); 2] =
+    [(ccsm::CacheType::Q8_0, ccsm::CacheType::Q8_0), (ccsm::CacheType::Q4_0, ccsm::CacheType::Q4_0)];
 
 #[cfg(test)]
 mod tests {
@@ -223,7 +228,7 @@ mod tests {
 
     /// Bytes by ggml's block math for a toy cache of 32 cells × 64 elements: f16 2 bytes per element,
     /// q8_0 34 bytes per 32, q4_0 18 bytes per 32.
-    fn bytes(k: ccsm::CacheType, v: ccsm::CacheType) -> Option<usize> {
+    fn bytes(&(k, v): &(ccsm::CacheType, ccsm::CacheType)) -> Option<usize> {
         let row = |t| match t {
             F16 => Some(128),
             Q8_0 => Some(68),
@@ -236,13 +241,15 @@ mod tests {
     #[test]
     fn admission_takes_the_best_layout_that_fits_and_waits_or_refuses_otherwise() {
         let b = |total, used| Budget { total, used };
-        assert_eq!(admit((F16, F16), true, &b(10_000, 0), bytes), Admission::Start { k: F16, v: F16, bytes: 8192 });
-        assert_eq!(admit((F16, F16), true, &b(10_000, 4000), bytes), Admission::Start { k: Q8_0, v: Q8_0, bytes: 4352 });
-        assert_eq!(admit((F16, F16), true, &b(10_000, 7000), bytes), Admission::Start { k: Q4_0, v: Q4_0, bytes: 2304 });
-        assert_eq!(admit((F16, F16), true, &b(10_000, 9000), bytes), Admission::Wait);
-        assert_eq!(admit((F16, F16), false, &b(10_000, 4000), bytes), Admission::Wait);
-        assert_eq!(admit((F16, F16), true, &b(2000, 0), bytes), Admission::Never { smallest: 2304 });
+        let admit = |configured, adapt, budget: &Budget| admit(&configured, &UNIFORM_FALLBACKS, adapt, budget, bytes);
+        let start = |k, v, bytes| Admission::Start { layout: (k, v), bytes };
+        assert_eq!(admit((F16, F16), true, &b(10_000, 0)), start(F16, F16, 8192));
+        assert_eq!(admit((F16, F16), true, &b(10_000, 4000)), start(Q8_0, Q8_0, 4352));
+        assert_eq!(admit((F16, F16), true, &b(10_000, 7000)), start(Q4_0, Q4_0, 2304));
+        assert_eq!(admit((F16, F16), true, &b(10_000, 9000)), Admission::Wait);
+        assert_eq!(admit((F16, F16), false, &b(10_000, 4000)), Admission::Wait);
+        assert_eq!(admit((F16, F16), true, &b(2000, 0)), Admission::Never { smallest: 2304 });
         // Already smaller than q8_0: no escalation to a larger layout.
-        assert_eq!(admit((Q4_0, Q4_0), true, &b(2000, 0), bytes), Admission::Never { smallest: 2304 });
+        assert_eq!(admit((Q4_0, Q4_0), true, &b(2000, 0)), Admission::Never { smallest: 2304 });
     }
 }

@@ -17,6 +17,8 @@ use std::sync::{mpsc, Arc, Mutex};
 use anyhow::{bail, Context as _, Result};
 use ccsm::csm::{CsmGenerator, CsmOptions};
 use ccsm::engine::TextEngine;
+use ccsm::kv_cache::{KvCacheConfig, KvLayout};
+use ccsm::kv_plan::{self, PlanBudget, SensitivityProfile};
 use ccsm::mimi::{MimiDecoder, MimiModel, MimiOptions};
 use ccsm::{AnyModel, Architecture, CacheType};
 
@@ -47,6 +49,35 @@ pub struct ServeConfig {
     pub n_batch: usize,
     /// Requests that may wait for admission before new ones get 429.
     pub max_queue: usize,
+    /// Text models: every session's per-layer layout (`--kv-layout` spelling).
+    pub kv_layout: Option<String>,
+    /// Text models: a sensitivity profile; sessions are planned at `kv_bits` (if given), and under
+    /// memory pressure admitted at the planner's layouts of q8_0's and q4_0's bytes.
+    pub kv_profile: Option<SensitivityProfile>,
+    pub kv_bits: Option<f64>,
+}
+
+/// The layouts text sessions get (see `ServeConfig::kv_layout` and `kv_profile`).
+fn session_layouts(config: &ServeConfig, shape: &KvCacheConfig) -> Result<text_loop::SessionLayouts> {
+    let n_layer = shape.n_layer;
+    let planned = |bits: f64| -> Result<Option<KvLayout>> {
+        match &config.kv_profile {
+            Some(profile) => Ok(Some(kv_plan::plan(profile, shape, &[], PlanBudget::BitsPerElement(bits))?.layout)),
+            None => Ok(None),
+        }
+    };
+    let configured = match (&config.kv_layout, config.kv_bits) {
+        (Some(spec), _) => KvLayout::parse(spec, n_layer).map_err(|e| anyhow::anyhow!("--kv-layout: {e}"))?,
+        (None, Some(bits)) => planned(bits)?.ok_or_else(|| anyhow::anyhow!("--kv-bits needs a sensitivity profile"))?,
+        (None, None) => KvLayout::uniform(n_layer, config.k_type, config.v_type),
+    };
+    let mut fallbacks = Vec::new();
+    for (k, v) in jobs::UNIFORM_FALLBACKS {
+        // The planner's layout at the uniform type's bits, when there is a profile.
+        let bits = (k.dtype().bits_per_element() + v.dtype().bits_per_element()) / 2.0;
+        fallbacks.push(planned(bits)?.unwrap_or_else(|| KvLayout::uniform(n_layer, k, v)));
+    }
+    Ok(text_loop::SessionLayouts { configured, fallbacks })
 }
 
 /// Reads `DIR/NAME.json` voices (`{"speaker": 0, "context": [{"speaker", "text", "frames"}]}`).
@@ -119,7 +150,14 @@ pub fn serve(config: ServeConfig) -> Result<()> {
         Architecture::Mimi => bail!("{} is a codec: serve a CSM or Llama model", config.model.display()),
     };
     let session_ctx = served_cache.cells;
-    served_cache.config(config.k_type, config.v_type).validate()?;
+    let shape = served_cache.config(config.k_type, config.v_type);
+    shape.validate()?;
+    let per_layer = config.kv_layout.is_some() || config.kv_profile.is_some() || config.kv_bits.is_some();
+    let layouts = match served {
+        http::Served::Text => session_layouts(&config, &shape)?,
+        http::Served::Speech { .. } if per_layer => bail!("per-layer cache types (--kv-layout, --kv-plan) are for text models"),
+        http::Served::Speech { .. } => text_loop::SessionLayouts { configured: shape.kv_layout(), fallbacks: Vec::new() },
+    };
     let voices = match &config.voices {
         Some(dir) => load_voices(dir)?,
         None => BTreeMap::new(),
@@ -130,6 +168,7 @@ pub fn serve(config: ServeConfig) -> Result<()> {
         k_type: config.k_type,
         v_type: config.v_type,
         adapt: config.adapt,
+        layouts,
         n_batch: config.n_batch,
         budget_bytes: config.max_memory_bytes,
     };

@@ -15,7 +15,7 @@ use ccsm::sampling::Sampler;
 use crate::api::{ApiError, Usage};
 use crate::jobs::{
     admit, drop_departed, gather, refused, retire, session_cells, started, wait_for_change, Admission, Budget, Finish, Job, SessionState,
-    SpeechEvent, SpeechJob,
+    SpeechEvent, SpeechJob, UNIFORM_FALLBACKS,
 };
 use crate::metrics::Metrics;
 use crate::text_loop::{start_budget, LoopSettings};
@@ -114,9 +114,10 @@ fn admit_pending(
     while running.len() < settings.parallel {
         let Some(head) = pending.front() else { return };
         let cells = session_cells(head.rows.len() + head.job.max_frames, settings.n_ctx);
-        let bytes_of = |k, v| speech.generator.session_bytes(cells, k, v).ok().map(|b| b + stream_bytes);
-        let decision = admit((settings.k_type, settings.v_type), settings.adapt, budget, bytes_of);
-        let (k, v, bytes) = match decision {
+        let bytes_of =
+            |&(k, v): &(ccsm::CacheType, ccsm::CacheType)| speech.generator.session_bytes(cells, k, v).ok().map(|b| b + stream_bytes);
+        let decision = admit(&(settings.k_type, settings.v_type), &UNIFORM_FALLBACKS, settings.adapt, budget, bytes_of);
+        let ((k, v), bytes) = match decision {
             Admission::Wait => return,
             Admission::Never { smallest } => {
                 let p = pending.pop_front().expect("head exists");
@@ -124,7 +125,7 @@ fn admit_pending(
                 let _ = p.job.events.send(SpeechEvent::Failed(ApiError::over_budget(smallest, budget.total)));
                 continue;
             }
-            Admission::Start { k, v, bytes } => (k, v, bytes),
+            Admission::Start { layout, bytes } => (layout, bytes),
         };
         let Pending { job, rows } = pending.pop_front().expect("head exists");
         metrics.waiting.fetch_sub(1, Ordering::Relaxed);

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use ccsm::chat::ChatTemplate;
 use ccsm::engine::{SequenceStep, TextEngine};
-use ccsm::kv_cache::KvCache;
+use ccsm::kv_cache::{KvCache, KvLayout};
 use ccsm::sampling::Sampler;
 use ccsm::{CacheType, Logits};
 
@@ -22,7 +22,7 @@ use crate::jobs::{
 use crate::metrics::Metrics;
 
 /// How the loop sizes and admits sessions.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct LoopSettings {
     /// Sessions running at once at most.
     pub parallel: usize,
@@ -32,10 +32,20 @@ pub struct LoopSettings {
     pub v_type: CacheType,
     /// Under memory pressure, admit sessions with smaller cache types instead of waiting.
     pub adapt: bool,
+    /// Text sessions' per-layer layouts (speech sessions take `k_type`/`v_type`).
+    pub layouts: SessionLayouts,
     /// Most rows one step runs (prompts are fed in chunks within it).
     pub n_batch: usize,
     /// Bytes all sessions' caches share (`None`: `parallel` sessions of a full context).
     pub budget_bytes: Option<usize>,
+}
+
+/// The layouts text sessions get: the configured one, then under pressure (with `adapt`) the smaller
+/// fallbacks in order (uniform q8_0 and q4_0, or the planner's layouts at their bytes).
+#[derive(Clone, Debug)]
+pub struct SessionLayouts {
+    pub configured: KvLayout,
+    pub fallbacks: Vec<KvLayout>,
 }
 
 /// Logs and publishes the budget the loop runs with.
@@ -91,7 +101,11 @@ pub fn run(mut engine: TextEngine, settings: LoopSettings, jobs: Receiver<Job>, 
             None
         }
     };
-    let full_session = engine.cache_config(settings.n_ctx, settings.k_type, settings.v_type).bytes().unwrap_or(usize::MAX);
+    let full_session = engine
+        .cache_config(settings.n_ctx, settings.k_type, settings.v_type)
+        .with_layout(settings.layouts.configured.clone())
+        .bytes()
+        .unwrap_or(usize::MAX);
     let mut budget = start_budget(&settings, full_session, &metrics);
     let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut running: Vec<Session> = Vec::new();
@@ -171,9 +185,10 @@ fn admit_pending(
         let Some(head) = pending.front() else { return };
         // The last sampled token is never fed back: prompt + max_tokens − 1 cells.
         let cells = session_cells((head.prompt.len() + head.max_tokens).saturating_sub(1), settings.n_ctx);
-        let bytes_of = |k, v| engine.cache_config(cells, k, v).bytes().ok();
-        let decision = admit((settings.k_type, settings.v_type), settings.adapt, budget, bytes_of);
-        let (k, v, bytes) = match decision {
+        let bytes_of =
+            |layout: &KvLayout| engine.cache_config(cells, settings.k_type, settings.v_type).with_layout(layout.clone()).bytes().ok();
+        let decision = admit(&settings.layouts.configured, &settings.layouts.fallbacks, settings.adapt, budget, bytes_of);
+        let (layout, bytes) = match decision {
             Admission::Wait => return,
             Admission::Never { smallest } => {
                 let p = pending.pop_front().expect("head exists");
@@ -181,11 +196,16 @@ fn admit_pending(
                 let _ = p.job.events.send(TextEvent::Failed(ApiError::over_budget(smallest, budget.total)));
                 continue;
             }
-            Admission::Start { k, v, bytes } => (k, v, bytes),
+            Admission::Start { layout, bytes } => (layout, bytes),
         };
         let Pending { job, prompt, max_tokens } = pending.pop_front().expect("head exists");
         metrics.waiting.fetch_sub(1, Ordering::Relaxed);
-        let made = (|| -> ccsm::Result<_> { Ok((engine.new_cache(cells, k, v)?, Sampler::new(job.sampler)?)) })();
+        let made = (|| -> ccsm::Result<_> {
+            Ok((
+                engine.new_cache_with(engine.cache_config(cells, settings.k_type, settings.v_type).with_layout(layout))?,
+                Sampler::new(job.sampler)?,
+            ))
+        })();
         let (cache, sampler) = match made {
             Ok(parts) => parts,
             Err(e) => {

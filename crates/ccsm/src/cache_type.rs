@@ -18,10 +18,12 @@ pub enum CacheType {
     Q5_0,
     Q5_1,
     IQ4NL,
+    /// OCP microscaling FP4 (4.25 bits): for halves the planner finds cheap.
+    MXFP4,
 }
 
 impl CacheType {
-    pub const ALL: [CacheType; 8] = [
+    pub const ALL: [CacheType; 9] = [
         CacheType::F32,
         CacheType::F16,
         CacheType::Q8_0,
@@ -30,6 +32,7 @@ impl CacheType {
         CacheType::Q5_0,
         CacheType::Q5_1,
         CacheType::IQ4NL,
+        CacheType::MXFP4,
     ];
 
     pub fn dtype(self) -> DType {
@@ -42,6 +45,7 @@ impl CacheType {
             CacheType::Q5_0 => DType::Q5_0,
             CacheType::Q5_1 => DType::Q5_1,
             CacheType::IQ4NL => DType::IQ4NL,
+            CacheType::MXFP4 => DType::MXFP4,
         }
     }
 

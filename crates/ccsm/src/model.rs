@@ -5,7 +5,7 @@ use ggml::NodeTime;
 use crate::engine::{SequenceStep, TextEngine};
 use crate::error::{Error, Result};
 use crate::kv_cache::{EvictionPolicy, KvCache, KvLayout, QuantizeReport, Rotation};
-use crate::kv_plan::SensitivityProfile;
+use crate::kv_plan::{KvPlan, SensitivityProfile};
 use crate::llama::LlamaModel;
 use crate::memory::{self, make_room, ManagedCache, MemoryReport};
 use crate::CacheType;
@@ -180,6 +180,19 @@ impl GGMLModel {
     ) -> Result<MemoryReport> {
         self.engine.forget_kept_graph();
         memory::optimize_planned(ManagedCache { name: "text", cache: &mut self.cache, resizable: true }, max_bytes, policy, profile)
+    }
+
+    /// Gives the cache a plan's layout and capacity (evicting by `policy` if it holds more cells).
+    pub fn apply_kv_plan(&mut self, plan: &KvPlan, policy: EvictionPolicy) -> Result<()> {
+        self.engine.forget_kept_graph();
+        if plan.capacity < self.cache.capacity() {
+            if self.cache.len() > plan.capacity {
+                self.cache.prune(plan.capacity, policy)?;
+            }
+            self.cache.resize(plan.capacity, policy)?;
+        }
+        self.cache.quantize_layout(plan.layout.clone())?;
+        Ok(())
     }
 
     pub fn cache(&self) -> &KvCache {

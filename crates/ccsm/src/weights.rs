@@ -25,11 +25,20 @@ pub struct WeightLoader<'f> {
     file: &'f GgufFile,
     store: TensorStore,
     pending: Vec<(TensorId, &'f TensorInfo, Fill)>,
+    /// Hold every matrix as F32 (dequantized on load).
+    f32_matrices: bool,
 }
 
 impl<'f> WeightLoader<'f> {
     pub fn new(file: &'f GgufFile) -> Result<Self> {
-        Ok(WeightLoader { file, store: TensorStore::new(file.tensors().len().max(1))?, pending: Vec::new() })
+        Ok(WeightLoader { file, store: TensorStore::new(file.tensors().len().max(1))?, pending: Vec::new(), f32_matrices: false })
+    }
+
+    /// A loader that dequantizes every weight matrix to F32: the same function computed without
+    /// ggml quantizing activations to 8 bits for quantized weights (which makes any perturbation,
+    /// however small, move the logits by a step: the floor under every KV cache measurement).
+    pub fn dequantizing(file: &'f GgufFile) -> Result<Self> {
+        Ok(WeightLoader { f32_matrices: true, ..Self::new(file)? })
     }
 
     fn info(&self, name: &str, shape: &[usize]) -> Result<&'f TensorInfo> {
@@ -65,6 +74,11 @@ impl<'f> WeightLoader<'f> {
         let info = self.info(name, shape)?;
         if !is_matmul_type(info.dtype) {
             return Err(Error::TensorType { name: name.to_owned(), dtype: info.dtype, why: "cannot be used as a weight matrix" });
+        }
+        if self.f32_matrices && info.dtype != DType::F32 && info.dtype.can_dequantize() {
+            let id = self.store.add(name, DType::F32, &info.shape)?;
+            self.pending.push((id, info, Fill::ToF32));
+            return Ok(id);
         }
         let id = match products_only {
             true => self.store.add_repacked(name, info.dtype, &info.shape)?,

@@ -21,6 +21,8 @@ pub enum DType {
     Q5_1,
     /// 4-bit non-linear (a fixed 16-value grid times a per-block f16 scale), blocks of 32.
     IQ4NL,
+    /// OCP microscaling FP4: E2M1 values times a power-of-two (E8M0) scale per block of 32 (4.25 bits).
+    MXFP4,
     Q2K,
     Q3K,
     Q4K,
@@ -35,7 +37,7 @@ pub enum DType {
 }
 
 /// Every variant, for tables and tests.
-pub const ALL_DTYPES: [DType; 21] = [
+pub const ALL_DTYPES: [DType; 22] = [
     DType::F32,
     DType::F16,
     DType::BF16,
@@ -46,6 +48,7 @@ pub const ALL_DTYPES: [DType; 21] = [
     DType::Q5_0,
     DType::Q5_1,
     DType::IQ4NL,
+    DType::MXFP4,
     DType::Q2K,
     DType::Q3K,
     DType::Q4K,
@@ -72,6 +75,7 @@ impl DType {
             DType::Q5_0 => sys::GGML_TYPE_Q5_0,
             DType::Q5_1 => sys::GGML_TYPE_Q5_1,
             DType::IQ4NL => sys::GGML_TYPE_IQ4_NL,
+            DType::MXFP4 => sys::GGML_TYPE_MXFP4,
             DType::Q2K => sys::GGML_TYPE_Q2_K,
             DType::Q3K => sys::GGML_TYPE_Q3_K,
             DType::Q4K => sys::GGML_TYPE_Q4_K,
@@ -150,6 +154,7 @@ impl DType {
             DType::Q5_0 => "q5_0",
             DType::Q5_1 => "q5_1",
             DType::IQ4NL => "iq4_nl",
+            DType::MXFP4 => "mxfp4",
             DType::Q2K => "q2_K",
             DType::Q3K => "q3_K",
             DType::Q4K => "q4_K",
@@ -168,7 +173,16 @@ impl DType {
     pub fn can_quantize_from_f32(self) -> bool {
         matches!(
             self,
-            DType::F32 | DType::F16 | DType::BF16 | DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::IQ4NL
+            DType::F32
+                | DType::F16
+                | DType::BF16
+                | DType::Q8_0
+                | DType::Q4_0
+                | DType::Q4_1
+                | DType::Q5_0
+                | DType::Q5_1
+                | DType::IQ4NL
+                | DType::MXFP4
         ) || matches!(self, DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K)
     }
 

@@ -19,6 +19,8 @@ fn row_sizes_match_the_documented_block_math() {
         (DType::Q5_0, 32, 2 + 4 + 16),
         (DType::Q5_1, 32, 2 + 2 + 4 + 16),
         (DType::IQ4NL, 32, 2 + 16),
+        // MXFP4 = one E8M0 exponent byte + 16 nibble bytes.
+        (DType::MXFP4, 32, 1 + 16),
         (DType::I32, 1, 4),
         (DType::I64, 1, 8),
     ];
@@ -27,10 +29,10 @@ fn row_sizes_match_the_documented_block_math() {
         assert_eq!(dtype.type_size(), bytes, "{dtype} block bytes");
         assert_eq!(dtype.row_size(4096).unwrap(), 4096 / block * bytes, "{dtype} row of 4096");
     }
-    // Bytes per element of f32, f16, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl: 4, 2, 34/32, 18/32, 20/32,
-    // 22/32, 24/32, 18/32.
+    // Bytes per element of f32, f16, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl, mxfp4: 4, 2, 34/32, 18/32,
+    // 20/32, 22/32, 24/32, 18/32, 17/32.
     let per_element: Vec<f64> = CACHE_TYPES.iter().map(|t| t.row_size(32).unwrap() as f64 / 32.0).collect();
-    assert_eq!(per_element, vec![4.0, 2.0, 1.0625, 0.5625, 0.625, 0.6875, 0.75, 0.5625]);
+    assert_eq!(per_element, vec![4.0, 2.0, 1.0625, 0.5625, 0.625, 0.6875, 0.75, 0.5625, 0.53125]);
 }
 
 #[test]

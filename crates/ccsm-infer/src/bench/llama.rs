@@ -16,16 +16,25 @@ pub fn bench_llama(args: &BenchArgs, log: &LogArgs) -> Result<Vec<BenchRow>> {
     let name = model_name(args);
     let tests: Vec<BenchTest> =
         [(BenchTest::Pp, args.n_prompt), (BenchTest::Tg, args.n_gen)].into_iter().filter(|t| t.1 > 0).map(|t| t.0).collect();
-    let total = (args.cache_types.len() * args.attention.len() * args.depths.len() * tests.len()) as u64;
+    // One per-layer layout replaces the list of uniform types.
+    let cache_types = if args.layers.any() { &args.cache_types[..1] } else { &args.cache_types[..] };
+    let total = (cache_types.len() * args.attention.len() * args.depths.len() * tests.len()) as u64;
     let bar = progress::bar(total, "bench", log.quiet);
     let mut rows = Vec::new();
-    for (&cache, &attention) in args.cache_types.iter().flat_map(|c| args.attention.iter().map(move |a| (c, a))) {
+    for (&cache, &attention) in cache_types.iter().flat_map(|c| args.attention.iter().map(move |a| (c, a))) {
         for &depth in &args.depths {
             let llama = weights.take().expect("weights are returned after each run");
             let n_ctx = depth as usize + args.n_prompt.max(args.n_gen) as usize + 1;
             let options = ModelOptions { n_ctx, k_type: cache, v_type: cache, n_threads: args.threads as usize, n_batch: 512 };
             let mut model = GGMLModel::new(llama, options).with_context(|| format!("a {cache} cache of {n_ctx} cells"))?;
             model.set_kv_rotation(args.kv_rotation)?;
+            let layout = args.layers.fixed_layout(&args.model, model.cache().config())?.map(|(layout, _)| layout);
+            if args.layers.any() && layout.is_none() {
+                return Err(crate::UsageError("bench takes --kv-layout SPEC or --kv-plan auto --kv-bits B".into()).into());
+            }
+            if let Some(layout) = &layout {
+                model.quantize_kv_layout(layout.clone())?;
+            }
             model.set_attention(attention);
             reset_peak_rss();
             let vocab = model.model().vocab_size();
@@ -62,6 +71,7 @@ pub fn bench_llama(args: &BenchArgs, log: &LogArgs) -> Result<Vec<BenchRow>> {
                     depth,
                 };
                 let mut row = source.row(test, samples, model.kv_memory_usage(), None);
+                row.kv_layout = layout.as_ref().map(|l| l.to_string());
                 if args.profile {
                     row.profile = Some(profile_one(&mut model, test, args, depth as usize)?);
                 }

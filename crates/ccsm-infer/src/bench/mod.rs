@@ -52,6 +52,9 @@ pub struct BenchRow {
     pub peak_rss_bytes: Option<u64>,
     /// CSM frame tests: where the time went.
     pub frame_detail: Option<FrameDetail>,
+    /// With --kv-layout or --kv-plan: the per-layer layout benched (k_type/v_type are then layer 0's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_layout: Option<String>,
     /// With --profile: time per op kind of one step (or frame, or codec call).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profile: Option<Vec<ccsm::profile::OpTotal>>,
@@ -124,6 +127,7 @@ impl RowSource<'_> {
             kv_bytes,
             peak_rss_bytes: peak_rss(),
             frame_detail,
+            kv_layout: None,
             profile: None,
         }
     }
@@ -160,7 +164,11 @@ pub(crate) fn mean_stddev(samples: &[f64]) -> (f64, f64) {
 
 pub fn run(args: &BenchArgs, log: &LogArgs) -> Result<()> {
     let file = ggml::gguf::GgufFile::open(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
-    let rows = match file.get::<String>("general.architecture")?.as_str() {
+    let architecture = file.get::<String>("general.architecture")?;
+    if args.layers.any() && matches!(architecture.as_str(), "csm" | "mimi") {
+        return Err(crate::UsageError("per-layer cache types (--kv-layout, --kv-plan) are for text models".into()).into());
+    }
+    let rows = match architecture.as_str() {
         "csm" => csm::bench_csm(args, log, &file)?,
         "mimi" => codec::bench_codec(args, log)?,
         _ => llama::bench_llama(args, log)?,
@@ -206,13 +214,12 @@ pub fn markdown(rows: &[BenchRow]) -> String {
             format!("{:.3} ({:.0} % / {:.0} %{codec}{first})", d.real_time_factor, 100.0 * d.backbone_share, 100.0 * d.decoder_share)
         });
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {}/{}{}{} | {} | {:.2} ± {:.2} | {} | {} | {frame} |\n",
+            "| {} | {} | {} | {} | {}{}{} | {} | {:.2} ± {:.2} | {} | {} | {frame} |\n",
             r.model,
             human_bytes(r.size_bytes),
             human_params(r.params),
             r.threads,
-            r.k_type,
-            r.v_type,
+            r.kv_layout.clone().unwrap_or_else(|| format!("{}/{}", r.k_type, r.v_type)),
             // Rows stored rotated get a mark: "q4_0/q4_0 ·H".
             if r.kv_rotated { " ·H" } else { "" },
             // A forced attention path is named: "q8_0/q8_0 ·H split".

@@ -97,6 +97,18 @@ impl TextEngine {
         KvCache::with_rotation(self.cache_config(capacity, k_type, v_type), Rotation::default())
     }
 
+    /// A cache of `config` (its shape must be this model's), rotated by default.
+    pub fn new_cache_with(&self, config: KvCacheConfig) -> Result<KvCache> {
+        let c = self.model().config();
+        if (config.n_layer, config.head_dim, config.n_head_kv) != (c.n_layer, c.head_dim, c.n_head_kv) {
+            return Err(Error::Input(format!(
+                "a cache of shape {config:?} for a model of {} layers x {} x {}",
+                c.n_layer, c.n_head_kv, c.head_dim
+            )));
+        }
+        KvCache::with_rotation(config, Rotation::default())
+    }
+
     /// Whether one-token steps reuse a kept graph (default) or build a graph per step.
     pub fn set_reuse_kept_graph(&mut self, reuse: bool) {
         self.reuse_kept = reuse;

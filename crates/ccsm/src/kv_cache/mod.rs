@@ -131,7 +131,11 @@ impl KvCacheConfig {
         if let Some(layout) = self.layout.as_ref().filter(|l| l.len() != self.n_layer) {
             return refuse(format!("a layout of {} layers for a cache of {}", layout.len(), self.n_layer));
         }
-        let mut types: Vec<CacheType> = self.halves().collect();
+        // The distinct types (a uniform cache names two, whatever its layer count).
+        let mut types: Vec<CacheType> = match &self.layout {
+            Some(layout) => layout.layers().iter().flat_map(|t| [t.k, t.v]).collect(),
+            None => vec![self.k_type, self.v_type],
+        };
         types.sort_by_key(|t| t.name());
         types.dedup();
         for t in types {

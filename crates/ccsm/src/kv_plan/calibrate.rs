@@ -9,10 +9,11 @@
 
 use super::sensitivity::{CalibrationRun, HalfCost, ProfileShape, SensitivityProfile, PROFILE_FORMAT};
 use crate::error::{Error, Result};
-use crate::kv_cache::{rotate_heads, Half, KvLayout, LayerTypes};
+use crate::kv_cache::{rotate_heads, Half, KvLayout, LayerTypes, Rotation};
 use crate::model::GGMLModel;
 use crate::perplexity::{score, PerplexityRun};
 use crate::CacheType;
+use crate::Model;
 
 /// What to calibrate with.
 #[derive(Clone, Debug)]
@@ -27,6 +28,8 @@ pub struct CalibrationOptions {
     pub exhaustive: bool,
     /// A name for the calibration text, recorded in the profile.
     pub text_name: String,
+    /// Whether the model's weights were dequantized to f32 (recorded in the profile).
+    pub f32_weights: bool,
 }
 
 impl Default for CalibrationOptions {
@@ -42,10 +45,12 @@ impl Default for CalibrationOptions {
                 CacheType::Q4_1,
                 CacheType::IQ4NL,
                 CacheType::Q4_0,
+                CacheType::MXFP4,
             ],
             probe: CacheType::Q4_0,
             exhaustive: false,
             text_name: String::new(),
+            f32_weights: false,
         }
     }
 }
@@ -80,7 +85,7 @@ pub fn calibrate(
     let rotation = model.cache().rotation();
     let f32_layout = KvLayout::uniform(config.n_layer, CacheType::F32, CacheType::F32);
     let measured: Vec<CacheType> = if options.exhaustive { options.types.clone() } else { vec![options.probe] };
-    let total = 1 + 2 * config.n_layer * measured.len() + usize::from(!options.exhaustive);
+    let total = 2 + 2 * config.n_layer * measured.len() + usize::from(!options.exhaustive);
     let mut done = 0;
     let mut step = |n: &mut usize| {
         *n += 1;
@@ -88,7 +93,16 @@ pub fn calibrate(
     };
 
     model.quantize_kv_layout(f32_layout.clone())?;
+    model.set_kv_rotation(Rotation::Quantized)?;
     let (reference, _) = score(model, tokens, options.ctx, options.chunks, None, |_, _| {})?;
+    step(&mut done);
+    // The floor: rotated f32 rows are the same cache in exact arithmetic.
+    model.set_kv_rotation(Rotation::All)?;
+    let (_, kl) = score(model, tokens, options.ctx, options.chunks, Some(&reference), |_, _| {})?;
+    let floor_kld = kl.map_or(0.0, |k| k.kld.mean);
+    model.set_kv_rotation(Rotation::Quantized)?;
+    // The reference again, so its last chunk's rows are the cache's (for the relative errors).
+    score(model, tokens, options.ctx, options.chunks, None, |_, _| {})?;
     step(&mut done);
     // The reference run's last chunk is still cached: its rows give each half's error per type.
     let mut halves = Vec::with_capacity(2 * config.n_layer);
@@ -102,7 +116,7 @@ pub fn calibrate(
             let mut kld = Vec::new();
             for &t in &measured {
                 let layout = one_half_at(&f32_layout, layer, half, t);
-                kld.push((t, kld_against(model, tokens, options, &reference, layout)?));
+                kld.push((t, (kld_against(model, tokens, options, &reference, layout)? - floor_kld).max(0.0)));
                 step(&mut done);
             }
             halves.push(HalfCost { layer, half, probe_kld: kld[0].1, relative_mse: relative, kld });
@@ -119,11 +133,12 @@ pub fn calibrate(
         None
     } else {
         let whole = f32_layout.map(|_| options.probe);
-        let kld = kld_against(model, tokens, options, &reference, whole)?;
+        let kld = (kld_against(model, tokens, options, &reference, whole)? - floor_kld).max(0.0);
         step(&mut done);
         Some(kld)
     };
     model.quantize_kv_layout(config.kv_layout())?;
+    model.set_kv_rotation(rotation)?;
     Ok(SensitivityProfile {
         format: PROFILE_FORMAT.into(),
         model: model_name.into(),
@@ -134,6 +149,8 @@ pub fn calibrate(
             chunks: reference.chunks,
             probe: options.probe,
             exhaustive: options.exhaustive,
+            floor_kld,
+            f32_weights: options.f32_weights,
             measured_uniform_probe_kld,
             predicted_uniform_probe_kld,
         },

@@ -12,7 +12,8 @@ pub use sensitivity::{CalibrationRun, HalfCost, ProfileShape, SensitivityProfile
 
 use crate::kv_cache::{Half, KvLayout};
 
-/// The profile's predicted KLD of a whole layout (the sum of its halves' costs), if it has them all.
+/// The profile's predicted KLD of a whole layout (the sum of its halves' costs, plus the floor when
+/// anything is quantized), if it has them all.
 pub fn predicted_kld(profile: &SensitivityProfile, layout: &KvLayout) -> Option<f64> {
     let mut sum = 0.0;
     for (l, t) in layout.layers().iter().enumerate() {
@@ -20,5 +21,5 @@ pub fn predicted_kld(profile: &SensitivityProfile, layout: &KvLayout) -> Option<
             sum += profile.cost(l, half, t.get(half))?;
         }
     }
-    Some(sum)
+    Some(if sum > 0.0 { sum + profile.calibration.floor_kld } else { 0.0 })
 }

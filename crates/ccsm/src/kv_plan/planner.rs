@@ -17,7 +17,8 @@ use crate::CacheType;
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PlanBudget {
-    /// Mean storage bits per cached element (block scales included), at the cache's capacity.
+    /// Mean storage bits per element of the cache asked for (block scales included): the bytes of
+    /// that many bits for every cell; below the smallest layout, fewer cells are kept.
     BitsPerElement(f64),
     /// Bytes for the whole cache; below the smallest layout at the full capacity, fewer cells are kept.
     Bytes(usize),
@@ -84,47 +85,48 @@ pub fn plan(profile: &SensitivityProfile, shape: &KvCacheConfig, candidates: &[C
     let min_units: usize = choices.iter().map(|c| c[0].0).sum();
     let max_units: usize = choices.iter().map(|c| c.iter().map(|x| x.0).max().unwrap_or(0)).sum();
     let elements_per_cell = (2 * shape.n_layer * width) as f64;
-    let (capacity, cell_units) = match budget {
-        PlanBudget::BitsPerElement(bits) => {
-            if !(bits.is_finite() && bits > 0.0) {
-                return Err(Error::Input(format!("--kv-bits {bits} must be a positive number")));
-            }
-            let cell_bytes = (bits * elements_per_cell / 8.0).floor() as usize;
-            if cell_bytes / unit < min_units {
-                let least = min_units as f64 * unit as f64 * 8.0 / elements_per_cell;
-                return Err(Error::Input(format!("{bits} bits per element is below the smallest layout of these types ({least:.3} bits)")));
-            }
-            (shape.capacity, cell_bytes / unit)
+    // A bits budget is the bytes of that many bits for every element of every cell asked for.
+    let bytes = match budget {
+        PlanBudget::BitsPerElement(bits) if !(bits.is_finite() && bits > 0.0) => {
+            return Err(Error::Input(format!("--kv-bits {bits} must be a positive number")));
         }
-        PlanBudget::Bytes(bytes) => {
-            let full = bytes / shape.capacity.max(1) / unit;
-            if full >= min_units {
-                (shape.capacity, full)
-            } else {
-                // Even the smallest layout does not fit every cell: keep as many cells as it allows.
-                let cells = bytes / (min_units * unit);
-                let least = shape.capacity.min(MIN_CELLS);
-                if cells < least {
-                    return Err(Error::BudgetTooSmall { budget: bytes, minimum: least * min_units * unit, min_cells: least });
-                }
-                (cells, min_units)
-            }
+        PlanBudget::BitsPerElement(bits) => (bits * elements_per_cell / 8.0 * shape.capacity as f64).floor() as usize,
+        PlanBudget::Bytes(bytes) => bytes,
+    };
+    let full = bytes / shape.capacity.max(1) / unit;
+    let (capacity, cell_units) = if full >= min_units {
+        (shape.capacity, full)
+    } else {
+        // Even the smallest layout does not fit every cell: keep as many cells as it allows.
+        let cells = bytes / (min_units * unit);
+        let least = shape.capacity.min(MIN_CELLS);
+        if cells < least {
+            return Err(Error::BudgetTooSmall { budget: bytes, minimum: least * min_units * unit, min_cells: least });
         }
+        (cells, min_units)
     };
     let limit = cell_units.min(max_units);
     let picks = knapsack(&choices, limit);
     let layout = KvLayout::new(
         (0..shape.n_layer).map(|l| LayerTypes::new(choices[2 * l][picks[2 * l]].2, choices[2 * l + 1][picks[2 * l + 1]].2)).collect(),
     );
-    let predicted_kld = picks.iter().zip(&choices).map(|(&p, c)| c[p].1).sum();
+    let costs: f64 = picks.iter().zip(&choices).map(|(&p, c)| c[p].1).sum();
+    // Any change to the cache costs the profile's floor (see `CalibrationRun::floor_kld`).
+    let predicted_kld = if costs > 0.0 { costs + profile.calibration.floor_kld } else { 0.0 };
     let config = KvCacheConfig { capacity, ..shape.clone() }.with_layout(layout.clone());
-    let bytes = config.bytes()?;
-    if let PlanBudget::Bytes(b) = budget {
-        if bytes > b {
-            return Err(Error::Invariant(format!("the planner chose {bytes} bytes for a budget of {b}")));
-        }
+    let planned = config.bytes()?;
+    if planned > bytes {
+        return Err(Error::Invariant(format!("the planner chose {planned} bytes for a budget of {bytes}")));
     }
-    Ok(KvPlan { spec: layout.to_string(), bits_per_element: layout.bits_per_element(), layout, capacity, bytes, predicted_kld, budget })
+    Ok(KvPlan {
+        spec: layout.to_string(),
+        bits_per_element: layout.bits_per_element(),
+        layout,
+        capacity,
+        bytes: planned,
+        predicted_kld,
+        budget,
+    })
 }
 
 /// Picks one choice per item with total units ≤ `limit` and the least total cost (exact DP).

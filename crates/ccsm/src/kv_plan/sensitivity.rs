@@ -34,6 +34,12 @@ pub struct CalibrationRun {
     pub probe: CacheType,
     /// Whether every type was measured directly (no proxy).
     pub exhaustive: bool,
+    /// Mean KLD of a perturbation that changes nothing in exact arithmetic (the f32 cache stored
+    /// Hadamard-rotated): the floor any change to the cache costs, from the model's rounding (8-bit
+    /// activations of quantized weights), subtracted from every measured cost.
+    pub floor_kld: f64,
+    /// Whether the weights were dequantized to f32 for calibration (no activation floor).
+    pub f32_weights: bool,
     /// Mean KLD of the whole cache at the probe type, measured (what the sum of the halves predicts
     /// is in `predicted_uniform_probe_kld`: their ratio checks that costs add up).
     pub measured_uniform_probe_kld: Option<f64>,

@@ -35,7 +35,17 @@ impl LlamaModel {
     /// Checks the file as loading does (metadata, tokenizer, every tensor's name, shape and type) and
     /// loads the weights.
     pub fn from_file(file: &GgufFile, path: &Path) -> Result<Self> {
-        let mut loader = WeightLoader::new(file)?;
+        Self::from_loader(file, path, WeightLoader::new(file)?)
+    }
+
+    /// `load`, with every weight matrix dequantized to F32 (`WeightLoader::dequantizing`): the
+    /// model's function without 8-bit activations, for measuring what a KV cache alone costs.
+    pub fn load_f32_weights(path: impl AsRef<Path>) -> Result<Self> {
+        let file = GgufFile::open(path.as_ref())?;
+        Self::from_loader(&file, path.as_ref(), WeightLoader::dequantizing(&file)?)
+    }
+
+    fn from_loader(file: &GgufFile, path: &Path, mut loader: WeightLoader<'_>) -> Result<Self> {
         let parts = declare(file, path, &mut loader)?;
         let weights = loader.finish()?;
         let name = file.get_opt::<String>("general.name")?.unwrap_or_else(|| path.display().to_string());

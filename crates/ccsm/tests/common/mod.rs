@@ -124,6 +124,8 @@ pub fn bytes_per_element(t: ccsm::CacheType) -> f64 {
         CacheType::Q5_1 => 24.0 / 32.0,
         // f16 scale + 16 bytes of grid indices.
         CacheType::IQ4NL => 18.0 / 32.0,
+        // one E8M0 exponent byte + 16 bytes of E2M1 nibbles.
+        CacheType::MXFP4 => 17.0 / 32.0,
     }
 }
 

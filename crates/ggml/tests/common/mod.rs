@@ -54,6 +54,9 @@ pub const F16_ABS: f32 = 1.0 / (1u32 << 25) as f32;
 /// - IQ4_NL: x ≈ d·g with g on a fixed grid of 16 values in [−127, 113] and d searched by ggml around
 ///   amax/127: not tight; the grid's widest gap is 24, so with d ≤ amax/100, |e| ≤ 12·amax/100 over
 ///   the grid and at most the clamp beyond it: |e| ≤ 0.2·amax (a loose but format-derived bound).
+/// - MXFP4: x ≈ g·2^(⌊log₂ amax⌋ − 3) with g the nearest of ±{0, 1, 2, 3, 4, 6, 8, 12}: the widest gap
+///   (8 → 12) gives half of 4 steps within the grid, and amax < 2^(⌊log₂ amax⌋+1) exceeds the largest
+///   value 12 steps by less than 4 steps: |e| ≤ 4 steps = 2^(⌊log₂ amax⌋ − 1).
 /// - F16: |e| ≤ |x|·2⁻¹¹ (+ subnormal floor); BF16: |x|·2⁻⁸; F32: exact.
 pub fn element_error_bounds(dtype: DType, row: &[f32]) -> Vec<f32> {
     let f16_err = |v: f32| v.abs() * F16_REL + F16_ABS;
@@ -93,6 +96,11 @@ pub fn element_error_bounds(dtype: DType, row: &[f32]) -> Vec<f32> {
             let amax = block.iter().fold(0f32, |m, x| m.max(x.abs()));
             vec![0.2 * amax + 127.0 * f16_err(amax / 127.0); block.len()]
         }),
+        DType::MXFP4 => per_block(row, |block| {
+            let amax = block.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let e = if amax > 0.0 { (2f32).powi(amax.log2().floor() as i32 - 1) } else { 0.0 };
+            vec![e; block.len()]
+        }),
         other => panic!("no derived bound for {other}"),
     }
 }
@@ -112,7 +120,11 @@ pub fn vec_dot_type(weight: DType) -> DType {
 }
 
 /// The cache and weight types the engine uses everywhere.
-pub const CACHE_TYPES: [DType; 8] = [DType::F32, DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::IQ4NL];
+pub const CACHE_TYPES: [DType; 9] =
+    [DType::F32, DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::IQ4NL, DType::MXFP4];
+
+/// MXFP4's values in units of its scale (ggml's `kvalues_mxfp4`: twice the E2M1 numbers).
+const MXFP4_GRID: [f32; 16] = [0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 0.0, -1.0, -2.0, -3.0, -4.0, -6.0, -8.0, -12.0];
 
 /// IQ4_NL's grid (ggml's `kvalues_iq4nl`, the format's definition).
 const IQ4_NL_GRID: [f32; 16] = [-127.0, -104.0, -83.0, -65.0, -49.0, -35.0, -22.0, -10.0, 1.0, 13.0, 25.0, 38.0, 53.0, 69.0, 89.0, 113.0];
@@ -135,7 +147,8 @@ pub fn f16_to_f32(h: u16) -> f32 {
 /// low nibble of byte j and element j+16 in the high nibble (x = (q − 8)·d); Q4_1 = f16 d + f16 m +
 /// the same nibbles (x = q·d + m); Q5_0 = f16 d + 32 high bits (bit j of a u32 for element j) + the
 /// nibbles (x = (q − 16)·d); Q5_1 = f16 d + f16 m + the same (x = q·d + m); IQ4_NL = f16 d + the
-/// nibbles as grid indices (x = grid[q]·d).
+/// nibbles as grid indices (x = grid[q]·d); MXFP4 = an E8M0 exponent byte e + the nibbles as indices
+/// into twice the E2M1 values (x = grid[q]·2^(e − 128)).
 pub fn decode(dtype: DType, bytes: &[u8], n: usize) -> Vec<f32> {
     fn h(b: &[u8], at: usize) -> f32 {
         f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]))
@@ -156,6 +169,10 @@ pub fn decode(dtype: DType, bytes: &[u8], n: usize) -> Vec<f32> {
         DType::IQ4NL => {
             bytes.chunks_exact(18).flat_map(|b| (0..32).map(move |i| IQ4_NL_GRID[nibble(&b[2..], i) as usize] * h(b, 0))).collect()
         }
+        DType::MXFP4 => bytes
+            .chunks_exact(17)
+            .flat_map(|b| (0..32).map(move |i| MXFP4_GRID[nibble(&b[1..], i) as usize] * (2f32).powi(b[0] as i32 - 128)))
+            .collect(),
         other => panic!("no reference decoder for {other}"),
     };
     values.into_iter().take(n).collect()

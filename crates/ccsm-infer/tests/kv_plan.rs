@@ -1,0 +1,137 @@
+//! Per-layer cache types from the command line: --kv-layout, calibrate, --kv-plan auto (profile file
+//! or GGUF metadata, --kv-bits or --max-memory-mb), and the refusals.
+
+use std::path::PathBuf;
+
+use assert_cmd::Command;
+use predicates::prelude::*;
+
+fn model(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models").join(name).display().to_string()
+}
+
+fn readme() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../README.md").display().to_string()
+}
+
+fn ccsm(args: &[&str]) -> assert_cmd::assert::Assert {
+    Command::cargo_bin("ccsm-infer").unwrap().args(args).assert()
+}
+
+fn json(args: &[&str]) -> serde_json::Value {
+    let out = ccsm(args).success();
+    serde_json::from_slice(&out.get_output().stdout).unwrap()
+}
+
+/// tiny-llama's cache: 2 layers, rows of 2 KV heads x 32.
+const ROW: usize = 64;
+
+#[test]
+fn a_layout_is_allocated_and_reported_per_layer() {
+    let out = json(&[&model("tiny-llama.gguf"), "-p", "hello", "-n", "3", "-c", "64", "--json", "--kv-layout", "0:q8_0/q4_0,*:f16"]);
+    let cache = &out["memory"]["cache"];
+    assert_eq!(cache["layout"], "0:q8_0/q4_0,1:f16/f16");
+    assert!(cache["k_type"].is_null(), "a mixed cache has no one K type");
+    assert_eq!(cache["layers"][0]["v"], "q4_0");
+    // q8_0 34 bytes and q4_0 18 bytes per 32 elements, f16 2 bytes per element.
+    let per_cell = ROW / 32 * 34 + ROW / 32 * 18 + 2 * ROW * 2;
+    assert_eq!(out["memory"]["kv_bytes"], per_cell * 64);
+    for (spec, says) in [("0:q8_0", "does not name every layer"), ("0-7:q4_0", "layers 0-1"), ("*:q4_K", "k-quant")] {
+        ccsm(&[&model("tiny-llama.gguf"), "-p", "x", "-n", "1", "--kv-layout", spec]).code(2).stderr(predicate::str::contains(says));
+    }
+}
+
+#[test]
+fn calibrate_then_plan_from_the_file_or_the_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("profile.json");
+    let gguf = dir.path().join("with-profile.gguf");
+    let (p, g) = (profile.display().to_string(), gguf.display().to_string());
+    ccsm(&["calibrate", &model("tiny-llama.gguf"), "-f", &readme(), "-c", "64", "--chunks", "2", "-o", &p, "--gguf-out", &g])
+        .success()
+        .stdout(predicate::str::contains("profiled 2 layers"));
+    let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&profile).unwrap()).unwrap();
+    assert_eq!(saved["halves"].as_array().unwrap().len(), 4);
+
+    // A planned perplexity run: within the bits asked, the plan and a measured KLD reported.
+    let base = dir.path().join("base.kld").display().to_string();
+    let text = readme();
+    ccsm(&["perplexity", &model("tiny-llama.gguf"), "-f", &text, "-c", "64", "--chunks", "2", "--kv-quant", "f32", "--kl-base", &base])
+        .success();
+    for (source, file) in [("--kv-profile", Some(p.as_str())), ("gguf", None)] {
+        let m = if file.is_some() { model("tiny-llama.gguf") } else { g.clone() };
+        let mut args = vec![
+            "perplexity",
+            &m,
+            "-f",
+            &text,
+            "-c",
+            "64",
+            "--chunks",
+            "2",
+            "--kl",
+            &base,
+            "--json",
+            "--kv-plan",
+            "auto",
+            "--kv-bits",
+            "6",
+        ];
+        if let Some(f) = file {
+            args.extend(["--kv-profile", f]);
+        }
+        let out = json(&args);
+        let bits = out["cache"]["bits_per_element"].as_f64().unwrap();
+        assert!((4.5..=6.0).contains(&bits), "{source}: {bits} bits");
+        assert_eq!(out["kv_plan"]["spec"], out["cache"]["layout"], "{source}");
+        assert!(out["kv_plan"]["predicted_kld"].as_f64().unwrap() > 0.0 && out["kl"]["kld"]["mean"].as_f64().unwrap() > 0.0);
+    }
+
+    // Under a memory budget the optimizer's plan strategy picks the layout and stays within it.
+    let out = json(&[
+        &model("tiny-llama.gguf"),
+        "-p",
+        "hello",
+        "-n",
+        "4",
+        "-c",
+        "256",
+        "--json",
+        "--kv-plan",
+        "auto",
+        "--kv-profile",
+        &p,
+        "--max-memory-mb",
+        "1",
+    ]);
+    assert_eq!(out["memory_optimizer"]["strategy"], "plan");
+    assert!(out["memory"]["kv_bytes"].as_u64().unwrap() <= 1 << 20);
+    assert_eq!(out["kv_plan"]["spec"], out["memory"]["cache"]["layout"]);
+}
+
+#[test]
+fn plans_without_what_they_need_are_refused() {
+    let tiny = model("tiny-llama.gguf");
+    ccsm(&[&tiny, "-p", "x", "-n", "1", "--kv-plan", "auto"]).code(2).stderr(predicate::str::contains("has no KV profile"));
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p.json").display().to_string();
+    ccsm(&["calibrate", &tiny, "-f", &readme(), "-c", "64", "--chunks", "1", "-o", &p]).success();
+    ccsm(&[&tiny, "-p", "x", "-n", "1", "--kv-plan", "auto", "--kv-profile", &p])
+        .code(2)
+        .stderr(predicate::str::contains("needs a budget"));
+    ccsm(&[&tiny, "-p", "x", "-n", "1", "--kv-bits", "5"]).code(2).stderr(predicate::str::contains("go with --kv-plan auto"));
+    // Below the smallest layout (mxfp4, 4.25 bits) the plan keeps fewer cells: 3 / 4.25 of 256.
+    let out = json(&[&tiny, "-p", "x", "-n", "1", "--json", "--kv-plan", "auto", "--kv-profile", &p, "--kv-bits", "3"]);
+    assert_eq!(out["memory"]["ctx_size"], 180);
+    ccsm(&[&tiny, "-p", "x", "-n", "1", "--kv-plan", "auto", "--kv-profile", &p, "--kv-bits", "0.1"])
+        .code(2)
+        .stderr(predicate::str::contains("cannot hold"));
+    // A profile of another shape.
+    ccsm(&[&model("micro-llama.gguf"), "-p", "x", "-n", "1", "--kv-plan", "auto", "--kv-profile", &p, "--kv-bits", "8"])
+        .code(2)
+        .stderr(predicate::str::contains("measured on a cache of shape"));
+    ccsm(&[&model("tiny-csm.gguf"), "-p", "x", "-n", "1", "--kv-layout", "*:q4_0"])
+        .code(2)
+        .stderr(predicate::str::contains("for text models"));
+    ccsm(&["calibrate", &tiny, "-f", &readme()]).code(2).stderr(predicate::str::contains("needs -o"));
+}
