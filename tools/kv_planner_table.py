@@ -26,7 +26,7 @@ TYPES = ["q8_0", "q5_1", "q5_0", "q4_1", "iq4_nl", "q4_0", "mxfp4"]
 PEER_TYPES = ["q8_0", "q5_1", "q5_0", "q4_1", "iq4_nl", "q4_0"]
 # Bits per element of each type (block scales included), from ggml's block sizes.
 BITS = {"f16": 16.0, "q8_0": 8.5, "q5_1": 6.0, "q5_0": 5.5, "q4_1": 5.0, "iq4_nl": 4.5, "q4_0": 4.5, "mxfp4": 4.25}
-PLAN_BITS = [3.5, 4.0, 4.25, 4.5, 5.0, 5.5, 6.0, 7.0, 8.5]
+PLAN_BITS = [4.25, 4.5, 5.0, 5.5, 6.0, 7.0, 8.5]
 
 
 def run(cmd):
@@ -89,7 +89,8 @@ def main():
     p.add_argument("--profile", required=True)
     p.add_argument("--text", action="append", required=True, help="NAME=PATH")
     p.add_argument("--ctx", default="512,2048")
-    p.add_argument("--tokens", type=int, default=4096, help="tokens scored per text (whole chunks)")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens evaluated per text and context (whole chunks)")
+    p.add_argument("--tokens-long", type=int, default=2048, help="the same for contexts of 2048 and more")
     p.add_argument("--bin", default=os.path.join(ROOT, "target/release/ccsm-infer"))
     p.add_argument("--peer", default=os.path.expanduser("~/.cache/ccsm-peer/build/bin"))
     p.add_argument("--out", default="kv-planner-results.json")
@@ -103,47 +104,78 @@ def main():
         for spec in args.text:
             name, text = spec.split("=", 1)
             for ctx in [int(c) for c in args.ctx.split(",")]:
-                chunks = max(1, args.tokens // ctx)
-                base = os.path.join(tmp, f"{name}-{ctx}.kld")
-                ref = ours(args, text, ctx, chunks, ["--kv-quant", "f32"], base=base)
+                chunks = max(1, (args.tokens_long if ctx >= 2048 else args.tokens) // ctx)
+                # Fixed types' results and the references are kept between runs (keyed by the text and
+                # the binary), so a run after a planner change re-measures only the plans.
+                memo_path = os.path.join(cache_dir, "ours-kld.json")
+                memo = json.load(open(memo_path)) if os.path.exists(memo_path) else {}
+                stamp = f"{os.path.abspath(text)}|{os.path.getsize(text)}|{ctx}|{chunks}"
+                base = os.path.join(cache_dir, f"ref-{name}-{ctx}-{chunks}-{os.path.getsize(text)}.kld")
+                if f"{stamp}|ref" not in memo or not os.path.exists(base):
+                    memo[f"{stamp}|ref"] = ours(args, text, ctx, chunks, ["--kv-quant", "f32"], base=base)["ppl"]["mean"]
+                ref = {"ppl": {"mean": memo[f"{stamp}|ref"]}}
                 row = lambda engine, layout, bits, kld, predicted=None: rows.append(
                     {"text": name, "ctx": ctx, "chunks": chunks, "engine": engine, "layout": layout, "bits": bits, "kld": kld, "predicted": predicted, "ppl_f32": ref["ppl"]["mean"]})
                 for t in TYPES:
-                    r = ours(args, text, ctx, chunks, ["--kv-quant", t], kl=base)
-                    row("ccsm", t, BITS[t], r["kl"]["kld"]["mean"])
-                    print(f"{name} ctx {ctx}: ccsm {t}: {r['kl']['kld']['mean']:.5f}", file=sys.stderr)
+                    if f"{stamp}|{t}" not in memo:
+                        memo[f"{stamp}|{t}"] = ours(args, text, ctx, chunks, ["--kv-quant", t], kl=base)["kl"]["kld"]["mean"]
+                        json.dump(memo, open(memo_path, "w"), indent=1)
+                    row("ccsm", t, BITS[t], memo[f"{stamp}|{t}"])
+                    print(f"{name} ctx {ctx}: ccsm {t}: {memo[f'{stamp}|{t}']:.5f}", file=sys.stderr)
                 for b in PLAN_BITS:
-                    r = ours(args, text, ctx, chunks, ["--kv-plan", "auto", "--kv-profile", args.profile, "--kv-bits", str(b)], kl=base)
-                    cells = r["cache"]
-                    bits = cells["bits_per_element"] * min(1.0, r["kv_plan"]["capacity"] / ctx)
-                    row("ccsm plan", r["kv_plan"]["spec"], bits, r["kl"]["kld"]["mean"], r["kv_plan"]["predicted_kld"])
-                    print(f"{name} ctx {ctx}: plan {b} bits: {r['kl']['kld']['mean']:.5f} (predicted {r['kv_plan']['predicted_kld']:.5f})", file=sys.stderr)
+                    key = f"{stamp}|plan|{b}|{os.path.getsize(args.profile)}|{os.path.getmtime(args.bin)}"
+                    if key not in memo:
+                        r = ours(args, text, ctx, chunks, ["--kv-plan", "auto", "--kv-profile", args.profile, "--kv-bits", str(b)], kl=base)
+                        # Bits over the cells asked for (a plan below the smallest layout keeps fewer).
+                        bits = r["cache"]["bits_per_element"] * min(1.0, r["kv_plan"]["capacity"] / ctx)
+                        memo[key] = [r["kv_plan"]["spec"], bits, r["kl"]["kld"]["mean"], r["kv_plan"]["predicted_kld"]]
+                        json.dump(memo, open(memo_path, "w"), indent=1)
+                    spec, bits, kld, predicted = memo[key]
+                    row("ccsm plan", spec, bits, kld, predicted)
+                    print(f"{name} ctx {ctx}: plan {b} bits: {kld:.5f} (predicted {predicted:.5f})", file=sys.stderr)
                 if have_peer:
                     # llama.cpp's numbers depend on nothing of ours: kept between runs.
-                    memo_path = os.path.join(cache_dir, "peer-kld.json")
-                    memo = json.load(open(memo_path)) if os.path.exists(memo_path) else {}
-                    key = lambda t: f"{os.path.abspath(text)}|{os.path.getsize(text)}|{ctx}|{chunks}|{t}"
+                    peer_path = os.path.join(cache_dir, "peer-kld.json")
+                    peer_memo = json.load(open(peer_path)) if os.path.exists(peer_path) else {}
+                    key = lambda t: f"{stamp}|{t}"
                     peer_base = os.path.join(tmp, f"peer-{name}-{ctx}.kld")
-                    if any(key(t) not in memo for t in PEER_TYPES):
+                    if any(key(t) not in peer_memo for t in PEER_TYPES):
                         peer(args, model_f32, text, ctx, chunks, "f32", peer_base, make_base=True)
                     for t in PEER_TYPES:
-                        if key(t) not in memo:
-                            memo[key(t)] = peer(args, model_f32, text, ctx, chunks, t, peer_base)
-                            json.dump(memo, open(memo_path, "w"), indent=1)
-                        row("llama.cpp", t, BITS[t], memo[key(t)])
-                        print(f"{name} ctx {ctx}: llama.cpp {t}: {memo[key(t)]}", file=sys.stderr)
+                        if key(t) not in peer_memo:
+                            peer_memo[key(t)] = peer(args, model_f32, text, ctx, chunks, t, peer_base)
+                            json.dump(peer_memo, open(peer_path, "w"), indent=1)
+                        row("llama.cpp", t, BITS[t], peer_memo[key(t)])
+                        print(f"{name} ctx {ctx}: llama.cpp {t}: {peer_memo[key(t)]}", file=sys.stderr)
                 json.dump(rows, open(args.out, "w"), indent=1)
     print_table(rows)
 
 
 def print_table(rows):
-    for (text, ctx) in sorted({(r["text"], r["ctx"]) for r in rows}):
-        print(f"\n### {text}, ctx {ctx}\n\n| engine | layout | bits/element | mean KLD | predicted |\n|---|---|---:|---:|---:|")
-        for r in sorted((r for r in rows if r["text"] == text and r["ctx"] == ctx), key=lambda r: (r["engine"], -r["bits"])):
-            pred = f"{r['predicted']:.5f}" if r["predicted"] is not None else ""
-            kld = f"{r['kld']:.5f}" if r["kld"] is not None else "-"
-            layout = r["layout"] if len(r["layout"]) <= 40 else r["layout"][:37] + "..."
-            print(f"| {r['engine']} | `{layout}` | {r['bits']:.3f} | {kld} | {pred} |")
+    """One row per layout (fixed types: ours and llama.cpp's; the planner per budget), one column pair
+    per text and context."""
+    groups = sorted({(r["text"], r["ctx"]) for r in rows}, key=lambda g: (g[1], g[0]))
+    find = lambda engine, layout, g: next((r for r in rows if (r["text"], r["ctx"]) == g and r["engine"] == engine and r["layout"] == layout), None)
+    fmt = lambda r: "-" if r is None or r["kld"] is None else f"{r['kld']:.5f}"
+    head = " | ".join(f"{t} {c}: ccsm | llama.cpp" for t, c in groups)
+    print(f"| layout | bits | {head} |")
+    print("|---|---:|" + "---:|---:|" * len(groups))
+    for t in TYPES:
+        cells = " | ".join(f"{fmt(find('ccsm', t, g))} | {fmt(find('llama.cpp', t, g))}" for g in groups)
+        print(f"| {t} | {BITS[t]:g} | {cells} |")
+    # The planner's rows come in PLAN_BITS order within each group.
+    plans = {g: [r for r in rows if (r["text"], r["ctx"]) == g and r["engine"] == "ccsm plan"] for g in groups}
+    for i, b in enumerate(PLAN_BITS):
+        cells = []
+        for g in groups:
+            r = plans[g][i] if i < len(plans[g]) else None
+            cells.append(f"{fmt(r)} ({r['bits']:.3f} bits, pred. {r['predicted']:.5f})" if r else "-")
+            cells.append("")
+        print(f"| planner at {b:g} bits | ≤ {b:g} | " + " | ".join(cells) + " |")
+    print()
+    for g in groups:
+        for b, r in zip(PLAN_BITS, plans[g]):
+            print(f"- {g[0]} ctx {g[1]}, planner at {b:g} bits: `{r['layout']}`")
 
 
 if __name__ == "__main__":

@@ -84,8 +84,8 @@ impl KvLayoutArgs {
     /// The layout --kv-layout names or --kv-plan auto --kv-bits plans for a cache like `config` (None:
     /// neither given, or the plan waits for a memory budget).
     pub fn fixed_layout(&self, model_path: &Path, config: &KvCacheConfig) -> Result<Option<(KvLayout, Option<KvPlan>)>> {
-        if self.kv_plan.is_none() && (self.kv_bits.is_some() || self.kv_profile.is_some()) {
-            return Err(UsageError("--kv-bits and --kv-profile go with --kv-plan auto".into()).into());
+        if self.kv_plan.is_none() && self.kv_bits.is_some() {
+            return Err(UsageError("--kv-bits goes with --kv-plan auto".into()).into());
         }
         if let Some(spec) = &self.kv_layout {
             let layout = KvLayout::parse(spec, config.n_layer).map_err(|e| UsageError(format!("--kv-layout: {e}")))?;
@@ -100,6 +100,9 @@ impl KvLayoutArgs {
 
     /// Applies --kv-layout / --kv-plan and the memory budget to a freshly made text model.
     pub fn apply_text(&self, model: &mut GGMLModel, model_path: &Path, memory: &MemoryArgs, quiet: bool) -> Result<TextCacheSetup> {
+        if self.kv_profile.is_some() && self.kv_plan.is_none() && memory.memory_strategy != Some(MemoryStrategyArg::Plan) {
+            return Err(UsageError("--kv-profile goes with --kv-plan auto or --memory-strategy plan".into()).into());
+        }
         let mut setup = TextCacheSetup::default();
         if let Some((layout, plan)) = self.fixed_layout(model_path, model.cache().config())? {
             match &plan {

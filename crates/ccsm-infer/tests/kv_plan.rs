@@ -42,6 +42,25 @@ fn a_layout_is_allocated_and_reported_per_layer() {
 }
 
 #[test]
+fn bench_measures_one_layout_and_says_which() {
+    let out =
+        ccsm(&["bench", &model("tiny-llama.gguf"), "-p", "8", "-n", "2", "-r", "1", "-o", "json", "--kv-layout", "0:q8_0,*:mxfp4/q4_0"])
+            .success();
+    let rows: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "pp and tg, one layout");
+    // 9 cells (the larger test, 8, + 1): q8_0 34 + 34, mxfp4 17 + q4_0 18 bytes per 32 elements, rows of 64.
+    let per_cell = 2 * 34 * 2 + 2 * 17 + 2 * 18;
+    for r in rows {
+        assert_eq!(r["kv_layout"], "0:q8_0/q8_0,1:mxfp4/q4_0");
+        assert_eq!(r["kv_bytes"], per_cell * 9);
+    }
+    ccsm(&["bench", &model("tiny-csm.gguf"), "-p", "8", "-n", "1", "-r", "1", "--kv-layout", "*:q4_0"])
+        .code(2)
+        .stderr(predicate::str::contains("for text models"));
+}
+
+#[test]
 fn calibrate_then_plan_from_the_file_or_the_gguf() {
     let dir = tempfile::tempdir().unwrap();
     let profile = dir.path().join("profile.json");
@@ -119,7 +138,11 @@ fn plans_without_what_they_need_are_refused() {
     ccsm(&[&tiny, "-p", "x", "-n", "1", "--kv-plan", "auto", "--kv-profile", &p])
         .code(2)
         .stderr(predicate::str::contains("needs a budget"));
-    ccsm(&[&tiny, "-p", "x", "-n", "1", "--kv-bits", "5"]).code(2).stderr(predicate::str::contains("go with --kv-plan auto"));
+    ccsm(&[&tiny, "-p", "x", "-n", "1", "--kv-bits", "5"]).code(2).stderr(predicate::str::contains("goes with --kv-plan auto"));
+    ccsm(&[&tiny, "-p", "x", "-n", "1", "--kv-profile", &p]).code(2).stderr(predicate::str::contains("goes with --kv-plan auto"));
+    // The plan strategy alone takes the profile too.
+    let out = json(&[&tiny, "-p", "x", "-n", "1", "--json", "--kv-profile", &p, "--memory-strategy", "plan", "--max-memory-mb", "1"]);
+    assert_eq!(out["memory_optimizer"]["strategy"], "plan");
     // Below the smallest layout (mxfp4, 4.25 bits) the plan keeps fewer cells: 3 / 4.25 of 256.
     let out = json(&[&tiny, "-p", "x", "-n", "1", "--json", "--kv-plan", "auto", "--kv-profile", &p, "--kv-bits", "3"]);
     assert_eq!(out["memory"]["ctx_size"], 180);

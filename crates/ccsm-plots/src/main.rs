@@ -171,7 +171,7 @@ fn planner_plot(args: &Args) -> Result<PathBuf> {
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(65)
-            .build_cartesian_2d(600f64..1600.0, (1e-5f64..0.2).log_scale())?;
+            .build_cartesian_2d(5500f64..13000.0, (5e-5f64..0.2).log_scale())?;
         chart.configure_mesh().x_desc("KV bytes per token").y_desc("mean KLD vs f32 cache (log)").label_style(("sans-serif", 14)).draw()?;
         chart
             .draw_series(LineSeries::new(plan.iter().map(|p| (p.0, p.1)), color(2).stroke_width(3)))?
@@ -182,7 +182,7 @@ fn planner_plot(args: &Args) -> Result<PathBuf> {
                 .draw_series(series.iter().map(|(x, y, _)| Circle::new((*x, *y), 5, c.filled())))?
                 .label(name)
                 .legend(move |(x, y)| Circle::new((x + 10, y), 5, c.filled()));
-            chart.draw_series(series.iter().map(|(x, y, l)| Text::new(l.clone(), (*x + 8.0, *y), ("sans-serif", 12))))?;
+            chart.draw_series(series.iter().map(|(x, y, l)| Text::new(l.clone(), (*x + 60.0, *y), ("sans-serif", 12))))?;
         }
         chart.configure_series_labels().background_style(WHITE.mix(0.9)).border_style(BLACK).label_font(("sans-serif", 13)).draw()?;
     }

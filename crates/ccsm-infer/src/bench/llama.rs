@@ -28,6 +28,9 @@ pub fn bench_llama(args: &BenchArgs, log: &LogArgs) -> Result<Vec<BenchRow>> {
             let options = ModelOptions { n_ctx, k_type: cache, v_type: cache, n_threads: args.threads as usize, n_batch: 512 };
             let mut model = GGMLModel::new(llama, options).with_context(|| format!("a {cache} cache of {n_ctx} cells"))?;
             model.set_kv_rotation(args.kv_rotation)?;
+            if args.layers.kv_profile.is_some() && args.layers.kv_plan.is_none() {
+                return Err(crate::UsageError("--kv-profile goes with --kv-plan auto".into()).into());
+            }
             let layout = args.layers.fixed_layout(&args.model, model.cache().config())?.map(|(layout, _)| layout);
             if args.layers.any() && layout.is_none() {
                 return Err(crate::UsageError("bench takes --kv-layout SPEC or --kv-plan auto --kv-bits B".into()).into());
