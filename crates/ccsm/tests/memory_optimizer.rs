@@ -223,15 +223,16 @@ fn block_math_bytes(n_layer: usize, width: usize, cells: usize, k: CacheType, v:
     (n_layer as f64 * cells as f64 * width as f64 * (bytes_per_element(k) + bytes_per_element(v))) as usize
 }
 
-/// The least a set of caches can be brought to: q4_0 everywhere, resizable ones at 16 cells (or fewer
-/// if they have fewer).
+/// The least a set of caches can be brought to: every half at q4_0 or its own type if that is smaller
+/// (mxfp4: the optimizer only narrows), resizable ones at 16 cells (or fewer if they have fewer).
 fn minimal_bytes(caches: &[(&KvCache, bool)]) -> usize {
+    let narrowed = |t: CacheType| if bytes_per_element(t) < bytes_per_element(CacheType::Q4_0) { t } else { CacheType::Q4_0 };
     caches
         .iter()
         .map(|(c, resizable)| {
             let cfg = c.config();
             let cells = if *resizable { cfg.capacity.min(16) } else { cfg.capacity };
-            block_math_bytes(cfg.n_layer, cfg.head_dim * cfg.n_head_kv, cells, CacheType::Q4_0, CacheType::Q4_0)
+            block_math_bytes(cfg.n_layer, cfg.head_dim * cfg.n_head_kv, cells, narrowed(cfg.k_type), narrowed(cfg.v_type))
         })
         .sum()
 }
