@@ -240,24 +240,7 @@ pub fn optimize_planned(
     let before = vec![(cache.name, cache.cache.memory_usage())];
     let ratio = budget as f64 / before[0].1 as f64;
     let chosen = kv_plan::plan(profile, cache.cache.config(), &[], PlanBudget::Bytes(budget))?;
-    let mut actions = Vec::new();
-    let (len, from) = (cache.cache.len(), cache.cache.capacity());
-    // Shrink first when cells must go, so the conversion works on the smaller cache.
-    if chosen.capacity < from {
-        if len > chosen.capacity {
-            let evicted = cache.cache.prune(chosen.capacity, policy)?;
-            actions.push(format!("{}: pruned {evicted} of {len} cells ({policy:?})", cache.name));
-        }
-        cache.cache.resize(chosen.capacity, policy)?;
-        actions.push(format!("{}: resized from {from} to {} cells", cache.name, chosen.capacity));
-    }
-    if chosen.layout != cache.cache.layout() {
-        cache.cache.quantize_layout(chosen.layout.clone())?;
-        actions.push(format!(
-            "{}: planned {} ({:.3} bits per element, predicted KLD {:.5})",
-            cache.name, chosen.spec, chosen.bits_per_element, chosen.predicted_kld
-        ));
-    }
+    let actions = apply_plan(cache.cache, cache.name, &chosen, policy)?;
     let after = vec![(cache.name, cache.cache.memory_usage())];
     if after[0].1 > budget {
         return Err(Error::Invariant(format!("the planner planned within {budget} bytes but the cache holds {}", after[0].1)));
@@ -285,4 +268,27 @@ pub fn make_room(cache: &mut KvCache, needed: usize, policy: EvictionPolicy) -> 
         return Err(Error::CacheFull { needed, capacity: cache.capacity() });
     }
     cache.prune(keep, policy)
+}
+
+/// Gives `cache` a plan's capacity (evicting by `policy` first if it holds more cells: the conversion
+/// then works on the smaller cache) and its layout; returns what it did.
+pub fn apply_plan(cache: &mut KvCache, name: &str, plan: &KvPlan, policy: EvictionPolicy) -> Result<Vec<String>> {
+    let mut actions = Vec::new();
+    let (len, from) = (cache.len(), cache.capacity());
+    if plan.capacity < from {
+        if len > plan.capacity {
+            let evicted = cache.prune(plan.capacity, policy)?;
+            actions.push(format!("{name}: pruned {evicted} of {len} cells ({policy:?})"));
+        }
+        cache.resize(plan.capacity, policy)?;
+        actions.push(format!("{name}: resized from {from} to {} cells", plan.capacity));
+    }
+    if plan.layout != cache.layout() {
+        cache.quantize_layout(plan.layout.clone())?;
+        actions.push(format!(
+            "{name}: planned {} ({:.3} bits per element, predicted KLD {:.5})",
+            plan.spec, plan.bits_per_element, plan.predicted_kld
+        ));
+    }
+    Ok(actions)
 }

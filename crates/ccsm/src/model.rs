@@ -185,14 +185,7 @@ impl GGMLModel {
     /// Gives the cache a plan's layout and capacity (evicting by `policy` if it holds more cells).
     pub fn apply_kv_plan(&mut self, plan: &KvPlan, policy: EvictionPolicy) -> Result<()> {
         self.engine.forget_kept_graph();
-        if plan.capacity < self.cache.capacity() {
-            if self.cache.len() > plan.capacity {
-                self.cache.prune(plan.capacity, policy)?;
-            }
-            self.cache.resize(plan.capacity, policy)?;
-        }
-        self.cache.quantize_layout(plan.layout.clone())?;
-        Ok(())
+        memory::apply_plan(&mut self.cache, "text", plan, policy).map(|_| ())
     }
 
     pub fn cache(&self) -> &KvCache {

@@ -96,16 +96,8 @@ pub fn calibrate(
     model.set_kv_rotation(Rotation::Quantized)?;
     let (reference, _) = score(model, tokens, options.ctx, options.chunks, None, |_, _| {})?;
     step(&mut done);
-    // The floor: rotated f32 rows are the same cache in exact arithmetic.
-    model.set_kv_rotation(Rotation::All)?;
-    let (_, kl) = score(model, tokens, options.ctx, options.chunks, Some(&reference), |_, _| {})?;
-    let floor_kld = kl.map_or(0.0, |k| k.kld.mean);
-    model.set_kv_rotation(Rotation::Quantized)?;
-    // The reference again, so its last chunk's rows are the cache's (for the relative errors).
-    score(model, tokens, options.ctx, options.chunks, None, |_, _| {})?;
-    step(&mut done);
     // The reference run's last chunk is still cached: its rows give each half's error per type.
-    let mut halves = Vec::with_capacity(2 * config.n_layer);
+    let mut relative_errors = Vec::with_capacity(2 * config.n_layer);
     for layer in 0..config.n_layer {
         for half in Half::BOTH {
             let rows = model.cache().rows_f32(layer, half)?;
@@ -113,6 +105,20 @@ pub fn calibrate(
             for &t in &options.types {
                 relative.push((t, relative_mse(&rows, width, config.head_dim, t, rotation.applies(t, config.head_dim))?));
             }
+            relative_errors.push(relative);
+        }
+    }
+    // The floor: rotated f32 rows are the same cache in exact arithmetic.
+    model.set_kv_rotation(Rotation::All)?;
+    let (_, kl) = score(model, tokens, options.ctx, options.chunks, Some(&reference), |_, _| {})?;
+    let floor_kld = kl.map_or(0.0, |k| k.kld.mean);
+    model.set_kv_rotation(Rotation::Quantized)?;
+    step(&mut done);
+    let mut halves = Vec::with_capacity(2 * config.n_layer);
+    let mut relative_errors = relative_errors.into_iter();
+    for layer in 0..config.n_layer {
+        for half in Half::BOTH {
+            let relative = relative_errors.next().expect("one entry per layer and half");
             let mut kld = Vec::new();
             for &t in &measured {
                 let layout = one_half_at(&f32_layout, layer, half, t);
