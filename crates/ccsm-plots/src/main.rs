@@ -69,6 +69,7 @@ fn kv_bytes_plot(args: &Args) -> Result<PathBuf> {
             k_type: t,
             v_type: t,
             layout: None,
+            recent: 0,
         };
         Ok(config.bytes()? as f64 / (1024.0 * 1024.0))
     };

@@ -150,7 +150,7 @@ fn plan(caches: &[ManagedCache<'_>], strategy: Strategy, budget: usize) -> Resul
     if strategy == Strategy::Nothing || bytes(&targets)? <= budget {
         return Ok(targets);
     }
-    let per_cell = |t: &Target| KvCacheConfig { capacity: 1, ..t.config.clone() }.bytes();
+    let per_cell = |t: &Target| t.config.cell_bytes();
     let fixed: usize = targets.iter().filter(|t| t.min_cells == t.config.capacity).map(|t| t.config.bytes()).sum::<Result<usize>>()?;
     let resizable: Vec<usize> = (0..targets.len()).filter(|&i| targets[i].min_cells < targets[i].config.capacity).collect();
     // Share what the fixed caches leave in proportion to each resizable cache's size.

@@ -192,6 +192,12 @@ impl GGMLModel {
         &self.cache
     }
 
+    /// Keeps the newest `cells` cells also in f16 (`KvCache::set_recent`; 0 turns the window off).
+    pub fn set_kv_recent(&mut self, cells: usize) -> Result<()> {
+        self.engine.forget_kept_graph();
+        self.cache.set_recent(cells)
+    }
+
     /// Computes, per cached cell, the attention mass it receives (for the attention eviction policy).
     /// Costs one extra score computation per layer while on.
     pub fn set_track_attention(&mut self, on: bool) {

@@ -7,7 +7,7 @@ use ccsm::{CacheType, Error};
 use common::bytes_per_element;
 
 fn config(k: CacheType, v: CacheType, head_dim: usize, capacity: usize) -> KvCacheConfig {
-    KvCacheConfig { n_layer: 3, head_dim, n_head_kv: 2, capacity, k_type: k, v_type: v, layout: None }
+    KvCacheConfig { n_layer: 3, head_dim, n_head_kv: 2, capacity, k_type: k, v_type: v, layout: None, recent: 0 }
 }
 
 #[test]
@@ -80,6 +80,7 @@ fn sizes_that_overflow_are_refused() {
             k_type: CacheType::F32,
             v_type: CacheType::F32,
             layout: None,
+            recent: 0,
         },
         KvCacheConfig {
             n_layer: 1 << 40,
@@ -89,6 +90,7 @@ fn sizes_that_overflow_are_refused() {
             k_type: CacheType::F16,
             v_type: CacheType::F16,
             layout: None,
+            recent: 0,
         },
         KvCacheConfig {
             n_layer: 2,
@@ -98,6 +100,7 @@ fn sizes_that_overflow_are_refused() {
             k_type: CacheType::Q4_0,
             v_type: CacheType::Q4_0,
             layout: None,
+            recent: 0,
         },
     ];
     for c in huge {

@@ -142,7 +142,7 @@ proptest! {
     /// Appends, prunes, resizes and conversions against a naive list of (cell → position).
     #[test]
     fn cache_operations_match_a_naive_model(ops in proptest::collection::vec(op(), 1..12)) {
-        let mut cache = KvCache::new(KvCacheConfig { n_layer: 1, head_dim: 32, n_head_kv: 1, capacity: 40, k_type: CacheType::F32, v_type: CacheType::F32, layout: None }).unwrap();
+        let mut cache = KvCache::new(KvCacheConfig { n_layer: 1, head_dim: 32, n_head_kv: 1, capacity: 40, k_type: CacheType::F32, v_type: CacheType::F32, layout: None, recent: 0 }).unwrap();
         let mut naive: Vec<i32> = Vec::new();
         let mut next = 0i32;
         for op in ops {
@@ -238,7 +238,7 @@ fn minimal_bytes(caches: &[(&KvCache, bool)]) -> usize {
 }
 
 fn cache(n_layer: usize, n_head_kv: usize, head_dim: usize, capacity: usize, k: CacheType, v: CacheType) -> KvCache {
-    KvCache::new(KvCacheConfig { n_layer, head_dim, n_head_kv, capacity, k_type: k, v_type: v, layout: None }).unwrap()
+    KvCache::new(KvCacheConfig { n_layer, head_dim, n_head_kv, capacity, k_type: k, v_type: v, layout: None, recent: 0 }).unwrap()
 }
 
 /// The example: CSM-1B's two caches at `-c 24` in f32 under 1 MiB. Resizing alone would clamp
@@ -380,6 +380,7 @@ fn attention_policy_keeps_the_most_attended_cells() {
         k_type: CacheType::F32,
         v_type: CacheType::F32,
         layout: None,
+        recent: 0,
     })
     .unwrap();
     cache.append(10).unwrap();

@@ -46,6 +46,7 @@ pub use few_columns::{MAX_FEW_COLUMNS, MIN_FEW_COLUMNS};
 pub use graph::{graph_overhead, Backend, ComputeBuffer, Graph, GraphContext, NodeTime};
 pub use ops::{RopeMode, RopeParams};
 pub use reusable::{ReusableGraph, SealedGraph};
+pub use split_attention::AttentionSource;
 pub use store::{StoreMemory, TensorId, TensorStore};
 
 use ggml_sys as sys;

@@ -173,3 +173,50 @@ fn quantized_to_f16_copies_are_refused() {
         assert!(err.contains("quantized sources copy row by row into f32"), "{t}: {err}");
     }
 }
+
+/// Several sources of cells, each in its own type under its own mask, are one softmax: naive attention
+/// over their cells side by side. One source's cells are all masked for some queries (a recent window
+/// that does not reach them), and every query sees a cell somewhere.
+#[test]
+fn split_attention_over_sources_matches_naive_attention_over_their_union() {
+    let mut rng = Rng::new(41);
+    let (hd, n_head, n_head_kv, n_q) = (64usize, 6usize, 2usize, 5usize);
+    let parts = [(DType::Q4_0, 300usize), (DType::F16, 40), (DType::F32, 5)];
+    let n_kv: usize = parts.iter().map(|p| p.1).sum();
+    // Query t sees source 0's first 200 + 20·t cells, source 1's cells from 30 − 7·t on, and source 2's first t.
+    let visible = |t: usize, source: usize, j: usize| match source {
+        0 => j < 200 + 20 * t,
+        1 => j + 7 * t >= 30,
+        _ => j < t,
+    };
+    let q = rng.normals(hd * n_head * n_q);
+    let ctx = Context::with_data(64, 64 << 20).unwrap();
+    let qt = ctx.permute(tensor_from(&ctx, DType::F32, &[hd as i64, n_head as i64, n_q as i64], &q), [0, 2, 1, 3]).unwrap();
+    let (mut k_all, mut v_all, mut mask_all) = (Vec::new(), Vec::new(), vec![Vec::new(); n_q]);
+    let mut sources = Vec::new();
+    for (i, &(t, cells)) in parts.iter().enumerate() {
+        let (k, v) = (rng.normals(hd * n_head_kv * cells), rng.normals(hd * n_head_kv * cells));
+        let shape = [hd as i64, n_head_kv as i64, cells as i64];
+        let (k_raw, v_raw) = (tensor_from(&ctx, t, &shape, &k), tensor_from(&ctx, t, &shape, &v));
+        k_all.extend(decode(t, &k_raw.read_bytes().unwrap(), k.len()));
+        v_all.extend(decode(t, &v_raw.read_bytes().unwrap(), v.len()));
+        let m: Vec<f32> = (0..n_q)
+            .flat_map(|qi| (0..cells).map(move |j| if visible(qi, i, j) { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        for (qi, row) in m.chunks(cells).enumerate() {
+            mask_all[qi].extend_from_slice(row);
+        }
+        let mask = tensor_from(&ctx, DType::F16, &[cells as i64, n_q as i64], &m);
+        let (k, v) = (ctx.permute(k_raw, [0, 2, 1, 3]).unwrap(), ctx.permute(v_raw, [0, 2, 1, 3]).unwrap());
+        sources.push(ggml::AttentionSource { k, v, mask });
+    }
+    let out = ctx.split_attention_over(qt, &sources, 0.125).unwrap();
+    let mut graph = ctx.new_graph(64).unwrap();
+    graph.expand(out).unwrap();
+    Backend::cpu(2).unwrap().compute(&graph).unwrap();
+    let c = Case { hd, n_q, n_kv, live: n_kv, n_head, n_head_kv };
+    let mask: Vec<f32> = mask_all.concat();
+    let err = worst_relative(&out.read_f32().unwrap(), &naive(&c, &q, &k_all, &v_all, &mask), &v_all);
+    assert!(err < 2e-5, "{err:.2e}");
+    assert!(ctx.split_attention_over(qt, &[], 0.125).is_err(), "no sources");
+}

@@ -9,7 +9,7 @@ use crate::llama::LlamaModel;
 use crate::{CacheType, Logits};
 
 /// Graph nodes each sequence of a batched step adds per block, at most.
-pub(crate) const PER_SEQUENCE_NODES: usize = 48;
+pub(crate) const PER_SEQUENCE_NODES: usize = 64;
 
 /// One sequence's part of a step: its cache, the tokens that follow what it holds, and which logits
 /// it wants back.
@@ -252,7 +252,7 @@ impl TextEngine {
             self.kept = Some(KeptStep { key, track_attention: track, graph });
         }
         let graph = &self.kept.as_ref().expect("set above").graph;
-        let step = StepTensors::lookup(graph, caches.len(), self.model.transformer.freq_factors().is_some(), shapes, track)?;
+        let step = StepTensors::lookup(graph, caches, self.model.transformer.freq_factors().is_some(), shapes, track)?;
         step.write_inputs(&self.model, caches, shapes, tokens, cells)?;
         match self.profile.as_mut() {
             Some(times) => times.extend(graph.profile(&self.backend)?),
@@ -327,10 +327,10 @@ fn build_step<'c>(
 
 impl<'c> StepTensors<'c> {
     /// Finds the named inputs and outputs of a kept graph.
-    fn lookup(graph: &'c ReusableGraph, n_seq: usize, has_freq_factors: bool, shapes: &[SequenceShape], track: bool) -> Result<Self> {
+    fn lookup(graph: &'c ReusableGraph, caches: &[&KvCache], has_freq_factors: bool, shapes: &[SequenceShape], track: bool) -> Result<Self> {
         Ok(StepTensors {
             tokens: graph.tensor("tokens")?,
-            inputs: BatchInputs::lookup(graph, n_seq, has_freq_factors)?,
+            inputs: BatchInputs::lookup(graph, caches, has_freq_factors)?,
             output_rows: if needs_output_rows(shapes) { Some(graph.tensor("output_rows")?) } else { None },
             logits: graph.tensor("logits")?,
             attention_mass: if track { Some(graph.tensor("attn_mass")?) } else { None },

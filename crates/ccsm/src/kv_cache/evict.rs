@@ -89,7 +89,7 @@ impl KvCache {
                 move_row(v, from, to, v_row)?;
             }
         }
-        self.keep_metadata(&kept);
+        self.keep_metadata(&kept)?;
         Ok(evicted)
     }
 
@@ -119,8 +119,7 @@ impl KvCache {
             self.layers[l].v = v_store;
         }
         self.config.capacity = capacity;
-        self.keep_metadata(&kept);
-        Ok(())
+        self.keep_metadata(&kept)
     }
 
     /// Bytes of one row of layer `layer`'s K and V.
@@ -129,10 +128,16 @@ impl KvCache {
         Ok((types.k.dtype().row_size(n)?, types.v.dtype().row_size(n)?))
     }
 
-    /// Positions and scores of the kept cells, in order; the next position is unchanged.
-    fn keep_metadata(&mut self, kept: &[usize]) {
+    /// Positions and scores of the kept cells, in order (the next position is unchanged), and the
+    /// recent window's rows of those still among the newest.
+    fn keep_metadata(&mut self, kept: &[usize]) -> Result<()> {
         self.positions = kept.iter().map(|&c| self.positions[c]).collect();
         self.scores = kept.iter().map(|&c| self.scores[c]).collect();
+        let row = ggml::DType::F16.row_size(self.width())?;
+        match self.recent.as_mut() {
+            Some(r) => r.remap(kept, row),
+            None => Ok(()),
+        }
     }
 }
 

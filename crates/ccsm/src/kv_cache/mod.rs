@@ -7,10 +7,12 @@
 
 mod evict;
 mod layout;
+mod recent;
 mod rotation;
 
 pub use evict::EvictionPolicy;
 pub use layout::{Half, KvLayout, LayerTypes};
+pub use recent::StepMasks;
 pub use rotation::{hadamard_matrix, rotate_heads, Rotation};
 
 use std::ops::Range;
@@ -51,18 +53,25 @@ pub struct KvCacheConfig {
     pub v_type: CacheType,
     /// Per-layer types (a mixed-precision cache); `None`: every layer is `k_type`/`v_type`.
     pub layout: Option<KvLayout>,
+    /// Cells of the recent window kept in f16 beside the typed rows (0: none; see `recent`).
+    pub recent: usize,
 }
 
 impl KvCacheConfig {
     /// A cache whose every layer stores K as `k_type` and V as `v_type`.
     pub fn uniform(n_layer: usize, head_dim: usize, n_head_kv: usize, capacity: usize, k_type: CacheType, v_type: CacheType) -> Self {
-        KvCacheConfig { n_layer, head_dim, n_head_kv, capacity, k_type, v_type, layout: None }
+        KvCacheConfig { n_layer, head_dim, n_head_kv, capacity, k_type, v_type, layout: None, recent: 0 }
     }
 
     /// This shape with each layer typed by `layout` (checked by `validate`: one entry per layer).
     pub fn with_layout(self, layout: KvLayout) -> Self {
         let first = layout.layers().first().copied().unwrap_or(LayerTypes::new(self.k_type, self.v_type));
         KvCacheConfig { k_type: first.k, v_type: first.v, layout: Some(layout), ..self }
+    }
+
+    /// This cache with a recent window of `cells` f16 cells (0: none).
+    pub fn with_recent(self, cells: usize) -> Self {
+        KvCacheConfig { recent: cells, ..self }
     }
 
     /// This shape with every layer stored as `k_type`/`v_type`.
@@ -165,7 +174,24 @@ impl KvCacheConfig {
                 per_cell = per_cell.checked_add(row(t)?).ok_or_else(|| self.overflow())?;
             }
         }
-        per_cell.checked_mul(self.capacity).ok_or_else(|| self.overflow())
+        let ring = self.checked_recent_bytes()?;
+        per_cell.checked_mul(self.capacity).and_then(|b| b.checked_add(ring)).ok_or_else(|| self.overflow())
+    }
+
+    fn checked_recent_bytes(&self) -> Result<usize> {
+        let row = CacheType::F16.dtype().row_size(self.n_embd_kv()?).map_err(|_| self.overflow())?;
+        row.checked_mul(2 * self.n_layer).and_then(|b| b.checked_mul(self.recent)).ok_or_else(|| self.overflow())
+    }
+
+    /// Bytes of the recent window's f16 rings (every layer's K and V).
+    pub fn recent_bytes(&self) -> Result<usize> {
+        self.validate()?;
+        self.checked_recent_bytes()
+    }
+
+    /// Bytes of one cell in every layer's K and V (the recent window, a fixed cost, left out).
+    pub fn cell_bytes(&self) -> Result<usize> {
+        KvCacheConfig { capacity: 1, recent: 0, ..self.clone() }.bytes()
     }
 
     /// Bytes the cache allocates: 2 tensors per layer, rows sized by each type's block math.
@@ -194,6 +220,8 @@ pub struct KvCache {
     /// The F32 `[head_dim, head_dim]` Hadamard matrix graphs rotate with, while a half is rotated.
     hadamard: Option<(TensorStore, TensorId)>,
     attention: AttentionChoice,
+    /// The newest cells again in f16, when the config asks for a window.
+    recent: Option<recent::RecentWindow>,
     /// Unique among the caches of this process (kept graphs of batched steps are keyed by it).
     id: u64,
 }
@@ -257,6 +285,10 @@ impl KvCache {
             layers.push(LayerCache { k, v });
         }
         let tensor = tensor.expect("n_layer > 0 was validated");
+        let recent = match config.recent {
+            0 => None,
+            cells => Some(recent::RecentWindow::new(config.n_layer, config.n_embd_kv()?, cells)?),
+        };
         let mut cache = KvCache {
             config,
             layers,
@@ -267,6 +299,7 @@ impl KvCache {
             rotation,
             hadamard: None,
             attention: AttentionChoice::Auto,
+            recent,
             id: NEXT_CACHE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         };
         cache.update_hadamard()?;
@@ -379,11 +412,16 @@ impl KvCache {
         self.positions.clear();
         self.scores.clear();
         self.next_position = 0;
+        if let Some(r) = self.recent.as_mut() {
+            r.clear();
+        }
     }
 
-    /// Exact bytes held by the K and V tensors of every layer (ggml_nbytes of each).
+    /// Exact bytes held by the K and V tensors of every layer and the recent window's rings
+    /// (ggml_nbytes of each).
     pub fn memory_usage(&self) -> usize {
-        self.layers.iter().map(|l| l.k.get(self.tensor).nbytes() + l.v.get(self.tensor).nbytes()).sum()
+        let ring = self.recent.as_ref().map_or(0, |r| r.memory_usage());
+        ring + self.layers.iter().map(|l| l.k.get(self.tensor).nbytes() + l.v.get(self.tensor).nbytes()).sum::<usize>()
     }
 
     /// Reserves the next `n` cells for tokens at the next `n` positions; returns the cell range.
@@ -397,6 +435,9 @@ impl KvCache {
         self.positions.extend((0..n as i32).map(|i| first + i));
         self.scores.resize(self.positions.len(), 0.0);
         self.next_position = first + n as i32;
+        if let Some(r) = self.recent.as_mut() {
+            r.on_append(start..start + n);
+        }
         Ok(start..start + n)
     }
 
@@ -405,6 +446,9 @@ impl KvCache {
         self.positions.truncate(len);
         self.scores.truncate(len);
         self.next_position = self.positions.last().map_or(0, |p| p + 1);
+        if let Some(r) = self.recent.as_mut() {
+            r.on_truncate(len);
+        }
     }
 
     /// Cell indices of `cells` in the form `store_k`/`store_v` take them.
@@ -479,6 +523,9 @@ impl KvCache {
                 };
                 convert_rows(slot.get(self.tensor), store.get(id), from, to, n_embd, len, rotate.then_some(hd))
                     .map_err(|e| e.in_layer(l, half))?;
+                if let Some(r) = self.recent.as_ref().filter(|_| rotate) {
+                    r.rotate(l, half, n_embd, hd).map_err(|e| e.in_layer(l, half))?;
+                }
                 let old_bytes = slot.get(self.tensor).nbytes();
                 *slot = store;
                 live = live + new_bytes - old_bytes;

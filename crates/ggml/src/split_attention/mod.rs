@@ -34,13 +34,67 @@ const PARTIALS_BYTES: i64 = 16 << 20;
 /// so a few more parts than threads keep them balanced.
 const MIN_PARTS: i64 = 8;
 
+/// One set of cells attention reads: K `[hd, n_kv, n_head_kv]`, V `[hd_v, n_kv, n_head_kv]` (any row
+/// type ggml dequantizes; views with any strides) and its f16 mask `[n_kv, >= n_q]`.
+#[derive(Clone, Copy)]
+pub struct AttentionSource<'c> {
+    pub k: Tensor<'c>,
+    pub v: Tensor<'c>,
+    pub mask: Tensor<'c>,
+}
+
 impl Context {
     /// `softmax(q kᵀ · scale + mask) v` for few query rows, with the shapes and result layout of
     /// `flash_attn_ext`: q `[hd, n_q, n_head]` f32, k `[hd, n_kv, n_head_kv]`, v `[hd_v, n_kv, n_head_kv]`
     /// (any row type ggml dequantizes; views with any strides), mask f16 `[n_kv, >= n_q]`; result
     /// `[hd_v, n_head, n_q]`. The cells are split into parts computed in parallel and merged.
     pub fn split_attention<'c>(&'c self, q: Tensor<'c>, k: Tensor<'c>, v: Tensor<'c>, mask: Tensor<'c>, scale: f32) -> Result<Tensor<'c>> {
+        self.split_attention_over(q, &[AttentionSource { k, v, mask }], scale)
+    }
+
+    /// `split_attention` over the union of several sets of cells (each in its own type, under its
+    /// own mask), as one softmax: each source's parts are computed alone, and one merge combines them.
+    pub fn split_attention_over<'c>(&'c self, q: Tensor<'c>, sources: &[AttentionSource<'c>], scale: f32) -> Result<Tensor<'c>> {
         const OP: &str = "split_attention";
+        let first = sources.first().ok_or_else(|| Error::shape(OP, "at least one source of cells", &[q.shape()]))?;
+        let mut joined: Option<Tensor<'c>> = None;
+        for s in sources {
+            if s.k.ne(2) != first.k.ne(2) || s.v.ne(0) != first.v.ne(0) {
+                return Err(Error::shape(OP, "sources differ in kv heads or value width", &[first.k.shape(), s.k.shape(), s.v.shape()]));
+            }
+            let partials = self.attention_partials(q, *s, scale)?;
+            joined = Some(match joined {
+                Some(prev) => self.concat(prev, partials, 3)?,
+                None => partials,
+            });
+        }
+        let partials = joined.expect("one source at least");
+        let hd_v = first.v.ne(0);
+        let mut args = [partials.raw()];
+        self.reserve_headers(OP)?;
+        // SAFETY: one live f32 source of shape [2 + hd_v, n_head, n_q, parts], as `merge_kernel` reads.
+        let out = unsafe {
+            sys::ggml_custom_4d(
+                self.raw(),
+                DType::F32.to_sys(),
+                hd_v,
+                q.ne(2),
+                q.ne(1),
+                1,
+                args.as_mut_ptr(),
+                1,
+                Some(merge_kernel),
+                -1,
+                std::ptr::null_mut(),
+            )
+        };
+        self.wrap(out, OP)
+    }
+
+    /// The partials node of one source: `[2 + hd_v, n_head, n_q, parts]` (max, sum, Σ weight·v).
+    fn attention_partials<'c>(&'c self, q: Tensor<'c>, source: AttentionSource<'c>, scale: f32) -> Result<Tensor<'c>> {
+        const OP: &str = "split_attention";
+        let AttentionSource { k, v, mask } = source;
         crate::ops::check_attention(OP, q, k, v, Some(mask), scale)?;
         let sm = mask.shape();
         if q.ne(3) != 1 || sm[2] != 1 || sm[3] != 1 {
@@ -76,26 +130,7 @@ impl Context {
                 userdata,
             )
         };
-        let partials = self.wrap(partials, OP)?.set_name("attn_partials");
-        let mut args = [partials.raw()];
-        self.reserve_headers(OP)?;
-        // SAFETY: one live f32 source of shape [2 + hd_v, n_head, n_q, parts], as `merge_kernel` reads.
-        let out = unsafe {
-            sys::ggml_custom_4d(
-                self.raw(),
-                DType::F32.to_sys(),
-                hd_v,
-                n_head,
-                n_q,
-                1,
-                args.as_mut_ptr(),
-                1,
-                Some(merge_kernel),
-                -1,
-                std::ptr::null_mut(),
-            )
-        };
-        self.wrap(out, OP)
+        Ok(self.wrap(partials, OP)?.set_name("attn_partials"))
     }
 }
 

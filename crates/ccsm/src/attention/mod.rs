@@ -3,6 +3,8 @@
 //! transformer of the engine (the Llama stacks, Mimi's decoder transformer); the blocks around it
 //! (norms, projections, RoPE, residuals) are each model's own.
 
+mod recent;
+
 use ggml::{Context, DType, Graph, Tensor, TensorStore};
 
 use crate::error::Result;
@@ -32,6 +34,46 @@ pub struct SequenceInputs<'c> {
     pub cells: Tensor<'c>,
     /// F16 `[n_kv, n_rows]`: the rows' additive mask over the cache's first `n_kv` cells.
     pub mask: Tensor<'c>,
+    /// When the cache keeps a recent window: where the rows go in it, and what each row reads there.
+    pub recent: Option<RecentInputs<'c>>,
+}
+
+/// The inputs of a step over a cache with a recent window (see `KvCache::step_masks`).
+#[derive(Clone, Copy)]
+pub struct RecentInputs<'c> {
+    /// I64 `[m]`: the ring slots of the step's last `m` rows.
+    pub slots: Tensor<'c>,
+    /// F16 `[n_rows, n_rows]`: each row's mask over the step's own rows.
+    pub step_mask: Tensor<'c>,
+    /// F16 `[recent cells, n_rows]`: each row's mask over the ring.
+    pub ring_mask: Tensor<'c>,
+}
+
+impl<'c> RecentInputs<'c> {
+    /// New inputs (named `recent_slots.{i}`, `step_mask.{i}`, `ring_mask.{i}`) for `rows` rows over `cache`.
+    fn new(ctx: &'c Context, cache: &KvCache, rows: usize, i: usize) -> Result<Option<Self>> {
+        let cells = cache.recent_cells();
+        if cells == 0 {
+            return Ok(None);
+        }
+        let input = |t: DType, shape: &[i64], name: &str| -> Result<Tensor<'c>> { Ok(ctx.new_tensor(t, shape)?.set_input().set_name(name)) };
+        Ok(Some(RecentInputs {
+            slots: input(DType::I64, &[rows.min(cells) as i64], &format!("recent_slots.{i}"))?,
+            step_mask: input(DType::F16, &[rows as i64, rows as i64], &format!("step_mask.{i}"))?,
+            ring_mask: input(DType::F16, &[cells as i64, rows as i64], &format!("ring_mask.{i}"))?,
+        }))
+    }
+
+    fn lookup(graph: &'c ggml::ReusableGraph, cache: &KvCache, i: usize) -> Result<Option<Self>> {
+        if cache.recent_cells() == 0 {
+            return Ok(None);
+        }
+        Ok(Some(RecentInputs {
+            slots: graph.tensor(&format!("recent_slots.{i}"))?,
+            step_mask: graph.tensor(&format!("step_mask.{i}"))?,
+            ring_mask: graph.tensor(&format!("ring_mask.{i}"))?,
+        }))
+    }
 }
 
 /// The inputs of a step over several sequences: every row's position, each sequence's cells and mask
@@ -39,8 +81,8 @@ pub struct SequenceInputs<'c> {
 pub struct BatchInputs<'c> {
     pub positions: Tensor<'c>,
     pub freq_factors: Option<Tensor<'c>>,
-    /// Per sequence: cells `[n_rows]` and mask `[n_kv, n_rows]`.
-    pub sequences: Vec<(Tensor<'c>, Tensor<'c>)>,
+    /// Per sequence: cells `[n_rows]`, mask `[n_kv, n_rows]` and, over a recent window, its inputs.
+    pub sequences: Vec<(Tensor<'c>, Tensor<'c>, Option<RecentInputs<'c>>)>,
 }
 
 impl<'c> BatchInputs<'c> {
@@ -59,17 +101,23 @@ impl<'c> BatchInputs<'c> {
         for (i, (cache, &(rows, n_kv))) in caches.iter().zip(parts).enumerate() {
             let cells = ctx.new_tensor(DType::I64, &[rows as i64])?.set_input().set_name(&format!("cells.{i}"));
             let mask = ctx.new_tensor(DType::F16, &[n_kv as i64, rows as i64])?.set_input().set_name(&format!("mask.{i}"));
-            sequences.push(SequenceInputs { cache, first_row, n_rows: rows, cells, mask });
-            tensors.push((cells, mask));
+            let recent = RecentInputs::new(ctx, cache, rows, i)?;
+            sequences.push(SequenceInputs { cache, first_row, n_rows: rows, cells, mask, recent });
+            tensors.push((cells, mask, recent));
             first_row += rows;
         }
         Ok((BatchInputs { positions, freq_factors, sequences: tensors }, sequences))
     }
 
-    /// The same inputs of a kept graph, by name.
-    pub fn lookup(graph: &'c ggml::ReusableGraph, n_seq: usize, has_freq_factors: bool) -> Result<Self> {
-        let sequences = (0..n_seq)
-            .map(|i| Ok((graph.tensor(&format!("cells.{i}"))?, graph.tensor(&format!("mask.{i}"))?)))
+    /// The same inputs of a kept graph over `caches`, by name.
+    pub fn lookup(graph: &'c ggml::ReusableGraph, caches: &[&KvCache], has_freq_factors: bool) -> Result<Self> {
+        let sequences = caches
+            .iter()
+            .enumerate()
+            .map(|(i, cache)| {
+                let recent = RecentInputs::lookup(graph, cache, i)?;
+                Ok((graph.tensor(&format!("cells.{i}"))?, graph.tensor(&format!("mask.{i}"))?, recent))
+            })
             .collect::<Result<Vec<_>>>()?;
         let freq_factors = if has_freq_factors { Some(graph.tensor("rope_freq_factors")?) } else { None };
         Ok(BatchInputs { positions: graph.tensor("positions")?, freq_factors, sequences })
@@ -78,11 +126,20 @@ impl<'c> BatchInputs<'c> {
     /// Fills them for rows stored at `cells[i]` of `caches[i]` (`freq_factors`: the stack's RoPE divisors).
     pub fn write(&self, freq_factors: Option<&[f32]>, caches: &[&KvCache], cells: &[std::ops::Range<usize>]) -> Result<()> {
         let mut positions = Vec::new();
-        for ((cache, cells), (cells_t, mask_t)) in caches.iter().zip(cells).zip(&self.sequences) {
+        for ((cache, cells), (cells_t, mask_t, recent)) in caches.iter().zip(cells).zip(&self.sequences) {
             let p = &cache.positions()[cells.clone()];
             positions.extend_from_slice(p);
             cells_t.write_i64(&KvCache::cell_indices(cells.clone()))?;
-            mask_t.write_f32(&cache.attention_mask(p, mask_t.ne(0) as usize))?;
+            match recent {
+                Some(r) => {
+                    let masks = cache.step_masks(cells.clone(), mask_t.ne(0) as usize);
+                    mask_t.write_f32(&masks.cache)?;
+                    r.step_mask.write_f32(&masks.step)?;
+                    r.ring_mask.write_f32(&masks.ring)?;
+                    r.slots.write_i64(&cache.recent_slots(cells.clone()))?;
+                }
+                None => mask_t.write_f32(&cache.attention_mask(p, mask_t.ne(0) as usize))?,
+            }
         }
         self.positions.write_i32(&positions)?;
         if let (Some(t), Some(f)) = (self.freq_factors, freq_factors) {
@@ -200,8 +257,9 @@ pub fn over_cache<'c>(
     v: Tensor<'c>,
 ) -> Result<Tensor<'c>> {
     if s.sequences.len() <= 1 {
-        let (cache, cells, mask) = (s.cache, s.inputs.cells, s.inputs.mask);
-        return over_one_cache(s, cache, cells, mask, layer, shape, [q, k, v]);
+        let recent = s.sequences.first().and_then(|seq| seq.recent);
+        let seq = SequenceInputs { cache: s.cache, first_row: 0, n_rows: q.ne(2) as usize, cells: s.inputs.cells, mask: s.inputs.mask, recent };
+        return over_one_cache(s, seq, layer, shape, [q, k, v]);
     }
     // A batched step: each sequence's columns of q, k and v attend over its own cache; the outputs
     // are joined back in row order.
@@ -215,7 +273,7 @@ pub fn over_cache<'c>(
             ne[dims - 1] = seq.n_rows as i64;
             Ok(ctx.view(t, &ne, strides, seq.first_row * strides[dims - 2])?)
         };
-        let out = over_one_cache(s, seq.cache, seq.cells, seq.mask, layer, shape, [cols(q, 3)?, cols(k, 3)?, cols(v, 2)?])?;
+        let out = over_one_cache(s, seq, layer, shape, [cols(q, 3)?, cols(k, 3)?, cols(v, 2)?])?;
         joined = Some(match joined {
             Some(prev) => ctx.concat(prev, out, 1)?,
             None => out,
@@ -224,17 +282,16 @@ pub fn over_cache<'c>(
     joined.ok_or(crate::Error::EmptyInput("a step over no sequences"))
 }
 
-/// `over_cache` for the rows of one sequence: stores them in `cache` at `cells`, then attends under `mask`.
+/// `over_cache` for the rows of one sequence: stores them in its cache at its cells, then attends
+/// under its mask.
 fn over_one_cache<'c>(
     s: &mut BuildScope<'c, '_>,
-    cache: &'c KvCache,
-    cells: Tensor<'c>,
-    mask: Tensor<'c>,
+    seq: SequenceInputs<'c>,
     layer: usize,
     shape: AttentionShape,
     [q, k, v]: [Tensor<'c>; 3],
 ) -> Result<Tensor<'c>> {
-    let ctx = s.ctx;
+    let (ctx, cache, cells, mask) = (s.ctx, seq.cache, seq.cells, seq.mask);
     let (hd, n_head, n_head_kv) = (shape.head_dim as i64, shape.n_head as i64, shape.n_head_kv as i64);
     let n = q.ne(2);
 
@@ -259,6 +316,16 @@ fn over_one_cache<'c>(
     let k_rows = ctx.reshape(if k.is_contiguous() { k } else { ctx.cont(k)? }, &[hd * n_head_kv, n])?;
     s.graph.expand(cache.store_k(ctx, layer, k_rows, cells)?)?;
     s.graph.expand(cache.store_v(ctx, layer, v, cells)?)?;
+    let scale = 1.0 / (shape.head_dim as f32).sqrt();
+    if cache.recent_cells() > 0 {
+        let recent = seq.recent.ok_or_else(|| crate::Error::Invariant("a step over a recent window without its inputs".into()))?;
+        if s.track_attention {
+            return Err(crate::Error::Input("attention tracking (the attention eviction policy) does not cover a recent window".into()));
+        }
+        let v_rows = if v.is_contiguous() { v } else { ctx.cont(v)? };
+        let attended = recent::attend(ctx, s.graph, cache, layer, recent, q, [k_rows, v_rows], mask, scale)?;
+        return Ok(ctx.reshape(rotate(attended, rotate_v)?, &[hd * n_head, n])?);
+    }
 
     let n_kv = mask.ne(0) as usize;
     let path = cache.attention().resolve();
@@ -274,7 +341,6 @@ fn over_one_cache<'c>(
     let keys = ctx.permute(k_view, [0, 2, 1, 3])?;
     let values = ctx.permute(v_view, [0, 2, 1, 3])?;
     let queries = ctx.permute(q, [0, 2, 1, 3])?;
-    let scale = 1.0 / (shape.head_dim as f32).sqrt();
     if s.track_attention {
         s.add_attention_mass(keys, queries, mask, scale)?;
     }
