@@ -48,9 +48,15 @@ pub struct KvLayoutArgs {
     #[arg(long, value_name = "FILE")]
     pub kv_profile: Option<PathBuf>,
 
-    /// --kv-plan's budget as mean bits per cached element (q4_0 = 4.5, q8_0 = 8.5, f16 = 16).
+    /// --kv-plan's budget as mean bits per cached element (q4_0 = 4.5, q8_0 = 8.5, f16 = 16), the
+    /// recent window included.
     #[arg(long, value_name = "B")]
     pub kv_bits: Option<f64>,
+
+    /// Text models: keep each query's newest N cells also in f16 (KIVI's residual window) and read
+    /// older ones in the cache's type. Costs N f16 rows per layer and half, counted in every budget.
+    #[arg(long, value_name = "N")]
+    pub kv_recent: Option<usize>,
 }
 
 /// What the cache options did to a text model.
@@ -64,6 +70,21 @@ impl KvLayoutArgs {
     /// Whether any per-layer option was given (speech models refuse them).
     pub fn any(&self) -> bool {
         self.kv_layout.is_some() || self.kv_plan.is_some() || self.kv_profile.is_some() || self.kv_bits.is_some()
+    }
+
+    /// Whether any option for text caches only was given (per-layer types or the recent window).
+    pub fn any_text_only(&self) -> bool {
+        self.any() || self.kv_recent.is_some()
+    }
+
+    /// Gives the model's cache the --kv-recent window (before planning: budgets count it).
+    pub fn apply_recent(&self, model: &mut GGMLModel) -> Result<()> {
+        let Some(cells) = self.kv_recent else { return Ok(()) };
+        let capacity = model.cache().capacity();
+        if cells > capacity {
+            return Err(UsageError(format!("--kv-recent {cells} exceeds the cache's {capacity} cells (-c)")).into());
+        }
+        Ok(model.set_kv_recent(cells)?)
     }
 
     /// The profile --kv-plan plans with: --kv-profile's, else the model file's.
@@ -103,6 +124,7 @@ impl KvLayoutArgs {
         if self.kv_profile.is_some() && self.kv_plan.is_none() && memory.memory_strategy != Some(MemoryStrategyArg::Plan) {
             return Err(UsageError("--kv-profile goes with --kv-plan auto or --memory-strategy plan".into()).into());
         }
+        self.apply_recent(model)?;
         let mut setup = TextCacheSetup::default();
         if let Some((layout, plan)) = self.fixed_layout(model_path, model.cache().config())? {
             match &plan {
@@ -149,15 +171,19 @@ impl KvLayoutArgs {
     }
 }
 
-/// The cache layout for JSON reports: uniform types, or null and the per-layer list.
+/// The cache layout for JSON reports: uniform types, or null and the per-layer list; bits per element
+/// over every cell, the recent window's rings included.
 pub fn layout_json(cache: &ccsm::kv_cache::KvCache) -> Value {
-    let uniform = cache.config().uniform_types();
+    let c = cache.config();
+    let uniform = c.uniform_types();
     let layout = cache.layout();
+    let elements = (2 * c.n_layer * c.head_dim * c.n_head_kv * c.capacity) as f64;
     json!({
         "k_type": uniform.map(|t| t.k),
         "v_type": uniform.map(|t| t.v),
         "layout": layout.to_string(),
         "layers": if uniform.is_some() { Value::Null } else { serde_json::to_value(&layout).unwrap_or(Value::Null) },
-        "bits_per_element": layout.bits_per_element(),
+        "bits_per_element": cache.memory_usage() as f64 * 8.0 / elements,
+        "recent_cells": cache.recent_cells(),
     })
 }

@@ -117,9 +117,9 @@ pub fn run(args: &GenerateArgs, log: &LogArgs, path: &Path, model: CsmModel) -> 
         generator.set_code_limit(Some(c.model().config().codebook_size));
     }
     args.cache.apply_rotation(&mut generator)?;
-    if args.cache.layers.any() || args.memory.memory_strategy == Some(crate::kv_layout_args::MemoryStrategyArg::Plan) {
+    if args.cache.layers.any_text_only() || args.memory.memory_strategy == Some(crate::kv_layout_args::MemoryStrategyArg::Plan) {
         return Err(UsageError(
-            "per-layer cache types (--kv-layout, --kv-plan, --memory-strategy plan) are for text models; CSM takes --kv-quant/--ctk/--ctv"
+            "per-layer cache types (--kv-layout, --kv-plan, --memory-strategy plan) and --kv-recent are for text models; CSM takes --kv-quant/--ctk/--ctv"
                 .into(),
         )
         .into());

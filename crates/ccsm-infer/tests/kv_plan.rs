@@ -158,3 +158,44 @@ fn plans_without_what_they_need_are_refused() {
         .stderr(predicate::str::contains("for text models"));
     ccsm(&["calibrate", &tiny, "-f", &readme()]).code(2).stderr(predicate::str::contains("needs -o"));
 }
+
+/// --kv-recent N: the rings are allocated and reported, counted in --kv-bits, benched, and refused
+/// where they do not apply.
+#[test]
+fn a_recent_window_is_allocated_counted_and_refused_where_it_does_not_apply() {
+    let tiny = model("tiny-llama.gguf");
+    let out = json(&[&tiny, "-p", "hello", "-n", "3", "-c", "64", "--json", "--kv-quant", "q4_0", "--kv-recent", "16"]);
+    let cache = &out["memory"]["cache"];
+    assert_eq!(cache["recent_cells"], 16);
+    // q4_0 rows: 18 bytes per 32 elements, K and V of 2 layers; rings: 16 f16 rows per layer and half.
+    let rows = 2 * 2 * ROW / 32 * 18 * 64;
+    let rings = 2 * 2 * 16 * ROW * 2;
+    assert_eq!(out["memory"]["kv_bytes"], rows + rings);
+    let bits = cache["bits_per_element"].as_f64().unwrap();
+    assert!((bits - (rows + rings) as f64 * 8.0 / (4 * ROW * 64) as f64).abs() < 1e-9, "{bits}");
+
+    // The planner fits the layout in what the rings leave of --kv-bits.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p.json").display().to_string();
+    ccsm(&["calibrate", &tiny, "-f", &readme(), "-c", "64", "--chunks", "1", "-o", &p]).success();
+    let args = [&tiny, "-p", "x", "-n", "1", "-c", "256", "--json", "--kv-plan", "auto", "--kv-profile", &p, "--kv-bits", "8"];
+    let plain = json(&args);
+    let windowed = json(&[&args[..], &["--kv-recent", "32"]].concat());
+    for out in [&plain, &windowed] {
+        assert!(out["memory"]["cache"]["bits_per_element"].as_f64().unwrap() <= 8.0 + 1e-9);
+        assert_eq!(out["memory"]["ctx_size"], 256);
+    }
+    let layout_bits = |o: &serde_json::Value| {
+        o["memory"]["kv_bytes"].as_f64().unwrap() - o["memory"]["cache"]["recent_cells"].as_f64().unwrap() * 4.0 * ROW as f64 * 2.0
+    };
+    assert!(layout_bits(&windowed) < layout_bits(&plain), "the window's bytes come out of the layout's");
+
+    let out = ccsm(&["bench", &tiny, "-p", "8", "-n", "2", "-r", "1", "-o", "json", "--kv-recent", "4"]).success();
+    let rows: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).unwrap();
+    assert!(rows.as_array().unwrap().iter().all(|r| r["kv_recent"] == 4));
+    ccsm(&[&tiny, "-p", "x", "-n", "1", "-c", "64", "--kv-recent", "65"])
+        .code(2)
+        .stderr(predicate::str::contains("exceeds the cache's 64 cells"));
+    ccsm(&[&model("tiny-csm.gguf"), "-p", "x", "-n", "1", "--kv-recent", "8"]).code(2).stderr(predicate::str::contains("for text models"));
+    ccsm(&["serve", &tiny, "--kv-recent", "8"]).code(2).stderr(predicate::str::contains("keep no recent window"));
+}

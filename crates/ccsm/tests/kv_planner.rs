@@ -112,15 +112,31 @@ proptest! {
         }
     }
 
-    /// A bits-per-element budget is met on average over every cached element.
+    /// A bits-per-element budget is met on average over every cached element, a recent window's
+    /// f16 rings included (the layout gets what they leave).
     #[test]
-    fn bits_budgets_hold(n_layer in 1usize..6, bits in 4.5f64..17.0, costs in proptest::collection::vec(1e-5f64..1e-2, 1..8)) {
+    fn bits_budgets_hold(n_layer in 1usize..6, bits in 4.5f64..17.0, costs in proptest::collection::vec(1e-5f64..1e-2, 1..8), recent in 0usize..40) {
         let shape = ProfileShape { n_layer, head_dim: 64, n_head_kv: 3 };
-        let config = KvCacheConfig::uniform(n_layer, 64, 3, 100, CacheType::F16, CacheType::F16);
-        let plan = kv_plan::plan(&synthetic_profile(shape, &costs), &config, &TYPES, PlanBudget::BitsPerElement(bits)).unwrap();
-        prop_assert!(plan.bits_per_element <= bits + 1e-9, "{} > {bits}", plan.bits_per_element);
+        let config = KvCacheConfig::uniform(n_layer, 64, 3, 100, CacheType::F16, CacheType::F16).with_recent(recent);
         let elements = (2 * n_layer * 64 * 3 * 100) as f64;
-        prop_assert!(plan.bytes as f64 * 8.0 <= bits * elements + 1e-6);
+        let ring = (2 * n_layer * 64 * 3 * 2 * recent) as f64;
+        match kv_plan::plan(&synthetic_profile(shape, &costs), &config, &TYPES, PlanBudget::BitsPerElement(bits)) {
+            Ok(plan) => {
+                prop_assert!(plan.bytes as f64 * 8.0 <= bits * elements + 1e-6);
+                let planned = plan.config(&config);
+                prop_assert_eq!(planned.recent, recent);
+                prop_assert_eq!(planned.bytes().unwrap(), plan.bytes);
+                let per_element = plan.bytes as f64 * 8.0 / (elements / 100.0 * plan.capacity as f64);
+                prop_assert!((plan.bits_per_element - per_element).abs() < 1e-9);
+                if plan.capacity == 100 {
+                    prop_assert!(plan.bits_per_element <= bits + 1e-9, "{} > {bits}", plan.bits_per_element);
+                    // The layout alone fits in what the rings leave.
+                    prop_assert!(plan.layout.bits_per_element() * elements <= bits * elements - ring * 8.0 + 1e-6);
+                }
+            }
+            Err(Error::BudgetTooSmall { budget, minimum, .. }) => prop_assert!(budget < minimum),
+            Err(e) => prop_assert!(false, "{e}"),
+        }
     }
 }
 

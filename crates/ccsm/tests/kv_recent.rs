@@ -189,7 +189,11 @@ fn a_window_over_the_whole_context_gives_full_precision_logits() {
         let mut half = tiny(64, CacheType::F16, 0);
         let mut plain = tiny(64, t, 0);
         for (i, &tok) in prompt.iter().enumerate() {
-            let (w, h, p) = (windowed.eval(&[tok], Logits::Last).unwrap(), half.eval(&[tok], Logits::Last).unwrap(), plain.eval(&[tok], Logits::Last).unwrap());
+            let (w, h, p) = (
+                windowed.eval(&[tok], Logits::Last).unwrap(),
+                half.eval(&[tok], Logits::Last).unwrap(),
+                plain.eval(&[tok], Logits::Last).unwrap(),
+            );
             let (err, quantized) = (relative(&w, &h), relative(&p, &h));
             // The newest cell comes from the step in f32 where the f16 cache rounds it.
             assert!(err < 3e-3, "{t} token {i}: {err:.2e}");

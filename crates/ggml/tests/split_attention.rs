@@ -200,9 +200,8 @@ fn split_attention_over_sources_matches_naive_attention_over_their_union() {
         let (k_raw, v_raw) = (tensor_from(&ctx, t, &shape, &k), tensor_from(&ctx, t, &shape, &v));
         k_all.extend(decode(t, &k_raw.read_bytes().unwrap(), k.len()));
         v_all.extend(decode(t, &v_raw.read_bytes().unwrap(), v.len()));
-        let m: Vec<f32> = (0..n_q)
-            .flat_map(|qi| (0..cells).map(move |j| if visible(qi, i, j) { 0.0 } else { f32::NEG_INFINITY }))
-            .collect();
+        let m: Vec<f32> =
+            (0..n_q).flat_map(|qi| (0..cells).map(move |j| if visible(qi, i, j) { 0.0 } else { f32::NEG_INFINITY })).collect();
         for (qi, row) in m.chunks(cells).enumerate() {
             mask_all[qi].extend_from_slice(row);
         }

@@ -31,6 +31,7 @@ pub fn bench_llama(args: &BenchArgs, log: &LogArgs) -> Result<Vec<BenchRow>> {
             if args.layers.kv_profile.is_some() && args.layers.kv_plan.is_none() {
                 return Err(crate::UsageError("--kv-profile goes with --kv-plan auto".into()).into());
             }
+            args.layers.apply_recent(&mut model)?;
             let layout = args.layers.fixed_layout(&args.model, model.cache().config())?.map(|(layout, _)| layout);
             if args.layers.any() && layout.is_none() {
                 return Err(crate::UsageError("bench takes --kv-layout SPEC or --kv-plan auto --kv-bits B".into()).into());
@@ -75,6 +76,7 @@ pub fn bench_llama(args: &BenchArgs, log: &LogArgs) -> Result<Vec<BenchRow>> {
                 };
                 let mut row = source.row(test, samples, model.kv_memory_usage(), None);
                 row.kv_layout = layout.as_ref().map(|l| l.to_string());
+                row.kv_recent = args.layers.kv_recent.filter(|&n| n > 0);
                 if args.profile {
                     row.profile = Some(profile_one(&mut model, test, args, depth as usize)?);
                 }

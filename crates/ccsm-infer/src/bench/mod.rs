@@ -55,6 +55,9 @@ pub struct BenchRow {
     /// With --kv-layout or --kv-plan: the per-layer layout benched (k_type/v_type are then layer 0's).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kv_layout: Option<String>,
+    /// With --kv-recent: the cells kept in f16 beside the cache's types.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_recent: Option<usize>,
     /// With --profile: time per op kind of one step (or frame, or codec call).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profile: Option<Vec<ccsm::profile::OpTotal>>,
@@ -128,6 +131,7 @@ impl RowSource<'_> {
             peak_rss_bytes: peak_rss(),
             frame_detail,
             kv_layout: None,
+            kv_recent: None,
             profile: None,
         }
     }
@@ -165,8 +169,8 @@ pub(crate) fn mean_stddev(samples: &[f64]) -> (f64, f64) {
 pub fn run(args: &BenchArgs, log: &LogArgs) -> Result<()> {
     let file = ggml::gguf::GgufFile::open(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
     let architecture = file.get::<String>("general.architecture")?;
-    if args.layers.any() && matches!(architecture.as_str(), "csm" | "mimi") {
-        return Err(crate::UsageError("per-layer cache types (--kv-layout, --kv-plan) are for text models".into()).into());
+    if args.layers.any_text_only() && matches!(architecture.as_str(), "csm" | "mimi") {
+        return Err(crate::UsageError("per-layer cache types (--kv-layout, --kv-plan) and --kv-recent are for text models".into()).into());
     }
     let rows = match architecture.as_str() {
         "csm" => csm::bench_csm(args, log, &file)?,
@@ -219,7 +223,8 @@ pub fn markdown(rows: &[BenchRow]) -> String {
             human_bytes(r.size_bytes),
             human_params(r.params),
             r.threads,
-            r.kv_layout.clone().unwrap_or_else(|| format!("{}/{}", r.k_type, r.v_type)),
+            r.kv_layout.clone().unwrap_or_else(|| format!("{}/{}", r.k_type, r.v_type))
+                + &r.kv_recent.map(|n| format!(" +f16×{n}")).unwrap_or_default(),
             // Rows stored rotated get a mark: "q4_0/q4_0 ·H".
             if r.kv_rotated { " ·H" } else { "" },
             // A forced attention path is named: "q8_0/q8_0 ·H split".

@@ -56,7 +56,8 @@ impl<'c> RecentInputs<'c> {
         if cells == 0 {
             return Ok(None);
         }
-        let input = |t: DType, shape: &[i64], name: &str| -> Result<Tensor<'c>> { Ok(ctx.new_tensor(t, shape)?.set_input().set_name(name)) };
+        let input =
+            |t: DType, shape: &[i64], name: &str| -> Result<Tensor<'c>> { Ok(ctx.new_tensor(t, shape)?.set_input().set_name(name)) };
         Ok(Some(RecentInputs {
             slots: input(DType::I64, &[rows.min(cells) as i64], &format!("recent_slots.{i}"))?,
             step_mask: input(DType::F16, &[rows as i64, rows as i64], &format!("step_mask.{i}"))?,
@@ -258,7 +259,8 @@ pub fn over_cache<'c>(
 ) -> Result<Tensor<'c>> {
     if s.sequences.len() <= 1 {
         let recent = s.sequences.first().and_then(|seq| seq.recent);
-        let seq = SequenceInputs { cache: s.cache, first_row: 0, n_rows: q.ne(2) as usize, cells: s.inputs.cells, mask: s.inputs.mask, recent };
+        let seq =
+            SequenceInputs { cache: s.cache, first_row: 0, n_rows: q.ne(2) as usize, cells: s.inputs.cells, mask: s.inputs.mask, recent };
         return over_one_cache(s, seq, layer, shape, [q, k, v]);
     }
     // A batched step: each sequence's columns of q, k and v attend over its own cache; the outputs

@@ -327,7 +327,13 @@ fn build_step<'c>(
 
 impl<'c> StepTensors<'c> {
     /// Finds the named inputs and outputs of a kept graph.
-    fn lookup(graph: &'c ReusableGraph, caches: &[&KvCache], has_freq_factors: bool, shapes: &[SequenceShape], track: bool) -> Result<Self> {
+    fn lookup(
+        graph: &'c ReusableGraph,
+        caches: &[&KvCache],
+        has_freq_factors: bool,
+        shapes: &[SequenceShape],
+        track: bool,
+    ) -> Result<Self> {
         Ok(StepTensors {
             tokens: graph.tensor("tokens")?,
             inputs: BatchInputs::lookup(graph, caches, has_freq_factors)?,

@@ -182,7 +182,14 @@ impl KvCache {
     }
 
     /// A node storing `rows` `[n_embd_kv, m]` (f32) into layer `layer`'s `half` ring at the I64 `slots`.
-    pub fn store_recent<'c>(&'c self, ctx: &'c Context, layer: usize, half: Half, rows: Tensor<'c>, slots: Tensor<'c>) -> Result<Tensor<'c>> {
+    pub fn store_recent<'c>(
+        &'c self,
+        ctx: &'c Context,
+        layer: usize,
+        half: Half,
+        rows: Tensor<'c>,
+        slots: Tensor<'c>,
+    ) -> Result<Tensor<'c>> {
         let r = self.recent.as_ref().ok_or_else(|| Error::Invariant("a recent-window store on a cache without one".into()))?;
         Ok(ctx.set_rows(r.tensor(layer, half), rows, slots)?)
     }

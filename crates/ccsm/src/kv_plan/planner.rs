@@ -100,15 +100,18 @@ pub fn plan(profile: &SensitivityProfile, shape: &KvCacheConfig, candidates: &[C
         PlanBudget::BitsPerElement(bits) => (bits * elements_per_cell / 8.0 * shape.capacity as f64).floor() as usize,
         PlanBudget::Bytes(bytes) => bytes,
     };
-    let full = bytes / shape.capacity.max(1) / unit;
+    // The recent window's rings are a fixed cost; the layout gets what they leave.
+    let ring = shape.recent_bytes()?;
+    let cells_bytes = bytes.checked_sub(ring).ok_or(Error::BudgetTooSmall { budget: bytes, minimum: ring, min_cells: 0 })?;
+    let full = cells_bytes / shape.capacity.max(1) / unit;
     let (capacity, cell_units) = if full >= min_units {
         (shape.capacity, full)
     } else {
         // Even the smallest layout does not fit every cell: keep as many cells as it allows.
-        let cells = bytes / (min_units * unit);
+        let cells = cells_bytes / (min_units * unit);
         let least = shape.capacity.min(MIN_CELLS);
         if cells < least {
-            return Err(Error::BudgetTooSmall { budget: bytes, minimum: least * min_units * unit, min_cells: least });
+            return Err(Error::BudgetTooSmall { budget: bytes, minimum: ring + least * min_units * unit, min_cells: least });
         }
         (cells, min_units)
     };
@@ -143,7 +146,8 @@ pub fn plan(profile: &SensitivityProfile, shape: &KvCacheConfig, candidates: &[C
     }
     Ok(KvPlan {
         spec: layout.to_string(),
-        bits_per_element: layout.bits_per_element(),
+        // Over the cells kept, the window included.
+        bits_per_element: planned as f64 * 8.0 / (elements_per_cell * capacity as f64),
         layout,
         capacity,
         bytes: planned,
