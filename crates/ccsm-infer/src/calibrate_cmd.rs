@@ -55,6 +55,11 @@ pub struct CalibrateArgs {
     #[arg(long)]
     pub exhaustive: bool,
 
+    /// Recent windows (--kv-recent) to measure, comma-separated cell counts (one run each, the whole
+    /// cache at the probe type): the planner chooses among them. `0` measures none.
+    #[arg(long, value_name = "CELLS", value_delimiter = ',', default_value = "8,16,32,64")]
+    pub windows: Vec<usize>,
+
     /// Calibrate the model as stored (`native`) or with its weight matrices dequantized to f32
     /// (`f32`, the default): quantized weights make ggml round activations to 8 bits, and then any
     /// change to the cache costs a fixed floor of KL divergence that hides what each layer costs.
@@ -96,6 +101,7 @@ pub fn run(args: &CalibrateArgs, log: &LogArgs) -> Result<()> {
         types: args.types.clone(),
         probe: args.probe,
         exhaustive: args.exhaustive,
+        windows: args.windows.clone(),
         f32_weights: args.weights == WeightsArg::F32,
         text_name: args.file.file_name().map_or_else(|| args.file.display().to_string(), |n| n.to_string_lossy().into_owned()),
     };
@@ -124,6 +130,10 @@ pub fn run(args: &CalibrateArgs, log: &LogArgs) -> Result<()> {
         c.predicted_uniform_probe_kld,
         c.measured_uniform_probe_kld.map_or("-".into(), |m| format!("{m:.5}")),
     ));
+    if !c.windows.is_empty() {
+        let gains: Vec<String> = c.windows.iter().map(|w| format!("{}: {:.5} (x{:.2})", w.cells, w.kld, w.ratio)).collect();
+        output::println(&format!("recent windows at uniform {}: {}", c.probe, gains.join(", ")));
+    }
     Ok(())
 }
 

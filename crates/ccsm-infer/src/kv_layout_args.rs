@@ -114,8 +114,10 @@ impl KvLayoutArgs {
         }
         let Some(bits) = self.kv_bits.filter(|_| self.kv_plan.is_some()) else { return Ok(None) };
         let profile = self.profile(model_path)?;
-        let plan = kv_plan::plan(&profile, config, &[], PlanBudget::BitsPerElement(bits))
-            .map_err(|e| UsageError(format!("--kv-bits {bits}: {e}")))?;
+        // Without --kv-recent the planner also chooses the window (none, or one the profile measured).
+        let planner = if self.kv_recent.is_some() { kv_plan::plan } else { kv_plan::plan_with_window };
+        let plan =
+            planner(&profile, config, &[], PlanBudget::BitsPerElement(bits)).map_err(|e| UsageError(format!("--kv-bits {bits}: {e}")))?;
         Ok(Some((plan.layout.clone(), Some(plan))))
     }
 
@@ -137,8 +139,12 @@ impl KvLayoutArgs {
                     }
                     if !quiet {
                         eprintln!(
-                            "KV plan: {} ({:.3} bits per element, {} of {cells} cells, predicted KLD {:.5})",
-                            p.spec, p.bits_per_element, p.capacity, p.predicted_kld
+                            "KV plan: {}{} ({:.3} bits per element, {} of {cells} cells, predicted KLD {:.5})",
+                            p.spec,
+                            if p.recent > 0 { format!(" + the newest {} cells in f16", p.recent) } else { String::new() },
+                            p.bits_per_element,
+                            p.capacity,
+                            p.predicted_kld
                         );
                     }
                 }

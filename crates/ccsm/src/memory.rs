@@ -283,6 +283,10 @@ pub fn apply_plan(cache: &mut KvCache, name: &str, plan: &KvPlan, policy: Evicti
         cache.resize(plan.capacity, policy)?;
         actions.push(format!("{name}: resized from {from} to {} cells", plan.capacity));
     }
+    if plan.recent != cache.recent_cells() {
+        cache.set_recent(plan.recent)?;
+        actions.push(format!("{name}: a recent window of {} f16 cells", plan.recent));
+    }
     if plan.layout != cache.layout() {
         cache.quantize_layout(plan.layout.clone())?;
         actions.push(format!(

@@ -5,7 +5,7 @@ mod common;
 
 use ccsm::kv_cache::{EvictionPolicy, Half, KvCacheConfig, KvLayout, LayerTypes};
 use ccsm::kv_plan::{
-    self, calibrate, CalibrationOptions, CalibrationRun, HalfCost, PlanBudget, ProfileShape, SensitivityProfile, PROFILE_FORMAT,
+    self, calibrate, CalibrationOptions, CalibrationRun, HalfCost, PlanBudget, ProfileShape, SensitivityProfile, WindowGain, PROFILE_FORMAT,
 };
 use ccsm::llama::LlamaModel;
 use ccsm::memory::Strategy;
@@ -39,6 +39,7 @@ fn synthetic_profile(shape: ProfileShape, costs: &[f64]) -> SensitivityProfile {
             f32_weights: false,
             measured_uniform_probe_kld: None,
             predicted_uniform_probe_kld: 0.0,
+            windows: Vec::new(),
         },
         halves,
     }
@@ -140,6 +141,52 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Choosing the window: the best of planning at each measured window (and none) by brute force over
+    /// them, among plans that keep every cell; within the budget; none without measured windows.
+    #[test]
+    fn the_planner_chooses_the_window_of_least_predicted_kld(
+        n_layer in 1usize..5,
+        bits in 4.0f64..12.0,
+        capacity in 64usize..2048,
+        costs in proptest::collection::vec(1e-5f64..1e-2, 1..8),
+        ratios in proptest::collection::vec(0.05f64..1.0, 3),
+    ) {
+        let shape = ProfileShape { n_layer, head_dim: 64, n_head_kv: 2 };
+        let mut profile = synthetic_profile(shape, &costs);
+        let config = KvCacheConfig::uniform(n_layer, 64, 2, capacity, CacheType::F16, CacheType::F16);
+        let budget = PlanBudget::BitsPerElement(bits);
+        let bytes = (bits * (2 * n_layer * 128 * capacity) as f64 / 8.0).floor() as usize;
+        let none = kv_plan::plan_with_window(&profile, &config, &TYPES, budget);
+        if let Ok(p) = &none {
+            prop_assert_eq!(p.recent, 0, "no window was measured");
+        }
+        profile.calibration.windows =
+            [8, 32, 128].iter().zip(&ratios).map(|(&cells, &ratio)| WindowGain { cells, kld: ratio, ratio }).collect();
+        match kv_plan::plan_with_window(&profile, &config, &TYPES, budget) {
+            Ok(chosen) => {
+                prop_assert!(chosen.bytes <= bytes, "{} > {bytes}", chosen.bytes);
+                prop_assert_eq!(chosen.config(&config).bytes().unwrap(), chosen.bytes);
+                for cells in [0, 8, 32, 128].into_iter().filter(|&c| c < capacity) {
+                    let Ok(p) = kv_plan::plan(&profile, &config.clone().with_recent(cells), &TYPES, budget) else { continue };
+                    if p.capacity == capacity {
+                        prop_assert_eq!(chosen.capacity, capacity, "a window of {} keeps every cell", cells);
+                        prop_assert!(chosen.predicted_kld <= p.predicted_kld + 1e-15, "window {}: {} < chosen {}", cells, p.predicted_kld, chosen.predicted_kld);
+                    }
+                }
+                if chosen.recent > 0 {
+                    let ratio = profile.window_ratio(chosen.recent).unwrap();
+                    let unscaled = kv_plan::predicted_kld(&profile, &chosen.layout).unwrap();
+                    prop_assert!((chosen.predicted_kld - unscaled * ratio).abs() < 1e-12, "the window's factor scales the cost");
+                }
+            }
+            Err(e) => prop_assert!(none.is_err(), "{e}, though planning without a window succeeds"),
+        }
+    }
+}
+
 #[test]
 fn budgets_below_the_smallest_layout_are_refused_or_keep_fewer_cells() {
     let shape = ProfileShape { n_layer: 2, head_dim: 64, n_head_kv: 2 };
@@ -201,6 +248,16 @@ fn calibration_proxy_tracks_direct_measurement() {
         c.predicted_uniform_probe_kld,
         c.measured_uniform_probe_kld
     );
+    // Windows, measured over the whole probe cache: each moves the KLD toward the f32 cache, longer ones
+    // further, and the ratio is the KLD over the unwindowed one's.
+    let cells: Vec<usize> = c.windows.iter().map(|w| w.cells).collect();
+    assert_eq!(cells, [8, 16, 32, 64]);
+    let whole = c.measured_uniform_probe_kld.unwrap();
+    for w in &c.windows {
+        assert!(w.kld < whole && (w.ratio - w.kld / whole).abs() < 1e-12, "{w:?} vs {whole}");
+    }
+    assert!(c.windows.windows(2).all(|p| p[1].kld < p[0].kld), "{:?}", c.windows);
+    assert_eq!(m.cache().recent_cells(), 0, "calibration restores the window");
 }
 
 /// The memory optimizer's plan strategy: within budget, the planned layout applied, cells kept.

@@ -32,12 +32,16 @@ pub fn bench_llama(args: &BenchArgs, log: &LogArgs) -> Result<Vec<BenchRow>> {
                 return Err(crate::UsageError("--kv-profile goes with --kv-plan auto".into()).into());
             }
             args.layers.apply_recent(&mut model)?;
-            let layout = args.layers.fixed_layout(&args.model, model.cache().config())?.map(|(layout, _)| layout);
-            if args.layers.any() && layout.is_none() {
+            let fixed = args.layers.fixed_layout(&args.model, model.cache().config())?;
+            if args.layers.any() && fixed.is_none() {
                 return Err(crate::UsageError("bench takes --kv-layout SPEC or --kv-plan auto --kv-bits B".into()).into());
             }
-            if let Some(layout) = &layout {
-                model.quantize_kv_layout(layout.clone())?;
+            let layout = fixed.as_ref().map(|(layout, _)| layout.clone());
+            if let Some((layout, plan)) = fixed {
+                model.quantize_kv_layout(layout)?;
+                if let Some(p) = plan.filter(|p| p.recent != model.cache().recent_cells()) {
+                    model.set_kv_recent(p.recent)?;
+                }
             }
             model.set_attention(attention);
             reset_peak_rss();
@@ -76,7 +80,7 @@ pub fn bench_llama(args: &BenchArgs, log: &LogArgs) -> Result<Vec<BenchRow>> {
                 };
                 let mut row = source.row(test, samples, model.kv_memory_usage(), None);
                 row.kv_layout = layout.as_ref().map(|l| l.to_string());
-                row.kv_recent = args.layers.kv_recent.filter(|&n| n > 0);
+                row.kv_recent = Some(model.cache().recent_cells()).filter(|&n| n > 0);
                 if args.profile {
                     row.profile = Some(profile_one(&mut model, test, args, depth as usize)?);
                 }

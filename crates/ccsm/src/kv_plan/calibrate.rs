@@ -7,7 +7,7 @@
 //! perturbation with the stored rows' error): one run per half instead of one per half and type.
 //! `exhaustive` measures every type directly instead, which is how the proxy is checked.
 
-use super::sensitivity::{CalibrationRun, HalfCost, ProfileShape, SensitivityProfile, PROFILE_FORMAT};
+use super::sensitivity::{CalibrationRun, HalfCost, ProfileShape, SensitivityProfile, WindowGain, PROFILE_FORMAT};
 use crate::error::{Error, Result};
 use crate::kv_cache::{rotate_heads, Half, KvLayout, LayerTypes, Rotation};
 use crate::model::GGMLModel;
@@ -30,6 +30,9 @@ pub struct CalibrationOptions {
     pub text_name: String,
     /// Whether the model's weights were dequantized to f32 (recorded in the profile).
     pub f32_weights: bool,
+    /// Recent windows to measure (the whole cache at the probe type with each), for the planner's
+    /// choice of window; those not shorter than `ctx` are skipped.
+    pub windows: Vec<usize>,
 }
 
 impl Default for CalibrationOptions {
@@ -51,6 +54,7 @@ impl Default for CalibrationOptions {
             exhaustive: false,
             text_name: String::new(),
             f32_weights: false,
+            windows: vec![8, 16, 32, 64],
         }
     }
 }
@@ -85,7 +89,9 @@ pub fn calibrate(
     let rotation = model.cache().rotation();
     let f32_layout = KvLayout::uniform(config.n_layer, CacheType::F32, CacheType::F32);
     let measured: Vec<CacheType> = if options.exhaustive { options.types.clone() } else { vec![options.probe] };
-    let total = 2 + 2 * config.n_layer * measured.len() + usize::from(!options.exhaustive);
+    let windows: Vec<usize> = options.windows.iter().copied().filter(|&c| c > 0 && c < options.ctx).collect();
+    let whole_run = !options.exhaustive || !windows.is_empty();
+    let total = 2 + 2 * config.n_layer * measured.len() + usize::from(whole_run) + windows.len();
     let mut done = 0;
     let mut step = |n: &mut usize| {
         *n += 1;
@@ -135,14 +141,25 @@ pub fn calibrate(
         }
     }
     let predicted_uniform_probe_kld = halves.iter().map(|h| h.kld.iter().find(|(t, _)| *t == options.probe).map_or(0.0, |(_, c)| *c)).sum();
-    let measured_uniform_probe_kld = if options.exhaustive {
-        None
-    } else {
-        let whole = f32_layout.map(|_| options.probe);
-        let kld = (kld_against(model, tokens, options, &reference, whole)? - floor_kld).max(0.0);
+    let whole = f32_layout.map(|_| options.probe);
+    let whole_kld = if whole_run {
+        let kld = (kld_against(model, tokens, options, &reference, whole.clone())? - floor_kld).max(0.0);
         step(&mut done);
         Some(kld)
+    } else {
+        None
     };
+    // Each window over the same whole-probe cache: its factor on the cost.
+    let mut gains = Vec::with_capacity(windows.len());
+    for &cells in &windows {
+        model.set_kv_recent(cells)?;
+        let kld = (kld_against(model, tokens, options, &reference, whole.clone())? - floor_kld).max(0.0);
+        let base = whole_kld.unwrap_or(0.0);
+        gains.push(WindowGain { cells, kld, ratio: if base > 0.0 { (kld / base).min(1.0) } else { 1.0 } });
+        step(&mut done);
+    }
+    model.set_kv_recent(config.recent)?;
+    let measured_uniform_probe_kld = whole_kld.filter(|_| !options.exhaustive);
     model.quantize_kv_layout(config.kv_layout())?;
     model.set_kv_rotation(rotation)?;
     Ok(SensitivityProfile {
@@ -159,6 +176,7 @@ pub fn calibrate(
             f32_weights: options.f32_weights,
             measured_uniform_probe_kld,
             predicted_uniform_probe_kld,
+            windows: gains,
         },
         halves,
     })

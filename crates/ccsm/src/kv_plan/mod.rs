@@ -7,8 +7,8 @@ mod planner;
 mod sensitivity;
 
 pub use calibrate::{calibrate, relative_mse, CalibrationOptions};
-pub use planner::{plan, KvPlan, PlanBudget, UNIFORM_MARGIN};
-pub use sensitivity::{CalibrationRun, HalfCost, ProfileShape, SensitivityProfile, GGUF_KEY, PROFILE_FORMAT};
+pub use planner::{plan, plan_with_window, KvPlan, PlanBudget, UNIFORM_MARGIN};
+pub use sensitivity::{CalibrationRun, HalfCost, ProfileShape, SensitivityProfile, WindowGain, GGUF_KEY, PROFILE_FORMAT};
 
 use crate::kv_cache::{Half, KvLayout};
 

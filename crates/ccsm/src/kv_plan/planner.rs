@@ -43,13 +43,36 @@ pub struct KvPlan {
     pub bits_per_element: f64,
     pub predicted_kld: f64,
     pub budget: PlanBudget,
+    /// Cells of the recent window kept in f16 (0: none), inside `bytes`.
+    pub recent: usize,
 }
 
 impl KvPlan {
     /// The cache config of this plan on `shape`.
     pub fn config(&self, shape: &KvCacheConfig) -> KvCacheConfig {
-        KvCacheConfig { capacity: self.capacity, ..shape.clone() }.with_layout(self.layout.clone())
+        KvCacheConfig { capacity: self.capacity, ..shape.clone() }.with_layout(self.layout.clone()).with_recent(self.recent)
     }
+}
+
+/// `plan`, also choosing the recent window: no window or one the profile measured (`WindowGain`),
+/// whichever plan keeps every cell asked for with the least predicted KLD (the window's rings come
+/// out of the budget, its measured factor scales the layout's cost). When no plan keeps every cell,
+/// the one without a window (the most cells).
+pub fn plan_with_window(
+    profile: &SensitivityProfile,
+    shape: &KvCacheConfig,
+    candidates: &[CacheType],
+    budget: PlanBudget,
+) -> Result<KvPlan> {
+    let unwindowed = plan(profile, &shape.clone().with_recent(0), candidates, budget)?;
+    let mut best = unwindowed;
+    for w in profile.calibration.windows.iter().filter(|w| w.cells < shape.capacity) {
+        let Ok(p) = plan(profile, &shape.clone().with_recent(w.cells), candidates, budget) else { continue };
+        if p.capacity == shape.capacity && (best.capacity < shape.capacity || p.predicted_kld < best.predicted_kld) {
+            best = p;
+        }
+    }
+    Ok(best)
 }
 
 fn gcd(a: usize, b: usize) -> usize {
@@ -137,8 +160,10 @@ pub fn plan(profile: &SensitivityProfile, shape: &KvCacheConfig, candidates: &[C
         layout = KvLayout::uniform(shape.n_layer, k, v);
         costs = c;
     }
-    // Any change to the cache costs the profile's floor (see `CalibrationRun::floor_kld`).
-    let predicted_kld = if costs > 0.0 { costs + profile.calibration.floor_kld } else { 0.0 };
+    // A window scales the cost by its measured factor (an unmeasured one is not counted); any change to
+    // the cache costs the profile's floor (see `CalibrationRun::floor_kld`).
+    let window = profile.window_ratio(shape.recent).unwrap_or(1.0);
+    let predicted_kld = if costs > 0.0 { costs * window + profile.calibration.floor_kld } else { 0.0 };
     let config = KvCacheConfig { capacity, ..shape.clone() }.with_layout(layout.clone());
     let planned = config.bytes()?;
     if planned > bytes {
@@ -153,6 +178,7 @@ pub fn plan(profile: &SensitivityProfile, shape: &KvCacheConfig, candidates: &[C
         bytes: planned,
         predicted_kld,
         budget,
+        recent: shape.recent,
     })
 }
 

@@ -44,6 +44,21 @@ pub struct CalibrationRun {
     /// is in `predicted_uniform_probe_kld`: their ratio checks that costs add up).
     pub measured_uniform_probe_kld: Option<f64>,
     pub predicted_uniform_probe_kld: f64,
+    /// What recent windows (`--kv-recent`) did to the whole cache at the probe type (profiles made
+    /// before windows have none: the planner then keeps none).
+    #[serde(default)]
+    pub windows: Vec<WindowGain>,
+}
+
+/// The whole cache at the probe type with a recent window of `cells`, measured.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WindowGain {
+    pub cells: usize,
+    /// Mean KLD, the floor subtracted.
+    pub kld: f64,
+    /// `kld` over the same cache's without a window: the factor the planner scales a layout's
+    /// predicted cost by when it keeps this window.
+    pub ratio: f64,
 }
 
 /// One layer's half: its predicted KLD cost per cache type.
@@ -79,6 +94,14 @@ impl SensitivityProfile {
             types.push(CacheType::F32);
         }
         types
+    }
+
+    /// The measured factor a window of `cells` scales a layout's cost by (1 without a window).
+    pub fn window_ratio(&self, cells: usize) -> Option<f64> {
+        if cells == 0 {
+            return Some(1.0);
+        }
+        self.calibration.windows.iter().find(|w| w.cells == cells).map(|w| w.ratio)
     }
 
     /// Predicted KLD of storing `layer`'s `half` as `t` (f32: 0).
