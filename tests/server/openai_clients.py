@@ -10,8 +10,8 @@ not come from the server (the CLI's single-session runs, WAV/PCM byte math, the 
          each gives alone while KV bytes stay within the budget; memory flat over 200 requests.
   speech wav and pcm, whole and streamed, SSE events, voices, 4xx; concurrent sessions equal alone.
   queue  a full queue answers 429 with Retry-After, and nothing accepted is lost.
-  layouts per-layer cache types: sessions of a --kv-layout (and of a --kv-plan) answer what the CLI gives
-         with the same layout; under a budget the planner's layouts admit sessions that f16 could not.
+  layouts per-layer cache types: sessions of a --kv-layout (and of a --kv-plan, and with a --kv-recent
+         window) answer what the CLI gives with the same layout; under a budget the planner's layouts admit sessions that f16 could not.
 """
 
 import base64
@@ -376,6 +376,13 @@ def layouts_part(bin_path, models):
         # One 256-cell session of this layout, exactly: rows of 64 elements, 2 layers.
         per_cell = 2 * 34 + 2 * 18 + 2 * 18 + 2 * 24
         assert s.metrics()["ccsm_kv_cache_budget_bytes"] == 256 * per_cell
+    # A recent window: sessions answer as the CLI with the same window, and the rings are in the budget.
+    window = ["--kv-quant", "q4_0", "--kv-recent", "16"]
+    with Server(bin_path, model, "-c", "256", "--parallel", "1", *window) as s:
+        text = s.client().completions.create(model="any", prompt=prompt, max_tokens=10, temperature=0).choices[0].text
+        assert text == cli_text(bin_path, model, prompt, 10, extra=["-c", "256", *window]), text
+        # q4_0 rows (18 bytes per 32 elements) of 2 layers' K and V, and 16 f16 rows of each.
+        assert s.metrics()["ccsm_kv_cache_budget_bytes"] == 256 * 4 * 2 * 18 + 16 * 4 * 64 * 2
     with tempfile.TemporaryDirectory() as d:
         profile = os.path.join(d, "profile.json")
         readme = os.path.join(os.path.dirname(models), "README.md")

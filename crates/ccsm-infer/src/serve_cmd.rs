@@ -18,9 +18,6 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     if layers.kv_plan.is_none() && (layers.kv_bits.is_some() || layers.kv_profile.is_some()) {
         return Err(UsageError("--kv-bits and --kv-profile go with --kv-plan auto".into()).into());
     }
-    if layers.kv_recent.is_some() {
-        return Err(UsageError("--kv-recent is for generation, perplexity and bench; serve's sessions keep no recent window".into()).into());
-    }
     let mut api_keys = args.api_keys.clone();
     if let Ok(keys) = std::env::var("CCSM_API_KEY") {
         api_keys.extend(keys.split(',').map(str::trim).filter(|k| !k.is_empty()).map(str::to_owned));
@@ -47,6 +44,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         kv_layout: args.cache.layers.kv_layout.clone(),
         kv_profile: if args.cache.layers.kv_plan.is_some() { Some(args.cache.layers.profile(&args.model)?) } else { None },
         kv_bits: args.cache.layers.kv_bits,
+        kv_recent: args.cache.layers.kv_recent,
     };
     ccsm_server::serve(config)
 }

@@ -55,21 +55,35 @@ pub struct ServeConfig {
     /// memory pressure admitted at the planner's layouts of q8_0's and q4_0's bytes.
     pub kv_profile: Option<SensitivityProfile>,
     pub kv_bits: Option<f64>,
+    /// Text models: each session also keeps its newest cells in f16 (`--kv-recent`), counted in its
+    /// bytes; `None`: the planner's choice with `kv_bits`, else none.
+    pub kv_recent: Option<usize>,
 }
 
-/// The layouts text sessions get (see `ServeConfig::kv_layout` and `kv_profile`).
-fn session_layouts(config: &ServeConfig, shape: &KvCacheConfig) -> Result<text_loop::SessionLayouts> {
+/// The layouts text sessions get (see `ServeConfig::kv_layout` and `kv_profile`) and their recent window.
+fn session_layouts(config: &ServeConfig, shape: &KvCacheConfig) -> Result<(text_loop::SessionLayouts, usize)> {
     let n_layer = shape.n_layer;
+    // A planned --kv-bits without --kv-recent chooses the window too, as the CLI does.
+    let mut recent = config.kv_recent.unwrap_or(0);
+    let chosen = match (&config.kv_layout, config.kv_bits, &config.kv_profile, config.kv_recent) {
+        (None, Some(bits), Some(profile), None) => Some(kv_plan::plan_with_window(profile, shape, &[], PlanBudget::BitsPerElement(bits))?),
+        _ => None,
+    };
+    if let Some(p) = &chosen {
+        recent = p.recent;
+    }
+    let windowed = shape.clone().with_recent(recent);
     let planned = |bits: f64| -> Result<Option<KvLayout>> {
         match &config.kv_profile {
-            Some(profile) => Ok(Some(kv_plan::plan(profile, shape, &[], PlanBudget::BitsPerElement(bits))?.layout)),
+            Some(profile) => Ok(Some(kv_plan::plan(profile, &windowed, &[], PlanBudget::BitsPerElement(bits))?.layout)),
             None => Ok(None),
         }
     };
-    let configured = match (&config.kv_layout, config.kv_bits) {
-        (Some(spec), _) => KvLayout::parse(spec, n_layer).map_err(|e| anyhow::anyhow!("--kv-layout: {e}"))?,
-        (None, Some(bits)) => planned(bits)?.ok_or_else(|| anyhow::anyhow!("--kv-bits needs a sensitivity profile"))?,
-        (None, None) => KvLayout::uniform(n_layer, config.k_type, config.v_type),
+    let configured = match (&config.kv_layout, config.kv_bits, chosen) {
+        (Some(spec), _, _) => KvLayout::parse(spec, n_layer).map_err(|e| anyhow::anyhow!("--kv-layout: {e}"))?,
+        (None, _, Some(p)) => p.layout,
+        (None, Some(bits), None) => planned(bits)?.ok_or_else(|| anyhow::anyhow!("--kv-bits needs a sensitivity profile"))?,
+        (None, None, None) => KvLayout::uniform(n_layer, config.k_type, config.v_type),
     };
     let mut fallbacks = Vec::new();
     for (k, v) in jobs::UNIFORM_FALLBACKS {
@@ -77,7 +91,7 @@ fn session_layouts(config: &ServeConfig, shape: &KvCacheConfig) -> Result<text_l
         let bits = (k.dtype().bits_per_element() + v.dtype().bits_per_element()) / 2.0;
         fallbacks.push(planned(bits)?.unwrap_or_else(|| KvLayout::uniform(n_layer, k, v)));
     }
-    Ok(text_loop::SessionLayouts { configured, fallbacks })
+    Ok((text_loop::SessionLayouts { configured, fallbacks }, recent))
 }
 
 /// Reads `DIR/NAME.json` voices (`{"speaker": 0, "context": [{"speaker", "text", "frames"}]}`).
@@ -152,11 +166,13 @@ pub fn serve(config: ServeConfig) -> Result<()> {
     let session_ctx = served_cache.cells;
     let shape = served_cache.config(config.k_type, config.v_type);
     shape.validate()?;
-    let per_layer = config.kv_layout.is_some() || config.kv_profile.is_some() || config.kv_bits.is_some();
-    let layouts = match served {
+    let per_layer = config.kv_layout.is_some() || config.kv_profile.is_some() || config.kv_bits.is_some() || config.kv_recent.is_some();
+    let (layouts, recent) = match served {
         http::Served::Text => session_layouts(&config, &shape)?,
-        http::Served::Speech { .. } if per_layer => bail!("per-layer cache types (--kv-layout, --kv-plan) are for text models"),
-        http::Served::Speech { .. } => text_loop::SessionLayouts { configured: shape.kv_layout(), fallbacks: Vec::new() },
+        http::Served::Speech { .. } if per_layer => {
+            bail!("per-layer cache types (--kv-layout, --kv-plan) and --kv-recent are for text models")
+        }
+        http::Served::Speech { .. } => (text_loop::SessionLayouts { configured: shape.kv_layout(), fallbacks: Vec::new() }, 0),
     };
     let voices = match &config.voices {
         Some(dir) => load_voices(dir)?,
@@ -171,6 +187,7 @@ pub fn serve(config: ServeConfig) -> Result<()> {
         layouts,
         n_batch: config.n_batch,
         budget_bytes: config.max_memory_bytes,
+        recent,
     };
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

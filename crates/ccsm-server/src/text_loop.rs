@@ -38,6 +38,8 @@ pub struct LoopSettings {
     pub n_batch: usize,
     /// Bytes all sessions' caches share (`None`: `parallel` sessions of a full context).
     pub budget_bytes: Option<usize>,
+    /// Text sessions' recent window (f16 cells beside the layout's; at most the session's cells).
+    pub recent: usize,
 }
 
 /// The layouts text sessions get: the configured one, then under pressure (with `adapt`) the smaller
@@ -104,6 +106,7 @@ pub fn run(mut engine: TextEngine, settings: LoopSettings, jobs: Receiver<Job>, 
     let full_session = engine
         .cache_config(settings.n_ctx, settings.k_type, settings.v_type)
         .with_layout(settings.layouts.configured.clone())
+        .with_recent(settings.recent.min(settings.n_ctx))
         .bytes()
         .unwrap_or(usize::MAX);
     let mut budget = start_budget(&settings, full_session, &metrics);
@@ -185,8 +188,10 @@ fn admit_pending(
         let Some(head) = pending.front() else { return };
         // The last sampled token is never fed back: prompt + max_tokens − 1 cells.
         let cells = session_cells((head.prompt.len() + head.max_tokens).saturating_sub(1), settings.n_ctx);
-        let bytes_of =
-            |layout: &KvLayout| engine.cache_config(cells, settings.k_type, settings.v_type).with_layout(layout.clone()).bytes().ok();
+        let config_of = |layout: KvLayout| {
+            engine.cache_config(cells, settings.k_type, settings.v_type).with_layout(layout).with_recent(settings.recent.min(cells))
+        };
+        let bytes_of = |layout: &KvLayout| config_of(layout.clone()).bytes().ok();
         let decision = admit(&settings.layouts.configured, &settings.layouts.fallbacks, settings.adapt, budget, bytes_of);
         let (layout, bytes) = match decision {
             Admission::Wait => return,
@@ -200,12 +205,7 @@ fn admit_pending(
         };
         let Pending { job, prompt, max_tokens } = pending.pop_front().expect("head exists");
         metrics.waiting.fetch_sub(1, Ordering::Relaxed);
-        let made = (|| -> ccsm::Result<_> {
-            Ok((
-                engine.new_cache_with(engine.cache_config(cells, settings.k_type, settings.v_type).with_layout(layout))?,
-                Sampler::new(job.sampler)?,
-            ))
-        })();
+        let made = (|| -> ccsm::Result<_> { Ok((engine.new_cache_with(config_of(layout))?, Sampler::new(job.sampler)?)) })();
         let (cache, sampler) = match made {
             Ok(parts) => parts,
             Err(e) => {
