@@ -163,13 +163,16 @@ proptest! {
         if let Ok(p) = &none {
             prop_assert_eq!(p.recent, 0, "no window was measured");
         }
+        // Measured at 512 cells: a cache of `capacity` plans them in proportion.
+        profile.calibration.ctx = 512;
         profile.calibration.windows =
             [8, 32, 128].iter().zip(&ratios).map(|(&cells, &ratio)| WindowGain { cells, kld: ratio, ratio }).collect();
+        let scaled: Vec<usize> = [8, 32, 128].iter().map(|c| ((c * capacity) as f64 / 512.0).ceil() as usize).collect();
         match kv_plan::plan_with_window(&profile, &config, &TYPES, budget) {
             Ok(chosen) => {
                 prop_assert!(chosen.bytes <= bytes, "{} > {bytes}", chosen.bytes);
                 prop_assert_eq!(chosen.config(&config).bytes().unwrap(), chosen.bytes);
-                for cells in [0, 8, 32, 128].into_iter().filter(|&c| c < capacity) {
+                for cells in [0].into_iter().chain(scaled.iter().copied()).filter(|&c| c < capacity) {
                     let Ok(p) = kv_plan::plan(&profile, &config.clone().with_recent(cells), &TYPES, budget) else { continue };
                     if p.capacity == capacity {
                         prop_assert_eq!(chosen.capacity, capacity, "a window of {} keeps every cell", cells);
@@ -177,7 +180,8 @@ proptest! {
                     }
                 }
                 if chosen.recent > 0 {
-                    let ratio = profile.window_ratio(chosen.recent).unwrap();
+                    prop_assert!(scaled.contains(&chosen.recent), "{} is not a scaled window of {:?}", chosen.recent, scaled);
+                    let ratio = profile.window_ratio(chosen.recent, capacity).unwrap();
                     let unscaled = kv_plan::predicted_kld(&profile, &chosen.layout).unwrap();
                     prop_assert!((chosen.predicted_kld - unscaled * ratio).abs() < 1e-12, "the window's factor scales the cost");
                 }
@@ -258,6 +262,26 @@ fn calibration_proxy_tracks_direct_measurement() {
     }
     assert!(c.windows.windows(2).all(|p| p[1].kld < p[0].kld), "{:?}", c.windows);
     assert_eq!(m.cache().recent_cells(), 0, "calibration restores the window");
+}
+
+/// Window factors in proportion to the context, interpolated in log cells between measured windows.
+#[test]
+fn window_factors_scale_with_the_context() {
+    let shape = ProfileShape { n_layer: 1, head_dim: 64, n_head_kv: 1 };
+    let mut profile = synthetic_profile(shape, &[1e-3]);
+    assert_eq!(profile.window_ratio(0, 512), Some(1.0));
+    assert_eq!(profile.window_ratio(8, 512), None, "no window measured");
+    profile.calibration.ctx = 512;
+    profile.calibration.windows = [(8, 0.4), (32, 0.1)].iter().map(|&(cells, ratio)| WindowGain { cells, kld: ratio, ratio }).collect();
+    let r = |cells, capacity| profile.window_ratio(cells, capacity).unwrap();
+    assert!((r(8, 512) - 0.4).abs() < 1e-12 && (r(32, 2048) - 0.4).abs() < 1e-12 && (r(128, 2048) - 0.1).abs() < 1e-12);
+    // Half way in log cells (16 of 8..32), a quarter of the way to the first (2 of 0..8), past the last.
+    assert!((r(16, 512) - 0.25).abs() < 1e-12, "{}", r(16, 512));
+    assert!((r(2, 512) - 0.85).abs() < 1e-12, "{}", r(2, 512));
+    assert!((r(64, 512) - 0.1).abs() < 1e-12);
+    assert_eq!(profile.window_candidates(2048), [32, 128]);
+    assert_eq!(profile.window_candidates(100), [2, 7]);
+    assert_eq!(profile.window_candidates(20), [1, 2]);
 }
 
 /// The memory optimizer's plan strategy: within budget, the planned layout applied, cells kept.

@@ -66,8 +66,8 @@ pub fn plan_with_window(
 ) -> Result<KvPlan> {
     let unwindowed = plan(profile, &shape.clone().with_recent(0), candidates, budget)?;
     let mut best = unwindowed;
-    for w in profile.calibration.windows.iter().filter(|w| w.cells < shape.capacity) {
-        let Ok(p) = plan(profile, &shape.clone().with_recent(w.cells), candidates, budget) else { continue };
+    for cells in profile.window_candidates(shape.capacity) {
+        let Ok(p) = plan(profile, &shape.clone().with_recent(cells), candidates, budget) else { continue };
         if p.capacity == shape.capacity && (best.capacity < shape.capacity || p.predicted_kld < best.predicted_kld) {
             best = p;
         }
@@ -162,7 +162,7 @@ pub fn plan(profile: &SensitivityProfile, shape: &KvCacheConfig, candidates: &[C
     }
     // A window scales the cost by its measured factor (an unmeasured one is not counted); any change to
     // the cache costs the profile's floor (see `CalibrationRun::floor_kld`).
-    let window = profile.window_ratio(shape.recent).unwrap_or(1.0);
+    let window = profile.window_ratio(shape.recent, shape.capacity).unwrap_or(1.0);
     let predicted_kld = if costs > 0.0 { costs * window + profile.calibration.floor_kld } else { 0.0 };
     let config = KvCacheConfig { capacity, ..shape.clone() }.with_layout(layout.clone());
     let planned = config.bytes()?;
