@@ -27,6 +27,8 @@ PEER_TYPES = ["q8_0", "q5_1", "q5_0", "q4_1", "iq4_nl", "q4_0"]
 # Bits per element of each type (block scales included), from ggml's block sizes.
 BITS = {"f16": 16.0, "q8_0": 8.5, "q5_1": 6.0, "q5_0": 5.5, "q4_1": 5.0, "iq4_nl": 4.5, "q4_0": 4.5, "mxfp4": 4.25}
 PLAN_BITS = [4.25, 4.5, 5.0, 5.5, 6.0, 7.0, 8.5]
+# Fixed types with a recent window of f16 cells (--kv-recent), whose bits depend on the context.
+WINDOWED = [("q4_0", 8), ("q4_0", 32), ("mxfp4", 32), ("q8_0", 8)]
 
 
 def run(cmd):
@@ -122,13 +124,23 @@ def main():
                         json.dump(memo, open(memo_path, "w"), indent=1)
                     row("ccsm", t, BITS[t], memo[f"{stamp}|{t}"])
                     print(f"{name} ctx {ctx}: ccsm {t}: {memo[f'{stamp}|{t}']:.5f}", file=sys.stderr)
+                for t, n in WINDOWED:
+                    key = f"{stamp}|{t}+r{n}"
+                    if key not in memo:
+                        r = ours(args, text, ctx, chunks, ["--kv-quant", t, "--kv-recent", str(n)], kl=base)
+                        memo[key] = [r["cache"]["bits_per_element"], r["kl"]["kld"]["mean"]]
+                        json.dump(memo, open(memo_path, "w"), indent=1)
+                    bits, kld = memo[key]
+                    row("ccsm", f"{t} + f16×{n}", bits, kld)
+                    print(f"{name} ctx {ctx}: ccsm {t} + {n} f16 cells ({bits:.3f} bits): {kld:.5f}", file=sys.stderr)
                 for b in PLAN_BITS:
                     key = f"{stamp}|plan|{b}|{os.path.getsize(args.profile)}|{os.path.getmtime(args.bin)}"
                     if key not in memo:
                         r = ours(args, text, ctx, chunks, ["--kv-plan", "auto", "--kv-profile", args.profile, "--kv-bits", str(b)], kl=base)
                         # Bits over the cells asked for (a plan below the smallest layout keeps fewer).
                         bits = r["cache"]["bits_per_element"] * min(1.0, r["kv_plan"]["capacity"] / ctx)
-                        memo[key] = [r["kv_plan"]["spec"], bits, r["kl"]["kld"]["mean"], r["kv_plan"]["predicted_kld"]]
+                        spec = r["kv_plan"]["spec"] + (f" + f16×{r['kv_plan']['recent']}" if r["kv_plan"].get("recent") else "")
+                        memo[key] = [spec, bits, r["kl"]["kld"]["mean"], r["kv_plan"]["predicted_kld"]]
                         json.dump(memo, open(memo_path, "w"), indent=1)
                     spec, bits, kld, predicted = memo[key]
                     row("ccsm plan", spec, bits, kld, predicted)
@@ -163,6 +175,12 @@ def print_table(rows):
     for t in TYPES:
         cells = " | ".join(f"{fmt(find('ccsm', t, g))} | {fmt(find('llama.cpp', t, g))}" for g in groups)
         print(f"| {t} | {BITS[t]:g} | {cells} |")
+    for t, n in WINDOWED:
+        cells = []
+        for g in groups:
+            r = find("ccsm", f"{t} + f16×{n}", g)
+            cells += [f"{fmt(r)} ({r['bits']:.3f} bits)" if r else "-", ""]
+        print(f"| {t} + {n} f16 cells | {BITS[t]:g} + {n} × 16 / ctx | " + " | ".join(cells) + " |")
     # The planner's rows come in PLAN_BITS order within each group.
     plans = {g: [r for r in rows if (r["text"], r["ctx"]) == g and r["engine"] == "ccsm plan"] for g in groups}
     for i, b in enumerate(PLAN_BITS):

@@ -165,7 +165,10 @@ fn planner_plot(args: &Args) -> Result<PathBuf> {
                 })
                 .collect()
         };
-        let (ours, peer, mut plan) = (of("ccsm"), of("llama.cpp"), of("ccsm plan"));
+        let (mut ours, peer, mut plan) = (of("ccsm"), of("llama.cpp"), of("ccsm plan"));
+        // Fixed types with a recent window of f16 cells (`--kv-recent`) get their own marker.
+        let windowed: Vec<_> = ours.iter().filter(|p| p.2.contains("f16×")).cloned().collect();
+        ours.retain(|p| !p.2.contains("f16×"));
         plan.sort_by(|a, b| a.0.total_cmp(&b.0));
         let mut chart = ChartBuilder::on(&area)
             .caption(format!("{text_name}, ctx {ctx}"), ("sans-serif", 20))
@@ -178,7 +181,12 @@ fn planner_plot(args: &Args) -> Result<PathBuf> {
             .draw_series(LineSeries::new(plan.iter().map(|p| (p.0, p.1)), color(2).stroke_width(3)))?
             .label("ccsm planner")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color(2).stroke_width(3)));
-        for (series, name, c) in [(&ours, "ccsm fixed types", color(0)), (&peer, "llama.cpp fixed types", color(1))] {
+        let series = [
+            (&ours, "ccsm fixed types", color(0)),
+            (&peer, "llama.cpp fixed types", color(1)),
+            (&windowed, "ccsm type + f16 window", color(3)),
+        ];
+        for (series, name, c) in series {
             chart
                 .draw_series(series.iter().map(|(x, y, _)| Circle::new((*x, *y), 5, c.filled())))?
                 .label(name)
