@@ -360,7 +360,11 @@ def queue_part(bin_path, models):
         status, _, body = s.http("POST", "/v1/completions", {"prompt": "hello world", "temperature": 0.5, "seed": 1, "ignore_eos": True})
         usage = json.loads(body)["usage"]
         assert status == 200 and usage["prompt_tokens"] + usage["completion_tokens"] == 256, (status, body[:300])
-        m = s.metrics()
+        # The engine counts a session's outcome when it retires it, which may be just after its
+        # response is written: wait for it (bounded) before reading the totals.
+        deadline = time.time() + 5
+        while (m := s.metrics())["ccsm_requests_running"] > 0 and time.time() < deadline:
+            time.sleep(0.01)
         assert m['ccsm_requests_total{outcome="rejected"}'] == codes.count(429)
         assert m['ccsm_requests_total{outcome="ok"}'] == codes.count(200) + 1, m
         print(f"queue: {codes.count(200)} served, {codes.count(429)} told to retry")
