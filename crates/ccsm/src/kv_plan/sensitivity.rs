@@ -97,11 +97,12 @@ impl SensitivityProfile {
     }
 
     /// The factor a window of `cells` scales a layout's cost by in a cache of `capacity` cells (1
-    /// without a window; None when no window was measured). Factors hold for windows in proportion
-    /// to the context: on SmolLM2 a window of 32 at 2048 cells measured a factor of 0.29 where the
-    /// calibration's 8 at 512 gave 0.35 (and 32 at 512 gave 0.11). Between measured windows the
-    /// factor is interpolated in log cells, below the smallest toward 1 at none, above the largest
-    /// it stays the largest's.
+    /// without a window; None when no window was measured). A window counts as the calibration's
+    /// window scaled by the square root of the contexts' ratio (32 cells at 2048 as 16 at 512): on
+    /// SmolLM2, 32 cells measured factors of 0.09–0.11 at ctx 512 and 0.10–0.29 at ctx 2048 (four
+    /// type and text pairs, median 0.125), between the same cells (0.09) and the same share of the
+    /// context (8 cells at 512: 0.39). Between measured windows the factor is interpolated in log
+    /// cells, below the smallest toward 1 at none, above the largest it stays the largest's.
     pub fn window_ratio(&self, cells: usize, capacity: usize) -> Option<f64> {
         if cells == 0 {
             return Some(1.0);
@@ -109,7 +110,7 @@ impl SensitivityProfile {
         let mut points: Vec<(f64, f64)> = self.calibration.windows.iter().map(|w| (w.cells as f64, w.ratio)).collect();
         points.sort_by(|a, b| a.0.total_cmp(&b.0));
         let (&first, &last) = (points.first()?, points.last()?);
-        let at = cells as f64 * self.calibration.ctx as f64 / capacity.max(1) as f64;
+        let at = cells as f64 * self.context_scale(capacity).recip();
         if at <= first.0 {
             return Some(1.0 - (1.0 - first.1) * at / first.0);
         }
@@ -120,12 +121,17 @@ impl SensitivityProfile {
         Some(ratio)
     }
 
+    /// How many cells of a cache of `capacity` a calibration window's cell is worth (see `window_ratio`).
+    fn context_scale(&self, capacity: usize) -> f64 {
+        (capacity.max(1) as f64 / self.calibration.ctx.max(1) as f64).sqrt()
+    }
+
     /// The windows worth planning in a cache of `capacity` cells: each measured one, scaled from the
     /// calibration's context to this one (see `window_ratio`).
     pub fn window_candidates(&self, capacity: usize) -> Vec<usize> {
-        let ctx = self.calibration.ctx.max(1);
+        let scale = self.context_scale(capacity);
         let mut cells: Vec<usize> =
-            self.calibration.windows.iter().map(|w| (w.cells * capacity).div_ceil(ctx).max(1)).filter(|&c| c < capacity).collect();
+            self.calibration.windows.iter().map(|w| ((w.cells as f64 * scale).ceil() as usize).max(1)).filter(|&c| c < capacity).collect();
         cells.sort_unstable();
         cells.dedup();
         cells
