@@ -55,6 +55,7 @@ pub struct KvLayoutArgs {
 
     /// Text models: keep each query's newest N cells also in f16 (KIVI's residual window) and read
     /// older ones in the cache's type. Costs N f16 rows per layer and half, counted in every budget.
+    /// Without it, --kv-plan auto --kv-bits chooses the window too (none, or one the profile measured).
     #[arg(long, value_name = "N")]
     pub kv_recent: Option<usize>,
 }
