@@ -36,14 +36,15 @@ pub(super) fn attend<'c>(
     let by_cell = |t: Tensor<'c>| -> Result<Tensor<'c>> { Ok(ctx.permute(t, [0, 2, 1, 3])?) };
     let step = |t: Tensor<'c>| -> Result<Tensor<'c>> { by_cell(ctx.reshape(t, &[hd, n_head_kv, n])?) };
     let n_kv = mask.ne(0) as usize;
+    // The two small sources first: they share one partials node (one part each, one per thread).
     let sources = [
-        AttentionSource { k: by_cell(cache.k_tensor(ctx, layer, n_kv)?)?, v: by_cell(cache.v_tensor(ctx, layer, n_kv)?)?, mask },
         AttentionSource {
             k: by_cell(cache.recent_tensor(ctx, layer, Half::K)?)?,
             v: by_cell(cache.recent_tensor(ctx, layer, Half::V)?)?,
             mask: inputs.ring_mask,
         },
         AttentionSource { k: step(k_rows)?, v: step(v_rows)?, mask: inputs.step_mask },
+        AttentionSource { k: by_cell(cache.k_tensor(ctx, layer, n_kv)?)?, v: by_cell(cache.v_tensor(ctx, layer, n_kv)?)?, mask },
     ];
     Ok(ctx.split_attention_over(by_cell(q)?, &sources, scale)?)
 }

@@ -53,16 +53,20 @@ impl Context {
     }
 
     /// `split_attention` over the union of several sets of cells (each in its own type, under its
-    /// own mask), as one softmax: each source's parts are computed alone, and one merge combines them.
+    /// own mask), as one softmax: up to `SOURCES_PER_NODE` sources share one partials node (their
+    /// parts split across the threads together), and one merge combines every part.
     pub fn split_attention_over<'c>(&'c self, q: Tensor<'c>, sources: &[AttentionSource<'c>], scale: f32) -> Result<Tensor<'c>> {
         const OP: &str = "split_attention";
         let first = sources.first().ok_or_else(|| Error::shape(OP, "at least one source of cells", &[q.shape()]))?;
-        let mut joined: Option<Tensor<'c>> = None;
         for s in sources {
             if s.k.ne(2) != first.k.ne(2) || s.v.ne(0) != first.v.ne(0) {
                 return Err(Error::shape(OP, "sources differ in kv heads or value width", &[first.k.shape(), s.k.shape(), s.v.shape()]));
             }
-            let partials = self.attention_partials(q, *s, scale)?;
+            check_source(q, *s, scale)?;
+        }
+        let mut joined: Option<Tensor<'c>> = None;
+        for group in sources.chunks(SOURCES_PER_NODE) {
+            let partials = self.attention_partials(q, group, scale)?;
             joined = Some(match joined {
                 Some(prev) => self.concat(prev, partials, 3)?,
                 None => partials,
@@ -91,40 +95,30 @@ impl Context {
         self.wrap(out, OP)
     }
 
-    /// The partials node of one source: `[2 + hd_v, n_head, n_q, parts]` (max, sum, Σ weight·v).
-    fn attention_partials<'c>(&'c self, q: Tensor<'c>, source: AttentionSource<'c>, scale: f32) -> Result<Tensor<'c>> {
+    /// The partials node of up to `SOURCES_PER_NODE` checked sources: `[2 + hd_v, n_head, n_q, parts]`
+    /// (max, sum, Σ weight·v per part), each source's parts after the previous source's.
+    fn attention_partials<'c>(&'c self, q: Tensor<'c>, sources: &[AttentionSource<'c>], scale: f32) -> Result<Tensor<'c>> {
         const OP: &str = "split_attention";
-        let AttentionSource { k, v, mask } = source;
-        crate::ops::check_attention(OP, q, k, v, Some(mask), scale)?;
-        let sm = mask.shape();
-        if q.ne(3) != 1 || sm[2] != 1 || sm[3] != 1 {
-            return Err(Error::shape(OP, "one batch, and one mask row per query shared by every head", &[q.shape(), sm]));
-        }
-        for t in [k, v] {
-            if RowKind::of(t.dtype()).is_none() {
-                return Err(Error::Type { op: OP, got: t.dtype(), why: "ggml has no dequantizer for these rows" });
-            }
-        }
-        let (hd_v, n_kv, n_q, n_head) = (v.ne(0), k.ne(1), q.ne(1), q.ne(2));
-        let part_bytes = (2 + hd_v) * n_head * n_q * 4;
-        let parts = (n_kv / CELLS_PER_PART).clamp(1, MAX_PARTS).min((PARTIALS_BYTES / part_bytes).max(MIN_PARTS));
-        let mut args = [q.raw(), k.raw(), v.raw(), mask.raw()];
+        let hd_v = sources[0].v.ne(0);
+        let parts: i64 = sources.iter().map(|s| parts_of(s.k.ne(1), hd_v, q.ne(2), q.ne(1))).sum();
+        let mut args = vec![q.raw()];
+        args.extend(sources.iter().flat_map(|s| [s.k.raw(), s.v.raw(), s.mask.raw()]));
         // The scale travels as the userdata pointer's bits: nothing is ever dereferenced through it.
         let userdata = scale.to_bits() as usize as *mut c_void;
         self.reserve_headers(OP)?;
-        // SAFETY: the operands passed every check flash attention makes (check_attention), which is
-        // what `partials_kernel` relies on; the result is a new f32 tensor of the stated shape; args
-        // holds 4 live tensors and ggml copies the pointers into the node's sources.
+        // SAFETY: every source passed the checks flash attention makes (check_source), which is what
+        // `partials_kernel` relies on; the result is a new f32 tensor of the stated shape; args holds
+        // 1 + 3 × sources < GGML_MAX_SRC live tensors and ggml copies the pointers into the node.
         let partials = unsafe {
             sys::ggml_custom_4d(
                 self.raw(),
                 DType::F32.to_sys(),
                 2 + hd_v,
-                n_head,
-                n_q,
+                q.ne(2),
+                q.ne(1),
                 parts,
                 args.as_mut_ptr(),
-                4,
+                args.len() as c_int,
                 Some(partials_kernel),
                 parts as c_int,
                 userdata,
@@ -132,6 +126,32 @@ impl Context {
         };
         Ok(self.wrap(partials, OP)?.set_name("attn_partials"))
     }
+}
+
+/// Sources one partials node takes (q and three tensors each: ggml takes fewer than 10 arguments).
+const SOURCES_PER_NODE: usize = 2;
+
+/// Parts a source of `n_kv` cells is split into (the kernel recomputes it to find each source's).
+fn parts_of(n_kv: i64, hd_v: i64, n_head: i64, n_q: i64) -> i64 {
+    let part_bytes = (2 + hd_v) * n_head * n_q * 4;
+    (n_kv / CELLS_PER_PART).clamp(1, MAX_PARTS).min((PARTIALS_BYTES / part_bytes).max(MIN_PARTS))
+}
+
+/// The checks `partials_kernel` relies on for one source.
+fn check_source(q: Tensor<'_>, source: AttentionSource<'_>, scale: f32) -> Result<()> {
+    const OP: &str = "split_attention";
+    let AttentionSource { k, v, mask } = source;
+    crate::ops::check_attention(OP, q, k, v, Some(mask), scale)?;
+    let sm = mask.shape();
+    if q.ne(3) != 1 || sm[2] != 1 || sm[3] != 1 {
+        return Err(Error::shape(OP, "one batch, and one mask row per query shared by every head", &[q.shape(), sm]));
+    }
+    for t in [k, v] {
+        if RowKind::of(t.dtype()).is_none() {
+            return Err(Error::Type { op: OP, got: t.dtype(), why: "ggml has no dequantizer for these rows" });
+        }
+    }
+    Ok(())
 }
 
 /// A tensor's data pointer, sizes and byte strides.
@@ -172,6 +192,9 @@ struct Job {
     hd_v: usize,
     group: usize,
     per_part: i64,
+    /// This source's parts, and the first of them among the node's.
+    parts: i64,
+    first_part: i64,
 }
 
 /// Per-thread buffers: a block's decoded rows, the group's queries, scores and weights, and the
@@ -204,52 +227,68 @@ pub(crate) fn has_avx2() -> bool {
 /// head: (max, sum, Σ weight·v) of an online softmax over the part's cells.
 unsafe extern "C" fn partials_kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, userdata: *mut c_void) {
     let Some(dst) = NonNull::new(dst) else { return };
-    // SAFETY: ggml calls this for the node built by `split_attention`: dst and its four sources are
-    // live and allocated, with the shapes and types that function checked.
-    let (out, q, k, v, mask) = unsafe {
+    // SAFETY: ggml calls this for the node built by `attention_partials`: dst, q and each source's K,
+    // V and mask are live and allocated, with the shapes and types `check_source` checked; unused
+    // source slots are null.
+    let (out, q, sources) = unsafe {
         let d = dst.as_ref();
-        (View::of(d), View::of(d.src[0]), View::of(d.src[1]), View::of(d.src[2]), View::of(d.src[3]))
+        let n = d.src.iter().skip(1).take_while(|s| !s.is_null()).count() / 3;
+        let sources: Vec<[View; 3]> =
+            (0..n).map(|i| [View::of(d.src[1 + 3 * i]), View::of(d.src[2 + 3 * i]), View::of(d.src[3 + 3 * i])]).collect();
+        (View::of(d), View::of(d.src[0]), sources)
     };
-    let (Some(k_rows), Some(v_rows)) = (RowKind::of(k.dtype), RowKind::of(v.dtype)) else { return };
-    let parts = out.ne[3];
-    let job = Job {
-        out,
-        q,
-        k,
-        v,
-        mask,
-        k_rows,
-        v_rows,
-        scale: f32::from_bits(userdata as usize as u32),
-        hd: q.ne[0] as usize,
-        hd_v: v.ne[0] as usize,
-        group: (q.ne[2] / k.ne[2]) as usize,
-        per_part: (k.ne[1] + parts - 1) / parts,
-    };
+    let mut jobs = Vec::with_capacity(sources.len());
+    let mut first_part = 0;
+    for [k, v, mask] in sources {
+        let (Some(k_rows), Some(v_rows)) = (RowKind::of(k.dtype), RowKind::of(v.dtype)) else { return };
+        let parts = parts_of(k.ne[1], v.ne[0], q.ne[2], q.ne[1]);
+        jobs.push(Job {
+            out,
+            q,
+            k,
+            v,
+            mask,
+            k_rows,
+            v_rows,
+            scale: f32::from_bits(userdata as usize as u32),
+            hd: q.ne[0] as usize,
+            hd_v: v.ne[0] as usize,
+            group: (q.ne[2] / k.ne[2]) as usize,
+            per_part: (k.ne[1] + parts - 1) / parts,
+            parts,
+            first_part,
+        });
+        first_part += parts;
+    }
+    if jobs.is_empty() || first_part != out.ne[3] {
+        return; // not the node `attention_partials` built
+    }
     let (first, step) = (ith.max(0) as i64, nth.max(1) as i64);
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
-        // SAFETY: the CPU has AVX2, FMA and F16C (checked); the job's views are as `run_parts` needs.
-        unsafe { run_parts_avx2(&job, first, step) };
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked); the jobs' views are as `run_parts` needs.
+        unsafe { run_parts_avx2(&jobs, first, step) };
         return;
     }
-    // SAFETY: the job's views are as `run_parts` needs.
-    unsafe { run_parts::<Portable>(&job, first, step) };
+    // SAFETY: the jobs' views are as `run_parts` needs.
+    unsafe { run_parts::<Portable>(&jobs, first, step) };
 }
 
 /// # Safety
 /// As `run_parts`, on a CPU with AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn run_parts_avx2(job: &Job, first: i64, step: i64) {
+unsafe fn run_parts_avx2(jobs: &[Job], first: i64, step: i64) {
     // SAFETY: the caller's contract.
-    unsafe { run_parts::<math::Avx2>(job, first, step) }
+    unsafe { run_parts::<math::Avx2>(jobs, first, step) }
 }
 
 /// # Safety
-/// The job's views are the live operands `split_attention` checked; the CPU has `M`'s features.
+/// The jobs' views are the live operands `split_attention_over` checked (one query tensor, one
+/// value width and KV head count for all); the CPU has `M`'s features.
 #[inline(always)]
-unsafe fn run_parts<M: Math>(job: &Job, first: i64, step: i64) {
+unsafe fn run_parts<M: Math>(jobs: &[Job], first: i64, step: i64) {
+    let job = &jobs[0];
     let (hd, hd_v, rows) = (job.hd, job.hd_v, (job.q.ne[1] * job.q.ne[2]) as usize);
     let mut s = Scratch {
         keys: vec![0.0; BLOCK * hd],
@@ -263,8 +302,9 @@ unsafe fn run_parts<M: Math>(job: &Job, first: i64, step: i64) {
     };
     let mut part = first;
     while part < job.out.ne[3] {
+        let Some(job) = jobs.iter().find(|j| part < j.first_part + j.parts) else { return };
         // SAFETY: the caller's contract.
-        unsafe { one_part::<M>(job, &mut s, part) };
+        unsafe { one_part::<M>(job, &mut s, part - job.first_part) };
         part += step;
     }
 }
@@ -334,9 +374,9 @@ unsafe fn one_part<M: Math>(job: &Job, s: &mut Scratch, part: i64) {
         }
     }
     for (i, (&(max, sum), acc)) in s.state.iter().zip(s.acc.chunks_exact(hd_v)).enumerate() {
-        // SAFETY: dst is [2 + hd_v, n_head, n_q, parts] f32; this writes one column.
-        let column =
-            unsafe { std::slice::from_raw_parts_mut(job.out.at((i % n_head) as i64, (i / n_head) as i64, part) as *mut f32, 2 + hd_v) };
+        // SAFETY: dst is [2 + hd_v, n_head, n_q, parts] f32; this writes one column of this source's part.
+        let at = job.out.at((i % n_head) as i64, (i / n_head) as i64, job.first_part + part);
+        let column = unsafe { std::slice::from_raw_parts_mut(at as *mut f32, 2 + hd_v) };
         column[0] = max;
         column[1] = sum;
         column[2..].copy_from_slice(acc);
