@@ -9,7 +9,7 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use ccsm::kv_cache::{rotate_heads, EvictionPolicy, Half, KvCache, KvCacheConfig};
+use ccsm::kv_cache::{rotate_heads, EvictionPolicy, Half, KvCache, KvCacheConfig, Rotation};
 use ccsm::llama::LlamaModel;
 use ccsm::{CacheType, GGMLModel, Logits, Model, ModelOptions};
 use common::{bytes_per_element, model, TINY_LLAMA};
@@ -238,5 +238,36 @@ impl Prune for GGMLModel {
         if len > 0 {
             self.prune_caches(keep as f64 / len as f64, policy).unwrap();
         }
+    }
+}
+
+/// Changing the rotation rotates the rings too: after turning it off, the held rows are layer 0's rows
+/// of an f32-cache run as computed, and on again, rotated per head.
+#[test]
+fn rotation_changes_rotate_the_rings() {
+    let toks = tokens(20, 9);
+    let mut m = tiny(64, CacheType::Q4_0, 8);
+    let mut reference = tiny(64, CacheType::F32, 0);
+    m.eval(&toks, Logits::Last).unwrap();
+    reference.eval(&toks, Logits::Last).unwrap();
+    let width = m.cache().config().n_embd_kv().unwrap();
+    let head_dim = m.cache().config().head_dim;
+    let (ref_k, _) = layer0_rows(&reference);
+    for rotation in [Rotation::Off, Rotation::Quantized] {
+        m.set_kv_rotation(rotation).unwrap();
+        let ring = m.cache().recent_rows_f32(0, Half::K).unwrap();
+        assert_eq!(m.cache().rotates(0, Half::K), rotation == Rotation::Quantized);
+        assert!((12..20).filter(|&c| m.cache().recent_holds(c)).count() >= 7, "the ring holds the newest cells");
+        for c in (12..20).filter(|&c| m.cache().recent_holds(c)) {
+            let mut want = ref_k[c * width..(c + 1) * width].to_vec();
+            if m.cache().rotates(0, Half::K) {
+                rotate_heads(&mut want, head_dim);
+            }
+            let got = &ring[(c % 8) * width..(c % 8 + 1) * width];
+            assert!(relative(got, &want) < 2e-3, "{rotation:?} cell {c}: {}", relative(got, &want));
+        }
+        // Generation goes on over the converted cache.
+        m.eval(&toks[..1], Logits::Last).unwrap();
+        reference.eval(&toks[..1], Logits::Last).unwrap();
     }
 }

@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
+use ccsm::kv_cache::EvictionPolicy;
 use ccsm::llama::LlamaModel;
 use ccsm::{GGMLModel, Logits, Model, ModelOptions};
 
@@ -37,11 +38,18 @@ pub fn bench_llama(args: &BenchArgs, log: &LogArgs) -> Result<Vec<BenchRow>> {
                 return Err(crate::UsageError("bench takes --kv-layout SPEC or --kv-plan auto --kv-bits B".into()).into());
             }
             let layout = fixed.as_ref().map(|(layout, _)| layout.clone());
-            if let Some((layout, plan)) = fixed {
-                model.quantize_kv_layout(layout)?;
-                if let Some(p) = plan.filter(|p| p.recent != model.cache().recent_cells()) {
-                    model.set_kv_recent(p.recent)?;
+            match fixed {
+                // A plan's layout, window and cells, as generation applies it (a full cache evicts).
+                Some((_, Some(plan))) => {
+                    model.apply_kv_plan(&plan, EvictionPolicy::default())?;
+                    if plan.capacity < n_ctx {
+                        model.set_eviction(Some(EvictionPolicy::default()));
+                    }
                 }
+                Some((layout, None)) => {
+                    model.quantize_kv_layout(layout)?;
+                }
+                None => {}
             }
             model.set_attention(attention);
             reset_peak_rss();

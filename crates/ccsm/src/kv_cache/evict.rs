@@ -133,7 +133,7 @@ impl KvCache {
     fn keep_metadata(&mut self, kept: &[usize]) -> Result<()> {
         self.positions = kept.iter().map(|&c| self.positions[c]).collect();
         self.scores = kept.iter().map(|&c| self.scores[c]).collect();
-        let row = ggml::DType::F16.row_size(self.width())?;
+        let row = super::recent::RING_TYPE.dtype().row_size(self.width())?;
         match self.recent.as_mut() {
             Some(r) => r.remap(kept, row),
             None => Ok(()),

@@ -179,7 +179,7 @@ impl KvCacheConfig {
     }
 
     fn checked_recent_bytes(&self) -> Result<usize> {
-        let row = CacheType::F16.dtype().row_size(self.n_embd_kv()?).map_err(|_| self.overflow())?;
+        let row = recent::RING_TYPE.dtype().row_size(self.n_embd_kv()?).map_err(|_| self.overflow())?;
         row.checked_mul(2 * self.n_layer).and_then(|b| b.checked_mul(self.recent)).ok_or_else(|| self.overflow())
     }
 

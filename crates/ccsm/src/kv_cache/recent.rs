@@ -13,18 +13,20 @@
 
 use std::ops::Range;
 
-use ggml::{Context, DType, Tensor, TensorId, TensorStore};
+use ggml::{Context, Tensor, TensorId, TensorStore};
 
 use super::{single_tensor_store, Half, KvCache};
 use crate::error::{Error, Result};
 use crate::CacheType;
 
+/// The type the rings store their rows in.
+pub(super) const RING_TYPE: CacheType = CacheType::F16;
+
 pub(super) struct RecentWindow {
-    cells: usize,
     /// Per layer the f16 K and V rings `[n_embd_kv, cells]`.
     layers: Vec<(TensorStore, TensorStore)>,
     tensor: TensorId,
-    /// The cell each slot holds.
+    /// The cell each slot holds (one slot per cell of the window).
     owner: Vec<Option<usize>>,
 }
 
@@ -33,32 +35,33 @@ impl RecentWindow {
         let mut layers = Vec::with_capacity(n_layer);
         let mut tensor = None;
         for l in 0..n_layer {
-            let (k, id) = single_tensor_store(&format!("recent_k.{l}"), CacheType::F16, n_embd_kv, cells)?;
-            let (v, _) = single_tensor_store(&format!("recent_v.{l}"), CacheType::F16, n_embd_kv, cells)?;
+            let (k, id) = single_tensor_store(&format!("recent_k.{l}"), RING_TYPE, n_embd_kv, cells)?;
+            let (v, _) = single_tensor_store(&format!("recent_v.{l}"), RING_TYPE, n_embd_kv, cells)?;
             tensor = Some(id);
             layers.push((k, v));
         }
         let tensor = tensor.ok_or(Error::EmptyInput("a recent window over no layers"))?;
-        Ok(RecentWindow { cells, layers, tensor, owner: vec![None; cells] })
+        Ok(RecentWindow { layers, tensor, owner: vec![None; cells] })
     }
 
     pub(super) fn cells(&self) -> usize {
-        self.cells
+        self.owner.len()
     }
 
     /// Whether the ring holds cell `cell`.
     pub(super) fn holds(&self, cell: usize) -> bool {
-        self.owner[cell % self.cells] == Some(cell)
+        self.owner[cell % self.cells()] == Some(cell)
     }
 
     /// The cells of a step over `cells` that go to the ring: its newest `cells` at most.
     pub(super) fn stored_cells(&self, cells: Range<usize>) -> Range<usize> {
-        cells.end.saturating_sub(self.cells).max(cells.start)..cells.end
+        cells.end.saturating_sub(self.cells()).max(cells.start)..cells.end
     }
 
     pub(super) fn on_append(&mut self, cells: Range<usize>) {
+        let n = self.cells();
         for c in self.stored_cells(cells) {
-            self.owner[c % self.cells] = Some(c);
+            self.owner[c % n] = Some(c);
         }
     }
 
@@ -92,35 +95,35 @@ impl RecentWindow {
         let moves: Vec<(usize, usize)> = kept
             .iter()
             .enumerate()
-            .filter(|&(to, &from)| to + self.cells >= len && self.holds(from))
-            .map(|(to, &from)| (to, from % self.cells))
+            .filter(|&(to, &from)| to + self.cells() >= len && self.holds(from))
+            .map(|(to, &from)| (to, from % self.cells()))
             .collect();
-        for l in 0..self.layers.len() {
+        // Only rows that change slot are copied (all read first: a slot may be another's source).
+        let moved = moves.iter().any(|&(to, from)| to % self.cells() != from);
+        for l in (0..self.layers.len()).filter(|_| moved) {
             for half in Half::BOTH {
                 let t = self.tensor(l, half);
                 let old = t.read_bytes()?;
                 let mut new = old.clone();
                 for &(to, from) in &moves {
-                    let slot = to % self.cells;
+                    let slot = to % self.cells();
                     new[slot * row_bytes..(slot + 1) * row_bytes].copy_from_slice(&old[from * row_bytes..(from + 1) * row_bytes]);
                 }
                 t.write_bytes_at(0, &new)?;
             }
         }
-        let mut owner = vec![None; self.cells];
+        let mut owner = vec![None; self.cells()];
         for &(to, _) in &moves {
-            owner[to % self.cells] = Some(to);
+            owner[to % self.cells()] = Some(to);
         }
         self.owner = owner;
         Ok(())
     }
 
-    /// Rotates (or un-rotates: H undoes itself) every head of `layer`'s `half` ring.
+    /// Rotates (or un-rotates: H undoes itself) every head of `layer`'s `half` ring, in place.
     pub(super) fn rotate(&self, layer: usize, half: Half, n_embd: usize, head_dim: usize) -> Result<()> {
         let t = self.tensor(layer, half);
-        let mut values = DType::F16.dequantize(&t.read_bytes()?, self.cells * n_embd)?;
-        super::rotate_heads(&mut values, head_dim);
-        Ok(t.write_bytes_at(0, &DType::F16.quantize(&values, n_embd)?)?)
+        super::convert_rows(t, t, RING_TYPE, RING_TYPE, n_embd, self.cells(), Some(head_dim))
     }
 }
 
@@ -178,7 +181,7 @@ impl KvCache {
         if layer >= self.config.n_layer {
             return Err(Error::Input(format!("layer {layer} of a cache of {}", self.config.n_layer)));
         }
-        Ok(DType::F16.dequantize(&r.tensor(layer, half).read_bytes()?, r.cells() * self.width())?)
+        Ok(RING_TYPE.dtype().dequantize(&r.tensor(layer, half).read_bytes()?, r.cells() * self.width())?)
     }
 
     /// A node storing `rows` `[n_embd_kv, m]` (f32) into layer `layer`'s `half` ring at the I64 `slots`.
@@ -198,7 +201,7 @@ impl KvCache {
     pub fn recent_tensor<'c>(&'c self, ctx: &'c Context, layer: usize, half: Half) -> Result<Tensor<'c>> {
         let r = self.recent.as_ref().ok_or_else(|| Error::Invariant("a recent-window view of a cache without one".into()))?;
         let c = &self.config;
-        let (head, row) = (DType::F16.row_size(c.head_dim)?, DType::F16.row_size(self.width())?);
+        let (head, row) = (RING_TYPE.dtype().row_size(c.head_dim)?, RING_TYPE.dtype().row_size(self.width())?);
         Ok(ctx.view(r.tensor(layer, half), &[c.head_dim as i64, c.n_head_kv as i64, r.cells() as i64], &[head, row], 0)?)
     }
 
