@@ -341,9 +341,11 @@ def queue_part(bin_path, models):
         results = []
 
         def one(i):
-            status, headers, body = s.http("POST", "/v1/completions", {"prompt": "hello world", "max_tokens": 200, "temperature": 0.5, "seed": i})
+            status, headers, body = s.http("POST", "/v1/completions", {"prompt": "hello world", "max_tokens": 200, "temperature": 0.5, "seed": i, "ignore_eos": True})
             results.append((status, headers, body))
 
+        # Each request generates all 200 tokens (an early end of text would let the queue drain
+        # between arrivals and no request would be told to retry).
         ts = [threading.Thread(target=one, args=(i,)) for i in range(6)]
         for t in ts:
             t.start()
