@@ -1,5 +1,13 @@
 //! Next-token sampling: greedy at temperature 0, otherwise temperature → top-k → top-p with a seeded
-//! ChaCha20 generator (portable: the same seed gives the same draws on every platform).
+//! ChaCha20 generator (portable: the same seed gives the same draws on every platform). A server request
+//! may also adjust the logits first (`adjust`: bias and penalties) and ask for logprobs (`logprobs`);
+//! `TokenPicker` does all three in the order that defines what the logprobs mean.
+
+mod adjust;
+mod logprobs;
+
+pub use adjust::{LogitAdjust, LogitAdjustConfig, MAX_BIAS, MAX_PENALTY};
+pub use logprobs::{logprobs, Logprobs, TokenLogprob};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -116,6 +124,52 @@ impl Sampler {
     }
 }
 
+/// Most `top` log-probabilities a request may ask for at each position (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// A request's way to its next tokens: the step's logits adjusted (`logit_bias`, penalties over what
+/// it generated), then sampled. Reported logprobs are the log-softmax of the adjusted logits, before
+/// temperature, top-k and top-p (what OpenAI reports): at temperature 1 without top-k/top-p, a token's
+/// probability of being sampled.
+pub struct TokenPicker {
+    sampler: Sampler,
+    adjust: LogitAdjust,
+    /// Report logprobs with this many top tokens (`None`: none).
+    logprobs: Option<usize>,
+}
+
+impl TokenPicker {
+    pub fn new(sampler: SamplerConfig, adjust: LogitAdjustConfig, logprobs: Option<usize>, vocab: usize) -> Result<Self> {
+        if logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+            return Err(Error::Input(format!("at most {MAX_TOP_LOGPROBS} top logprobs per token")));
+        }
+        Ok(TokenPicker { sampler: Sampler::new(sampler)?, adjust: LogitAdjust::new(adjust, vocab)?, logprobs })
+    }
+
+    /// Whether logprobs are reported.
+    pub fn reports_logprobs(&self) -> bool {
+        self.logprobs.is_some()
+    }
+
+    /// The next token from a step's `logits` (adjusted in place), with its logprobs when asked for;
+    /// the token counts toward the penalties from now on.
+    pub fn pick(&mut self, logits: &mut [f32]) -> Result<(u32, Option<Logprobs>)> {
+        self.adjust.apply(logits);
+        let token = self.sampler.sample(logits)?;
+        let reported = self.logprobs.map(|n| logprobs(logits, token, n));
+        self.adjust.record(token);
+        Ok((token, reported))
+    }
+
+    /// The logprobs of `token` following a prompt row with these `logits` (adjusted in place as a
+    /// generated token's would be), when logprobs are reported.
+    pub fn score(&self, logits: &mut [f32], token: u32) -> Option<Logprobs> {
+        let n = self.logprobs?;
+        self.adjust.apply(logits);
+        Some(logprobs(logits, token, n))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,6 +196,26 @@ mod tests {
         let kept: Vec<u32> = s.candidates(&logits).iter().map(|&(i, _)| i as u32).collect();
         assert!(top.iter().all(|t| kept.contains(t)), "ties with the k-th were dropped");
         assert!(draws(7).iter().all(|d| kept.contains(d)));
+    }
+
+    #[test]
+    fn the_picker_reports_the_adjusted_distribution_and_greedy_takes_its_top() {
+        let config = SamplerConfig { temperature: 0.0, ..Default::default() };
+        let bias = LogitAdjustConfig { logit_bias: vec![(2, 10.0)], frequency_penalty: 2.0, ..Default::default() };
+        let mut picker = TokenPicker::new(config, bias, Some(3), 4).unwrap();
+        let row = [0.5f32, 4.0, -1.0, 0.0];
+        // Biased, token 2 (9.0) wins; penalised by 2 per time it wins again at 7 and 5, then 3 loses to token 1 (4.0).
+        let mut picks = Vec::new();
+        for _ in 0..4 {
+            let (token, lp) = picker.pick(&mut row.clone()).unwrap();
+            let lp = lp.unwrap();
+            assert_eq!(lp.top[0].token, token);
+            assert_eq!(lp.chosen, lp.top[0]);
+            assert!(lp.top.iter().map(|t| (t.logprob as f64).exp()).sum::<f64>() <= 1.0 + 1e-6);
+            picks.push(token);
+        }
+        assert_eq!(picks, vec![2, 2, 2, 1]);
+        assert!(TokenPicker::new(config, LogitAdjustConfig::default(), Some(MAX_TOP_LOGPROBS + 1), 4).is_err());
     }
 
     #[test]

@@ -36,7 +36,8 @@ impl Segment {
             _ => return Err(Error::Tokenizer("CSM segments need BOS and EOS ids".into())),
         };
         let mut rows = vec![Row::Text(bos)];
-        rows.extend(tokenizer.encode_plain(&format!("[{}]{}", self.speaker, self.text))?.into_iter().map(Row::Text));
+        // The text may be a client's: spellings of control tokens stay text.
+        rows.extend(tokenizer.encode_literal(&format!("[{}]{}", self.speaker, self.text))?.into_iter().map(Row::Text));
         rows.push(Row::Text(eos));
         for (i, frame) in self.frames.iter().enumerate() {
             if frame.len() != n_codebooks {
