@@ -70,7 +70,7 @@ build: setup
 	$(CARGO) build $(RELEASE)
 
 ## test: the whole suite
-test: setup models
+test: setup models data
 	$(CARGO) test $(RELEASE) --workspace --exclude ccsm-plots
 
 ## lint: rustfmt and clippy (warnings are errors), as CI runs them

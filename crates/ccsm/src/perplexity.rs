@@ -164,6 +164,7 @@ impl KlAccumulator {
             delta_ln_ppl: estimate(self.delta_nll.iter().copied()),
             same_top_percent: estimate(self.same_top.iter().copied()),
             rms_delta_p_percent: 100.0 * (self.delta_p_sq / n).sqrt(),
+            kld_per_position: self.kld,
         }
     }
 }
@@ -278,4 +279,23 @@ pub struct KlComparison {
     pub same_top_percent: Estimate,
     /// Root mean square of p_run(target) − p_ref(target), in percent.
     pub rms_delta_p_percent: f64,
+    /// Each position's KLD, in order: two runs over the same text compare position by position.
+    #[serde(skip)]
+    pub kld_per_position: Vec<f64>,
+}
+
+impl KlComparison {
+    /// Mean and standard error of this run's KLD minus `other`'s, position by position (both against
+    /// the same reference over the same text): far tighter than the two means' own errors, since
+    /// the positions that are hard for one layout are hard for the other.
+    pub fn paired_difference(&self, other: &KlComparison) -> Result<Estimate> {
+        if self.kld_per_position.len() != other.kld_per_position.len() {
+            return Err(Error::Input(format!(
+                "runs of {} and {} positions cannot be paired",
+                self.kld_per_position.len(),
+                other.kld_per_position.len()
+            )));
+        }
+        Ok(estimate(self.kld_per_position.iter().zip(&other.kld_per_position).map(|(a, b)| a - b)))
+    }
 }

@@ -318,10 +318,19 @@ fn the_plan_strategy_fits_the_budget_with_the_planned_layout() {
     }
 }
 
-/// SmolLM2 with the committed profile (calibrated on the Debian licenses), measured on this repository's
-/// docs, a text the calibration never saw: at the bytes of each uniform type the plan's measured KLD
-/// is no worse than that type's (the plan's recent window in its bytes). Weights in f32 (no activation floor); ctx 512, the calibration's (at
-/// ctx 256 the 4.5-bit plan measured 0.0289 against iq4_nl's 0.0282: profiles depend on the context).
+/// SmolLM2 with the committed profile (calibrated on the Debian licenses), measured on a text the
+/// calibration never saw (the Jargon File: 8 chunks of 512, 2040 scored positions): at the bytes of
+/// each uniform type the plan's KLD is no worse than that type's (the plan's recent window in its
+/// bytes). Weights in f32 (no activation floor); ctx 512, the calibration's (at ctx 256 the 4.5-bit
+/// plan measured 0.0289 against iq4_nl's 0.0282: profiles depend on the context).
+///
+/// "No worse" allows two standard errors of the per-position difference (plan minus uniform, same
+/// positions, same reference). A 4-bit cache's KLD moves by a few percent with the CPU's kernels alone
+/// (a row's values rounded differently fall into other quantization steps): on 510 positions of this
+/// repository's docs the 4.5-bit plan measured 0.03037 against uniform iq4_nl's 0.02981 with AVX-512
+/// kernels and the other way round with AVX2 ones. That is a tie decided by rounding, so this test
+/// scores four times the positions of a fixed text, where the plans' real margins stand well above
+/// such noise (4080 Jargon File positions: iq4_nl plan 0.0262 ± 0.0007, uniform 0.0353 ± 0.0013).
 #[test]
 fn smollm2_plans_are_no_worse_than_the_uniform_type_of_their_bytes() {
     let root = common::repo_root();
@@ -329,16 +338,14 @@ fn smollm2_plans_are_no_worse_than_the_uniform_type_of_their_bytes() {
     let llama = LlamaModel::load_f32_weights(model(common::SMOLLM2)).unwrap();
     let options = ModelOptions { n_ctx: 512, k_type: CacheType::F32, v_type: CacheType::F32, n_threads: 2, n_batch: 512 };
     let mut m = GGMLModel::new(llama, options).unwrap();
-    let mut text = std::fs::read_to_string(root.join("README.md")).unwrap();
-    for doc in ["docs/attention.md", "docs/kv-rotation.md", "docs/deploy.md", "docs/mimi.md"] {
-        text += &std::fs::read_to_string(root.join(doc)).unwrap();
-    }
-    let tokens = m.model().tokenizer().encode_plain(&text).unwrap();
-    let (reference, _) = ccsm::perplexity::score(&mut m, &tokens, 512, Some(2), None, |_, _| {}).unwrap();
-    let kld_of = |m: &mut GGMLModel, layout: KvLayout, recent: usize| {
+    let tokens = m.model().tokenizer().encode_plain(&common::jargon_prefix(48_000)).unwrap();
+    let chunks = Some(8);
+    let (reference, _) = ccsm::perplexity::score(&mut m, &tokens, 512, chunks, None, |_, _| {}).unwrap();
+    assert_eq!(reference.positions.len(), 8 * 255, "the text is long enough for 8 chunks");
+    let kl_of = |m: &mut GGMLModel, layout: KvLayout, recent: usize| {
         m.set_kv_recent(recent).unwrap();
         m.quantize_kv_layout(layout).unwrap();
-        ccsm::perplexity::score(m, &tokens, 512, Some(2), Some(&reference), |_, _| {}).unwrap().1.unwrap().kld.mean
+        ccsm::perplexity::score(m, &tokens, 512, chunks, Some(&reference), |_, _| {}).unwrap().1.unwrap()
     };
     for t in [CacheType::IQ4NL, CacheType::Q4_1, CacheType::Q5_1, CacheType::Q8_0] {
         let bits = t.dtype().bits_per_element();
@@ -346,12 +353,20 @@ fn smollm2_plans_are_no_worse_than_the_uniform_type_of_their_bytes() {
         let plan = kv_plan::plan_with_window(&profile, m.cache().config(), &[], PlanBudget::BitsPerElement(bits)).unwrap();
         assert_eq!(plan.capacity, 512);
         assert!(plan.bytes <= m.cache().config().clone().with_types(t, t).bytes().unwrap());
-        let uniform = kld_of(&mut m, KvLayout::uniform(30, t, t), 0);
-        let planned = kld_of(&mut m, plan.layout.clone(), plan.recent);
+        let uniform = kl_of(&mut m, KvLayout::uniform(30, t, t), 0);
+        let planned = kl_of(&mut m, plan.layout.clone(), plan.recent);
+        let difference = planned.paired_difference(&uniform).unwrap();
         eprintln!(
-            "{t} ({bits} bits): uniform {uniform:.5}, plan {planned:.5} (predicted {:.5}) {} + {}",
-            plan.predicted_kld, plan.spec, plan.recent
+            "{t} ({bits} bits): uniform {:.5}, plan {:.5} (predicted {:.5}), difference {:.5} ± {:.5}; {} + {}",
+            uniform.kld.mean, planned.kld.mean, plan.predicted_kld, difference.mean, difference.stderr, plan.spec, plan.recent
         );
-        assert!(planned <= uniform, "{t}: the plan at its bytes measured {planned}, the uniform type {uniform}");
+        assert!(
+            difference.mean <= 2.0 * difference.stderr,
+            "{t}: the plan at its bytes measured {:.5}, the uniform type {:.5} (difference {:.5} ± {:.5})",
+            planned.kld.mean,
+            uniform.kld.mean,
+            difference.mean,
+            difference.stderr
+        );
     }
 }

@@ -15,6 +15,18 @@ pub fn model(name: &str) -> PathBuf {
     path
 }
 
+/// The first `bytes` of the Jargon File (`data/jargon.txt`, made by `make data`, which `make test` runs
+/// first): real text that no profile was calibrated on and that does not change with this repository.
+pub fn jargon_prefix(bytes: usize) -> String {
+    let path = repo_root().join("data/jargon.txt");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}; run `make data`", path.display()));
+    let mut end = bytes.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
 pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const TINY_LLAMA: &str = "tiny-llama.gguf";
 /// tiny-llama with Llama 3's pre-tokenizer (`llama-bpe`).
