@@ -61,9 +61,16 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE")]
     pub codec: Option<PathBuf>,
 
-    /// Address to listen on (loopback unless told otherwise).
+    /// Address to listen on (loopback unless told otherwise). Beyond loopback without an API key, the
+    /// server warns that anyone who can reach it can use it.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
+
+    /// On a loopback address, also answer requests addressed (Host header) to NAME; repeatable; `*`
+    /// answers any. Without it a loopback server answers only localhost, 127.0.0.1 and [::1], so a web
+    /// page cannot reach it through DNS rebinding. On other addresses, limits the names when given.
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    pub allowed_hosts: Vec<String>,
 
     /// Port to listen on (0: any free port, printed at start).
     #[arg(long, default_value_t = 8080)]
@@ -88,9 +95,32 @@ pub struct ServeArgs {
     pub max_queue: u32,
 
     /// API key clients must send (Authorization: Bearer KEY); repeat for several. Also read from
-    /// CCSM_API_KEY (comma-separated). Without any, the server is open. /health never asks.
+    /// CCSM_API_KEY (comma-separated; set but empty or blank is refused, as an empty --api-key is).
+    /// Without any, the server is open. /health never asks.
     #[arg(long = "api-key", value_name = "KEY")]
     pub api_keys: Vec<String>,
+
+    /// Seconds a request's head (request line and headers) may take to arrive from its first byte.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = positive_seconds)]
+    pub header_timeout: f64,
+
+    /// Seconds a request's body may take to arrive (408 past it).
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = positive_seconds)]
+    pub body_timeout: f64,
+
+    /// Seconds a connection with no request under way (kept alive, or never used) stays open.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = positive_seconds)]
+    pub idle_timeout: f64,
+
+    /// Connections open at once (at most the open-files limit less 32). When all are taken, idle ones
+    /// are closed to let new ones in.
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Seconds running requests have to finish after Ctrl-C or SIGTERM; then they are cancelled and the
+    /// server exits. Connections with no request under way close at once; a second signal stops at once.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = non_negative_seconds)]
+    pub shutdown_timeout: f64,
 
     /// Folder of voices: NAME.json = {"speaker": N, "context": [{"speaker", "text", "frames"}]}.
     #[arg(long, value_name = "DIR")]
@@ -418,7 +448,8 @@ pub struct GenerateArgs {
     #[arg(short, long, value_name = "MODEL", conflicts_with = "model_positional")]
     pub model: Option<PathBuf>,
 
-    /// Prompt text.
+    /// Prompt text. It is the operator's own: spellings of control tokens in it (`<|im_start|>`) become
+    /// those tokens (with --chat, only the template's do). The server never reads its clients' text so.
     #[arg(short, long)]
     pub prompt: Option<String>,
 
@@ -546,6 +577,21 @@ fn top_k_value(s: &str) -> Result<TopK, String> {
         Ok(0) => Err("0 would keep no token: give a count of at least 1, or `all` for no limit".into()),
         Ok(k) => Ok(TopK::Count(k)),
         Err(e) => Err(format!("{e}: expected a count of at least 1, or `all`")),
+    }
+}
+
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => Ok(v),
+        Ok(v) => Err(format!("{v} must be a number of seconds above 0 (at most 86400)")),
+        Err(e) => Err(format!("{e}: expected seconds, such as 10 or 0.5")),
+    }
+}
+
+fn non_negative_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v == 0.0 => Ok(v),
+        _ => positive_seconds(s),
     }
 }
 

@@ -1,9 +1,10 @@
-//! The request and response bodies of the OpenAI API as this server speaks it, and its error shape
-//! `{"error": {"message", "type", "code"}}`.
+//! The server's error shape, OpenAI's `{"error": {"message", "type", "code"}}`, and the JSON body
+//! parsing every endpoint shares: an object, `null` members taken as not given, fields named in errors.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+use serde_json::{Map, Value};
 
 /// A failed request: status, OpenAI error type and code, and a message that says what to change.
 #[derive(Clone, Debug)]
@@ -24,6 +25,11 @@ impl ApiError {
     /// 400: the request is malformed or asks for what this server does not do.
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_request", message)
+    }
+
+    /// 400 for a field this server does not honour.
+    pub fn unsupported(field: &str, message: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", "unsupported_parameter", format!("{field}: {message}"))
     }
 
     pub fn unauthorized() -> Self {
@@ -86,111 +92,6 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// A string or a list of strings (OpenAI's `prompt` and `stop`).
-#[derive(Clone, Debug, Deserialize)]
-#[serde(untagged)]
-pub enum OneOrMany {
-    One(String),
-    Many(Vec<String>),
-}
-
-impl OneOrMany {
-    pub fn into_vec(self) -> Vec<String> {
-        match self {
-            OneOrMany::One(s) => vec![s],
-            OneOrMany::Many(v) => v,
-        }
-    }
-}
-
-/// Sampling and length settings shared by completions and chat.
-#[derive(Clone, Debug, Default, Deserialize)]
-pub struct TextSettings {
-    pub max_tokens: Option<u32>,
-    /// The newer name of `max_tokens` in chat.
-    pub max_completion_tokens: Option<u32>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<u32>,
-    pub seed: Option<u64>,
-    pub stop: Option<OneOrMany>,
-    #[serde(default)]
-    pub stream: bool,
-    /// How many choices: only 1.
-    pub n: Option<u32>,
-    /// llama-server's extension: keep generating past end-of-text (benchmarks).
-    #[serde(default)]
-    pub ignore_eos: bool,
-}
-
-/// `POST /v1/completions`.
-#[derive(Clone, Debug, Deserialize)]
-pub struct CompletionRequest {
-    #[allow(dead_code)] // one model per server: any name is accepted
-    pub model: Option<String>,
-    pub prompt: OneOrMany,
-    #[serde(flatten)]
-    pub settings: TextSettings,
-}
-
-/// The content of a chat message: a string, or parts of which the text ones are joined.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(untagged)]
-pub enum MessageContent {
-    Text(String),
-    Parts(Vec<ContentPart>),
-}
-
-#[derive(Clone, Debug, Deserialize)]
-pub struct ContentPart {
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub text: Option<String>,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-pub struct ChatMessage {
-    pub role: String,
-    pub content: Option<MessageContent>,
-}
-
-/// `POST /v1/chat/completions`.
-#[derive(Clone, Debug, Deserialize)]
-pub struct ChatRequest {
-    #[allow(dead_code)]
-    pub model: Option<String>,
-    pub messages: Vec<ChatMessage>,
-    #[serde(flatten)]
-    pub settings: TextSettings,
-}
-
-/// A voice: a name, or `{"id": name}`.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(untagged)]
-pub enum VoiceField {
-    Name(String),
-    Id { id: String },
-}
-
-/// `POST /v1/audio/speech`, with the extensions a client sends through its extra body.
-#[derive(Clone, Debug, Deserialize)]
-pub struct SpeechRequest {
-    #[allow(dead_code)]
-    pub model: Option<String>,
-    pub input: String,
-    pub voice: Option<VoiceField>,
-    pub response_format: Option<String>,
-    pub stream_format: Option<String>,
-    pub speed: Option<f64>,
-    pub instructions: Option<String>,
-    pub seed: Option<u64>,
-    pub temperature: Option<f32>,
-    pub top_k: Option<u32>,
-    pub max_audio_ms: Option<u64>,
-    /// Context turns said before the input (`[{"speaker", "text", "frames"}]`), after the voice's own.
-    pub context: Option<Vec<ccsm::csm::Segment>>,
-}
-
 /// Token counts of a response.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct Usage {
@@ -205,7 +106,88 @@ impl Usage {
     }
 }
 
-/// Parses a JSON body, answering what is wrong in OpenAI's error shape.
-pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("the request body is not a valid request: {e}")))
+/// A request body: a JSON object whose `null` members are dropped (`null` means "not given", as
+/// OpenAI's clients send it for unset fields).
+pub fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(format!("the request body is not a valid request: it is not valid JSON ({e})")))?;
+    match value {
+        Value::Object(mut map) => {
+            map.retain(|_, v| !v.is_null());
+            Ok(map)
+        }
+        other => Err(ApiError::invalid(format!("the request body must be a JSON object, not {}", describe(&other)))),
+    }
+}
+
+/// Refuses the members of `map` not in `known`, naming the first and listing what the endpoint takes.
+pub fn only_known(map: &Map<String, Value>, endpoint: &str, known: &[&str]) -> Result<(), ApiError> {
+    match map.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(field) => {
+            Err(ApiError::unsupported(field, format_args!("unknown or unsupported field for {endpoint}; it takes {}", known.join(", "))))
+        }
+        None => Ok(()),
+    }
+}
+
+/// The typed request of a checked body; a value of the wrong type is a 400 naming its field.
+pub fn typed<T: serde::de::DeserializeOwned>(map: Map<String, Value>) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(Value::Object(map)).map_err(|e| {
+        let path = e.path().to_string();
+        let message = humane(&e.into_inner().to_string());
+        ApiError::invalid(if path == "." { message } else { format!("{path}: {message}") })
+    })
+}
+
+/// serde's words for the expected kinds of values, in the API's terms rather than Rust's.
+fn humane(message: &str) -> String {
+    let mut m = message.to_owned();
+    for (rust, plain) in [
+        ("expected u32", "expected a whole number >= 0"),
+        ("expected u64", "expected a whole number >= 0"),
+        ("expected usize", "expected a whole number >= 0"),
+        ("expected f32", "expected a number"),
+        ("expected f64", "expected a number"),
+        ("expected a sequence", "expected a list"),
+        ("expected a map", "expected an object"),
+    ] {
+        m = m.replace(rust, plain);
+    }
+    m
+}
+
+/// "a string", "a list", ... for messages.
+pub fn describe(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Probe {
+        n: Option<u32>,
+        list: Option<Vec<String>>,
+    }
+
+    #[test]
+    fn errors_name_the_field_in_the_apis_words() {
+        let e = typed::<Probe>(object(br#"{"n": -1, "list": null}"#).unwrap()).unwrap_err();
+        assert_eq!(e.message, "n: invalid value: integer `-1`, expected a whole number >= 0");
+        let e = typed::<Probe>(object(br#"{"list": ["a", 5]}"#).unwrap()).unwrap_err();
+        assert!(e.message.starts_with("list[1]: invalid type: integer `5`"), "{}", e.message);
+        assert!(object(b"[1]").unwrap_err().message.contains("must be a JSON object, not a list"));
+        let map = object(br#"{"n": 1, "min_p": 0.1}"#).unwrap();
+        let e = only_known(&map, "/v1/completions", &["n"]).unwrap_err();
+        assert!(e.message.starts_with("min_p: unknown or unsupported field for /v1/completions"), "{}", e.message);
+    }
 }

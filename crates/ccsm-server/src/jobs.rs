@@ -12,7 +12,10 @@ use std::sync::atomic::Ordering;
 
 use crate::api::{ApiError, Usage};
 use crate::metrics::Metrics;
+use crate::requests::TextOptions;
 
+/// A text request's prompt, as the client sent it: tokenized on the engine thread as client text
+/// (spellings of control tokens stay text).
 pub enum TextPrompt {
     Plain(String),
     Chat(Vec<Message>),
@@ -20,14 +23,30 @@ pub enum TextPrompt {
 
 pub struct TextJob {
     pub prompt: TextPrompt,
-    /// `None`: up to `DEFAULT_MAX_TOKENS`, as far as the session's context allows.
-    pub max_tokens: Option<usize>,
-    pub sampler: SamplerConfig,
-    pub stop: Vec<String>,
-    /// Generate past end-of-text tokens (llama-server's `ignore_eos`).
-    pub ignore_eos: bool,
+    /// Length, sampling, adjustment, stops, logprobs (`max_tokens` `None`: up to `DEFAULT_MAX_TOKENS`,
+    /// as far as the session's context allows).
+    pub options: TextOptions,
     pub events: UnboundedSender<TextEvent>,
     pub arrived: Instant,
+}
+
+impl TextJob {
+    /// Whether the prompt's own tokens are scored (`echo` with `logprobs`).
+    pub fn scores_prompt(&self) -> bool {
+        self.options.echo && self.options.logprobs.is_some()
+    }
+}
+
+/// A token as an answer shows it, with its logprob and the most likely alternatives when asked.
+#[derive(Clone, Debug)]
+pub struct ShownToken {
+    /// What it stands for: a piece of UTF-8 text (perhaps part of a character), or a control token's spelling.
+    pub bytes: Vec<u8>,
+    /// A control token: the text leaves it out.
+    pub special: bool,
+    /// `None` for a prompt's first token (nothing before it to predict it).
+    pub logprob: Option<f32>,
+    pub top: Vec<(Vec<u8>, f32)>,
 }
 
 /// Why a generation ended, as OpenAI names it.
@@ -51,7 +70,13 @@ impl Finish {
 pub enum TextEvent {
     /// Admitted: a cache was given and the prompt will run.
     Accepted,
-    Delta(String),
+    /// The prompt's tokens with their logprobs (`echo` with `logprobs`), once it has run.
+    Prompt(Vec<ShownToken>),
+    /// New text, and the tokens that begin in it (when logprobs are reported).
+    Delta {
+        text: String,
+        tokens: Vec<ShownToken>,
+    },
     Done {
         finish: Finish,
         usage: Usage,
@@ -97,10 +122,10 @@ pub fn gather(jobs: &std::sync::mpsc::Receiver<Job>, idle: bool) -> Option<Vec<J
     Some(incoming)
 }
 
-/// Counts a request refused before it ran (its error already sent).
+/// Takes a request refused before it ran (its error already sent) off the queue; the HTTP side counts
+/// its outcome with every other 4xx.
 pub fn refused(metrics: &Metrics) {
     metrics.waiting.fetch_sub(1, Ordering::Relaxed);
-    metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Counts a session that starts: its bytes come out of the budget, its prompt is counted.

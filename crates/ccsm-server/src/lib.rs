@@ -4,15 +4,21 @@
 #![forbid(unsafe_code)]
 
 mod api;
+mod guards;
 mod http;
 mod jobs;
+mod listener;
 mod metrics;
+mod requests;
+mod speech_api;
 mod speech_loop;
+mod text_api;
 mod text_loop;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use ccsm::csm::{CsmGenerator, CsmOptions};
@@ -23,6 +29,7 @@ use ccsm::mimi::{MimiDecoder, MimiModel, MimiOptions};
 use ccsm::{AnyModel, Architecture, CacheType};
 
 pub use http::{Voice, MAX_BODY_BYTES, MAX_INPUT_CHARS};
+pub use listener::{connections_within_files, open_files_limit, ConnectionLimits};
 pub use metrics::Metrics;
 
 /// How `ccsm-infer serve` runs.
@@ -37,7 +44,14 @@ pub struct ServeConfig {
     pub parallel: usize,
     /// Bytes every session's caches share (default: `parallel` sessions of a full context).
     pub max_memory_bytes: Option<usize>,
+    /// Keys clients must send; none: the server is open (a warning when it listens beyond loopback).
     pub api_keys: Vec<String>,
+    /// `Host` names a loopback server also answers to (`*`: any); see `guards::HostPolicy`.
+    pub allowed_hosts: Vec<String>,
+    /// Header, idle and shutdown deadlines and the connection cap.
+    pub limits: ConnectionLimits,
+    /// How long a request body may take to arrive.
+    pub body_timeout: Duration,
     pub voices: Option<PathBuf>,
     pub k_type: CacheType,
     pub v_type: CacheType,
@@ -146,10 +160,27 @@ fn load(config: &ServeConfig) -> Result<Loaded> {
     }
 }
 
-/// Serves until Ctrl-C (or SIGTERM); an error if the model cannot load or the address cannot be bound.
+/// Refuses keys a client could not send or that would guard nothing: empty, blank, with spaces or
+/// control characters.
+pub fn check_api_key(key: &str) -> Result<()> {
+    if key.trim().is_empty() {
+        bail!("an API key must not be empty or blank");
+    }
+    if key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        bail!("an API key must not contain spaces or control characters");
+    }
+    Ok(())
+}
+
+/// Serves until Ctrl-C or SIGTERM: then stops accepting, lets running requests finish within the
+/// shutdown deadline (a second signal stops at once), and returns. An error if the model cannot load or
+/// the address cannot be bound.
 pub fn serve(config: ServeConfig) -> Result<()> {
     if config.parallel == 0 {
         bail!("--parallel must be at least 1");
+    }
+    for key in &config.api_keys {
+        check_api_key(key)?;
     }
     let facts = ccsm::inspect(&config.model, config.n_ctx).with_context(|| format!("checking {}", config.model.display()))?;
     let (served_cache, served) = match facts.architecture {
@@ -195,6 +226,11 @@ pub fn serve(config: ServeConfig) -> Result<()> {
         let address = format!("{}:{}", config.host, config.port);
         let listener = tokio::net::TcpListener::bind(&address).await.with_context(|| format!("binding {address}"))?;
         let bound = listener.local_addr()?;
+        if config.api_keys.is_empty() && !bound.ip().is_loopback() {
+            eprintln!(
+                "warning: serving on {bound} without an API key: anyone who can reach this address can use the model; set --api-key or CCSM_API_KEY (or listen on 127.0.0.1)"
+            );
+        }
         let metrics = Arc::new(Metrics::default());
         let engine = Arc::new(http::EngineState::default());
         let (jobs_tx, jobs_rx) = mpsc::channel();
@@ -227,41 +263,70 @@ pub fn serve(config: ServeConfig) -> Result<()> {
             api_keys: config.api_keys.clone(),
             voices,
             max_queue: config.max_queue,
+            hosts: guards::HostPolicy::for_bind(bound.ip(), &config.allowed_hosts),
+            body_timeout: config.body_timeout,
         });
         eprintln!("ccsm server on http://{bound} ({}; loading, /health answers 503 until ready)", config.model.display());
-        let (load_error_tx, load_error_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
-        let shutdown = async move {
+        let (load_error_tx, mut load_error_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
+        let (phase_tx, phase_rx) = tokio::sync::watch::channel(listener::Phase::Serving);
+        let grace = config.limits.shutdown_timeout;
+        tokio::spawn(async move {
+            let mut signals = Signals::new();
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = terminate() => {}
+                _ = signals.next() => {}
                 error = failed_rx => {
                     if let Ok(e) = error {
                         let _ = load_error_tx.send(e);
                     }
+                    let _ = phase_tx.send(listener::Phase::Closing);
+                    return;
                 }
             }
-        };
-        axum::serve(listener, http::router(state)).with_graceful_shutdown(shutdown).await?;
-        if let Ok(e) = load_error_rx.await {
+            eprintln!("shutting down: no new connections; running requests have {grace:?} to finish (signal again to stop now)");
+            let _ = phase_tx.send(listener::Phase::Draining);
+            signals.next().await;
+            let _ = phase_tx.send(listener::Phase::Closing);
+        });
+        listener::serve(listener, http::router(state), config.limits.clone(), phase_rx).await?;
+        // Sent before the listener was told to close, if loading failed.
+        if let Ok(e) = load_error_rx.try_recv() {
             return Err(e);
         }
         Ok(())
     })
 }
 
-#[cfg(unix)]
-async fn terminate() {
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut s) => {
-            s.recv().await;
-        }
-        Err(_) => std::future::pending().await,
-    }
+/// Ctrl-C and SIGTERM, as often as they come.
+struct Signals {
+    #[cfg(unix)]
+    terminate: Option<tokio::signal::unix::Signal>,
 }
 
-#[cfg(not(unix))]
-async fn terminate() {
-    std::future::pending().await
+impl Signals {
+    fn new() -> Self {
+        Signals {
+            #[cfg(unix)]
+            terminate: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok(),
+        }
+    }
+
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        let terminate = async {
+            match self.terminate.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let terminate = std::future::pending::<()>();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate => {}
+        }
+    }
 }
 
 /// The id `/v1/models` lists: the file's name without `.gguf` (as llama-server does), else its

@@ -49,6 +49,8 @@ pub struct Metrics {
     pub kv_budget_bytes: AtomicUsize,
     pub requests_ok: AtomicU64,
     pub requests_failed: AtomicU64,
+    /// Answered 4xx (malformed, unsupported, too long for the context, unauthorised, ...).
+    pub requests_invalid: AtomicU64,
     pub requests_cancelled: AtomicU64,
     pub requests_rejected: AtomicU64,
     pub prompt_tokens: AtomicU64,
@@ -83,10 +85,14 @@ impl Metrics {
         );
         let ratio = load(&self.kv_bytes) as f64 / load(&self.kv_budget_bytes).max(1) as f64;
         gauge("ccsm_kv_cache_usage_ratio", "KV-cache utilisation: bytes in use over the budget (0-1).", "gauge", format!("{ratio:.6}"));
-        let _ = writeln!(out, "# HELP ccsm_requests_total Requests ended, by outcome.\n# TYPE ccsm_requests_total counter");
+        let _ = writeln!(
+            out,
+            "# HELP ccsm_requests_total Requests ended, by outcome: ok, failed (a server error), cancelled (the client left), invalid (4xx), rejected (429 queue full, 503 not ready).\n# TYPE ccsm_requests_total counter"
+        );
         for (outcome, n) in [
             ("ok", &self.requests_ok),
             ("failed", &self.requests_failed),
+            ("invalid", &self.requests_invalid),
             ("cancelled", &self.requests_cancelled),
             ("rejected", &self.requests_rejected),
         ] {

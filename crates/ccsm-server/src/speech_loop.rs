@@ -135,7 +135,7 @@ fn admit_pending(
         let (state, stream, sampler) = match made {
             Ok(parts) => parts,
             Err(e) => {
-                metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
+                // A 400: the HTTP side counts it.
                 let _ = job.events.send(SpeechEvent::Failed(ApiError::invalid(e.to_string())));
                 continue;
             }

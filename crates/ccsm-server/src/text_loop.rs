@@ -11,13 +11,14 @@ use std::time::Instant;
 use ccsm::chat::ChatTemplate;
 use ccsm::engine::{SequenceStep, TextEngine};
 use ccsm::kv_cache::{KvCache, KvLayout};
-use ccsm::sampling::Sampler;
+use ccsm::sampling::{Logprobs, TokenPicker};
+use ccsm::tokenizer::Tokenizer;
 use ccsm::{CacheType, Logits};
 
 use crate::api::{ApiError, Usage};
 use crate::jobs::{
     admit, drop_departed, gather, refused, retire, session_cells, started, wait_for_change, Admission, Budget, Finish, Job, SessionState,
-    TextEvent, TextJob, TextPrompt,
+    ShownToken, TextEvent, TextJob, TextPrompt,
 };
 use crate::metrics::Metrics;
 
@@ -68,6 +69,10 @@ pub(crate) fn start_budget(settings: &LoopSettings, full_session: usize, metrics
 /// Tokens a request without `max_tokens` may generate at most (fewer when its context is shorter).
 const DEFAULT_MAX_TOKENS: usize = 256;
 
+/// Most prompt rows a step runs for a session whose prompt is scored: each row's logits are kept
+/// (rows × vocabulary floats), so its chunks stay small.
+const SCORED_PROMPT_ROWS: usize = 32;
+
 /// A request that has been checked and tokenized, waiting for a cache.
 struct Pending {
     job: TextJob,
@@ -82,17 +87,27 @@ struct Session {
     bytes: usize,
     prompt_len: usize,
     max_tokens: usize,
+    /// The prompt (its tokens are scored when `echo` asks for logprobs).
+    prompt: Vec<u32>,
     /// Prompt tokens not yet fed.
     unfed: VecDeque<u32>,
+    /// The prompt's tokens scored so far (the first has no logprob).
+    scored: Vec<ShownToken>,
     /// The sampled token to feed next (decoding).
     next: Option<u32>,
-    sampler: Sampler,
+    picker: TokenPicker,
     generated: Vec<u32>,
     /// Bytes of the generated text already sent.
     sent: usize,
+    /// Generated tokens whose logprobs are not sent yet, with the byte of the text where each begins.
+    unsent: Vec<(usize, ShownToken)>,
+    /// Bytes of text the generated tokens stand for.
+    text_bytes: usize,
     first_token_at: Option<Instant>,
     /// Done (or failed) and answered.
     finished: bool,
+    /// Its `Done`, sent once it is retired.
+    done: Option<TextEvent>,
 }
 
 pub fn run(mut engine: TextEngine, settings: LoopSettings, jobs: Receiver<Job>, metrics: Arc<Metrics>) {
@@ -134,12 +149,18 @@ pub fn run(mut engine: TextEngine, settings: LoopSettings, jobs: Receiver<Job>, 
             continue;
         }
         step(&mut engine, &settings, &mut running, &metrics);
+        // A finished session's `Done` goes out once its bytes are back in the budget, so a client
+        // holding its whole answer sees the session gone from /metrics.
+        let done: Vec<_> = running.iter_mut().filter_map(|s| s.done.take().map(|e| (s.job.events.clone(), e))).collect();
         retire(
             &mut running,
             |s| SessionState { finished: s.finished, gone: s.job.events.is_closed(), bytes: s.bytes },
             &mut budget,
             &metrics,
         );
+        for (events, event) in done {
+            let _ = events.send(event);
+        }
     }
 }
 
@@ -151,8 +172,10 @@ fn check(
     job: &TextJob,
 ) -> Result<(Vec<u32>, usize), ApiError> {
     let tokenizer = engine.model().tokenizer();
+    job.options.adjust.validate(engine.model().vocab_size()).map_err(|e| ApiError::invalid(e.to_string()))?;
+    // A client's text: spellings of control tokens stay text (the chat template's own make them).
     let prompt = match &job.prompt {
-        TextPrompt::Plain(text) => tokenizer.encode(text),
+        TextPrompt::Plain(text) => tokenizer.encode_untrusted(text),
         TextPrompt::Chat(messages) => match template {
             Some(t) => t.encode(tokenizer, messages),
             None => return Err(ApiError::invalid("this model has no chat template (tokenizer.chat_template); use /v1/completions")),
@@ -162,7 +185,7 @@ fn check(
     if prompt.is_empty() {
         return Err(ApiError::invalid("the prompt is empty"));
     }
-    let max_tokens = job.max_tokens.unwrap_or_else(|| DEFAULT_MAX_TOKENS.min(settings.n_ctx.saturating_sub(prompt.len())));
+    let max_tokens = job.options.max_tokens.unwrap_or_else(|| DEFAULT_MAX_TOKENS.min(settings.n_ctx.saturating_sub(prompt.len())));
     let needed = prompt.len() + max_tokens.max(1);
     if needed > settings.n_ctx {
         return Err(ApiError::invalid(format!(
@@ -187,7 +210,7 @@ fn admit_pending(
     while running.len() < settings.parallel {
         let Some(head) = pending.front() else { return };
         // The last sampled token is never fed back: prompt + max_tokens − 1 cells.
-        let cells = session_cells((head.prompt.len() + head.max_tokens).saturating_sub(1), settings.n_ctx);
+        let cells = session_cells(head.prompt.len() + head.max_tokens.saturating_sub(1), settings.n_ctx);
         let config_of = |layout: KvLayout| {
             engine.cache_config(cells, settings.k_type, settings.v_type).with_layout(layout).with_recent(settings.recent.min(cells))
         };
@@ -205,11 +228,15 @@ fn admit_pending(
         };
         let Pending { job, prompt, max_tokens } = pending.pop_front().expect("head exists");
         metrics.waiting.fetch_sub(1, Ordering::Relaxed);
-        let made = (|| -> ccsm::Result<_> { Ok((engine.new_cache_with(config_of(layout))?, Sampler::new(job.sampler)?)) })();
-        let (cache, sampler) = match made {
+        let vocab = engine.model().vocab_size();
+        let o = &job.options;
+        let made = (|| -> ccsm::Result<_> {
+            Ok((engine.new_cache_with(config_of(layout))?, TokenPicker::new(o.sampler, o.adjust.clone(), o.logprobs, vocab)?))
+        })();
+        let (cache, picker) = match made {
             Ok(parts) => parts,
             Err(e) => {
-                metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
+                // A 400: the HTTP side counts it.
                 let _ = job.events.send(TextEvent::Failed(ApiError::invalid(format!("cannot start the session: {e}"))));
                 continue;
             }
@@ -222,15 +249,29 @@ fn admit_pending(
             bytes,
             prompt_len: prompt.len(),
             max_tokens,
-            unfed: prompt.into(),
+            unfed: prompt.iter().copied().collect(),
+            prompt,
+            scored: Vec::new(),
             next: None,
-            sampler,
+            picker,
             generated: Vec::new(),
             sent: 0,
+            unsent: Vec::new(),
+            text_bytes: 0,
             first_token_at: None,
             finished: false,
+            done: None,
         });
     }
+}
+
+/// One session's rows in a step: its tokens, which logits it wants, and whether the last row's are
+/// sampled from (a decode step or the prompt's last chunk).
+struct Input {
+    session: usize,
+    tokens: Vec<u32>,
+    logits: Logits,
+    sample: bool,
 }
 
 /// One graph over every running session; then each samples and sends what it has.
@@ -238,19 +279,20 @@ fn step(engine: &mut TextEngine, settings: &LoopSettings, running: &mut [Session
     // Decoding sessions take one row each; prefilling ones share what is left of the step's rows.
     let decoding = running.iter().filter(|s| s.unfed.is_empty()).count();
     let mut rows_left = settings.n_batch.saturating_sub(decoding).max(1);
-    let mut inputs: Vec<(usize, Vec<u32>, bool)> = Vec::new();
+    let mut inputs: Vec<Input> = Vec::new();
     for (i, s) in running.iter_mut().enumerate() {
         if s.job.events.is_closed() {
             continue;
         }
         if let Some(token) = s.next {
-            inputs.push((i, vec![token], true));
+            inputs.push(Input { session: i, tokens: vec![token], logits: Logits::Last, sample: true });
         } else if !s.unfed.is_empty() && rows_left > 0 {
-            let n = s.unfed.len().min(rows_left);
+            let scored = s.job.scores_prompt();
+            let n = s.unfed.len().min(rows_left).min(if scored { SCORED_PROMPT_ROWS } else { usize::MAX });
             rows_left -= n;
-            let chunk: Vec<u32> = s.unfed.drain(..n).collect();
-            let last = s.unfed.is_empty();
-            inputs.push((i, chunk, last));
+            let tokens: Vec<u32> = s.unfed.drain(..n).collect();
+            let logits = if scored { Logits::All } else { Logits::Last };
+            inputs.push(Input { session: i, tokens, logits, sample: s.unfed.is_empty() });
         }
     }
     if inputs.is_empty() {
@@ -260,12 +302,12 @@ fn step(engine: &mut TextEngine, settings: &LoopSettings, running: &mut [Session
         let mut sequences: Vec<SequenceStep> = Vec::with_capacity(inputs.len());
         let mut rest: &mut [Session] = running;
         let mut offset = 0;
-        for (i, tokens, _) in &inputs {
-            let (_, tail) = rest.split_at_mut(i - offset);
+        for input in &inputs {
+            let (_, tail) = rest.split_at_mut(input.session - offset);
             let (session, after) = tail.split_first_mut().expect("index in range");
-            sequences.push(SequenceStep { cache: &mut session.cache, tokens, logits: Logits::Last });
+            sequences.push(SequenceStep { cache: &mut session.cache, tokens: &input.tokens, logits: input.logits });
             rest = after;
-            offset = i + 1;
+            offset = input.session + 1;
         }
         engine.step(&mut sequences, false)
     };
@@ -275,69 +317,127 @@ fn step(engine: &mut TextEngine, settings: &LoopSettings, running: &mut [Session
         Err(e) => {
             // A step failing is the engine's fault, not a request's: every session in it ends with the error.
             tracing::error!("engine step failed: {e}");
-            for (i, _, _) in &inputs {
-                let s = &mut running[*i];
-                let _ = s.job.events.send(TextEvent::Failed(ApiError::internal(format!("generation failed: {e}"))));
-                metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
-                s.finished = true;
+            for input in &inputs {
+                fail(&mut running[input.session], format!("generation failed: {e}"), metrics);
             }
             return;
         }
     };
-    for ((i, _, sample), logits) in inputs.into_iter().zip(logits) {
-        let s = &mut running[i];
+    let vocab = engine.model().vocab_size();
+    let tokenizer = engine.model().tokenizer();
+    for (input, mut logits) in inputs.into_iter().zip(logits) {
+        let s = &mut running[input.session];
         s.next = None;
-        if !sample {
+        if input.logits == Logits::All {
+            score_prompt(tokenizer, s, &mut logits, input.tokens.len(), vocab);
+        }
+        if !input.sample {
             continue;
         }
-        match s.sampler.sample(&logits) {
-            Ok(token) => emit(engine, s, token, metrics),
-            Err(e) => {
-                let _ = s.job.events.send(TextEvent::Failed(ApiError::internal(e.to_string())));
-                metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
-                s.finished = true;
-            }
+        if input.logits == Logits::All {
+            // The scored prompt's last chunk: all its tokens are scored.
+            let _ = s.job.events.send(TextEvent::Prompt(std::mem::take(&mut s.scored)));
+        }
+        if s.max_tokens == 0 {
+            // Only the prompt's scores were asked for (echo with max_tokens 0).
+            finish(tokenizer, s, Finish::Length, None, metrics);
+            continue;
+        }
+        let last = logits.len() - vocab;
+        match s.picker.pick(&mut logits[last..]) {
+            Ok((token, logprobs)) => emit(tokenizer, s, token, logprobs, metrics),
+            Err(e) => fail(s, e.to_string(), metrics),
         }
     }
 }
 
+/// Scores the prompt tokens a chunk's rows predict (row j of the chunk predicts the token after it);
+/// the prompt's first token has nothing before it.
+fn score_prompt(tokenizer: &Tokenizer, s: &mut Session, logits: &mut [f32], rows: usize, vocab: usize) {
+    let first = s.prompt.len() - s.unfed.len() - rows;
+    if first == 0 {
+        s.scored.push(shown(tokenizer, s.prompt[0], None));
+    }
+    for (j, row) in logits.chunks_mut(vocab).enumerate().take(rows) {
+        let Some(&token) = s.prompt.get(first + j + 1) else { break };
+        let logprobs = s.picker.score(row, token);
+        s.scored.push(shown(tokenizer, token, logprobs));
+    }
+}
+
+/// A token as an answer shows it.
+fn shown(tokenizer: &Tokenizer, token: u32, logprobs: Option<Logprobs>) -> ShownToken {
+    let bytes = |t: u32| tokenizer.token_bytes(t).unwrap_or_default();
+    ShownToken {
+        bytes: bytes(token),
+        special: tokenizer.is_special(token),
+        logprob: logprobs.as_ref().map(|l| l.chosen.logprob),
+        top: logprobs.map(|l| l.top.into_iter().map(|t| (bytes(t.token), t.logprob)).collect()).unwrap_or_default(),
+    }
+}
+
+fn fail(s: &mut Session, message: String, metrics: &Metrics) {
+    let _ = s.job.events.send(TextEvent::Failed(ApiError::internal(message)));
+    metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
+    s.finished = true;
+}
+
+/// Ends a session: sends the text not sent yet (up to `text_end`, where a stop sequence begins) with
+/// the tokens that begin in it, then `Done`.
+fn finish(tokenizer: &Tokenizer, s: &mut Session, finish: Finish, text_end: Option<usize>, metrics: &Metrics) {
+    let text = tokenizer.decode(&s.generated).unwrap_or_default();
+    let sent = floor_char_boundary(&text, s.sent);
+    let end = floor_char_boundary(&text, text_end.unwrap_or(text.len())).max(sent);
+    let tokens = take_unsent(&mut s.unsent, text_end.map(|_| end));
+    if end > sent || !tokens.is_empty() {
+        let _ = s.job.events.send(TextEvent::Delta { text: text[sent..end].to_owned(), tokens });
+    }
+    s.done = Some(TextEvent::Done { finish, usage: Usage::new(s.prompt_len, s.generated.len()) });
+    metrics.requests_ok.fetch_add(1, Ordering::Relaxed);
+    s.finished = true;
+}
+
+/// The unsent tokens that begin before `end` (all of them without an end).
+fn take_unsent(unsent: &mut Vec<(usize, ShownToken)>, end: Option<usize>) -> Vec<ShownToken> {
+    let n = match end {
+        Some(end) => unsent.iter().take_while(|(start, t)| *start < end || (t.special && *start <= end)).count(),
+        None => unsent.len(),
+    };
+    unsent.drain(..n).map(|(_, t)| t).collect()
+}
+
 /// Takes a sampled token: ends the session (end of text, a stop sequence, the limit) or sends the
 /// text that can no longer become part of a stop sequence, and queues the token to feed.
-fn emit(engine: &TextEngine, s: &mut Session, token: u32, metrics: &Metrics) {
-    let tokenizer = engine.model().tokenizer();
+fn emit(tokenizer: &Tokenizer, s: &mut Session, token: u32, logprobs: Option<Logprobs>, metrics: &Metrics) {
     if s.first_token_at.is_none() {
         s.first_token_at = Some(Instant::now());
         metrics.time_to_first_token.observe(s.job.arrived.elapsed().as_secs_f64());
     }
-    let finish = |s: &mut Session, finish: Finish, text_end: Option<usize>, metrics: &Metrics| {
-        let text = tokenizer.decode(&s.generated).unwrap_or_default();
-        let sent = floor_char_boundary(&text, s.sent);
-        let end = floor_char_boundary(&text, text_end.unwrap_or(text.len())).max(sent);
-        if end > sent {
-            let _ = s.job.events.send(TextEvent::Delta(text[sent..end].to_owned()));
-        }
-        let _ = s.job.events.send(TextEvent::Done { finish, usage: Usage::new(s.prompt_len, s.generated.len()) });
-        metrics.requests_ok.fetch_add(1, Ordering::Relaxed);
-        s.finished = true;
-    };
-    if tokenizer.is_end(token) && !s.job.ignore_eos {
-        return finish(s, Finish::Stop, None, metrics);
+    if tokenizer.is_end(token) && !s.job.options.ignore_eos {
+        return finish(tokenizer, s, Finish::Stop, None, metrics);
     }
     s.generated.push(token);
+    if s.picker.reports_logprobs() {
+        let t = shown(tokenizer, token, logprobs);
+        let start = s.text_bytes;
+        s.text_bytes += if t.special { 0 } else { t.bytes.len() };
+        s.unsent.push((start, t));
+    }
     metrics.tokens_generated.fetch_add(1, Ordering::Relaxed);
     let text = tokenizer.decode(&s.generated).unwrap_or_default();
     // What was sent is a prefix of the text (undecided characters were held back); should decoding ever
     // disagree, start from the nearest character boundary rather than panic.
     let sent = floor_char_boundary(&text, s.sent);
-    if let Some(at) = s.job.stop.iter().filter_map(|stop| text[sent..].find(stop.as_str()).map(|i| i + sent)).min() {
-        return finish(s, Finish::Stop, Some(at), metrics);
+    let stops = &s.job.options.stop;
+    if let Some(at) = stops.iter().filter_map(|stop| text[sent..].find(stop.as_str()).map(|i| i + sent)).min() {
+        return finish(tokenizer, s, Finish::Stop, Some(at), metrics);
     }
     if s.generated.len() >= s.max_tokens {
-        return finish(s, Finish::Length, None, metrics);
+        return finish(tokenizer, s, Finish::Length, None, metrics);
     }
     // Hold back a tail that may still become a stop sequence, and unfinished characters.
     let mut safe = text.len();
-    for stop in &s.job.stop {
+    for stop in stops {
         for k in (1..stop.len()).rev() {
             if stop.is_char_boundary(k) && text.ends_with(&stop[..k]) {
                 safe = safe.min(text.len() - k);
@@ -349,7 +449,8 @@ fn emit(engine: &TextEngine, s: &mut Session, token: u32, metrics: &Metrics) {
         safe -= '\u{FFFD}'.len_utf8();
     }
     if safe > sent && text.is_char_boundary(safe) {
-        let _ = s.job.events.send(TextEvent::Delta(text[sent..safe].to_owned()));
+        let tokens = take_unsent(&mut s.unsent, Some(safe));
+        let _ = s.job.events.send(TextEvent::Delta { text: text[sent..safe].to_owned(), tokens });
         s.sent = safe;
     }
     s.next = Some(token);

@@ -20,7 +20,7 @@ pub enum Row {
 
 /// A turn of the conversation: what a speaker said, and (for context) the frames of how it sounded.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a segment {\"speaker\", \"text\", \"frames\"}")]
 pub struct Segment {
     pub speaker: u32,
     pub text: String,

@@ -1,0 +1,200 @@
+//! What every request passes before a handler sees it: the `Host` it is addressed to (DNS rebinding),
+//! the API key, a JSON body declared as JSON and read within a deadline; and the outcome counted.
+
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt as _;
+
+use crate::api::ApiError;
+use crate::http::{Shared, MAX_BODY_BYTES};
+
+/// The names a loopback server answers to unless told more (`--allowed-host`).
+const LOOPBACK_NAMES: [&str; 4] = ["localhost", "127.0.0.1", "[::1]", "::1"];
+
+/// Which `Host` names requests may be addressed to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostPolicy {
+    Any,
+    /// Only these (lowercase, without port).
+    Only(Vec<String>),
+}
+
+impl HostPolicy {
+    /// A server bound to loopback answers only to loopback names and `extra`: a web page's script can
+    /// make a browser send requests to 127.0.0.1 under its own name (DNS rebinding) and read the
+    /// answers, and the `Host` is where that shows. Bound elsewhere it answers any name, unless
+    /// `extra` lists some. `*` in `extra` allows any.
+    pub fn for_bind(ip: IpAddr, extra: &[String]) -> Self {
+        if extra.iter().any(|h| h == "*") {
+            return HostPolicy::Any;
+        }
+        if !ip.is_loopback() && extra.is_empty() {
+            return HostPolicy::Any;
+        }
+        let mut names: Vec<String> = LOOPBACK_NAMES.iter().map(|s| s.to_string()).collect();
+        names.extend(extra.iter().map(|h| normalise(h)));
+        HostPolicy::Only(names)
+    }
+
+    pub fn allows(&self, host: &str) -> bool {
+        match self {
+            HostPolicy::Any => true,
+            HostPolicy::Only(names) => {
+                let host = normalise(host);
+                names.contains(&host) || host.ends_with(".localhost")
+            }
+        }
+    }
+}
+
+/// A `Host` value without its port, lowercase, without a trailing dot.
+fn normalise(host: &str) -> String {
+    let host = host.trim().to_ascii_lowercase();
+    let name = if host.starts_with('[') {
+        // [v6]:port
+        host.split_inclusive(']').next().unwrap_or(&host).to_owned()
+    } else if host.matches(':').count() == 1 {
+        host.split(':').next().unwrap_or(&host).to_owned()
+    } else {
+        host
+    };
+    name.trim_end_matches('.').to_owned()
+}
+
+/// Refuses requests addressed to a name the server does not answer to (403).
+pub async fn check_host(State(state): State<Shared>, request: Request, next: Next) -> Response {
+    // An absolute-form URI's authority wins over the Host header (RFC 9112 §3.2.2).
+    let host = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| request.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned));
+    // A request without a Host did not come from a browser.
+    if let Some(host) = host.filter(|h| !state.hosts.allows(h)) {
+        let shown: String = host.chars().filter(|c| !c.is_control()).take(200).collect();
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "invalid_request_error",
+            "host_not_allowed",
+            format!(
+                "requests addressed to '{shown}' are refused: this server listens on loopback and answers to localhost, 127.0.0.1 and [::1] only (a web page could otherwise reach it through DNS rebinding); start it with --allowed-host NAME to answer to NAME"
+            ),
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// Equal strings, in time that depends on their lengths only.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub async fn authenticate(State(state): State<Shared>, request: Request, next: Next) -> Response {
+    if !state.api_keys.is_empty() {
+        let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        // Every key is compared, so the time does not tell which one nearly matched.
+        let ok = given.is_some_and(|g| state.api_keys.iter().fold(false, |ok, key| ok | constant_time_eq(g.as_bytes(), key.as_bytes())));
+        if !ok {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// Counts the outcome of an API request answered with an error status: 429 and 503 as `rejected`
+/// (come back later), other 4xx as `invalid`. Successes, failures during generation and cancellations
+/// are counted by the engine, which sees how they end.
+pub async fn count_outcome(State(state): State<Shared>, request: Request, next: Next) -> Response {
+    let api = request.uri().path().starts_with("/v1/");
+    let response = next.run(request).await;
+    let status = response.status();
+    if api {
+        let counter = match status {
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => Some(&state.metrics.requests_rejected),
+            s if s.is_client_error() => Some(&state.metrics.requests_invalid),
+            _ => None,
+        };
+        if let Some(c) = counter {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    response
+}
+
+/// A request body declared as JSON (`Content-Type: application/json`), read whole within the body
+/// deadline. Browsers send `text/plain` and form bodies to any server without asking it first; JSON
+/// they send only after a CORS preflight this server never grants.
+pub struct JsonBody(pub Bytes);
+
+impl FromRequest<Shared> for JsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &Shared) -> Result<Self, ApiError> {
+        let declared = request.headers().get(header::CONTENT_TYPE).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let essence = declared.as_deref().and_then(|v| v.split(';').next()).map(|v| v.trim().to_ascii_lowercase());
+        if essence.as_deref() != Some("application/json") {
+            let got = declared.map_or("none".to_owned(), |d| format!("'{}'", d.chars().take(100).collect::<String>()));
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                "unsupported_media_type",
+                format!("send the body as JSON with Content-Type: application/json (the request's Content-Type: {got})"),
+            ));
+        }
+        read_body(request, state.body_timeout).await.map(JsonBody)
+    }
+}
+
+/// The body, at most `MAX_BODY_BYTES`, arrived within `deadline` of its start.
+async fn read_body(request: Request, deadline: Duration) -> Result<Bytes, ApiError> {
+    let limited = http_body_util::Limited::new(request.into_body(), MAX_BODY_BYTES);
+    match tokio::time::timeout(deadline, limited.collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "body_too_large",
+            format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
+        )),
+        Ok(Err(e)) => Err(ApiError::invalid(format!("cannot read the request body: {e}"))),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "body_timeout",
+            format!("the request body did not arrive within {} s (--body-timeout)", deadline.as_secs_f64()),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loopback_server_answers_to_loopback_names_only() {
+        let loopback: IpAddr = "127.0.0.1".parse().unwrap();
+        let open: IpAddr = "0.0.0.0".parse().unwrap();
+        let policy = HostPolicy::for_bind(loopback, &[]);
+        for ok in ["localhost", "LOCALHOST:8080", "127.0.0.1:80", "[::1]:8080", "::1", "app.localhost", "localhost."] {
+            assert!(policy.allows(ok), "{ok}");
+        }
+        for bad in ["evil.example", "evil.example:8080", "127.0.0.1.evil.example", "localhost.evil.example", "[::2]:80"] {
+            assert!(!policy.allows(bad), "{bad}");
+        }
+        assert!(HostPolicy::for_bind(loopback, &["Box.lan".into()]).allows("box.lan:8080"));
+        assert_eq!(HostPolicy::for_bind(loopback, &["*".into()]), HostPolicy::Any);
+        assert_eq!(HostPolicy::for_bind(open, &[]), HostPolicy::Any);
+        assert!(!HostPolicy::for_bind(open, &["api.example".into()]).allows("other.example"));
+    }
+}
