@@ -284,6 +284,9 @@ fn unparsable_requests_get_error_bodies_and_every_4xx_is_counted() {
     let speech = Server::start(TINY_CSM, &[]);
     let message = speech.post("/v1/audio/speech", &json!({ "input": "hi", "top_k": 0 })).error(400);
     assert!(message.contains("\"all\"") && message.contains("temperature 0"), "{message}");
+    // A field CSM cannot honour is refused by name (issue item 3), not answered as if honoured.
+    let message = speech.post("/v1/audio/speech", &json!({ "input": "hi", "instructions": "whisper" })).error(400);
+    assert!(message.starts_with("instructions:"), "{message}");
     let ok = speech.post("/v1/audio/speech", &json!({ "input": "hi", "top_k": "all", "max_audio_ms": 160, "seed": 1 }));
     assert_eq!(ok.status, 200, "{}", ok.text());
 }

@@ -66,10 +66,9 @@ impl ChatTemplate {
             .collect();
         let text = self.render(&marked, true)?;
         let ids = tokenizer.encode_marked(&text)?;
+        let written = !self.bos.is_empty() && text.starts_with(&self.bos);
         match tokenizer.bos() {
-            Some(bos) if tokenizer.adds_bos() && !(!self.bos.is_empty() && text.starts_with(&self.bos)) => {
-                Ok(std::iter::once(bos).chain(ids).collect())
-            }
+            Some(bos) if tokenizer.adds_bos() && !written => Ok(std::iter::once(bos).chain(ids).collect()),
             _ => Ok(ids),
         }
     }
