@@ -189,9 +189,8 @@ async fn connection(
     let io = TokioIo::new(Tracked::new(stream, conn.clone()));
     let served = hyper::server::conn::http1::Builder::new().keep_alive(true).serve_connection(io, service);
     tokio::pin!(served);
-    let mut draining = false;
     loop {
-        if conn.expired(limits) || (draining && conn.quiet()) {
+        if conn.expired(limits) {
             return;
         }
         let deadline = conn.deadline(limits);
@@ -201,9 +200,10 @@ async fn connection(
             _ = conn.changed() => {}
             changed = phase.changed() => match changed.map(|_| *phase.borrow()) {
                 Ok(Phase::Serving) => {}
+                // Nothing running (idle, or a head still arriving): close now.
+                Ok(Phase::Draining) if conn.quiet() => return,
                 Ok(Phase::Draining) => {
-                    draining = true;
-                    // No new requests on this connection; the running one finishes.
+                    // No new requests on this connection; hyper closes it once the running one is sent.
                     served.as_mut().graceful_shutdown();
                 }
                 Ok(Phase::Closing) | Err(_) => return,

@@ -23,6 +23,8 @@ struct State {
     idle_since: Instant,
     /// When the first byte of the next request's head arrived, while it is arriving.
     head_since: Option<Instant>,
+    /// hyper has written bytes it has not flushed yet (the end of a response may still be on its way).
+    unflushed: bool,
 }
 
 pub struct Conn {
@@ -34,7 +36,7 @@ pub struct Conn {
 
 impl Conn {
     pub fn new() -> Self {
-        let state = State { in_flight: 0, idle_since: Instant::now(), head_since: None };
+        let state = State { in_flight: 0, idle_since: Instant::now(), head_since: None, unflushed: false };
         Conn { state: Mutex::new(state), shed: AtomicBool::new(false), changed: Notify::new() }
     }
 
@@ -52,15 +54,16 @@ impl Conn {
         self.changed.notified().await
     }
 
-    /// Since when it is idle: nothing under way and no head arriving.
+    /// Since when it is idle: nothing under way, nothing left to send, no head arriving.
     pub fn idle_since(&self) -> Option<Instant> {
         let s = *self.state();
-        (s.in_flight == 0 && s.head_since.is_none()).then_some(s.idle_since)
+        (s.in_flight == 0 && !s.unflushed && s.head_since.is_none()).then_some(s.idle_since)
     }
 
-    /// No request under way (a head may be arriving).
+    /// No request under way and nothing left to send (a head may be arriving).
     pub fn quiet(&self) -> bool {
-        self.state().in_flight == 0
+        let s = *self.state();
+        s.in_flight == 0 && !s.unflushed
     }
 
     pub fn shed(&self) {
@@ -72,9 +75,9 @@ impl Conn {
     /// from its first byte, an idle connection `idle_timeout`; one with a request under way has none.
     pub fn deadline(&self, limits: &ConnectionLimits) -> Option<Instant> {
         let s = *self.state();
-        match (s.in_flight, s.head_since) {
-            (0, Some(head)) => Some(head + limits.header_timeout),
-            (0, None) => Some(s.idle_since + limits.idle_timeout),
+        match (s.in_flight, s.unflushed, s.head_since) {
+            (0, _, Some(head)) => Some(head + limits.header_timeout),
+            (0, false, None) => Some(s.idle_since + limits.idle_timeout),
             _ => None,
         }
     }
@@ -150,6 +153,7 @@ impl AsyncWrite for Tracked {
                 this.rewrite = Some((error_answer(status), 0, head));
             }
         }
+        this.conn.state().unflushed = true;
         let Some((answer, written, replaced)) = &mut this.rewrite else {
             return Pin::new(&mut this.stream).poll_write(cx, buf);
         };
@@ -166,7 +170,18 @@ impl AsyncWrite for Tracked {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        let this = self.get_mut();
+        ready!(Pin::new(&mut this.stream).poll_flush(cx))?;
+        // hyper flushes once its buffer is written: an answer that ended is now wholly sent.
+        if this.conn.state().unflushed {
+            this.conn.update(|s| {
+                s.unflushed = false;
+                if s.in_flight == 0 {
+                    s.idle_since = Instant::now();
+                }
+            });
+        }
+        Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
