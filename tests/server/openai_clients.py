@@ -340,16 +340,18 @@ def queue_part(bin_path, models):
     with Server(bin_path, model, "--parallel", "1", "--max-queue", "1", key=None) as s:
         results = []
 
+        start = threading.Barrier(6)
+
         def one(i):
+            start.wait()
             status, headers, body = s.http("POST", "/v1/completions", {"prompt": "hello world", "max_tokens": 200, "temperature": 0.5, "seed": i, "ignore_eos": True})
             results.append((status, headers, body))
 
         # Each request generates all 200 tokens (an early end of text would let the queue drain
-        # between arrivals and no request would be told to retry).
+        # between arrivals and no request would be told to retry), and all six are sent at once: the
+        # tiny model makes 200 tokens in ~20 ms, less than arrivals spaced by sleeps could rely on.
         ts = [threading.Thread(target=one, args=(i,)) for i in range(6)]
-        for t in ts:
-            t.start()
-            time.sleep(0.02)
+        [t.start() for t in ts]
         [t.join() for t in ts]
         codes = sorted(r[0] for r in results)
         assert 429 in codes and 200 in codes, codes
