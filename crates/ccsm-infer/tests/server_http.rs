@@ -223,11 +223,13 @@ fn a_web_page_cannot_post_plain_text_or_reach_a_loopback_server_by_another_name(
         s.write_all(format!("GET /v1/models HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
         read_answer(&mut s)
     };
+    let invalid = server.metric("ccsm_requests_total{outcome=\"invalid\"}");
     assert!(with_host("attacker.example").error(403).contains("--allowed-host"));
     assert!(with_host("attacker.example:8080").error(403).contains("attacker.example"));
     for host in ["localhost", &format!("localhost:{}", server.addr.port()), "127.0.0.1", "[::1]:80"] {
         assert_eq!(with_host(host).status, 200, "{host}");
     }
+    assert_eq!(server.metric("ccsm_requests_total{outcome=\"invalid\"}") - invalid, 2.0, "refused Hosts are counted");
     drop(server);
     let named = Server::start(TINY_LLAMA, &["--allowed-host", "box.lan"]);
     let mut s = named.connect();

@@ -108,8 +108,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/completions", post(crate::text_api::completions))
         .route("/v1/chat/completions", post(crate::text_api::chat))
         .route("/metrics", get(metrics))
-        .layer(middleware::from_fn_with_state(state.clone(), guards::authenticate))
-        .layer(middleware::from_fn_with_state(state.clone(), guards::count_outcome));
+        .layer(middleware::from_fn_with_state(state.clone(), guards::authenticate));
     Router::new()
         .route("/health", get(health))
         .merge(api)
@@ -123,6 +122,8 @@ pub fn router(state: Shared) -> Router {
             )
         })
         .layer(middleware::from_fn_with_state(state.clone(), guards::check_host))
+        // Outermost, so that every refusal of an API request is counted, the Host's included.
+        .layer(middleware::from_fn_with_state(state.clone(), guards::count_outcome))
         .with_state(state)
 }
 
