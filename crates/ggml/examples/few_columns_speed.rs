@@ -6,7 +6,7 @@ use std::time::Instant;
 use ggml::{Backend, Context, ContextParams, DType};
 
 fn main() {
-    let backend = Backend::cpu(2).unwrap();
+    let backend = Backend::cpu_exact(2).unwrap();
     println!("| k × m | columns | ggml µs | few-columns µs | speed-up |");
     println!("|---|---:|---:|---:|---:|");
     for (k, m) in [(576usize, 1536usize), (1536, 576), (576, 576), (576, 192)] {

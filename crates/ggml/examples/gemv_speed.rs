@@ -12,7 +12,7 @@ fn main() {
     for &id in &ids {
         store.get(id).write_f32(&vals).unwrap();
     }
-    let backend = Backend::cpu(2).unwrap();
+    let backend = Backend::cpu_exact(2).unwrap();
     let mut compute = ComputeBuffer::new().unwrap();
     let ctx = compute.context(8 + 2 * layers, 8 + 2 * layers).unwrap();
     let x = ctx.new_tensor(DType::F32, &[k, n]).unwrap().set_input();

@@ -76,7 +76,7 @@ fn run(store: &TensorStore, backend: &Backend, compute: &mut ComputeBuffer, batc
 
 fn main() -> ggml::Result<()> {
     let threads = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(2);
-    let backend = Backend::cpu(threads)?;
+    let backend = Backend::cpu_exact(threads)?;
     let mut compute = ComputeBuffer::new()?;
     println!("features: {} | threads {threads}", ggml::cpu_features().join(" "));
     println!("| weights | memory | batch 1 ms | batch 128 ms | batch 128 rows/s |");

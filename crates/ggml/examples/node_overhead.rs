@@ -5,7 +5,7 @@ fn main() {
     let nodes: usize = args[1].parse().unwrap();
     let threads: usize = args[2].parse().unwrap();
     let width: i64 = args.get(3).map_or(64, |v| v.parse().unwrap());
-    let backend = Backend::cpu(threads).unwrap();
+    let backend = Backend::cpu_exact(threads).unwrap();
     let mut compute = ComputeBuffer::new().unwrap();
     let ctx = compute.context(nodes + 8, nodes + 8).unwrap();
     let x = ctx.new_tensor(DType::F32, &[width, 2]).unwrap().set_input();

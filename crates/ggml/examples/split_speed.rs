@@ -10,7 +10,7 @@ fn main() {
     let n_q = args.get(1).copied().unwrap_or(1);
     let threads = args.get(2).copied().unwrap_or(2) as usize;
     let (hd, n_head, n_head_kv) = (64i64, 9i64, 3i64);
-    let backend = Backend::cpu(threads).unwrap();
+    let backend = Backend::cpu_exact(threads).unwrap();
     let only: Option<DType> = std::env::var("TYPE").ok().map(|t| t.parse().expect("a type"));
     for dtype in [DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_1].into_iter().filter(|t| only.is_none_or(|o| o == *t)) {
         let mut line = format!("{dtype:>5} n_kv {n_kv} n_q {n_q}:");

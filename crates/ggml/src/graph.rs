@@ -10,6 +10,7 @@ use ggml_sys as sys;
 
 use crate::context::{Context, Tensor};
 use crate::error::{Error, Result};
+use crate::threads;
 
 /// Arena bytes a graph of `max_nodes` nodes needs.
 pub fn graph_overhead(max_nodes: usize) -> usize {
@@ -253,10 +254,24 @@ pub struct Backend {
     raw: NonNull<sys::ggml_backend>,
     threadpool: NonNull<sys::ggml_threadpool>,
     n_threads: usize,
+    /// The threads the last graph ran on (a small graph runs on fewer: `threads::threads_for`).
+    threads_now: Cell<usize>,
+    /// The cores other programs leave free; None: every graph on `n_threads` (`cpu_exact`).
+    share: Option<threads::CoreShare>,
 }
 
 impl Backend {
+    /// A CPU backend whose graphs run on at most `n_threads` threads: fewer for a graph whose work is
+    /// not worth waking them, and no more than the cores other programs leave free (`crate::threads`).
     pub fn cpu(n_threads: usize) -> Result<Self> {
+        let mut backend = Self::cpu_exact(n_threads)?;
+        backend.share = Some(threads::CoreShare::new());
+        Ok(backend)
+    }
+
+    /// A CPU backend that runs every graph on exactly `n_threads` threads, however small the graph or
+    /// busy the machine: for tests of threaded kernels and measurements of thread counts.
+    pub fn cpu_exact(n_threads: usize) -> Result<Self> {
         crate::init();
         if n_threads == 0 || n_threads > 1024 {
             return Err(Error::invalid("Backend::cpu", format!("{n_threads} threads (use 1 to 1024)")));
@@ -268,10 +283,10 @@ impl Backend {
         unsafe { sys::ggml_backend_cpu_set_n_threads(raw.as_ptr(), n_threads as i32) };
         // SAFETY: the params are ggml's defaults for this thread count; a null pool is an error.
         let mut params = unsafe { sys::ggml_threadpool_params_default(n_threads as i32) };
-        // Idle workers sleep instead of spinning for the next graph. Spinning bought nothing measurable
-        // on SmolLM2 decode, and when another process shares the cores (parallel tests, a second
-        // model) spinning workers slowed small graphs down a hundredfold.
-        params.poll = std::env::var("CCSM_POLL").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+        // Idle workers sleep between graphs (poll 0) instead of spinning for the next one: spinning
+        // bought nothing measurable on SmolLM2 decode and, on shared cores, slowed small graphs a
+        // hundredfold.
+        params.poll = 0;
         // SAFETY: `params` is a valid, initialised parameter block.
         let pool = unsafe { sys::ggml_threadpool_new(&mut params) };
         let Some(threadpool) = NonNull::new(pool) else {
@@ -281,11 +296,25 @@ impl Backend {
         };
         // SAFETY: both are alive; the backend only borrows the pool, which outlives it (see Drop).
         unsafe { sys::ggml_backend_cpu_set_threadpool(raw.as_ptr(), threadpool.as_ptr()) };
-        Ok(Backend { raw, threadpool, n_threads })
+        Ok(Backend { raw, threadpool, n_threads, threads_now: Cell::new(n_threads), share: None })
     }
 
+    /// The most threads a graph runs on.
     pub fn n_threads(&self) -> usize {
         self.n_threads
+    }
+
+    /// Threads `graph` would run on now: as many as its work is worth and other programs leave cores
+    /// for (see `crate::threads`).
+    pub fn threads_for(&self, graph: &Graph<'_>) -> usize {
+        self.threads_for_raw(graph.raw())
+    }
+
+    fn threads_for_raw(&self, graph: *mut sys::ggml_cgraph) -> usize {
+        match &self.share {
+            Some(share) => threads::threads_for(threads::graph_work(graph), self.n_threads.min(share.free_cores())),
+            None => self.n_threads,
+        }
     }
 
     /// Runs the graph. Every tensor must have memory (`GraphAllocator::alloc`).
@@ -307,6 +336,8 @@ impl Backend {
         // SAFETY: the context has room for a one-node graph (sized by for_graph).
         let one = unsafe { sys::ggml_new_graph_custom(scratch.raw(), 1, false) };
         let one = NonNull::new(one).ok_or(Error::Allocation { what: "profile graph", bytes: 0 })?;
+        // Each node runs on the threads the whole graph would.
+        let threads = self.threads_for_raw(graph);
         // SAFETY: the caller's graph is alive and allocated.
         let n = unsafe { sys::ggml_graph_n_nodes(graph) };
         let mut times = Vec::with_capacity(n as usize);
@@ -321,7 +352,7 @@ impl Backend {
                 node
             };
             let started = std::time::Instant::now();
-            self.compute_raw(one.as_ptr())?;
+            self.compute_on(one.as_ptr(), threads)?;
             let seconds = started.elapsed().as_secs_f64();
             let tensor: Tensor<'_> = Tensor::from_raw(NonNull::new(node).expect("graph nodes are non-null"));
             // SAFETY: ggml_op_desc returns a static NUL-terminated name.
@@ -335,6 +366,14 @@ impl Backend {
 
     /// Runs a graph whose tensors all have memory (the caller checked it).
     pub(crate) fn compute_raw(&self, graph: *mut sys::ggml_cgraph) -> Result<()> {
+        self.compute_on(graph, self.threads_for_raw(graph))
+    }
+
+    fn compute_on(&self, graph: *mut sys::ggml_cgraph, threads: usize) -> Result<()> {
+        if self.threads_now.replace(threads) != threads {
+            // SAFETY: `raw` is a CPU backend; 1 <= threads <= the pool's size.
+            unsafe { sys::ggml_backend_cpu_set_n_threads(self.raw.as_ptr(), threads as i32) };
+        }
         // SAFETY: the caller guarantees a live, fully allocated graph built from validated ops.
         let status = unsafe { sys::ggml_backend_graph_compute(self.raw.as_ptr(), graph) };
         if status == sys::GGML_STATUS_SUCCESS {

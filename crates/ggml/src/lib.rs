@@ -37,6 +37,7 @@ mod ops;
 mod reusable;
 mod split_attention;
 mod store;
+mod threads;
 mod views;
 
 pub use context::{tensor_overhead, Context, ContextParams, Tensor};

@@ -10,7 +10,7 @@ use ggml::{Backend, Context, ContextParams, DType, Tensor, MAX_FEW_COLUMNS, MIN_
 fn compute(ctx: &Context, out: Tensor<'_>) -> Vec<f32> {
     let mut graph = ctx.new_graph(64).unwrap();
     graph.expand(out).unwrap();
-    Backend::cpu(2).unwrap().compute(&graph).unwrap();
+    Backend::cpu_exact(2).unwrap().compute(&graph).unwrap();
     out.read_f32().unwrap()
 }
 

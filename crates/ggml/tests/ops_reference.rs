@@ -9,7 +9,7 @@ use ggml::{Backend, Context, DType, RopeMode, RopeParams, Tensor};
 fn compute(ctx: &Context, out: Tensor<'_>) -> Vec<f32> {
     let mut graph = ctx.new_graph(256).unwrap();
     graph.expand(out).unwrap();
-    Backend::cpu(2).unwrap().compute(&graph).unwrap();
+    Backend::cpu_exact(2).unwrap().compute(&graph).unwrap();
     out.read_f32().unwrap()
 }
 
@@ -199,7 +199,7 @@ fn set_rows_writes_the_same_bytes_as_cpy() {
         let mut graph = ctx.new_graph(16).unwrap();
         graph.expand(stored).unwrap();
         graph.expand(copied).unwrap();
-        Backend::cpu(2).unwrap().compute(&graph).unwrap();
+        Backend::cpu_exact(2).unwrap().compute(&graph).unwrap();
         let row_bytes = dtype.row_size(d as usize).unwrap();
         let cache_bytes = cache.read_bytes().unwrap();
         let copy_bytes = copy_dst.read_bytes().unwrap();

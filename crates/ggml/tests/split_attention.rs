@@ -73,7 +73,7 @@ fn split_error(c: &Case, k_type: DType, v_type: DType, rng: &mut Rng) -> f64 {
     assert_eq!(out.shape(), [hd, c.n_head as i64, n_q, 1]);
     let mut graph = ctx.new_graph(64).unwrap();
     graph.expand(out).unwrap();
-    Backend::cpu(2).unwrap().compute(&graph).unwrap();
+    Backend::cpu_exact(2).unwrap().compute(&graph).unwrap();
     let k_stored = decode(k_type, &k_raw.read_bytes().unwrap(), k.len());
     let v_stored = decode(v_type, &v_raw.read_bytes().unwrap(), v.len());
     worst_relative(&out.read_f32().unwrap(), &naive(c, &q, &k_stored, &v_stored, &m), &v_stored)
@@ -154,7 +154,7 @@ fn flash_attention_over_dequantized_rows_matches_naive_attention() {
             let out = ctx.flash_attn_ext(qt, kt, vt, Some(mt), 1.0 / 8.0).unwrap();
             let mut graph = ctx.new_graph(64).unwrap();
             graph.expand(out).unwrap();
-            Backend::cpu(2).unwrap().compute(&graph).unwrap();
+            Backend::cpu_exact(2).unwrap().compute(&graph).unwrap();
             let (k_s, v_s) = (decode(t, &k_raw.read_bytes().unwrap(), k.len()), decode(t, &v_raw.read_bytes().unwrap(), v.len()));
             let err = worst_relative(&out.read_f32().unwrap(), &naive(&c, &q, &k_s, &v_s, &m), &v_s);
             assert!(err < 2e-5, "{t}, {n_q} queries: {err:.2e}");
@@ -212,7 +212,7 @@ fn split_attention_over_sources_matches_naive_attention_over_their_union() {
     let out = ctx.split_attention_over(qt, &sources, 0.125).unwrap();
     let mut graph = ctx.new_graph(64).unwrap();
     graph.expand(out).unwrap();
-    Backend::cpu(2).unwrap().compute(&graph).unwrap();
+    Backend::cpu_exact(2).unwrap().compute(&graph).unwrap();
     let c = Case { hd, n_q, n_kv, live: n_kv, n_head, n_head_kv };
     let mask: Vec<f32> = mask_all.concat();
     let err = worst_relative(&out.read_f32().unwrap(), &naive(&c, &q, &k_all, &v_all, &mask), &v_all);

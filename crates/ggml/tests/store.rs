@@ -28,7 +28,7 @@ fn store_tensors_are_allocated_filled_in_place_and_usable_from_graphs() {
     graph.expand(y).unwrap();
     ctx.allocate(&graph).unwrap();
     x.write_f32(&[1.0; 64]).unwrap();
-    Backend::cpu(2).unwrap().compute(&graph).unwrap();
+    Backend::cpu_exact(2).unwrap().compute(&graph).unwrap();
     // Row sums: 64·1 + 0.5 and 64·(−2) + 0.25; Q8_0 holds ±1 and ±2 exactly (q = ±127, d = amax/127).
     let got = y.read_f32().unwrap();
     assert!((got[0] - 64.5).abs() < 0.05 && (got[1] + 127.75).abs() < 0.1, "{got:?}");
@@ -133,7 +133,7 @@ fn repacked_q4_0_matrices_compute_the_same_products() {
         assert!(store.get(packed).read_bytes().is_err(), "the repack buffer has no reads");
         assert!(store.data_mut(packed).is_err(), "nor in-place writes");
     }
-    let backend = Backend::cpu(2).unwrap();
+    let backend = Backend::cpu_exact(2).unwrap();
     for n in [1i64, 5] {
         let mut compute = ComputeBuffer::new().unwrap();
         let ctx = compute.context(8, 16).unwrap();

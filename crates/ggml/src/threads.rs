@@ -1,0 +1,181 @@
+//! How many threads a graph runs on: no more than its work is worth, and no more than the cores other
+//! programs leave free.
+//!
+//! Every graph wakes the thread pool's workers (they sleep between graphs) and every node ends at a
+//! barrier, so more threads pay off only when a graph has work enough to share: tiny-csm's frames (32
+//! small graphs each) ran 3.7× faster on one thread than on two.
+//!
+//! ggml splits most nodes into equal parts, one per thread, and each node waits for its slowest part.
+//! When another program keeps a core busy, the thread that shares that core gets a fraction of it and
+//! every node waits for it: a 2-thread engine beside one busy loop on 2 cores decoded at 0.36× its
+//! speed alone, two 2-thread engines at once at 0.1× each, while one thread beside the busy loop made
+//! 0.54×. So before each graph the backend looks at how many other threads want the machine's cores
+//! (`CoreShare`) and runs on no more than the cores they leave.
+
+use std::cell::Cell;
+use std::time::{Duration, Instant};
+
+use ggml_sys as sys;
+
+/// What a graph asks of the threads: its arithmetic (a matrix product's multiply-adds, one unit per
+/// element read or written elsewhere) and the nodes that end at a barrier.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct GraphWork {
+    pub units: f64,
+    pub nodes: usize,
+}
+
+/// Work one more thread must take on to be worth waking, in `GraphWork` units: a fixed part for the
+/// wake-up and a part per barrier. Measured with `examples/thread_crossover.rs` (chains of Q8_0
+/// products of growing width, 72 nodes): a second thread cost ≈ 25 µs per graph and 0.17 µs per node,
+/// one thread did ≈ 38 k units per µs, and two threads first beat one at ≈ 3 M units (1.07× slower at
+/// 3.2 M, 1.05× faster at 3.2 M in wider products, 1.2× faster at 7 M).
+const UNITS_PER_WAKE: f64 = 1.9e6;
+const UNITS_PER_BARRIER: f64 = 1.3e4;
+
+/// The work of the graph's nodes (views and reshapes cost nothing).
+pub(crate) fn graph_work(graph: *mut sys::ggml_cgraph) -> GraphWork {
+    let mut work = GraphWork { units: 0.0, nodes: 0 };
+    // SAFETY: the caller passes a live graph; its nodes and their sources are live tensors or null.
+    let n = unsafe { sys::ggml_graph_n_nodes(graph) };
+    for i in 0..n {
+        // SAFETY: i < n_nodes of a live graph.
+        let node = unsafe { &*sys::ggml_graph_node(graph, i) };
+        if matches!(node.op, sys::GGML_OP_NONE | sys::GGML_OP_VIEW | sys::GGML_OP_RESHAPE | sys::GGML_OP_PERMUTE | sys::GGML_OP_TRANSPOSE) {
+            continue;
+        }
+        work.nodes += 1;
+        let elements = |t: &sys::ggml_tensor| t.ne.iter().map(|&d| d.max(1) as f64).product::<f64>();
+        work.units += if node.op == sys::GGML_OP_MUL_MAT && !node.src[0].is_null() {
+            // SAFETY: a product's first source is a live tensor.
+            2.0 * unsafe { (*node.src[0]).ne[0] } as f64 * elements(node)
+        } else {
+            // SAFETY: non-null sources of a live node are live tensors.
+            elements(node) + node.src.iter().filter(|s| !s.is_null()).map(|&s| elements(unsafe { &*s })).sum::<f64>()
+        };
+    }
+    work
+}
+
+/// Threads worth running `work` on, at most `max`: each one past the first must take a share of the
+/// work worth the wake-up and the barriers it adds.
+pub(crate) fn threads_for(work: GraphWork, max: usize) -> usize {
+    let overhead = UNITS_PER_WAKE + UNITS_PER_BARRIER * work.nodes as f64;
+    ((2.0 * work.units / overhead) as usize).clamp(1, max.max(1))
+}
+
+/// Follows how many threads of other programs (or of other thread pools) want a core: the kernel's
+/// count of runnable threads machine-wide (`/proc/loadavg`), less this process's own runnable ones
+/// (`/proc/self/task/*/stat`, read only when the machine-wide count says some other thread may be
+/// runnable), sampled before a graph at most every `SAMPLE_EVERY` and smoothed over `SMOOTHING`.
+/// Where the counts cannot be read (not Linux), no core is counted taken.
+pub(crate) struct CoreShare {
+    cores: usize,
+    count_others: fn() -> Option<usize>,
+    others: Cell<f64>,
+    sampled: Cell<Option<Instant>>,
+}
+
+const SAMPLE_EVERY: Duration = Duration::from_millis(10);
+const SMOOTHING: Duration = Duration::from_millis(100);
+
+impl CoreShare {
+    pub(crate) fn new() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::with(cores, runnable_threads_of_others)
+    }
+
+    fn with(cores: usize, count_others: fn() -> Option<usize>) -> Self {
+        CoreShare { cores, count_others, others: Cell::new(0.0), sampled: Cell::new(None) }
+    }
+
+    /// Cores left to this pool (at least one), after a fresh sample when the last one is old.
+    pub(crate) fn free_cores(&self) -> usize {
+        self.free_cores_at(Instant::now())
+    }
+
+    fn free_cores_at(&self, now: Instant) -> usize {
+        let last = self.sampled.get();
+        if last.is_none_or(|at| now.saturating_duration_since(at) >= SAMPLE_EVERY) {
+            if let Some(others) = (self.count_others)() {
+                // The first sample counts whole; later ones move the average by their age's share.
+                let weight =
+                    last.map_or(1.0, |at| 1.0 - (-now.saturating_duration_since(at).as_secs_f64() / SMOOTHING.as_secs_f64()).exp());
+                self.others.set(self.others.get() + weight * (others as f64 - self.others.get()));
+            }
+            self.sampled.set(Some(now));
+        }
+        self.cores.saturating_sub(self.others.get().round() as usize).max(1)
+    }
+}
+
+/// Runnable threads on the machine that are not this process's (Linux).
+fn runnable_threads_of_others() -> Option<usize> {
+    let loadavg = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let running: usize = loadavg.split_whitespace().nth(3)?.split('/').next()?.parse().ok()?;
+    if running <= 1 {
+        return Some(0); // only the caller
+    }
+    // This process's other threads (a server's network threads, this pool's workers finishing the
+    // last graph) are not competition: count them out.
+    let own = std::fs::read_dir("/proc/self/task")
+        .ok()?
+        .flatten()
+        .filter(|task| is_runnable(&std::fs::read_to_string(task.path().join("stat")).unwrap_or_default()))
+        .count();
+    Some(running.saturating_sub(own.max(1)))
+}
+
+/// Whether a `/proc/…/stat` line says its thread is runnable: the state follows the command name,
+/// which is in parentheses and may itself hold parentheses, spaces or an `R`.
+fn is_runnable(stat: &str) -> bool {
+    stat.rfind(')').is_some_and(|i| stat[i + 1..].trim_start().starts_with('R'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    static OTHERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    fn others() -> Option<usize> {
+        Some(OTHERS.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    #[test]
+    fn busy_cores_are_left_to_their_programs_after_a_smoothing_time() {
+        let share = CoreShare::with(2, others);
+        let start = Instant::now();
+        assert_eq!(share.free_cores_at(start), 2);
+        // One other runnable thread (a busy loop): within a few smoothing times only one core is ours.
+        OTHERS.store(1, std::sync::atomic::Ordering::Relaxed);
+        let after = |ms: u64| start + Duration::from_millis(ms);
+        assert_eq!(share.free_cores_at(after(10)), 2, "one sample does not move the average past one half");
+        assert_eq!(share.free_cores_at(after(200)), 1);
+        // Samples closer together than SAMPLE_EVERY are not taken.
+        OTHERS.store(0, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(share.free_cores_at(after(201)), 1);
+        assert_eq!(share.free_cores_at(after(500)), 2);
+        // Never fewer than one core, however many others.
+        OTHERS.store(9, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(share.free_cores_at(after(1000)), 1);
+    }
+
+    #[test]
+    fn a_thread_is_runnable_by_the_state_after_its_name() {
+        assert!(is_runnable("4242 (ccsm-infer) R 1 4242 4242 0 -1"));
+        assert!(!is_runnable("4242 (ccsm-infer) S 1 4242 4242 0 -1"));
+        // A name may hold ") R (" itself: only the state after the last parenthesis counts.
+        assert!(!is_runnable("4243 (a) R (b) S 1 4243 4243 0 -1"));
+        assert!(is_runnable("4243 (x) S) R 1 4243 4243 0 -1"));
+        assert!(!is_runnable(""));
+    }
+
+    #[test]
+    fn small_graphs_keep_one_thread_and_large_ones_take_all() {
+        assert_eq!(threads_for(GraphWork { units: 5.0e4, nodes: 40 }, 2), 1);
+        assert_eq!(threads_for(GraphWork { units: 2.7e8, nodes: 900 }, 2), 2);
+        assert_eq!(threads_for(GraphWork { units: 2.7e8, nodes: 900 }, 16), 16);
+        assert_eq!(threads_for(GraphWork { units: 0.0, nodes: 0 }, 0), 1);
+    }
+}
