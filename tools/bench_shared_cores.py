@@ -6,18 +6,23 @@ A server rarely owns its cores. This runs SmolLM2 decode (tg) with ccsm's `bench
   alone  - one process with -t THREADS on a quiet machine;
   busy   - the same beside BUSY single-threaded busy loops (another program's CPU-bound thread);
   two    - two copies of the same engine started together (their speeds summed).
+With --server, also each engine's server (`ccsm-infer serve`, `llama-server`): one client streaming
+a completion, decode tokens/s between its first and last token.
 Rounds interleave every engine and situation; the table gives medians over the rounds and the
 ratios busy/alone and two/alone. Whole-process figures, each engine measured by its own bench.
 
-usage: tools/bench_shared_cores.py [--ccsm NAME=BIN ...] [--peer DIR] [--rounds 3] [--tg 64]
+usage: tools/bench_shared_cores.py [--ccsm NAME=BIN ...] [--peer DIR] [--rounds 3] [--tg 64] [--server]
 """
 import argparse
 import json
 import os
 import resource
+import socket
 import statistics
 import subprocess
 import sys
+import time
+import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOLLM2 = os.path.join(ROOT, "models/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -30,6 +35,51 @@ def ccsm_cmd(binary, model, n, threads):
 
 def peer_cmd(binary, model, n, threads):
     return [binary, "-m", model, "-p", "0", "-n", str(n), "-r", "3", "-t", str(threads), "-o", "jsonl"]
+
+
+def server_cmd(binary, n, threads):
+    """This script serving one streamed completion through `binary` (ccsm-infer or llama-server)."""
+    return [sys.executable, os.path.abspath(__file__), "--serve-one", binary, "--tg", str(n), "--threads", str(threads)]
+
+
+def serve_one(binary, n, threads):
+    """Starts a server on SmolLM2, streams 3 completions of `n` tokens, prints bench-shaped JSON rows."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    if os.path.basename(binary) == "llama-server":
+        cmd = [binary, "-m", SMOLLM2, "--port", str(port), "-np", "1", "-t", str(threads), "-c", "1024", "--no-webui"]
+    else:
+        cmd = [binary, "serve", SMOLLM2, "--port", str(port), "--parallel", "1", "-t", str(threads), "-c", "1024", "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except Exception:
+                time.sleep(0.1)
+        speeds = []
+        for _ in range(3):
+            body = json.dumps({"prompt": "The history of the", "max_tokens": n, "temperature": 0, "stream": True,
+                               "ignore_eos": True, "cache_prompt": False}).encode()
+            req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+            times = []
+            try:
+                r = urllib.request.urlopen(req, timeout=600)
+            except urllib.error.HTTPError as e:
+                sys.exit(f"{binary} answered {e.code}: {e.read()[:400]!r}")
+            with r:
+                for line in r:
+                    if line.startswith(b"data: {") and json.loads(line[6:])["choices"][0].get("text"):
+                        times.append(time.perf_counter())
+            speeds.append((len(times) - 1) / (times[-1] - times[0]))
+        print(json.dumps({"n_gen": n, "avg_ts": statistics.mean(speeds)}))
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
 def speed(output):
@@ -99,7 +149,11 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--busy", type=int, default=1, help="busy loops beside the engine in the `busy` situation")
     ap.add_argument("--situations", default="alone,busy,two")
+    ap.add_argument("--server", action="store_true", help="also measure each engine's server")
+    ap.add_argument("--serve-one", metavar="BINARY", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.serve_one:
+        return serve_one(args.serve_one, args.tg, args.threads)
     engines = [tuple(e.split("=", 1)) for e in args.ccsm] or [("ccsm", os.path.join(ROOT, "target/release/ccsm-infer"))]
     tests = []
     for name, binary in engines:
@@ -109,6 +163,11 @@ def main():
         tests.append(("llama.cpp", "SmolLM2 tg", peer_cmd(peer, SMOLLM2, args.tg, args.threads)))
     else:
         print(f"(no {peer}: llama.cpp not measured; ../shared/peer/build_peer.sh builds it)", file=sys.stderr)
+    if args.server:
+        for name, binary in engines:
+            tests.append((name, "SmolLM2 server tg", server_cmd(binary, args.tg, args.threads)))
+        if os.access(peer, os.X_OK):
+            tests.append(("llama.cpp", "SmolLM2 server tg", server_cmd(os.path.join(args.peer, "llama-server"), args.tg, args.threads)))
     for name, binary in engines:
         tests.append((name, "tiny-csm frames", ccsm_cmd(binary, TINY_CSM, args.tg, args.threads)))
     situations = args.situations.split(",")

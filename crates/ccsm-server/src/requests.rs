@@ -15,7 +15,9 @@ use crate::api::{describe, object, only_known, typed, ApiError};
 const MAX_STOP_BYTES: usize = 256;
 
 /// Fields both text endpoints take. `model`, `user`, `stream_options` (usage is always in the last
-/// chunk), `metadata`, `store` and `service_tier` change nothing here and are accepted as such.
+/// chunk), `metadata`, `store` and `service_tier` change nothing here and are accepted as such, as is
+/// llama-server's `cache_prompt` (a hint to reuse a cached prompt, which changes no answer: clients
+/// written for llama-server send it).
 const TEXT_FIELDS: &[&str] = &[
     "model",
     "max_tokens",
@@ -36,6 +38,7 @@ const TEXT_FIELDS: &[&str] = &[
     "metadata",
     "store",
     "service_tier",
+    "cache_prompt",
 ];
 const COMPLETION_FIELDS: &[&str] = &["prompt", "echo", "best_of", "suffix"];
 const CHAT_FIELDS: &[&str] = &[
@@ -394,7 +397,8 @@ mod tests {
         assert!(refused(r#"{"prompt": 5}"#).contains("prompt: "));
         assert!(!refused(r#"{"prompt": 5}"#).contains("OneOrMany"));
         let (_, o) =
-            completion(br#"{"prompt": "x", "best_of": 1, "suffix": null, "user": "u", "top_k": "all", "logprobs": 3}"#, || 1).unwrap();
+            completion(br#"{"prompt": "x", "best_of": 1, "suffix": null, "user": "u", "top_k": "all", "logprobs": 3, "cache_prompt": false}"#, || 1)
+                .unwrap();
         assert_eq!((o.sampler.top_k, o.logprobs), (None, Some(3)));
         let chat = |body: &str| super::chat(body.as_bytes(), || 1).map(|(m, o)| (m, o.logprobs)).map_err(|e| e.message);
         let user = r#""messages": [{"role": "user", "content": "hi", "name": null}]"#;
