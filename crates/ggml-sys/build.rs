@@ -3,6 +3,7 @@
 //! The source is never committed: `make setup` runs `cargo fetch`, which downloads the exact package
 //! version pinned (with its checksum) in Cargo.lock, and this script finds it with `cargo metadata`.
 //! `GGML_SRC_DIR` overrides the location (a `ggml` tree holding `include/` and `src/`).
+//! `CCSM_GGML_MARCH=x86-64-v3` builds the kernels another CPU would get (AVX2 on an AVX-512 machine).
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -47,6 +48,7 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=wrapper.h");
     println!("cargo:rerun-if-env-changed=GGML_SRC_DIR");
+    println!("cargo:rerun-if-env-changed=CCSM_GGML_MARCH");
 
     let ggml_dir = match locate_ggml_source() {
         Ok(dir) => dir,
@@ -152,6 +154,10 @@ fn base_build(ggml_dir: &Path, generated_include: &Path) -> cc::Build {
     }
     if feature("portable") {
         build.flag("-march=x86-64");
+    } else if let Ok(march) = env::var("CCSM_GGML_MARCH") {
+        // Another CPU's kernels on this one (`x86-64-v3`: AVX2 without AVX-512), to see the rounding
+        // a numeric test meets on the other kind of machine CI may run on.
+        build.flag(format!("-march={march}")).flag("-mno-amx-tile").flag("-mno-amx-int8").flag("-mno-amx-bf16");
     } else {
         // The SIMD kernels are chosen at compile time from these flags. AMX tile instructions fault in
         // the VMs we run on, so they stay off even where the CPU reports them. AVX512-FP16 switches

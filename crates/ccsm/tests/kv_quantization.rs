@@ -191,8 +191,10 @@ fn live_quantization_continues_the_same_history() {
     // (type, generated tokens after the switch that must equal F32's, bound on the mean KLD). q4_0's
     // 17th token ("19" after "18, ") is a near tie of "1" and "2" under q4_0 (logits 33.84 / 33.81
     // with ggml's kernel, 33.61 / 34.38 with ours, in a spread of about 20): it may count on from 18
-    // to 20, but not lose the sequence before.
-    for (t, must_match, kld_bound) in [(CacheType::Q8_0, AFTER, 0.01), (CacheType::Q4_1, AFTER, 0.15), (CacheType::Q4_0, 16, 0.15)] {
+    // to 20, but not lose the sequence before. q4_1 errs as much as q4_0 once rotated (KLD 0.021–0.023
+    // here against q4_0's 0.025–0.026, AVX2 and AVX-512 kernels), so it may meet the same tie: it
+    // matched all 24 tokens on both, and is held to q4_0's 16.
+    for (t, must_match, kld_bound) in [(CacheType::Q8_0, AFTER, 0.01), (CacheType::Q4_1, 16, 0.15), (CacheType::Q4_0, 16, 0.15)] {
         let switch = n_prompt + BEFORE - 1;
         let mut m = converted_after(&tokens[..switch], t);
         let mut next = tokens[switch];

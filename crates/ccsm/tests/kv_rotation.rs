@@ -73,6 +73,8 @@ const TEXT: &str = "The Jargon File is a glossary and usage dictionary of slang 
 
 /// SmolLM2, one teacher-forced pass over a paragraph: rotation must cut the 4-bit caches' KL
 /// divergence from the f32 cache (on the Jargon File against f16: q4_0 0.148 → 0.048, q4_1 0.078 → 0.041).
+/// On these 62 positions rotation measured ×0.35 (AVX-512 kernels) and ×0.32 (AVX2) for q4_0, ×0.56
+/// and ×0.46 for q4_1, whose error it cuts less: each type's bound sits well above both CPUs' ratios.
 #[test]
 fn rotation_cuts_the_error_of_4_bit_caches() {
     let mut reference = llama(SMOLLM2, CacheType::F32, Rotation::Off, 256);
@@ -86,7 +88,8 @@ fn rotation_cuts_the_error_of_4_bit_caches() {
         if t == CacheType::Q8_0 {
             assert!(on < 0.01, "{t}: rotated KLD {on}");
         } else {
-            assert!(on < 0.7 * off, "{t}: rotated {on} vs plain {off}");
+            let bound = if t == CacheType::Q4_0 { 0.6 } else { 0.8 };
+            assert!(on < bound * off, "{t}: rotated {on} vs plain {off}");
         }
     }
 }
