@@ -7,10 +7,13 @@
 //!
 //! ggml splits most nodes into equal parts, one per thread, and each node waits for its slowest part.
 //! When another program keeps a core busy, the thread that shares that core gets a fraction of it and
-//! every node waits for it: a 2-thread engine beside one busy loop on 2 cores decoded at 0.36× its
-//! speed alone, two 2-thread engines at once at 0.1× each, while one thread beside the busy loop made
-//! 0.54×. So before each graph the backend looks at how many other threads want the machine's cores
-//! (`CoreShare`) and runs on no more than the cores they leave.
+//! every node waits for it: on 2 cores SmolLM2 decode with 2 threads ran at 0.38× its speed alone
+//! beside one busy loop, and two such engines at once made 0.21× of one together. So before each
+//! graph the backend looks at how many other threads want the machine's cores (`CoreShare`) and runs
+//! on no more than the cores they leave: 0.75× and 1.48× (`docs/threads.md`).
+//!
+//! Results do not depend on the count: products split output rows between threads, our attention
+//! kernel fixed parts of the cells (`crates/ccsm/tests/thread_counts.rs`).
 
 use std::cell::Cell;
 use std::time::{Duration, Instant};
@@ -28,8 +31,8 @@ pub(crate) struct GraphWork {
 /// Work one more thread must take on to be worth waking, in `GraphWork` units: a fixed part for the
 /// wake-up and a part per barrier. Measured with `examples/thread_crossover.rs` (chains of Q8_0
 /// products of growing width, 72 nodes): a second thread cost ≈ 25 µs per graph and 0.17 µs per node,
-/// one thread did ≈ 38 k units per µs, and two threads first beat one at ≈ 3 M units (1.07× slower at
-/// 3.2 M, 1.05× faster at 3.2 M in wider products, 1.2× faster at 7 M).
+/// one thread did ≈ 38 k units per µs, and two threads first beat one at ≈ 3 M units (at 3.2 M they
+/// were 1.05× faster with one column, 1.07× slower with four; at 7 M 1.2× faster).
 const UNITS_PER_WAKE: f64 = 1.9e6;
 const UNITS_PER_BARRIER: f64 = 1.3e4;
 
@@ -68,9 +71,13 @@ pub(crate) fn threads_for(work: GraphWork, max: usize) -> usize {
 /// count of runnable threads machine-wide (`/proc/loadavg`), less this process's own runnable ones
 /// (`/proc/self/task/*/stat`, read only when the machine-wide count says some other thread may be
 /// runnable), sampled before a graph at most every `SAMPLE_EVERY` and smoothed over `SMOOTHING`.
-/// Where the counts cannot be read (not Linux), no core is counted taken.
+/// They are taken off the machine's online cores; this process may be allowed fewer (affinity, a
+/// container's CPU quota), and other programs' threads are counted against the machine, not against
+/// that allowance. Where the counts cannot be read (not Linux), no core is counted taken.
 pub(crate) struct CoreShare {
-    cores: usize,
+    /// Cores this process may use, and cores the machine has online (at least as many).
+    allowed: usize,
+    machine: usize,
     count_others: fn() -> Option<usize>,
     others: Cell<f64>,
     sampled: Cell<Option<Instant>>,
@@ -81,12 +88,12 @@ const SMOOTHING: Duration = Duration::from_millis(100);
 
 impl CoreShare {
     pub(crate) fn new() -> Self {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Self::with(cores, runnable_threads_of_others)
+        let allowed = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::with(allowed, online_cores().unwrap_or(allowed), runnable_threads_of_others)
     }
 
-    fn with(cores: usize, count_others: fn() -> Option<usize>) -> Self {
-        CoreShare { cores, count_others, others: Cell::new(0.0), sampled: Cell::new(None) }
+    fn with(allowed: usize, machine: usize, count_others: fn() -> Option<usize>) -> Self {
+        CoreShare { allowed, machine: machine.max(allowed), count_others, others: Cell::new(0.0), sampled: Cell::new(None) }
     }
 
     /// Cores left to this pool (at least one), after a fresh sample when the last one is old.
@@ -105,8 +112,24 @@ impl CoreShare {
             }
             self.sampled.set(Some(now));
         }
-        self.cores.saturating_sub(self.others.get().round() as usize).max(1)
+        self.machine.saturating_sub(self.others.get().round() as usize).clamp(1, self.allowed)
     }
+}
+
+/// Cores the machine has online (`/sys/devices/system/cpu/online`: ranges such as `0-3,8-11`).
+fn online_cores() -> Option<usize> {
+    parse_cpu_list(&std::fs::read_to_string("/sys/devices/system/cpu/online").ok()?)
+}
+
+fn parse_cpu_list(list: &str) -> Option<usize> {
+    let mut n = 0;
+    for range in list.trim().split(',').filter(|r| !r.is_empty()) {
+        n += match range.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().ok()?.checked_sub(a.parse::<usize>().ok()?)? + 1,
+            None => range.parse::<usize>().map(|_| 1).ok()?,
+        };
+    }
+    (n > 0).then_some(n)
 }
 
 /// Runnable threads on the machine that are not this process's (Linux).
@@ -144,7 +167,7 @@ mod tests {
 
     #[test]
     fn busy_cores_are_left_to_their_programs_after_a_smoothing_time() {
-        let share = CoreShare::with(2, others);
+        let share = CoreShare::with(2, 2, others);
         let start = Instant::now();
         assert_eq!(share.free_cores_at(start), 2);
         // One other runnable thread (a busy loop): within a few smoothing times only one core is ours.
@@ -159,6 +182,25 @@ mod tests {
         // Never fewer than one core, however many others.
         OTHERS.store(9, std::sync::atomic::Ordering::Relaxed);
         assert_eq!(share.free_cores_at(after(1000)), 1);
+    }
+
+    #[test]
+    fn others_count_against_the_machine_not_against_this_process_allowance() {
+        // A container allowed 4 of a 64-core machine's cores, 50 threads of other programs runnable.
+        let share = CoreShare::with(4, 64, || Some(50));
+        assert_eq!(share.free_cores(), 4);
+        let crowded = CoreShare::with(4, 64, || Some(62));
+        assert_eq!(crowded.free_cores(), 2);
+    }
+
+    #[test]
+    fn online_cores_are_read_from_ranges() {
+        assert_eq!(parse_cpu_list("0-1\n"), Some(2));
+        assert_eq!(parse_cpu_list("0-3,8-11"), Some(8));
+        assert_eq!(parse_cpu_list("5"), Some(1));
+        assert_eq!(parse_cpu_list(""), None);
+        assert_eq!(parse_cpu_list("3-1"), None);
+        assert_eq!(parse_cpu_list("x"), None);
     }
 
     #[test]
