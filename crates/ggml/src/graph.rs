@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::marker::PhantomData;
 use std::ptr::NonNull;
+use std::time::Instant;
 
 use ggml_sys as sys;
 
@@ -256,8 +257,9 @@ pub struct Backend {
     n_threads: usize,
     /// The threads the last graph ran on (a small graph runs on fewer: `threads::threads_for`).
     threads_now: Cell<usize>,
-    /// The cores other programs leave free; None: every graph on `n_threads` (`cpu_exact`).
-    share: Option<threads::CoreShare>,
+    /// The cores other programs leave free, and what each kind of graph ran fastest on; None: every
+    /// graph on `n_threads` (`cpu_exact`).
+    share: Option<(threads::CoreShare, threads::ThreadTuner)>,
 }
 
 impl Backend {
@@ -265,7 +267,7 @@ impl Backend {
     /// not worth waking them, and no more than the cores other programs leave free (`crate::threads`).
     pub fn cpu(n_threads: usize) -> Result<Self> {
         let mut backend = Self::cpu_exact(n_threads)?;
-        backend.share = Some(threads::CoreShare::new());
+        backend.share = Some((threads::CoreShare::new(), threads::ThreadTuner::default()));
         Ok(backend)
     }
 
@@ -304,17 +306,11 @@ impl Backend {
         self.n_threads
     }
 
-    /// Threads `graph` would run on now: as many as its work is worth and other programs leave cores
-    /// for (see `crate::threads`).
-    pub fn threads_for(&self, graph: &Graph<'_>) -> usize {
-        self.threads_for_raw(graph.raw())
-    }
-
-    fn threads_for_raw(&self, graph: *mut sys::ggml_cgraph) -> usize {
-        match &self.share {
-            Some(share) => threads::threads_for(threads::graph_work(graph), self.n_threads.min(share.free_cores())),
-            None => self.n_threads,
-        }
+    /// The graph's work, the most threads it may run on now and the tuner that picks between them
+    /// (None for `cpu_exact`).
+    fn plan(&self, graph: *mut sys::ggml_cgraph) -> Option<(threads::GraphWork, usize, &threads::ThreadTuner)> {
+        let (share, tuner) = self.share.as_ref()?;
+        Some((threads::graph_work(graph), self.n_threads.min(share.free_cores()), tuner))
     }
 
     /// Runs the graph. Every tensor must have memory (`GraphAllocator::alloc`).
@@ -337,7 +333,7 @@ impl Backend {
         let one = unsafe { sys::ggml_new_graph_custom(scratch.raw(), 1, false) };
         let one = NonNull::new(one).ok_or(Error::Allocation { what: "profile graph", bytes: 0 })?;
         // Each node runs on the threads the whole graph would.
-        let threads = self.threads_for_raw(graph);
+        let threads = self.plan(graph).map_or(self.n_threads, |(work, most, tuner)| tuner.choose(work, most));
         // SAFETY: the caller's graph is alive and allocated.
         let n = unsafe { sys::ggml_graph_n_nodes(graph) };
         let mut times = Vec::with_capacity(n as usize);
@@ -366,7 +362,14 @@ impl Backend {
 
     /// Runs a graph whose tensors all have memory (the caller checked it).
     pub(crate) fn compute_raw(&self, graph: *mut sys::ggml_cgraph) -> Result<()> {
-        self.compute_on(graph, self.threads_for_raw(graph))
+        let Some((work, most, tuner)) = self.plan(graph) else {
+            return self.compute_on(graph, self.n_threads);
+        };
+        let threads = tuner.choose(work, most);
+        let started = Instant::now();
+        self.compute_on(graph, threads)?;
+        tuner.record(work, most, threads, started.elapsed().as_secs_f64());
+        Ok(())
     }
 
     fn compute_on(&self, graph: *mut sys::ggml_cgraph, threads: usize) -> Result<()> {

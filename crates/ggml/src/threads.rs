@@ -3,7 +3,11 @@
 //!
 //! Every graph wakes the thread pool's workers (they sleep between graphs) and every node ends at a
 //! barrier, so more threads pay off only when a graph has work enough to share: tiny-csm's frames (32
-//! small graphs each) ran 3.7× faster on one thread than on two.
+//! small graphs each) ran 3.7× faster on one thread than on two. A graph's work is estimated from its
+//! nodes (`graph_work`); clearly small and clearly large graphs are decided by the estimate, and for
+//! the ones between, whose speed depends on what their nodes are (a Mimi frame's convolutions and
+//! broadcast additions ran 1.5× faster on two threads at a work the estimate put below a matrix
+//! chain's break-even), `ThreadTuner` times both choices and keeps the faster.
 //!
 //! ggml splits most nodes into equal parts, one per thread, and each node waits for its slowest part.
 //! When another program keeps a core busy, the thread that shares that core gets a fraction of it and
@@ -15,7 +19,8 @@
 //! Results do not depend on the count: products split output rows between threads, our attention
 //! kernel fixed parts of the cells (`crates/ccsm/tests/thread_counts.rs`).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use ggml_sys as sys;
@@ -63,8 +68,122 @@ pub(crate) fn graph_work(graph: *mut sys::ggml_cgraph) -> GraphWork {
 /// Threads worth running `work` on, at most `max`: each one past the first must take a share of the
 /// work worth the wake-up and the barriers it adds.
 pub(crate) fn threads_for(work: GraphWork, max: usize) -> usize {
-    let overhead = UNITS_PER_WAKE + UNITS_PER_BARRIER * work.nodes as f64;
-    ((2.0 * work.units / overhead) as usize).clamp(1, max.max(1))
+    ((2.0 * work.units / overhead(work)) as usize).clamp(1, max.max(1))
+}
+
+/// What one more thread costs a graph, in work units.
+fn overhead(work: GraphWork) -> f64 {
+    UNITS_PER_WAKE + UNITS_PER_BARRIER * work.nodes as f64
+}
+
+/// How far from break-even the estimate decides alone: below 1/8 of a second thread's cost one thread,
+/// above 8× it every thread; between, both are timed.
+const SURE: f64 = 8.0;
+/// Runs of each choice timed before the faster is kept, and how often (in runs) the slower is timed
+/// again: a graph's cost drifts (attention over a growing cache) and the first runs pay for cold caches.
+const TRIALS: u32 = 2;
+const RETRY_EVERY: u32 = 64;
+/// Kinds of graph remembered; past this the memory starts over.
+const KINDS_KEPT: usize = 512;
+
+/// Learns, per kind of graph, whether it runs faster on one thread or on more. A kind is a graph's node
+/// count and work (in quarter octaves) under one limit on threads: a decode graph is the same kind step
+/// after step until its cache grows by a fifth.
+#[derive(Default)]
+pub(crate) struct ThreadTuner {
+    kinds: RefCell<HashMap<GraphKind, Timings>>,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+struct GraphKind {
+    nodes: usize,
+    work: i32,
+    most: usize,
+}
+
+impl GraphKind {
+    fn of(work: GraphWork, most: usize) -> Self {
+        GraphKind { nodes: work.nodes, work: (work.units.max(1.0).log2() * 4.0).round() as i32, most }
+    }
+}
+
+/// Runs of one kind, and seconds per run on one thread (`[0]`) and on more (`[1]`).
+#[derive(Default)]
+struct Timings {
+    runs: u32,
+    seconds: [Option<f64>; 2],
+}
+
+impl ThreadTuner {
+    /// Threads for the next run of a graph of `work` when at most `most` may run: the estimate's choice
+    /// where it is sure, else the faster of one and `many` as timed so far (trying each in turn first).
+    pub(crate) fn choose(&self, work: GraphWork, most: usize) -> usize {
+        let (many, sure) = Self::options(work, most);
+        if let Some(threads) = sure {
+            return threads;
+        }
+        let kinds = self.kinds.borrow();
+        let Some(t) = kinds.get(&GraphKind::of(work, most)) else {
+            return 1;
+        };
+        let pick = match t.seconds {
+            _ if t.runs < TRIALS => 0,
+            _ if t.runs < 2 * TRIALS => 1,
+            [Some(one), Some(more)] => {
+                let faster = usize::from(more < one);
+                if t.runs % RETRY_EVERY == 0 {
+                    1 - faster
+                } else {
+                    faster
+                }
+            }
+            [None, _] => 0,
+            [_, None] => 1,
+        };
+        if pick == 0 {
+            1
+        } else {
+            many
+        }
+    }
+
+    /// Records that a graph of `work` ran on `threads` in `seconds`.
+    pub(crate) fn record(&self, work: GraphWork, most: usize, threads: usize, seconds: f64) {
+        if Self::options(work, most).1.is_some() {
+            return;
+        }
+        let mut kinds = self.kinds.borrow_mut();
+        if kinds.len() >= KINDS_KEPT {
+            kinds.clear();
+        }
+        let t = kinds.entry(GraphKind::of(work, most)).or_default();
+        let slot = &mut t.seconds[usize::from(threads > 1)];
+        *slot = Some(match *slot {
+            // The trials keep their best (the first run of a graph pays for cold caches), later runs
+            // move an average.
+            Some(old) if t.runs < 2 * TRIALS => old.min(seconds),
+            Some(old) => 0.75 * old + 0.25 * seconds,
+            None => seconds,
+        });
+        t.runs += 1;
+    }
+
+    /// The many-thread choice for `work` and, where the estimate is sure, the answer.
+    fn options(work: GraphWork, most: usize) -> (usize, Option<usize>) {
+        let many = threads_for(work, most).max(2).min(most.max(1));
+        if most <= 1 {
+            return (1, Some(1));
+        }
+        let ratio = work.units / overhead(work);
+        let sure = if ratio < 1.0 / SURE {
+            Some(1)
+        } else if ratio > SURE {
+            Some(many)
+        } else {
+            None
+        };
+        (many, sure)
+    }
 }
 
 /// Follows how many threads of other programs (or of other thread pools) want a core: the kernel's
@@ -191,6 +310,49 @@ mod tests {
         assert_eq!(share.free_cores(), 4);
         let crowded = CoreShare::with(4, 64, || Some(62));
         assert_eq!(crowded.free_cores(), 2);
+    }
+
+    /// Runs `runs` graphs of `work` through the tuner, timing one thread at `one` seconds and more at
+    /// `more`; returns the threads of each run.
+    fn tune(tuner: &ThreadTuner, work: GraphWork, runs: usize, one: f64, more: f64) -> Vec<usize> {
+        (0..runs)
+            .map(|_| {
+                let threads = tuner.choose(work, 2);
+                tuner.record(work, 2, threads, if threads == 1 { one } else { more });
+                threads
+            })
+            .collect()
+    }
+
+    #[test]
+    fn graphs_near_break_even_run_on_whichever_count_was_timed_faster() {
+        // A Mimi frame: 2.4 M units in 152 nodes, 0.73 ms on one thread and 0.48 on two.
+        let mimi = GraphWork { units: 2.4e6, nodes: 152 };
+        let tuner = ThreadTuner::default();
+        let threads = tune(&tuner, mimi, 200, 0.73e-3, 0.48e-3);
+        assert_eq!(threads[..4], [1, 1, 2, 2], "each choice is timed twice first");
+        let ones = threads[4..].iter().filter(|&&t| t == 1).count();
+        assert!((1..=4).contains(&ones), "two threads kept, one retried now and then: {ones} of 196 on one");
+        // The same work where one thread is faster keeps one thread.
+        let tuner = ThreadTuner::default();
+        let threads = tune(&tuner, mimi, 200, 0.40e-3, 0.48e-3);
+        assert!(threads[4..].iter().filter(|&&t| t == 2).count() <= 4);
+        // Clear cases are never timed: tiny graphs stay on one thread, big ones take every thread.
+        let tuner = ThreadTuner::default();
+        assert!(tune(&tuner, GraphWork { units: 1.0e5, nodes: 100 }, 20, 1.0, 0.1).iter().all(|&t| t == 1));
+        assert!(tune(&tuner, GraphWork { units: 2.7e8, nodes: 900 }, 20, 0.1, 1.0).iter().all(|&t| t == 2));
+        // One core left: nothing to choose.
+        assert_eq!(tuner.choose(mimi, 1), 1);
+    }
+
+    #[test]
+    fn a_drifting_cost_is_followed() {
+        let work = GraphWork { units: 2.4e6, nodes: 152 };
+        let tuner = ThreadTuner::default();
+        tune(&tuner, work, 100, 0.73e-3, 0.48e-3);
+        // Two threads get slower than one (say the machine's other core got busy elsewhere).
+        let threads = tune(&tuner, work, 200, 0.73e-3, 1.5e-3);
+        assert!(threads[100..].iter().filter(|&&t| t == 2).count() <= 4, "one thread kept once two got slower");
     }
 
     #[test]
