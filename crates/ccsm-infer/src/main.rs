@@ -56,7 +56,10 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&cli.log);
-    interrupt::install();
+    // The server has its own shutdown on Ctrl-C (stop accepting, let running requests finish).
+    if !matches!(cli.command, Some(Command::Serve(_))) {
+        interrupt::install();
+    }
     let result = match cli.command {
         Some(Command::System) => {
             output::println(&format!("ccsm {}", ccsm::VERSION));

@@ -132,26 +132,44 @@ pub fn only_known(map: &Map<String, Value>, endpoint: &str, known: &[&str]) -> R
 
 /// The typed request of a checked body; a value of the wrong type is a 400 naming its field.
 pub fn typed<T: serde::de::DeserializeOwned>(map: Map<String, Value>) -> Result<T, ApiError> {
-    serde_path_to_error::deserialize(Value::Object(map)).map_err(|e| {
-        let path = e.path().to_string();
+    typed_at("", Value::Object(map))
+}
+
+/// Takes member `field` out of `map`, typed (`None` when absent): each member is deserialized once, by
+/// value, so a body is never copied.
+pub fn take<T: serde::de::DeserializeOwned>(map: &mut Map<String, Value>, field: &str) -> Result<Option<T>, ApiError> {
+    map.remove(field).map(|v| typed_at(field, v)).transpose()
+}
+
+/// `value` as a `T`; an error names where in it (after `field`) the wrong value is.
+fn typed_at<T: serde::de::DeserializeOwned>(field: &str, value: Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let inner = e.path().to_string();
+        let path = match inner.as_str() {
+            "." => field.to_owned(),
+            p if p.starts_with('[') || field.is_empty() => format!("{field}{p}"),
+            p => format!("{field}.{p}"),
+        };
         let message = humane(&e.into_inner().to_string());
-        ApiError::invalid(if path == "." { message } else { format!("{path}: {message}") })
+        ApiError::invalid(if path.is_empty() { message } else { format!("{path}: {message}") })
     })
 }
 
-/// serde's words for the expected kinds of values, in the API's terms rather than Rust's.
+/// serde's words for the expected kinds of values, in the API's terms rather than Rust's (an integer
+/// type's name becomes its range, which is what a client can act on).
 fn humane(message: &str) -> String {
     let mut m = message.to_owned();
     for (rust, plain) in [
-        ("expected u32", "expected a whole number >= 0"),
-        ("expected u64", "expected a whole number >= 0"),
-        ("expected usize", "expected a whole number >= 0"),
-        ("expected f32", "expected a number"),
-        ("expected f64", "expected a number"),
-        ("expected a sequence", "expected a list"),
-        ("expected a map", "expected an object"),
+        ("expected u32", "expected a whole number from 0 to 4294967295".to_owned()),
+        ("expected u64", format!("expected a whole number from 0 to {}", u64::MAX)),
+        ("expected f32", "expected a number".to_owned()),
+        ("expected f64", "expected a number".to_owned()),
+        ("expected a sequence", "expected a list".to_owned()),
+        ("expected a map", "expected an object".to_owned()),
+        ("invalid type: sequence", "invalid type: list".to_owned()),
+        ("invalid type: map", "invalid type: object".to_owned()),
     ] {
-        m = m.replace(rust, plain);
+        m = m.replace(rust, &plain);
     }
     m
 }
@@ -182,7 +200,15 @@ mod tests {
     #[test]
     fn errors_name_the_field_in_the_apis_words() {
         let e = typed::<Probe>(object(br#"{"n": -1, "list": null}"#).unwrap()).unwrap_err();
-        assert_eq!(e.message, "n: invalid value: integer `-1`, expected a whole number >= 0");
+        assert_eq!(e.message, "n: invalid value: integer `-1`, expected a whole number from 0 to 4294967295");
+        // Out of range the other way: the message must not claim the number is negative.
+        let e = typed::<Probe>(object(br#"{"n": 5000000000}"#).unwrap()).unwrap_err();
+        assert_eq!(e.message, "n: invalid value: integer `5000000000`, expected a whole number from 0 to 4294967295");
+        let mut map = object(br#"{"list": ["a", {}], "n": 2}"#).unwrap();
+        let e = take::<Vec<String>>(&mut map, "list").unwrap_err();
+        assert_eq!(e.message, "list[1]: invalid type: object, expected a string");
+        assert_eq!(take::<u32>(&mut map, "n").unwrap(), Some(2));
+        assert!(map.is_empty(), "taken members leave the map");
         let e = typed::<Probe>(object(br#"{"list": ["a", 5]}"#).unwrap()).unwrap_err();
         assert!(e.message.starts_with("list[1]: invalid type: integer `5`"), "{}", e.message);
         assert!(object(b"[1]").unwrap_err().message.contains("must be a JSON object, not a list"));

@@ -22,8 +22,12 @@ const LOOPBACK_NAMES: [&str; 4] = ["localhost", "127.0.0.1", "[::1]", "::1"];
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HostPolicy {
     Any,
-    /// Only these (lowercase, without port).
-    Only(Vec<String>),
+    /// Only these (lowercase, without port) and `*.localhost`; `loopback`: the server listens on
+    /// loopback (which is why it refuses other names).
+    Only {
+        names: Vec<String>,
+        loopback: bool,
+    },
 }
 
 impl HostPolicy {
@@ -40,16 +44,33 @@ impl HostPolicy {
         }
         let mut names: Vec<String> = LOOPBACK_NAMES.iter().map(|s| s.to_string()).collect();
         names.extend(extra.iter().map(|h| normalise(h)));
-        HostPolicy::Only(names)
+        HostPolicy::Only { names, loopback: ip.is_loopback() }
     }
 
     pub fn allows(&self, host: &str) -> bool {
         match self {
             HostPolicy::Any => true,
-            HostPolicy::Only(names) => {
+            HostPolicy::Only { names, .. } => {
                 let host = normalise(host);
                 names.contains(&host) || host.ends_with(".localhost")
             }
+        }
+    }
+
+    /// Why a request addressed to `host` is refused, and what the operator can do.
+    fn refusal(&self, host: &str) -> String {
+        let shown: String = host.chars().filter(|c| !c.is_control()).take(200).collect();
+        let (extra, loopback) = match self {
+            HostPolicy::Only { names, loopback } => (names[LOOPBACK_NAMES.len()..].join(", "), *loopback),
+            HostPolicy::Any => (String::new(), false),
+        };
+        if loopback {
+            let names = if extra.is_empty() { "localhost, 127.0.0.1 and [::1]".to_owned() } else { format!("loopback names and {extra}") };
+            format!(
+                "requests addressed to '{shown}' are refused: this server listens on loopback and answers to {names} only (a web page could otherwise reach it through DNS rebinding); start it with --allowed-host NAME to answer to NAME"
+            )
+        } else {
+            format!("requests addressed to '{shown}' are refused: this server answers only to the names --allowed-host gives ({extra}) and loopback names")
         }
     }
 }
@@ -78,16 +99,8 @@ pub async fn check_host(State(state): State<Shared>, request: Request, next: Nex
         .or_else(|| request.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned));
     // A request without a Host did not come from a browser.
     if let Some(host) = host.filter(|h| !state.hosts.allows(h)) {
-        let shown: String = host.chars().filter(|c| !c.is_control()).take(200).collect();
-        return ApiError::new(
-            StatusCode::FORBIDDEN,
-            "invalid_request_error",
-            "host_not_allowed",
-            format!(
-                "requests addressed to '{shown}' are refused: this server listens on loopback and answers to localhost, 127.0.0.1 and [::1] only (a web page could otherwise reach it through DNS rebinding); start it with --allowed-host NAME to answer to NAME"
-            ),
-        )
-        .into_response();
+        return ApiError::new(StatusCode::FORBIDDEN, "invalid_request_error", "host_not_allowed", state.hosts.refusal(&host))
+            .into_response();
     }
     next.run(request).await
 }
@@ -112,32 +125,30 @@ pub async fn authenticate(State(state): State<Shared>, request: Request, next: N
     next.run(request).await
 }
 
-/// Counts the outcome of an API request answered with an error status: 429 and 503 as `rejected`
-/// (come back later), other 4xx as `invalid`. Successes, failures during generation and cancellations
-/// are counted by the engine, which sees how they end.
+/// Counts the outcome of a request answered with an error status: 429 and 503 as `rejected` (come back
+/// later), other 4xx as `invalid`, on every path (a 401 on `/metrics` too); `/health`'s own 503 is its
+/// answer (not ready yet), not a refusal. Successes, failures during generation and cancellations are
+/// counted by the engine, which sees how they end; hyper's own 400/414/431 by the listener.
 pub async fn count_outcome(State(state): State<Shared>, request: Request, next: Next) -> Response {
-    let api = request.uri().path().starts_with("/v1/");
+    let health = request.uri().path() == "/health";
     let response = next.run(request).await;
-    let status = response.status();
-    if api {
-        let counter = match status {
-            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => Some(&state.metrics.requests_rejected),
-            s if s.is_client_error() => Some(&state.metrics.requests_invalid),
-            _ => None,
-        };
-        if let Some(c) = counter {
-            c.fetch_add(1, Ordering::Relaxed);
-        }
+    let counter = match response.status() {
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE if !health => Some(&state.metrics.requests_rejected),
+        s if s.is_client_error() => Some(&state.metrics.requests_invalid),
+        _ => None,
+    };
+    if let Some(c) = counter {
+        c.fetch_add(1, Ordering::Relaxed);
     }
     response
 }
 
-/// A request body declared as JSON (`Content-Type: application/json`), read whole within the body
-/// deadline. Browsers send `text/plain` and form bodies to any server without asking it first; JSON
-/// they send only after a CORS preflight this server never grants.
-pub struct JsonBody(pub Bytes);
+/// A request body declared as JSON (`Content-Type: application/json`), at most `MAX` bytes, read whole
+/// within the body deadline. Browsers send `text/plain` and form bodies to any server without asking
+/// it first; JSON they send only after a CORS preflight this server never grants.
+pub struct JsonBody<const MAX: usize = MAX_BODY_BYTES>(pub Bytes);
 
-impl FromRequest<Shared> for JsonBody {
+impl<const MAX: usize> FromRequest<Shared> for JsonBody<MAX> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &Shared) -> Result<Self, ApiError> {
@@ -152,20 +163,20 @@ impl FromRequest<Shared> for JsonBody {
                 format!("send the body as JSON with Content-Type: application/json (the request's Content-Type: {got})"),
             ));
         }
-        read_body(request, state.body_timeout).await.map(JsonBody)
+        read_body(request, MAX, state.body_timeout).await.map(JsonBody)
     }
 }
 
-/// The body, at most `MAX_BODY_BYTES`, arrived within `deadline` of its start.
-async fn read_body(request: Request, deadline: Duration) -> Result<Bytes, ApiError> {
-    let limited = http_body_util::Limited::new(request.into_body(), MAX_BODY_BYTES);
+/// The body, at most `max` bytes, arrived within `deadline` of its start.
+async fn read_body(request: Request, max: usize, deadline: Duration) -> Result<Bytes, ApiError> {
+    let limited = http_body_util::Limited::new(request.into_body(), max);
     match tokio::time::timeout(deadline, limited.collect()).await {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "invalid_request_error",
             "body_too_large",
-            format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
+            format!("the request body is larger than {max} bytes, this endpoint's limit"),
         )),
         Ok(Err(e)) => Err(ApiError::invalid(format!("cannot read the request body: {e}"))),
         Err(_) => Err(ApiError::new(
@@ -196,5 +207,20 @@ mod tests {
         assert_eq!(HostPolicy::for_bind(loopback, &["*".into()]), HostPolicy::Any);
         assert_eq!(HostPolicy::for_bind(open, &[]), HostPolicy::Any);
         assert!(!HostPolicy::for_bind(open, &["api.example".into()]).allows("other.example"));
+    }
+
+    #[test]
+    fn a_refusal_says_loopback_only_on_loopback() {
+        let loopback: IpAddr = "127.0.0.1".parse().unwrap();
+        let open: IpAddr = "0.0.0.0".parse().unwrap();
+        let local = HostPolicy::for_bind(loopback, &[]).refusal("evil.example");
+        assert!(local.contains("listens on loopback") && local.contains("--allowed-host NAME"), "{local}");
+        let named = HostPolicy::for_bind(loopback, &["box.lan".into()]).refusal("evil.example");
+        assert!(named.contains("listens on loopback") && named.contains("box.lan"), "{named}");
+        let public = HostPolicy::for_bind(open, &["api.example".into()]).refusal("other.example");
+        assert!(
+            !public.contains("listens on loopback") && public.contains("api.example") && public.contains("'other.example'"),
+            "{public}"
+        );
     }
 }

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
@@ -24,11 +24,15 @@ use crate::api::ApiError;
 use crate::guards::{self, HostPolicy};
 use crate::jobs::Job;
 use crate::metrics::Metrics;
+use crate::text_api::TextTools;
 
 /// Longest speech input, in characters (OpenAI's limit).
 pub const MAX_INPUT_CHARS: usize = 4096;
-/// Largest request body: text requests are small; speech context frames can be large.
+/// Largest request body: speech context frames can be large.
 pub const MAX_BODY_BYTES: usize = 8 << 20;
+/// Largest text request body: a prompt of at most `MAX_PROMPT_BYTES` (1 MiB) with room for JSON's
+/// escapes and the other fields; a body is held whole while it is parsed.
+pub const MAX_TEXT_BODY_BYTES: usize = 2 << 20;
 
 /// A speaker with the context turns that set its voice (`--voices DIR`: one NAME.json each).
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
@@ -50,11 +54,15 @@ pub enum Engine {
 
 /// The engine thread's state, shared with the handlers.
 #[derive(Default)]
-pub struct EngineState(std::sync::atomic::AtomicU8);
+pub struct EngineState {
+    state: std::sync::atomic::AtomicU8,
+    /// A text model's tokenizer and template, set before the state turns `Ready`.
+    text: OnceLock<Arc<TextTools>>,
+}
 
 impl EngineState {
     pub fn get(&self) -> Engine {
-        match self.0.load(Ordering::Acquire) {
+        match self.state.load(Ordering::Acquire) {
             0 => Engine::Loading,
             1 => Engine::Ready,
             _ => Engine::Stopped,
@@ -62,7 +70,15 @@ impl EngineState {
     }
 
     pub fn set(&self, state: Engine) {
-        self.0.store(state as u8, Ordering::Release);
+        self.state.store(state as u8, Ordering::Release);
+    }
+
+    pub fn text(&self) -> Option<Arc<TextTools>> {
+        self.text.get().cloned()
+    }
+
+    pub fn set_text(&self, tools: TextTools) {
+        let _ = self.text.set(Arc::new(tools));
     }
 }
 

@@ -3,7 +3,6 @@
 
 use std::time::Instant;
 
-use ccsm::chat::Message;
 use ccsm::csm::Segment;
 use ccsm::sampling::SamplerConfig;
 use tokio::sync::mpsc::UnboundedSender;
@@ -14,15 +13,10 @@ use crate::api::{ApiError, Usage};
 use crate::metrics::Metrics;
 use crate::requests::TextOptions;
 
-/// A text request's prompt, as the client sent it: tokenized on the engine thread as client text
-/// (spellings of control tokens stay text).
-pub enum TextPrompt {
-    Plain(String),
-    Chat(Vec<Message>),
-}
-
 pub struct TextJob {
-    pub prompt: TextPrompt,
+    /// The prompt's tokens (a client's text, tokenized on the HTTP side as text: spellings of control
+    /// tokens stay text).
+    pub prompt: Vec<u32>,
     /// Length, sampling, adjustment, stops, logprobs (`max_tokens` `None`: up to `DEFAULT_MAX_TOKENS`,
     /// as far as the session's context allows).
     pub options: TextOptions,

@@ -28,9 +28,10 @@ use ccsm::kv_plan::{self, PlanBudget, SensitivityProfile};
 use ccsm::mimi::{MimiDecoder, MimiModel, MimiOptions};
 use ccsm::{AnyModel, Architecture, CacheType};
 
-pub use http::{Voice, MAX_BODY_BYTES, MAX_INPUT_CHARS};
+pub use http::{Voice, MAX_BODY_BYTES, MAX_INPUT_CHARS, MAX_TEXT_BODY_BYTES};
 pub use listener::{connections_within_files, open_files_limit, ConnectionLimits};
 pub use metrics::Metrics;
+pub use requests::{MAX_MESSAGES, MAX_PROMPT_BYTES};
 
 /// How `ccsm-infer serve` runs.
 #[derive(Clone, Debug)]
@@ -173,8 +174,8 @@ pub fn check_api_key(key: &str) -> Result<()> {
 }
 
 /// Serves until Ctrl-C or SIGTERM: then stops accepting, lets running requests finish within the
-/// shutdown deadline (a second signal stops at once), and returns. An error if the model cannot load or
-/// the address cannot be bound.
+/// shutdown deadline (a second signal stops at once), and returns. An error if the model cannot load,
+/// the address cannot be bound, or the engine thread stops while serving.
 pub fn serve(config: ServeConfig) -> Result<()> {
     if config.parallel == 0 {
         bail!("--parallel must be at least 1");
@@ -247,6 +248,9 @@ pub fn serve(config: ServeConfig) -> Result<()> {
                 }
             };
             let _stops = http::StopsOnExit(engine_state.clone());
+            if let Loaded::Text(engine) = &loaded {
+                engine_state.set_text(text_api::TextTools::new(engine.model().tokenizer(), engine.model().vocab_size()));
+            }
             engine_state.set(http::Engine::Ready);
             tracing::info!("model loaded; serving");
             match loaded {
@@ -254,6 +258,7 @@ pub fn serve(config: ServeConfig) -> Result<()> {
                 Loaded::Speech(speech) => speech_loop::run(speech, settings, jobs_rx, engine_metrics),
             }
         })?;
+        let listener_metrics = metrics.clone();
         let state = Arc::new(http::AppState {
             model_id: model_id(&facts.name, &config.model),
             served,
@@ -275,9 +280,10 @@ pub fn serve(config: ServeConfig) -> Result<()> {
             tokio::select! {
                 _ = signals.next() => {}
                 error = failed_rx => {
-                    if let Ok(e) = error {
-                        let _ = load_error_tx.send(e);
-                    }
+                    // Loading failed; or the engine thread ended after loading without a word (its
+                    // loop failed, or panicked): either way nothing more can be served.
+                    let e = error.unwrap_or_else(|_| anyhow::anyhow!("the engine thread stopped after loading (see the messages above); nothing more can be served"));
+                    let _ = load_error_tx.send(e);
                     let _ = phase_tx.send(listener::Phase::Closing);
                     return;
                 }
@@ -287,8 +293,8 @@ pub fn serve(config: ServeConfig) -> Result<()> {
             signals.next().await;
             let _ = phase_tx.send(listener::Phase::Closing);
         });
-        listener::serve(listener, http::router(state), config.limits.clone(), phase_rx).await?;
-        // Sent before the listener was told to close, if loading failed.
+        listener::serve(listener, http::router(state), config.limits.clone(), phase_rx, listener_metrics).await?;
+        // Sent before the listener was told to close, if the engine failed.
         if let Ok(e) = load_error_rx.try_recv() {
             return Err(e);
         }

@@ -1,9 +1,11 @@
 //! The accept loop: HTTP/1.1 connections served by hyper with the limits `axum::serve` lacks. A
 //! request's head must arrive within `header_timeout` of its first byte; a connection with no request
-//! under way closes after `idle_timeout`; at most `max_connections` are open (when that is reached, the
-//! idle ones are closed first, so a new client — a health probe — is not locked out); and on shutdown
-//! the server stops accepting, closes connections with no request under way (a half-sent request is
-//! dropped), lets running requests finish within `shutdown_timeout`, then closes what is left.
+//! under way closes after `idle_timeout`, and one whose output the client stops taking after
+//! `write_timeout`; at most `max_connections` are open (when that is reached, the idle ones are closed
+//! first, so a new client — a health probe — is not locked out); and on shutdown the server stops
+//! accepting, closes connections with no request under way (a half-sent head is dropped), lets running
+//! requests — those whose head arrived, their bodies still arriving included — finish within
+//! `shutdown_timeout`, then closes what is left.
 
 mod conn;
 
@@ -23,6 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tower_service::Service as _;
 
+use crate::metrics::Metrics;
 use conn::{Conn, InFlight, Tracked};
 
 /// What the server is told to do.
@@ -42,6 +45,9 @@ pub struct ConnectionLimits {
     pub header_timeout: Duration,
     /// A connection with no request under way (kept alive, or never used) closes after this.
     pub idle_timeout: Duration,
+    /// A connection whose socket takes none of its pending output for this long closes (the client
+    /// stopped reading).
+    pub write_timeout: Duration,
     /// Connections open at once (kept below the process's open-files limit).
     pub max_connections: usize,
     /// After a shutdown signal, how long running requests may take to finish.
@@ -95,8 +101,15 @@ impl Registry {
     }
 }
 
-/// Serves `app` on `listener` until `phase` leaves `Serving`, then shuts down as it says.
-pub async fn serve(listener: TcpListener, app: Router, limits: ConnectionLimits, mut phase: watch::Receiver<Phase>) -> io::Result<()> {
+/// Serves `app` on `listener` until `phase` leaves `Serving`, then shuts down as it says. `metrics`
+/// counts the requests hyper answers by itself (ones it cannot parse).
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ConnectionLimits,
+    mut phase: watch::Receiver<Phase>,
+    metrics: Arc<Metrics>,
+) -> io::Result<()> {
     let limits = Arc::new(limits);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let registry = Arc::new(Registry::default());
@@ -125,9 +138,12 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ConnectionLimits,
         };
         let (id, conn) = registry.add();
         let (app, limits, registry, phase) = (app.clone(), limits.clone(), registry.clone(), connections_phase.clone());
+        let metrics = metrics.clone();
         tokio::spawn(async move {
-            connection(stream, app, &conn, &limits, phase, permit).await;
+            connection(stream, app, &conn, &limits, phase, metrics).await;
+            // Out of the registry before its slot is free, so that shedding never picks a closed one.
             registry.remove(id);
+            drop(permit);
         });
     }
     drop(listener);
@@ -168,7 +184,7 @@ async fn connection(
     conn: &Arc<Conn>,
     limits: &ConnectionLimits,
     mut phase: watch::Receiver<Phase>,
-    _slot: OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
 ) {
     let service_conn = conn.clone();
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
@@ -186,7 +202,7 @@ async fn connection(
             }))
         }
     });
-    let io = TokioIo::new(Tracked::new(stream, conn.clone()));
+    let io = TokioIo::new(Tracked::new(stream, conn.clone(), metrics));
     let served = hyper::server::conn::http1::Builder::new().keep_alive(true).serve_connection(io, service);
     tokio::pin!(served);
     loop {

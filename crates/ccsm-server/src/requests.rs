@@ -9,15 +9,21 @@ use ccsm::sampling::{LogitAdjustConfig, SamplerConfig, MAX_TOP_LOGPROBS};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::api::{describe, object, only_known, typed, ApiError};
+use crate::api::{describe, object, only_known, take, typed, ApiError};
 
 /// Longest stop sequence, in bytes.
 const MAX_STOP_BYTES: usize = 256;
+/// Longest text prompt (all messages together), in bytes.
+pub const MAX_PROMPT_BYTES: usize = 1 << 20;
+/// Most messages in a chat: each one is rendered and marked on its own.
+pub const MAX_MESSAGES: usize = 4096;
+/// Bytes a message counts for beyond its role and content (what a template writes around each), so
+/// that many empty messages cost as much as their rendering does.
+const MESSAGE_OVERHEAD_BYTES: usize = 32;
 
-/// Fields both text endpoints take. `model`, `user`, `stream_options` (usage is always in the last
-/// chunk), `metadata`, `store` and `service_tier` change nothing here and are accepted as such, as is
-/// llama-server's `cache_prompt` (a hint to reuse a cached prompt, which changes no answer: clients
-/// written for llama-server send it).
+/// Fields both text endpoints take. `model`, `user`, `metadata`, `store` and `service_tier` change
+/// nothing here and are accepted as such (their types checked), as is llama-server's `cache_prompt` (a
+/// hint to reuse a cached prompt, which changes no answer: clients written for llama-server send it).
 const TEXT_FIELDS: &[&str] = &[
     "model",
     "max_tokens",
@@ -107,7 +113,8 @@ impl TopK {
     }
 }
 
-/// Sampling and length fields both text endpoints share.
+/// Sampling and length fields both text endpoints share (the body's members left once the endpoint's
+/// own and the no-op ones are taken out).
 #[derive(Clone, Debug, Default, Deserialize)]
 struct TextFields {
     max_tokens: Option<u32>,
@@ -131,21 +138,11 @@ struct TextFields {
     logit_bias: Option<BTreeMap<String, f32>>,
 }
 
-#[derive(Debug, Deserialize)]
-struct CompletionFields {
-    prompt: OneOrMany,
-    /// How many top tokens to report at each position (the token itself always).
-    logprobs: Option<u32>,
-    #[serde(default)]
-    echo: bool,
-}
-
-#[derive(Debug, Deserialize)]
-struct ChatFields {
-    messages: Vec<ChatMessage>,
-    #[serde(default)]
-    logprobs: bool,
-    top_logprobs: Option<u32>,
+/// `stream_options`: whether the last chunk carries the usage (it does unless told not to).
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an object {\"include_usage\": true or false}")]
+struct StreamOptions {
+    include_usage: Option<bool>,
 }
 
 /// The content of a chat message: a string, or parts of which the text ones are joined.
@@ -184,41 +181,59 @@ pub struct TextOptions {
     /// Completions: the prompt comes first in the answer (with its logprobs when asked).
     pub echo: bool,
     pub stream: bool,
+    /// Streamed: the last chunk carries the usage (`stream_options.include_usage`, true unless false).
+    pub include_usage: bool,
     pub ignore_eos: bool,
 }
 
-/// `POST /v1/completions`: the prompt and its settings.
-pub fn completion(body: &[u8], seed: impl FnOnce() -> u64) -> Result<(String, TextOptions), ApiError> {
-    let map = text_body(body, "/v1/completions", COMPLETION_FIELDS)?;
-    let fields: CompletionFields = typed(map.clone())?;
-    let mut prompts = fields.prompt.into_vec();
+/// `POST /v1/completions`: the prompt and its settings (`vocab`: the model's, for `logit_bias`).
+pub fn completion(body: &[u8], vocab: usize, seed: impl FnOnce() -> u64) -> Result<(String, TextOptions), ApiError> {
+    let mut map = text_body(body, "/v1/completions", COMPLETION_FIELDS)?;
+    let prompt = take::<OneOrMany>(&mut map, "prompt")?.ok_or_else(|| ApiError::invalid("prompt is required"))?;
+    let mut prompts = prompt.into_vec();
     if prompts.len() != 1 {
         return Err(ApiError::invalid("prompt must be one string (batches of prompts are separate requests here)"));
     }
-    let logprobs = fields.logprobs.map(|n| top_count("logprobs", n)).transpose()?;
-    let options = text_options(typed(map)?, logprobs, fields.echo, seed)?;
-    Ok((prompts.remove(0), options))
+    let prompt = prompts.remove(0);
+    if prompt.len() > MAX_PROMPT_BYTES {
+        return Err(ApiError::invalid(format!("the prompt has {} bytes; at most {MAX_PROMPT_BYTES}", prompt.len())));
+    }
+    let logprobs = take::<u32>(&mut map, "logprobs")?.map(|n| top_count("logprobs", n)).transpose()?;
+    let echo = take::<bool>(&mut map, "echo")?.unwrap_or(false);
+    let options = text_options(map, vocab, logprobs, echo, seed)?;
+    Ok((prompt, options))
 }
 
-/// `POST /v1/chat/completions`: the messages and their settings.
-pub fn chat(body: &[u8], seed: impl FnOnce() -> u64) -> Result<(Vec<Message>, TextOptions), ApiError> {
+/// `POST /v1/chat/completions`: the messages and their settings (`vocab`: the model's, for `logit_bias`).
+pub fn chat(body: &[u8], vocab: usize, seed: impl FnOnce() -> u64) -> Result<(Vec<Message>, TextOptions), ApiError> {
     let mut map = text_body(body, "/v1/chat/completions", CHAT_FIELDS)?;
     if let Some(Value::Array(messages)) = map.get_mut("messages") {
+        // Counted before any is read: rendering and marking work per message.
+        if messages.len() > MAX_MESSAGES {
+            return Err(ApiError::invalid(format!("messages has {} messages; at most {MAX_MESSAGES}", messages.len())));
+        }
         for m in messages.iter_mut().filter_map(Value::as_object_mut) {
             m.retain(|_, v| !v.is_null());
         }
     }
-    let fields: ChatFields = typed(map.clone())?;
-    if fields.messages.is_empty() {
+    let messages = take::<Vec<ChatMessage>>(&mut map, "messages")?.ok_or_else(|| ApiError::invalid("messages is required"))?;
+    if messages.is_empty() {
         return Err(ApiError::invalid("messages must hold at least one message"));
     }
-    let logprobs = match (fields.logprobs, fields.top_logprobs) {
+    let messages = messages.into_iter().enumerate().map(|(i, m)| message(i, m)).collect::<Result<Vec<_>, _>>()?;
+    let bytes: usize = messages.iter().map(|m| m.content.len() + m.role.len() + MESSAGE_OVERHEAD_BYTES).sum();
+    if bytes > MAX_PROMPT_BYTES {
+        return Err(ApiError::invalid(format!(
+            "the messages count for {bytes} bytes ({MESSAGE_OVERHEAD_BYTES} per message besides its role and content); at most {MAX_PROMPT_BYTES}"
+        )));
+    }
+    let logprobs = match (take::<bool>(&mut map, "logprobs")?.unwrap_or(false), take::<u32>(&mut map, "top_logprobs")?) {
         (false, Some(_)) => return Err(ApiError::invalid("top_logprobs needs logprobs: true")),
         (false, None) => None,
         (true, n) => Some(top_count("top_logprobs", n.unwrap_or(0))?),
     };
-    let messages = fields.messages.into_iter().enumerate().map(|(i, m)| message(i, m)).collect::<Result<Vec<_>, _>>()?;
-    Ok((messages, text_options(typed(map)?, logprobs, false, seed)?))
+    take::<bool>(&mut map, "parallel_tool_calls")?;
+    Ok((messages, text_options(map, vocab, logprobs, false, seed)?))
 }
 
 /// A text body's members, the unknown and the unsupported refused by name.
@@ -264,7 +279,7 @@ fn message(i: usize, m: ChatMessage) -> Result<Message, ApiError> {
         other => {
             return Err(ApiError::unsupported(
                 &format!("messages[{i}].role"),
-                format_args!("'{other}' is not supported; roles are system, developer, user and assistant (no tool calling)"),
+                format_args!("'{}' is not supported; roles are system, developer, user and assistant (no tool calling)", shown(other)),
             ))
         }
     };
@@ -275,7 +290,7 @@ fn message(i: usize, m: ChatMessage) -> Result<Message, ApiError> {
             if let Some(p) = parts.iter().find(|p| p.kind != "text") {
                 return Err(ApiError::unsupported(
                     &format!("messages[{i}].content"),
-                    format_args!("parts of type '{}' are not supported (text only)", p.kind),
+                    format_args!("parts of type '{}' are not supported (text only)", shown(&p.kind)),
                 ));
             }
             parts.into_iter().filter_map(|p| p.text).collect::<Vec<_>>().join("")
@@ -284,8 +299,41 @@ fn message(i: usize, m: ChatMessage) -> Result<Message, ApiError> {
     Ok(Message { role, content })
 }
 
-/// Length, sampling and adjustment of a text request, checked.
-fn text_options(f: TextFields, logprobs: Option<usize>, echo: bool, seed: impl FnOnce() -> u64) -> Result<TextOptions, ApiError> {
+/// A client's string as an error message quotes it: printable, and short.
+fn shown(s: &str) -> String {
+    s.chars().filter(|c| !c.is_control()).take(64).collect()
+}
+
+/// Checks the types of the fields that change nothing (a wrong one is refused rather than silently
+/// accepted); `stream_options.include_usage`, which changes the last chunk.
+fn no_op_fields(map: &mut Map<String, Value>) -> Result<bool, ApiError> {
+    for field in ["model", "user", "service_tier"] {
+        take::<String>(map, field)?;
+    }
+    for field in ["store", "cache_prompt"] {
+        take::<bool>(map, field)?;
+    }
+    take::<BTreeMap<String, String>>(map, "metadata")?;
+    Ok(take::<StreamOptions>(map, "stream_options")?.and_then(|o| o.include_usage).unwrap_or(true))
+}
+
+/// A `logit_bias` key: a token id in plain decimal. Other spellings of the same number (`"01"`, `"+1"`,
+/// `" 1"`) are refused, so that no id can be named twice. One past `u32` is past every vocabulary.
+fn token_id(key: &str) -> Option<u32> {
+    let canonical = !key.is_empty() && key.bytes().all(|b| b.is_ascii_digit()) && (key == "0" || !key.starts_with('0'));
+    canonical.then(|| key.parse().unwrap_or(u32::MAX))
+}
+
+/// Length, sampling and adjustment of a text request, checked; `map`: the body's members not taken yet.
+fn text_options(
+    mut map: Map<String, Value>,
+    vocab: usize,
+    logprobs: Option<usize>,
+    echo: bool,
+    seed: impl FnOnce() -> u64,
+) -> Result<TextOptions, ApiError> {
+    let include_usage = no_op_fields(&mut map)?;
+    let f: TextFields = typed(map)?;
     if f.n.is_some_and(|n| n != 1) {
         return Err(ApiError::invalid("n must be 1: one choice per request"));
     }
@@ -310,20 +358,18 @@ fn text_options(f: TextFields, logprobs: Option<usize>, echo: bool, seed: impl F
     sampler.validate().map_err(|e| ApiError::invalid(e.to_string()))?;
     let mut logit_bias = Vec::new();
     for (key, bias) in f.logit_bias.unwrap_or_default() {
-        let token = key
-            .trim()
-            .parse::<u32>()
-            .map_err(|_| ApiError::invalid(format!("logit_bias keys are token ids such as \"1234\"; '{key}' is not one")))?;
+        let token = token_id(&key).ok_or_else(|| {
+            ApiError::invalid(format!(
+                "logit_bias keys are token ids in plain decimal, such as \"1234\" (no sign, space or leading zero); '{}' is not one",
+                shown(&key)
+            ))
+        })?;
         logit_bias.push((token, bias));
     }
-    let adjust = LogitAdjustConfig {
-        logit_bias,
-        presence_penalty: f.presence_penalty.unwrap_or(0.0),
-        frequency_penalty: f.frequency_penalty.unwrap_or(0.0),
-    };
-    // The ranges here; the ids against the vocabulary on the engine thread, which knows it.
-    adjust.validate(usize::MAX).map_err(|e| ApiError::invalid(e.to_string()))?;
-    Ok(TextOptions { max_tokens, sampler, adjust, stop, logprobs, echo, stream: f.stream, ignore_eos: f.ignore_eos })
+    let presence = f.presence_penalty.unwrap_or(0.0);
+    let frequency = f.frequency_penalty.unwrap_or(0.0);
+    let adjust = LogitAdjustConfig::new(logit_bias, presence, frequency, vocab).map_err(|e| ApiError::invalid(e.to_string()))?;
+    Ok(TextOptions { max_tokens, sampler, adjust, stop, logprobs, echo, stream: f.stream, include_usage, ignore_eos: f.ignore_eos })
 }
 
 /// A voice: a name, or `{"id": name}`.
@@ -369,8 +415,9 @@ impl SpeechRequest {
 
 /// `POST /v1/audio/speech`'s body, the unknown and the unsupported fields refused by name.
 pub fn speech(body: &[u8]) -> Result<SpeechRequest, ApiError> {
-    let map = object(body)?;
+    let mut map = object(body)?;
     only_known(&map, "/v1/audio/speech", SPEECH_FIELDS)?;
+    take::<String>(&mut map, "model")?;
     if let Some(instructions) = map.get("instructions").filter(|v| *v != "") {
         let what = if instructions.is_string() { "CSM takes no instructions" } else { describe(instructions) };
         return Err(ApiError::unsupported("instructions", format_args!("{what}; set the voice with voice or context instead")));
@@ -382,8 +429,14 @@ pub fn speech(body: &[u8]) -> Result<SpeechRequest, ApiError> {
 mod tests {
     use super::*;
 
+    const VOCAB: usize = 1000;
+
     fn refused(body: &str) -> String {
-        completion(body.as_bytes(), || 1).unwrap_err().message
+        completion(body.as_bytes(), VOCAB, || 1).unwrap_err().message
+    }
+
+    fn options(body: &str) -> TextOptions {
+        completion(body.as_bytes(), VOCAB, || 1).unwrap_or_else(|e| panic!("{body}: {}", e.message)).1
     }
 
     #[test]
@@ -396,22 +449,84 @@ mod tests {
         assert!(refused(r#"{"prompt": "x", "presence_penalty": 3}"#).contains("presence_penalty"));
         assert!(refused(r#"{"prompt": 5}"#).contains("prompt: "));
         assert!(!refused(r#"{"prompt": 5}"#).contains("OneOrMany"));
-        let (_, o) =
-            completion(br#"{"prompt": "x", "best_of": 1, "suffix": null, "user": "u", "top_k": "all", "logprobs": 3, "cache_prompt": false}"#, || 1)
-                .unwrap();
+        assert_eq!(refused(r#"{"max_tokens": 5}"#), "prompt is required");
+        let o =
+            options(r#"{"prompt": "x", "best_of": 1, "suffix": null, "user": "u", "top_k": "all", "logprobs": 3, "cache_prompt": false}"#);
         assert_eq!((o.sampler.top_k, o.logprobs), (None, Some(3)));
-        let chat = |body: &str| super::chat(body.as_bytes(), || 1).map(|(m, o)| (m, o.logprobs)).map_err(|e| e.message);
+        let chat = |body: &str| super::chat(body.as_bytes(), VOCAB, || 1).map(|(m, o)| (m, o.logprobs)).map_err(|e| e.message);
         let user = r#""messages": [{"role": "user", "content": "hi", "name": null}]"#;
         assert!(chat(&format!(r#"{{{user}, "tools": [{{"type": "function"}}]}}"#)).unwrap_err().starts_with("tools:"));
         assert!(chat(&format!(r#"{{{user}, "response_format": {{"type": "json_object"}}}}"#)).unwrap_err().starts_with("response_format:"));
         assert!(chat(&format!(r#"{{{user}, "top_logprobs": 2}}"#)).unwrap_err().contains("logprobs: true"));
         assert!(chat(&format!(r#"{{{user}, "echo": true}}"#)).unwrap_err().starts_with("echo:"));
         assert!(chat(r#"{"messages": [{"role": "tool", "content": "x"}]}"#).unwrap_err().starts_with("messages[0].role:"));
+        assert!(chat(r#"{"messages": [{"role": "user", "content": 5}]}"#).unwrap_err().starts_with("messages[0].content:"));
         let (messages, logprobs) =
             chat(&format!(r#"{{{user}, "tools": [], "tool_choice": "none", "logprobs": true, "top_logprobs": 2}}"#)).unwrap();
         assert_eq!((messages[0].content.as_str(), logprobs), ("hi", Some(2)));
         assert_eq!(chat(r#"{"messages": [{"role": "developer", "content": "be brief"}]}"#).unwrap().0[0].role, "system");
         assert!(speech(br#"{"input": "hi", "instructions": "whisper"}"#).unwrap_err().message.starts_with("instructions:"));
         assert!(speech(br#"{"input": "hi", "instructions": ""}"#).is_ok());
+        assert!(speech(br#"{"input": "hi", "model": 1}"#).unwrap_err().message.starts_with("model:"));
+    }
+
+    #[test]
+    fn fields_that_change_nothing_still_have_types() {
+        for (field, value) in [
+            ("stream_options", "true"),
+            ("stream_options", r#"{"include_usage": "yes"}"#),
+            ("stream_options", r#"{"obfuscate": true}"#),
+            ("metadata", r#"["a"]"#),
+            ("metadata", r#"{"k": 1}"#),
+            ("cache_prompt", r#""yes""#),
+            ("store", "1"),
+            ("user", "5"),
+            ("model", "{}"),
+            ("service_tier", "[]"),
+        ] {
+            let message = refused(&format!(r#"{{"prompt": "x", "{field}": {value}}}"#));
+            assert!(message.starts_with(&format!("{field}")), "{field}: {value}: {message}");
+        }
+        let o = options(r#"{"prompt": "x", "metadata": {"k": "v"}, "store": false, "model": "m", "service_tier": "auto"}"#);
+        assert!(o.include_usage);
+        assert!(options(r#"{"prompt": "x", "stream": true, "stream_options": {"include_usage": true}}"#).include_usage);
+        assert!(!options(r#"{"prompt": "x", "stream": true, "stream_options": {"include_usage": false}}"#).include_usage);
+        assert!(options(r#"{"prompt": "x", "stream_options": {}}"#).include_usage);
+    }
+
+    #[test]
+    fn logit_bias_names_each_token_once_in_plain_decimal() {
+        for key in ["01", "+1", " 1", "1 ", "-1", "1.0", "", "0x1", "١", "00"] {
+            let message = refused(&format!(r#"{{"prompt": "x", "logit_bias": {{"{key}": 5}}}}"#));
+            assert!(message.contains("plain decimal"), "{key:?}: {message}");
+        }
+        let o = options(r#"{"prompt": "x", "logit_bias": {"0": -100, "1": 100, "999": 1.5}}"#);
+        assert_eq!(o.adjust.logit_bias(), &[(0, -100.0), (1, 100.0), (999, 1.5)]);
+        // A repeated key is one entry (JSON objects keep the last), never two biases added up.
+        assert_eq!(options(r#"{"prompt": "x", "logit_bias": {"1": 100, "1": 100}}"#).adjust.logit_bias(), &[(1, 100.0)]);
+        assert!(refused(r#"{"prompt": "x", "logit_bias": {"1000": 1}}"#).contains("vocabulary of 1000"));
+        assert!(refused(r#"{"prompt": "x", "logit_bias": {"99999999999999999999": 1}}"#).contains("vocabulary of 1000"));
+        let many = |n: usize| {
+            let entries: Vec<String> = (0..n).map(|t| format!(r#""{t}": 1"#)).collect();
+            format!(r#"{{"prompt": "x", "logit_bias": {{{}}}}}"#, entries.join(", "))
+        };
+        assert_eq!(options(&many(300)).adjust.logit_bias().len(), 300);
+        assert!(refused(&many(301)).contains("at most 300"));
+    }
+
+    #[test]
+    fn a_chat_is_bounded_by_its_messages_and_their_bytes() {
+        let empty = |n: usize| format!(r#"{{"messages": [{}]}}"#, vec![r#"{"role": "user"}"#; n].join(","));
+        assert!(super::chat(empty(MAX_MESSAGES).as_bytes(), VOCAB, || 1).is_ok());
+        let message = super::chat(empty(MAX_MESSAGES + 1).as_bytes(), VOCAB, || 1).unwrap_err().message;
+        assert!(message.contains("at most 4096"), "{message}");
+        // Each message counts for its overhead as well as its text.
+        let content = "a".repeat(MAX_PROMPT_BYTES / 2 - 100);
+        let two = format!(r#"{{"messages": [{{"role": "user", "content": "{content}"}}, {{"role": "user", "content": "{content}"}}]}}"#);
+        assert!(super::chat(two.as_bytes(), VOCAB, || 1).is_ok());
+        let mut many = vec![format!(r#"{{"role": "user", "content": "{content}"}}"#); 2];
+        many.extend(vec![r#"{"role": "user"}"#.to_owned(); 10]);
+        let message = super::chat(format!(r#"{{"messages": [{}]}}"#, many.join(",")).as_bytes(), VOCAB, || 1).unwrap_err().message;
+        assert!(message.contains("per message"), "{message}");
     }
 }

@@ -1,22 +1,22 @@
 //! `POST /v1/completions` and `POST /v1/chat/completions`: a checked request becomes a job; its events
 //! become one answer or SSE chunks, with logprobs in each API's shape when asked for.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use ccsm::chat::{ChatTemplate, Message};
+use ccsm::tokenizer::Tokenizer;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc::unbounded_channel;
 
 use crate::api::ApiError;
 use crate::guards::JsonBody;
-use crate::http::{random_seed, request_id, sse_response, submit, unix_now, AppState, Served, Shared};
-use crate::jobs::{Job, ShownToken, TextEvent, TextJob, TextPrompt};
+use crate::http::{random_seed, request_id, sse_response, submit, unix_now, AppState, Engine, Served, Shared, MAX_TEXT_BODY_BYTES};
+use crate::jobs::{Job, ShownToken, TextEvent, TextJob};
 use crate::requests::{self, TextOptions};
-
-/// Longest text prompt (all messages together), in bytes: tokenizing runs on the engine thread.
-const MAX_PROMPT_BYTES: usize = 1 << 20;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum TextApi {
@@ -24,42 +24,94 @@ enum TextApi {
     Chat,
 }
 
-pub async fn completions(State(state): State<Shared>, JsonBody(body): JsonBody) -> Response {
-    let run = async {
-        let (prompt, options) = requests::completion(&body, random_seed)?;
-        text(&state, TextPrompt::Plain(prompt), options, TextApi::Completion).await
-    };
-    run.await.unwrap_or_else(IntoResponse::into_response)
+/// What the HTTP side needs to turn a request into tokens: the model's tokenizer, chat template and
+/// vocabulary size, shared once it is loaded. Tokenizing (and rendering a chat) runs on tokio's
+/// blocking threads, never on the engine thread, so one large request cannot stall every session.
+pub struct TextTools {
+    tokenizer: Tokenizer,
+    template: Option<ChatTemplate>,
+    /// Token ids `logit_bias` may name: the model's output size.
+    vocab: usize,
 }
 
-pub async fn chat(State(state): State<Shared>, JsonBody(body): JsonBody) -> Response {
-    let run = async {
-        let (messages, options) = requests::chat(&body, random_seed)?;
-        text(&state, TextPrompt::Chat(messages), options, TextApi::Chat).await
-    };
-    run.await.unwrap_or_else(IntoResponse::into_response)
+impl TextTools {
+    pub fn new(tokenizer: &Tokenizer, vocab: usize) -> Self {
+        let template = ChatTemplate::of(tokenizer).unwrap_or_else(|e| {
+            tracing::warn!("the model's chat template is unusable, /v1/chat/completions will refuse: {e}");
+            None
+        });
+        TextTools { tokenizer: tokenizer.clone(), template, vocab }
+    }
+
+    /// A client's prompt as tokens: spellings of control tokens stay text (in a chat, only the
+    /// template's own text makes control tokens).
+    fn encode(&self, prompt: &Prompt) -> Result<Vec<u32>, ApiError> {
+        let tokens = match prompt {
+            Prompt::Plain(text) => self.tokenizer.encode_untrusted(text),
+            Prompt::Chat(messages) => match &self.template {
+                Some(t) => t.encode(&self.tokenizer, messages),
+                None => return Err(ApiError::invalid("this model has no chat template (tokenizer.chat_template); use /v1/completions")),
+            },
+        };
+        tokens.map_err(|e| ApiError::invalid(e.to_string()))
+    }
 }
 
-/// Runs a text job: waits for its admission (errors before it are 4xx), then streams SSE chunks or
-/// answers with the whole completion.
-async fn text(state: &AppState, prompt: TextPrompt, options: TextOptions, api: TextApi) -> Result<Response, ApiError> {
+/// A text request's prompt as the client sent it.
+enum Prompt {
+    Plain(String),
+    Chat(Vec<Message>),
+}
+
+/// The loaded text model's tools, or why text requests cannot be served now.
+fn text_tools(state: &AppState) -> Result<Arc<TextTools>, ApiError> {
     if state.served != Served::Text {
         return Err(ApiError::invalid("this server runs a speech model: use /v1/audio/speech"));
     }
-    let bytes = match &prompt {
-        TextPrompt::Plain(p) => p.len(),
-        TextPrompt::Chat(messages) => messages.iter().map(|m| m.content.len() + m.role.len()).sum(),
-    };
-    if bytes > MAX_PROMPT_BYTES {
-        return Err(ApiError::invalid(format!("the prompt has {bytes} bytes; at most {MAX_PROMPT_BYTES}")));
+    match state.engine.get() {
+        Engine::Loading => Err(ApiError::loading()),
+        Engine::Stopped => Err(ApiError::stopped()),
+        Engine::Ready => state.engine.text().ok_or_else(|| ApiError::internal("the text model's tokenizer is missing")),
     }
-    // `echo`: the answer's text starts with the prompt as sent.
-    let echoed = match &prompt {
-        TextPrompt::Plain(p) if options.echo => Some(p.clone()),
-        _ => None,
+}
+
+pub async fn completions(State(state): State<Shared>, JsonBody(body): JsonBody<MAX_TEXT_BODY_BYTES>) -> Response {
+    let run = async move {
+        let tools = text_tools(&state)?;
+        let (prompt, options) = requests::completion(&body, tools.vocab, random_seed)?;
+        drop(body);
+        // `echo`: the answer's text starts with the prompt as sent.
+        let echoed = options.echo.then(|| prompt.clone());
+        text(&state, tools, Prompt::Plain(prompt), echoed, options, TextApi::Completion).await
     };
+    run.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+pub async fn chat(State(state): State<Shared>, JsonBody(body): JsonBody<MAX_TEXT_BODY_BYTES>) -> Response {
+    let run = async move {
+        let tools = text_tools(&state)?;
+        let (messages, options) = requests::chat(&body, tools.vocab, random_seed)?;
+        drop(body);
+        text(&state, tools, Prompt::Chat(messages), None, options, TextApi::Chat).await
+    };
+    run.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Runs a text job: tokenizes its prompt, waits for its admission (errors before it are 4xx), then
+/// streams SSE chunks or answers with the whole completion.
+async fn text(
+    state: &AppState,
+    tools: Arc<TextTools>,
+    prompt: Prompt,
+    echoed: Option<String>,
+    options: TextOptions,
+    api: TextApi,
+) -> Result<Response, ApiError> {
+    let prompt = tokio::task::spawn_blocking(move || tools.encode(&prompt))
+        .await
+        .map_err(|e| ApiError::internal(format!("tokenizing the prompt failed: {e}")))??;
     let (events, mut rx) = unbounded_channel();
-    let shape = Shape { api, logprobs: options.logprobs.is_some(), echoed };
+    let shape = Shape { api, logprobs: options.logprobs.is_some(), echoed, include_usage: options.include_usage };
     let stream = options.stream;
     submit(state, Job::Text(TextJob { prompt, options, events, arrived: Instant::now() }))?;
     match rx.recv().await {
@@ -76,7 +128,11 @@ async fn text(state: &AppState, prompt: TextPrompt, options: TextOptions, api: T
     let mut tokens = Vec::new();
     loop {
         match rx.recv().await {
-            Some(TextEvent::Prompt(t)) => tokens.splice(0..0, t).for_each(drop),
+            // The scored prompt's tokens come before the answer's.
+            Some(TextEvent::Prompt(mut prompt)) => {
+                prompt.append(&mut tokens);
+                tokens = prompt;
+            }
             Some(TextEvent::Delta { text: d, tokens: t }) => {
                 text.push_str(&d);
                 tokens.extend(t);
@@ -115,6 +171,8 @@ struct Shape {
     logprobs: bool,
     /// The prompt, when `echo` puts it first.
     echoed: Option<String>,
+    /// Streamed: the last chunk carries the usage.
+    include_usage: bool,
 }
 
 impl Shape {
@@ -142,7 +200,8 @@ impl Shape {
     }
 }
 
-/// The SSE answer: a chunk per event (the echoed prompt first), usage in the last, then `[DONE]`.
+/// The SSE answer: a chunk per event (the echoed prompt first), usage in the last (unless
+/// `stream_options.include_usage` is false), then `[DONE]`.
 fn streamed(rx: tokio::sync::mpsc::UnboundedReceiver<TextEvent>, head: Head, shape: Shape) -> Response {
     let object = if shape.api == TextApi::Chat { "chat.completion.chunk" } else { "text_completion" };
     let chunk = move |choice: Value, usage: Option<Value>| {
@@ -168,7 +227,8 @@ fn streamed(rx: tokio::sync::mpsc::UnboundedReceiver<TextEvent>, head: Head, sha
             vec![chunk(shape.chunk_choice(&text, logprobs, None), None)]
         }
         TextEvent::Done { finish, usage } => {
-            vec![chunk(shape.chunk_choice("", Value::Null, Some(finish.name())), Some(json!(usage))), "[DONE]".into()]
+            let usage = shape.include_usage.then(|| json!(usage));
+            vec![chunk(shape.chunk_choice("", Value::Null, Some(finish.name())), usage), "[DONE]".into()]
         }
         TextEvent::Failed(e) => vec![e.body().to_string(), "[DONE]".into()],
         TextEvent::Accepted => Vec::new(),

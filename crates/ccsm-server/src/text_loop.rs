@@ -8,7 +8,6 @@ use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ccsm::chat::ChatTemplate;
 use ccsm::engine::{SequenceStep, TextEngine};
 use ccsm::kv_cache::{KvCache, KvLayout};
 use ccsm::sampling::{Logprobs, TokenPicker};
@@ -18,7 +17,7 @@ use ccsm::{CacheType, Logits};
 use crate::api::{ApiError, Usage};
 use crate::jobs::{
     admit, drop_departed, gather, refused, retire, session_cells, started, wait_for_change, Admission, Budget, Finish, Job, SessionState,
-    ShownToken, TextEvent, TextJob, TextPrompt,
+    ShownToken, TextEvent, TextJob,
 };
 use crate::metrics::Metrics;
 
@@ -111,13 +110,6 @@ struct Session {
 }
 
 pub fn run(mut engine: TextEngine, settings: LoopSettings, jobs: Receiver<Job>, metrics: Arc<Metrics>) {
-    let template = match ChatTemplate::of(engine.model().tokenizer()) {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::warn!("the model's chat template is unusable, /v1/chat/completions will refuse: {e}");
-            None
-        }
-    };
     let full_session = engine
         .cache_config(settings.n_ctx, settings.k_type, settings.v_type)
         .with_layout(settings.layouts.configured.clone())
@@ -131,9 +123,9 @@ pub fn run(mut engine: TextEngine, settings: LoopSettings, jobs: Receiver<Job>, 
         // Block for work when idle; otherwise take what has arrived and go on stepping.
         let Some(incoming) = gather(&jobs, running.is_empty() && pending.is_empty()) else { return };
         for job in incoming {
-            let Job::Text(job) = job else { continue };
-            match check(&engine, template.as_ref(), &settings, &job) {
-                Ok((prompt, max_tokens)) => pending.push_back(Pending { job, prompt, max_tokens }),
+            let Job::Text(mut job) = job else { continue };
+            match check(&settings, &job) {
+                Ok(max_tokens) => pending.push_back(Pending { prompt: std::mem::take(&mut job.prompt), job, max_tokens }),
                 Err(e) => {
                     refused(&metrics);
                     let _ = job.events.send(TextEvent::Failed(e));
@@ -164,24 +156,10 @@ pub fn run(mut engine: TextEngine, settings: LoopSettings, jobs: Receiver<Job>, 
     }
 }
 
-/// Tokenizes a job's prompt and checks it fits a session's context; also returns its token limit.
-fn check(
-    engine: &TextEngine,
-    template: Option<&ChatTemplate>,
-    settings: &LoopSettings,
-    job: &TextJob,
-) -> Result<(Vec<u32>, usize), ApiError> {
-    let tokenizer = engine.model().tokenizer();
-    job.options.adjust.validate(engine.model().vocab_size()).map_err(|e| ApiError::invalid(e.to_string()))?;
-    // A client's text: spellings of control tokens stay text (the chat template's own make them).
-    let prompt = match &job.prompt {
-        TextPrompt::Plain(text) => tokenizer.encode_untrusted(text),
-        TextPrompt::Chat(messages) => match template {
-            Some(t) => t.encode(tokenizer, messages),
-            None => return Err(ApiError::invalid("this model has no chat template (tokenizer.chat_template); use /v1/completions")),
-        },
-    }
-    .map_err(|e| ApiError::invalid(e.to_string()))?;
+/// Checks a job's prompt fits a session's context (tokenized, and checked against the vocabulary, on the
+/// HTTP side: the engine thread does no per-request work but the steps); returns its token limit.
+fn check(settings: &LoopSettings, job: &TextJob) -> Result<usize, ApiError> {
+    let prompt = &job.prompt;
     if prompt.is_empty() {
         return Err(ApiError::invalid("the prompt is empty"));
     }
@@ -195,7 +173,7 @@ fn check(
             settings.n_ctx
         )));
     }
-    Ok((prompt, max_tokens))
+    Ok(max_tokens)
 }
 
 /// Starts queued sessions, in arrival order, while there are slots and memory.
@@ -228,10 +206,9 @@ fn admit_pending(
         };
         let Pending { job, prompt, max_tokens } = pending.pop_front().expect("head exists");
         metrics.waiting.fetch_sub(1, Ordering::Relaxed);
-        let vocab = engine.model().vocab_size();
         let o = &job.options;
         let made = (|| -> ccsm::Result<_> {
-            Ok((engine.new_cache_with(config_of(layout))?, TokenPicker::new(o.sampler, o.adjust.clone(), o.logprobs, vocab)?))
+            Ok((engine.new_cache_with(config_of(layout))?, TokenPicker::new(o.sampler, o.adjust.clone(), o.logprobs)?))
         })();
         let (cache, picker) = match made {
             Ok(parts) => parts,

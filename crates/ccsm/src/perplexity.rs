@@ -105,9 +105,7 @@ struct LogProbs<'a> {
 
 impl<'a> LogProbs<'a> {
     fn new(logits: &'a [f32]) -> Self {
-        let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = max + logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
-        LogProbs { logits, lse }
+        LogProbs { logits, lse: crate::sampling::log_sum_exp(logits) }
     }
 
     fn of(&self, token: u32) -> f64 {

@@ -6,8 +6,8 @@
 mod adjust;
 mod logprobs;
 
-pub use adjust::{LogitAdjust, LogitAdjustConfig, MAX_BIAS, MAX_PENALTY};
-pub use logprobs::{logprobs, Logprobs, TokenLogprob};
+pub use adjust::{LogitAdjust, LogitAdjustConfig, MAX_BIAS, MAX_BIASED_TOKENS, MAX_PENALTY};
+pub use logprobs::{log_sum_exp, logprobs, Logprobs, TokenLogprob};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -139,11 +139,11 @@ pub struct TokenPicker {
 }
 
 impl TokenPicker {
-    pub fn new(sampler: SamplerConfig, adjust: LogitAdjustConfig, logprobs: Option<usize>, vocab: usize) -> Result<Self> {
+    pub fn new(sampler: SamplerConfig, adjust: LogitAdjustConfig, logprobs: Option<usize>) -> Result<Self> {
         if logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
             return Err(Error::Input(format!("at most {MAX_TOP_LOGPROBS} top logprobs per token")));
         }
-        Ok(TokenPicker { sampler: Sampler::new(sampler)?, adjust: LogitAdjust::new(adjust, vocab)?, logprobs })
+        Ok(TokenPicker { sampler: Sampler::new(sampler)?, adjust: LogitAdjust::new(adjust), logprobs })
     }
 
     /// Whether logprobs are reported.
@@ -201,8 +201,8 @@ mod tests {
     #[test]
     fn the_picker_reports_the_adjusted_distribution_and_greedy_takes_its_top() {
         let config = SamplerConfig { temperature: 0.0, ..Default::default() };
-        let bias = LogitAdjustConfig { logit_bias: vec![(2, 10.0)], frequency_penalty: 2.0, ..Default::default() };
-        let mut picker = TokenPicker::new(config, bias, Some(3), 4).unwrap();
+        let bias = LogitAdjustConfig::new(vec![(2, 10.0)], 0.0, 2.0, 4).unwrap();
+        let mut picker = TokenPicker::new(config, bias, Some(3)).unwrap();
         let row = [0.5f32, 4.0, -1.0, 0.0];
         // Biased, token 2 (9.0) wins; penalised by 2 per time it wins again at 7 and 5, then 3 loses to token 1 (4.0).
         let mut picks = Vec::new();
@@ -215,7 +215,7 @@ mod tests {
             picks.push(token);
         }
         assert_eq!(picks, vec![2, 2, 2, 1]);
-        assert!(TokenPicker::new(config, LogitAdjustConfig::default(), Some(MAX_TOP_LOGPROBS + 1), 4).is_err());
+        assert!(TokenPicker::new(config, LogitAdjustConfig::default(), Some(MAX_TOP_LOGPROBS + 1)).is_err());
     }
 
     #[test]

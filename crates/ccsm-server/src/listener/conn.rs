@@ -1,6 +1,6 @@
 //! One connection's state as the accept loop sees it (a request under way, a head arriving, idle since
-//! when), the socket wrapper that notices a head's first bytes, and the rewrite of hyper's own error
-//! answers into OpenAI's error shape.
+//! when, writes blocked since when), the socket wrapper that notices a head's first bytes and whether
+//! writes progress, and the rewrite of hyper's own error answers into OpenAI's error shape.
 
 use std::io;
 use std::pin::Pin;
@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use super::ConnectionLimits;
+use crate::metrics::Metrics;
 
 #[derive(Clone, Copy)]
 struct State {
@@ -25,6 +26,8 @@ struct State {
     head_since: Option<Instant>,
     /// hyper has written bytes it has not flushed yet (the end of a response may still be on its way).
     unflushed: bool,
+    /// Since when the socket has taken none of the bytes hyper has to send (the client stopped reading).
+    write_blocked_since: Option<Instant>,
 }
 
 pub struct Conn {
@@ -36,7 +39,7 @@ pub struct Conn {
 
 impl Conn {
     pub fn new() -> Self {
-        let state = State { in_flight: 0, idle_since: Instant::now(), head_since: None, unflushed: false };
+        let state = State { in_flight: 0, idle_since: Instant::now(), head_since: None, unflushed: false, write_blocked_since: None };
         Conn { state: Mutex::new(state), shed: AtomicBool::new(false), changed: Notify::new() }
     }
 
@@ -72,13 +75,31 @@ impl Conn {
     }
 
     /// When the connection must close unless something changes: a head arriving has `header_timeout`
-    /// from its first byte, an idle connection `idle_timeout`; one with a request under way has none.
+    /// from its first byte, an idle connection `idle_timeout`; output the socket takes none of has
+    /// `write_timeout` (so a client that stops reading cannot hold its connection, and its session,
+    /// forever); a request under way that is being sent, or generating, has none.
     pub fn deadline(&self, limits: &ConnectionLimits) -> Option<Instant> {
         let s = *self.state();
-        match (s.in_flight, s.unflushed, s.head_since) {
+        let stalled = s.write_blocked_since.map(|since| since + limits.write_timeout);
+        let waiting = match (s.in_flight, s.unflushed, s.head_since) {
             (0, _, Some(head)) => Some(head + limits.header_timeout),
             (0, false, None) => Some(s.idle_since + limits.idle_timeout),
             _ => None,
+        };
+        stalled.into_iter().chain(waiting).min()
+    }
+
+    /// The socket took none of the bytes offered (its send buffer is full).
+    fn write_blocked(&self) {
+        if self.state().write_blocked_since.is_none() {
+            self.update(|s| s.write_blocked_since = Some(Instant::now()));
+        }
+    }
+
+    /// The socket took bytes: writing progresses.
+    fn wrote(&self) {
+        if self.state().write_blocked_since.is_some() {
+            self.update(|s| s.write_blocked_since = None);
         }
     }
 
@@ -112,19 +133,34 @@ impl Drop for InFlight {
     }
 }
 
-/// The socket, noting when a request head starts to arrive, and answering in OpenAI's error shape
-/// where hyper answers a request it cannot parse by itself.
+/// The socket, noting when a request head starts to arrive and whether writes progress, and answering
+/// in OpenAI's error shape where hyper answers a request it cannot parse by itself.
 pub struct Tracked {
     stream: TcpStream,
     conn: Arc<Conn>,
+    metrics: Arc<Metrics>,
+    /// A head started to arrive and nothing was written since: the next write, if no request was
+    /// dispatched, is hyper's own answer to a head it could not parse (the only place one can be).
+    head_unanswered: bool,
     /// An error answer being written in place of hyper's, and how many of hyper's bytes it replaces.
     rewrite: Option<(Vec<u8>, usize, usize)>,
 }
 
 impl Tracked {
-    pub fn new(stream: TcpStream, conn: Arc<Conn>) -> Self {
-        Tracked { stream, conn, rewrite: None }
+    pub fn new(stream: TcpStream, conn: Arc<Conn>, metrics: Arc<Metrics>) -> Self {
+        Tracked { stream, conn, metrics, head_unanswered: false, rewrite: None }
     }
+}
+
+/// Writes to the socket, noting on `conn` whether it took bytes or none.
+fn write_noting(stream: &mut TcpStream, conn: &Conn, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    let polled = Pin::new(stream).poll_write(cx, buf);
+    match &polled {
+        Poll::Pending => conn.write_blocked(),
+        Poll::Ready(Ok(n)) if *n > 0 => conn.wrote(),
+        Poll::Ready(_) => {}
+    }
+    polled
 }
 
 impl AsyncRead for Tracked {
@@ -138,6 +174,7 @@ impl AsyncRead for Tracked {
                 s.in_flight == 0 && s.head_since.is_none()
             };
             if starts_head {
+                this.head_unanswered = true;
                 this.conn.update(|s| s.head_since = Some(Instant::now()));
             }
         }
@@ -148,17 +185,19 @@ impl AsyncRead for Tracked {
 impl AsyncWrite for Tracked {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.rewrite.is_none() {
+        if this.rewrite.is_none() && std::mem::take(&mut this.head_unanswered) && this.conn.state().in_flight == 0 {
             if let Some((status, head)) = automatic_error(buf) {
                 this.rewrite = Some((error_answer(status), 0, head));
+                // Never seen by the router's outcome counter: counted here.
+                this.metrics.requests_invalid.fetch_add(1, Ordering::Relaxed);
             }
         }
         this.conn.state().unflushed = true;
         let Some((answer, written, replaced)) = &mut this.rewrite else {
-            return Pin::new(&mut this.stream).poll_write(cx, buf);
+            return write_noting(&mut this.stream, &this.conn, cx, buf);
         };
         while *written < answer.len() {
-            let n = ready!(Pin::new(&mut this.stream).poll_write(cx, &answer[*written..]))?;
+            let n = ready!(write_noting(&mut this.stream, &this.conn, cx, &answer[*written..]))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -226,18 +265,91 @@ fn error_answer(status: u16) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::poll_fn;
+    use std::io::{Read as _, Write as _};
+    use std::time::Duration;
+
+    fn limits() -> ConnectionLimits {
+        let s = Duration::from_secs;
+        ConnectionLimits { header_timeout: s(10), idle_timeout: s(30), write_timeout: s(5), max_connections: 1, shutdown_timeout: s(1) }
+    }
 
     #[test]
-    fn only_hyper_s_bodiless_error_answers_are_rewritten() {
-        let hyper = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\ndate: x\r\n\r\n";
-        assert_eq!(automatic_error(hyper), Some((431, hyper.len())));
-        assert_eq!(automatic_error(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"), Some((400, 47)));
-        // The server's own errors carry a body.
-        assert_eq!(automatic_error(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 80\r\n\r\n{}"), None);
-        assert_eq!(automatic_error(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"), None);
-        let answer = String::from_utf8(error_answer(414)).unwrap();
-        let body: serde_json::Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
-        assert_eq!(body["error"]["code"], "uri_too_long");
-        assert!(answer.contains(&format!("content-length: {}\r\n", body.to_string().len())));
+    fn output_the_socket_does_not_take_has_a_deadline() {
+        let conn = Arc::new(Conn::new());
+        let running = InFlight::start(conn.clone());
+        conn.state().unflushed = true;
+        assert_eq!(conn.deadline(&limits()), None, "a request being answered has no deadline while it progresses");
+        let blocked = Instant::now();
+        conn.write_blocked();
+        let deadline = conn.deadline(&limits()).expect("a stalled write has a deadline");
+        assert!(deadline >= blocked + Duration::from_secs(5) && deadline <= Instant::now() + Duration::from_secs(5));
+        conn.write_blocked();
+        assert_eq!(conn.deadline(&limits()), Some(deadline), "blocked again: still counted from the first time");
+        conn.wrote();
+        assert_eq!(conn.deadline(&limits()), None, "bytes taken: no deadline again");
+        drop(running);
+    }
+
+    /// A connected pair: the server's side wrapped, the client's a plain blocking socket.
+    async fn pair() -> (Tracked, std::net::TcpStream, Arc<Conn>, Arc<Metrics>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let (conn, metrics) = (Arc::new(Conn::new()), Arc::new(Metrics::default()));
+        (Tracked::new(server, conn.clone(), metrics.clone()), client, conn, metrics)
+    }
+
+    /// What hyper does with the socket: reads some bytes, writes whole buffers.
+    async fn read_some(t: &mut Tracked) -> usize {
+        let mut storage = [0u8; 64];
+        poll_fn(|cx| {
+            let mut buf = ReadBuf::new(&mut storage);
+            ready!(Pin::new(&mut *t).poll_read(cx, &mut buf))?;
+            Poll::Ready(io::Result::Ok(buf.filled().len()))
+        })
+        .await
+        .unwrap()
+    }
+
+    async fn write_all(t: &mut Tracked, mut buf: &[u8]) {
+        while !buf.is_empty() {
+            let n = poll_fn(|cx| Pin::new(&mut *t).poll_write(cx, buf)).await.unwrap();
+            buf = &buf[n..];
+        }
+    }
+
+    /// Everything the client receives until the server's side is dropped.
+    fn received(mut client: std::net::TcpStream) -> Vec<u8> {
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).unwrap();
+        got
+    }
+
+    #[tokio::test]
+    async fn only_the_first_write_after_a_head_with_no_request_dispatched_is_taken_for_hyper_s() {
+        let hyper_s = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n";
+        // Bytes that look like hyper's answer in the middle of a response (a client's echoed text, a
+        // partial write's rest) go out as they are.
+        let (mut server, mut client, conn, metrics) = pair().await;
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        assert!(read_some(&mut server).await > 0);
+        let running = InFlight::start(conn.clone());
+        write_all(&mut server, b"HTTP/1.1 200 OK\r\n\r\n").await;
+        write_all(&mut server, hyper_s).await;
+        drop(running);
+        write_all(&mut server, hyper_s).await;
+        drop(server);
+        assert_eq!(received(client), [&b"HTTP/1.1 200 OK\r\n\r\n"[..], hyper_s, hyper_s].concat());
+        assert_eq!(metrics.requests_invalid.load(Ordering::Relaxed), 0);
+
+        // hyper's answer to a head it could not parse: rewritten, and counted.
+        let (mut server, mut client, _, metrics) = pair().await;
+        client.write_all(b"GARBAGE\r\n\r\n").unwrap();
+        assert!(read_some(&mut server).await > 0);
+        write_all(&mut server, hyper_s).await;
+        drop(server);
+        assert_eq!(received(client), error_answer(400));
+        assert_eq!(metrics.requests_invalid.load(Ordering::Relaxed), 1);
     }
 }

@@ -1,7 +1,7 @@
 //! What a request may do to the logits before sampling: OpenAI's `logit_bias`, `presence_penalty` and
 //! `frequency_penalty`. The adjusted logits are the distribution sampling and reported logprobs start from.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::error::{Error, Result};
 
@@ -9,42 +9,60 @@ use crate::error::{Error, Result};
 pub const MAX_PENALTY: f32 = 2.0;
 /// The largest bias either way (OpenAI's range).
 pub const MAX_BIAS: f32 = 100.0;
+/// Most tokens one request may bias (OpenAI's limit).
+pub const MAX_BIASED_TOKENS: usize = 300;
 
-/// A request's changes to the logits.
+/// A request's changes to the logits, checked: a value of this type is within every limit, so nothing
+/// downstream checks it again.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LogitAdjustConfig {
-    /// (token id, bias added to its logit), the bias within ±`MAX_BIAS`.
-    pub logit_bias: Vec<(u32, f32)>,
+    /// (token id, bias added to its logit): distinct ids in the vocabulary, biases within ±`MAX_BIAS`.
+    logit_bias: Vec<(u32, f32)>,
     /// Subtracted once from the logit of every token generated so far, within ±`MAX_PENALTY`.
-    pub presence_penalty: f32,
+    presence_penalty: f32,
     /// Subtracted from a token's logit once per time it was generated so far, within ±`MAX_PENALTY`.
-    pub frequency_penalty: f32,
+    frequency_penalty: f32,
 }
 
 impl LogitAdjustConfig {
-    /// Checks the ranges, and that every biased token is in a vocabulary of `vocab` tokens.
-    pub fn validate(&self, vocab: usize) -> Result<()> {
-        for (name, value) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+    /// Checks the ranges, that at most `MAX_BIASED_TOKENS` tokens are biased, each once (a repeated id
+    /// would add its bias again, past the range), and that each is in a vocabulary of `vocab` tokens.
+    pub fn new(logit_bias: Vec<(u32, f32)>, presence_penalty: f32, frequency_penalty: f32, vocab: usize) -> Result<Self> {
+        for (name, value) in [("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)] {
             if !(value.is_finite() && value.abs() <= MAX_PENALTY) {
                 return Err(Error::Input(format!("{name} {value} must be within -{MAX_PENALTY}..={MAX_PENALTY}")));
             }
         }
-        for &(token, bias) in &self.logit_bias {
+        if logit_bias.len() > MAX_BIASED_TOKENS {
+            return Err(Error::Input(format!("logit_bias has {} entries; at most {MAX_BIASED_TOKENS}", logit_bias.len())));
+        }
+        let mut seen = HashSet::with_capacity(logit_bias.len());
+        for &(token, bias) in &logit_bias {
             if token as usize >= vocab {
                 return Err(Error::Input(format!(
                     "logit_bias names token {token}, outside the model's vocabulary of {vocab} tokens (ids 0..{vocab})"
                 )));
             }
+            if !seen.insert(token) {
+                return Err(Error::Input(format!("logit_bias names token {token} more than once")));
+            }
             if !(bias.is_finite() && bias.abs() <= MAX_BIAS) {
                 return Err(Error::Input(format!("logit_bias for token {token} is {bias}; it must be within -{MAX_BIAS}..={MAX_BIAS}")));
             }
         }
-        Ok(())
+        Ok(LogitAdjustConfig { logit_bias, presence_penalty, frequency_penalty })
     }
 
-    /// Whether it changes nothing.
-    pub fn is_identity(&self) -> bool {
-        self.presence_penalty == 0.0 && self.frequency_penalty == 0.0 && self.logit_bias.iter().all(|&(_, b)| b == 0.0)
+    pub fn logit_bias(&self) -> &[(u32, f32)] {
+        &self.logit_bias
+    }
+
+    pub fn presence_penalty(&self) -> f32 {
+        self.presence_penalty
+    }
+
+    pub fn frequency_penalty(&self) -> f32 {
+        self.frequency_penalty
     }
 }
 
@@ -57,9 +75,8 @@ pub struct LogitAdjust {
 }
 
 impl LogitAdjust {
-    pub fn new(config: LogitAdjustConfig, vocab: usize) -> Result<Self> {
-        config.validate(vocab)?;
-        Ok(LogitAdjust { config, counts: HashMap::new() })
+    pub fn new(config: LogitAdjustConfig) -> Self {
+        LogitAdjust { config, counts: HashMap::new() }
     }
 
     /// OpenAI's definition: `logit[j] += bias[j] − count[j]·frequency_penalty − (count[j] > 0)·presence_penalty`,
@@ -93,8 +110,8 @@ mod tests {
 
     #[test]
     fn penalties_follow_openais_formula_and_bias_adds() {
-        let config = LogitAdjustConfig { logit_bias: vec![(3, 5.0), (0, -100.0)], presence_penalty: 0.5, frequency_penalty: 0.25 };
-        let mut adjust = LogitAdjust::new(config, 4).unwrap();
+        let config = LogitAdjustConfig::new(vec![(3, 5.0), (0, -100.0)], 0.5, 0.25, 4).unwrap();
+        let mut adjust = LogitAdjust::new(config);
         for token in [1, 1, 1, 2] {
             adjust.record(token);
         }
@@ -106,13 +123,23 @@ mod tests {
 
     #[test]
     fn out_of_range_settings_name_their_field() {
-        let refuse = |c: LogitAdjustConfig| LogitAdjust::new(c, 10).unwrap_err().to_string();
-        assert!(refuse(LogitAdjustConfig { presence_penalty: 2.5, ..Default::default() }).contains("presence_penalty"));
-        assert!(refuse(LogitAdjustConfig { frequency_penalty: f32::NAN, ..Default::default() }).contains("frequency_penalty"));
-        assert!(refuse(LogitAdjustConfig { logit_bias: vec![(10, 1.0)], ..Default::default() }).contains("vocabulary"));
-        assert!(refuse(LogitAdjustConfig { logit_bias: vec![(1, 101.0)], ..Default::default() }).contains("logit_bias"));
-        assert!(
-            LogitAdjust::new(LogitAdjustConfig { logit_bias: vec![(9, -100.0)], presence_penalty: -2.0, ..Default::default() }, 10).is_ok()
-        );
+        let refuse =
+            |bias: Vec<(u32, f32)>, presence, frequency| LogitAdjustConfig::new(bias, presence, frequency, 10).unwrap_err().to_string();
+        assert!(refuse(vec![], 2.5, 0.0).contains("presence_penalty"));
+        assert!(refuse(vec![], 0.0, f32::NAN).contains("frequency_penalty"));
+        assert!(refuse(vec![(10, 1.0)], 0.0, 0.0).contains("vocabulary"));
+        assert!(refuse(vec![(1, 101.0)], 0.0, 0.0).contains("logit_bias"));
+        assert!(LogitAdjustConfig::new(vec![(9, -100.0)], -2.0, 0.0, 10).is_ok());
+    }
+
+    #[test]
+    fn a_token_is_biased_once_and_only_so_many_are() {
+        // Twice +100 would be +200, past the range.
+        let twice = LogitAdjustConfig::new(vec![(1, 100.0), (1, 100.0)], 0.0, 0.0, 10).unwrap_err().to_string();
+        assert!(twice.contains("token 1 more than once"), "{twice}");
+        let all = |n: u32| (0..n).map(|t| (t, 1.0)).collect::<Vec<_>>();
+        assert!(LogitAdjustConfig::new(all(MAX_BIASED_TOKENS as u32), 0.0, 0.0, 1000).is_ok());
+        let many = LogitAdjustConfig::new(all(MAX_BIASED_TOKENS as u32 + 1), 0.0, 0.0, 1000).unwrap_err().to_string();
+        assert!(many.contains("at most 300"), "{many}");
     }
 }

@@ -15,12 +15,18 @@ pub struct Logprobs {
     pub top: Vec<TokenLogprob>,
 }
 
+/// `ln Σ exp(logit)` over the finite logits, in f64 (shifted by the largest, so nothing overflows): a
+/// token's log-probability is its logit less this. Non-finite logits have no probability.
+pub fn log_sum_exp(logits: &[f32]) -> f64 {
+    let max = logits.iter().copied().filter(|l| l.is_finite()).fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().filter(|l| l.is_finite()).map(|&l| (l as f64 - max).exp()).sum();
+    max + sum.ln()
+}
+
 /// `chosen`'s and the `n` most likely tokens' log-softmax over `logits`. Tokens with non-finite logits
 /// have no probability (−∞).
 pub fn logprobs(logits: &[f32], chosen: u32, n: usize) -> Logprobs {
-    let max = logits.iter().copied().filter(|l| l.is_finite()).fold(f32::NEG_INFINITY, f32::max) as f64;
-    let sum: f64 = logits.iter().filter(|l| l.is_finite()).map(|&l| (l as f64 - max).exp()).sum();
-    let log_z = max + sum.ln();
+    let log_z = log_sum_exp(logits);
     let of = |token: u32| {
         let l = logits.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY);
         TokenLogprob { token, logprob: if l.is_finite() { (l as f64 - log_z) as f32 } else { f32::NEG_INFINITY } }
