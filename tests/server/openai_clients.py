@@ -2,7 +2,7 @@
 """The server against the real `openai` client (and raw HTTP for what the client hides).
 
 Run by `cargo test` (crates/ccsm-infer/tests/server.rs):
-    openai_clients.py BIN MODELS_DIR {text|speech|queue}
+    openai_clients.py BIN MODELS_DIR {text|speech|queue|layouts|stalled}
 Each part starts its own `ccsm-infer serve` on a free loopback port and checks, against references that do
 not come from the server (the CLI's single-session runs, WAV/PCM byte math, the budget it was given):
   text   completions and chat, streamed and whole; stop sequences; a wrong key; 4xx in OpenAI's shape;
@@ -10,6 +10,8 @@ not come from the server (the CLI's single-session runs, WAV/PCM byte math, the 
          each gives alone while KV bytes stay within the budget; memory flat over 200 requests.
   speech wav and pcm, whole and streamed, SSE events, voices, 4xx; concurrent sessions equal alone.
   queue  a full queue answers 429 with Retry-After, and nothing accepted is lost.
+  stalled a client that stops reading holds the only connection slot; the write deadline closes it,
+         and /health answers.
   layouts per-layer cache types: sessions of a --kv-layout (and of a --kv-plan, and with a --kv-recent
          window) answer what the CLI gives with the same layout; under a budget the planner's layouts admit sessions that f16 could not.
 """
@@ -18,6 +20,7 @@ import base64
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -179,7 +182,9 @@ def text_part(bin_path, models):
         check_error(s, 400, "POST", "/v1/completions", {"prompt": "x", "temperature": -1}, contains="temperature")
         check_error(s, 400, "POST", "/v1/chat/completions", {"messages": []}, contains="at least one message")
         check_error(s, 400, "POST", "/v1/audio/speech", {"input": "hi", "voice": "0"}, contains="text model")
-        check_error(s, 413, "POST", "/v1/completions", raw=b" " * (9 << 20), contains="larger than")
+        # A text body past its 2 MiB limit (a little past: the server stops reading at the limit, and a
+        # client that sends all before it reads needs the rest to fit the socket buffers).
+        check_error(s, 413, "POST", "/v1/completions", raw=b" " * ((2 << 20) + (64 << 10)), contains="larger than 2097152 bytes")
         check_error(s, 404, "GET", "/v1/nothing-here", contains="no such endpoint")
         check_error(s, 405, "GET", "/v1/completions", contains="another method")
         try:
@@ -336,31 +341,36 @@ def speech_part(bin_path, models):
 
 
 def queue_part(bin_path, models):
-    model = os.path.join(models, "tiny-llama.gguf")
-    with Server(bin_path, model, "--parallel", "1", "--max-queue", "1", key=None) as s:
+    # One session at a time and one place in the queue. The first request holds the session for
+    # seconds (SmolLM2, 200 tokens past end of text; the tiny model would take milliseconds), and the
+    # others are sent once it runs: whatever their arrival order, one waits and four are told to retry.
+    model = os.path.join(models, "SmolLM2-135M-Instruct.Q4_1.gguf")
+    with Server(bin_path, model, "--parallel", "1", "--max-queue", "1", "-c", "256", key=None) as s:
         results = []
 
-        start = threading.Barrier(6)
+        def one(body):
+            status, headers, text = s.http("POST", "/v1/completions", body)
+            results.append((status, headers, text))
 
-        def one(i):
-            start.wait()
-            status, headers, body = s.http("POST", "/v1/completions", {"prompt": "hello world", "max_tokens": 200, "temperature": 0.5, "seed": i, "ignore_eos": True})
-            results.append((status, headers, body))
-
-        # Each request generates all 200 tokens (an early end of text would let the queue drain
-        # between arrivals and no request would be told to retry), and all six are sent at once: the
-        # tiny model makes 200 tokens in ~20 ms, less than arrivals spaced by sleeps could rely on.
-        ts = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+        long = {"prompt": "hello world", "max_tokens": 200, "temperature": 0.5, "seed": 0, "ignore_eos": True}
+        first = threading.Thread(target=one, args=(long,))
+        first.start()
+        deadline = time.time() + 30
+        while s.metrics()["ccsm_requests_running"] < 1:
+            assert time.time() < deadline, "the first request never ran"
+            time.sleep(0.005)
+        short = [{"prompt": "hello world", "max_tokens": 4, "temperature": 0.5, "seed": i, "ignore_eos": True} for i in range(1, 6)]
+        ts = [threading.Thread(target=one, args=(body,)) for body in short]
         [t.start() for t in ts]
-        [t.join() for t in ts]
+        [t.join() for t in ts + [first]]
         codes = sorted(r[0] for r in results)
-        assert 429 in codes and 200 in codes, codes
+        assert codes == [200, 200, 429, 429, 429, 429], codes
         for status, headers, body in results:
             if status == 429:
                 assert headers.get("retry-after") == "1" and json.loads(body)["error"]["code"] == "queue_full"
             else:
                 assert status == 200 and json.loads(body)["usage"]["completion_tokens"] > 0
-        # Without max_tokens a request generates as far as the session's context allows (tiny-llama: 256).
+        # Without max_tokens a request generates as far as the session's context allows (-c 256).
         status, _, body = s.http("POST", "/v1/completions", {"prompt": "hello world", "temperature": 0.5, "seed": 1, "ignore_eos": True})
         usage = json.loads(body)["usage"]
         assert status == 200 and usage["prompt_tokens"] + usage["completion_tokens"] == 256, (status, body[:300])
@@ -372,6 +382,49 @@ def queue_part(bin_path, models):
         assert m['ccsm_requests_total{outcome="rejected"}'] == codes.count(429)
         assert m['ccsm_requests_total{outcome="ok"}'] == codes.count(200) + 1, m
         print(f"queue: {codes.count(200)} served, {codes.count(429)} told to retry")
+
+
+def stalled_part(bin_path, models):
+    # A client that stops reading: it sends a streamed request with a long answer (top-20 logprobs for
+    # 2000 tokens, ~1 MB) and reads only its first bytes. A small receive buffer and segment size (the
+    # segment size keeps the server's send buffer small too, as over a real network; loopback's 64 KB
+    # segments would let it grow to megabytes) stall the server's writes after ~100 KB.
+    model = os.path.join(models, "tiny-llama.gguf")
+    args = ["-c", "2048", "--max-connections", "1", "--write-timeout", "1", "--idle-timeout", "60"]
+    with Server(bin_path, model, *args, key=None) as s:
+        host, port = s.url.removeprefix("http://").rsplit(":", 1)
+        body = json.dumps({"prompt": "hello", "max_tokens": 2000, "ignore_eos": True, "stream": True, "logprobs": 20, "seed": 1})
+        request = (
+            f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n{body}"
+        ).encode()
+        c = socket.socket()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
+        c.settimeout(30)
+        c.connect((host, int(port)))
+        c.sendall(request)
+        # Its answer has begun: its request is under way, so it is not idle and shedding cannot take
+        # the only slot; from here only the write deadline can free it (the idle one is a minute away).
+        assert c.recv(12) == b"HTTP/1.1 200", "the request was not answered"
+        start = time.time()
+        status, _, _ = s.http("GET", "/health", auth=False)
+        waited = time.time() - start
+        assert status == 200 and waited < 20, (status, waited)
+        # So the server closed it, before its answer's end (a reset: what it had not sent is dropped).
+        got = b""
+        try:
+            while chunk := c.recv(65536):
+                got += chunk
+        except ConnectionResetError:
+            pass
+        assert b"[DONE]" not in got, "the client got its whole answer"
+        c.close()
+        deadline = time.time() + 5
+        while (m := s.metrics())["ccsm_requests_running"] > 0 and time.time() < deadline:
+            time.sleep(0.01)
+        assert m["ccsm_requests_running"] == 0, m
+        print(f"stalled: a client that stopped reading held the only slot until the write deadline; /health waited {waited:.1f} s")
 
 
 def layouts_part(bin_path, models):
@@ -420,5 +473,6 @@ def layouts_part(bin_path, models):
 
 if __name__ == "__main__":
     bin_path, models, part = sys.argv[1:4]
-    {"text": text_part, "speech": speech_part, "queue": queue_part, "layouts": layouts_part}[part](bin_path, models)
+    parts = {"text": text_part, "speech": speech_part, "queue": queue_part, "layouts": layouts_part, "stalled": stalled_part}
+    parts[part](bin_path, models)
     print(f"{part}: ok")

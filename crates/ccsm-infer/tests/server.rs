@@ -1,20 +1,15 @@
 //! The HTTP server against the real `openai` Python client (`tests/server/openai_clients.py`, which
 //! starts `ccsm-infer serve` on free loopback ports): speech, completions, chat, keys, 4xx, cancellation,
 //! 8 concurrent clients against their single-session outputs within a KV budget, memory over 200
-//! requests, and the queue's 429. The parts run one at a time (each server computes on two threads).
+//! requests, the queue's 429, and a client that stops reading cut off by the write deadline (a raw
+//! socket with a small window, which std cannot set up). The parts run one at a time (each server
+//! computes on two threads).
 
-use std::path::PathBuf;
+mod serving;
+
 use std::process::Command;
-use std::sync::{Mutex, MutexGuard};
 
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use serving::{serial, workspace};
 
 fn run_part(part: &str) {
     let _guard = serial();
@@ -45,6 +40,11 @@ fn speech_through_the_openai_client() {
 #[test]
 fn a_full_queue_answers_429_and_loses_nothing_accepted() {
     run_part("queue");
+}
+
+#[test]
+fn clients_that_stop_reading_are_closed_at_the_write_timeout_and_health_answers() {
+    run_part("stalled");
 }
 
 #[test]

@@ -36,6 +36,8 @@ pub struct Server {
     pub addr: SocketAddr,
     /// Everything it wrote to stderr so far.
     pub log: Arc<Mutex<String>>,
+    /// The `--api-key` it was started with: requests carry it unless they bring an Authorization of their own.
+    pub key: Option<String>,
 }
 
 impl Server {
@@ -46,6 +48,7 @@ impl Server {
 
     /// As `start`, with a command prepared by the caller (environment, a shell wrapper).
     pub fn start_with(mut command: Command, model_name: &str, args: &[&str]) -> Server {
+        let key = args.windows(2).find(|w| w[0] == "--api-key").map(|w| w[1].to_owned());
         if command.get_program() == bin() {
             command.arg("serve").arg(model(model_name)).args(["--port", "0", "-t", "2"]).args(args);
         }
@@ -71,7 +74,7 @@ impl Server {
                 line.clear();
             }
         });
-        let server = Server { child, addr, log };
+        let server = Server { child, addr, log, key };
         let deadline = Instant::now() + Duration::from_secs(60);
         while server.get("/health").status != 200 {
             assert!(Instant::now() < deadline, "never healthy: {}", server.log());
@@ -90,7 +93,8 @@ impl Server {
         s
     }
 
-    /// A request with `Connection: close` and the given extra header lines; the whole answer.
+    /// A request with `Connection: close` and the given extra header lines (and the server's key, when
+    /// they bring no Authorization); the whole answer.
     pub fn send(&self, method: &str, path: &str, headers: &[&str], body: &[u8]) -> Answer {
         let mut s = self.connect();
         let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", self.addr);
@@ -100,6 +104,9 @@ impl Server {
         for h in headers {
             head.push_str(h);
             head.push_str("\r\n");
+        }
+        if let Some(key) = self.key.as_ref().filter(|_| !headers.iter().any(|h| h.to_ascii_lowercase().starts_with("authorization:"))) {
+            head.push_str(&format!("Authorization: Bearer {key}\r\n"));
         }
         head.push_str("\r\n");
         s.write_all(head.as_bytes()).unwrap();

@@ -152,6 +152,17 @@ impl Tracked {
     }
 }
 
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        // Closed with output the client is not taking (cut off at the write deadline, or at shutdown):
+        // a reset discards it, where a plain close would leave the kernel holding it (megabytes, on a
+        // fast link) for a client that may never read.
+        if self.conn.state().write_blocked_since.is_some() {
+            let _ = self.stream.set_zero_linger();
+        }
+    }
+}
+
 /// Writes to the socket, noting on `conn` whether it took bytes or none.
 fn write_noting(stream: &mut TcpStream, conn: &Conn, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
     let polled = Pin::new(stream).poll_write(cx, buf);
