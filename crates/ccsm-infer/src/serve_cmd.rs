@@ -13,6 +13,7 @@ use ccsm_server::{ConnectionLimits, ServeConfig};
 use crate::cli::{default_threads, CacheArgs};
 use crate::UsageError;
 
+/// `ccsm-infer serve`'s flags.
 #[derive(Args, Clone)]
 pub struct ServeArgs {
     /// Model file (GGUF): a CSM model (speech) or a Llama model (text). One model per server.

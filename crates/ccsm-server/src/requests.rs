@@ -485,7 +485,7 @@ mod tests {
             ("service_tier", "[]"),
         ] {
             let message = refused(&format!(r#"{{"prompt": "x", "{field}": {value}}}"#));
-            assert!(message.starts_with(&format!("{field}")), "{field}: {value}: {message}");
+            assert!(message.starts_with(field), "{field}: {value}: {message}");
         }
         let o = options(r#"{"prompt": "x", "metadata": {"k": "v"}, "store": false, "model": "m", "service_tier": "auto"}"#);
         assert!(o.include_usage);
