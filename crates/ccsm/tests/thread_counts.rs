@@ -6,7 +6,7 @@
 mod common;
 
 use ccsm::llama::LlamaModel;
-use ccsm::{CacheType, GGMLModel, Logits, Model, ModelOptions};
+use ccsm::{CacheType, GGMLModel, Logits, ModelOptions};
 use common::{model, SMOLLM2};
 
 fn smollm2(n_threads: usize, kv: CacheType) -> GGMLModel {
