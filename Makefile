@@ -8,7 +8,7 @@ FUZZ_SEEDS := models/micro-llama.gguf models/micro-csm.gguf models/micro-mimi.gg
 SMOLLM2 := models/SmolLM2-135M-Instruct.Q4_1.gguf
 JARGON := data/jargon.txt
 
-.PHONY: setup deps pydeps ggml-source build test lint run bench bench-memory bench-server plots models data csm-1b-shape mimi-shape fuzz clean
+.PHONY: setup deps pydeps ggml-source build test lint run bench bench-memory bench-server bench-shared-cores plots models data csm-1b-shape mimi-shape fuzz clean
 
 ## setup: system packages (libclang for bindgen), Python tools, the pinned ggml source
 setup: deps pydeps ggml-source
@@ -94,6 +94,11 @@ bench: build models data
 bench-server: build models csm-1b-shape mimi-shape
 	python3 tools/bench_server.py $(SMOLLM2)
 	python3 tools/bench_server.py models/csm-1b-shape.gguf --codec models/mimi-shape.gguf --clients 1,2,4 --reps 2 --audio-ms 2400
+
+## bench-shared-cores: decode alone, beside a busy loop and as two copies at once, the CLI and the server,
+## beside llama.cpp's under the same loads (docs/threads.md; needs ../shared/peer/build_peer.sh for the peer)
+bench-shared-cores: build models
+	python3 tools/bench_shared_cores.py --server
 
 ## bench-memory: the memory optimizer under budgets on SmolLM2 (docs/data/memory.jsonl; in docs/benchmarks.md)
 bench-memory: build models data
