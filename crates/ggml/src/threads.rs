@@ -186,33 +186,43 @@ impl ThreadTuner {
     }
 }
 
-/// Follows how many threads of other programs (or of other thread pools) want a core: the kernel's
-/// count of runnable threads machine-wide (`/proc/loadavg`), less this process's own runnable ones
-/// (`/proc/self/task/*/stat`, read only when the machine-wide count says some other thread may be
-/// runnable), sampled before a graph at most every `SAMPLE_EVERY` and smoothed over `SMOOTHING`.
-/// They are taken off the machine's online cores; this process may be allowed fewer (affinity, a
-/// container's CPU quota), and other programs' threads are counted against the machine, not against
-/// that allowance. Where the counts cannot be read (not Linux), no core is counted taken.
+/// Follows how many cores other programs keep busy: the machine's busy time (`/proc/stat`: user, nice,
+/// system, irq and softirq of every core) less this process's own CPU time, over the wall time
+/// between two samples, sampled before a graph at most every `SAMPLE_EVERY` and averaged over
+/// `SMOOTHING`. Counting time used rather than threads runnable keeps this process's other threads
+/// out without a race (a server's network threads wake for every token, just before the next graph).
+/// Busy cores are taken off the machine's online cores; this process may be allowed fewer (affinity,
+/// a container's CPU quota), and other programs count against the machine, not against that allowance.
+/// Where the times cannot be read (not Linux), no core is counted taken.
 pub(crate) struct CoreShare {
     /// Cores this process may use, and cores the machine has online (at least as many).
     allowed: usize,
     machine: usize,
-    count_others: fn() -> Option<usize>,
+    read_times: fn() -> Option<CpuTimes>,
+    /// The last sample, and the average number of cores others kept busy.
+    last: Cell<Option<(Instant, CpuTimes)>>,
     others: Cell<f64>,
-    sampled: Cell<Option<Instant>>,
 }
 
-const SAMPLE_EVERY: Duration = Duration::from_millis(10);
-const SMOOTHING: Duration = Duration::from_millis(100);
+/// Seconds of CPU time spent so far: by every program on the machine, and by this process.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct CpuTimes {
+    pub machine: f64,
+    pub own: f64,
+}
+
+/// `/proc/stat` counts in ticks of 10 ms, so a sample spans several (50 ms on 2 cores holds 10).
+const SAMPLE_EVERY: Duration = Duration::from_millis(50);
+const SMOOTHING: Duration = Duration::from_millis(200);
 
 impl CoreShare {
     pub(crate) fn new() -> Self {
         let allowed = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Self::with(allowed, online_cores().unwrap_or(allowed), runnable_threads_of_others)
+        Self::with(allowed, online_cores().unwrap_or(allowed), read_cpu_times)
     }
 
-    fn with(allowed: usize, machine: usize, count_others: fn() -> Option<usize>) -> Self {
-        CoreShare { allowed, machine: machine.max(allowed), count_others, others: Cell::new(0.0), sampled: Cell::new(None) }
+    fn with(allowed: usize, machine: usize, read_times: fn() -> Option<CpuTimes>) -> Self {
+        CoreShare { allowed, machine: machine.max(allowed), read_times, last: Cell::new(None), others: Cell::new(0.0) }
     }
 
     /// Cores left to this pool (at least one), after a fresh sample when the last one is old.
@@ -221,15 +231,17 @@ impl CoreShare {
     }
 
     fn free_cores_at(&self, now: Instant) -> usize {
-        let last = self.sampled.get();
-        if last.is_none_or(|at| now.saturating_duration_since(at) >= SAMPLE_EVERY) {
-            if let Some(others) = (self.count_others)() {
-                // The first sample counts whole; later ones move the average by their age's share.
-                let weight =
-                    last.map_or(1.0, |at| 1.0 - (-now.saturating_duration_since(at).as_secs_f64() / SMOOTHING.as_secs_f64()).exp());
-                self.others.set(self.others.get() + weight * (others as f64 - self.others.get()));
+        let last = self.last.get();
+        if last.is_none_or(|(at, _)| now.saturating_duration_since(at) >= SAMPLE_EVERY) {
+            if let Some(times) = (self.read_times)() {
+                if let Some((at, before)) = last {
+                    let wall = now.saturating_duration_since(at).as_secs_f64();
+                    let others = ((times.machine - before.machine) - (times.own - before.own)).max(0.0) / wall;
+                    let weight = 1.0 - (-wall / SMOOTHING.as_secs_f64()).exp();
+                    self.others.set(self.others.get() + weight * (others - self.others.get()));
+                }
+                self.last.set(Some((now, times)));
             }
-            self.sampled.set(Some(now));
         }
         self.machine.saturating_sub(self.others.get().round() as usize).clamp(1, self.allowed)
     }
@@ -251,65 +263,110 @@ fn parse_cpu_list(list: &str) -> Option<usize> {
     (n > 0).then_some(n)
 }
 
-/// Runnable threads on the machine that are not this process's (Linux).
-fn runnable_threads_of_others() -> Option<usize> {
-    let loadavg = std::fs::read_to_string("/proc/loadavg").ok()?;
-    let running: usize = loadavg.split_whitespace().nth(3)?.split('/').next()?.parse().ok()?;
-    if running <= 1 {
-        return Some(0); // only the caller
-    }
-    // This process's other threads (a server's network threads, this pool's workers finishing the
-    // last graph) are not competition: count them out.
-    let own = std::fs::read_dir("/proc/self/task")
-        .ok()?
-        .flatten()
-        .filter(|task| is_runnable(&std::fs::read_to_string(task.path().join("stat")).unwrap_or_default()))
-        .count();
-    Some(running.saturating_sub(own.max(1)))
+/// The machine's busy seconds (`/proc/stat`) and this process's CPU seconds (Linux).
+fn read_cpu_times() -> Option<CpuTimes> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let machine = machine_busy_seconds(stat.lines().next()?, ticks_per_second()?)?;
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer and returns -1 on failure.
+    let ok = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } == 0;
+    ok.then(|| CpuTimes { machine, own: ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9 })
 }
 
-/// Whether a `/proc/…/stat` line says its thread is runnable: the state follows the command name,
-/// which is in parentheses and may itself hold parentheses, spaces or an `R`.
-fn is_runnable(stat: &str) -> bool {
-    stat.rfind(')').is_some_and(|i| stat[i + 1..].trim_start().starts_with('R'))
+/// `/proc/stat`'s unit (USER_HZ).
+fn ticks_per_second() -> Option<f64> {
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (ticks > 0).then_some(ticks as f64)
+}
+
+/// Busy seconds in `/proc/stat`'s `cpu` line: user, nice, system, irq and softirq (not idle, iowait,
+/// or steal: time the hypervisor gave other machines is not taken by programs here).
+fn machine_busy_seconds(cpu_line: &str, ticks_per_second: f64) -> Option<f64> {
+    let mut fields = cpu_line.split_whitespace();
+    if fields.next()? != "cpu" {
+        return None;
+    }
+    let ticks: Vec<f64> = fields.take(7).map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    let [user, nice, system, _idle, _iowait, irq, softirq] = ticks[..] else {
+        return None;
+    };
+    Some((user + nice + system + irq + softirq) / ticks_per_second)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
 
-    static OTHERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    /// Fake CPU clocks, in microseconds: the machine's busy time and this process's.
+    static MACHINE_US: AtomicU64 = AtomicU64::new(0);
+    static OWN_US: AtomicU64 = AtomicU64::new(0);
 
-    fn others() -> Option<usize> {
-        Some(OTHERS.load(std::sync::atomic::Ordering::Relaxed))
+    fn fake_times() -> Option<CpuTimes> {
+        Some(CpuTimes { machine: MACHINE_US.load(Ordering::Relaxed) as f64 * 1e-6, own: OWN_US.load(Ordering::Relaxed) as f64 * 1e-6 })
     }
+
+    /// Advances the fake clocks by `ms` of wall time with `own` and `others` cores busy.
+    fn spend(ms: u64, own: u64, others: u64) {
+        OWN_US.fetch_add(ms * 1000 * own, Ordering::Relaxed);
+        MACHINE_US.fetch_add(ms * 1000 * (own + others), Ordering::Relaxed);
+    }
+
+    /// Both tests below move the same fake clocks: one at a time.
+    static CLOCKS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     #[test]
     fn busy_cores_are_left_to_their_programs_after_a_smoothing_time() {
-        let share = CoreShare::with(2, 2, others);
+        let _clocks = CLOCKS.lock().unwrap();
+        let share = CoreShare::with(2, 2, fake_times);
         let start = Instant::now();
-        assert_eq!(share.free_cores_at(start), 2);
-        // One other runnable thread (a busy loop): within a few smoothing times only one core is ours.
-        OTHERS.store(1, std::sync::atomic::Ordering::Relaxed);
-        let after = |ms: u64| start + Duration::from_millis(ms);
-        assert_eq!(share.free_cores_at(after(10)), 2, "one sample does not move the average past one half");
-        assert_eq!(share.free_cores_at(after(200)), 1);
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        assert_eq!(share.free_cores_at(at(0)), 2);
+        // This process alone with both cores busy (a server's network threads too): nothing taken.
+        spend(100, 2, 0);
+        assert_eq!(share.free_cores_at(at(100)), 2);
+        // Another program keeps a core busy: after a few samples only one core is this pool's.
+        let mut now = 100;
+        let run = |now: &mut u64, samples: usize, own: u64, others: u64| {
+            for _ in 0..samples {
+                *now += 60;
+                spend(60, own, others);
+                share.free_cores_at(at(*now));
+            }
+            share.free_cores_at(at(*now))
+        };
+        assert_eq!(run(&mut now, 6, 1, 1), 1);
+        // The other program ends: both cores come back.
+        assert_eq!(run(&mut now, 8, 2, 0), 2);
+        // Never fewer than one core, however busy the others.
+        assert_eq!(run(&mut now, 8, 1, 5), 1);
         // Samples closer together than SAMPLE_EVERY are not taken.
-        OTHERS.store(0, std::sync::atomic::Ordering::Relaxed);
-        assert_eq!(share.free_cores_at(after(201)), 1);
-        assert_eq!(share.free_cores_at(after(500)), 2);
-        // Never fewer than one core, however many others.
-        OTHERS.store(9, std::sync::atomic::Ordering::Relaxed);
-        assert_eq!(share.free_cores_at(after(1000)), 1);
+        spend(10, 2, 0);
+        assert_eq!(share.free_cores_at(at(now + 10)), 1);
     }
 
     #[test]
     fn others_count_against_the_machine_not_against_this_process_allowance() {
-        // A container allowed 4 of a 64-core machine's cores, 50 threads of other programs runnable.
-        let share = CoreShare::with(4, 64, || Some(50));
-        assert_eq!(share.free_cores(), 4);
-        let crowded = CoreShare::with(4, 64, || Some(62));
-        assert_eq!(crowded.free_cores(), 2);
+        let _clocks = CLOCKS.lock().unwrap();
+        // A container allowed 4 of a 64-core machine's cores, other programs keeping 50 busy.
+        let share = CoreShare::with(4, 64, fake_times);
+        let start = Instant::now();
+        share.free_cores_at(start);
+        spend(1000, 4, 50);
+        assert_eq!(share.free_cores_at(start + Duration::from_secs(1)), 4);
+        spend(1000, 2, 62);
+        assert_eq!(share.free_cores_at(start + Duration::from_secs(2)), 2);
+    }
+
+    #[test]
+    fn the_cpu_line_gives_busy_seconds() {
+        assert_eq!(machine_busy_seconds("cpu  100 20 30 5000 40 6 7 800 0 0", 100.0), Some(1.63));
+        assert_eq!(machine_busy_seconds("cpu0 100 20 30 5000 40 6 7 800 0 0", 100.0), None);
+        assert_eq!(machine_busy_seconds("cpu 100 20", 100.0), None);
+        assert_eq!(machine_busy_seconds("cpu 1 2 3 4 5 x 7", 100.0), None);
+        // This machine's own counters read, and this process has spent some CPU time.
+        assert!(read_cpu_times().is_some_and(|t| t.machine > 0.0 && t.own > 0.0));
     }
 
     /// Runs `runs` graphs of `work` through the tuner, timing one thread at `one` seconds and more at
@@ -363,16 +420,6 @@ mod tests {
         assert_eq!(parse_cpu_list(""), None);
         assert_eq!(parse_cpu_list("3-1"), None);
         assert_eq!(parse_cpu_list("x"), None);
-    }
-
-    #[test]
-    fn a_thread_is_runnable_by_the_state_after_its_name() {
-        assert!(is_runnable("4242 (ccsm-infer) R 1 4242 4242 0 -1"));
-        assert!(!is_runnable("4242 (ccsm-infer) S 1 4242 4242 0 -1"));
-        // A name may hold ") R (" itself: only the state after the last parenthesis counts.
-        assert!(!is_runnable("4243 (a) R (b) S 1 4243 4243 0 -1"));
-        assert!(is_runnable("4243 (x) S) R 1 4243 4243 0 -1"));
-        assert!(!is_runnable(""));
     }
 
     #[test]
