@@ -270,7 +270,7 @@ fn read_cpu_times() -> Option<CpuTimes> {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes one timespec through a valid pointer and returns -1 on failure.
     let ok = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } == 0;
-    ok.then(|| CpuTimes { machine, own: ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9 })
+    ok.then_some(CpuTimes { machine, own: ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9 })
 }
 
 /// `/proc/stat`'s unit (USER_HZ).
