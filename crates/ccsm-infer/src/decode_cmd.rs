@@ -44,7 +44,7 @@ pub fn run(args: &DecodeArgs, log: &LogArgs) -> Result<()> {
     let frames = read_frames(args)?;
     let mut codec = audio::open_codec(None, Some(&args.codec), args.threads as usize, (args.kv_quant, args.kv_quant))?
         .ok_or_else(|| anyhow::anyhow!("{}: no codec", args.codec.display()))?;
-    codec.check_frames(&frames, 0).with_context(|| format!("{}", args.frames.display()))?;
+    codec.check_frames(&frames).with_context(|| format!("{}", args.frames.display()))?;
     let spec = audio::spec(&codec, args.sample_format.into());
     let mut out = if args.output.as_os_str() == "-" { AudioOut::stdout(spec)? } else { AudioOut::file(&args.output, spec)? };
     let started = Instant::now();

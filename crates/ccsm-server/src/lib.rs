@@ -21,11 +21,11 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
-use ccsm::csm::{CsmGenerator, CsmOptions};
+use ccsm::csm::CsmEngine;
 use ccsm::engine::TextEngine;
 use ccsm::kv_cache::{KvCacheConfig, KvLayout};
 use ccsm::kv_plan::{self, PlanBudget, SensitivityProfile};
-use ccsm::mimi::{MimiDecoder, MimiModel, MimiOptions};
+use ccsm::mimi::{MimiCodec, MimiModel, MimiOptions};
 use ccsm::{AnyModel, Architecture, CacheType};
 
 pub use http::{Voice, MAX_BODY_BYTES, MAX_INPUT_CHARS, MAX_TEXT_BODY_BYTES};
@@ -144,18 +144,11 @@ fn load(config: &ServeConfig) -> Result<Loaded> {
             // The codec's transformer cache takes the server's cache types, as generation's does.
             let options =
                 MimiOptions { n_threads: config.n_threads, k_type: config.k_type, v_type: config.v_type, ..MimiOptions::default() };
-            let codec = MimiDecoder::new(codec, options)?;
-            // The generator's own backbone cache is never used (sessions bring theirs): keep it tiny.
-            let options = CsmOptions {
-                n_ctx: 1,
-                k_type: CacheType::F16,
-                v_type: CacheType::F16,
-                n_threads: config.n_threads,
-                n_batch: config.n_batch,
-            };
-            let mut generator = CsmGenerator::new(m, options)?;
-            generator.set_code_limit(Some(codec.model().config().codebook_size));
-            Ok(Loaded::Speech(speech_loop::Speech { generator, codec }))
+            let codec = MimiCodec::new(codec, options)?;
+            // Sessions' decoder caches (reset every frame) stay f16.
+            let mut engine = CsmEngine::new(m, config.n_threads, config.n_batch, (CacheType::F16, CacheType::F16))?;
+            engine.set_code_limit(Some(codec.model().config().codebook_size));
+            Ok(Loaded::Speech(speech_loop::Speech { engine, codec }))
         }
         AnyModel::Mimi(_) => bail!("{} is a codec: serve a CSM or Llama model", config.model.display()),
     }

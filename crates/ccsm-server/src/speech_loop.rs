@@ -1,4 +1,4 @@
-//! The speech engine thread: CSM sessions share one generator and one codec (the weights are loaded
+//! The speech engine thread: CSM sessions share one engine and one codec (the weights are loaded
 //! once). Every running session makes one frame per round, all in one batched pass (the weights are
 //! read once per decoder and backbone step for every session), decoded to audio by the session's own
 //! codec stream as soon as it exists.
@@ -8,8 +8,8 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
-use ccsm::csm::{CsmGenerator, CsmSession, FrameRequest, Request, Row};
-use ccsm::mimi::{MimiDecoder, MimiStream};
+use ccsm::csm::{CsmEngine, CsmSession, FrameRequest, PrefillRequest, Request, Row, SessionCaches};
+use ccsm::mimi::{MimiCodec, MimiStream};
 use ccsm::sampling::Sampler;
 
 use crate::api::{ApiError, Usage};
@@ -39,10 +39,10 @@ struct Session {
     finished: bool,
 }
 
-/// The generator and codec every session shares.
+/// The engine and codec every session shares.
 pub struct Speech {
-    pub generator: CsmGenerator,
-    pub codec: MimiDecoder,
+    pub engine: CsmEngine,
+    pub codec: MimiCodec,
 }
 
 pub fn run(mut speech: Speech, settings: LoopSettings, jobs: Receiver<Job>, metrics: Arc<Metrics>) {
@@ -50,7 +50,8 @@ pub fn run(mut speech: Speech, settings: LoopSettings, jobs: Receiver<Job>, metr
         Ok(s) => s.bytes(),
         Err(e) => return tracing::error!("cannot make a codec stream: {e}"),
     };
-    let full_session = speech.generator.session_bytes(settings.n_ctx, settings.k_type, settings.v_type).unwrap_or(usize::MAX);
+    let full = SessionCaches { capacity: settings.n_ctx, k_type: settings.k_type, v_type: settings.v_type };
+    let full_session = speech.engine.session_bytes(&full).unwrap_or(usize::MAX);
     let mut budget = start_budget(&settings, full_session.saturating_add(stream_bytes), &metrics);
     let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut running: Vec<Session> = Vec::new();
@@ -89,7 +90,7 @@ pub fn run(mut speech: Speech, settings: LoopSettings, jobs: Receiver<Job>, metr
 fn check(speech: &Speech, settings: &LoopSettings, job: &SpeechJob) -> Result<Vec<Row>, ApiError> {
     let request =
         Request { text: job.text.clone(), speaker: job.speaker, context: job.context.clone(), seed: None, max_frames: None, output: None };
-    let rows = request.rows(speech.generator.model()).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let rows = request.rows(speech.engine.model()).map_err(|e| ApiError::invalid(e.to_string()))?;
     let needed = rows.len() + job.max_frames;
     if needed > settings.n_ctx {
         return Err(ApiError::invalid(format!(
@@ -114,10 +115,10 @@ fn admit_pending(
     while running.len() < settings.parallel {
         let Some(head) = pending.front() else { return };
         let cells = session_cells(head.rows.len() + head.job.max_frames, settings.n_ctx);
-        let bytes_of =
-            |&(k, v): &(ccsm::CacheType, ccsm::CacheType)| speech.generator.session_bytes(cells, k, v).ok().map(|b| b + stream_bytes);
+        let caches = |(k_type, v_type): (ccsm::CacheType, ccsm::CacheType)| SessionCaches { capacity: cells, k_type, v_type };
+        let bytes_of = |&types: &(ccsm::CacheType, ccsm::CacheType)| speech.engine.session_bytes(&caches(types)).ok().map(|b| b + stream_bytes);
         let decision = admit(&(settings.k_type, settings.v_type), &UNIFORM_FALLBACKS, settings.adapt, budget, bytes_of);
-        let ((k, v), bytes) = match decision {
+        let (types, bytes) = match decision {
             Admission::Wait => return,
             Admission::Never { smallest } => {
                 let p = pending.pop_front().expect("head exists");
@@ -130,7 +131,7 @@ fn admit_pending(
         let Pending { job, rows } = pending.pop_front().expect("head exists");
         metrics.waiting.fetch_sub(1, Ordering::Relaxed);
         let made = (|| -> ccsm::Result<_> {
-            Ok((speech.generator.new_session(cells, k, v)?, speech.codec.new_stream()?, Sampler::new(job.sampler)?))
+            Ok((speech.engine.new_session(&caches(types))?, speech.codec.new_stream()?, Sampler::new(job.sampler)?))
         })();
         let (state, stream, sampler) = match made {
             Ok(parts) => parts,
@@ -158,17 +159,20 @@ fn admit_pending(
     }
 }
 
-/// One round: new sessions run their prompts, then every session makes its next frame in one batched
-/// pass (each decoder step one graph over all of them), and each frame is decoded by its session's codec
-/// stream and sent.
+/// One round: new sessions run their prompts (together, one backbone graph per chunk), then every
+/// session makes its next frame in one batched pass (each decoder step one graph over all of them),
+/// and each frame is decoded by its session's codec stream and sent.
 fn round(speech: &mut Speech, running: &mut [Session], metrics: &Metrics) {
-    for s in running.iter_mut().filter(|s| s.rows.is_some() && !s.job.events.is_closed()) {
-        let rows = s.rows.take().expect("filtered");
-        speech.generator.swap_session(&mut s.state);
-        let done = speech.generator.prefill(&rows);
-        speech.generator.swap_session(&mut s.state);
+    let mut new: Vec<&mut Session> = running.iter_mut().filter(|s| s.rows.is_some() && !s.job.events.is_closed()).collect();
+    if !new.is_empty() {
+        let prompts: Vec<Vec<Row>> = new.iter_mut().map(|s| s.rows.take().expect("filtered")).collect();
+        let done = {
+            let mut requests: Vec<PrefillRequest> =
+                new.iter_mut().zip(&prompts).map(|(s, rows)| PrefillRequest { session: &mut s.state, rows }).collect();
+            speech.engine.prefill(&mut requests)
+        };
         if let Err(e) = done {
-            fail(s, format!("the prompt failed: {e}"), metrics);
+            new.into_iter().for_each(|s| fail(s, format!("the prompt failed: {e}"), metrics));
         }
     }
     let mut active: Vec<&mut Session> = running.iter_mut().filter(|s| !s.finished && !s.job.events.is_closed()).collect();
@@ -177,8 +181,8 @@ fn round(speech: &mut Speech, running: &mut [Session], metrics: &Metrics) {
     }
     let made = {
         let mut requests: Vec<FrameRequest> =
-            active.iter_mut().map(|s| FrameRequest { session: &mut s.state, sampler: &mut s.sampler }).collect();
-        speech.generator.generate_frames(&mut requests)
+            active.iter_mut().map(|s| FrameRequest::new(&mut s.state, &mut s.sampler)).collect();
+        speech.engine.step_frames(&mut requests)
     };
     let frames = match made {
         Ok(frames) => frames,
@@ -192,9 +196,7 @@ fn round(speech: &mut Speech, running: &mut [Session], metrics: &Metrics) {
             finish(s, Finish::Stop, metrics);
             continue;
         };
-        speech.codec.swap_stream(&mut s.stream);
-        let samples = speech.codec.decode(std::slice::from_ref(&frame));
-        speech.codec.swap_stream(&mut s.stream);
+        let samples = speech.codec.decode(&mut s.stream, std::slice::from_ref(&frame));
         let samples = match samples {
             Ok(samples) => samples,
             Err(e) => {

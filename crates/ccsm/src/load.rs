@@ -9,7 +9,7 @@ use crate::csm::CsmModel;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCacheConfig;
 use crate::llama::{LlamaConfig, LlamaModel};
-use crate::mimi::{has_codec, MimiConfig, MimiDecoder, MimiModel, MimiOptions};
+use crate::mimi::{has_codec, MimiConfig, MimiCodec, MimiModel, MimiOptions};
 use crate::CacheType;
 
 /// Default context when the model's own is larger: keeps the cache modest, and a file that claims a
@@ -79,10 +79,10 @@ impl CacheShape {
     }
 }
 
-/// The codec transformer's cache, as `MimiDecoder` sizes it by default.
+/// The codec transformer's cache, as `MimiCodec` sizes it by default.
 fn codec_cache(c: &MimiConfig) -> CacheShape {
     let t = &c.transformer;
-    let cells = MimiDecoder::cache_capacity(c, MimiOptions::default().max_chunk_frames);
+    let cells = MimiCodec::cache_capacity(c, MimiOptions::default().max_chunk_frames);
     CacheShape { name: "codec", n_layer: t.n_layer, n_head_kv: t.n_head_kv, head_dim: t.head_dim, cells }
 }
 

@@ -167,7 +167,6 @@ impl GGMLModel {
     /// Converts the cache, with its cached tokens, to per-layer types (`quantize_kv_cache` for one
     /// type per half).
     pub fn quantize_kv_layout(&mut self, layout: KvLayout) -> Result<QuantizeReport> {
-        self.engine.forget_kept_graph();
         self.cache.quantize_layout(layout)
     }
 
@@ -178,13 +177,11 @@ impl GGMLModel {
         policy: EvictionPolicy,
         profile: &SensitivityProfile,
     ) -> Result<MemoryReport> {
-        self.engine.forget_kept_graph();
         memory::optimize_planned(ManagedCache { name: "text", cache: &mut self.cache, resizable: true }, max_bytes, policy, profile)
     }
 
     /// Gives the cache a plan's layout and capacity (evicting by `policy` if it holds more cells).
     pub fn apply_kv_plan(&mut self, plan: &KvPlan, policy: EvictionPolicy) -> Result<()> {
-        self.engine.forget_kept_graph();
         memory::apply_plan(&mut self.cache, "text", plan, policy).map(|_| ())
     }
 
@@ -194,7 +191,6 @@ impl GGMLModel {
 
     /// Keeps the newest `cells` cells also in f16 (`KvCache::set_recent`; 0 turns the window off).
     pub fn set_kv_recent(&mut self, cells: usize) -> Result<()> {
-        self.engine.forget_kept_graph();
         self.cache.set_recent(cells)
     }
 
@@ -229,7 +225,6 @@ impl GGMLModel {
     /// Which attention kernels the steps run (auto by default; one path to compare them).
     pub fn set_attention(&mut self, choice: crate::attention::AttentionChoice) {
         self.cache.set_attention(choice);
-        self.engine.forget_kept_graph();
     }
 
     /// Whether single-token steps reuse one kept graph (default) or build a graph per token.
@@ -298,12 +293,10 @@ impl Model for GGMLModel {
 
     fn quantize_kv_cache(&mut self, k_type: CacheType, v_type: CacheType) -> Result<Vec<CacheReport>> {
         // The kept decode graph reads the old buffers; drop it before they are replaced.
-        self.engine.forget_kept_graph();
         Ok(vec![CacheReport { cache: "text", report: self.cache.quantize(k_type, v_type)? }])
     }
 
     fn optimize_memory(&mut self, max_bytes: usize, policy: EvictionPolicy) -> Result<MemoryReport> {
-        self.engine.forget_kept_graph();
         memory::optimize(vec![ManagedCache { name: "text", cache: &mut self.cache, resizable: true }], max_bytes, policy)
     }
 
@@ -318,7 +311,6 @@ impl Model for GGMLModel {
     }
 
     fn set_kv_rotation(&mut self, rotation: Rotation) -> Result<()> {
-        self.engine.forget_kept_graph();
         self.cache.set_rotation(rotation)?;
         Ok(())
     }

@@ -75,6 +75,11 @@ impl<'ctx> Graph<'ctx> {
         self.ctx
     }
 
+    /// Whether a tensor at `address` is in the graph.
+    pub(crate) fn contains_address(&self, address: usize) -> bool {
+        self.visited.contains(&(address as *mut sys::ggml_tensor))
+    }
+
     /// Every tensor in the graph (nodes and leaves).
     pub(crate) fn tensor_ptrs(&self) -> Vec<*mut sys::ggml_tensor> {
         self.visited.iter().copied().collect()

@@ -35,6 +35,7 @@ mod graph;
 mod log;
 mod ops;
 mod reusable;
+mod slot;
 mod split_attention;
 mod store;
 mod threads;
@@ -47,6 +48,7 @@ pub use few_columns::{MAX_FEW_COLUMNS, MIN_FEW_COLUMNS};
 pub use graph::{graph_overhead, Backend, ComputeBuffer, Graph, GraphContext, NodeTime};
 pub use ops::{RopeMode, RopeParams};
 pub use reusable::{ReusableGraph, SealedGraph};
+pub use slot::{Slot, StepGraph};
 pub use split_attention::AttentionSource;
 pub use store::{StoreMemory, TensorId, TensorStore};
 

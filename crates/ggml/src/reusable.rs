@@ -88,6 +88,8 @@ struct Finished {
     dependencies: Vec<(usize, u64)>,
     /// Named tensors whose memory the graph's own compute buffer holds.
     own: HashMap<String, NonNull<sys::ggml_tensor>>,
+    /// Every tensor whose memory the graph's own compute buffer holds, by address.
+    own_addresses: HashSet<usize>,
     /// Names of tensors in store memory (weights, cache views): refused by `tensor`.
     foreign: HashSet<String>,
 }
@@ -161,13 +163,14 @@ impl ReusableGraph {
         if !ok {
             return Err(Error::Allocation { what: "kept graph compute buffer", bytes: 0 });
         }
+        let own_addresses = own.iter().map(|&t| t as usize).collect();
         let own = own
             .into_iter()
             .map(|t| NonNull::new(t).expect("graph tensors are non-null"))
             .map(|t| (Tensor::from_raw(t).name(), t))
             .filter(|(name, _)| !name.is_empty())
             .collect();
-        let finished = Finished { graph: sealed.raw, dependencies, own, foreign };
+        let finished = Finished { graph: sealed.raw, dependencies, own, own_addresses, foreign };
         self.finished.set(finished).map_err(|_| Error::invalid(OP, "the graph is already finished"))
     }
 
@@ -194,6 +197,12 @@ impl ReusableGraph {
             }
             None => Err(Error::invalid(OP, format!("no tensor named `{name}`"))),
         }
+    }
+
+    /// The tensor at `address` if it is one of the graph's own (see `Slot`).
+    pub(crate) fn own_tensor(&self, address: usize) -> Option<NonNull<sys::ggml_tensor>> {
+        let finished = self.finished.get()?;
+        finished.own_addresses.contains(&address).then(|| NonNull::new(address as *mut sys::ggml_tensor)).flatten()
     }
 
     /// Computes the graph node by node, timing each (see `Backend::profile`).

@@ -5,7 +5,9 @@
 
 mod recent;
 
-use ggml::{Context, DType, Graph, Tensor, TensorStore};
+use std::ops::Range;
+
+use ggml::{Context, DType, Graph, Slot, StepGraph, Tensor, TensorStore};
 
 use crate::error::Result;
 use crate::kv_cache::{Half, KvCache};
@@ -50,35 +52,22 @@ pub struct RecentInputs<'c> {
 }
 
 impl<'c> RecentInputs<'c> {
-    /// New inputs (named `recent_slots.{i}`, `step_mask.{i}`, `ring_mask.{i}`) for `rows` rows over `cache`.
-    fn new(ctx: &'c Context, cache: &KvCache, rows: usize, i: usize) -> Result<Option<Self>> {
+    /// New inputs for `rows` rows over `cache`.
+    fn new(ctx: &'c Context, cache: &KvCache, rows: usize) -> Result<Option<Self>> {
         let cells = cache.recent_cells();
         if cells == 0 {
             return Ok(None);
         }
-        let input =
-            |t: DType, shape: &[i64], name: &str| -> Result<Tensor<'c>> { Ok(ctx.new_tensor(t, shape)?.set_input().set_name(name)) };
+        let input = |t: DType, shape: &[i64]| -> Result<Tensor<'c>> { Ok(ctx.new_tensor(t, shape)?.set_input()) };
         Ok(Some(RecentInputs {
-            slots: input(DType::I64, &[rows.min(cells) as i64], &format!("recent_slots.{i}"))?,
-            step_mask: input(DType::F16, &[rows as i64, rows as i64], &format!("step_mask.{i}"))?,
-            ring_mask: input(DType::F16, &[cells as i64, rows as i64], &format!("ring_mask.{i}"))?,
-        }))
-    }
-
-    fn lookup(graph: &'c ggml::ReusableGraph, cache: &KvCache, i: usize) -> Result<Option<Self>> {
-        if cache.recent_cells() == 0 {
-            return Ok(None);
-        }
-        Ok(Some(RecentInputs {
-            slots: graph.tensor(&format!("recent_slots.{i}"))?,
-            step_mask: graph.tensor(&format!("step_mask.{i}"))?,
-            ring_mask: graph.tensor(&format!("ring_mask.{i}"))?,
+            slots: input(DType::I64, &[rows.min(cells) as i64])?,
+            step_mask: input(DType::F16, &[rows as i64, rows as i64])?,
+            ring_mask: input(DType::F16, &[cells as i64, rows as i64])?,
         }))
     }
 }
 
-/// The inputs of a step over several sequences: every row's position, each sequence's cells and mask
-/// (named `positions`, `cells.{i}`, `mask.{i}`, `rope_freq_factors`, so a kept graph finds them again).
+/// The inputs of a step over several sequences: every row's position, each sequence's cells and mask.
 pub struct BatchInputs<'c> {
     pub positions: Tensor<'c>,
     pub freq_factors: Option<Tensor<'c>>,
@@ -95,14 +84,14 @@ impl<'c> BatchInputs<'c> {
         parts: &[(usize, usize)],
     ) -> Result<(Self, Vec<SequenceInputs<'c>>)> {
         let total: usize = parts.iter().map(|p| p.0).sum();
-        let positions = ctx.new_tensor(DType::I32, &[total as i64])?.set_input().set_name("positions");
+        let positions = ctx.new_tensor(DType::I32, &[total as i64])?.set_input();
         let mut sequences = Vec::with_capacity(parts.len());
         let mut tensors = Vec::with_capacity(parts.len());
         let mut first_row = 0;
-        for (i, (cache, &(rows, n_kv))) in caches.iter().zip(parts).enumerate() {
-            let cells = ctx.new_tensor(DType::I64, &[rows as i64])?.set_input().set_name(&format!("cells.{i}"));
-            let mask = ctx.new_tensor(DType::F16, &[n_kv as i64, rows as i64])?.set_input().set_name(&format!("mask.{i}"));
-            let recent = RecentInputs::new(ctx, cache, rows, i)?;
+        for (cache, &(rows, n_kv)) in caches.iter().zip(parts) {
+            let cells = ctx.new_tensor(DType::I64, &[rows as i64])?.set_input();
+            let mask = ctx.new_tensor(DType::F16, &[n_kv as i64, rows as i64])?.set_input();
+            let recent = RecentInputs::new(ctx, cache, rows)?;
             sequences.push(SequenceInputs { cache, first_row, n_rows: rows, cells, mask, recent });
             tensors.push((cells, mask, recent));
             first_row += rows;
@@ -110,41 +99,64 @@ impl<'c> BatchInputs<'c> {
         Ok((BatchInputs { positions, freq_factors, sequences: tensors }, sequences))
     }
 
-    /// The same inputs of a kept graph over `caches`, by name.
-    pub fn lookup(graph: &'c ggml::ReusableGraph, caches: &[&KvCache], has_freq_factors: bool) -> Result<Self> {
-        let sequences = caches
-            .iter()
-            .enumerate()
-            .map(|(i, cache)| {
-                let recent = RecentInputs::lookup(graph, cache, i)?;
-                Ok((graph.tensor(&format!("cells.{i}"))?, graph.tensor(&format!("mask.{i}"))?, recent))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let freq_factors = if has_freq_factors { Some(graph.tensor("rope_freq_factors")?) } else { None };
-        Ok(BatchInputs { positions: graph.tensor("positions")?, freq_factors, sequences })
+    /// Their slots, to fill once the graph is allocated (fresh or kept).
+    pub fn slots(&self) -> BatchSlots {
+        BatchSlots {
+            positions: self.positions.slot(),
+            freq_factors: self.freq_factors.map(Tensor::slot),
+            sequences: self
+                .sequences
+                .iter()
+                .map(|(cells, mask, recent)| SequenceSlots {
+                    cells: cells.slot(),
+                    mask: mask.slot(),
+                    recent: recent.map(|r| [r.slots.slot(), r.step_mask.slot(), r.ring_mask.slot()]),
+                })
+                .collect(),
+        }
     }
+}
 
+/// One sequence's inputs of a built step: cells, mask and, over a recent window, its ring slots, step
+/// mask and ring mask.
+#[derive(Clone, Debug)]
+pub struct SequenceSlots {
+    cells: Slot,
+    mask: Slot,
+    recent: Option<[Slot; 3]>,
+}
+
+/// The slots of a built step's `BatchInputs`.
+#[derive(Clone, Debug)]
+pub struct BatchSlots {
+    positions: Slot,
+    freq_factors: Option<Slot>,
+    sequences: Vec<SequenceSlots>,
+}
+
+impl BatchSlots {
     /// Fills them for rows stored at `cells[i]` of `caches[i]` (`freq_factors`: the stack's RoPE divisors).
-    pub fn write(&self, freq_factors: Option<&[f32]>, caches: &[&KvCache], cells: &[std::ops::Range<usize>]) -> Result<()> {
+    pub fn write(&self, graph: StepGraph<'_>, freq_factors: Option<&[f32]>, caches: &[&KvCache], cells: &[Range<usize>]) -> Result<()> {
         let mut positions = Vec::new();
-        for ((cache, cells), (cells_t, mask_t, recent)) in caches.iter().zip(cells).zip(&self.sequences) {
+        for ((cache, cells), seq) in caches.iter().zip(cells).zip(&self.sequences) {
             let p = &cache.positions()[cells.clone()];
             positions.extend_from_slice(p);
-            cells_t.write_i64(&KvCache::cell_indices(cells.clone()))?;
-            match recent {
-                Some(r) => {
-                    let masks = cache.step_masks(cells.clone(), mask_t.ne(0) as usize);
-                    mask_t.write_f32(&masks.cache)?;
-                    r.step_mask.write_f32(&masks.step)?;
-                    r.ring_mask.write_f32(&masks.ring)?;
-                    r.slots.write_i64(&cache.recent_slots(cells.clone()))?;
+            graph.at(seq.cells)?.write_i64(&KvCache::cell_indices(cells.clone()))?;
+            let mask = graph.at(seq.mask)?;
+            match seq.recent {
+                Some([slots, step_mask, ring_mask]) => {
+                    let masks = cache.step_masks(cells.clone(), mask.ne(0) as usize);
+                    mask.write_f32(&masks.cache)?;
+                    graph.at(step_mask)?.write_f32(&masks.step)?;
+                    graph.at(ring_mask)?.write_f32(&masks.ring)?;
+                    graph.at(slots)?.write_i64(&cache.recent_slots(cells.clone()))?;
                 }
-                None => mask_t.write_f32(&cache.attention_mask(p, mask_t.ne(0) as usize))?,
+                None => mask.write_f32(&cache.attention_mask(p, mask.ne(0) as usize))?,
             }
         }
-        self.positions.write_i32(&positions)?;
+        graph.at(self.positions)?.write_i32(&positions)?;
         if let (Some(t), Some(f)) = (self.freq_factors, freq_factors) {
-            t.write_f32(f)?;
+            graph.at(t)?.write_f32(f)?;
         }
         Ok(())
     }

@@ -2,15 +2,18 @@
 //! Llama decoder that turns each backbone state into the 32 codes of a Mimi frame.
 
 mod config;
+mod engine;
 mod generator;
+mod graphs;
 mod model;
 mod prompt;
 mod request;
 mod session;
 
 pub use config::CsmConfig;
-pub use generator::{CsmGenerator, CsmOptions, CsmSession, FrameTimings};
+pub use engine::{CsmEngine, FrameRequest, PrefillRequest, SessionCaches};
+pub use generator::{CsmGenerator, CsmOptions};
 pub use model::CsmModel;
 pub use prompt::{Frame, Row, Segment};
 pub use request::Request;
-pub use session::FrameRequest;
+pub use session::{CsmSession, FrameTimings};

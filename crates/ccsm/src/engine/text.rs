@@ -1,8 +1,9 @@
 //! The text engine: Llama weights shared by every sequence, steps over many sequences at once.
 
-use ggml::{Backend, ComputeBuffer, Context, DType, Graph, NodeTime, ReusableGraph, Tensor};
+use ggml::{Backend, ComputeBuffer, Context, DType, Graph, NodeTime, Slot, Tensor};
 
-use crate::attention::{BatchInputs, BuildScope};
+use super::step::{GraphKey, KeptGraphs, StepBuilder, StepRunner};
+use crate::attention::{BatchInputs, BatchSlots, BuildScope};
 use crate::error::{Error, Result};
 use crate::kv_cache::{KvCache, KvCacheConfig, Rotation};
 use crate::llama::LlamaModel;
@@ -19,33 +20,34 @@ pub struct SequenceStep<'a> {
     pub logits: Logits,
 }
 
-/// The graph of a step whose sequences each run one token, kept while the same caches take steps
-/// with the same attention windows.
-struct KeptStep {
-    /// (cache id, attention window) per sequence, in order.
-    key: Vec<(u64, usize)>,
-    track_attention: bool,
-    graph: ReusableGraph,
-}
-
 /// A Llama model's weights with the backend and compute memory its steps use.
 pub struct TextEngine {
     model: LlamaModel,
     compute: ComputeBuffer,
     backend: Backend,
-    kept: Option<KeptStep>,
+    /// The graph of steps whose sequences each run one token, kept while the same caches take steps
+    /// with the same attention windows.
+    kept: KeptGraphs<StepSlots>,
     reuse_kept: bool,
     /// While profiling: every computed node's time, in order.
     profile: Option<Vec<NodeTime>>,
 }
 
-/// The typed inputs and output of one step's graph.
-struct StepTensors<'c> {
-    tokens: Tensor<'c>,
-    inputs: BatchInputs<'c>,
-    output_rows: Option<Tensor<'c>>,
-    logits: Tensor<'c>,
-    attention_mass: Option<Tensor<'c>>,
+/// The inputs and outputs of one step's graph.
+struct StepSlots {
+    tokens: Slot,
+    inputs: BatchSlots,
+    output_rows: Option<Slot>,
+    logits: Slot,
+    attention_mass: Option<Slot>,
+}
+
+/// The graph of one step over `caches[i]` with `shapes[i]`.
+struct TextStep<'a> {
+    model: &'a LlamaModel,
+    caches: &'a [&'a KvCache],
+    shapes: &'a [SequenceShape],
+    track: bool,
 }
 
 /// What a step's graph computes for one sequence: `n` rows over its first `n_kv` cells, logits per `which`.
@@ -71,7 +73,7 @@ impl TextEngine {
             model,
             compute: ComputeBuffer::new()?,
             backend: Backend::cpu(n_threads)?,
-            kept: None,
+            kept: KeptGraphs::new(1),
             reuse_kept: true,
             profile: None,
         })
@@ -112,12 +114,7 @@ impl TextEngine {
     /// Whether one-token steps reuse a kept graph (default) or build a graph per step.
     pub fn set_reuse_kept_graph(&mut self, reuse: bool) {
         self.reuse_kept = reuse;
-        self.kept = None;
-    }
-
-    /// Drops the kept graph (after a change its key cannot see, such as the attention kernel).
-    pub fn forget_kept_graph(&mut self) {
-        self.kept = None;
+        self.kept.clear();
     }
 
     /// Starts (or stops) timing every node of the following steps (collected until `take_profile`).
@@ -131,7 +128,7 @@ impl TextEngine {
 
     /// Bytes of the compute memory (grows to the largest step so far).
     pub fn compute_buffer_bytes(&self) -> usize {
-        self.compute.size() + self.kept.as_ref().map_or(0, |k| k.graph.buffer_size())
+        self.compute.size() + self.kept.buffer_bytes()
     }
 
     /// Runs each sequence's tokens after what its cache holds, all in one graph: projections and
@@ -187,13 +184,31 @@ impl TextEngine {
             })
             .collect();
         let caches: Vec<&KvCache> = sequences.iter().map(|s| &*s.cache).collect();
-        let tokens: Vec<u32> = sequences.iter().flat_map(|s| s.tokens.iter().copied()).collect();
-        let ranges: Vec<(usize, usize)> = cells.iter().map(|r| (r.start, r.end)).collect();
-        let (logits, mass) = if decode {
-            self.run_kept(&caches, &shapes, &tokens, &ranges, track)?
-        } else {
-            self.run_fresh(&caches, &shapes, &tokens, &ranges, track)?
-        };
+        let tokens: Vec<i32> = sequences.iter().flat_map(|s| s.tokens.iter().map(|&t| t as i32)).collect();
+        let step = TextStep { model: &self.model, caches: &caches, shapes: &shapes, track };
+        // One-token steps keep their graph: the same caches with the same windows take many in a row.
+        let kept = decode.then(|| {
+            let key = caches.iter().zip(&shapes).fold(GraphKey::new(&[track as u64]), |k, (c, s)| k.with_cache(c, s.n_kv));
+            (&mut self.kept, key)
+        });
+        let mut runner = StepRunner { backend: &self.backend, compute: &mut self.compute, profile: self.profile.as_mut() };
+        let model = &self.model;
+        let (logits, mass) = runner.run(
+            &step,
+            kept,
+            |graph, io| {
+                graph.at(io.tokens)?.write_i32(&tokens)?;
+                io.inputs.write(graph, model.transformer.freq_factors(), &caches, &cells)?;
+                if let Some(t) = io.output_rows {
+                    graph.at(t)?.write_i32(&output_row_indices(&shapes))?;
+                }
+                Ok(())
+            },
+            |graph, io| {
+                let mass = io.attention_mass.map(|t| graph.at(t)?.read_f32()).transpose()?;
+                Ok((graph.at(io.logits)?.read_f32()?, mass))
+            },
+        )?;
         if let Some(mass) = mass {
             sequences[0].cache.add_scores(&mass);
         }
@@ -206,65 +221,6 @@ impl TextEngine {
             offset += len;
         }
         Ok(per_sequence)
-    }
-
-    /// Builds, allocates and computes a graph for this step alone.
-    fn run_fresh(
-        &mut self,
-        caches: &[&KvCache],
-        shapes: &[SequenceShape],
-        tokens: &[u32],
-        cells: &[(usize, usize)],
-        track: bool,
-    ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
-        let max_nodes = self.max_nodes(caches.len());
-        let ctx = self.compute.context(max_nodes + 16, max_nodes)?;
-        let mut graph = ctx.new_graph(max_nodes)?;
-        let step = build_step(&self.model, caches, &ctx, &mut graph, shapes, track)?;
-        ctx.allocate(&graph)?;
-        step.write_inputs(&self.model, caches, shapes, tokens, cells)?;
-        match self.profile.as_mut() {
-            Some(times) => times.extend(self.backend.profile(&graph)?),
-            None => self.backend.compute(&graph)?,
-        }
-        step.outputs()
-    }
-
-    /// One token per sequence through the kept graph, rebuilt when the caches, their attention windows
-    /// or their buffers change.
-    fn run_kept(
-        &mut self,
-        caches: &[&KvCache],
-        shapes: &[SequenceShape],
-        tokens: &[u32],
-        cells: &[(usize, usize)],
-        track: bool,
-    ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
-        let key: Vec<(u64, usize)> = caches.iter().zip(shapes).map(|(c, s)| (c.id(), s.n_kv)).collect();
-        let current = self.kept.as_ref().is_some_and(|k| k.key == key && k.track_attention == track && k.graph.is_current());
-        if !current {
-            self.kept = None;
-            let max_nodes = self.max_nodes(caches.len());
-            let graph = ReusableGraph::new(max_nodes + 16, max_nodes)?;
-            let mut building = graph.context().new_graph(max_nodes)?;
-            build_step(&self.model, caches, graph.context(), &mut building, shapes, track)?;
-            graph.finish(building.seal())?;
-            self.kept = Some(KeptStep { key, track_attention: track, graph });
-        }
-        let graph = &self.kept.as_ref().expect("set above").graph;
-        let step = StepTensors::lookup(graph, caches, self.model.transformer.freq_factors().is_some(), shapes, track)?;
-        step.write_inputs(&self.model, caches, shapes, tokens, cells)?;
-        match self.profile.as_mut() {
-            Some(times) => times.extend(graph.profile(&self.backend)?),
-            None => graph.compute(&self.backend)?,
-        }
-        step.outputs()
-    }
-
-    fn max_nodes(&self, sequences: usize) -> usize {
-        // Per sequence and block up to about 30 attention nodes more (column views, stores, cache views,
-        // permutes, the two kernel nodes, a join, and 12 for a rotated cache).
-        self.model.transformer.max_nodes() + PER_SEQUENCE_NODES * sequences * self.model.config().n_layer + 16
     }
 }
 
@@ -290,80 +246,52 @@ fn output_row_indices(shapes: &[SequenceShape]) -> Vec<i32> {
     rows
 }
 
-/// The graph of one step over `caches[i]` with `shapes[i]`.
-fn build_step<'c>(
-    model: &'c LlamaModel,
-    caches: &[&'c KvCache],
-    ctx: &'c Context,
-    graph: &mut Graph<'c>,
-    shapes: &[SequenceShape],
-    track: bool,
-) -> Result<StepTensors<'c>> {
-    let transformer = &model.transformer;
-    let total: usize = shapes.iter().map(|s| s.n).sum();
-    let tokens = ctx.new_tensor(DType::I32, &[total as i64])?.set_input().set_name("tokens");
-    let parts: Vec<(usize, usize)> = shapes.iter().map(|s| (s.n, s.n_kv)).collect();
-    let (inputs, sequences) = BatchInputs::new(ctx, transformer.freq_factor_input(ctx)?, caches, &parts)?;
-    let output_rows = if needs_output_rows(shapes) {
-        let n_out = output_row_indices(shapes).len() as i64;
-        Some(ctx.new_tensor(DType::I32, &[n_out])?.set_input().set_name("output_rows"))
-    } else {
-        None
-    };
-    // The last block runs over every row when every row's logits are wanted, else over the picked
-    // rows (`output_rows`) or, for one sequence, its last.
-    let outputs: usize = shapes.iter().map(|s| s.outputs()).sum();
-    let which = if outputs == total { Logits::All } else { Logits::Last };
-    let x = ctx.get_rows(model.weights.get(model.token_embd), tokens)?;
-    let mut scope =
-        BuildScope::batched(ctx, graph, &model.weights, inputs.positions, inputs.freq_factors, sequences)?.tracking_attention(track);
-    scope.output_rows = output_rows;
-    let hidden = transformer.build(&mut scope, x, which)?;
-    let logits = ctx.mul_mat(model.weights.get(model.output), hidden)?.set_name("logits").set_output();
-    graph.expand(logits)?;
-    let attention_mass = graph.find("attn_mass");
-    Ok(StepTensors { tokens, inputs, output_rows, logits, attention_mass })
-}
+impl StepBuilder for TextStep<'_> {
+    type Io = StepSlots;
 
-impl<'c> StepTensors<'c> {
-    /// Finds the named inputs and outputs of a kept graph.
-    fn lookup(
-        graph: &'c ReusableGraph,
-        caches: &[&KvCache],
-        has_freq_factors: bool,
-        shapes: &[SequenceShape],
-        track: bool,
-    ) -> Result<Self> {
-        Ok(StepTensors {
-            tokens: graph.tensor("tokens")?,
-            inputs: BatchInputs::lookup(graph, caches, has_freq_factors)?,
-            output_rows: if needs_output_rows(shapes) { Some(graph.tensor("output_rows")?) } else { None },
-            logits: graph.tensor("logits")?,
-            attention_mass: if track { Some(graph.tensor("attn_mass")?) } else { None },
-        })
+    fn max_nodes(&self) -> usize {
+        // Per sequence and block up to about 30 attention nodes more (column views, stores, cache views,
+        // permutes, the two kernel nodes, a join, and 12 for a rotated cache).
+        self.model.transformer.max_nodes() + PER_SEQUENCE_NODES * self.caches.len() * self.model.config().n_layer + 16
     }
 
-    /// The computed logits and, when tracked, the attention mass.
-    fn outputs(&self) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
-        let mass = self.attention_mass.map(|t| t.read_f32()).transpose()?;
-        Ok((self.logits.read_f32()?, mass))
-    }
-
-    /// Fills the inputs: the tokens, their positions, each sequence's cells and mask.
-    fn write_inputs(
-        &self,
-        model: &LlamaModel,
-        caches: &[&KvCache],
-        shapes: &[SequenceShape],
-        tokens: &[u32],
-        cells: &[(usize, usize)],
-    ) -> Result<()> {
-        self.tokens.write_i32(&tokens.iter().map(|&t| t as i32).collect::<Vec<_>>())?;
-        let ranges: Vec<std::ops::Range<usize>> = cells.iter().map(|&(start, end)| start..end).collect();
-        self.inputs.write(model.transformer.freq_factors(), caches, &ranges)?;
-        if let Some(t) = self.output_rows {
-            t.write_i32(&output_row_indices(shapes))?;
+    fn build<'c>(&self, ctx: &'c Context, graph: &mut Graph<'c>) -> Result<StepSlots>
+    where
+        Self: 'c,
+    {
+        let (model, shapes) = (self.model, self.shapes);
+        let transformer = &model.transformer;
+        let total: usize = shapes.iter().map(|s| s.n).sum();
+        let tokens = ctx.new_tensor(DType::I32, &[total as i64])?.set_input();
+        let parts: Vec<(usize, usize)> = shapes.iter().map(|s| (s.n, s.n_kv)).collect();
+        let (inputs, sequences) = BatchInputs::new(ctx, transformer.freq_factor_input(ctx)?, self.caches, &parts)?;
+        let output_rows = if needs_output_rows(shapes) {
+            let n_out = output_row_indices(shapes).len() as i64;
+            Some(ctx.new_tensor(DType::I32, &[n_out])?.set_input())
+        } else {
+            None
+        };
+        // The last block runs over every row when every row's logits are wanted, else over the picked
+        // rows (`output_rows`) or, for one sequence, its last.
+        let outputs: usize = shapes.iter().map(|s| s.outputs()).sum();
+        let which = if outputs == total { Logits::All } else { Logits::Last };
+        let x = ctx.get_rows(model.weights.get(model.token_embd), tokens)?;
+        let mut scope = BuildScope::batched(ctx, graph, &model.weights, inputs.positions, inputs.freq_factors, sequences)?
+            .tracking_attention(self.track);
+        scope.output_rows = output_rows;
+        let hidden = transformer.build(&mut scope, x, which)?;
+        let attention_mass = scope.take_attention_mass().map(Tensor::set_output);
+        let logits = ctx.mul_mat(model.weights.get(model.output), hidden)?.set_output();
+        graph.expand(logits)?;
+        if let Some(mass) = attention_mass {
+            graph.expand(mass)?;
         }
-        Ok(())
+        Ok(StepSlots {
+            tokens: tokens.slot(),
+            inputs: inputs.slots(),
+            output_rows: output_rows.map(Tensor::slot),
+            logits: logits.slot(),
+            attention_mass: attention_mass.map(Tensor::slot),
+        })
     }
 }

@@ -222,8 +222,11 @@ pub struct KvCache {
     attention: AttentionChoice,
     /// The newest cells again in f16, when the config asks for a window.
     recent: Option<recent::RecentWindow>,
-    /// Unique among the caches of this process (kept graphs of batched steps are keyed by it).
+    /// Unique among the caches of this process (kept graphs are keyed by it).
     id: u64,
+    /// Bumped by every change a built graph could not see (types, rotation, attention kernels), so
+    /// kept graphs keyed by (id, version) are rebuilt after one.
+    version: u64,
 }
 
 /// The id the next cache gets.
@@ -301,6 +304,7 @@ impl KvCache {
             attention: AttentionChoice::Auto,
             recent,
             id: NEXT_CACHE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            version: 0,
         };
         cache.update_hadamard()?;
         Ok(cache)
@@ -320,6 +324,11 @@ impl KvCache {
         self.id
     }
 
+    /// How many changes graphs cannot see (types, rotation, attention kernels) the cache has had.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
     pub fn rotation(&self) -> Rotation {
         self.rotation
     }
@@ -331,6 +340,7 @@ impl KvCache {
 
     pub fn set_attention(&mut self, choice: AttentionChoice) {
         self.attention = choice;
+        self.version += 1;
     }
 
     /// Whether layer `layer`'s `half` is stored rotated (for K, queries must then be rotated too; for
@@ -502,6 +512,7 @@ impl KvCache {
 
     fn convert(&mut self, target: KvCacheConfig, rotation: Rotation) -> Result<QuantizeReport> {
         target.validate()?;
+        self.version += 1;
         let hd = self.config.head_dim;
         let bytes_before = self.memory_usage();
         let mut live = bytes_before;

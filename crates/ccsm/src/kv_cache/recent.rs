@@ -153,6 +153,7 @@ impl KvCache {
             n => Some(RecentWindow::new(config.n_layer, config.n_embd_kv()?, n)?),
         };
         self.config = config;
+        self.version += 1;
         Ok(())
     }
 

@@ -129,7 +129,7 @@ impl Transformer {
     pub fn freq_factor_input<'c>(&self, ctx: &'c Context) -> Result<Option<Tensor<'c>>> {
         match &self.freq_factors {
             None => Ok(None),
-            Some(f) => Ok(Some(ctx.new_tensor(DType::F32, &[f.len() as i64])?.set_input().set_name("rope_freq_factors"))),
+            Some(f) => Ok(Some(ctx.new_tensor(DType::F32, &[f.len() as i64])?.set_input())),
         }
     }
 
@@ -144,9 +144,6 @@ impl Transformer {
             x = block.build(s, &self.config, layer, x, last_only)?;
         }
         let normed = s.ctx.mul(s.ctx.rms_norm(x, self.config.rms_eps)?, s.weights.get(self.output_norm))?;
-        if let Some(mass) = s.take_attention_mass() {
-            s.graph.expand(mass.set_name("attn_mass").set_output())?;
-        }
         Ok(normed.set_name("output_norm"))
     }
 

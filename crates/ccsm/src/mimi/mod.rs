@@ -9,5 +9,5 @@ mod seanet;
 mod transformer;
 
 pub use config::{MimiConfig, MimiTransformerConfig, SeanetConfig};
-pub use decoder::{MimiDecoder, MimiOptions, MimiStream};
+pub use decoder::{MimiCodec, MimiDecoder, MimiOptions, MimiStream};
 pub use model::{has_codec, MimiModel, EMBEDDED_PREFIX};
