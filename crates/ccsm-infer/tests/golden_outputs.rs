@@ -85,7 +85,8 @@ fn context_file(dir: &Path, frames: &Value) -> PathBuf {
 
 fn speech_args(case: &SpeechCase, context: &Path, output: Option<&Path>) -> Vec<String> {
     let model = repo("models/tiny-csm.gguf").display().to_string();
-    let mut args: Vec<String> = [model.as_str(), "-p", case.text, "--speaker", case.speaker, "-s", case.seed, "-n", "8"].map(String::from).into();
+    let mut args: Vec<String> =
+        [model.as_str(), "-p", case.text, "--speaker", case.speaker, "-s", case.seed, "-n", "8"].map(String::from).into();
     args.extend(case.extra.iter().map(|&a| if a == "CONTEXT" { context.display().to_string() } else { a.to_string() }));
     if let Some(output) = output {
         args.extend(["--json".to_string(), "-o".to_string(), output.display().to_string()]);
@@ -97,7 +98,8 @@ fn speech_args(case: &SpeechCase, context: &Path, output: Option<&Path>) -> Vec<
 fn speech_frames_and_samples_are_as_recorded() {
     let dir = tempfile::tempdir().unwrap();
     let golden_path = fixtures().join("speech.json");
-    let mut golden: Value = if recording() { json!({}) } else { serde_json::from_str(&std::fs::read_to_string(&golden_path).unwrap()).unwrap() };
+    let mut golden: Value =
+        if recording() { json!({}) } else { serde_json::from_str(&std::fs::read_to_string(&golden_path).unwrap()).unwrap() };
     for case in &SPEECH {
         // The first case's frames, recorded (or, while recording, just made).
         let context = context_file(dir.path(), &golden["hello"]);

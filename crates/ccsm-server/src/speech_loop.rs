@@ -116,7 +116,8 @@ fn admit_pending(
         let Some(head) = pending.front() else { return };
         let cells = session_cells(head.rows.len() + head.job.max_frames, settings.n_ctx);
         let caches = |(k_type, v_type): (ccsm::CacheType, ccsm::CacheType)| SessionCaches { capacity: cells, k_type, v_type };
-        let bytes_of = |&types: &(ccsm::CacheType, ccsm::CacheType)| speech.engine.session_bytes(&caches(types)).ok().map(|b| b + stream_bytes);
+        let bytes_of =
+            |&types: &(ccsm::CacheType, ccsm::CacheType)| speech.engine.session_bytes(&caches(types)).ok().map(|b| b + stream_bytes);
         let decision = admit(&(settings.k_type, settings.v_type), &UNIFORM_FALLBACKS, settings.adapt, budget, bytes_of);
         let (types, bytes) = match decision {
             Admission::Wait => return,
@@ -180,8 +181,7 @@ fn round(speech: &mut Speech, running: &mut [Session], metrics: &Metrics) {
         return;
     }
     let made = {
-        let mut requests: Vec<FrameRequest> =
-            active.iter_mut().map(|s| FrameRequest::new(&mut s.state, &mut s.sampler)).collect();
+        let mut requests: Vec<FrameRequest> = active.iter_mut().map(|s| FrameRequest::new(&mut s.state, &mut s.sampler)).collect();
         speech.engine.step_frames(&mut requests)
     };
     let frames = match made {

@@ -9,7 +9,7 @@ use crate::csm::CsmModel;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCacheConfig;
 use crate::llama::{LlamaConfig, LlamaModel};
-use crate::mimi::{has_codec, MimiConfig, MimiCodec, MimiModel, MimiOptions};
+use crate::mimi::{has_codec, MimiCodec, MimiConfig, MimiModel, MimiOptions};
 use crate::CacheType;
 
 /// Default context when the model's own is larger: keeps the cache modest, and a file that claims a

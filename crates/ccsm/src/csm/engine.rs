@@ -269,8 +269,11 @@ impl CsmEngine {
         let limit = self.code_limit.unwrap_or(c.audio_vocab).min(c.audio_vocab);
         let mut states = Vec::with_capacity(requests.len());
         for r in requests.iter() {
-            let state =
-                r.session.last.clone().ok_or_else(|| Error::Input("a frame before the session's backbone step (prefill it first)".into()))?;
+            let state = r
+                .session
+                .last
+                .clone()
+                .ok_or_else(|| Error::Input("a frame before the session's backbone step (prefill it first)".into()))?;
             states.push(state);
         }
         let mut sampling = 0.0;
@@ -303,12 +306,8 @@ impl CsmEngine {
         if !speaking.is_empty() {
             let rows: Vec<Vec<Row>> = speaking.iter().map(|&i| vec![Row::Audio(frames[i].clone())]).collect();
             let rows: Vec<&[Row]> = rows.iter().map(Vec::as_slice).collect();
-            let mut sessions: Vec<&mut CsmSession> = requests
-                .iter_mut()
-                .enumerate()
-                .filter(|(i, _)| speaking.contains(i))
-                .map(|(_, r)| &mut *r.session)
-                .collect();
+            let mut sessions: Vec<&mut CsmSession> =
+                requests.iter_mut().enumerate().filter(|(i, _)| speaking.contains(i)).map(|(_, r)| &mut *r.session).collect();
             self.backbone_rows(&mut sessions, &rows, true)?;
         }
         let backbone_seconds = started.elapsed().as_secs_f64();

@@ -39,7 +39,14 @@ pub struct CsmSession {
 
 impl CsmSession {
     pub(super) fn new(backbone: KvCache, decoder: KvCache, n_ctx_train: usize) -> Self {
-        CsmSession { backbone, decoder, last: None, trained: TrainedContext::new(n_ctx_train), evict: None, timings: FrameTimings::default() }
+        CsmSession {
+            backbone,
+            decoder,
+            last: None,
+            trained: TrainedContext::new(n_ctx_train),
+            evict: None,
+            timings: FrameTimings::default(),
+        }
     }
 
     /// Exact bytes of the session's caches (backbone and decoder).

@@ -193,7 +193,13 @@ impl MimiCodec {
         Ok(samples)
     }
 
-    fn decode_chunk(&mut self, stream: &mut MimiStream, frames: &[Frame], codebooks: usize, profile: Option<&mut Vec<NodeTime>>) -> Result<Vec<f32>> {
+    fn decode_chunk(
+        &mut self,
+        stream: &mut MimiStream,
+        frames: &[Frame],
+        codebooks: usize,
+        profile: Option<&mut Vec<NodeTime>>,
+    ) -> Result<Vec<f32>> {
         let c = self.model.config();
         let steps = frames.len() * c.upsample_stride;
         // Only the last `context` steps are ever attended to: older cells go.
