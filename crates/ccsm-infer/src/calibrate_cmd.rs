@@ -7,12 +7,13 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use ccsm::kv_plan::{calibrate, CalibrationOptions, SensitivityProfile, GGUF_KEY};
+use ccsm::calibrate::{calibrate, CalibrationOptions};
+use ccsm::kv_plan::{SensitivityProfile, GGUF_KEY};
 use ccsm::llama::LlamaModel;
 use ccsm::{CacheType, GGMLModel, ModelOptions};
 use ggml::gguf::{GgufFile, GgufWriter, Value};
 
-use crate::cli::{default_threads, LogArgs};
+use crate::args::{default_threads, LogArgs};
 use crate::{output, progress, UsageError};
 
 #[derive(Args, Clone)]

@@ -7,8 +7,9 @@ use serde_json::json;
 
 use ccsm::csm::Frame;
 
+use crate::args::LogArgs;
 use crate::audio::{self, AudioOut};
-use crate::cli::{DecodeArgs, LogArgs};
+use crate::cli::DecodeArgs;
 use crate::{output, UsageError};
 
 /// Frames decoded per codec call: the state carries across, so this bounds memory, not the result.

@@ -11,8 +11,9 @@ use ccsm::llama::LlamaModel;
 use ccsm::sampling::{Sampler, SamplerConfig};
 use ccsm::{AnyModel, CacheType, GGMLModel, Model, ModelOptions, DEFAULT_CTX_CAP};
 
-use crate::cli::{GenerateArgs, LogArgs, TopK};
-use crate::kv_layout_args::layout_json;
+use crate::args::{LogArgs, TopK};
+use crate::cache_setup::layout_json;
+use crate::cli::GenerateArgs;
 use crate::{output, UsageError};
 
 pub fn model_path(args: &GenerateArgs) -> Result<PathBuf> {
@@ -76,7 +77,8 @@ fn run_text(args: &GenerateArgs, log: &LogArgs, path: PathBuf, model: LlamaModel
     };
     let mut model = GGMLModel::new(model, options).context("setting up the model")?;
     args.cache.apply_rotation(&mut model)?;
-    let setup = args.cache.layers.apply_text(&mut model, &path, &args.memory, log.quiet)?;
+    let policy = args.cache.policy(&args.memory, &path, CacheType::F16)?;
+    let setup = crate::cache_setup::apply_text(&policy, &mut model, log.quiet)?;
     let memory = setup.memory;
     let tokenizer = model.model().tokenizer();
     let prompt_tokens = if args.chat {

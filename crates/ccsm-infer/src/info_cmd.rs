@@ -19,10 +19,10 @@ pub fn run(args: &InfoArgs) -> Result<()> {
         for cache in &facts.caches {
             match cache.config(t, t).bytes() {
                 Ok(b) => {
-                    entry[cache.name] = json!(b);
+                    entry[cache.role.name()] = json!(b);
                     total += b;
                 }
-                Err(e) => entry[cache.name] = json!(format!("refused: {e}")),
+                Err(e) => entry[cache.role.name()] = json!(format!("refused: {e}")),
             }
         }
         entry["total"] = json!(total);
@@ -31,7 +31,7 @@ pub fn run(args: &InfoArgs) -> Result<()> {
     let cache_info: Vec<_> = facts
         .caches
         .iter()
-        .map(|c| json!({ "cache": c.name, "cells": c.cells, "layers": c.n_layer, "kv_heads": c.n_head_kv, "head_dim": c.head_dim }))
+        .map(|c| json!({ "cache": c.role, "cells": c.cells, "layers": c.n_layer, "kv_heads": c.n_head_kv, "head_dim": c.head_dim }))
         .collect();
     if args.json {
         let v = json!({
@@ -59,7 +59,7 @@ pub fn run(args: &InfoArgs) -> Result<()> {
     for c in &facts.caches {
         output::println(&format!(
             "{} cache: {} cells × {} layers × {} KV heads × head dim {}",
-            c.name, c.cells, c.n_layer, c.n_head_kv, c.head_dim
+            c.role, c.cells, c.n_layer, c.n_head_kv, c.head_dim
         ));
     }
     output::println("| cache type | bits/element | KV bytes | MiB |");

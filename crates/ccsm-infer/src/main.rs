@@ -1,15 +1,16 @@
 //! `ccsm-infer`: the command-line front end of the ccsm engine.
 #![forbid(unsafe_code)]
 
+mod args;
 mod audio;
 mod bench;
+mod cache_setup;
 mod calibrate_cmd;
 mod cli;
 mod decode_cmd;
 mod generate_cmd;
 mod info_cmd;
 mod interrupt;
-mod kv_layout_args;
 mod output;
 mod perplexity_cmd;
 mod progress;
@@ -21,7 +22,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use cli::{Cli, Command, LogArgs};
+use args::LogArgs;
+use cli::{Cli, Command};
 
 /// A failure that is the user's invocation, not the run (exit code 2).
 #[derive(Debug)]

@@ -8,8 +8,9 @@ use serde_json::json;
 use ccsm::perplexity::{score, PerplexityRun};
 use ccsm::{CacheType, GGMLModel, ModelOptions};
 
-use crate::cli::{LogArgs, PerplexityArgs};
-use crate::kv_layout_args::layout_json;
+use crate::args::LogArgs;
+use crate::cache_setup::layout_json;
+use crate::cli::PerplexityArgs;
 use crate::{output, progress};
 
 pub fn run(args: &PerplexityArgs, log: &LogArgs) -> Result<()> {
@@ -22,7 +23,8 @@ pub fn run(args: &PerplexityArgs, log: &LogArgs) -> Result<()> {
     let options = ModelOptions { n_ctx: ctx, k_type, v_type, n_threads: args.threads as usize, n_batch: args.batch_size as usize };
     let mut model = GGMLModel::new(model, options).context("setting up the model")?;
     args.cache.apply_rotation(&mut model)?;
-    let setup = args.cache.layers.apply_text(&mut model, &args.model, &args.memory, log.quiet)?;
+    let policy = args.cache.policy(&args.memory, &args.model, default)?;
+    let setup = crate::cache_setup::apply_text(&policy, &mut model, log.quiet)?;
     let memory = setup.memory;
     let tokens = model.model().tokenizer().encode_plain(&text)?;
     let reference = match &args.kl {

@@ -5,12 +5,13 @@ use std::time::Duration;
 
 use anyhow::Result;
 use ccsm::kv_cache::Rotation;
+use ccsm::memory::{CachePolicy, CacheTypes, MemoryBudget, MemoryStrategy};
 use ccsm::CacheType;
 use clap::Args;
 
 use ccsm_server::{ConnectionLimits, ServeConfig};
 
-use crate::cli::{default_threads, CacheArgs};
+use crate::args::{default_threads, CacheArgs};
 use crate::UsageError;
 
 /// `ccsm-infer serve`'s flags.
@@ -148,29 +149,36 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             ccsm_server::open_files_limit().unwrap_or_default()
         );
     }
+    // Sessions are planned at --kv-bits when given; with a profile, admitted under pressure at the
+    // planner's layouts of q8_0's and q4_0's bytes. The budget is every session's together.
+    let types = match layers.types()? {
+        CacheTypes::PlannedForBudget => CacheTypes::Uniform,
+        types => types,
+    };
+    let cache = CachePolicy {
+        types,
+        recent: layers.kv_recent,
+        budget: args.max_memory_mb.map(|mb| MemoryBudget { bytes: mb as usize * (1 << 20), strategy: MemoryStrategy::Escalate }),
+        profile: if layers.kv_plan.is_some() { Some(layers.profile(&args.model)?) } else { None },
+        ..CachePolicy::uniform(args.cache.k_type(CacheType::F16), args.cache.v_type(CacheType::F16))
+    };
     let config = ServeConfig {
         model: args.model.clone(),
         codec: args.codec.clone(),
         host: args.host.clone(),
         port: args.port,
         parallel: args.parallel as usize,
-        max_memory_bytes: args.max_memory_mb.map(|mb| mb as usize * (1 << 20)),
         api_keys,
         allowed_hosts: args.allowed_hosts.clone(),
         limits,
         body_timeout: seconds(args.body_timeout),
         voices: args.voices.clone(),
-        k_type: args.cache.k_type(CacheType::F16),
-        v_type: args.cache.v_type(CacheType::F16),
+        cache,
         adapt: !args.no_adapt,
         n_ctx: args.ctx_size.map(|c| c as usize),
         n_threads: args.threads as usize,
         n_batch: args.batch_size as usize,
         max_queue: args.max_queue as usize,
-        kv_layout: args.cache.layers.kv_layout.clone(),
-        kv_profile: if args.cache.layers.kv_plan.is_some() { Some(args.cache.layers.profile(&args.model)?) } else { None },
-        kv_bits: args.cache.layers.kv_bits,
-        kv_recent: args.cache.layers.kv_recent,
     };
     ccsm_server::serve(config)
 }

@@ -8,15 +8,18 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use ccsm::csm::{CsmGenerator, CsmModel, CsmOptions, Frame, FrameTimings, Request, Segment};
+use ccsm::csm::{
+    speech_step, CsmGenerator, CsmModel, CsmOptions, Frame, FrameTimings, Request, Segment, SpeechTurn, TurnProgress, TurnStep,
+};
 use ccsm::generate::StopReason;
 use ccsm::mimi::MimiDecoder;
 use ccsm::sampling::{Sampler, SamplerConfig};
 use ccsm::wav::SampleFormat;
 use ccsm::{CacheReport, CacheType, Model};
 
+use crate::args::{LogArgs, TopK};
 use crate::audio::{self, AudioOut, OutputKind};
-use crate::cli::{GenerateArgs, LogArgs, TopK};
+use crate::cli::GenerateArgs;
 use crate::{output, progress, UsageError};
 
 /// Mimi's frame rate: 12.5 frames are one second of 24 kHz audio.
@@ -117,14 +120,15 @@ pub fn run(args: &GenerateArgs, log: &LogArgs, path: &Path, model: CsmModel) -> 
         generator.set_code_limit(Some(c.model().config().codebook_size));
     }
     args.cache.apply_rotation(&mut generator)?;
-    if args.cache.layers.any_text_only() || args.memory.memory_strategy == Some(crate::kv_layout_args::MemoryStrategyArg::Plan) {
+    if args.cache.layers.any_text_only() || args.memory.memory_strategy == Some(crate::args::MemoryStrategyArg::Plan) {
         return Err(UsageError(
             "per-layer cache types (--kv-layout, --kv-plan, --memory-strategy plan) and --kv-recent are for text models; CSM takes --kv-quant/--ctk/--ctv"
                 .into(),
         )
         .into());
     }
-    args.memory.apply(&mut generator, log.quiet)?;
+    let policy = args.cache.policy(&args.memory, path, CacheType::F16)?;
+    crate::cache_setup::apply_budget(&policy, &mut generator, log.quiet)?;
     let model_name = path.display().to_string();
     if let Some(batch) = &args.batch {
         return run_batch(args, log, &mut generator, codec.as_mut(), &model_name, batch);
@@ -195,10 +199,11 @@ fn summarize(result: &SpeechResult) {
 }
 
 fn sampler_for(args: &GenerateArgs, seed: u64) -> Result<Sampler> {
+    let defaults = SamplerConfig::csm(seed);
     Ok(Sampler::new(SamplerConfig {
-        temperature: args.temp.unwrap_or(0.9),
-        top_k: args.top_k.map_or(Some(50), TopK::limit),
-        top_p: args.top_p.unwrap_or(1.0),
+        temperature: args.temp.unwrap_or(defaults.temperature),
+        top_k: args.top_k.map_or(defaults.top_k, TopK::limit),
+        top_p: args.top_p.unwrap_or(defaults.top_p),
         seed,
     })?)
 }
@@ -236,12 +241,12 @@ fn speak(
     generator.prefill(&rows)?;
     let bar = progress::bar(max_frames as u64, "frames", log.quiet);
     let mut frames = Vec::new();
-    let mut stop = StopReason::Limit;
+    let mut turn = TurnProgress::new(max_frames);
     let mut conversion = None;
-    let (mut codec_seconds, mut first_audio) = (0.0, None);
-    while frames.len() < max_frames {
+    let mut first_audio = None;
+    while !turn.is_over() {
         if crate::interrupt::requested() {
-            stop = StopReason::Interrupted;
+            turn.stop = Some(StopReason::Interrupted);
             break;
         }
         if args.quantize_after.is_some_and(|n| n as usize == frames.len()) && conversion.is_none() {
@@ -251,20 +256,30 @@ fn speak(
             }
             conversion = Some(reports);
         }
-        let Some(frame) = generator.generate_frame(&mut sampler, None)? else {
-            stop = StopReason::EndOfSpeech;
-            break;
+        let (engine, session) = generator.parts_mut();
+        let (codec_part, stream) = match (sink.is_some(), codec.as_deref_mut()) {
+            (true, Some(c)) => {
+                let (c, s) = c.parts_mut();
+                (Some(c), Some(s))
+            }
+            _ => (None, None),
         };
-        if let (Some(s), Some(c)) = (sink.as_mut(), codec.as_deref_mut()) {
-            let t = Instant::now();
-            let samples = c.decode(std::slice::from_ref(&frame))?;
-            codec_seconds += t.elapsed().as_secs_f64();
-            s.out.write(&samples)?;
-            first_audio.get_or_insert_with(|| started.elapsed().as_secs_f64());
+        let step = speech_step(engine, codec_part, &mut [SpeechTurn { session, sampler: &mut sampler, stream, progress: &mut turn }])?;
+        match step.into_iter().next() {
+            Some(TurnStep::Frame { frame, samples }) => {
+                if let (Some(s), Some(samples)) = (sink.as_mut(), samples) {
+                    s.out.write(&samples)?;
+                    first_audio.get_or_insert_with(|| started.elapsed().as_secs_f64());
+                }
+                frames.push(frame);
+                bar.inc(1);
+            }
+            Some(TurnStep::Failed(e)) => return Err(e.into()),
+            _ => {}
         }
-        frames.push(frame);
-        bar.inc(1);
     }
+    let stop = turn.stop.unwrap_or(StopReason::Limit);
+    let codec_seconds = turn.codec_seconds;
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
     let audio = match (sink, codec.as_deref()) {

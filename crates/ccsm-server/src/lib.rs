@@ -23,8 +23,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use ccsm::csm::CsmEngine;
 use ccsm::engine::TextEngine;
-use ccsm::kv_cache::{KvCacheConfig, KvLayout};
-use ccsm::kv_plan::{self, PlanBudget, SensitivityProfile};
+use ccsm::memory::{CachePolicy, SessionLayouts};
 use ccsm::mimi::{MimiCodec, MimiModel, MimiOptions};
 use ccsm::{AnyModel, Architecture, CacheType};
 
@@ -43,8 +42,6 @@ pub struct ServeConfig {
     pub port: u16,
     /// Sessions generating at once.
     pub parallel: usize,
-    /// Bytes every session's caches share (default: `parallel` sessions of a full context).
-    pub max_memory_bytes: Option<usize>,
     /// Keys clients must send; none: the server is open (a warning when it listens beyond loopback).
     pub api_keys: Vec<String>,
     /// `Host` names a loopback server also answers to (`*`: any); see `guards::HostPolicy`.
@@ -54,8 +51,9 @@ pub struct ServeConfig {
     /// How long a request body may take to arrive.
     pub body_timeout: Duration,
     pub voices: Option<PathBuf>,
-    pub k_type: CacheType,
-    pub v_type: CacheType,
+    /// Sessions' cache types (text models: per-layer layouts, plans, a recent window) and the bytes
+    /// every session's caches share (default: `parallel` sessions of a full context).
+    pub cache: CachePolicy,
     /// Under memory pressure, admit sessions with q8_0/q4_0 caches instead of queueing them.
     pub adapt: bool,
     /// Most cache cells one session may use (default: the model's context, at most 4096).
@@ -64,49 +62,6 @@ pub struct ServeConfig {
     pub n_batch: usize,
     /// Requests that may wait for admission before new ones get 429.
     pub max_queue: usize,
-    /// Text models: every session's per-layer layout (`--kv-layout` spelling).
-    pub kv_layout: Option<String>,
-    /// Text models: a sensitivity profile; sessions are planned at `kv_bits` (if given), and under
-    /// memory pressure admitted at the planner's layouts of q8_0's and q4_0's bytes.
-    pub kv_profile: Option<SensitivityProfile>,
-    pub kv_bits: Option<f64>,
-    /// Text models: each session also keeps its newest cells in f16 (`--kv-recent`), counted in its
-    /// bytes; `None`: the planner's choice with `kv_bits`, else none.
-    pub kv_recent: Option<usize>,
-}
-
-/// The layouts text sessions get (see `ServeConfig::kv_layout` and `kv_profile`) and their recent window.
-fn session_layouts(config: &ServeConfig, shape: &KvCacheConfig) -> Result<(text_loop::SessionLayouts, usize)> {
-    let n_layer = shape.n_layer;
-    // A planned --kv-bits without --kv-recent chooses the window too, as the CLI does.
-    let mut recent = config.kv_recent.unwrap_or(0);
-    let chosen = match (&config.kv_layout, config.kv_bits, &config.kv_profile, config.kv_recent) {
-        (None, Some(bits), Some(profile), None) => Some(kv_plan::plan_with_window(profile, shape, &[], PlanBudget::BitsPerElement(bits))?),
-        _ => None,
-    };
-    if let Some(p) = &chosen {
-        recent = p.recent;
-    }
-    let windowed = shape.clone().with_recent(recent);
-    let planned = |bits: f64| -> Result<Option<KvLayout>> {
-        match &config.kv_profile {
-            Some(profile) => Ok(Some(kv_plan::plan(profile, &windowed, &[], PlanBudget::BitsPerElement(bits))?.layout)),
-            None => Ok(None),
-        }
-    };
-    let configured = match (&config.kv_layout, config.kv_bits, chosen) {
-        (Some(spec), _, _) => KvLayout::parse(spec, n_layer).map_err(|e| anyhow::anyhow!("--kv-layout: {e}"))?,
-        (None, _, Some(p)) => p.layout,
-        (None, Some(bits), None) => planned(bits)?.ok_or_else(|| anyhow::anyhow!("--kv-bits needs a sensitivity profile"))?,
-        (None, None, None) => KvLayout::uniform(n_layer, config.k_type, config.v_type),
-    };
-    let mut fallbacks = Vec::new();
-    for (k, v) in jobs::UNIFORM_FALLBACKS {
-        // The planner's layout at the uniform type's bits, when there is a profile.
-        let bits = (k.dtype().bits_per_element() + v.dtype().bits_per_element()) / 2.0;
-        fallbacks.push(planned(bits)?.unwrap_or_else(|| KvLayout::uniform(n_layer, k, v)));
-    }
-    Ok((text_loop::SessionLayouts { configured, fallbacks }, recent))
 }
 
 /// Reads `DIR/NAME.json` voices (`{"speaker": 0, "context": [{"speaker", "text", "frames"}]}`).
@@ -142,8 +97,12 @@ fn load(config: &ServeConfig) -> Result<Loaded> {
             let codec_path = config.codec.clone().unwrap_or_else(|| config.model.clone());
             let codec = MimiModel::load(&codec_path).with_context(|| format!("loading the codec from {}", codec_path.display()))?;
             // The codec's transformer cache takes the server's cache types, as generation's does.
-            let options =
-                MimiOptions { n_threads: config.n_threads, k_type: config.k_type, v_type: config.v_type, ..MimiOptions::default() };
+            let options = MimiOptions {
+                n_threads: config.n_threads,
+                k_type: config.cache.k_type,
+                v_type: config.cache.v_type,
+                ..MimiOptions::default()
+            };
             let codec = MimiCodec::new(codec, options)?;
             // Sessions' decoder caches (reset every frame) stay f16.
             let mut engine = CsmEngine::new(m, config.n_threads, config.n_batch, (CacheType::F16, CacheType::F16))?;
@@ -180,7 +139,7 @@ pub fn serve(config: ServeConfig) -> Result<()> {
     let (served_cache, served) = match facts.architecture {
         Architecture::Llama => (&facts.caches[0], http::Served::Text),
         Architecture::Csm => {
-            let has_codec = config.codec.is_some() || facts.caches.iter().any(|c| c.name == "codec");
+            let has_codec = config.codec.is_some() || facts.caches.iter().any(|c| c.role == ccsm::CacheRole::Codec);
             if !has_codec {
                 bail!("speech needs a Mimi codec: {} has none embedded; pass --codec MIMI.gguf", config.model.display());
             }
@@ -189,15 +148,15 @@ pub fn serve(config: ServeConfig) -> Result<()> {
         Architecture::Mimi => bail!("{} is a codec: serve a CSM or Llama model", config.model.display()),
     };
     let session_ctx = served_cache.cells;
-    let shape = served_cache.config(config.k_type, config.v_type);
+    let shape = served_cache.config(config.cache.k_type, config.cache.v_type);
     shape.validate()?;
-    let per_layer = config.kv_layout.is_some() || config.kv_profile.is_some() || config.kv_bits.is_some() || config.kv_recent.is_some();
-    let (layouts, recent) = match served {
-        http::Served::Text => session_layouts(&config, &shape)?,
+    let per_layer = config.cache.is_per_layer() || config.cache.profile.is_some();
+    let layouts = match served {
+        http::Served::Text => config.cache.session_layouts(&shape)?,
         http::Served::Speech { .. } if per_layer => {
             bail!("per-layer cache types (--kv-layout, --kv-plan) and --kv-recent are for text models")
         }
-        http::Served::Speech { .. } => (text_loop::SessionLayouts { configured: shape.kv_layout(), fallbacks: Vec::new() }, 0),
+        http::Served::Speech { .. } => SessionLayouts { configured: shape.kv_layout(), fallbacks: Vec::new(), recent: 0 },
     };
     let voices = match &config.voices {
         Some(dir) => load_voices(dir)?,
@@ -206,13 +165,12 @@ pub fn serve(config: ServeConfig) -> Result<()> {
     let settings = text_loop::LoopSettings {
         parallel: config.parallel,
         n_ctx: session_ctx,
-        k_type: config.k_type,
-        v_type: config.v_type,
+        k_type: config.cache.k_type,
+        v_type: config.cache.v_type,
         adapt: config.adapt,
         layouts,
         n_batch: config.n_batch,
-        budget_bytes: config.max_memory_bytes,
-        recent,
+        budget_bytes: config.cache.budget.map(|b| b.bytes),
     };
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

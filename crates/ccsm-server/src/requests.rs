@@ -397,17 +397,15 @@ pub struct SpeechRequest {
 }
 
 /// Speech's default `top_k` (CSM's).
-const SPEECH_TOP_K: usize = 50;
-
 impl SpeechRequest {
     /// The sampler's settings: CSM's defaults (temperature 0.9, top-k 50) unless given.
     pub fn sampler(&self, seed: impl FnOnce() -> u64) -> Result<SamplerConfig, ApiError> {
+        let defaults = SamplerConfig::csm(self.seed.unwrap_or_else(seed));
         let top_k = match self.top_k.clone() {
-            None => Some(SPEECH_TOP_K),
+            None => defaults.top_k,
             Some(k) => k.limit()?,
         };
-        let config =
-            SamplerConfig { temperature: self.temperature.unwrap_or(0.9), top_k, top_p: 1.0, seed: self.seed.unwrap_or_else(seed) };
+        let config = SamplerConfig { temperature: self.temperature.unwrap_or(defaults.temperature), top_k, ..defaults };
         config.validate().map_err(|e| ApiError::invalid(e.to_string()))?;
         Ok(config)
     }

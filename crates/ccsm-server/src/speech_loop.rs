@@ -8,14 +8,15 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
-use ccsm::csm::{CsmEngine, CsmSession, FrameRequest, PrefillRequest, Request, Row, SessionCaches};
+use ccsm::csm::{speech_step, CsmEngine, CsmSession, PrefillRequest, Request, Row, SessionCaches, SpeechTurn, TurnProgress, TurnStep};
+use ccsm::generate::StopReason;
+use ccsm::memory::{admit, uniform_fallbacks, Admission, Budget};
 use ccsm::mimi::{MimiCodec, MimiStream};
 use ccsm::sampling::Sampler;
 
 use crate::api::{ApiError, Usage};
 use crate::jobs::{
-    admit, drop_departed, gather, refused, retire, session_cells, started, wait_for_change, Admission, Budget, Finish, Job, SessionState,
-    SpeechEvent, SpeechJob, UNIFORM_FALLBACKS,
+    drop_departed, gather, refused, retire, session_cells, started, wait_for_change, Finish, Job, SessionState, SpeechEvent, SpeechJob,
 };
 use crate::metrics::Metrics;
 use crate::text_loop::{start_budget, LoopSettings};
@@ -34,7 +35,7 @@ struct Session {
     rows: Option<Vec<Row>>,
     prompt_rows: usize,
     sampler: Sampler,
-    frames: usize,
+    progress: TurnProgress,
     first_audio: bool,
     finished: bool,
 }
@@ -118,7 +119,7 @@ fn admit_pending(
         let caches = |(k_type, v_type): (ccsm::CacheType, ccsm::CacheType)| SessionCaches { capacity: cells, k_type, v_type };
         let bytes_of =
             |&types: &(ccsm::CacheType, ccsm::CacheType)| speech.engine.session_bytes(&caches(types)).ok().map(|b| b + stream_bytes);
-        let decision = admit(&(settings.k_type, settings.v_type), &UNIFORM_FALLBACKS, settings.adapt, budget, bytes_of);
+        let decision = admit(&(settings.k_type, settings.v_type), &uniform_fallbacks(), settings.adapt, budget, bytes_of);
         let (types, bytes) = match decision {
             Admission::Wait => return,
             Admission::Never { smallest } => {
@@ -145,6 +146,7 @@ fn admit_pending(
         started(budget, bytes, rows.len(), metrics);
         let _ = job.events.send(SpeechEvent::Accepted);
         let prompt_rows = rows.len();
+        let progress = TurnProgress::new(job.max_frames);
         running.push(Session {
             job,
             state,
@@ -153,7 +155,7 @@ fn admit_pending(
             rows: Some(rows),
             prompt_rows,
             sampler,
-            frames: 0,
+            progress,
             first_audio: false,
             finished: false,
         });
@@ -181,45 +183,42 @@ fn round(speech: &mut Speech, running: &mut [Session], metrics: &Metrics) {
         return;
     }
     let made = {
-        let mut requests: Vec<FrameRequest> = active.iter_mut().map(|s| FrameRequest::new(&mut s.state, &mut s.sampler)).collect();
-        speech.engine.step_frames(&mut requests)
+        let mut turns: Vec<SpeechTurn> = active
+            .iter_mut()
+            .map(|s| SpeechTurn { session: &mut s.state, sampler: &mut s.sampler, stream: Some(&mut s.stream), progress: &mut s.progress })
+            .collect();
+        speech_step(&mut speech.engine, Some(&mut speech.codec), &mut turns)
     };
-    let frames = match made {
-        Ok(frames) => frames,
+    let steps = match made {
+        Ok(steps) => steps,
         Err(e) => {
             tracing::error!("frame step failed: {e}");
             return active.into_iter().for_each(|s| fail(s, format!("generation failed: {e}"), metrics));
         }
     };
-    for (s, frame) in active.into_iter().zip(frames) {
-        let Some(frame) = frame else {
-            finish(s, Finish::Stop, metrics);
-            continue;
-        };
-        let samples = speech.codec.decode(&mut s.stream, std::slice::from_ref(&frame));
-        let samples = match samples {
-            Ok(samples) => samples,
-            Err(e) => {
-                fail(s, format!("decoding failed: {e}"), metrics);
-                continue;
+    for (s, step) in active.into_iter().zip(steps) {
+        match step {
+            TurnStep::Frame { samples, .. } => {
+                metrics.frames_generated.fetch_add(1, Ordering::Relaxed);
+                if !s.first_audio {
+                    s.first_audio = true;
+                    metrics.time_to_first_audio.observe(s.job.arrived.elapsed().as_secs_f64());
+                }
+                let _ = s.job.events.send(SpeechEvent::Audio(samples.unwrap_or_default()));
+                if s.progress.stop == Some(StopReason::Limit) {
+                    finish(s, Finish::Length, metrics);
+                }
             }
-        };
-        s.frames += 1;
-        metrics.frames_generated.fetch_add(1, Ordering::Relaxed);
-        if !s.first_audio {
-            s.first_audio = true;
-            metrics.time_to_first_audio.observe(s.job.arrived.elapsed().as_secs_f64());
-        }
-        let _ = s.job.events.send(SpeechEvent::Audio(samples));
-        if s.frames >= s.job.max_frames {
-            finish(s, Finish::Length, metrics);
+            TurnStep::Stopped(StopReason::Limit) | TurnStep::Over => finish(s, Finish::Length, metrics),
+            TurnStep::Stopped(_) => finish(s, Finish::Stop, metrics),
+            TurnStep::Failed(e) => fail(s, format!("decoding failed: {e}"), metrics),
         }
     }
 }
 
 fn finish(s: &mut Session, finish: Finish, metrics: &Metrics) {
-    tracing::debug!("speech session ended: {} after {} frames", finish.name(), s.frames);
-    let _ = s.job.events.send(SpeechEvent::Done { usage: Usage::new(s.prompt_rows, s.frames) });
+    tracing::debug!("speech session ended: {} after {} frames", finish.name(), s.progress.frames);
+    let _ = s.job.events.send(SpeechEvent::Done { usage: Usage::new(s.prompt_rows, s.progress.frames) });
     metrics.requests_ok.fetch_add(1, Ordering::Relaxed);
     s.finished = true;
 }

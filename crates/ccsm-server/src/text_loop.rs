@@ -10,14 +10,15 @@ use std::time::Instant;
 
 use ccsm::engine::{SequenceStep, TextEngine};
 use ccsm::kv_cache::{KvCache, KvLayout};
+use ccsm::memory::{admit, Admission, Budget, SessionLayouts};
 use ccsm::sampling::{Logprobs, TokenPicker};
 use ccsm::tokenizer::Tokenizer;
 use ccsm::{CacheType, Logits};
 
 use crate::api::{ApiError, Usage};
 use crate::jobs::{
-    admit, drop_departed, gather, refused, retire, session_cells, started, wait_for_change, Admission, Budget, Finish, Job, SessionState,
-    ShownToken, TextEvent, TextJob,
+    drop_departed, gather, refused, retire, session_cells, started, wait_for_change, Finish, Job, SessionState, ShownToken, TextEvent,
+    TextJob,
 };
 use crate::metrics::Metrics;
 
@@ -32,22 +33,12 @@ pub struct LoopSettings {
     pub v_type: CacheType,
     /// Under memory pressure, admit sessions with smaller cache types instead of waiting.
     pub adapt: bool,
-    /// Text sessions' per-layer layouts (speech sessions take `k_type`/`v_type`).
+    /// Text sessions' per-layer layouts and recent window (speech sessions take `k_type`/`v_type`).
     pub layouts: SessionLayouts,
     /// Most rows one step runs (prompts are fed in chunks within it).
     pub n_batch: usize,
     /// Bytes all sessions' caches share (`None`: `parallel` sessions of a full context).
     pub budget_bytes: Option<usize>,
-    /// Text sessions' recent window (f16 cells beside the layout's; at most the session's cells).
-    pub recent: usize,
-}
-
-/// The layouts text sessions get: the configured one, then under pressure (with `adapt`) the smaller
-/// fallbacks in order (uniform q8_0 and q4_0, or the planner's layouts at their bytes).
-#[derive(Clone, Debug)]
-pub struct SessionLayouts {
-    pub configured: KvLayout,
-    pub fallbacks: Vec<KvLayout>,
 }
 
 /// Logs and publishes the budget the loop runs with.
@@ -62,7 +53,7 @@ pub(crate) fn start_budget(settings: &LoopSettings, full_session: usize, metrics
         settings.k_type,
         settings.v_type
     );
-    Budget { total, used: 0 }
+    Budget::new(total)
 }
 
 /// Tokens a request without `max_tokens` may generate at most (fewer when its context is shorter).
@@ -113,7 +104,7 @@ pub fn run(mut engine: TextEngine, settings: LoopSettings, jobs: Receiver<Job>, 
     let full_session = engine
         .cache_config(settings.n_ctx, settings.k_type, settings.v_type)
         .with_layout(settings.layouts.configured.clone())
-        .with_recent(settings.recent.min(settings.n_ctx))
+        .with_recent(settings.layouts.recent.min(settings.n_ctx))
         .bytes()
         .unwrap_or(usize::MAX);
     let mut budget = start_budget(&settings, full_session, &metrics);
@@ -190,7 +181,7 @@ fn admit_pending(
         // The last sampled token is never fed back: prompt + max_tokens − 1 cells.
         let cells = session_cells(head.prompt.len() + head.max_tokens.saturating_sub(1), settings.n_ctx);
         let config_of = |layout: KvLayout| {
-            engine.cache_config(cells, settings.k_type, settings.v_type).with_layout(layout).with_recent(settings.recent.min(cells))
+            engine.cache_config(cells, settings.k_type, settings.v_type).with_layout(layout).with_recent(settings.layouts.recent.min(cells))
         };
         let bytes_of = |layout: &KvLayout| config_of(layout.clone()).bytes().ok();
         let decision = admit(&settings.layouts.configured, &settings.layouts.fallbacks, settings.adapt, budget, bytes_of);

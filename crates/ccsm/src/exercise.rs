@@ -7,9 +7,10 @@ use ggml::gguf::GgufFile;
 
 use crate::csm::{CsmGenerator, CsmModel, CsmOptions, Frame, Request};
 use crate::error::{Error, Result};
+use crate::ggml_model::GGMLModel;
 use crate::load::{load_model, AnyModel};
 use crate::mimi::{has_codec, MimiDecoder, MimiModel, MimiOptions};
-use crate::model::{GGMLModel, Logits, Model, ModelOptions};
+use crate::model::{Logits, Model, ModelOptions};
 use crate::sampling::{Sampler, SamplerConfig};
 use crate::CacheType;
 
@@ -88,7 +89,7 @@ fn request_in(request: &Request, generator: &mut CsmGenerator) -> Result<Option<
     }
     generator.prefill(&rows)?;
     let mut sampler = match request.seed {
-        Some(seed) => Sampler::new(SamplerConfig { temperature: 0.9, top_k: Some(50), top_p: 1.0, seed })?,
+        Some(seed) => Sampler::new(SamplerConfig::csm(seed))?,
         None => greedy()?,
     };
     generator.generate_frame(&mut sampler, None)

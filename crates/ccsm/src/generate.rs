@@ -5,7 +5,8 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::model::{CacheReport, GGMLModel, Logits, Model};
+use crate::ggml_model::GGMLModel;
+use crate::model::{CacheReport, Logits, Model};
 use crate::sampling::Sampler;
 use crate::tokenizer::Tokenizer;
 use crate::CacheType;

@@ -2,13 +2,17 @@
 #![forbid(unsafe_code)]
 
 pub mod attention;
+mod cache_role;
 mod cache_type;
+pub mod calibrate;
 pub mod chat;
 pub mod csm;
 pub mod engine;
 mod error;
+#[cfg(feature = "fuzzing")]
 pub mod exercise;
 pub mod generate;
+mod ggml_model;
 pub mod kv_cache;
 pub mod kv_plan;
 pub mod llama;
@@ -20,13 +24,16 @@ pub mod perplexity;
 pub mod profile;
 pub mod sampling;
 pub mod tokenizer;
+mod trained_context;
 pub mod wav;
 pub mod weights;
 
+pub use cache_role::CacheRole;
 pub use cache_type::CacheType;
 pub use error::{Error, Result};
+pub use ggml_model::GGMLModel;
 pub use load::{inspect, load_model, AnyModel, Architecture, CacheShape, ModelFacts, DEFAULT_CTX_CAP};
-pub use model::{CacheReport, GGMLModel, Logits, Model, ModelOptions};
+pub use model::{CacheReport, Logits, Model, ModelOptions};
 
 /// The engine's version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use ggml::gguf::GgufFile;
 
+use crate::cache_role::CacheRole;
 use crate::csm::CsmModel;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCacheConfig;
@@ -59,8 +60,7 @@ fn architecture(file: &GgufFile, path: &Path) -> Result<Architecture> {
 /// One KV cache a run of the model allocates.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CacheShape {
-    /// "text" for a Llama model; "backbone" or "decoder" for CSM; "codec" for Mimi's transformer.
-    pub name: &'static str,
+    pub role: CacheRole,
     pub n_layer: usize,
     pub n_head_kv: usize,
     pub head_dim: usize,
@@ -69,8 +69,8 @@ pub struct CacheShape {
 }
 
 impl CacheShape {
-    fn of(name: &'static str, stack: &LlamaConfig, cells: usize) -> Self {
-        CacheShape { name, n_layer: stack.n_layer, n_head_kv: stack.n_head_kv, head_dim: stack.head_dim, cells }
+    fn of(role: CacheRole, stack: &LlamaConfig, cells: usize) -> Self {
+        CacheShape { role, n_layer: stack.n_layer, n_head_kv: stack.n_head_kv, head_dim: stack.head_dim, cells }
     }
 
     /// The cache's config with these types (its bytes: `config(..).bytes()`).
@@ -83,7 +83,7 @@ impl CacheShape {
 fn codec_cache(c: &MimiConfig) -> CacheShape {
     let t = &c.transformer;
     let cells = MimiCodec::cache_capacity(c, MimiOptions::default().max_chunk_frames);
-    CacheShape { name: "codec", n_layer: t.n_layer, n_head_kv: t.n_head_kv, head_dim: t.head_dim, cells }
+    CacheShape { role: CacheRole::Codec, n_layer: t.n_layer, n_head_kv: t.n_head_kv, head_dim: t.head_dim, cells }
 }
 
 /// What a model file holds, from a file that passed every check loading makes.
@@ -109,13 +109,13 @@ pub fn inspect(path: impl AsRef<Path>, n_ctx: Option<usize>) -> Result<ModelFact
     let caches = match architecture {
         Architecture::Llama => {
             let c = LlamaModel::check_file(&file, path)?;
-            vec![CacheShape::of("text", &c, cells(c.n_ctx_train))]
+            vec![CacheShape::of(CacheRole::Text, &c, cells(c.n_ctx_train))]
         }
         Architecture::Csm => {
             let c = CsmModel::check_file(&file, path)?;
             let mut caches = vec![
-                CacheShape::of("backbone", &c.backbone, cells(c.backbone.n_ctx_train)),
-                CacheShape::of("decoder", &c.decoder, c.n_codebooks),
+                CacheShape::of(CacheRole::Backbone, &c.backbone, cells(c.backbone.n_ctx_train)),
+                CacheShape::of(CacheRole::Decoder, &c.decoder, c.n_codebooks),
             ];
             if has_codec(&file) {
                 caches.push(codec_cache(&MimiModel::check_file(&file, path)?));

@@ -11,7 +11,8 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::model::{GGMLModel, Logits};
+use crate::ggml_model::GGMLModel;
+use crate::model::Logits;
 use crate::Model;
 
 /// Tokens kept per position in a reference file.

@@ -32,6 +32,11 @@ impl Default for SamplerConfig {
 }
 
 impl SamplerConfig {
+    /// CSM's defaults (Sesame's generator): temperature 0.9, top-k 50, no top-p, with `seed`.
+    pub fn csm(seed: u64) -> Self {
+        SamplerConfig { temperature: 0.9, top_k: Some(50), top_p: 1.0, seed }
+    }
+
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             return Err(Error::Input(format!("temperature {} must be a finite number >= 0", self.temperature)));

@@ -3,10 +3,9 @@
 
 mod common;
 
+use ccsm::calibrate::{calibrate, CalibrationOptions};
 use ccsm::kv_cache::{EvictionPolicy, Half, KvCacheConfig, KvLayout, LayerTypes};
-use ccsm::kv_plan::{
-    self, calibrate, CalibrationOptions, CalibrationRun, HalfCost, PlanBudget, ProfileShape, SensitivityProfile, WindowGain, PROFILE_FORMAT,
-};
+use ccsm::kv_plan::{self, CalibrationRun, HalfCost, PlanBudget, ProfileShape, SensitivityProfile, WindowGain, PROFILE_FORMAT};
 use ccsm::llama::LlamaModel;
 use ccsm::memory::Strategy;
 use ccsm::{CacheType, Error, GGMLModel, Logits, Model, ModelOptions};

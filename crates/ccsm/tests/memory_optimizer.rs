@@ -250,8 +250,8 @@ fn csm_1b_shape_with_24_cells_fits_one_mib() {
     backbone.append(20).unwrap();
     let budget = 1 << 20;
     let caches = vec![
-        ManagedCache { name: "backbone", cache: &mut backbone, resizable: true },
-        ManagedCache { name: "decoder", cache: &mut decoder, resizable: false },
+        ManagedCache { role: ccsm::CacheRole::Backbone, cache: &mut backbone, resizable: true },
+        ManagedCache { role: ccsm::CacheRole::Decoder, cache: &mut decoder, resizable: false },
     ];
     let report = memory::optimize(caches, budget, EvictionPolicy::default()).unwrap();
     let total = backbone.memory_usage() + decoder.memory_usage();
@@ -292,9 +292,9 @@ proptest! {
         let current = main.memory_usage() + fixed.as_ref().map_or(0, KvCache::memory_usage);
         let budget = (current * per_mille / 1000).max(1);
         let before = (main.config().clone(), fixed.as_ref().map(|d| d.config().clone()));
-        let mut caches = vec![ManagedCache { name: "main", cache: &mut main, resizable: true }];
+        let mut caches = vec![ManagedCache { role: ccsm::CacheRole::Text, cache: &mut main, resizable: true }];
         if let Some(d) = fixed.as_mut() {
-            caches.push(ManagedCache { name: "decoder", cache: d, resizable: false });
+            caches.push(ManagedCache { role: ccsm::CacheRole::Decoder, cache: d, resizable: false });
         }
         let result = memory::optimize(caches, budget, EvictionPolicy::default());
         let total = main.memory_usage() + fixed.as_ref().map_or(0, KvCache::memory_usage);

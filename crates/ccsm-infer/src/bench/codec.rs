@@ -9,7 +9,8 @@ use ccsm::csm::Frame;
 use ccsm::mimi::{MimiDecoder, MimiModel, MimiOptions};
 
 use super::{model_name, reset_peak_rss, BenchRow, BenchTest, FrameDetail, RowSource};
-use crate::cli::{BenchArgs, LogArgs};
+use crate::args::LogArgs;
+use crate::cli::BenchArgs;
 use crate::progress;
 
 /// Deterministic codes over the codebooks (what they are does not change the speed).
@@ -61,7 +62,7 @@ pub fn bench_codec(args: &BenchArgs, log: &LogArgs) -> Result<Vec<BenchRow>> {
                 params: 0,
                 cache,
                 rotated: decoder.cache().is_rotated(),
-                attention: decoder.cache().attention(),
+                attention: ccsm::attention::AttentionChoice::Auto,
                 depth: 0,
             };
             let mut row = source.row(BenchTest::Decode, samples, decoder.state_bytes(), Some(detail));

@@ -11,7 +11,8 @@ use ccsm::sampling::{Sampler, SamplerConfig};
 use ccsm::Model;
 
 use super::{filler_tokens, model_name, reset_peak_rss, BenchRow, BenchTest, FrameDetail, RowSource};
-use crate::cli::{BenchArgs, LogArgs};
+use crate::args::LogArgs;
+use crate::cli::BenchArgs;
 use crate::progress;
 
 /// CSM: prompt rows per second (`-p` text rows) and frames per second (`-n` frames) at each depth.
@@ -67,7 +68,7 @@ pub fn bench_csm(args: &BenchArgs, log: &LogArgs, file: &ggml::gguf::GgufFile) -
                         samples.push(args.n_prompt as f64 / start.elapsed().as_secs_f64());
                         continue;
                     }
-                    let mut sampler = Sampler::new(SamplerConfig { temperature: 0.9, top_k: Some(50), top_p: 1.0, seed: rep as u64 })?;
+                    let mut sampler = Sampler::new(SamplerConfig::csm(rep as u64))?;
                     let before = generator.timings();
                     let (mut codec_seconds, mut first_audio) = (0.0, None);
                     if let Some(c) = codec.as_mut() {

@@ -4,12 +4,13 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use ccsm::kv_cache::EvictionPolicy;
 use ccsm::llama::LlamaModel;
+use ccsm::memory::{CachePolicy, CacheTypes};
 use ccsm::{GGMLModel, Logits, Model, ModelOptions};
 
 use super::{filler_tokens, model_name, reset_peak_rss, BenchRow, BenchTest, RowSource};
-use crate::cli::{BenchArgs, LogArgs};
+use crate::args::LogArgs;
+use crate::cli::BenchArgs;
 use crate::progress;
 
 pub fn bench_llama(args: &BenchArgs, log: &LogArgs) -> Result<Vec<BenchRow>> {
@@ -32,25 +33,16 @@ pub fn bench_llama(args: &BenchArgs, log: &LogArgs) -> Result<Vec<BenchRow>> {
             if args.layers.kv_profile.is_some() && args.layers.kv_plan.is_none() {
                 return Err(crate::UsageError("--kv-profile goes with --kv-plan auto".into()).into());
             }
-            args.layers.apply_recent(&mut model)?;
-            let fixed = args.layers.fixed_layout(&args.model, model.cache().config())?;
-            if args.layers.any() && fixed.is_none() {
+            let types = args.layers.types()?;
+            if args.layers.any() && !matches!(types, CacheTypes::Layout(_) | CacheTypes::Planned { .. }) {
                 return Err(crate::UsageError("bench takes --kv-layout SPEC or --kv-plan auto --kv-bits B".into()).into());
             }
-            let layout = fixed.as_ref().map(|(layout, _)| layout.clone());
-            match fixed {
-                // A plan's layout, window and cells, as generation applies it (a full cache evicts).
-                Some((_, Some(plan))) => {
-                    model.apply_kv_plan(&plan, EvictionPolicy::default())?;
-                    if plan.capacity < n_ctx {
-                        model.set_eviction(Some(EvictionPolicy::default()));
-                    }
-                }
-                Some((layout, None)) => {
-                    model.quantize_kv_layout(layout)?;
-                }
-                None => {}
-            }
+            let profile = if args.layers.kv_plan.is_some() { Some(args.layers.profile(&args.model)?) } else { None };
+            let per_layer = types != CacheTypes::Uniform;
+            // A plan's layout, window and cells, as generation applies it (a full cache evicts).
+            let policy = CachePolicy { types, recent: args.layers.kv_recent, profile, ..CachePolicy::uniform(cache, cache) };
+            crate::cache_setup::apply_text(&policy, &mut model, true)?;
+            let layout = per_layer.then(|| model.cache().layout());
             model.set_attention(attention);
             reset_peak_rss();
             let vocab = model.model().vocab_size();

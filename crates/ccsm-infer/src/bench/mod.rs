@@ -11,7 +11,8 @@ use serde::Serialize;
 use ccsm::attention::AttentionChoice;
 use ccsm::CacheType;
 
-use crate::cli::{BenchArgs, BenchFormat, LogArgs};
+use crate::args::LogArgs;
+use crate::cli::{BenchArgs, BenchFormat};
 use crate::output;
 
 /// What a row measures.

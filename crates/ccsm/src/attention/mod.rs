@@ -180,6 +180,8 @@ pub struct BuildScope<'c, 'g> {
     /// Also compute the attention mass each cell receives (summed over layers, heads and queries)
     /// as the output "attn_mass" `[n_kv]`, for the attention eviction policy.
     pub track_attention: bool,
+    /// Which kernels the step's attention runs (the engine's choice).
+    pub kernels: AttentionChoice,
     attention_mass: Option<Tensor<'c>>,
 }
 
@@ -194,6 +196,7 @@ impl<'c, 'g> BuildScope<'c, 'g> {
             sequences: Vec::new(),
             output_rows: None,
             track_attention: false,
+            kernels: AttentionChoice::Auto,
             attention_mass: None,
         }
     }
@@ -223,6 +226,12 @@ impl<'c, 'g> BuildScope<'c, 'g> {
                 Ok(self.ctx.cont(self.ctx.view(x, &[x.ne(0), 1], &[row], (x.ne(1) as usize - 1) * row)?)?)
             }
         }
+    }
+
+    /// Runs the step's attention with `kernels`.
+    pub fn with_kernels(mut self, kernels: AttentionChoice) -> Self {
+        self.kernels = kernels;
+        self
     }
 
     pub fn tracking_attention(mut self, on: bool) -> Self {
@@ -342,7 +351,7 @@ fn over_one_cache<'c>(
     }
 
     let n_kv = mask.ne(0) as usize;
-    let path = cache.attention().resolve();
+    let path = s.kernels.resolve();
     let (k_view, v_view) = (cache.k_tensor(ctx, layer, n_kv)?, cache.v_tensor(ctx, layer, n_kv)?);
     let (k_view, v_view) = match path {
         // The stored rows in f32 (ggml's dequantizing copy), so flash attention takes its tiled path.

@@ -67,7 +67,7 @@ pub struct CsmEngine {
     code_limit: Option<usize>,
     /// Types of new sessions' decoder caches.
     decoder_types: (CacheType, CacheType),
-    /// The attention kernels new sessions' caches run.
+    /// The attention kernels every step runs.
     attention: AttentionChoice,
 }
 
@@ -107,9 +107,16 @@ impl CsmEngine {
         self.code_limit = limit.filter(|&l| l > 0);
     }
 
-    /// The attention kernels new sessions' caches run (auto by default).
+    /// Which attention kernels the steps of both transformers run (auto by default); kept graphs are
+    /// rebuilt.
     pub fn set_attention(&mut self, choice: AttentionChoice) {
         self.attention = choice;
+        self.backbone_graphs.clear();
+        self.decoder_graphs.clear();
+    }
+
+    pub fn attention(&self) -> AttentionChoice {
+        self.attention
     }
 
     /// Bytes of the compute memory: the fresh graphs' buffer and the kept graphs'.
@@ -138,10 +145,8 @@ impl CsmEngine {
 
     /// A new empty session (quantized halves rotated, as by default).
     pub fn new_session(&self, caches: &SessionCaches) -> Result<CsmSession> {
-        let mut backbone = KvCache::with_rotation(self.backbone_config(caches)?, Rotation::default())?;
-        let mut decoder = KvCache::with_rotation(self.decoder_config(), Rotation::default())?;
-        backbone.set_attention(self.attention);
-        decoder.set_attention(self.attention);
+        let backbone = KvCache::with_rotation(self.backbone_config(caches)?, Rotation::default())?;
+        let decoder = KvCache::with_rotation(self.decoder_config(), Rotation::default())?;
         Ok(CsmSession::new(backbone, decoder, self.model.config.backbone.n_ctx_train))
     }
 
@@ -230,7 +235,7 @@ impl CsmEngine {
         let caches: Vec<&KvCache> = sessions.iter().map(|s| &s.backbone).collect();
         let parts: Vec<(usize, usize)> =
             caches.iter().zip(rows).map(|(c, r)| (r.len(), if frame { c.decode_window() } else { c.len() })).collect();
-        let step = BackboneStep { model: &self.model, caches: &caches, parts: &parts, track };
+        let step = BackboneStep { model: &self.model, caches: &caches, parts: &parts, track, kernels: self.attention };
         let kept = frame.then(|| {
             let key = caches.iter().zip(&parts).fold(GraphKey::new(&[track as u64]), |k, (c, p)| k.with_cache(c, p.1));
             (&mut self.backbone_graphs, key)
@@ -331,7 +336,7 @@ impl CsmEngine {
             cells.push(r.session.decoder.append(DecoderStep::rows(s))?);
         }
         let caches: Vec<&KvCache> = requests.iter().map(|r| &r.session.decoder).collect();
-        let step = DecoderStep { model: &self.model, caches: &caches, s };
+        let step = DecoderStep { model: &self.model, caches: &caches, s, kernels: self.attention };
         let key = caches.iter().fold(GraphKey::new(&[s as u64]), |k, c| k.with_cache(c, c.capacity()));
         let mut runner = StepRunner { backend: &self.backend, compute: &mut self.compute, profile: None };
         let model = &self.model;

@@ -7,24 +7,17 @@ use super::model::CsmModel;
 use super::prompt::{Frame, Row};
 use super::session::{CsmSession, FrameTimings};
 use crate::attention::AttentionChoice;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::kv_cache::{EvictionPolicy, KvCache, Rotation};
 use crate::memory::{self, ManagedCache, MemoryReport};
 use crate::model::{keep_count, CacheReport, Model};
 use crate::sampling::Sampler;
+use crate::CacheRole;
 use crate::CacheType;
 
-/// Runtime settings of a CSM model.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct CsmOptions {
-    /// Backbone cache cells: prompt rows plus frames (at most the model's context).
-    pub n_ctx: usize,
-    pub k_type: CacheType,
-    pub v_type: CacheType,
-    pub n_threads: usize,
-    /// Most prompt rows evaluated in one graph.
-    pub n_batch: usize,
-}
+/// Runtime settings of a CSM model: a text model's (`n_ctx` is the backbone's cells; the decoder's
+/// cache takes the same types).
+pub type CsmOptions = crate::ModelOptions;
 
 /// A CSM model with one session, ready to generate.
 pub struct CsmGenerator {
@@ -34,10 +27,7 @@ pub struct CsmGenerator {
 
 impl CsmGenerator {
     pub fn new(model: CsmModel, options: CsmOptions) -> Result<Self> {
-        let n_ctx_train = model.config().backbone.n_ctx_train;
-        if options.n_ctx == 0 || options.n_ctx > n_ctx_train {
-            return Err(Error::Input(format!("context {} must be between 1 and the model's {n_ctx_train}", options.n_ctx)));
-        }
+        options.check(Some(model.config().backbone.n_ctx_train))?;
         let engine = CsmEngine::new(model, options.n_threads, options.n_batch, (options.k_type, options.v_type))?;
         let session = engine.new_session(&SessionCaches { capacity: options.n_ctx, k_type: options.k_type, v_type: options.v_type })?;
         Ok(CsmGenerator { engine, session })
@@ -49,6 +39,11 @@ impl CsmGenerator {
 
     pub fn engine(&self) -> &CsmEngine {
         &self.engine
+    }
+
+    /// The engine and the session, to step them with the engine's functions (`speech_step`).
+    pub fn parts_mut(&mut self) -> (&mut CsmEngine, &mut CsmSession) {
+        (&mut self.engine, &mut self.session)
     }
 
     /// The engine back, for sessions of its own, dropping this one.
@@ -64,8 +59,6 @@ impl CsmGenerator {
     /// Which attention kernels the steps of both transformers run (auto by default).
     pub fn set_attention(&mut self, choice: AttentionChoice) {
         self.engine.set_attention(choice);
-        self.session.backbone.set_attention(choice);
-        self.session.decoder.set_attention(choice);
     }
 
     pub fn backbone_cache(&self) -> &KvCache {
@@ -130,15 +123,15 @@ impl Model for CsmGenerator {
 
     fn quantize_kv_cache(&mut self, k_type: CacheType, v_type: CacheType) -> Result<Vec<CacheReport>> {
         Ok(vec![
-            CacheReport { cache: "backbone", report: self.session.backbone.quantize(k_type, v_type)? },
-            CacheReport { cache: "decoder", report: self.session.decoder.quantize(k_type, v_type)? },
+            CacheReport { cache: CacheRole::Backbone, report: self.session.backbone.quantize(k_type, v_type)? },
+            CacheReport { cache: CacheRole::Decoder, report: self.session.decoder.quantize(k_type, v_type)? },
         ])
     }
 
     fn optimize_memory(&mut self, max_bytes: usize, policy: EvictionPolicy) -> Result<MemoryReport> {
         let caches = vec![
-            ManagedCache { name: "backbone", cache: &mut self.session.backbone, resizable: true },
-            ManagedCache { name: "decoder", cache: &mut self.session.decoder, resizable: false },
+            ManagedCache { role: CacheRole::Backbone, cache: &mut self.session.backbone, resizable: true },
+            ManagedCache { role: CacheRole::Decoder, cache: &mut self.session.decoder, resizable: false },
         ];
         memory::optimize(caches, max_bytes, policy)
     }

@@ -7,7 +7,7 @@ use ggml::{Context, DType, Graph, Slot, StepGraph, Tensor};
 
 use super::model::CsmModel;
 use super::prompt::Row;
-use crate::attention::{BatchInputs, BatchSlots, BuildScope};
+use crate::attention::{AttentionChoice, BatchInputs, BatchSlots, BuildScope};
 use crate::engine::step::StepBuilder;
 use crate::engine::PER_SEQUENCE_NODES;
 use crate::error::Result;
@@ -22,6 +22,7 @@ pub(super) struct BackboneStep<'a> {
     pub parts: &'a [(usize, usize)],
     /// Also sum the attention mass each cell receives (one session only).
     pub track: bool,
+    pub kernels: AttentionChoice,
 }
 
 /// The inputs and outputs of a backbone step.
@@ -74,7 +75,8 @@ impl StepBuilder for BackboneStep<'_> {
         let x = ctx.add(text, audio)?;
         let (inputs, sequences) = BatchInputs::new(ctx, model.backbone.freq_factor_input(ctx)?, self.caches, self.parts)?;
         let mut scope = BuildScope::batched(ctx, graph, &model.weights, inputs.positions, inputs.freq_factors, sequences)?
-            .tracking_attention(self.track);
+            .tracking_attention(self.track)
+            .with_kernels(self.kernels);
         let (which, output_rows) = if one_row_each(self.parts) {
             (Logits::All, None)
         } else if self.caches.len() > 1 {
@@ -168,6 +170,7 @@ pub(super) struct DecoderStep<'a> {
     pub model: &'a CsmModel,
     pub caches: &'a [&'a KvCache],
     pub s: usize,
+    pub kernels: AttentionChoice,
 }
 
 /// The inputs and outputs of a decoder step.
@@ -222,7 +225,8 @@ impl StepBuilder for DecoderStep<'_> {
         let x = ctx.mul_mat(w(model.projection), x)?;
         let parts: Vec<(usize, usize)> = self.caches.iter().map(|c| (Self::rows(s), c.capacity())).collect();
         let (inputs, sequences) = BatchInputs::new(ctx, model.decoder.freq_factor_input(ctx)?, self.caches, &parts)?;
-        let mut scope = BuildScope::batched(ctx, graph, &model.weights, inputs.positions, inputs.freq_factors, sequences)?;
+        let mut scope =
+            BuildScope::batched(ctx, graph, &model.weights, inputs.positions, inputs.freq_factors, sequences)?.with_kernels(self.kernels);
         let output_rows = if s == 0 && n_seq > 1 { Some(ctx.new_tensor(DType::I32, &[n_seq])?.set_input()) } else { None };
         scope.output_rows = output_rows;
         let which = if s == 0 { Logits::Last } else { Logits::All };

@@ -9,6 +9,7 @@ mod model;
 mod prompt;
 mod request;
 mod session;
+mod speech;
 
 pub use config::CsmConfig;
 pub use engine::{CsmEngine, FrameRequest, PrefillRequest, SessionCaches};
@@ -17,3 +18,4 @@ pub use model::CsmModel;
 pub use prompt::{Frame, Row, Segment};
 pub use request::Request;
 pub use session::{CsmSession, FrameTimings};
+pub use speech::{speech_step, SpeechTurn, TurnProgress, TurnStep};

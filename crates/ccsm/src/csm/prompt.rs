@@ -6,8 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 
-/// The codes of one audio frame, one per codebook.
-pub type Frame = Vec<u32>;
+pub use crate::mimi::Frame;
 
 /// One backbone position.
 #[derive(Clone, Debug, PartialEq, Eq)]

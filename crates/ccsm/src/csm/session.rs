@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use crate::kv_cache::{EvictionPolicy, KvCache};
-use crate::model::TrainedContext;
+use crate::trained_context::TrainedContext;
 
 /// Where generation time went.
 #[derive(Clone, Copy, Debug, Default, Serialize)]

@@ -3,7 +3,7 @@
 use ggml::{Backend, ComputeBuffer, Context, DType, Graph, NodeTime, Slot, Tensor};
 
 use super::step::{GraphKey, KeptGraphs, StepBuilder, StepRunner};
-use crate::attention::{BatchInputs, BatchSlots, BuildScope};
+use crate::attention::{AttentionChoice, BatchInputs, BatchSlots, BuildScope};
 use crate::error::{Error, Result};
 use crate::kv_cache::{KvCache, KvCacheConfig, Rotation};
 use crate::llama::LlamaModel;
@@ -29,6 +29,8 @@ pub struct TextEngine {
     /// with the same attention windows.
     kept: KeptGraphs<StepSlots>,
     reuse_kept: bool,
+    /// The attention kernels every step runs.
+    attention: AttentionChoice,
     /// While profiling: every computed node's time, in order.
     profile: Option<Vec<NodeTime>>,
 }
@@ -48,6 +50,7 @@ struct TextStep<'a> {
     caches: &'a [&'a KvCache],
     shapes: &'a [SequenceShape],
     track: bool,
+    kernels: AttentionChoice,
 }
 
 /// What a step's graph computes for one sequence: `n` rows over its first `n_kv` cells, logits per `which`.
@@ -75,6 +78,7 @@ impl TextEngine {
             backend: Backend::cpu(n_threads)?,
             kept: KeptGraphs::new(1),
             reuse_kept: true,
+            attention: AttentionChoice::Auto,
             profile: None,
         })
     }
@@ -115,6 +119,16 @@ impl TextEngine {
     pub fn set_reuse_kept_graph(&mut self, reuse: bool) {
         self.reuse_kept = reuse;
         self.kept.clear();
+    }
+
+    /// Which attention kernels steps run (auto by default); kept graphs are rebuilt.
+    pub fn set_attention(&mut self, choice: AttentionChoice) {
+        self.attention = choice;
+        self.kept.clear();
+    }
+
+    pub fn attention(&self) -> AttentionChoice {
+        self.attention
     }
 
     /// Starts (or stops) timing every node of the following steps (collected until `take_profile`).
@@ -185,7 +199,7 @@ impl TextEngine {
             .collect();
         let caches: Vec<&KvCache> = sequences.iter().map(|s| &*s.cache).collect();
         let tokens: Vec<i32> = sequences.iter().flat_map(|s| s.tokens.iter().map(|&t| t as i32)).collect();
-        let step = TextStep { model: &self.model, caches: &caches, shapes: &shapes, track };
+        let step = TextStep { model: &self.model, caches: &caches, shapes: &shapes, track, kernels: self.attention };
         // One-token steps keep their graph: the same caches with the same windows take many in a row.
         let kept = decode.then(|| {
             let key = caches.iter().zip(&shapes).fold(GraphKey::new(&[track as u64]), |k, (c, s)| k.with_cache(c, s.n_kv));
@@ -277,7 +291,8 @@ impl StepBuilder for TextStep<'_> {
         let which = if outputs == total { Logits::All } else { Logits::Last };
         let x = ctx.get_rows(model.weights.get(model.token_embd), tokens)?;
         let mut scope = BuildScope::batched(ctx, graph, &model.weights, inputs.positions, inputs.freq_factors, sequences)?
-            .tracking_attention(self.track);
+            .tracking_attention(self.track)
+            .with_kernels(self.kernels);
         scope.output_rows = output_rows;
         let hidden = transformer.build(&mut scope, x, which)?;
         let attention_mass = scope.take_attention_mass().map(Tensor::set_output);

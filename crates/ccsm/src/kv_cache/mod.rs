@@ -19,7 +19,6 @@ use std::ops::Range;
 
 use ggml::{Context, Tensor, TensorId, TensorStore};
 
-use crate::attention::AttentionChoice;
 use crate::error::{Error, Result};
 use crate::CacheType;
 
@@ -35,6 +34,9 @@ pub struct QuantizeReport {
     /// the tensor being written).
     pub peak_bytes: usize,
 }
+
+/// The smallest capacity a cache is shrunk to (by the memory optimizer or a plan).
+pub const MIN_CELLS: usize = 16;
 
 /// Granularity of the attention window of single-token steps (see `KvCache::decode_window`).
 pub const DECODE_WINDOW: usize = 256;
@@ -219,12 +221,11 @@ pub struct KvCache {
     rotation: Rotation,
     /// The F32 `[head_dim, head_dim]` Hadamard matrix graphs rotate with, while a half is rotated.
     hadamard: Option<(TensorStore, TensorId)>,
-    attention: AttentionChoice,
     /// The newest cells again in f16, when the config asks for a window.
     recent: Option<recent::RecentWindow>,
     /// Unique among the caches of this process (kept graphs are keyed by it).
     id: u64,
-    /// Bumped by every change a built graph could not see (types, rotation, attention kernels), so
+    /// Bumped by every change a built graph could not see (types, rotation, the recent window), so
     /// kept graphs keyed by (id, version) are rebuilt after one.
     version: u64,
 }
@@ -301,7 +302,6 @@ impl KvCache {
             scores: Vec::new(),
             rotation,
             hadamard: None,
-            attention: AttentionChoice::Auto,
             recent,
             id: NEXT_CACHE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             version: 0,
@@ -324,23 +324,13 @@ impl KvCache {
         self.id
     }
 
-    /// How many changes graphs cannot see (types, rotation, attention kernels) the cache has had.
+    /// How many changes graphs cannot see (types, rotation, the recent window) the cache has had.
     pub fn version(&self) -> u64 {
         self.version
     }
 
     pub fn rotation(&self) -> Rotation {
         self.rotation
-    }
-
-    /// The attention kernels steps over this cache run (graphs built before a change keep theirs).
-    pub fn attention(&self) -> AttentionChoice {
-        self.attention
-    }
-
-    pub fn set_attention(&mut self, choice: AttentionChoice) {
-        self.attention = choice;
-        self.version += 1;
     }
 
     /// Whether layer `layer`'s `half` is stored rotated (for K, queries must then be rotated too; for

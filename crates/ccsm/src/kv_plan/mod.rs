@@ -1,12 +1,11 @@
-//! Mixed-precision KV caches chosen to fit a budget: a per-layer sensitivity profile (`calibrate`),
+//! Mixed-precision KV caches chosen to fit a budget: a per-layer sensitivity profile (measured by
+//! `crate::calibrate`),
 //! and a planner that picks each layer's K and V types to minimise the profile's predicted KL
 //! divergence within a byte or bits-per-element budget (`docs/kv-planner.md`).
 
-mod calibrate;
 mod planner;
 mod sensitivity;
 
-pub use calibrate::{calibrate, relative_mse, CalibrationOptions};
 pub use planner::{plan, plan_with_window, KvPlan, PlanBudget, UNIFORM_MARGIN};
 pub use sensitivity::{CalibrationRun, HalfCost, ProfileShape, SensitivityProfile, WindowGain, GGUF_KEY, PROFILE_FORMAT};
 

@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use super::sensitivity::{ProfileShape, SensitivityProfile};
 use crate::error::{Error, Result};
+use crate::kv_cache::MIN_CELLS;
 use crate::kv_cache::{Half, KvCacheConfig, KvLayout, LayerTypes};
-use crate::memory::MIN_CELLS;
 use crate::CacheType;
 
 /// How much less predicted KLD a mixed layout must promise than the best uniform layout that fits

@@ -11,8 +11,8 @@ use ggml::{Backend, ComputeBuffer, Context, DType, Graph, NodeTime, Slot};
 use super::config::MimiConfig;
 use super::conv::{ConvScope, ConvStates};
 use super::model::MimiModel;
+use super::Frame;
 use crate::attention::{BuildScope, StepInputs};
-use crate::csm::Frame;
 use crate::engine::step::{GraphKey, KeptGraphs, StepBuilder, StepRunner};
 use crate::error::{Error, Result};
 use crate::kv_cache::{EvictionPolicy, KvCache, KvCacheConfig, Rotation, DECODE_WINDOW};
@@ -257,6 +257,11 @@ impl MimiDecoder {
         let codec = MimiCodec::new(model, options)?;
         let stream = codec.new_stream()?;
         Ok(MimiDecoder { codec, stream })
+    }
+
+    /// The codec and the stream, to decode with the codec's functions.
+    pub fn parts_mut(&mut self) -> (&mut MimiCodec, &mut MimiStream) {
+        (&mut self.codec, &mut self.stream)
     }
 
     /// The codec back, for streams of its own, dropping this one.

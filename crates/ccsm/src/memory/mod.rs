@@ -6,15 +6,21 @@
 //! step is taken. Only caches that persist across steps are resized or pruned (for CSM the backbone;
 //! the decoder's is reset every frame); all are quantized.
 
+mod admission;
+mod policy;
+
+pub use admission::{admit, uniform_fallbacks, Admission, Budget, ESCALATION};
+pub use policy::{CachePolicy, CacheSetup, CacheTypes, MemoryBudget, MemoryStrategy, SessionLayouts};
+
 use serde::Serialize;
 
+use crate::cache_role::CacheRole;
 use crate::error::{Error, Result};
-use crate::kv_cache::{EvictionPolicy, KvCache, KvCacheConfig};
+use crate::kv_cache::{EvictionPolicy, KvCache, KvCacheConfig, KvLayout};
 use crate::kv_plan::{self, KvPlan, PlanBudget, SensitivityProfile};
 use crate::CacheType;
 
-/// The smallest capacity a resizable cache is shrunk to.
-pub const MIN_CELLS: usize = 16;
+pub use crate::kv_cache::MIN_CELLS;
 
 /// Which branch of the strategy a budget ratio selects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -53,11 +59,11 @@ impl Strategy {
         }
     }
 
-    /// The type the strategy narrows caches to, if any.
+    /// The type the strategy narrows caches to, if any (`ESCALATION`'s, in order).
     fn quantize_to(self) -> Option<CacheType> {
         match self {
-            Strategy::Q8ThenResize => Some(CacheType::Q8_0),
-            Strategy::Q4ThenPrune => Some(CacheType::Q4_0),
+            Strategy::Q8ThenResize => Some(ESCALATION[0]),
+            Strategy::Q4ThenPrune => Some(ESCALATION[1]),
             Strategy::Nothing | Strategy::Resize | Strategy::Plan => None,
         }
     }
@@ -65,10 +71,40 @@ impl Strategy {
 
 /// A cache the optimizer may act on.
 pub struct ManagedCache<'a> {
-    pub name: &'static str,
+    pub role: CacheRole,
     pub cache: &'a mut KvCache,
     /// Whether its capacity may change (false for CSM's per-frame decoder cache).
     pub resizable: bool,
+}
+
+/// One thing the optimizer did to a cache (shown in reports as a sentence).
+#[derive(Clone, Debug, PartialEq)]
+pub enum MemoryAction {
+    Quantized { cache: CacheRole, layout: KvLayout },
+    Pruned { cache: CacheRole, evicted: usize, of: usize, policy: EvictionPolicy },
+    Resized { cache: CacheRole, from: usize, to: usize },
+    RecentWindow { cache: CacheRole, cells: usize },
+    Planned { cache: CacheRole, spec: String, bits_per_element: f64, predicted_kld: f64 },
+}
+
+impl std::fmt::Display for MemoryAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MemoryAction::Quantized { cache, layout } => write!(f, "{cache}: quantized to {layout}"),
+            MemoryAction::Pruned { cache, evicted, of, policy } => write!(f, "{cache}: pruned {evicted} of {of} cells ({policy:?})"),
+            MemoryAction::Resized { cache, from, to } => write!(f, "{cache}: resized from {from} to {to} cells"),
+            MemoryAction::RecentWindow { cache, cells } => write!(f, "{cache}: a recent window of {cells} f16 cells"),
+            MemoryAction::Planned { cache, spec, bits_per_element, predicted_kld } => {
+                write!(f, "{cache}: planned {spec} ({bits_per_element:.3} bits per element, predicted KLD {predicted_kld:.5})")
+            }
+        }
+    }
+}
+
+impl Serialize for MemoryAction {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 /// What the optimizer did.
@@ -80,10 +116,10 @@ pub struct MemoryReport {
     pub strategy: Strategy,
     /// The ratio's strategy, when a later one had to be taken instead.
     pub escalated_from: Option<Strategy>,
-    pub actions: Vec<String>,
+    pub actions: Vec<MemoryAction>,
     /// (cache, bytes) before and after.
-    pub before: Vec<(&'static str, usize)>,
-    pub after: Vec<(&'static str, usize)>,
+    pub before: Vec<(CacheRole, usize)>,
+    pub after: Vec<(CacheRole, usize)>,
     /// The planner's choice, under the `plan` strategy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub plan: Option<KvPlan>,
@@ -114,7 +150,7 @@ pub fn minimum_bytes(caches: &[ManagedCache<'_>]) -> Result<usize> {
     caches
         .iter()
         .map(|c| {
-            let mut config = c.cache.config().clone().map_types(|t| narrowed(t, CacheType::Q4_0));
+            let mut config = c.cache.config().clone().map_types(|t| narrowed(t, ESCALATION[ESCALATION.len() - 1]));
             if c.resizable {
                 config.capacity = config.capacity.min(MIN_CELLS);
             }
@@ -183,7 +219,7 @@ fn plan(caches: &[ManagedCache<'_>], strategy: Strategy, budget: usize) -> Resul
 /// whole plan is checked before any cache is touched: a budget below the minimal layout is refused
 /// with nothing changed, and an accepted one is met exactly as planned.
 pub fn optimize(mut caches: Vec<ManagedCache<'_>>, budget: usize, policy: EvictionPolicy) -> Result<MemoryReport> {
-    let before: Vec<_> = caches.iter().map(|c| (c.name, c.cache.memory_usage())).collect();
+    let before: Vec<_> = caches.iter().map(|c| (c.role, c.cache.memory_usage())).collect();
     let current = total(&caches);
     let ratio = budget as f64 / current as f64;
     let minimum = minimum_bytes(&caches)?;
@@ -207,19 +243,19 @@ pub fn optimize(mut caches: Vec<ManagedCache<'_>>, budget: usize, policy: Evicti
                 Some(per_layer) => c.cache.quantize_layout(per_layer)?,
                 None => c.cache.quantize(target.config.k_type, target.config.v_type)?,
             };
-            actions.push(format!("{}: quantized to {layout}", c.name));
+            actions.push(MemoryAction::Quantized { cache: c.role, layout });
         }
         let (len, from, cells) = (c.cache.len(), c.cache.capacity(), target.config.capacity);
         if cells != from {
             if strategy == Strategy::Q4ThenPrune && len > cells {
                 let evicted = c.cache.prune(cells, policy)?;
-                actions.push(format!("{}: pruned {evicted} of {len} cells ({policy:?})", c.name));
+                actions.push(MemoryAction::Pruned { cache: c.role, evicted, of: len, policy });
             }
             c.cache.resize(cells, policy)?;
-            actions.push(format!("{}: resized from {from} to {cells} cells", c.name));
+            actions.push(MemoryAction::Resized { cache: c.role, from, to: cells });
         }
     }
-    let after: Vec<_> = caches.iter().map(|c| (c.name, c.cache.memory_usage())).collect();
+    let after: Vec<_> = caches.iter().map(|c| (c.role, c.cache.memory_usage())).collect();
     let bytes_after = total(&caches);
     if bytes_after > budget {
         return Err(Error::Invariant(format!("the memory optimizer planned within {budget} bytes but the caches hold {bytes_after}")));
@@ -237,11 +273,11 @@ pub fn optimize_planned(
     policy: EvictionPolicy,
     profile: &SensitivityProfile,
 ) -> Result<MemoryReport> {
-    let before = vec![(cache.name, cache.cache.memory_usage())];
+    let before = vec![(cache.role, cache.cache.memory_usage())];
     let ratio = budget as f64 / before[0].1 as f64;
     let chosen = kv_plan::plan(profile, cache.cache.config(), &[], PlanBudget::Bytes(budget))?;
-    let actions = apply_plan(cache.cache, cache.name, &chosen, policy)?;
-    let after = vec![(cache.name, cache.cache.memory_usage())];
+    let actions = apply_plan(cache.cache, cache.role, &chosen, policy)?;
+    let after = vec![(cache.role, cache.cache.memory_usage())];
     if after[0].1 > budget {
         return Err(Error::Invariant(format!("the planner planned within {budget} bytes but the cache holds {}", after[0].1)));
     }
@@ -272,27 +308,29 @@ pub fn make_room(cache: &mut KvCache, needed: usize, policy: EvictionPolicy) -> 
 
 /// Gives `cache` a plan's capacity (evicting by `policy` first if it holds more cells: the conversion
 /// then works on the smaller cache) and its layout; returns what it did.
-pub fn apply_plan(cache: &mut KvCache, name: &str, plan: &KvPlan, policy: EvictionPolicy) -> Result<Vec<String>> {
+pub fn apply_plan(cache: &mut KvCache, role: CacheRole, plan: &KvPlan, policy: EvictionPolicy) -> Result<Vec<MemoryAction>> {
     let mut actions = Vec::new();
     let (len, from) = (cache.len(), cache.capacity());
     if plan.capacity < from {
         if len > plan.capacity {
             let evicted = cache.prune(plan.capacity, policy)?;
-            actions.push(format!("{name}: pruned {evicted} of {len} cells ({policy:?})"));
+            actions.push(MemoryAction::Pruned { cache: role, evicted, of: len, policy });
         }
         cache.resize(plan.capacity, policy)?;
-        actions.push(format!("{name}: resized from {from} to {} cells", plan.capacity));
+        actions.push(MemoryAction::Resized { cache: role, from, to: plan.capacity });
     }
     if plan.recent != cache.recent_cells() {
         cache.set_recent(plan.recent)?;
-        actions.push(format!("{name}: a recent window of {} f16 cells", plan.recent));
+        actions.push(MemoryAction::RecentWindow { cache: role, cells: plan.recent });
     }
     if plan.layout != cache.layout() {
         cache.quantize_layout(plan.layout.clone())?;
-        actions.push(format!(
-            "{name}: planned {} ({:.3} bits per element, predicted KLD {:.5})",
-            plan.spec, plan.bits_per_element, plan.predicted_kld
-        ));
+        actions.push(MemoryAction::Planned {
+            cache: role,
+            spec: plan.spec.clone(),
+            bits_per_element: plan.bits_per_element,
+            predicted_kld: plan.predicted_kld,
+        });
     }
     Ok(actions)
 }

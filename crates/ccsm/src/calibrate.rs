@@ -7,10 +7,10 @@
 //! perturbation with the stored rows' error): one run per half instead of one per half and type.
 //! `exhaustive` measures every type directly instead, which is how the proxy is checked.
 
-use super::sensitivity::{CalibrationRun, HalfCost, ProfileShape, SensitivityProfile, WindowGain, PROFILE_FORMAT};
 use crate::error::{Error, Result};
+use crate::ggml_model::GGMLModel;
 use crate::kv_cache::{rotate_heads, Half, KvLayout, LayerTypes, Rotation};
-use crate::model::GGMLModel;
+use crate::kv_plan::{CalibrationRun, HalfCost, ProfileShape, SensitivityProfile, WindowGain, PROFILE_FORMAT};
 use crate::perplexity::{score, PerplexityRun};
 use crate::CacheType;
 use crate::Model;
