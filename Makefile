@@ -73,10 +73,11 @@ build: setup
 test: setup models data
 	$(CARGO) test $(RELEASE) --workspace --exclude ccsm-plots --features ccsm/fuzzing
 
-## lint: rustfmt and clippy (warnings are errors), as CI runs them
+## lint: rustfmt, clippy and rustdoc (warnings are errors), as CI runs them
 lint: setup
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy $(RELEASE) --workspace --all-targets --features ccsm/fuzzing -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --workspace --exclude ccsm-plots --features ccsm/fuzzing
 
 ## run: the main job on the embedded default: speech from the generated tiny CSM model (random weights, so
 ## the sound is noise; the pipeline is the real one), decoded by its embedded tiny Mimi into a WAV

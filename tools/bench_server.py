@@ -3,6 +3,7 @@
 
     tools/bench_server.py MODEL [--clients 1,2,4,8] [--tokens 128] [--reps 3] [--peer DIR] [-o FILE.jsonl]
     tools/bench_server.py CSM_MODEL --codec MIMI [--clients 1,2,4] [--audio-ms 2000]   (speech, ccsm only)
+        [--ccsm NAME=BIN ...]   (speech: several ccsm builds side by side, interleaved, with ratios to the first)
 
 Both servers run with the same threads, cache type (f16) and parallel slots as clients; for each client
 count the two are measured alternately (ours, theirs, ours, ...), and the best of --reps is kept. A round
@@ -49,9 +50,9 @@ def wait_healthy(url, proc, seconds=120):
     raise RuntimeError("server never became healthy")
 
 
-def start(kind, model, n, threads, port, peer, codec=None):
+def start(kind, model, n, threads, port, peer, codec=None, binary=None):
     if kind == "ccsm":
-        binary = os.path.join(HERE, "..", "target", "release", "ccsm-infer")
+        binary = binary or os.path.join(HERE, "..", "target", "release", "ccsm-infer")
         cmd = [binary, "serve", model, "--port", str(port), "--parallel", str(n), "-t", str(threads), "-c", "1024", "-q"]
         if codec:
             cmd += ["--codec", codec]
@@ -124,7 +125,34 @@ def speech_round(url, n, audio_ms):
             "ttfa_ms_median": ttfa[len(ttfa) // 2], "ttfa_ms_max": ttfa[-1], "wall_s": end - start}
 
 
+def speech_builds(args):
+    """Each build's servers measured alternately per client count; the best of --reps per build."""
+    builds = [b.split("=", 1) for b in args.ccsm]
+    print("| clients | " + " | ".join(f"{name} frames/s" for name, _ in builds) + " | " +
+          " | ".join(f"{name} / {builds[0][0]}" for name, _ in builds[1:]) + " | " + " | ".join(f"{name} TTFA ms" for name, _ in builds) + " |")
+    print("|---:|" + "---:|" * (3 * len(builds) - 1))
+    for n in [int(c) for c in args.clients.split(",")]:
+        servers = [start("ccsm", args.model, n, args.threads, 18650 + i, args.peer, codec=args.codec, binary=b) for i, (_, b) in enumerate(builds)]
+        best = [None] * len(builds)
+        try:
+            for _ in range(args.reps):
+                for i, (_, url) in enumerate(servers):
+                    r = speech_round(url, n, args.audio_ms)
+                    if best[i] is None or r["frames_per_s"] > best[i]["frames_per_s"]:
+                        best[i] = r
+        finally:
+            for proc, _ in servers:
+                proc.terminate()
+                proc.wait()
+        base = best[0]["frames_per_s"]
+        print(f"| {n} | " + " | ".join(f"{b['frames_per_s']:.2f}" for b in best) + " | " +
+              " | ".join(f"{b['frames_per_s'] / base:.2f}" for b in best[1:]) + " | " + " | ".join(f"{b['ttfa_ms_median']:.0f}" for b in best) + " |",
+              flush=True)
+
+
 def speech_main(args):
+    if args.ccsm:
+        return speech_builds(args)
     rows = []
     for n in [int(c) for c in args.clients.split(",")]:
         proc, url = start("ccsm", args.model, n, args.threads, 18650, args.peer, codec=args.codec)
@@ -154,6 +182,7 @@ def main():
     ap.add_argument("-o", "--output")
     ap.add_argument("--codec", help="a Mimi GGUF: benchmark speech (ccsm only) instead of text")
     ap.add_argument("--audio-ms", type=int, default=2000)
+    ap.add_argument("--ccsm", action="append", default=[], help="speech: NAME=BIN, a ccsm-infer build to compare (repeat)")
     args = ap.parse_args()
     if args.codec:
         return speech_main(args)

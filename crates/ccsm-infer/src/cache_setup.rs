@@ -62,6 +62,9 @@ impl CacheArgs {
             return Err(UsageError("--kv-profile goes with --kv-plan auto or --memory-strategy plan".into()).into());
         }
         let types = layers.types()?;
+        // The profile first: without one no plan can run, whatever the budget.
+        let wants_profile = layers.kv_plan.is_some() || memory.memory_strategy == Some(MemoryStrategyArg::Plan);
+        let profile = if wants_profile { Some(layers.profile(model_path)?) } else { None };
         if types == CacheTypes::PlannedForBudget && memory.max_memory_mb.is_none() {
             return Err(UsageError("--kv-plan auto needs a budget: --kv-bits B or --max-memory-mb N".into()).into());
         }
@@ -72,7 +75,6 @@ impl CacheArgs {
             None if types == CacheTypes::PlannedForBudget => MemoryStrategy::Plan,
             None => MemoryStrategy::Escalate,
         };
-        let profile = if layers.kv_plan.is_some() || strategy == MemoryStrategy::Plan { Some(layers.profile(model_path)?) } else { None };
         Ok(CachePolicy {
             k_type: self.k_type(default),
             v_type: self.v_type(default),
@@ -127,6 +129,16 @@ pub fn apply_budget(policy: &CachePolicy, model: &mut impl Model, quiet: bool) -
         log_budget(report);
     }
     Ok(report)
+}
+
+/// One stderr line per converted cache.
+pub fn log_conversion(reports: &[ccsm::CacheReport], after: usize, unit: &str) {
+    for r in reports {
+        eprintln!(
+            "converted the {} KV cache after {after} {unit}: {} -> {} bytes (peak {} during the conversion)",
+            r.cache, r.report.bytes_before, r.report.bytes_after, r.report.peak_bytes
+        );
+    }
 }
 
 fn log_budget(report: &MemoryReport) {

@@ -349,3 +349,23 @@ fn unit_interval(s: &str) -> Result<f32, String> {
         Err(format!("{v} must be in (0, 1]"))
     }
 }
+
+impl GenerateArgs {
+    /// The model file: MODEL or -m.
+    pub fn model_path(&self) -> anyhow::Result<PathBuf> {
+        self.model
+            .clone()
+            .or_else(|| self.model_positional.clone())
+            .ok_or_else(|| crate::UsageError("no model given: pass MODEL or -m MODEL (see --help)".into()).into())
+    }
+
+    /// The prompt: -p's text or -f's file.
+    pub fn prompt_text(&self) -> anyhow::Result<String> {
+        use anyhow::Context as _;
+        match (&self.prompt, &self.prompt_file) {
+            (Some(p), _) => Ok(p.clone()),
+            (None, Some(path)) => std::fs::read_to_string(path).with_context(|| format!("reading prompt file {}", path.display())),
+            (None, None) => Err(crate::UsageError("no prompt given: pass -p TEXT or -f FILE".into()).into()),
+        }
+    }
+}

@@ -9,52 +9,23 @@ use serde_json::json;
 use ccsm::generate::{generate, LiveQuantize};
 use ccsm::llama::LlamaModel;
 use ccsm::sampling::{Sampler, SamplerConfig};
-use ccsm::{AnyModel, CacheType, GGMLModel, Model, ModelOptions, DEFAULT_CTX_CAP};
+use ccsm::{CacheType, GGMLModel, Model, ModelOptions, DEFAULT_CTX_CAP};
 
 use crate::args::{LogArgs, TopK};
 use crate::cache_setup::layout_json;
 use crate::cli::GenerateArgs;
 use crate::{output, UsageError};
 
-pub fn model_path(args: &GenerateArgs) -> Result<PathBuf> {
-    args.model
-        .clone()
-        .or_else(|| args.model_positional.clone())
-        .ok_or_else(|| UsageError("no model given: pass MODEL or -m MODEL (see --help)".into()).into())
-}
-
 fn n_predict_of(args: &GenerateArgs) -> usize {
     args.n_predict.unwrap_or(64) as usize
 }
 
-pub fn prompt_text(args: &GenerateArgs) -> Result<String> {
-    match (&args.prompt, &args.prompt_file) {
-        (Some(p), _) => Ok(p.clone()),
-        (None, Some(path)) => std::fs::read_to_string(path).with_context(|| format!("reading prompt file {}", path.display())),
-        (None, None) => Err(UsageError("no prompt given: pass -p TEXT or -f FILE".into()).into()),
-    }
-}
-
-/// Generation with whatever model the file holds: text for `llama`, audio frames for `csm`.
-pub fn run(args: &GenerateArgs, log: &LogArgs) -> Result<()> {
-    let path = model_path(args)?;
-    match ccsm::load_model(&path).with_context(|| format!("loading {}", path.display()))? {
-        AnyModel::Csm(model) => crate::speech_cmd::run(args, log, &path, model),
-        AnyModel::Llama(model) => run_text(args, log, path, model),
-        AnyModel::Mimi(_) => Err(UsageError(format!(
-            "{} is a codec (mimi): it decodes frames, it does not generate; use `ccsm-infer decode FRAMES.json --codec {}`",
-            path.display(),
-            path.display()
-        ))
-        .into()),
-    }
-}
-
-fn run_text(args: &GenerateArgs, log: &LogArgs, path: PathBuf, model: LlamaModel) -> Result<()> {
+/// Text generation with a Llama model.
+pub fn run(args: &GenerateArgs, log: &LogArgs, path: PathBuf, model: LlamaModel) -> Result<()> {
     if args.batch.is_some() || args.context.is_some() || args.output.is_some() || args.codec.is_some() {
         return Err(UsageError("--batch, --context, -o and --codec are for CSM models; this is a text model".into()).into());
     }
-    let prompt = prompt_text(args)?;
+    let prompt = args.prompt_text()?;
     let n_ctx = match args.ctx_size {
         Some(c) if c as usize > model.config().n_ctx_train => {
             return Err(UsageError(format!("-c {c} is beyond the model's context of {}", model.config().n_ctx_train)).into())
@@ -164,7 +135,7 @@ fn run_text(args: &GenerateArgs, log: &LogArgs, path: PathBuf, model: LlamaModel
         output::println(rest);
     }
     if let (false, Some(reports)) = (log.quiet, &generation.conversion) {
-        crate::speech_cmd::log_conversion(reports, args.quantize_after.unwrap_or(0) as usize, "tokens");
+        crate::cache_setup::log_conversion(reports, args.quantize_after.unwrap_or(0) as usize, "tokens");
     }
     if !log.quiet {
         eprintln!(

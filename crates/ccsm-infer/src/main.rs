@@ -49,6 +49,22 @@ fn init_logging(log: &LogArgs) {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).with_target(true).init();
 }
 
+/// Generation with whatever model the file holds: text for `llama`, audio frames for `csm`.
+fn generate(args: &cli::GenerateArgs, log: &LogArgs) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let path = args.model_path()?;
+    match ccsm::load_model(&path).with_context(|| format!("loading {}", path.display()))? {
+        ccsm::AnyModel::Csm(model) => speech_cmd::run(args, log, &path, model),
+        ccsm::AnyModel::Llama(model) => generate_cmd::run(args, log, path, model),
+        ccsm::AnyModel::Mimi(_) => Err(UsageError(format!(
+            "{} is a codec (mimi): it decodes frames, it does not generate; use `ccsm-infer decode FRAMES.json --codec {}`",
+            path.display(),
+            path.display()
+        ))
+        .into()),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -75,7 +91,7 @@ fn main() -> ExitCode {
         Some(Command::Calibrate(args)) => calibrate_cmd::run(&args, &cli.log),
         Some(Command::Decode(args)) => decode_cmd::run(&args, &cli.log),
         Some(Command::Serve(args)) => serve_cmd::run(&args),
-        None => generate_cmd::run(&cli.generate, &cli.log),
+        None => generate(&cli.generate, &cli.log),
     };
     match result {
         Ok(()) if interrupt::requested() => ExitCode::from(interrupt::EXIT_CODE),

@@ -31,7 +31,7 @@ pub struct ServeArgs {
     pub host: String,
 
     /// On a loopback address, also answer requests addressed (Host header) to NAME; repeatable; `*`
-    /// answers any. Without it a loopback server answers only localhost, 127.0.0.1 and [::1], so a web
+    /// answers any. Without it a loopback server answers only localhost, 127.0.0.1 and `[::1]`, so a web
     /// page cannot reach it through DNS rebinding. On other addresses, limits the names when given.
     #[arg(long = "allowed-host", value_name = "NAME")]
     pub allowed_hosts: Vec<String>,

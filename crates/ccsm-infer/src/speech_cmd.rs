@@ -75,16 +75,6 @@ pub struct SpeechResult {
     pub frames: Vec<Frame>,
 }
 
-/// One stderr line per converted cache.
-pub fn log_conversion(reports: &[CacheReport], after: usize, unit: &str) {
-    for r in reports {
-        eprintln!(
-            "converted the {} KV cache after {after} {unit}: {} -> {} bytes (peak {} during the conversion)",
-            r.cache, r.report.bytes_before, r.report.bytes_after, r.report.peak_bytes
-        );
-    }
-}
-
 /// The WAV a request's audio goes into, and its name for the report (`-`: stdout).
 struct AudioSink {
     out: AudioOut,
@@ -138,7 +128,7 @@ pub fn run(args: &GenerateArgs, log: &LogArgs, path: &Path, model: CsmModel) -> 
             .with_context(|| format!("{}: expected a JSON list of {{\"speaker\", \"text\", \"frames\"}}", p.display()))?,
         None => Vec::new(),
     };
-    let text = crate::generate_cmd::prompt_text(args)?;
+    let text = args.prompt_text()?;
     let request = Request { text, speaker: args.speaker, context, seed: None, max_frames: None, output: None };
     let sink = match (&kind, codec.as_ref()) {
         (OutputKind::WavFile(p), Some(c)) => {
@@ -252,7 +242,7 @@ fn speak(
         if args.quantize_after.is_some_and(|n| n as usize == frames.len()) && conversion.is_none() {
             let reports = generator.quantize_kv_cache(args.cache.k_type(CacheType::F16), args.cache.v_type(CacheType::F16))?;
             if !log.quiet {
-                bar.suspend(|| log_conversion(&reports, frames.len(), "frames"));
+                bar.suspend(|| crate::cache_setup::log_conversion(&reports, frames.len(), "frames"));
             }
             conversion = Some(reports);
         }

@@ -61,16 +61,7 @@ fn kv_bytes_plot(args: &Args) -> Result<PathBuf> {
     root.fill(&WHITE)?;
     let max_ctx = 8192usize;
     let mib = |t: CacheType, ctx: usize| -> Result<f64> {
-        let config = KvCacheConfig {
-            n_layer: c.n_layer,
-            head_dim: c.head_dim,
-            n_head_kv: c.n_head_kv,
-            capacity: ctx.max(1),
-            k_type: t,
-            v_type: t,
-            layout: None,
-            recent: 0,
-        };
+        let config = KvCacheConfig::uniform(c.n_layer, c.head_dim, c.n_head_kv, ctx.max(1), t, t);
         Ok(config.bytes()? as f64 / (1024.0 * 1024.0))
     };
     let top = mib(CacheType::F32, max_ctx)? * 1.05;

@@ -38,7 +38,9 @@ pub const MAX_TEXT_BODY_BYTES: usize = 2 << 20;
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Voice {
+    /// CSM speaker id the generated speech is said as.
     pub speaker: u32,
+    /// Earlier turns (text with their Mimi frames) that condition the voice; may be empty.
     #[serde(default)]
     pub context: Vec<Segment>,
 }
@@ -46,7 +48,9 @@ pub struct Voice {
 /// Where the engine thread is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Engine {
+    /// The model is still loading: requests get 503.
     Loading,
+    /// The loop is running and takes requests.
     Ready,
     /// Its loop ended (it failed): nothing more can be served.
     Stopped,

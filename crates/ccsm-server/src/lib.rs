@@ -35,10 +35,13 @@ pub use requests::{MAX_MESSAGES, MAX_PROMPT_BYTES};
 /// How `ccsm-infer serve` runs.
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
+    /// The GGUF model to serve: a CSM (speech) or Llama (text) model; a Mimi codec alone is refused.
     pub model: PathBuf,
     /// A Mimi codec for a CSM model without one embedded.
     pub codec: Option<PathBuf>,
+    /// Address to listen on (`ccsm-infer serve` defaults to 127.0.0.1).
     pub host: String,
+    /// Port to listen on (0: any free port, printed at start).
     pub port: u16,
     /// Sessions generating at once.
     pub parallel: usize,
@@ -50,6 +53,7 @@ pub struct ServeConfig {
     pub limits: ConnectionLimits,
     /// How long a request body may take to arrive.
     pub body_timeout: Duration,
+    /// Folder of `NAME.json` voices (see [`load_voices`]); none: speakers are chosen by id only.
     pub voices: Option<PathBuf>,
     /// Sessions' cache types (text models: per-layer layouts, plans, a recent window) and the bytes
     /// every session's caches share (default: `parallel` sessions of a full context).
@@ -58,7 +62,9 @@ pub struct ServeConfig {
     pub adapt: bool,
     /// Most cache cells one session may use (default: the model's context, at most 4096).
     pub n_ctx: Option<usize>,
+    /// ggml compute threads of the engine.
     pub n_threads: usize,
+    /// Most rows one engine step runs (prompts are fed in chunks within it).
     pub n_batch: usize,
     /// Requests that may wait for admission before new ones get 429.
     pub max_queue: usize,

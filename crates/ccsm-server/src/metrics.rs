@@ -16,6 +16,7 @@ pub struct Histogram {
 }
 
 impl Histogram {
+    /// Counts one observation of `seconds` in every bucket whose bound it does not exceed.
     pub fn observe(&self, seconds: f64) {
         let mut h = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if h.0.is_empty() {
@@ -43,25 +44,40 @@ impl Histogram {
 /// Everything `/metrics` reports; the engine threads and the HTTP side update it.
 #[derive(Default)]
 pub struct Metrics {
+    /// Requests admitted and generating now (`ccsm_requests_running`).
     pub running: AtomicUsize,
+    /// Requests queued for admission (`ccsm_requests_waiting`, the queue depth routers read).
     pub waiting: AtomicUsize,
+    /// Bytes of the KV caches (and codec states) of running requests (`ccsm_kv_cache_bytes`).
     pub kv_bytes: AtomicUsize,
+    /// The memory budget, in bytes, all sessions' caches share (`ccsm_kv_cache_budget_bytes`).
     pub kv_budget_bytes: AtomicUsize,
+    /// Requests that finished generating (`ccsm_requests_total{outcome="ok"}`).
     pub requests_ok: AtomicU64,
+    /// Requests ended by a server-side error, such as a failed engine step (`outcome="failed"`).
     pub requests_failed: AtomicU64,
     /// Answered 4xx (malformed, unsupported, too long for the context, unauthorised, ...).
     pub requests_invalid: AtomicU64,
+    /// Requests whose client left before they finished, queued or running (`outcome="cancelled"`).
     pub requests_cancelled: AtomicU64,
+    /// Requests turned away: 429 with the queue full, 503 before the model is ready (`outcome="rejected"`).
     pub requests_rejected: AtomicU64,
+    /// Prompt tokens (text) or backbone rows (speech) of admitted requests.
     pub prompt_tokens: AtomicU64,
+    /// Text tokens generated.
     pub tokens_generated: AtomicU64,
+    /// Audio frames generated (80 ms each).
     pub frames_generated: AtomicU64,
+    /// Engine steps: one graph over every running session.
     pub steps: AtomicU64,
+    /// Seconds from a text request's arrival to its first generated token.
     pub time_to_first_token: Histogram,
+    /// Seconds from a speech request's arrival to its first decoded audio.
     pub time_to_first_audio: Histogram,
 }
 
 impl Metrics {
+    /// The current values as Prometheus text exposition (what `GET /metrics` returns).
     pub fn render(&self) -> String {
         let mut out = String::new();
         let mut gauge = |name: &str, help: &str, kind: &str, value: String| {

@@ -9,20 +9,29 @@ use ggml::DType;
 /// elements or single elements, so a head of 64 is always whole blocks).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum CacheType {
+    /// Full precision (32 bits): the reference every quantized cache is measured against.
     F32,
+    /// Half precision (16 bits), the default.
     #[default]
     F16,
+    /// 8-bit values with one f16 scale per block of 32 (8.5 bits).
     Q8_0,
+    /// 4-bit values with one f16 scale per block of 32 (4.5 bits).
     Q4_0,
+    /// 4-bit values with an f16 scale and minimum per block of 32 (5 bits).
     Q4_1,
+    /// 5-bit values with one f16 scale per block of 32 (5.5 bits).
     Q5_0,
+    /// 5-bit values with an f16 scale and minimum per block of 32 (6 bits).
     Q5_1,
+    /// 4-bit indices into a non-linear table, one f16 scale per block of 32 (4.5 bits).
     IQ4NL,
     /// OCP microscaling FP4 (4.25 bits): for halves the planner finds cheap.
     MXFP4,
 }
 
 impl CacheType {
+    /// Every cache type.
     pub const ALL: [CacheType; 9] = [
         CacheType::F32,
         CacheType::F16,
@@ -35,6 +44,7 @@ impl CacheType {
         CacheType::MXFP4,
     ];
 
+    /// The ggml type the cache's tensors are stored in.
     pub fn dtype(self) -> DType {
         match self {
             CacheType::F32 => DType::F32,
@@ -49,10 +59,12 @@ impl CacheType {
         }
     }
 
+    /// ggml's name for the type (`f16`, `q8_0`, …), as the command line spells it.
     pub fn name(self) -> &'static str {
         self.dtype().name()
     }
 
+    /// Whether the type is block-quantized (anything but f32 and f16).
     pub fn is_quantized(self) -> bool {
         self.dtype().is_quantized()
     }

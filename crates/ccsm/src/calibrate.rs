@@ -18,7 +18,9 @@ use crate::Model;
 /// What to calibrate with.
 #[derive(Clone, Debug)]
 pub struct CalibrationOptions {
+    /// Tokens per scored chunk (each chunk from an empty cache, as in perplexity).
     pub ctx: usize,
+    /// Most chunks of the text to score; None scores every whole chunk.
     pub chunks: Option<usize>,
     /// The types to cost (f32 is always free).
     pub types: Vec<CacheType>,

@@ -10,7 +10,9 @@ use crate::tokenizer::Tokenizer;
 /// One turn of a conversation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
+    /// Who speaks: `system`, `user` or `assistant`, as the template expects.
     pub role: String,
+    /// The turn's text.
     pub content: String,
 }
 

@@ -14,18 +14,23 @@ use crate::CacheType;
 /// Time spent in the model (tokenization and sampling excluded).
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct GenerationTimings {
+    /// Tokens of the prompt, evaluated in one step.
     pub prompt_tokens: usize,
+    /// Wall-clock seconds of the prompt's evaluation.
     pub prompt_seconds: f64,
     /// Single-token steps run (the last sampled token is never fed back).
     pub decode_steps: usize,
+    /// Wall-clock seconds of all single-token steps together.
     pub decode_seconds: f64,
 }
 
 impl GenerationTimings {
+    /// Prompt throughput in tokens per second (0 when nothing was timed).
     pub fn prompt_tokens_per_second(&self) -> f64 {
         rate(self.prompt_tokens, self.prompt_seconds)
     }
 
+    /// Decode throughput in steps (tokens) per second (0 when nothing was timed).
     pub fn decode_tokens_per_second(&self) -> f64 {
         rate(self.decode_steps, self.decode_seconds)
     }
@@ -53,9 +58,13 @@ pub enum StopReason {
     Interrupted,
 }
 
+/// What `generate` produced.
 pub struct Generation {
+    /// The new tokens, prompt and end-of-text token excluded.
     pub tokens: Vec<u32>,
+    /// Why generation ended.
     pub stop: StopReason,
+    /// Time spent evaluating the prompt and the decode steps.
     pub timings: GenerationTimings,
     /// The live cache conversion, when one ran.
     pub conversion: Option<Vec<CacheReport>>,
@@ -64,8 +73,11 @@ pub struct Generation {
 /// Convert the cache to other types once `after` tokens have been generated.
 #[derive(Clone, Copy, Debug)]
 pub struct LiveQuantize {
+    /// Generated tokens after which the cache is converted (0: before the first is sampled).
     pub after: usize,
+    /// The K type to convert to.
     pub k_type: CacheType,
+    /// The V type to convert to.
     pub v_type: CacheType,
 }
 

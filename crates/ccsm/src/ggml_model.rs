@@ -25,6 +25,7 @@ pub struct GGMLModel {
 }
 
 impl GGMLModel {
+    /// An engine with one cache of `options`' cells and types.
     pub fn new(model: LlamaModel, options: ModelOptions) -> Result<Self> {
         options.check(None)?;
         let trained = TrainedContext::new(model.config().n_ctx_train);
@@ -33,6 +34,7 @@ impl GGMLModel {
         Ok(GGMLModel { engine, cache, n_batch: options.n_batch, track_attention: false, evict: None, trained })
     }
 
+    /// The weights.
     pub fn model(&self) -> &LlamaModel {
         self.engine.model()
     }
@@ -78,6 +80,7 @@ impl GGMLModel {
         memory::apply_plan(&mut self.cache, CacheRole::Text, plan, policy).map(|_| ())
     }
 
+    /// The cache.
     pub fn cache(&self) -> &KvCache {
         &self.cache
     }

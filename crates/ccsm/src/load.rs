@@ -20,7 +20,9 @@ pub const DEFAULT_CTX_CAP: usize = 4096;
 /// A loaded model of one of the supported architectures.
 #[allow(clippy::large_enum_variant)] // made once per process; boxing would buy nothing
 pub enum AnyModel {
+    /// A Llama text model (`general.architecture` = `llama`).
     Llama(LlamaModel),
+    /// A CSM speech model: backbone, audio decoder and, when the file embeds one, its codec.
     Csm(CsmModel),
     /// A codec alone (it decodes frames; it generates nothing).
     Mimi(MimiModel),
@@ -42,8 +44,11 @@ pub fn load_model(path: impl AsRef<Path>) -> Result<AnyModel> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Architecture {
+    /// Llama-family text models.
     Llama,
+    /// Sesame CSM: text-to-speech with a Llama backbone and audio decoder.
     Csm,
+    /// The Mimi audio codec alone.
     Mimi,
 }
 
@@ -60,9 +65,13 @@ fn architecture(file: &GgufFile, path: &Path) -> Result<Architecture> {
 /// One KV cache a run of the model allocates.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CacheShape {
+    /// Which stack the cache serves (text, CSM backbone or decoder, codec).
     pub role: CacheRole,
+    /// Layers of the stack, one K and one V tensor each.
     pub n_layer: usize,
+    /// K/V heads per layer.
     pub n_head_kv: usize,
+    /// Width of one K/V head.
     pub head_dim: usize,
     /// Cells it gets (the context for text and the CSM backbone; one per codebook for the decoder).
     pub cells: usize,
@@ -89,12 +98,17 @@ fn codec_cache(c: &MimiConfig) -> CacheShape {
 /// What a model file holds, from a file that passed every check loading makes.
 #[derive(Clone, Debug)]
 pub struct ModelFacts {
+    /// The file's architecture.
     pub architecture: Architecture,
+    /// `general.name`, empty when the file has none.
     pub name: String,
+    /// Parameters: elements of every tensor in the file.
     pub params: u64,
     /// Bytes of tensor data in the file.
     pub weight_bytes: u64,
+    /// Tensors in the file.
     pub tensors: usize,
+    /// Every KV cache a run of the model allocates, at the context asked for.
     pub caches: Vec<CacheShape>,
 }
 

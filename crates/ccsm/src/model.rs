@@ -18,7 +18,9 @@ pub enum Logits {
 
 /// The interface every model of the engine offers.
 pub trait Model {
+    /// What a step takes (tokens, or CSM's rows).
     type Input: ?Sized;
+    /// What a step returns (logits).
     type Output;
 
     /// Forgets all cached state; the next input starts at position 0.
@@ -60,7 +62,9 @@ pub(crate) fn keep_count(len: usize, fraction: f64) -> Result<usize> {
 /// What happened to one of a model's caches.
 #[derive(Clone, Copy, Debug, serde::Serialize)]
 pub struct CacheReport {
+    /// Which cache.
     pub cache: CacheRole,
+    /// Its bytes before, after and at the peak of the conversion.
     pub report: QuantizeReport,
 }
 
@@ -69,8 +73,11 @@ pub struct CacheReport {
 pub struct ModelOptions {
     /// KV cache cells (the context size).
     pub n_ctx: usize,
+    /// K cache type.
     pub k_type: CacheType,
+    /// V cache type.
     pub v_type: CacheType,
+    /// ggml threads (fewer for graphs too small to share).
     pub n_threads: usize,
     /// Most tokens evaluated in one graph; longer inputs are split.
     pub n_batch: usize,
@@ -90,7 +97,7 @@ impl ModelOptions {
             return Err(Error::Input("context size must be at least 1".into()));
         }
         if let Some(limit) = n_ctx_train.filter(|&l| self.n_ctx > l) {
-            return Err(Error::Input(format!("context {} must be between 1 and the model's {limit}", self.n_ctx)));
+            return Err(Error::ContextOutOfRange { requested: self.n_ctx, max: limit });
         }
         if self.n_batch == 0 {
             return Err(Error::Input("batch size must be at least 1".into()));

@@ -30,8 +30,11 @@ pub struct ScoredPosition {
 
 /// What a perplexity run produced.
 pub struct PerplexityRun {
+    /// Every scored position, chunk after chunk (`ctx - 1 - ctx / 2` per chunk).
     pub positions: Vec<ScoredPosition>,
+    /// Chunks evaluated.
     pub chunks: usize,
+    /// Tokens per chunk (the context each chunk was evaluated in).
     pub ctx: usize,
 }
 
@@ -171,7 +174,9 @@ impl KlAccumulator {
 /// Mean and standard error of the mean.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize, PartialEq)]
 pub struct Estimate {
+    /// Sample mean.
     pub mean: f64,
+    /// Standard error of the mean (0 with fewer than two samples).
     pub stderr: f64,
 }
 
@@ -270,7 +275,9 @@ impl PerplexityRun {
 /// A run compared with its reference, llama-perplexity's KL statistics.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct KlComparison {
+    /// Mean KL divergence from the reference per position, in nats.
     pub kld: Estimate,
+    /// Largest KL divergence of any one position, in nats.
     pub kld_max: f64,
     /// mean(ln p_ref(target) − ln p_run(target)) = ln(PPL_run / PPL_ref).
     pub delta_ln_ppl: Estimate,

@@ -6,8 +6,11 @@ use serde::Serialize;
 /// The time of every node of one op kind.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct OpTotal {
+    /// ggml's op name (`MUL_MAT`, `FLASH_ATTN_EXT`, or the unary op's own name).
     pub op: String,
+    /// Nodes of this op in the graph.
     pub nodes: usize,
+    /// Their summed time, in seconds.
     pub seconds: f64,
 }
 

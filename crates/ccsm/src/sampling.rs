@@ -14,6 +14,7 @@ use rand_chacha::ChaCha20Rng;
 
 use crate::error::{Error, Result};
 
+/// How a `Sampler` picks tokens; `validate` checks the ranges.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SamplerConfig {
     /// 0 means greedy (argmax).
@@ -22,6 +23,7 @@ pub struct SamplerConfig {
     pub top_k: Option<usize>,
     /// Keep the smallest set whose probability reaches p; 1 keeps all.
     pub top_p: f32,
+    /// Seed of the ChaCha20 generator: the same seed gives the same draws on every platform.
     pub seed: u64,
 }
 
@@ -37,6 +39,7 @@ impl SamplerConfig {
         SamplerConfig { temperature: 0.9, top_k: Some(50), top_p: 1.0, seed }
     }
 
+    /// Errors unless temperature is finite and ≥ 0, top-k is not 0 and top-p is in (0, 1].
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             return Err(Error::Input(format!("temperature {} must be a finite number >= 0", self.temperature)));
@@ -51,6 +54,7 @@ impl SamplerConfig {
     }
 }
 
+/// A seeded sampler: draws tokens from logits under a `SamplerConfig`.
 pub struct Sampler {
     config: SamplerConfig,
     rng: ChaCha20Rng,
@@ -68,11 +72,13 @@ pub fn argmax(values: &[f32]) -> usize {
 }
 
 impl Sampler {
+    /// A sampler with its generator seeded from `config.seed`; errors if the config is out of range.
     pub fn new(config: SamplerConfig) -> Result<Self> {
         config.validate()?;
         Ok(Sampler { config, rng: ChaCha20Rng::seed_from_u64(config.seed) })
     }
 
+    /// The settings it samples with.
     pub fn config(&self) -> &SamplerConfig {
         &self.config
     }
@@ -144,6 +150,8 @@ pub struct TokenPicker {
 }
 
 impl TokenPicker {
+    /// A picker sampling with `sampler` after `adjust`, reporting `logprobs` top tokens per position
+    /// (at most `MAX_TOP_LOGPROBS`; `None`: no logprobs).
     pub fn new(sampler: SamplerConfig, adjust: LogitAdjustConfig, logprobs: Option<usize>) -> Result<Self> {
         if logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
             return Err(Error::Input(format!("at most {MAX_TOP_LOGPROBS} top logprobs per token")));

@@ -46,6 +46,7 @@ pub enum PreTokenizer {
 }
 
 impl PreTokenizer {
+    /// The pre-tokenizer `tokenizer.ggml.pre` names (some have aliases); an unknown name is an error.
     pub fn from_name(name: &str) -> Result<Self> {
         match name {
             "smollm" => Ok(PreTokenizer::Smollm),
@@ -90,6 +91,8 @@ pub struct Tokenizer {
 }
 
 impl Tokenizer {
+    /// Builds the tokenizer from the file's `tokenizer.ggml.*` metadata (only `gpt2` byte-level BPE),
+    /// with its BOS/EOS/EOT ids, BOS setting and chat template.
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let model: String = file.get("tokenizer.ggml.model")?;
         if model != "gpt2" {
@@ -165,14 +168,17 @@ impl Tokenizer {
         self.inner.id_to_token(id).map(|t| self.inner.decode(&[id], false).unwrap_or(t))
     }
 
+    /// Tokens in the vocabulary; valid ids are `0..vocab_size`.
     pub fn vocab_size(&self) -> usize {
         self.vocab_size
     }
 
+    /// The beginning-of-sequence id (`tokenizer.ggml.bos_token_id`), if the model has one.
     pub fn bos(&self) -> Option<u32> {
         self.bos
     }
 
+    /// The end-of-sequence id (`tokenizer.ggml.eos_token_id`), if the model has one.
     pub fn eos(&self) -> Option<u32> {
         self.eos
     }

@@ -15,6 +15,7 @@ pub enum SampleFormat {
 }
 
 impl SampleFormat {
+    /// Bytes one sample takes in the file (2 or 4).
     pub fn bytes_per_sample(self) -> usize {
         match self {
             SampleFormat::S16 => 2,
@@ -26,8 +27,11 @@ impl SampleFormat {
 /// The stream a WAV describes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WavSpec {
+    /// Sample frames per second (24000 for Mimi's output).
     pub sample_rate: u32,
+    /// Interleaved channels per frame.
     pub channels: u16,
+    /// How each sample is stored.
     pub format: SampleFormat,
 }
 
@@ -92,6 +96,7 @@ impl<W: Write> WavWriter<W> {
         Ok(WavWriter { out, spec, data_bytes: 0, seekable: false })
     }
 
+    /// Appends `samples` (in [-1, 1], channels interleaved), encoded as the spec says.
     pub fn write(&mut self, samples: &[f32]) -> std::io::Result<()> {
         let bytes = self.spec.encode(samples);
         self.out.write_all(&bytes)?;
@@ -99,6 +104,7 @@ impl<W: Write> WavWriter<W> {
         Ok(())
     }
 
+    /// Flushes the output, so a streaming listener hears what was written so far.
     pub fn flush(&mut self) -> std::io::Result<()> {
         self.out.flush()
     }

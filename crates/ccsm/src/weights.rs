@@ -30,6 +30,7 @@ pub struct WeightLoader<'f> {
 }
 
 impl<'f> WeightLoader<'f> {
+    /// A loader over `file` that keeps each tensor in its stored type.
     pub fn new(file: &'f GgufFile) -> Result<Self> {
         Ok(WeightLoader { file, store: TensorStore::new(file.tensors().len().max(1))?, pending: Vec::new(), f32_matrices: false })
     }

@@ -7,7 +7,7 @@ use ccsm::sampling::{Sampler, SamplerConfig};
 use ccsm::CacheType;
 use common::{model, python};
 
-pub const TINY_CSM: &str = "tiny-csm.gguf";
+const TINY_CSM: &str = "tiny-csm.gguf";
 
 fn generator(name: &str) -> CsmGenerator {
     let csm = CsmModel::load(model(name)).unwrap();

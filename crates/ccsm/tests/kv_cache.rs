@@ -7,7 +7,7 @@ use ccsm::{CacheType, Error};
 use common::bytes_per_element;
 
 fn config(k: CacheType, v: CacheType, head_dim: usize, capacity: usize) -> KvCacheConfig {
-    KvCacheConfig { n_layer: 3, head_dim, n_head_kv: 2, capacity, k_type: k, v_type: v, layout: None, recent: 0 }
+    KvCacheConfig::uniform(3, head_dim, 2, capacity, k, v)
 }
 
 #[test]
@@ -72,36 +72,9 @@ fn masks_are_causal_over_positions_and_hide_padding() {
 #[test]
 fn sizes_that_overflow_are_refused() {
     let huge = [
-        KvCacheConfig {
-            n_layer: 1,
-            head_dim: 1 << 62,
-            n_head_kv: 4,
-            capacity: 16,
-            k_type: CacheType::F32,
-            v_type: CacheType::F32,
-            layout: None,
-            recent: 0,
-        },
-        KvCacheConfig {
-            n_layer: 1 << 40,
-            head_dim: 64,
-            n_head_kv: 8,
-            capacity: 1 << 20,
-            k_type: CacheType::F16,
-            v_type: CacheType::F16,
-            layout: None,
-            recent: 0,
-        },
-        KvCacheConfig {
-            n_layer: 2,
-            head_dim: 64,
-            n_head_kv: 8,
-            capacity: usize::MAX / 64,
-            k_type: CacheType::Q4_0,
-            v_type: CacheType::Q4_0,
-            layout: None,
-            recent: 0,
-        },
+        KvCacheConfig::uniform(1, 1 << 62, 4, 16, CacheType::F32, CacheType::F32),
+        KvCacheConfig::uniform(1 << 40, 64, 8, 1 << 20, CacheType::F16, CacheType::F16),
+        KvCacheConfig::uniform(2, 64, 8, usize::MAX / 64, CacheType::Q4_0, CacheType::Q4_0),
     ];
     for c in huge {
         match c.bytes() {

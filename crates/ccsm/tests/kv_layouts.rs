@@ -152,7 +152,7 @@ fn a_uniform_layout_equals_the_one_type_cache() {
         let mut layered = tiny(64, CacheType::F32);
         let n_layer = layered.cache().config().n_layer;
         layered.quantize_kv_layout(KvLayout::uniform(n_layer, t, t)).unwrap();
-        assert!(layered.cache().config().layout.is_some(), "the per-layer path is the one under test");
+        assert!(layered.cache().config().layout().is_some(), "the per-layer path is the one under test");
         let (a, b) = (plain.eval(&prompt, Logits::All).unwrap(), layered.eval(&prompt, Logits::All).unwrap());
         assert_eq!(a, b, "{t}: prompt logits");
         let mut next = *prompt.last().unwrap();

@@ -60,7 +60,7 @@ fn brute_force(profile: &SensitivityProfile, config: &KvCacheConfig, candidates:
             })
             .collect();
         let layout = KvLayout::new(layers);
-        let bytes = KvCacheConfig { capacity: 1, ..config.clone() }.with_layout(layout.clone()).bytes().unwrap();
+        let bytes = config.clone().with_capacity(1).with_layout(layout.clone()).bytes().unwrap();
         if bytes <= cell_bytes {
             let cost = kv_plan::predicted_kld(profile, &layout).unwrap();
             best = Some(best.map_or(cost, |b: f64| b.min(cost)));
@@ -104,7 +104,7 @@ proptest! {
                     let smallest = config.clone().with_types(CacheType::Q4_0, CacheType::Q4_0);
                     prop_assert!(smallest.bytes().unwrap() > budget);
                     prop_assert_eq!(plan.layout.clone(), KvLayout::uniform(n_layer, CacheType::Q4_0, CacheType::Q4_0));
-                    prop_assert_eq!(plan.capacity, budget / KvCacheConfig { capacity: 1, ..smallest }.bytes().unwrap());
+                    prop_assert_eq!(plan.capacity, budget / smallest.with_capacity(1).bytes().unwrap());
                 }
             }
             Err(Error::BudgetTooSmall { minimum, .. }) => prop_assert!(budget < minimum),

@@ -75,9 +75,7 @@ fn attention_over_each_cache_type_reads_what_the_cache_stored() {
     let v_rows: Vec<f32> = (0..cells * width).map(|_| normal()).collect();
     let q: Vec<f32> = (0..head_dim * n_head).map(|_| normal()).collect();
     for t in CacheType::ALL {
-        let mut cache =
-            KvCache::new(KvCacheConfig { n_layer: 1, head_dim, n_head_kv, capacity: 64, k_type: t, v_type: t, layout: None, recent: 0 })
-                .unwrap();
+        let mut cache = KvCache::new(KvCacheConfig::uniform(1, head_dim, n_head_kv, 64, t, t)).unwrap();
         let cell_range = cache.append(cells).unwrap();
         let mut compute = ComputeBuffer::new().unwrap();
         let ctx = compute.context(32, 32).unwrap();

@@ -142,7 +142,7 @@ proptest! {
     /// Appends, prunes, resizes and conversions against a naive list of (cell → position).
     #[test]
     fn cache_operations_match_a_naive_model(ops in proptest::collection::vec(op(), 1..12)) {
-        let mut cache = KvCache::new(KvCacheConfig { n_layer: 1, head_dim: 32, n_head_kv: 1, capacity: 40, k_type: CacheType::F32, v_type: CacheType::F32, layout: None, recent: 0 }).unwrap();
+        let mut cache = KvCache::new(KvCacheConfig::uniform(1, 32, 1, 40, CacheType::F32, CacheType::F32)).unwrap();
         let mut naive: Vec<i32> = Vec::new();
         let mut next = 0i32;
         for op in ops {
@@ -232,13 +232,13 @@ fn minimal_bytes(caches: &[(&KvCache, bool)]) -> usize {
         .map(|(c, resizable)| {
             let cfg = c.config();
             let cells = if *resizable { cfg.capacity.min(16) } else { cfg.capacity };
-            block_math_bytes(cfg.n_layer, cfg.head_dim * cfg.n_head_kv, cells, narrowed(cfg.k_type), narrowed(cfg.v_type))
+            block_math_bytes(cfg.n_layer, cfg.head_dim * cfg.n_head_kv, cells, narrowed(cfg.k_type()), narrowed(cfg.v_type()))
         })
         .sum()
 }
 
 fn cache(n_layer: usize, n_head_kv: usize, head_dim: usize, capacity: usize, k: CacheType, v: CacheType) -> KvCache {
-    KvCache::new(KvCacheConfig { n_layer, head_dim, n_head_kv, capacity, k_type: k, v_type: v, layout: None, recent: 0 }).unwrap()
+    KvCache::new(KvCacheConfig::uniform(n_layer, head_dim, n_head_kv, capacity, k, v)).unwrap()
 }
 
 /// The example: CSM-1B's two caches at `-c 24` in f32 under 1 MiB. Resizing alone would clamp
@@ -372,17 +372,7 @@ fn a_long_run_never_exceeds_its_budget() {
 /// The attention policy keeps the sinks and the cells with the most recorded attention, in order.
 #[test]
 fn attention_policy_keeps_the_most_attended_cells() {
-    let mut cache = KvCache::new(KvCacheConfig {
-        n_layer: 1,
-        head_dim: 32,
-        n_head_kv: 1,
-        capacity: 16,
-        k_type: CacheType::F32,
-        v_type: CacheType::F32,
-        layout: None,
-        recent: 0,
-    })
-    .unwrap();
+    let mut cache = KvCache::new(KvCacheConfig::uniform(1, 32, 1, 16, CacheType::F32, CacheType::F32)).unwrap();
     cache.append(10).unwrap();
     cache.add_scores(&[9.0, 0.1, 5.0, 0.2, 7.0, 0.3, 0.4, 6.0, 0.5, 0.6]);
     let policy = EvictionPolicy::Attention { sinks: 1 };

@@ -1,3 +1,7 @@
+//! Matrix-vector speed of one weight type: best time per product, weight bandwidth and GFLOP/s.
+//!
+//! `cargo run --release -p ggml --example gemv_speed TYPE K M N [MATRICES]`
+
 use ggml::{Backend, ComputeBuffer, DType, TensorStore};
 use std::time::Instant;
 fn main() {

@@ -1,3 +1,7 @@
+//! Time of a graph of NODES small adds on THREADS threads: the per-node barrier cost ggml::threads weighs.
+//!
+//! `cargo run --release -p ggml --example node_overhead NODES THREADS [WIDTH]`
+
 use ggml::{Backend, ComputeBuffer, DType};
 use std::time::Instant;
 fn main() {

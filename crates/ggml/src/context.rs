@@ -25,6 +25,7 @@ pub struct ContextParams {
 }
 
 impl Context {
+    /// Creates a context with a ggml-allocated arena of `params.mem_size` bytes.
     pub fn new(params: ContextParams) -> Result<Self> {
         crate::init();
         let sys_params = sys::ggml_init_params { mem_size: params.mem_size, mem_buffer: std::ptr::null_mut(), no_alloc: params.no_alloc };
@@ -161,6 +162,7 @@ impl<'ctx> Tensor<'ctx> {
         unsafe { self.raw.as_ref() }
     }
 
+    /// The tensor's element type.
     pub fn dtype(self) -> DType {
         // Every Tensor is created through `Context::wrap` or a store, which reject unknown types.
         DType::from_sys(self.header().type_).unwrap_or(DType::F32)
@@ -176,15 +178,18 @@ impl<'ctx> Tensor<'ctx> {
         self.header().nb
     }
 
+    /// Elements along dimension `dim` (0..4; panics beyond), ggml's `ne[dim]`.
     pub fn ne(self, dim: usize) -> i64 {
         self.header().ne[dim]
     }
 
+    /// Dimensions up to the last one longer than 1 (at least 1), as ggml counts them.
     pub fn n_dims(self) -> usize {
         // SAFETY: reads the header of a live tensor.
         unsafe { sys::ggml_n_dims(self.raw()) as usize }
     }
 
+    /// Total elements: the product of the four dimensions.
     pub fn nelements(self) -> i64 {
         self.shape().iter().product()
     }
@@ -195,6 +200,7 @@ impl<'ctx> Tensor<'ctx> {
         unsafe { sys::ggml_nbytes(self.raw()) }
     }
 
+    /// Whether the elements are packed in ggml order with no gaps or permutation (a plain buffer).
     pub fn is_contiguous(self) -> bool {
         // SAFETY: reads the header of a live tensor.
         unsafe { sys::ggml_is_contiguous(self.raw()) }
@@ -206,11 +212,13 @@ impl<'ctx> Tensor<'ctx> {
         nb[0] == self.dtype().type_size() && nb[0] <= nb[1]
     }
 
+    /// Whether the first two dimensions are swapped in memory (`nb[0] > nb[1]`).
     pub fn is_transposed(self) -> bool {
         // SAFETY: reads the header of a live tensor.
         unsafe { sys::ggml_is_transposed(self.raw()) }
     }
 
+    /// The tensor's name as ggml stores it (at most 63 bytes; empty if never named).
     pub fn name(self) -> String {
         // SAFETY: ggml keeps `name` NUL-terminated (it is zeroed and written with a bounded copy).
         unsafe { CStr::from_ptr(self.header().name.as_ptr()) }.to_string_lossy().into_owned()
@@ -244,6 +252,7 @@ impl<'ctx> Tensor<'ctx> {
         !self.header().data.is_null()
     }
 
+    /// Whether both tensors have the same four dimensions (types and strides are not compared).
     pub fn shapes_equal(self, other: Tensor<'_>) -> bool {
         self.shape() == other.shape()
     }
@@ -353,11 +362,13 @@ impl<'ctx> Tensor<'ctx> {
         }
     }
 
+    /// Writes the whole of an I32 tensor (indices, positions) from `values`.
     pub fn write_i32(self, values: &[i32]) -> Result<()> {
         self.check_dtype("write_i32", DType::I32)?;
         self.write_bytes(&values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())
     }
 
+    /// Writes the whole of an I64 tensor from `values`.
     pub fn write_i64(self, values: &[i64]) -> Result<()> {
         self.check_dtype("write_i64", DType::I64)?;
         self.write_bytes(&values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())

@@ -10,29 +10,51 @@ use crate::error::{Error, Result};
 /// The ggml element types this engine reads, writes or computes with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DType {
+    /// 32-bit IEEE float.
     F32,
+    /// 16-bit IEEE half float.
     F16,
+    /// bfloat16: the top 16 bits of an f32 (same exponent range, 8-bit mantissa).
     BF16,
+    /// 8-bit integers times a per-block f16 scale, blocks of 32 (8.5 bits).
     Q8_0,
+    /// 8-bit integers with a per-block f16 scale and sum, blocks of 32 (9 bits); ggml's matmul
+    /// intermediate for Q4_1/Q5_1.
     Q8_1,
+    /// 4-bit integers times a per-block f16 scale, blocks of 32 (4.5 bits).
     Q4_0,
+    /// 4-bit integers with a per-block f16 scale and minimum, blocks of 32 (5 bits).
     Q4_1,
+    /// 5-bit integers times a per-block f16 scale, blocks of 32 (5.5 bits).
     Q5_0,
+    /// 5-bit integers with a per-block f16 scale and minimum, blocks of 32 (6 bits).
     Q5_1,
     /// 4-bit non-linear (a fixed 16-value grid times a per-block f16 scale), blocks of 32.
     IQ4NL,
     /// OCP microscaling FP4: E2M1 values times a power-of-two (E8M0) scale per block of 32 (4.25 bits).
     MXFP4,
+    /// k-quant: 2-bit values with 4-bit sub-block scales and minimums, super-blocks of 256 (2.625 bits).
     Q2K,
+    /// k-quant: 3-bit values with 6-bit sub-block scales, super-blocks of 256 (3.4375 bits).
     Q3K,
+    /// k-quant: 4-bit values with 6-bit sub-block scales and minimums, super-blocks of 256 (4.5 bits).
     Q4K,
+    /// k-quant: 5-bit values with 6-bit sub-block scales and minimums, super-blocks of 256 (5.5 bits).
     Q5K,
+    /// k-quant: 6-bit values with 8-bit sub-block scales, super-blocks of 256 (6.5625 bits).
     Q6K,
+    /// k-quant: 8-bit values with an f32 scale and block sums, super-blocks of 256; ggml's matmul
+    /// intermediate for the other k-quants, not a storage type.
     Q8K,
+    /// Signed 8-bit integer.
     I8,
+    /// Signed 16-bit integer.
     I16,
+    /// Signed 32-bit integer (row indices, positions).
     I32,
+    /// Signed 64-bit integer.
     I64,
+    /// 64-bit IEEE float.
     F64,
 }
 
@@ -63,6 +85,7 @@ pub const ALL_DTYPES: [DType; 22] = [
 ];
 
 impl DType {
+    /// The matching `ggml_type` id, for calls into ggml.
     pub fn to_sys(self) -> sys::ggml_type {
         match self {
             DType::F32 => sys::GGML_TYPE_F32,
@@ -90,6 +113,7 @@ impl DType {
         }
     }
 
+    /// The variant for a raw `ggml_type` id; [`Error::UnknownType`] for ids this wrapper does not list.
     pub fn from_sys(id: sys::ggml_type) -> Result<Self> {
         ALL_DTYPES.iter().copied().find(|t| t.to_sys() == id).ok_or(Error::UnknownType(id))
     }
@@ -122,6 +146,7 @@ impl DType {
             .ok_or_else(|| Error::invalid("row_size", format!("a row of {n} {self} elements overflows")))
     }
 
+    /// Whether ggml treats this as a block-quantized type (false for the float and integer types).
     pub fn is_quantized(self) -> bool {
         // SAFETY: a table lookup with a valid type id.
         unsafe { sys::ggml_is_quantized(self.to_sys()) }

@@ -183,9 +183,11 @@ struct Columns {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_group<const C: usize>(weights: *const u8, cols: Columns, blocks: usize, sums: &mut [f32; GROUP]) {
     use std::arch::x86_64::*;
-    // SAFETY (for the closure's callers below): p points at 2 readable bytes.
-    let half =
-        |p: *const u8| -> f32 { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(unsafe { (p as *const u16).read_unaligned() } as i32))) };
+    let half = |p: *const u8| -> f32 {
+        // SAFETY: every caller below passes p pointing at a block's 2-byte f16 scale or minimum.
+        let bits = unsafe { (p as *const u16).read_unaligned() };
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    };
     let mut acc = [_mm256_setzero_ps(); C];
     let mut offsets = [0f32; C];
     let low_mask = _mm256_set1_epi8(0x0F);

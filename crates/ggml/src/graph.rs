@@ -126,6 +126,7 @@ impl<'ctx> Graph<'ctx> {
         NonNull::new(raw).map(Tensor::from_raw)
     }
 
+    /// Nodes (computed tensors, not leafs) added to the graph so far.
     pub fn n_nodes(&self) -> usize {
         // SAFETY: reads the node count of a live graph.
         unsafe { sys::ggml_graph_n_nodes(self.raw()) as usize }
@@ -174,6 +175,7 @@ pub struct ComputeBuffer {
 }
 
 impl ComputeBuffer {
+    /// An empty allocator over the CPU buffer type; it takes memory when a graph is first allocated.
     pub fn new() -> Result<Self> {
         crate::init();
         // SAFETY: the CPU buffer type is a static object; gallocr_new allocates a small struct.
@@ -248,10 +250,13 @@ impl std::ops::Deref for GraphContext<'_> {
 pub struct NodeTime {
     /// ggml's op name ("MUL_MAT", "FLASH_ATTN_EXT"; the unary op's own name for unary ops).
     pub op: String,
+    /// The node's tensor name (empty if it was never named).
     pub name: String,
+    /// The node's output shape.
     pub shape: crate::Shape,
     /// Shapes of its first two sources (the operands of a product).
     pub sources: [Option<crate::Shape>; 2],
+    /// Wall-clock seconds computing this node alone took, on the threads the whole graph would use.
     pub seconds: f64,
 }
 

@@ -24,13 +24,21 @@ pub enum RopeMode {
 pub struct RopeParams {
     /// Dimensions rotated (normally the head dimension).
     pub n_dims: i32,
+    /// How the rotated dimensions are paired.
     pub mode: RopeMode,
+    /// The model's training context in tokens; only YaRN (`ext_factor` > 0) reads it.
     pub n_ctx_orig: i32,
+    /// Base of the rotation frequencies (theta): pair `i` turns by `pos * base^(-2i/n_dims)`.
     pub freq_base: f32,
+    /// Multiplier on positions (1.0 = none; below 1 stretches the context linearly).
     pub freq_scale: f32,
+    /// YaRN extrapolation mix, 0.0 to 1.0; 0.0 turns YaRN off.
     pub ext_factor: f32,
+    /// Scale applied to the rotated values (YaRN's magnitude correction; 1.0 = none).
     pub attn_factor: f32,
+    /// YaRN: rotation count above which dimensions are extrapolated (ggml's default 32).
     pub beta_fast: f32,
+    /// YaRN: rotation count below which dimensions are interpolated (ggml's default 1).
     pub beta_slow: f32,
 }
 
@@ -195,6 +203,7 @@ impl Context {
         self.wrap(unsafe { sys::ggml_scale(self.raw(), a.raw(), s) }, OP)
     }
 
+    /// SiLU, `x * sigmoid(x)`, element by element (f32 with contiguous rows).
     pub fn silu<'c>(&'c self, a: Tensor<'c>) -> Result<Tensor<'c>> {
         self.unary("silu", a, sys::ggml_silu)
     }

@@ -56,7 +56,9 @@ impl ReusableGraph {
 /// slots its builder returned, the same way in both cases.
 #[derive(Clone, Copy)]
 pub enum StepGraph<'g> {
+    /// A graph built for this step and allocated in a shared compute buffer.
     Fresh(&'g Graph<'g>),
+    /// A finished [`ReusableGraph`] with its own buffer, reused across steps.
     Kept(&'g ReusableGraph),
 }
 
@@ -69,6 +71,7 @@ impl<'g> StepGraph<'g> {
         }
     }
 
+    /// Computes the graph on `backend` (see [`Backend::compute`], [`ReusableGraph::compute`]).
     pub fn compute(self, backend: &Backend) -> Result<()> {
         match self {
             StepGraph::Fresh(graph) => backend.compute(graph),

@@ -76,6 +76,8 @@ pub struct TensorStore {
 }
 
 impl TensorStore {
+    /// An empty store with header room for `max_tensors` tensors (adding more is an error); no data
+    /// memory until `allocate`.
     pub fn new(max_tensors: usize) -> Result<Self> {
         let params = || ContextParams { mem_size: tensor_overhead() * max_tensors.max(1), no_alloc: true };
         Ok(TensorStore {
@@ -215,14 +217,17 @@ impl TensorStore {
         self.tensor(self.tensors[id.0])
     }
 
+    /// The id of the tensor added under `name`; `None` if there is none.
     pub fn find(&self, name: &str) -> Option<TensorId> {
         self.by_name.get(name).copied()
     }
 
+    /// Tensors added so far (plain and repacked).
     pub fn len(&self) -> usize {
         self.tensors.len()
     }
 
+    /// Whether no tensor has been added.
     pub fn is_empty(&self) -> bool {
         self.tensors.is_empty()
     }

@@ -28,9 +28,11 @@ pub struct StepInputs<'c> {
 /// One sequence of a batched step: its cache, which of the step's rows are its, and where they go.
 #[derive(Clone, Copy)]
 pub struct SequenceInputs<'c> {
+    /// The sequence's own KV cache, which its rows are stored in and attend over.
     pub cache: &'c KvCache,
-    /// First row of the step that is this sequence's, and how many follow.
+    /// First row of the step that is this sequence's.
     pub first_row: usize,
+    /// How many of the step's rows, from `first_row` on, are this sequence's.
     pub n_rows: usize,
     /// I64 `[n_rows]`: the cells of `cache` the rows' K/V go to.
     pub cells: Tensor<'c>,
@@ -67,36 +69,46 @@ impl<'c> RecentInputs<'c> {
     }
 }
 
+/// One sequence's shape in a batched step: its new rows, attending over its cache's first `n_kv` cells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SequencePart {
+    /// Rows the sequence runs in the step.
+    pub rows: usize,
+    /// Cells of its cache the rows attend over (the mask's width).
+    pub n_kv: usize,
+}
+
 /// The inputs of a step over several sequences: every row's position, each sequence's cells and mask.
 pub struct BatchInputs<'c> {
+    /// I32 `[total rows]`: absolute position of every row of the step, sequence after sequence.
     pub positions: Tensor<'c>,
+    /// F32 `[rope_dims / 2]`: RoPE frequency divisors, when the model scales RoPE.
     pub freq_factors: Option<Tensor<'c>>,
-    /// Per sequence: cells `[n_rows]`, mask `[n_kv, n_rows]` and, over a recent window, its inputs.
-    pub sequences: Vec<(Tensor<'c>, Tensor<'c>, Option<RecentInputs<'c>>)>,
+    /// Per sequence: its cache, rows, cells `[n_rows]`, mask `[n_kv, n_rows]` and, over a recent
+    /// window, its inputs.
+    pub sequences: Vec<SequenceInputs<'c>>,
 }
 
 impl<'c> BatchInputs<'c> {
-    /// New input tensors for sequences of `(rows, n_kv)` over `caches`, and the scope's view of them.
+    /// New input tensors for sequences shaped `parts` over `caches`, and the scope's view of them.
     pub fn new(
         ctx: &'c Context,
         freq_factors: Option<Tensor<'c>>,
         caches: &[&'c KvCache],
-        parts: &[(usize, usize)],
+        parts: &[SequencePart],
     ) -> Result<(Self, Vec<SequenceInputs<'c>>)> {
-        let total: usize = parts.iter().map(|p| p.0).sum();
+        let total: usize = parts.iter().map(|p| p.rows).sum();
         let positions = ctx.new_tensor(DType::I32, &[total as i64])?.set_input();
         let mut sequences = Vec::with_capacity(parts.len());
-        let mut tensors = Vec::with_capacity(parts.len());
         let mut first_row = 0;
-        for (cache, &(rows, n_kv)) in caches.iter().zip(parts) {
+        for (cache, &SequencePart { rows, n_kv }) in caches.iter().zip(parts) {
             let cells = ctx.new_tensor(DType::I64, &[rows as i64])?.set_input();
             let mask = ctx.new_tensor(DType::F16, &[n_kv as i64, rows as i64])?.set_input();
             let recent = RecentInputs::new(ctx, cache, rows)?;
             sequences.push(SequenceInputs { cache, first_row, n_rows: rows, cells, mask, recent });
-            tensors.push((cells, mask, recent));
             first_row += rows;
         }
-        Ok((BatchInputs { positions, freq_factors, sequences: tensors }, sequences))
+        Ok((BatchInputs { positions, freq_factors, sequences: sequences.clone() }, sequences))
     }
 
     /// Their slots, to fill once the graph is allocated (fresh or kept).
@@ -104,13 +116,14 @@ impl<'c> BatchInputs<'c> {
         BatchSlots {
             positions: self.positions.slot(),
             freq_factors: self.freq_factors.map(Tensor::slot),
+            window: usize::MAX,
             sequences: self
                 .sequences
                 .iter()
-                .map(|(cells, mask, recent)| SequenceSlots {
-                    cells: cells.slot(),
-                    mask: mask.slot(),
-                    recent: recent.map(|r| [r.slots.slot(), r.step_mask.slot(), r.ring_mask.slot()]),
+                .map(|seq| SequenceSlots {
+                    cells: seq.cells.slot(),
+                    mask: seq.mask.slot(),
+                    recent: seq.recent.map(|r| [r.slots.slot(), r.step_mask.slot(), r.ring_mask.slot()]),
                 })
                 .collect(),
         }
@@ -131,10 +144,18 @@ pub struct SequenceSlots {
 pub struct BatchSlots {
     positions: Slot,
     freq_factors: Option<Slot>,
+    /// Each query sees at most this many of the latest positions (itself included).
+    window: usize,
     sequences: Vec<SequenceSlots>,
 }
 
 impl BatchSlots {
+    /// These inputs with every query seeing only the `window` latest positions (Mimi's causal window).
+    pub fn windowed(mut self, window: usize) -> Self {
+        self.window = window;
+        self
+    }
+
     /// Fills them for rows stored at `cells[i]` of `caches[i]` (`freq_factors`: the stack's RoPE divisors).
     pub fn write(&self, graph: StepGraph<'_>, freq_factors: Option<&[f32]>, caches: &[&KvCache], cells: &[Range<usize>]) -> Result<()> {
         let mut positions = Vec::new();
@@ -151,7 +172,7 @@ impl BatchSlots {
                     graph.at(ring_mask)?.write_f32(&masks.ring)?;
                     graph.at(slots)?.write_i64(&cache.recent_slots(cells.clone()))?;
                 }
-                None => mask.write_f32(&cache.attention_mask(p, mask.ne(0) as usize))?,
+                None => mask.write_f32(&cache.windowed_attention_mask(p, mask.ne(0) as usize, self.window))?,
             }
         }
         graph.at(self.positions)?.write_i32(&positions)?;
@@ -164,28 +185,33 @@ impl BatchSlots {
 
 /// What one graph needs from its surroundings.
 pub struct BuildScope<'c, 'g> {
-    pub ctx: &'c Context,
-    pub graph: &'g mut Graph<'c>,
-    pub weights: &'c TensorStore,
-    pub cache: &'c KvCache,
+    /// The context the graph's nodes are created in.
+    pub(crate) ctx: &'c Context,
+    /// The graph being built; cache stores are expanded into it before the attention that reads them.
+    pub(crate) graph: &'g mut Graph<'c>,
+    /// The model's weights.
+    pub(crate) weights: &'c TensorStore,
+    /// The step's KV cache (in a batched step, the first sequence's; each has its own in `sequences`).
+    pub(crate) cache: &'c KvCache,
     /// The step's inputs; with several sequences `cells` and `mask` are the first sequence's (each
     /// sequence's own are in `sequences`).
-    pub inputs: StepInputs<'c>,
+    pub(crate) inputs: StepInputs<'c>,
     /// With more than one entry, a batched step: rows of several sequences, projections and MLPs run over
     /// all of them at once, attention per sequence over its own cache.
-    pub sequences: Vec<SequenceInputs<'c>>,
+    pub(crate) sequences: Vec<SequenceInputs<'c>>,
     /// I32 `[n_out]`: the rows the last block keeps when only some rows' outputs are wanted (each
     /// sequence's last row); `None` keeps the very last row.
-    pub output_rows: Option<Tensor<'c>>,
+    pub(crate) output_rows: Option<Tensor<'c>>,
     /// Also compute the attention mass each cell receives (summed over layers, heads and queries)
     /// as the output "attn_mass" `[n_kv]`, for the attention eviction policy.
-    pub track_attention: bool,
+    pub(crate) track_attention: bool,
     /// Which kernels the step's attention runs (the engine's choice).
-    pub kernels: AttentionChoice,
+    pub(crate) kernels: AttentionChoice,
     attention_mass: Option<Tensor<'c>>,
 }
 
 impl<'c, 'g> BuildScope<'c, 'g> {
+    /// A scope for a step of one sequence over `cache`: no output rows chosen, no tracking, `Auto` kernels.
     pub fn new(ctx: &'c Context, graph: &'g mut Graph<'c>, weights: &'c TensorStore, cache: &'c KvCache, inputs: StepInputs<'c>) -> Self {
         BuildScope {
             ctx,
@@ -228,12 +254,20 @@ impl<'c, 'g> BuildScope<'c, 'g> {
         }
     }
 
+    /// Keeps only `rows` (I32 `[n_out]`) in the last block: each sequence's last row, when only those
+    /// rows' outputs are wanted.
+    pub fn with_output_rows(mut self, rows: Option<Tensor<'c>>) -> Self {
+        self.output_rows = rows;
+        self
+    }
+
     /// Runs the step's attention with `kernels`.
     pub fn with_kernels(mut self, kernels: AttentionChoice) -> Self {
         self.kernels = kernels;
         self
     }
 
+    /// Also sums the attention mass each cell receives when `on` (see `track_attention`).
     pub fn tracking_attention(mut self, on: bool) -> Self {
         self.track_attention = on;
         self
@@ -262,8 +296,11 @@ impl<'c, 'g> BuildScope<'c, 'g> {
 /// Heads of one attention layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionShape {
+    /// Width of one head.
     pub head_dim: usize,
+    /// Query heads.
     pub n_head: usize,
+    /// K/V heads; each serves `n_head / n_head_kv` query heads.
     pub n_head_kv: usize,
 }
 
@@ -391,8 +428,10 @@ pub enum AttentionPath {
 /// measure and compare them).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AttentionChoice {
+    /// The engine picks the kernel per step (see `resolve`).
     #[default]
     Auto,
+    /// Every step runs this kernel.
     Only(AttentionPath),
 }
 
@@ -417,6 +456,7 @@ impl AttentionChoice {
         ("split", AttentionChoice::Only(AttentionPath::Split)),
     ];
 
+    /// The choice's name on the command line and in reports (`auto`, `direct`, `dequantized`, `split`).
     pub fn name(self) -> &'static str {
         Self::NAMED.iter().find(|(_, c)| *c == self).map_or("auto", |(n, _)| n)
     }

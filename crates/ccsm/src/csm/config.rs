@@ -6,18 +6,25 @@ use ggml::RopeMode;
 use crate::error::{Error, Result};
 use crate::llama::LlamaConfig;
 
+/// CSM's hyperparameters: the two Llama stacks and the vocabularies between them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CsmConfig {
+    /// The backbone over text and frame rows.
     pub backbone: LlamaConfig,
+    /// The decoder that turns a backbone state into a frame's codes.
     pub decoder: LlamaConfig,
+    /// Text tokens (the tokenizer's vocabulary).
     pub text_vocab: usize,
     /// Codes per codebook (2051 for CSM-1B: 2048 Mimi codes and specials).
     pub audio_vocab: usize,
+    /// Codes per frame (32 for CSM-1B, Mimi's codebooks).
     pub n_codebooks: usize,
+    /// How both stacks pair dimensions for RoPE.
     pub rope_mode: RopeMode,
 }
 
 impl CsmConfig {
+    /// Reads the config from our CSM GGUF, every count checked for range.
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let layout: String = file.get("csm.rope_layout")?;
         let rope_mode = match layout.as_str() {

@@ -16,7 +16,7 @@ use super::graphs::{BackboneSlots, BackboneStep, DecoderSlots, DecoderStep};
 use super::model::CsmModel;
 use super::prompt::{Frame, Row};
 use super::session::{BackboneState, CsmSession};
-use crate::attention::AttentionChoice;
+use crate::attention::{AttentionChoice, SequencePart};
 use crate::engine::step::{GraphKey, KeptGraphs, StepRunner};
 use crate::error::{Error, Result};
 use crate::kv_cache::{KvCache, KvCacheConfig, Rotation};
@@ -32,19 +32,25 @@ const KEPT_BACKBONE_GRAPHS: usize = 2;
 pub struct SessionCaches {
     /// Backbone cells: prompt rows plus frames (at most the model's context).
     pub capacity: usize,
+    /// Backbone K type.
     pub k_type: CacheType,
+    /// Backbone V type.
     pub v_type: CacheType,
 }
 
 /// One session's part of a batched frame: the session, the sampler its codes are drawn with and,
 /// when given, where each codebook's logits go.
 pub struct FrameRequest<'a> {
+    /// The session that makes the frame.
     pub session: &'a mut CsmSession,
+    /// Draws its codes (the caller's: one per session).
     pub sampler: &'a mut Sampler,
+    /// Receives each codebook's logits, when given.
     pub trace: Option<&'a mut Vec<Vec<f32>>>,
 }
 
 impl<'a> FrameRequest<'a> {
+    /// A request without a trace.
     pub fn new(session: &'a mut CsmSession, sampler: &'a mut Sampler) -> Self {
         FrameRequest { session, sampler, trace: None }
     }
@@ -52,7 +58,9 @@ impl<'a> FrameRequest<'a> {
 
 /// One session's prompt rows, to run after what its backbone cache holds.
 pub struct PrefillRequest<'a> {
+    /// The session whose cache the rows follow.
     pub session: &'a mut CsmSession,
+    /// Its prompt rows (text tokens and frames).
     pub rows: &'a [Row],
 }
 
@@ -92,6 +100,7 @@ impl CsmEngine {
         })
     }
 
+    /// The weights.
     pub fn model(&self) -> &CsmModel {
         &self.model
     }
@@ -115,6 +124,7 @@ impl CsmEngine {
         self.decoder_graphs.clear();
     }
 
+    /// The attention kernels steps run.
     pub fn attention(&self) -> AttentionChoice {
         self.attention
     }
@@ -127,7 +137,7 @@ impl CsmEngine {
     fn backbone_config(&self, caches: &SessionCaches) -> Result<KvCacheConfig> {
         let b = &self.model.config.backbone;
         if caches.capacity == 0 || caches.capacity > b.n_ctx_train {
-            return Err(Error::Input(format!("context {} must be between 1 and the model's {}", caches.capacity, b.n_ctx_train)));
+            return Err(Error::ContextOutOfRange { requested: caches.capacity, max: b.n_ctx_train });
         }
         Ok(KvCacheConfig::uniform(b.n_layer, b.head_dim, b.n_head_kv, caches.capacity, caches.k_type, caches.v_type))
     }
@@ -233,11 +243,14 @@ impl CsmEngine {
         }
         let track = sessions.len() == 1 && sessions[0].tracks_attention();
         let caches: Vec<&KvCache> = sessions.iter().map(|s| &s.backbone).collect();
-        let parts: Vec<(usize, usize)> =
-            caches.iter().zip(rows).map(|(c, r)| (r.len(), if frame { c.decode_window() } else { c.len() })).collect();
+        let parts: Vec<SequencePart> = caches
+            .iter()
+            .zip(rows)
+            .map(|(c, r)| SequencePart { rows: r.len(), n_kv: if frame { c.decode_window() } else { c.len() } })
+            .collect();
         let step = BackboneStep { model: &self.model, caches: &caches, parts: &parts, track, kernels: self.attention };
         let kept = frame.then(|| {
-            let key = caches.iter().zip(&parts).fold(GraphKey::new(&[track as u64]), |k, (c, p)| k.with_cache(c, p.1));
+            let key = caches.iter().zip(&parts).fold(GraphKey::new(&[track as u64]), |k, (c, p)| k.with_cache(c, p.n_kv));
             (&mut self.backbone_graphs, key)
         });
         let mut runner = StepRunner { backend: &self.backend, compute: &mut self.compute, profile: None };
@@ -274,11 +287,7 @@ impl CsmEngine {
         let limit = self.code_limit.unwrap_or(c.audio_vocab).min(c.audio_vocab);
         let mut states = Vec::with_capacity(requests.len());
         for r in requests.iter() {
-            let state = r
-                .session
-                .last
-                .clone()
-                .ok_or_else(|| Error::Input("a frame before the session's backbone step (prefill it first)".into()))?;
+            let state = r.session.last.clone().ok_or(Error::NotPrefilled)?;
             states.push(state);
         }
         let mut sampling = 0.0;
@@ -343,7 +352,7 @@ impl CsmEngine {
         runner.run(
             &step,
             Some((&mut self.decoder_graphs, key)),
-            |graph, io| io.write(graph, model, s, codes, hidden, &caches, &cells),
+            |graph, io| io.write(graph, model, codes, hidden, &caches, &cells),
             |graph, io| Ok(graph.at(io.logits)?.read_f32()?),
         )
     }

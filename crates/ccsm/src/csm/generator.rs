@@ -26,6 +26,7 @@ pub struct CsmGenerator {
 }
 
 impl CsmGenerator {
+    /// An engine with one session of `options`' context and types.
     pub fn new(model: CsmModel, options: CsmOptions) -> Result<Self> {
         options.check(Some(model.config().backbone.n_ctx_train))?;
         let engine = CsmEngine::new(model, options.n_threads, options.n_batch, (options.k_type, options.v_type))?;
@@ -33,10 +34,12 @@ impl CsmGenerator {
         Ok(CsmGenerator { engine, session })
     }
 
+    /// The weights.
     pub fn model(&self) -> &CsmModel {
         self.engine.model()
     }
 
+    /// The engine (for sessions of its own).
     pub fn engine(&self) -> &CsmEngine {
         &self.engine
     }
@@ -61,14 +64,17 @@ impl CsmGenerator {
         self.engine.set_attention(choice);
     }
 
+    /// The session's backbone cache.
     pub fn backbone_cache(&self) -> &KvCache {
         self.session.backbone_cache()
     }
 
+    /// The session's decoder cache.
     pub fn decoder_cache(&self) -> &KvCache {
         self.session.decoder_cache()
     }
 
+    /// Where the session's time went since its last reset.
     pub fn timings(&self) -> FrameTimings {
         self.session.timings()
     }

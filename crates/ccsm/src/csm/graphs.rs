@@ -7,7 +7,7 @@ use ggml::{Context, DType, Graph, Slot, StepGraph, Tensor};
 
 use super::model::CsmModel;
 use super::prompt::Row;
-use crate::attention::{AttentionChoice, BatchInputs, BatchSlots, BuildScope};
+use crate::attention::{AttentionChoice, BatchInputs, BatchSlots, BuildScope, SequencePart};
 use crate::engine::step::StepBuilder;
 use crate::engine::PER_SEQUENCE_NODES;
 use crate::error::Result;
@@ -18,8 +18,8 @@ use crate::Logits;
 pub(super) struct BackboneStep<'a> {
     pub model: &'a CsmModel,
     pub caches: &'a [&'a KvCache],
-    /// (new rows, attended cells) per session.
-    pub parts: &'a [(usize, usize)],
+    /// Per session: its new rows and the cells they attend over.
+    pub parts: &'a [SequencePart],
     /// Also sum the attention mass each cell receives (one session only).
     pub track: bool,
     pub kernels: AttentionChoice,
@@ -42,8 +42,8 @@ pub(super) struct BackboneSlots {
 }
 
 /// Whether every session has one row (then every row is an output row).
-fn one_row_each(parts: &[(usize, usize)]) -> bool {
-    parts.iter().all(|&(rows, _)| rows == 1)
+fn one_row_each(parts: &[SequencePart]) -> bool {
+    parts.iter().all(|p| p.rows == 1)
 }
 
 impl StepBuilder for BackboneStep<'_> {
@@ -60,7 +60,7 @@ impl StepBuilder for BackboneStep<'_> {
     {
         let model = self.model;
         let (k, d) = (model.config.n_codebooks as i64, model.config.backbone.n_embd as i64);
-        let n = self.parts.iter().map(|p| p.0).sum::<usize>() as i64;
+        let n = self.parts.iter().map(|p| p.rows).sum::<usize>() as i64;
         let w = |id| model.weights.get(id);
         let input = |t: DType, shape: &[i64]| -> Result<Tensor<'c>> { Ok(ctx.new_tensor(t, shape)?.set_input()) };
         let text_ids = input(DType::I32, &[n])?;
@@ -74,9 +74,6 @@ impl StepBuilder for BackboneStep<'_> {
         let audio = ctx.reshape(ctx.sum_rows(audio)?, &[d, n])?;
         let x = ctx.add(text, audio)?;
         let (inputs, sequences) = BatchInputs::new(ctx, model.backbone.freq_factor_input(ctx)?, self.caches, self.parts)?;
-        let mut scope = BuildScope::batched(ctx, graph, &model.weights, inputs.positions, inputs.freq_factors, sequences)?
-            .tracking_attention(self.track)
-            .with_kernels(self.kernels);
         let (which, output_rows) = if one_row_each(self.parts) {
             (Logits::All, None)
         } else if self.caches.len() > 1 {
@@ -84,7 +81,10 @@ impl StepBuilder for BackboneStep<'_> {
         } else {
             (Logits::Last, None)
         };
-        scope.output_rows = output_rows;
+        let mut scope = BuildScope::batched(ctx, graph, &model.weights, inputs.positions, inputs.freq_factors, sequences)?
+            .tracking_attention(self.track)
+            .with_kernels(self.kernels)
+            .with_output_rows(output_rows);
         let hidden = model.backbone.build(&mut scope, x, which)?.set_output();
         let attention_mass = scope.take_attention_mass().map(Tensor::set_output);
         let logits = ctx.mul_mat(w(model.codebook0_head), hidden)?.set_output();
@@ -119,11 +119,11 @@ impl BackboneSlots {
     ) -> Result<()> {
         let c = &model.config;
         let all: Vec<&Row> = rows.iter().flat_map(|r| r.iter()).collect();
-        let (text, text_mask, audio, audio_mask) = row_inputs(&all, c.n_codebooks, c.audio_vocab);
-        graph.at(self.text_ids)?.write_i32(&text)?;
-        graph.at(self.text_mask)?.write_f32(&text_mask)?;
-        graph.at(self.audio_ids)?.write_i32(&audio)?;
-        graph.at(self.audio_mask)?.write_f32(&audio_mask)?;
+        let inputs = RowInputs::of(&all, c.n_codebooks, c.audio_vocab);
+        graph.at(self.text_ids)?.write_i32(&inputs.text)?;
+        graph.at(self.text_mask)?.write_f32(&inputs.text_mask)?;
+        graph.at(self.audio_ids)?.write_i32(&inputs.audio)?;
+        graph.at(self.audio_mask)?.write_f32(&inputs.audio_mask)?;
         self.inputs.write(graph, model.backbone.freq_factors(), caches, cells)?;
         if let Some(t) = self.output_rows {
             let mut last = Vec::with_capacity(rows.len());
@@ -138,29 +138,42 @@ impl BackboneSlots {
     }
 }
 
-/// Backbone input ids and masks for `rows`.
-fn row_inputs(rows: &[&Row], n_codebooks: usize, audio_vocab: usize) -> (Vec<i32>, Vec<f32>, Vec<i32>, Vec<f32>) {
-    let mut text = Vec::with_capacity(rows.len());
-    let mut text_mask = Vec::with_capacity(rows.len());
-    let mut audio = Vec::with_capacity(rows.len() * n_codebooks);
-    let mut audio_mask = Vec::with_capacity(rows.len() * n_codebooks);
-    for row in rows {
-        match row {
-            Row::Text(id) => {
-                text.push(*id as i32);
-                text_mask.push(1.0);
-                audio.extend((0..n_codebooks).map(|k| (k * audio_vocab) as i32));
-                audio_mask.extend(std::iter::repeat_n(0.0, n_codebooks));
-            }
-            Row::Audio(frame) => {
-                text.push(0);
-                text_mask.push(0.0);
-                audio.extend(frame.iter().enumerate().map(|(k, &c)| (c as usize + k * audio_vocab) as i32));
-                audio_mask.extend(std::iter::repeat_n(1.0, n_codebooks));
+/// The backbone's input ids and masks for some rows.
+struct RowInputs {
+    /// Text token per row (0 for audio rows).
+    text: Vec<i32>,
+    /// 1 for text rows, 0 for audio rows.
+    text_mask: Vec<f32>,
+    /// Per row and codebook, the audio embedding's row (code + codebook · audio_vocab).
+    audio: Vec<i32>,
+    /// 1 for audio rows' codebooks, 0 for text rows'.
+    audio_mask: Vec<f32>,
+}
+
+impl RowInputs {
+    fn of(rows: &[&Row], n_codebooks: usize, audio_vocab: usize) -> Self {
+        let mut text = Vec::with_capacity(rows.len());
+        let mut text_mask = Vec::with_capacity(rows.len());
+        let mut audio = Vec::with_capacity(rows.len() * n_codebooks);
+        let mut audio_mask = Vec::with_capacity(rows.len() * n_codebooks);
+        for row in rows {
+            match row {
+                Row::Text(id) => {
+                    text.push(*id as i32);
+                    text_mask.push(1.0);
+                    audio.extend((0..n_codebooks).map(|k| (k * audio_vocab) as i32));
+                    audio_mask.extend(std::iter::repeat_n(0.0, n_codebooks));
+                }
+                Row::Audio(frame) => {
+                    text.push(0);
+                    text_mask.push(0.0);
+                    audio.extend(frame.iter().enumerate().map(|(k, &c)| (c as usize + k * audio_vocab) as i32));
+                    audio_mask.extend(std::iter::repeat_n(1.0, n_codebooks));
+                }
             }
         }
+        RowInputs { text, text_mask, audio, audio_mask }
     }
-    (text, text_mask, audio, audio_mask)
 }
 
 /// Decoder step `s` over every session's decoder cache: s = 0 takes each session's
@@ -175,6 +188,8 @@ pub(super) struct DecoderStep<'a> {
 
 /// The inputs and outputs of a decoder step.
 pub(super) struct DecoderSlots {
+    /// Where step `s`'s codebook starts in the audio embedding (`s · audio_vocab`).
+    code_offset: u32,
     codes: Slot,
     /// Step 0's backbone states, one per session.
     hidden: Option<Slot>,
@@ -223,12 +238,12 @@ impl StepBuilder for DecoderStep<'_> {
             (audio, None)
         };
         let x = ctx.mul_mat(w(model.projection), x)?;
-        let parts: Vec<(usize, usize)> = self.caches.iter().map(|c| (Self::rows(s), c.capacity())).collect();
+        let parts: Vec<SequencePart> = self.caches.iter().map(|c| SequencePart { rows: Self::rows(s), n_kv: c.capacity() }).collect();
         let (inputs, sequences) = BatchInputs::new(ctx, model.decoder.freq_factor_input(ctx)?, self.caches, &parts)?;
-        let mut scope =
-            BuildScope::batched(ctx, graph, &model.weights, inputs.positions, inputs.freq_factors, sequences)?.with_kernels(self.kernels);
         let output_rows = if s == 0 && n_seq > 1 { Some(ctx.new_tensor(DType::I32, &[n_seq])?.set_input()) } else { None };
-        scope.output_rows = output_rows;
+        let mut scope = BuildScope::batched(ctx, graph, &model.weights, inputs.positions, inputs.freq_factors, sequences)?
+            .with_kernels(self.kernels)
+            .with_output_rows(output_rows);
         let which = if s == 0 { Logits::Last } else { Logits::All };
         let last = model.decoder.build(&mut scope, x, which)?;
         let heads = w(model.audio_head);
@@ -236,6 +251,7 @@ impl StepBuilder for DecoderStep<'_> {
         let logits = ctx.mul_mat(head, last)?.set_output();
         graph.expand(logits)?;
         Ok(DecoderSlots {
+            code_offset: (s * model.config.audio_vocab) as u32,
             codes: codes.slot(),
             hidden: hidden.map(Tensor::slot),
             output_rows: output_rows.map(Tensor::slot),
@@ -246,20 +262,18 @@ impl StepBuilder for DecoderStep<'_> {
 }
 
 impl DecoderSlots {
-    /// Fills the inputs of step `s`: each session's code of codebook `s` and, at step 0, its backbone
-    /// state; rows stored at `cells[i]` of `caches[i]`.
+    /// Fills the inputs of the step: each session's code of the step's codebook and, at step 0, its
+    /// backbone state; rows stored at `cells[i]` of `caches[i]`.
     pub fn write(
         &self,
         graph: StepGraph<'_>,
         model: &CsmModel,
-        s: usize,
         codes: &[u32],
         hidden: &[&[f32]],
         caches: &[&KvCache],
         cells: &[std::ops::Range<usize>],
     ) -> Result<()> {
-        let offset = (s * model.config.audio_vocab) as u32;
-        graph.at(self.codes)?.write_i32(&codes.iter().map(|&c| (c + offset) as i32).collect::<Vec<_>>())?;
+        graph.at(self.codes)?.write_i32(&codes.iter().map(|&c| (c + self.code_offset) as i32).collect::<Vec<_>>())?;
         if let Some(h) = self.hidden {
             graph.at(h)?.write_f32(&hidden.concat())?;
         }

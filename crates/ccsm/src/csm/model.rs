@@ -38,6 +38,7 @@ pub struct CsmModel {
 }
 
 impl CsmModel {
+    /// Loads a CSM GGUF, every tensor checked against the config.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let file = GgufFile::open(path.as_ref())?;
         Self::from_file(&file, path.as_ref())
@@ -76,22 +77,27 @@ impl CsmModel {
         Ok(declare(file, path, &mut loader)?.config)
     }
 
+    /// The hyperparameters.
     pub fn config(&self) -> &CsmConfig {
         &self.config
     }
 
+    /// The text tokenizer (Llama 3's, with BOS and EOS).
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }
 
+    /// The file's `general.name`, else its path.
     pub fn name(&self) -> &str {
         &self.name
     }
 
+    /// Bytes of the loaded weights.
     pub fn weight_bytes(&self) -> u64 {
         self.weight_bytes
     }
 
+    /// Parameters (elements of every tensor).
     pub fn params(&self) -> u64 {
         self.params
     }

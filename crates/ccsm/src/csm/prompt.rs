@@ -21,8 +21,11 @@ pub enum Row {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a segment {\"speaker\", \"text\", \"frames\"}")]
 pub struct Segment {
+    /// Who speaks (CSM's speaker id, written as `[id]` before the text).
     pub speaker: u32,
+    /// What they said.
     pub text: String,
+    /// How it sounded (Mimi frames; empty for the text to say).
     #[serde(default)]
     pub frames: Vec<Frame>,
 }
@@ -40,10 +43,16 @@ impl Segment {
         rows.push(Row::Text(eos));
         for (i, frame) in self.frames.iter().enumerate() {
             if frame.len() != n_codebooks {
-                return Err(Error::Input(format!("context frame {i} has {} codes, the model uses {n_codebooks}", frame.len())));
+                return Err(Error::BadFrame {
+                    index: i,
+                    why: format!("context frame {i} has {} codes, the model uses {n_codebooks}", frame.len()),
+                });
             }
             if let Some(&bad) = frame.iter().find(|&&c| c as usize >= audio_vocab) {
-                return Err(Error::Input(format!("context frame {i} has code {bad}, beyond the audio vocabulary of {audio_vocab}")));
+                return Err(Error::BadFrame {
+                    index: i,
+                    why: format!("context frame {i} has code {bad}, beyond the audio vocabulary of {audio_vocab}"),
+                });
             }
             rows.push(Row::Audio(frame.clone()));
         }

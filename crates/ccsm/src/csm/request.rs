@@ -10,12 +10,17 @@ use crate::error::{Error, Result};
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Request {
+    /// The text to say.
     pub text: String,
+    /// The speaker id to say it as.
     #[serde(default)]
     pub speaker: u32,
+    /// Turns said before it (their text and frames).
     #[serde(default)]
     pub context: Vec<Segment>,
+    /// The sampling seed (default: the run's).
     pub seed: Option<u64>,
+    /// Most frames to make (default: the run's).
     pub max_frames: Option<u32>,
     /// A WAV file the request's audio goes to (the command line's `--batch`; needs a codec).
     #[serde(default)]

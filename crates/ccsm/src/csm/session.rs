@@ -10,13 +10,17 @@ use crate::trained_context::TrainedContext;
 /// Where generation time went.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct FrameTimings {
+    /// Prompt rows run.
     pub prompt_rows: usize,
+    /// Time spent on them.
     pub prompt_seconds: f64,
+    /// Frames made (end-of-speech frames not counted).
     pub frames: usize,
     /// Backbone steps over generated frames.
     pub backbone_seconds: f64,
     /// The decoder's steps (31 per frame for CSM-1B).
     pub decoder_seconds: f64,
+    /// Time spent sampling codes.
     pub sampling_seconds: f64,
 }
 
@@ -54,6 +58,7 @@ impl CsmSession {
         self.backbone.memory_usage() + self.decoder.memory_usage()
     }
 
+    /// Where the session's time went.
     pub fn timings(&self) -> FrameTimings {
         self.timings
     }
@@ -63,10 +68,12 @@ impl CsmSession {
         self.last.is_some()
     }
 
+    /// The backbone cache (prompt rows and frames).
     pub fn backbone_cache(&self) -> &KvCache {
         &self.backbone
     }
 
+    /// The decoder cache (one frame's codebooks, reset every frame).
     pub fn decoder_cache(&self) -> &KvCache {
         &self.decoder
     }

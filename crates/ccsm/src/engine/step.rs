@@ -32,6 +32,12 @@ impl GraphKey {
         GraphKey(words.to_vec())
     }
 
+    /// Adds words of the graph's shape.
+    pub fn with(mut self, words: &[u64]) -> Self {
+        self.0.extend_from_slice(words);
+        self
+    }
+
     /// Adds a cache the graph reads, over its first `n_kv` cells.
     pub fn with_cache(mut self, cache: &KvCache, n_kv: usize) -> Self {
         self.0.extend([cache.id(), cache.version(), n_kv as u64]);

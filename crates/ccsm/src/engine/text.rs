@@ -3,7 +3,7 @@
 use ggml::{Backend, ComputeBuffer, Context, DType, Graph, NodeTime, Slot, Tensor};
 
 use super::step::{GraphKey, KeptGraphs, StepBuilder, StepRunner};
-use crate::attention::{AttentionChoice, BatchInputs, BatchSlots, BuildScope};
+use crate::attention::{AttentionChoice, BatchInputs, BatchSlots, BuildScope, SequencePart};
 use crate::error::{Error, Result};
 use crate::kv_cache::{KvCache, KvCacheConfig, Rotation};
 use crate::llama::LlamaModel;
@@ -15,8 +15,11 @@ pub(crate) const PER_SEQUENCE_NODES: usize = 64;
 /// One sequence's part of a step: its cache, the tokens that follow what it holds, and which logits
 /// it wants back.
 pub struct SequenceStep<'a> {
+    /// The sequence's cache; the tokens' K/V rows are appended to it.
     pub cache: &'a mut KvCache,
+    /// Tokens after what the cache holds.
     pub tokens: &'a [u32],
+    /// Which of its rows' logits come back.
     pub logits: Logits,
 }
 
@@ -71,6 +74,7 @@ impl SequenceShape {
 }
 
 impl TextEngine {
+    /// An engine over `model`'s weights running `n_threads` ggml threads (fewer for graphs too small to share).
     pub fn new(model: LlamaModel, n_threads: usize) -> Result<Self> {
         Ok(TextEngine {
             model,
@@ -83,6 +87,7 @@ impl TextEngine {
         })
     }
 
+    /// The weights.
     pub fn model(&self) -> &LlamaModel {
         &self.model
     }
@@ -127,6 +132,7 @@ impl TextEngine {
         self.kept.clear();
     }
 
+    /// The attention kernels steps run.
     pub fn attention(&self) -> AttentionChoice {
         self.attention
     }
@@ -136,6 +142,7 @@ impl TextEngine {
         self.profile = on.then(Vec::new);
     }
 
+    /// The node times collected since profiling started (or the last take).
     pub fn take_profile(&mut self) -> Vec<NodeTime> {
         self.profile.as_mut().map(std::mem::take).unwrap_or_default()
     }
@@ -277,7 +284,7 @@ impl StepBuilder for TextStep<'_> {
         let transformer = &model.transformer;
         let total: usize = shapes.iter().map(|s| s.n).sum();
         let tokens = ctx.new_tensor(DType::I32, &[total as i64])?.set_input();
-        let parts: Vec<(usize, usize)> = shapes.iter().map(|s| (s.n, s.n_kv)).collect();
+        let parts: Vec<SequencePart> = shapes.iter().map(|s| SequencePart { rows: s.n, n_kv: s.n_kv }).collect();
         let (inputs, sequences) = BatchInputs::new(ctx, transformer.freq_factor_input(ctx)?, self.caches, &parts)?;
         let output_rows = if needs_output_rows(shapes) {
             let n_out = output_row_indices(shapes).len() as i64;
@@ -292,8 +299,8 @@ impl StepBuilder for TextStep<'_> {
         let x = ctx.get_rows(model.weights.get(model.token_embd), tokens)?;
         let mut scope = BuildScope::batched(ctx, graph, &model.weights, inputs.positions, inputs.freq_factors, sequences)?
             .tracking_attention(self.track)
-            .with_kernels(self.kernels);
-        scope.output_rows = output_rows;
+            .with_kernels(self.kernels)
+            .with_output_rows(output_rows);
         let hidden = transformer.build(&mut scope, x, which)?;
         let attention_mass = scope.take_attention_mass().map(Tensor::set_output);
         let logits = ctx.mul_mat(model.weights.get(model.output), hidden)?.set_output();

@@ -11,10 +11,16 @@ use crate::error::{Error, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EvictionPolicy {
     /// The first `sinks` tokens (attention sinks) and the most recent ones (StreamingLLM).
-    SinkRecent { sinks: usize },
+    SinkRecent {
+        /// Leading cells never evicted.
+        sinks: usize,
+    },
     /// The first `sinks` tokens and those that received the most attention so far (H2O); the
     /// model must track attention (`GGMLModel::set_track_attention`) for the scores to mean anything.
-    Attention { sinks: usize },
+    Attention {
+        /// Leading cells never evicted.
+        sinks: usize,
+    },
 }
 
 impl Default for EvictionPolicy {
@@ -24,12 +30,14 @@ impl Default for EvictionPolicy {
 }
 
 impl EvictionPolicy {
+    /// Leading cells the policy never evicts.
     pub fn sinks(self) -> usize {
         match self {
             EvictionPolicy::SinkRecent { sinks } | EvictionPolicy::Attention { sinks } => sinks,
         }
     }
 
+    /// Whether the policy needs the attention mass each cell receives (H2O does).
     pub fn tracks_attention(self) -> bool {
         matches!(self, EvictionPolicy::Attention { .. })
     }

@@ -11,11 +11,14 @@ use crate::CacheType;
 /// The types one layer's K and V rows are stored in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct LayerTypes {
+    /// The type K rows are stored in.
     pub k: CacheType,
+    /// The type V rows are stored in.
     pub v: CacheType,
 }
 
 impl LayerTypes {
+    /// K stored as `k`, V as `v`.
     pub fn new(k: CacheType, v: CacheType) -> Self {
         LayerTypes { k, v }
     }
@@ -47,13 +50,17 @@ impl fmt::Display for LayerTypes {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Half {
+    /// The keys.
     K,
+    /// The values.
     V,
 }
 
 impl Half {
+    /// Both halves, K first: the order layers and profiles list them in.
     pub const BOTH: [Half; 2] = [Half::K, Half::V];
 
+    /// `"k"` or `"v"`, as tensor names, messages and profiles spell it.
     pub fn name(self) -> &'static str {
         match self {
             Half::K => "k",
@@ -67,6 +74,7 @@ impl Half {
 pub struct KvLayout(Arc<[LayerTypes]>);
 
 impl KvLayout {
+    /// A layout of `layers`, layer 0 first.
     pub fn new(layers: Vec<LayerTypes>) -> Self {
         KvLayout(layers.into())
     }
@@ -76,14 +84,17 @@ impl KvLayout {
         KvLayout::new(vec![LayerTypes::new(k, v); n_layer])
     }
 
+    /// Each layer's types, layer 0 first.
     pub fn layers(&self) -> &[LayerTypes] {
         &self.0
     }
 
+    /// Layers in the layout.
     pub fn len(&self) -> usize {
         self.0.len()
     }
 
+    /// Whether the layout names no layer.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

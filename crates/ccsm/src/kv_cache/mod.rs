@@ -28,7 +28,9 @@ const CONVERT_ROWS: usize = 256;
 /// What a live conversion did to the cache's memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct QuantizeReport {
+    /// Bytes of the cache's buffers (recent window included) before the conversion.
     pub bytes_before: usize,
+    /// Bytes of the cache's buffers after it.
     pub bytes_after: usize,
     /// Most K/V buffer bytes alive at once during the conversion (old layers not yet converted plus
     /// the tensor being written).
@@ -44,17 +46,21 @@ pub const DECODE_WINDOW: usize = 256;
 /// Shape and types of a cache.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KvCacheConfig {
+    /// Layers, each with one K and one V tensor.
     pub n_layer: usize,
+    /// Width of one K/V head.
     pub head_dim: usize,
+    /// K/V heads per layer; a row (one token) is `head_dim * n_head_kv` values.
     pub n_head_kv: usize,
     /// Cells allocated per layer.
     pub capacity: usize,
-    /// The types of every layer, unless `layout` gives each layer its own (then layer 0's types,
-    /// which messages name).
-    pub k_type: CacheType,
-    pub v_type: CacheType,
+    // The types are set only through the constructors, so `k_type`/`v_type` are always layer 0's.
+    /// The K type of every layer, unless `layout` gives each layer its own (then layer 0's).
+    k_type: CacheType,
+    /// The V type, on the same terms.
+    v_type: CacheType,
     /// Per-layer types (a mixed-precision cache); `None`: every layer is `k_type`/`v_type`.
-    pub layout: Option<KvLayout>,
+    layout: Option<KvLayout>,
     /// Cells of the recent window kept in f16 beside the typed rows (0: none; see `recent`).
     pub recent: usize,
 }
@@ -69,6 +75,26 @@ impl KvCacheConfig {
     pub fn with_layout(self, layout: KvLayout) -> Self {
         let first = layout.layers().first().copied().unwrap_or(LayerTypes::new(self.k_type, self.v_type));
         KvCacheConfig { k_type: first.k, v_type: first.v, layout: Some(layout), ..self }
+    }
+
+    /// This shape with `cells` cells per layer.
+    pub fn with_capacity(self, cells: usize) -> Self {
+        KvCacheConfig { capacity: cells, ..self }
+    }
+
+    /// Layer 0's K type (every layer's, for a uniform cache).
+    pub fn k_type(&self) -> CacheType {
+        self.k_type
+    }
+
+    /// Layer 0's V type (every layer's, for a uniform cache).
+    pub fn v_type(&self) -> CacheType {
+        self.v_type
+    }
+
+    /// The per-layer types, when the layers differ (or were given one by one).
+    pub fn layout(&self) -> Option<&KvLayout> {
+        self.layout.as_ref()
     }
 
     /// This cache with a recent window of `cells` f16 cells (0: none).
@@ -329,6 +355,7 @@ impl KvCache {
         self.version
     }
 
+    /// When this cache's rows are Hadamard-rotated before they are stored.
     pub fn rotation(&self) -> Rotation {
         self.rotation
     }
@@ -349,6 +376,7 @@ impl KvCache {
         self.hadamard.as_ref().map(|(store, id)| store.get(*id))
     }
 
+    /// The cache's shape and types as they are now (conversions change them).
     pub fn config(&self) -> &KvCacheConfig {
         &self.config
     }
@@ -363,6 +391,7 @@ impl KvCache {
         self.positions.len()
     }
 
+    /// Whether no cell is live.
     pub fn is_empty(&self) -> bool {
         self.positions.is_empty()
     }
@@ -591,5 +620,12 @@ impl KvCache {
         let row_bytes = ty.dtype().row_size(self.width())?;
         let shape = [c.head_dim as i64, c.n_head_kv as i64, n_kv as i64];
         Ok(ctx.view(t, &shape, &[head_bytes, row_bytes], 0)?)
+    }
+}
+
+impl Error {
+    /// This error, said of one layer's half of a KV cache.
+    pub fn in_layer(self, layer: usize, half: Half) -> Error {
+        Error::InLayer { layer, half: half.name(), source: Box::new(self) }
     }
 }

@@ -34,6 +34,7 @@ impl Rotation {
         wanted && head_dim.is_power_of_two() && head_dim >= 2
     }
 
+    /// The policy's name on the command line and in reports (`off`, `quantized`, `all`).
     pub fn name(self) -> &'static str {
         match self {
             Rotation::Off => "off",

@@ -34,14 +34,19 @@ pub enum PlanBudget {
 /// The planner's choice.
 #[derive(Clone, Debug, Serialize)]
 pub struct KvPlan {
+    /// Each layer's K and V types.
     pub layout: KvLayout,
     /// `layout` in `--kv-layout` spelling.
     pub spec: String,
     /// Cells the cache keeps (the capacity asked for, unless the budget forced fewer).
     pub capacity: usize,
+    /// Bytes of the planned cache at `capacity` cells, the recent window included; never over the budget.
     pub bytes: usize,
+    /// Mean storage bits per cached element over the cells kept, block scales and window included.
     pub bits_per_element: f64,
+    /// The profile's predicted mean KLD of this plan against an f32 cache (0 when nothing is quantized).
     pub predicted_kld: f64,
+    /// The budget the plan was made for.
     pub budget: PlanBudget,
     /// Cells of the recent window kept in f16 (0: none), inside `bytes`.
     pub recent: usize,
@@ -50,7 +55,7 @@ pub struct KvPlan {
 impl KvPlan {
     /// The cache config of this plan on `shape`.
     pub fn config(&self, shape: &KvCacheConfig) -> KvCacheConfig {
-        KvCacheConfig { capacity: self.capacity, ..shape.clone() }.with_layout(self.layout.clone()).with_recent(self.recent)
+        shape.clone().with_capacity(self.capacity).with_layout(self.layout.clone()).with_recent(self.recent)
     }
 }
 
@@ -164,7 +169,7 @@ pub fn plan(profile: &SensitivityProfile, shape: &KvCacheConfig, candidates: &[C
     // the cache costs the profile's floor (see `CalibrationRun::floor_kld`).
     let window = profile.window_ratio(shape.recent, shape.capacity).unwrap_or(1.0);
     let predicted_kld = if costs > 0.0 { costs * window + profile.calibration.floor_kld } else { 0.0 };
-    let config = KvCacheConfig { capacity, ..shape.clone() }.with_layout(layout.clone());
+    let config = shape.clone().with_capacity(capacity).with_layout(layout.clone());
     let planned = config.bytes()?;
     if planned > bytes {
         return Err(Error::Invariant(format!("the planner chose {planned} bytes for a budget of {bytes}")));

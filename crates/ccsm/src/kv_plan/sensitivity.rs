@@ -18,8 +18,11 @@ pub const GGUF_KEY: &str = "ccsm.kv_profile";
 /// The model shape a profile was measured on; a profile applies only to a cache of this shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProfileShape {
+    /// Layers of the cache.
     pub n_layer: usize,
+    /// Width of one K/V head.
     pub head_dim: usize,
+    /// K/V heads per layer.
     pub n_head_kv: usize,
 }
 
@@ -28,7 +31,9 @@ pub struct ProfileShape {
 pub struct CalibrationRun {
     /// The calibration text (a path or name, for the record).
     pub text: String,
+    /// Tokens per scored chunk; windows are scaled from this context to a cache's (see `window_ratio`).
     pub ctx: usize,
+    /// Chunks of the text that were scored.
     pub chunks: usize,
     /// The type every half was measured at directly (the others are scaled from it, see `HalfCost`).
     pub probe: CacheType,
@@ -42,7 +47,9 @@ pub struct CalibrationRun {
     pub f32_weights: bool,
     /// Mean KLD of the whole cache at the probe type, measured (what the sum of the halves predicts
     /// is in `predicted_uniform_probe_kld`: their ratio checks that costs add up).
+    /// None when the calibration was exhaustive or that run was skipped.
     pub measured_uniform_probe_kld: Option<f64>,
+    /// The sum over every half of its cost at the probe type: the whole-cache cost the planner predicts.
     pub predicted_uniform_probe_kld: f64,
     /// What recent windows (`--kv-recent`) did to the whole cache at the probe type (profiles made
     /// before windows have none: the planner then keeps none).
@@ -53,6 +60,7 @@ pub struct CalibrationRun {
 /// The whole cache at the probe type with a recent window of `cells`, measured.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WindowGain {
+    /// Cells of the recent window, at the calibration's context.
     pub cells: usize,
     /// Mean KLD, the floor subtracted.
     pub kld: f64,
@@ -64,7 +72,9 @@ pub struct WindowGain {
 /// One layer's half: its predicted KLD cost per cache type.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HalfCost {
+    /// The layer, from 0.
     pub layer: usize,
+    /// K or V.
     pub half: Half,
     /// Mean KLD with only this half quantized to the probe type, the rest of the cache f32.
     pub probe_kld: f64,
@@ -78,10 +88,15 @@ pub struct HalfCost {
 /// Costs of every layer's K and V at every measured type.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SensitivityProfile {
+    /// Always `PROFILE_FORMAT`; `check` refuses any other.
     pub format: String,
+    /// Name of the model it was measured on (for the record and error messages).
     pub model: String,
+    /// The cache shape it was measured on; it applies only to caches of this shape.
     pub shape: ProfileShape,
+    /// How it was measured.
     pub calibration: CalibrationRun,
+    /// One entry per layer and half, in layer order, K before V.
     pub halves: Vec<HalfCost>,
 }
 
@@ -168,18 +183,22 @@ impl SensitivityProfile {
         Ok(())
     }
 
+    /// The profile as pretty-printed JSON, the form files and GGUF metadata hold.
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("a profile serializes")
     }
 
+    /// Parses a profile from JSON; `origin` names where the text came from in the error.
     pub fn from_json(text: &str, origin: &str) -> Result<Self> {
         serde_json::from_str(text).map_err(|e| Error::Input(format!("{origin}: not a KV profile: {e}")))
     }
 
+    /// Writes the profile to `path` as JSON.
     pub fn save(&self, path: &Path) -> Result<()> {
         std::fs::write(path, self.to_json() + "\n").map_err(|source| Error::Io { path: path.to_path_buf(), source })
     }
 
+    /// Reads a profile written by `save` (not yet checked against a model: see `check`).
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
         Self::from_json(&text, &path.display().to_string())

@@ -18,18 +18,26 @@ pub const MAX_CONTEXT: usize = 1 << 24;
 /// Llama 3 long-context RoPE scaling (frequency-dependent division of the rotation speed).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Llama3Scaling {
+    /// How much slower the longest wavelengths rotate (≥ 1).
     pub factor: f32,
+    /// Wavelengths longer than `original_context / low_freq_factor` are slowed by the full `factor`.
     pub low_freq_factor: f32,
+    /// Wavelengths shorter than `original_context / high_freq_factor` are left alone.
     pub high_freq_factor: f32,
+    /// The context length the model was pretrained at, before the extension.
     pub original_context: u32,
 }
 
+/// Rotary position embedding of one transformer stack.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RopeConfig {
+    /// Base of the rotation frequencies (`rope.freq_base`, 10000 when absent).
     pub freq_base: f32,
     /// Dimensions of each head that are rotated.
     pub n_dims: usize,
+    /// How rotated pairs are laid out in a head (adjacent or split halves), per architecture.
     pub mode: RopeMode,
+    /// Llama 3 frequency scaling; None when the model's RoPE is unscaled.
     pub llama3: Option<Llama3Scaling>,
 }
 
@@ -65,13 +73,21 @@ impl RopeConfig {
 /// Shape and numerics of one Llama transformer stack.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LlamaConfig {
+    /// Transformer blocks.
     pub n_layer: usize,
+    /// Width of the residual stream (the embedding length).
     pub n_embd: usize,
+    /// Query heads.
     pub n_head: usize,
+    /// K/V heads; divides `n_head` (grouped-query attention when fewer).
     pub n_head_kv: usize,
+    /// Width of one head (even; `n_embd / n_head` unless the file says otherwise).
     pub head_dim: usize,
+    /// Hidden width of each feed-forward block.
     pub n_ff: usize,
+    /// Epsilon of the RMS norms, in (0, 1).
     pub rms_eps: f32,
+    /// Rotary position embedding.
     pub rope: RopeConfig,
     /// Longest context the model was trained for.
     pub n_ctx_train: usize,

@@ -27,6 +27,7 @@ pub struct LlamaModel {
 }
 
 impl LlamaModel {
+    /// Opens the GGUF file at `path`, checks it and loads the weights (see `from_file`).
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let file = GgufFile::open(path.as_ref())?;
         Self::from_file(&file, path.as_ref())
@@ -61,18 +62,22 @@ impl LlamaModel {
         Ok(declare(file, path, &mut loader)?.transformer.config().clone())
     }
 
+    /// The transformer's hyperparameters.
     pub fn config(&self) -> &LlamaConfig {
         self.transformer.config()
     }
 
+    /// The tokenizer stored in the file.
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }
 
+    /// Rows of the token embeddings: logits per position.
     pub fn vocab_size(&self) -> usize {
         self.vocab_size
     }
 
+    /// `general.name` from the file, or its path when absent.
     pub fn name(&self) -> &str {
         &self.name
     }

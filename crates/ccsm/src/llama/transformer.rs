@@ -116,6 +116,7 @@ impl Transformer {
         Ok(Transformer { config, blocks, output_norm, freq_factors })
     }
 
+    /// The stack's hyperparameters.
     pub fn config(&self) -> &LlamaConfig {
         &self.config
     }

@@ -12,23 +12,29 @@ pub const ESCALATION: [CacheType; 2] = [CacheType::Q8_0, CacheType::Q4_0];
 /// Bytes every running session's caches share.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Budget {
+    /// Bytes in all.
     pub total: usize,
+    /// Bytes running sessions hold.
     pub used: usize,
 }
 
 impl Budget {
+    /// A budget of `total` bytes with nothing taken.
     pub fn new(total: usize) -> Self {
         Budget { total, used: 0 }
     }
 
+    /// Whether `bytes` more fit.
     pub fn fits(&self, bytes: usize) -> bool {
         self.used.saturating_add(bytes) <= self.total
     }
 
+    /// Counts `bytes` as held.
     pub fn take(&mut self, bytes: usize) {
         self.used += bytes;
     }
 
+    /// Returns `bytes` a session held.
     pub fn give_back(&mut self, bytes: usize) {
         self.used = self.used.saturating_sub(bytes);
     }
@@ -38,11 +44,19 @@ impl Budget {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Admission<L> {
     /// Start now with caches of this layout and bytes.
-    Start { layout: L, bytes: usize },
+    Start {
+        /// The layout its caches get.
+        layout: L,
+        /// Their bytes, taken from the budget.
+        bytes: usize,
+    },
     /// Not now: wait until running sessions give memory back.
     Wait,
     /// Never within this budget: even alone at the smallest layout it needs these bytes.
-    Never { smallest: usize },
+    Never {
+        /// Bytes of its smallest layout.
+        smallest: usize,
+    },
 }
 
 /// The layouts admission tries, best first: the configured one, then (with `adapt`) the `fallbacks`

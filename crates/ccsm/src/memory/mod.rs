@@ -26,9 +26,13 @@ pub use crate::kv_cache::MIN_CELLS;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
+    /// The caches already fit.
     Nothing,
+    /// Fewer cells (0.5 ≤ r < 1), evicting by the policy.
     Resize,
+    /// q8_0, then fewer cells if still over (0.25 ≤ r < 0.5).
     Q8ThenResize,
+    /// q4_0, then evict and shrink if still over (r < 0.25).
     Q4ThenPrune,
     /// The planner's per-layer types for the budget (`kv_plan`), fewer cells only below its smallest
     /// layout: not one of the seed's thresholds, chosen by asking for it.
@@ -71,7 +75,9 @@ impl Strategy {
 
 /// A cache the optimizer may act on.
 pub struct ManagedCache<'a> {
+    /// Which cache it is (for reports).
     pub role: CacheRole,
+    /// The cache.
     pub cache: &'a mut KvCache,
     /// Whether its capacity may change (false for CSM's per-frame decoder cache).
     pub resizable: bool,
@@ -80,11 +86,51 @@ pub struct ManagedCache<'a> {
 /// One thing the optimizer did to a cache (shown in reports as a sentence).
 #[derive(Clone, Debug, PartialEq)]
 pub enum MemoryAction {
-    Quantized { cache: CacheRole, layout: KvLayout },
-    Pruned { cache: CacheRole, evicted: usize, of: usize, policy: EvictionPolicy },
-    Resized { cache: CacheRole, from: usize, to: usize },
-    RecentWindow { cache: CacheRole, cells: usize },
-    Planned { cache: CacheRole, spec: String, bits_per_element: f64, predicted_kld: f64 },
+    /// The cache converted, with every cached token, to `layout`.
+    Quantized {
+        /// Which cache.
+        cache: CacheRole,
+        /// Its new types.
+        layout: KvLayout,
+    },
+    /// Cells evicted to make a smaller cache hold what it keeps.
+    Pruned {
+        /// Which cache.
+        cache: CacheRole,
+        /// Cells evicted.
+        evicted: usize,
+        /// Cells it held before.
+        of: usize,
+        /// Which cells went.
+        policy: EvictionPolicy,
+    },
+    /// The cache's capacity changed.
+    Resized {
+        /// Which cache.
+        cache: CacheRole,
+        /// Cells before.
+        from: usize,
+        /// Cells after.
+        to: usize,
+    },
+    /// The cache keeps its newest cells also in f16.
+    RecentWindow {
+        /// Which cache.
+        cache: CacheRole,
+        /// Cells in the window.
+        cells: usize,
+    },
+    /// The planner's per-layer types.
+    Planned {
+        /// Which cache.
+        cache: CacheRole,
+        /// The layout, as `--kv-layout` spells it.
+        spec: String,
+        /// Mean bits per cached element.
+        bits_per_element: f64,
+        /// The profile's predicted KL divergence of the layout.
+        predicted_kld: f64,
+    },
 }
 
 impl std::fmt::Display for MemoryAction {
@@ -110,15 +156,19 @@ impl Serialize for MemoryAction {
 /// What the optimizer did.
 #[derive(Clone, Debug, Serialize)]
 pub struct MemoryReport {
+    /// The budget.
     pub budget_bytes: usize,
+    /// Budget over the caches' bytes before.
     pub ratio: f64,
     /// The strategy applied: the ratio's, or a later one when the ratio's result would not fit.
     pub strategy: Strategy,
     /// The ratio's strategy, when a later one had to be taken instead.
     pub escalated_from: Option<Strategy>,
+    /// What was done, in order.
     pub actions: Vec<MemoryAction>,
-    /// (cache, bytes) before and after.
+    /// (cache, bytes) before.
     pub before: Vec<(CacheRole, usize)>,
+    /// (cache, bytes) after.
     pub after: Vec<(CacheRole, usize)>,
     /// The planner's choice, under the `plan` strategy.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -126,6 +176,7 @@ pub struct MemoryReport {
 }
 
 impl MemoryReport {
+    /// Bytes of every cache after.
     pub fn bytes_after(&self) -> usize {
         self.after.iter().map(|(_, b)| b).sum()
     }
@@ -239,9 +290,9 @@ pub fn optimize(mut caches: Vec<ManagedCache<'_>>, budget: usize, policy: Evicti
     for (c, target) in caches.iter_mut().zip(&targets) {
         let layout = target.config.kv_layout();
         if layout != c.cache.layout() {
-            match target.config.layout.clone() {
+            match target.config.layout().cloned() {
                 Some(per_layer) => c.cache.quantize_layout(per_layer)?,
-                None => c.cache.quantize(target.config.k_type, target.config.v_type)?,
+                None => c.cache.quantize(target.config.k_type(), target.config.v_type())?,
             };
             actions.push(MemoryAction::Quantized { cache: c.role, layout });
         }

@@ -23,7 +23,10 @@ pub enum CacheTypes {
     Layout(String),
     /// The planner's layout of least predicted KL divergence at this mean bits per element (the recent
     /// window too, when the policy does not fix it).
-    Planned { bits: f64 },
+    Planned {
+        /// Mean bits per cached element, the window included.
+        bits: f64,
+    },
     /// The planner's layout within the memory budget's bytes.
     PlannedForBudget,
 }
@@ -40,18 +43,24 @@ pub enum MemoryStrategy {
 /// Bytes a model's caches (or, on a server, every session's) must stay within, and how.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemoryBudget {
+    /// The bytes.
     pub bytes: usize,
+    /// How they are met.
     pub strategy: MemoryStrategy,
 }
 
 /// See the module docs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CachePolicy {
+    /// K type of uniform caches (and of the cache before a layout converts it).
     pub k_type: CacheType,
+    /// V type, likewise.
     pub v_type: CacheType,
+    /// How per-layer types are chosen.
     pub types: CacheTypes,
     /// Cells each query also reads in f16 (`None`: none, or the planner's choice with `Planned`).
     pub recent: Option<usize>,
+    /// Bytes to stay within, and how.
     pub budget: Option<MemoryBudget>,
     /// Which cells a full (or shrunk) cache gives up.
     pub eviction: EvictionPolicy,
@@ -72,8 +81,11 @@ pub struct CacheSetup {
 /// fallbacks in escalation order, with the recent window every session keeps.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SessionLayouts {
+    /// The layout sessions start with when memory allows.
     pub configured: KvLayout,
+    /// Smaller layouts, in escalation order, for when it does not.
     pub fallbacks: Vec<KvLayout>,
+    /// Newest cells every session also keeps in f16.
     pub recent: usize,
 }
 
@@ -102,7 +114,7 @@ impl CachePolicy {
         let plans = matches!(self.types, CacheTypes::Planned { .. } | CacheTypes::PlannedForBudget)
             || self.budget.is_some_and(|b| b.strategy == MemoryStrategy::Plan);
         if plans && self.profile.is_none() {
-            return Err(Error::Input("planned cache types need a sensitivity profile".into()));
+            return Err(Error::NeedsProfile);
         }
         if self.types == CacheTypes::PlannedForBudget && self.budget.is_none() {
             return Err(Error::Input("a plan for the memory budget needs a budget (or a bits-per-element target)".into()));
@@ -116,7 +128,7 @@ impl CachePolicy {
     }
 
     fn profile(&self) -> Result<&SensitivityProfile> {
-        self.profile.as_ref().ok_or_else(|| Error::Input("planned cache types need a sensitivity profile".into()))
+        self.profile.as_ref().ok_or(Error::NeedsProfile)
     }
 
     /// The planner's layout for a cache like `shape` at `bits` (choosing the window too unless fixed).
@@ -171,7 +183,7 @@ impl CachePolicy {
     /// `apply` for a model whose caches take uniform types only (CSM): the budget, escalating.
     pub fn apply_budget(&self, model: &mut impl Model) -> Result<Option<MemoryReport>> {
         if self.is_per_layer() {
-            return Err(Error::Input("per-layer cache types, planned budgets and recent windows are for text models".into()));
+            return Err(Error::TextModelsOnly { what: "per-layer cache types, planned budgets and recent windows" });
         }
         let Some(budget) = self.budget else { return Ok(None) };
         let report = model.optimize_memory(budget.bytes, self.eviction)?;

@@ -8,7 +8,9 @@ use crate::error::{Error, Result};
 /// Shape and numerics of the codec's decoder path.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MimiConfig {
+    /// Output samples per second (24000 for Mimi).
     pub sample_rate: usize,
+    /// Audio channels of the output (1 for Mimi).
     pub channels: usize,
     /// Width of the latent, the transformer and the SEANet input (512 for Mimi).
     pub hidden: usize,
@@ -16,37 +18,59 @@ pub struct MimiConfig {
     pub upsample_stride: usize,
     /// Codebooks of the quantizer (32), of which the first `n_semantic` (1) form their own group.
     pub n_q: usize,
+    /// Codebooks at the front of the quantizer with their own projection, the semantic group (1).
     pub n_semantic: usize,
+    /// Entries per codebook: codes of each codebook are `0..codebook_size` (2048 for Mimi).
     pub codebook_size: usize,
+    /// Width of a codebook entry before the group projections to `hidden` (256 for Mimi).
     pub codebook_dim: usize,
+    /// The decoder transformer between the quantizer and SEANet.
     pub transformer: MimiTransformerConfig,
+    /// The SEANet decoder that turns the latent into samples.
     pub seanet: SeanetConfig,
 }
 
+/// The decoder transformer of the codec: a causal sliding-window transformer over latent steps.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MimiTransformerConfig {
+    /// Transformer blocks (8 for Mimi).
     pub n_layer: usize,
+    /// Query heads; `n_head * head_dim` equals the codec's `hidden`.
     pub n_head: usize,
+    /// K/V heads; divides `n_head`.
     pub n_head_kv: usize,
+    /// Width of one head (even, for RoPE).
     pub head_dim: usize,
+    /// Hidden width of each feed-forward block.
     pub n_ff: usize,
     /// Steps a query sees, itself included (250).
     pub context: usize,
+    /// Epsilon of the layer norms, in (0, 1).
     pub norm_eps: f32,
+    /// RoPE frequency base.
     pub rope_base: f32,
+    /// Which RoPE layout the weights were exported for (normal or NeoX).
     pub rope_mode: RopeMode,
 }
 
+/// The SEANet decoder: a convolution, one upsampling block per ratio, and a final convolution.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SeanetConfig {
+    /// Channels after the last upsampling block; block `i` starts with `filters << (ratios.len() - i)`.
     pub filters: usize,
     /// Upsampling ratios in decoder order (8, 6, 5, 4).
     pub ratios: Vec<usize>,
+    /// Kernel of the first convolution (hidden → filters · 2^len).
     pub kernel_size: usize,
+    /// Kernel of the last convolution (filters → output channels).
     pub last_kernel_size: usize,
+    /// Kernel of the dilated convolution inside each residual unit.
     pub residual_kernel_size: usize,
+    /// Residual units after each upsampling.
     pub residual_layers: usize,
+    /// Dilation of residual unit `j` is `dilation_base^j`.
     pub dilation_base: usize,
+    /// Factor a residual unit narrows its inner width by; divides every residual width.
     pub compress: usize,
 }
 
@@ -68,6 +92,7 @@ impl MimiConfig {
         self.sample_rate as f64 / self.frame_samples() as f64
     }
 
+    /// Reads the `mimi.*` metadata, refusing out-of-range values and counts that do not fit together.
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let count = |name: &str, max: usize| -> Result<usize> {
             let key = format!("mimi.{name}");

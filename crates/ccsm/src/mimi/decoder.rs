@@ -1,19 +1,22 @@
 //! Streaming Mimi decoding: frames of codes in, samples out, with the causal state carried between
 //! calls (every convolution's state and the transformer's KV cache over the last `context` steps), so
 //! decoding frame by frame gives what decoding a whole clip gives. The weights are the codec's
-//! (`MimiCodec`), the state each stream's (`MimiStream`, owned by its caller). Graphs of the same
-//! shape are kept with their stream: a frame costs input writes and one compute.
+//! (`MimiCodec`), the state each stream's (`MimiStream`, owned by its caller). Several streams'
+//! frames are decoded in one graph: the transformer runs over every stream's steps at once (each
+//! attending over its own cache), the convolutions per stream over its own states. Graphs are kept,
+//! keyed by their streams' caches: a frame costs input writes and one compute.
 
 use std::ops::Range;
 
-use ggml::{Backend, ComputeBuffer, Context, DType, Graph, NodeTime, Slot};
+use ggml::{Backend, ComputeBuffer, Context, DType, Graph, NodeTime, Slot, Tensor};
 
 use super::config::MimiConfig;
 use super::conv::{ConvScope, ConvStates};
 use super::model::MimiModel;
 use super::Frame;
-use crate::attention::{BuildScope, StepInputs};
+use crate::attention::{BatchInputs, BatchSlots, BuildScope, SequencePart};
 use crate::engine::step::{GraphKey, KeptGraphs, StepBuilder, StepRunner};
+use crate::engine::PER_SEQUENCE_NODES;
 use crate::error::{Error, Result};
 use crate::kv_cache::{EvictionPolicy, KvCache, KvCacheConfig, Rotation, DECODE_WINDOW};
 use crate::memory::make_room;
@@ -22,9 +25,11 @@ use crate::CacheType;
 /// Runtime settings of a codec.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MimiOptions {
+    /// ggml threads.
     pub n_threads: usize,
     /// Types of the transformer's KV cache.
     pub k_type: CacheType,
+    /// V type of the transformer's KV cache.
     pub v_type: CacheType,
     /// Most frames decoded by one graph; longer inputs are split (the state carries across).
     pub max_chunk_frames: usize,
@@ -36,28 +41,35 @@ impl Default for MimiOptions {
     }
 }
 
-/// Kept graphs per stream at most (frame-by-frame streaming needs two attention windows, clip
-/// decoding a chunk size and a remainder).
-const KEPT_GRAPHS: usize = 4;
+/// Kept graphs at most (a stream decoded frame by frame needs two attention windows, clip decoding a
+/// chunk size and a remainder; a server's streams decoded together need one per window they are in).
+const KEPT_GRAPHS: usize = 8;
+
+/// One stream's part of a decode: its next frames.
+pub struct StreamChunk<'a> {
+    /// The stream the frames continue.
+    pub stream: &'a mut MimiStream,
+    /// Its next frames.
+    pub frames: &'a [Frame],
+}
 
 /// A codec's weights and backend, shared by every stream it decodes.
 pub struct MimiCodec {
     model: MimiModel,
     backend: Backend,
-    /// Stays empty: every chunk graph is kept with its stream (it has its own buffer).
+    /// Stays empty: every chunk graph is kept (with its own buffer).
     compute: ComputeBuffer,
+    kept: KeptGraphs<ChunkSlots>,
     /// The transformer cache of new streams.
     cache_config: KvCacheConfig,
     max_chunk: usize,
 }
 
-/// One audio stream's decoding state: every convolution's state, the transformer's KV cache over
-/// the last `context` steps, and the kept graphs over them. Its caller owns it; the codec decodes
-/// into it.
+/// One audio stream's decoding state: every convolution's state and the transformer's KV cache over
+/// the last `context` steps. Its caller owns it; the codec decodes into it.
 pub struct MimiStream {
     states: ConvStates,
     cache: KvCache,
-    kept: KeptGraphs<ChunkSlots>,
     /// Codebooks of the frames of this stream (fixed by its first frame).
     codebooks: Option<usize>,
     frames: u64,
@@ -69,6 +81,7 @@ impl MimiStream {
         self.cache.memory_usage() + self.states.bytes()
     }
 
+    /// The transformer's KV cache.
     pub fn cache(&self) -> &KvCache {
         &self.cache
     }
@@ -95,6 +108,7 @@ impl MimiStream {
 }
 
 impl MimiCodec {
+    /// A codec over `model`'s weights.
     pub fn new(model: MimiModel, options: MimiOptions) -> Result<Self> {
         if options.max_chunk_frames == 0 {
             return Err(Error::Input("the codec needs chunks of at least one frame".into()));
@@ -107,6 +121,7 @@ impl MimiCodec {
             model,
             backend: Backend::cpu(options.n_threads)?,
             compute: ComputeBuffer::new()?,
+            kept: KeptGraphs::new(KEPT_GRAPHS),
             cache_config,
             max_chunk: options.max_chunk_frames,
         })
@@ -117,7 +132,6 @@ impl MimiCodec {
         Ok(MimiStream {
             states: ConvStates::new(&self.model.state_layout)?,
             cache: KvCache::with_rotation(self.cache_config.clone(), Rotation::default())?,
-            kept: KeptGraphs::new(KEPT_GRAPHS),
             codebooks: None,
             frames: 0,
         })
@@ -133,6 +147,7 @@ impl MimiCodec {
         needed.div_ceil(DECODE_WINDOW) * DECODE_WINDOW
     }
 
+    /// The weights.
     pub fn model(&self) -> &MimiModel {
         &self.model
     }
@@ -154,18 +169,22 @@ impl MimiCodec {
         let first_index = stream.frames as usize;
         let want = stream.codebooks.or_else(|| frames.first().map(Vec::len)).unwrap_or(c.n_q);
         if want == 0 || want > c.n_q {
-            return Err(Error::Input(format!("frame {first_index} has {want} codes; this codec decodes 1 to {} codebooks", c.n_q)));
+            let why = format!("frame {first_index} has {want} codes; this codec decodes 1 to {} codebooks", c.n_q);
+            return Err(Error::BadFrame { index: first_index, why });
         }
         for (i, frame) in frames.iter().enumerate() {
             let index = first_index + i;
             if frame.len() != want {
-                return Err(Error::Input(format!("frame {index} has {} codes, the frames before it {want}", frame.len())));
+                return Err(Error::BadFrame {
+                    index,
+                    why: format!("frame {index} has {} codes, the frames before it {want}", frame.len()),
+                });
             }
             if let Some((k, &code)) = frame.iter().enumerate().find(|(_, &code)| code as usize >= c.codebook_size) {
-                return Err(Error::Input(format!(
-                    "frame {index}: code {code} of codebook {k} is not below the codebook size {}",
-                    c.codebook_size
-                )));
+                return Err(Error::BadFrame {
+                    index,
+                    why: format!("frame {index}: code {code} of codebook {k} is not below the codebook size {}", c.codebook_size),
+                });
             }
         }
         Ok(want)
@@ -174,75 +193,117 @@ impl MimiCodec {
     /// Decodes the next frames of `stream`; returns their samples (interleaved when the codec has
     /// several channels), `frame_samples()` per frame.
     pub fn decode(&mut self, stream: &mut MimiStream, frames: &[Frame]) -> Result<Vec<f32>> {
-        self.decode_with(stream, frames, None)
+        self.decode_with(&mut [StreamChunk { stream, frames }], None).map(|mut s| s.pop().unwrap_or_default())
     }
 
     /// `decode`, computing the graphs node by node and adding each node's time to `profile`.
     pub fn decode_profiled(&mut self, stream: &mut MimiStream, frames: &[Frame], profile: &mut Vec<NodeTime>) -> Result<Vec<f32>> {
-        self.decode_with(stream, frames, Some(profile))
+        self.decode_with(&mut [StreamChunk { stream, frames }], Some(profile)).map(|mut s| s.pop().unwrap_or_default())
     }
 
-    fn decode_with(&mut self, stream: &mut MimiStream, frames: &[Frame], mut profile: Option<&mut Vec<NodeTime>>) -> Result<Vec<f32>> {
-        let codebooks = self.check_frames(stream, frames)?;
-        stream.codebooks = Some(codebooks);
-        let mut samples = Vec::with_capacity(frames.len() * self.frame_samples() * self.model.config().channels);
-        for chunk in frames.chunks(self.max_chunk) {
-            samples.extend(self.decode_chunk(stream, chunk, codebooks, profile.as_deref_mut())?);
-            stream.frames += chunk.len() as u64;
+    /// Decodes the next frames of every stream, all of them in one graph per chunk; returns each
+    /// stream's samples, in order. Every stream's frames are checked before any is decoded.
+    pub fn decode_streams(&mut self, chunks: &mut [StreamChunk<'_>]) -> Result<Vec<Vec<f32>>> {
+        self.decode_with(chunks, None)
+    }
+
+    fn decode_with(&mut self, chunks: &mut [StreamChunk<'_>], mut profile: Option<&mut Vec<NodeTime>>) -> Result<Vec<Vec<f32>>> {
+        let mut codebooks = Vec::with_capacity(chunks.len());
+        for c in chunks.iter() {
+            codebooks.push(self.check_frames(c.stream, c.frames)?);
+        }
+        let per_frame = self.frame_samples() * self.model.config().channels;
+        let mut samples: Vec<Vec<f32>> = chunks.iter().map(|c| Vec::with_capacity(c.frames.len() * per_frame)).collect();
+        let rounds = chunks.iter().map(|c| c.frames.len().div_ceil(self.max_chunk)).max().unwrap_or(0);
+        for round in 0..rounds {
+            let range =
+                |c: &StreamChunk<'_>| (round * self.max_chunk).min(c.frames.len())..((round + 1) * self.max_chunk).min(c.frames.len());
+            let mut parts: Vec<RoundPart<'_>> = Vec::new();
+            let mut which = Vec::new();
+            for (i, (c, &codebooks)) in chunks.iter_mut().zip(&codebooks).enumerate() {
+                let frames = &c.frames[range(c)];
+                if !frames.is_empty() {
+                    c.stream.codebooks = Some(codebooks);
+                    parts.push(RoundPart { stream: &mut *c.stream, frames, codebooks });
+                    which.push(i);
+                }
+            }
+            for (i, decoded) in which.into_iter().zip(self.decode_round(&mut parts, profile.as_deref_mut())?) {
+                samples[i].extend(decoded);
+            }
+            for part in parts {
+                part.stream.frames += part.frames.len() as u64;
+            }
         }
         Ok(samples)
     }
 
-    fn decode_chunk(
-        &mut self,
-        stream: &mut MimiStream,
-        frames: &[Frame],
-        codebooks: usize,
-        profile: Option<&mut Vec<NodeTime>>,
-    ) -> Result<Vec<f32>> {
-        let c = self.model.config();
-        let steps = frames.len() * c.upsample_stride;
-        // Only the last `context` steps are ever attended to: older cells go.
-        make_room(&mut stream.cache, steps, EvictionPolicy::SinkRecent { sinks: 0 })?;
-        let start = stream.cache.len();
-        let cells = stream.cache.append(steps)?;
-        let result = self.compute(stream, frames, codebooks, cells, profile);
+    /// One graph over each part's frames (each at most a chunk); on error no stream's cache changes.
+    fn decode_round(&mut self, parts: &mut [RoundPart<'_>], profile: Option<&mut Vec<NodeTime>>) -> Result<Vec<Vec<f32>>> {
+        let stride = self.model.config().upsample_stride;
+        let mut starts = Vec::with_capacity(parts.len());
+        let mut cells = Vec::with_capacity(parts.len());
+        let appended = (|| -> Result<()> {
+            for p in parts.iter_mut() {
+                let steps = p.frames.len() * stride;
+                // Only the last `context` steps are ever attended to: older cells go.
+                make_room(&mut p.stream.cache, steps, EvictionPolicy::SinkRecent { sinks: 0 })?;
+                starts.push(p.stream.cache.len());
+                cells.push(p.stream.cache.append(steps)?);
+            }
+            Ok(())
+        })();
+        let result = appended.and_then(|()| self.compute(parts, &cells, profile));
         if result.is_err() {
-            stream.cache.truncate(start);
+            for (p, &start) in parts.iter_mut().zip(&starts) {
+                p.stream.cache.truncate(start);
+            }
         }
         result
     }
 
-    fn compute(
-        &mut self,
-        stream: &mut MimiStream,
-        frames: &[Frame],
-        codebooks: usize,
-        cells: Range<usize>,
-        profile: Option<&mut Vec<NodeTime>>,
-    ) -> Result<Vec<f32>> {
-        let n_kv = stream.cache.decode_window();
-        let step = ChunkStep { model: &self.model, cache: &stream.cache, states: &stream.states, frames: frames.len(), codebooks, n_kv };
-        let key = GraphKey::new(&[frames.len() as u64, codebooks as u64]).with_cache(&stream.cache, n_kv);
+    fn compute(&mut self, parts: &[RoundPart<'_>], cells: &[Range<usize>], profile: Option<&mut Vec<NodeTime>>) -> Result<Vec<Vec<f32>>> {
         let c = self.model.config();
-        let codes: Vec<i32> =
-            frames.iter().flat_map(|f| f.iter().enumerate().map(|(k, &code)| (code as usize + k * c.codebook_size) as i32)).collect();
-        let cache = &stream.cache;
+        let streams: Vec<StreamPart<'_>> = parts
+            .iter()
+            .map(|p| StreamPart {
+                cache: &p.stream.cache,
+                states: &p.stream.states,
+                frames: p.frames.len(),
+                codebooks: p.codebooks,
+                n_kv: p.stream.cache.decode_window(),
+            })
+            .collect();
+        let key =
+            streams.iter().fold(GraphKey::default(), |k, s| k.with(&[s.frames as u64, s.codebooks as u64]).with_cache(s.cache, s.n_kv));
+        let caches: Vec<&KvCache> = streams.iter().map(|s| s.cache).collect();
+        let codes: Vec<Vec<i32>> = parts
+            .iter()
+            .map(|p| {
+                p.frames.iter().flat_map(|f| f.iter().enumerate().map(|(k, &code)| (code as usize + k * c.codebook_size) as i32)).collect()
+            })
+            .collect();
+        let step = ChunkStep { model: &self.model, streams };
         let mut runner = StepRunner { backend: &self.backend, compute: &mut self.compute, profile };
         runner.run(
             &step,
-            Some((&mut stream.kept, key)),
+            Some((&mut self.kept, key)),
             |graph, io| {
-                graph.at(io.codes)?.write_i32(&codes)?;
-                let positions = &cache.positions()[cells.clone()];
-                graph.at(io.positions)?.write_i32(positions)?;
-                graph.at(io.cells)?.write_i64(&KvCache::cell_indices(cells.clone()))?;
-                graph.at(io.mask)?.write_f32(&cache.windowed_attention_mask(positions, n_kv, c.transformer.context))?;
-                Ok(())
+                for (slot, codes) in io.codes.iter().zip(&codes) {
+                    graph.at(*slot)?.write_i32(codes)?;
+                }
+                io.inputs.write(graph, None, &caches, cells)
             },
-            |graph, io| Ok(graph.at(io.audio)?.read_f32()?),
+            |graph, io| io.audio.iter().map(|&slot| Ok(graph.at(slot)?.read_f32()?)).collect(),
         )
     }
+}
+
+/// One stream's frames in one graph.
+struct RoundPart<'a> {
+    stream: &'a mut MimiStream,
+    frames: &'a [Frame],
+    codebooks: usize,
 }
 
 /// A codec with one stream, ready to turn frames into samples (what the command line, the benches and
@@ -253,6 +314,7 @@ pub struct MimiDecoder {
 }
 
 impl MimiDecoder {
+    /// A codec with one new stream.
     pub fn new(model: MimiModel, options: MimiOptions) -> Result<Self> {
         let codec = MimiCodec::new(model, options)?;
         let stream = codec.new_stream()?;
@@ -269,10 +331,12 @@ impl MimiDecoder {
         self.codec
     }
 
+    /// The codec.
     pub fn codec(&self) -> &MimiCodec {
         &self.codec
     }
 
+    /// The weights.
     pub fn model(&self) -> &MimiModel {
         self.codec.model()
     }
@@ -282,6 +346,7 @@ impl MimiDecoder {
         self.codec.into_model()
     }
 
+    /// The stream's transformer cache.
     pub fn cache(&self) -> &KvCache {
         &self.stream.cache
     }
@@ -327,31 +392,40 @@ impl MimiDecoder {
     }
 }
 
-/// The graph of one chunk: codes → latent → upsampled → transformer (over the cache) → SEANet →
-/// samples, then every convolution's new state.
+/// The graph of one chunk of several streams: per stream codes → latent → upsampled; the transformer
+/// over every stream's steps (each attending over its own cache); per stream SEANet → samples, then
+/// every convolution's new state.
 struct ChunkStep<'a> {
     model: &'a MimiModel,
+    streams: Vec<StreamPart<'a>>,
+}
+
+/// One stream's part of a chunk graph.
+struct StreamPart<'a> {
     cache: &'a KvCache,
     states: &'a ConvStates,
     frames: usize,
     codebooks: usize,
+    /// Cells its steps attend over.
     n_kv: usize,
 }
 
-/// The inputs and output of a chunk's graph.
+/// The inputs and outputs of a chunk's graph.
 struct ChunkSlots {
-    codes: Slot,
-    positions: Slot,
-    cells: Slot,
-    mask: Slot,
-    audio: Slot,
+    /// Per stream: its frames' codes.
+    codes: Vec<Slot>,
+    inputs: BatchSlots,
+    /// Per stream: its samples.
+    audio: Vec<Slot>,
 }
 
 impl StepBuilder for ChunkStep<'_> {
     type Io = ChunkSlots;
 
     fn max_nodes(&self) -> usize {
-        self.model.transformer.max_nodes() + self.model.seanet.max_nodes() + 64
+        let n = self.streams.len();
+        let per_stream = self.model.seanet.max_nodes() + 64 + PER_SEQUENCE_NODES * self.model.config().transformer.n_layer;
+        self.model.transformer.max_nodes() + n * per_stream + 64
     }
 
     fn build<'c>(&self, ctx: &'c Context, graph: &mut Graph<'c>) -> Result<ChunkSlots>
@@ -359,32 +433,48 @@ impl StepBuilder for ChunkStep<'_> {
         Self: 'c,
     {
         let model = self.model;
-        let steps = (self.frames * model.config().upsample_stride) as i64;
-        let input = |t: DType, shape: &[i64]| -> Result<ggml::Tensor<'c>> { Ok(ctx.new_tensor(t, shape)?.set_input()) };
-        let codes = input(DType::I32, &[(self.codebooks * self.frames) as i64])?;
-        let inputs = StepInputs {
-            positions: input(DType::I32, &[steps])?,
-            cells: input(DType::I64, &[steps])?,
-            mask: input(DType::F16, &[self.n_kv as i64, steps])?,
-            freq_factors: None,
-        };
-        let mut convs = ConvScope { ctx, weights: &model.weights, states: self.states, updates: Vec::new() };
-        let latent = model.build_latent(ctx, codes, self.codebooks)?;
-        let upsampled = model.upsample.build(&mut convs, latent)?;
-        let mut scope = BuildScope::new(ctx, graph, &model.weights, self.cache, inputs);
-        let hidden = model.transformer.build(&mut scope, upsampled)?;
-        let audio = model.seanet.build(&mut convs, hidden)?.set_name("codec.audio").set_output();
-        graph.expand(audio)?;
-        // After everything that reads the old states.
-        for update in convs.updates {
-            graph.expand(update)?;
+        let stride = model.config().upsample_stride;
+        let mut convs: Vec<ConvScope<'c>> =
+            self.streams.iter().map(|s| ConvScope { ctx, weights: &model.weights, states: s.states, updates: Vec::new() }).collect();
+        let mut codes = Vec::with_capacity(self.streams.len());
+        let mut upsampled: Option<Tensor<'c>> = None;
+        for (s, convs) in self.streams.iter().zip(convs.iter_mut()) {
+            let input = ctx.new_tensor(DType::I32, &[(s.codebooks * s.frames) as i64])?.set_input();
+            codes.push(input.slot());
+            let up = model.upsample.build(convs, model.build_latent(ctx, input, s.codebooks)?)?;
+            upsampled = Some(match upsampled {
+                Some(before) => ctx.concat(before, up, 1)?,
+                None => up,
+            });
         }
-        Ok(ChunkSlots {
-            codes: codes.slot(),
-            positions: inputs.positions.slot(),
-            cells: inputs.cells.slot(),
-            mask: inputs.mask.slot(),
-            audio: audio.slot(),
-        })
+        let x = upsampled.ok_or(Error::EmptyInput("a codec step over no streams"))?;
+        let parts: Vec<SequencePart> = self.streams.iter().map(|s| SequencePart { rows: s.frames * stride, n_kv: s.n_kv }).collect();
+        let caches: Vec<&KvCache> = self.streams.iter().map(|s| s.cache).collect();
+        let (inputs, sequences) = BatchInputs::new(ctx, None, &caches, &parts)?;
+        let mut scope = BuildScope::batched(ctx, graph, &model.weights, inputs.positions, None, sequences)?;
+        let hidden = model.transformer.build(&mut scope, x)?;
+        let mut audio = Vec::with_capacity(self.streams.len());
+        let mut first_step = 0;
+        for (s, convs) in self.streams.iter().zip(convs.iter_mut()) {
+            let steps = s.frames * stride;
+            let h = if self.streams.len() == 1 {
+                hidden
+            } else {
+                let row = hidden.strides()[1];
+                ctx.cont(ctx.view(hidden, &[hidden.ne(0), steps as i64], &[row], first_step * row)?)?
+            };
+            first_step += steps;
+            let out = model.seanet.build(convs, h)?.set_output();
+            graph.expand(out)?;
+            audio.push(out.slot());
+        }
+        // After everything that reads the old states.
+        for convs in convs {
+            for update in convs.updates {
+                graph.expand(update)?;
+            }
+        }
+        let inputs = inputs.slots().windowed(model.config().transformer.context);
+        Ok(ChunkSlots { codes, inputs, audio })
     }
 }

@@ -9,7 +9,7 @@ mod seanet;
 mod transformer;
 
 pub use config::{MimiConfig, MimiTransformerConfig, SeanetConfig};
-pub use decoder::{MimiCodec, MimiDecoder, MimiOptions, MimiStream};
+pub use decoder::{MimiCodec, MimiDecoder, MimiOptions, MimiStream, StreamChunk};
 pub use model::{has_codec, MimiModel, EMBEDDED_PREFIX};
 
 /// The codes of one audio frame, one per codebook (what CSM generates and the codec decodes).

@@ -43,6 +43,7 @@ pub fn has_codec(file: &GgufFile) -> bool {
 }
 
 impl MimiModel {
+    /// Loads a Mimi GGUF (or the codec embedded in a CSM GGUF), every tensor checked.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let file = GgufFile::open(path.as_ref())?;
         Self::from_file(&file, path.as_ref())
@@ -68,14 +69,17 @@ impl MimiModel {
         Ok(declare(file, prefix, &mut loader, &mut StateLayout::default())?.config)
     }
 
+    /// The hyperparameters.
     pub fn config(&self) -> &MimiConfig {
         &self.config
     }
 
+    /// The file's `general.name`, else its path.
     pub fn name(&self) -> &str {
         &self.name
     }
 
+    /// Bytes of the loaded weights.
     pub fn weight_bytes(&self) -> u64 {
         self.weight_bytes
     }

@@ -53,14 +53,17 @@ impl LogitAdjustConfig {
         Ok(LogitAdjustConfig { logit_bias, presence_penalty, frequency_penalty })
     }
 
+    /// (token id, bias) pairs added to the logits, distinct ids.
     pub fn logit_bias(&self) -> &[(u32, f32)] {
         &self.logit_bias
     }
 
+    /// Subtracted once from the logit of every token already generated.
     pub fn presence_penalty(&self) -> f32 {
         self.presence_penalty
     }
 
+    /// Subtracted from a token's logit once per time it was generated.
     pub fn frequency_penalty(&self) -> f32 {
         self.frequency_penalty
     }
@@ -75,6 +78,7 @@ pub struct LogitAdjust {
 }
 
 impl LogitAdjust {
+    /// The adjustment `config` before any token is generated (no penalties yet).
     pub fn new(config: LogitAdjustConfig) -> Self {
         LogitAdjust { config, counts: HashMap::new() }
     }

@@ -3,13 +3,16 @@
 /// A token and its log-probability.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TokenLogprob {
+    /// The token id.
     pub token: u32,
+    /// Its natural-log probability (≤ 0; −∞ for a token with a non-finite logit).
     pub logprob: f32,
 }
 
 /// One position's log-probabilities: the token there and the most likely tokens.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Logprobs {
+    /// The token actually at this position (sampled or from the prompt).
     pub chosen: TokenLogprob,
     /// The `n` most likely tokens, most likely first (the lower id first on ties).
     pub top: Vec<TokenLogprob>,

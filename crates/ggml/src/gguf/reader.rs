@@ -18,7 +18,9 @@ const MAX_DIMS: u32 = 4;
 /// Where one tensor's data lies in the file.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TensorInfo {
+    /// The tensor's name in the file (unique within it).
     pub name: String,
+    /// Element type the data is stored in.
     pub dtype: DType,
     /// ggml order: `shape[0]` is the contiguous dimension.
     pub shape: Vec<i64>,
@@ -29,6 +31,7 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
+    /// Total elements: the product of the shape.
     pub fn nelements(&self) -> i64 {
         self.shape.iter().product()
     }
@@ -246,22 +249,27 @@ impl GgufFile {
         Ok(GgufFile { path, version, metadata, index, tensors, tensor_index, alignment, data_offset, file_len: src.len })
     }
 
+    /// The path the file was opened from; tensor data is read from it again on demand.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// GGUF format version from the header (2 or 3).
     pub fn version(&self) -> u32 {
         self.version
     }
 
+    /// Tensor data alignment in bytes: `general.alignment`, or 32 when the key is absent.
     pub fn alignment(&self) -> u64 {
         self.alignment
     }
 
+    /// Byte offset where the tensor data section starts (the end of the tensor infos, aligned).
     pub fn data_offset(&self) -> u64 {
         self.data_offset
     }
 
+    /// Length of the file in bytes when it was opened.
     pub fn file_len(&self) -> u64 {
         self.file_len
     }
@@ -271,6 +279,7 @@ impl GgufFile {
         &self.metadata
     }
 
+    /// The raw value of a metadata key; `None` if the key is absent.
     pub fn value(&self, key: &str) -> Option<&Value> {
         self.index.get(key).map(|&i| &self.metadata[i].1)
     }
@@ -286,10 +295,12 @@ impl GgufFile {
         self.value(key).map(|v| T::convert(key, v)).transpose()
     }
 
+    /// Every tensor's info, in file order.
     pub fn tensors(&self) -> &[TensorInfo] {
         &self.tensors
     }
 
+    /// The info of the tensor called `name`; [`GgufError::MissingTensor`] if there is none.
     pub fn tensor(&self, name: &str) -> GgufResult<&TensorInfo> {
         self.tensor_index.get(name).map(|&i| &self.tensors[i]).ok_or_else(|| GgufError::MissingTensor { name: name.to_owned() })
     }

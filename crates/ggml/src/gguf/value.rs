@@ -6,22 +6,36 @@ use super::{GgufError, GgufResult};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
 pub enum ValueType {
+    /// Unsigned 8-bit integer.
     U8 = 0,
+    /// Signed 8-bit integer.
     I8 = 1,
+    /// Unsigned 16-bit integer.
     U16 = 2,
+    /// Signed 16-bit integer.
     I16 = 3,
+    /// Unsigned 32-bit integer.
     U32 = 4,
+    /// Signed 32-bit integer.
     I32 = 5,
+    /// 32-bit float.
     F32 = 6,
+    /// Boolean, one byte that must be 0 or 1.
     Bool = 7,
+    /// UTF-8 string with a u64 byte length.
     String = 8,
+    /// Array: element type id, u64 count, then the items.
     Array = 9,
+    /// Unsigned 64-bit integer.
     U64 = 10,
+    /// Signed 64-bit integer.
     I64 = 11,
+    /// 64-bit float.
     F64 = 12,
 }
 
 impl ValueType {
+    /// The type for a GGUF type id; `None` for ids the format does not define.
     pub fn from_id(id: u32) -> Option<Self> {
         use ValueType::*;
         [U8, I8, U16, I16, U32, I32, F32, Bool, String, Array, U64, I64, F64].into_iter().find(|t| *t as u32 == id)
@@ -43,26 +57,41 @@ impl ValueType {
 /// One metadata value.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
+    /// An unsigned 8-bit integer; the integer getters take it whenever it fits (see [`Value::as_i128`]).
     U8(u8),
+    /// A signed 8-bit integer; the integer getters take it whenever it fits (see [`Value::as_i128`]).
     I8(i8),
+    /// An unsigned 16-bit integer; the integer getters take it whenever it fits (see [`Value::as_i128`]).
     U16(u16),
+    /// A signed 16-bit integer; the integer getters take it whenever it fits (see [`Value::as_i128`]).
     I16(i16),
+    /// An unsigned 32-bit integer; the integer getters take it whenever it fits (see [`Value::as_i128`]).
     U32(u32),
+    /// A signed 32-bit integer; the integer getters take it whenever it fits (see [`Value::as_i128`]).
     I32(i32),
+    /// A 32-bit float; the float getters take either width (see [`Value::as_f64`]).
     F32(f32),
+    /// A boolean (one byte, 0 or 1, in the file).
     Bool(bool),
+    /// A UTF-8 string (GGUF stores no terminating NUL).
     String(String),
     /// Items all of `element` type (checked when read and when written).
     Array {
+        /// Type id shared by every item.
         element: ValueType,
+        /// The items, in file order.
         items: Vec<Value>,
     },
+    /// An unsigned 64-bit integer; the integer getters take it whenever it fits (see [`Value::as_i128`]).
     U64(u64),
+    /// A signed 64-bit integer; the integer getters take it whenever it fits (see [`Value::as_i128`]).
     I64(i64),
+    /// A 64-bit float; the float getters take either width (see [`Value::as_f64`]).
     F64(f64),
 }
 
 impl Value {
+    /// The GGUF type id this value is written with.
     pub fn value_type(&self) -> ValueType {
         match self {
             Value::U8(_) => ValueType::U8,
@@ -104,6 +133,7 @@ impl Value {
         })
     }
 
+    /// The value as a float, from F32 or F64; `None` for every other type (integers are not converted).
     pub fn as_f64(&self) -> Option<f64> {
         match *self {
             Value::F32(v) => Some(v.into()),
@@ -120,9 +150,12 @@ impl Value {
 
 /// Conversion out of a metadata value, for the typed getters of `GgufFile`.
 pub trait FromValue: Sized {
+    /// What the type accepts, for the `expected` of [`GgufError::WrongType`] ("a float").
     const EXPECTED: &'static str;
+    /// The converted value; `None` when the value has another type or does not fit.
     fn from_value(value: &Value) -> Option<Self>;
 
+    /// Converts the value of `key`, or errors naming the key, the expected and the found type.
     fn convert(key: &str, value: &Value) -> GgufResult<Self> {
         Self::from_value(value).ok_or_else(|| GgufError::WrongType {
             key: key.to_owned(),

@@ -22,6 +22,7 @@ pub struct GgufWriter {
 }
 
 impl GgufWriter {
+    /// An empty writer: no metadata, no tensors.
     pub fn new() -> Self {
         Self::default()
     }
@@ -62,6 +63,8 @@ impl GgufWriter {
         self.add_tensor(name, dtype, shape, data)
     }
 
+    /// Writes a GGUF v3 file at `path` (replacing any file there): header, metadata in insertion order,
+    /// tensor infos, then each tensor's data padded to the alignment.
     pub fn write(&self, path: impl AsRef<Path>) -> GgufResult<()> {
         let path = path.as_ref();
         let io_err = |source| GgufError::Io { path: path.to_path_buf(), source };

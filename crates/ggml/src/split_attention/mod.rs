@@ -38,8 +38,11 @@ const MIN_PARTS: i64 = 8;
 /// type ggml dequantizes; views with any strides) and its f16 mask `[n_kv, >= n_q]`.
 #[derive(Clone, Copy)]
 pub struct AttentionSource<'c> {
+    /// Keys of the cells, `[hd, n_kv, n_head_kv]`.
     pub k: Tensor<'c>,
+    /// Values of the same cells, `[hd_v, n_kv, n_head_kv]`.
     pub v: Tensor<'c>,
+    /// F16 mask added to the scores, `[n_kv, >= n_q]`: 0 where a query sees a cell, -inf where not.
     pub mask: Tensor<'c>,
 }
 
@@ -374,8 +377,8 @@ unsafe fn one_part<M: Math>(job: &Job, s: &mut Scratch, part: i64) {
         }
     }
     for (i, (&(max, sum), acc)) in s.state.iter().zip(s.acc.chunks_exact(hd_v)).enumerate() {
-        // SAFETY: dst is [2 + hd_v, n_head, n_q, parts] f32; this writes one column of this source's part.
         let at = job.out.at((i % n_head) as i64, (i / n_head) as i64, job.first_part + part);
+        // SAFETY: dst is [2 + hd_v, n_head, n_q, parts] f32; this writes one column of this source's part.
         let column = unsafe { std::slice::from_raw_parts_mut(at as *mut f32, 2 + hd_v) };
         column[0] = max;
         column[1] = sum;

@@ -58,7 +58,7 @@ fn ggml_to_float(dtype: DType) -> Option<ToFloat> {
 #[inline(always)]
 pub(super) unsafe fn decode_row<M: Math>(kind: RowKind, src: *const u8, dst: &mut [f32]) {
     let n = dst.len();
-    // SAFETY (all arms): the caller's contract gives the row's bytes; block sizes are ggml's.
+    // SAFETY: (all arms) the caller's contract gives the row's bytes; block sizes are ggml's.
     unsafe {
         match kind {
             RowKind::F32 => std::ptr::copy_nonoverlapping(src.cast::<f32>(), dst.as_mut_ptr(), n),
