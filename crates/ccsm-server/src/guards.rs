@@ -13,81 +13,8 @@ use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt as _;
 
 use crate::api::ApiError;
-use crate::http::{Shared, MAX_BODY_BYTES};
-
-/// The names a loopback server answers to unless told more (`--allowed-host`).
-const LOOPBACK_NAMES: [&str; 4] = ["localhost", "127.0.0.1", "[::1]", "::1"];
-
-/// Which `Host` names requests may be addressed to.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum HostPolicy {
-    Any,
-    /// Only these (lowercase, without port) and `*.localhost`; `loopback`: the server listens on
-    /// loopback (which is why it refuses other names).
-    Only {
-        names: Vec<String>,
-        loopback: bool,
-    },
-}
-
-impl HostPolicy {
-    /// A server bound to loopback answers only to loopback names and `extra`: a web page's script can
-    /// make a browser send requests to 127.0.0.1 under its own name (DNS rebinding) and read the
-    /// answers, and the `Host` is where that shows. Bound elsewhere it answers any name, unless
-    /// `extra` lists some. `*` in `extra` allows any.
-    pub fn for_bind(ip: IpAddr, extra: &[String]) -> Self {
-        if extra.iter().any(|h| h == "*") {
-            return HostPolicy::Any;
-        }
-        if !ip.is_loopback() && extra.is_empty() {
-            return HostPolicy::Any;
-        }
-        let mut names: Vec<String> = LOOPBACK_NAMES.iter().map(|s| s.to_string()).collect();
-        names.extend(extra.iter().map(|h| normalise(h)));
-        HostPolicy::Only { names, loopback: ip.is_loopback() }
-    }
-
-    pub fn allows(&self, host: &str) -> bool {
-        match self {
-            HostPolicy::Any => true,
-            HostPolicy::Only { names, .. } => {
-                let host = normalise(host);
-                names.contains(&host) || host.ends_with(".localhost")
-            }
-        }
-    }
-
-    /// Why a request addressed to `host` is refused, and what the operator can do.
-    fn refusal(&self, host: &str) -> String {
-        let shown: String = host.chars().filter(|c| !c.is_control()).take(200).collect();
-        let (extra, loopback) = match self {
-            HostPolicy::Only { names, loopback } => (names[LOOPBACK_NAMES.len()..].join(", "), *loopback),
-            HostPolicy::Any => (String::new(), false),
-        };
-        if loopback {
-            let names = if extra.is_empty() { "localhost, 127.0.0.1 and [::1]".to_owned() } else { format!("loopback names and {extra}") };
-            format!(
-                "requests addressed to '{shown}' are refused: this server listens on loopback and answers to {names} only (a web page could otherwise reach it through DNS rebinding); start it with --allowed-host NAME to answer to NAME"
-            )
-        } else {
-            format!("requests addressed to '{shown}' are refused: this server answers only to the names --allowed-host gives ({extra}) and loopback names")
-        }
-    }
-}
-
-/// A `Host` value without its port, lowercase, without a trailing dot.
-fn normalise(host: &str) -> String {
-    let host = host.trim().to_ascii_lowercase();
-    let name = if host.starts_with('[') {
-        // [v6]:port
-        host.split_inclusive(']').next().unwrap_or(&host).to_owned()
-    } else if host.matches(':').count() == 1 {
-        host.split(':').next().unwrap_or(&host).to_owned()
-    } else {
-        host
-    };
-    name.trim_end_matches('.').to_owned()
-}
+use crate::app::{Shared, MAX_BODY_BYTES};
+use crate::hosts::HostPolicy;
 
 /// Refuses requests addressed to a name the server does not answer to (403).
 pub async fn check_host(State(state): State<Shared>, request: Request, next: Next) -> Response {

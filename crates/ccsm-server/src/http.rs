@@ -3,122 +3,18 @@
 //! stream back what the job's channel carries; a client that goes away drops its channel, which the
 //! engine sees within a step.
 
-use std::collections::BTreeMap;
-use std::convert::Infallible;
-use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ccsm::csm::Segment;
 use serde_json::json;
-use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::api::ApiError;
-use crate::guards::{self, HostPolicy};
-use crate::jobs::Job;
-use crate::metrics::Metrics;
-use crate::text_api::TextTools;
+use crate::guards::{self};
 
-/// Longest speech input, in characters (OpenAI's limit).
-pub const MAX_INPUT_CHARS: usize = 4096;
-/// Largest request body: speech context frames can be large.
-pub const MAX_BODY_BYTES: usize = 8 << 20;
-/// Largest text request body: a prompt of at most `MAX_PROMPT_BYTES` (1 MiB) with room for JSON's
-/// escapes and the other fields; a body is held whole while it is parsed.
-pub const MAX_TEXT_BODY_BYTES: usize = 2 << 20;
-
-/// A speaker with the context turns that set its voice (`--voices DIR`: one NAME.json each).
-#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Voice {
-    /// CSM speaker id the generated speech is said as.
-    pub speaker: u32,
-    /// Earlier turns (text with their Mimi frames) that condition the voice; may be empty.
-    #[serde(default)]
-    pub context: Vec<Segment>,
-}
-
-/// Where the engine thread is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Engine {
-    /// The model is still loading: requests get 503.
-    Loading,
-    /// The loop is running and takes requests.
-    Ready,
-    /// Its loop ended (it failed): nothing more can be served.
-    Stopped,
-}
-
-/// The engine thread's state, shared with the handlers.
-#[derive(Default)]
-pub struct EngineState {
-    state: std::sync::atomic::AtomicU8,
-    /// A text model's tokenizer and template, set before the state turns `Ready`.
-    text: OnceLock<Arc<TextTools>>,
-}
-
-impl EngineState {
-    pub fn get(&self) -> Engine {
-        match self.state.load(Ordering::Acquire) {
-            0 => Engine::Loading,
-            1 => Engine::Ready,
-            _ => Engine::Stopped,
-        }
-    }
-
-    pub fn set(&self, state: Engine) {
-        self.state.store(state as u8, Ordering::Release);
-    }
-
-    pub fn text(&self) -> Option<Arc<TextTools>> {
-        self.text.get().cloned()
-    }
-
-    pub fn set_text(&self, tools: TextTools) {
-        let _ = self.text.set(Arc::new(tools));
-    }
-}
-
-/// Marks the engine stopped when the thread leaves its loop, by return or by panic.
-pub struct StopsOnExit(pub Arc<EngineState>);
-
-impl Drop for StopsOnExit {
-    fn drop(&mut self) {
-        self.0.set(Engine::Stopped);
-    }
-}
-
-/// What kind of model the server runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Served {
-    Text,
-    Speech { sample_rate: u32 },
-}
-
-pub struct AppState {
-    pub model_id: String,
-    pub served: Served,
-    pub jobs: Mutex<mpsc::Sender<Job>>,
-    pub engine: Arc<EngineState>,
-    pub metrics: Arc<Metrics>,
-    pub api_keys: Vec<String>,
-    pub voices: BTreeMap<String, Voice>,
-    /// Requests that may wait for admission before new ones get 429.
-    pub max_queue: usize,
-    /// The `Host` names requests may be addressed to.
-    pub hosts: HostPolicy,
-    /// How long a request body may take to arrive.
-    pub body_timeout: std::time::Duration,
-}
-
-pub type Shared = Arc<AppState>;
+use crate::app::{Engine, Shared};
 
 pub fn router(state: Shared) -> Router {
     let api = Router::new()
@@ -171,104 +67,4 @@ async fn voices(State(state): State<Shared>) -> Response {
         "speaker_ids": "any whole number is a speaker id (\"0\", \"1\", ...); CSM keeps a voice steady only with context turns",
     }))
     .into_response()
-}
-
-pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-/// A seed for requests that give none: different for every request.
-pub fn random_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(unix_now());
-    h.finish()
-}
-
-pub fn request_id(prefix: &str) -> String {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    format!("{prefix}-{:x}-{}", unix_now(), NEXT.fetch_add(1, Ordering::Relaxed))
-}
-
-/// Hands a job to the engine, or refuses it: 503 while loading, 429 with Retry-After when the queue is full.
-pub fn submit(state: &AppState, job: Job) -> Result<(), ApiError> {
-    match state.engine.get() {
-        Engine::Ready => {}
-        Engine::Loading => return Err(ApiError::loading()),
-        Engine::Stopped => return Err(ApiError::stopped()),
-    }
-    let waiting = state.metrics.waiting.fetch_add(1, Ordering::AcqRel);
-    if waiting >= state.max_queue {
-        state.metrics.waiting.fetch_sub(1, Ordering::AcqRel);
-        return Err(ApiError::busy(waiting));
-    }
-    let sent = state.jobs.lock().unwrap_or_else(|p| p.into_inner()).send(job);
-    sent.map_err(|_| {
-        state.metrics.waiting.fetch_sub(1, Ordering::AcqRel);
-        ApiError::internal("the engine has stopped")
-    })
-}
-
-/// A `text/event-stream` response fed by a forwarding task: `first` data lines, then each event's; it
-/// ends when the job's events end, and drops the job's channel as soon as the client goes away (so the
-/// engine cancels it).
-pub fn sse_response<E: Send + 'static>(
-    mut rx: UnboundedReceiver<E>,
-    first: Vec<String>,
-    mut format: impl FnMut(E) -> Vec<String> + Send + 'static,
-) -> Response {
-    let (tx, out) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(64);
-    tokio::spawn(async move {
-        for data in first {
-            if tx.send(Ok(Bytes::from(format!("data: {data}\n\n")))).await.is_err() {
-                return;
-            }
-        }
-        loop {
-            tokio::select! {
-                _ = tx.closed() => return,
-                event = rx.recv() => {
-                    let Some(event) = event else { return };
-                    for data in format(event) {
-                        if tx.send(Ok(Bytes::from(format!("data: {data}\n\n")))).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        }
-    });
-    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(out));
-    ([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], body).into_response()
-}
-
-/// A byte-stream response fed the same way (streamed audio). `format` turns an event into bytes, or
-/// into an error that aborts the transfer (so a client can tell a failed stream from a finished one).
-pub fn bytes_response<E: Send + 'static>(
-    mut rx: UnboundedReceiver<E>,
-    first: Vec<u8>,
-    content_type: &'static str,
-    format: impl Fn(E) -> Option<std::io::Result<Vec<u8>>> + Send + 'static,
-) -> Response {
-    let (tx, out) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(64);
-    tokio::spawn(async move {
-        if !first.is_empty() && tx.send(Ok(Bytes::from(first))).await.is_err() {
-            return;
-        }
-        loop {
-            tokio::select! {
-                _ = tx.closed() => return,
-                event = rx.recv() => {
-                    let Some(event) = event else { return };
-                    if let Some(bytes) = format(event) {
-                        let failed = bytes.is_err();
-                        if tx.send(bytes.map(Bytes::from)).await.is_err() || failed {
-                            return;
-                        }
-                    }
-                }
-            }
-        }
-    });
-    ([(header::CONTENT_TYPE, content_type)], Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(out))).into_response()
 }

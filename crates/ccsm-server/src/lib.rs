@@ -4,7 +4,9 @@
 #![forbid(unsafe_code)]
 
 mod api;
+mod app;
 mod guards;
+mod hosts;
 mod http;
 mod jobs;
 mod listener;
@@ -14,6 +16,7 @@ mod speech_api;
 mod speech_loop;
 mod text_api;
 mod text_loop;
+mod text_tools;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -27,7 +30,7 @@ use ccsm::memory::{CachePolicy, SessionLayouts};
 use ccsm::mimi::{MimiCodec, MimiModel, MimiOptions};
 use ccsm::{AnyModel, Architecture, CacheType};
 
-pub use http::{Voice, MAX_BODY_BYTES, MAX_INPUT_CHARS, MAX_TEXT_BODY_BYTES};
+pub use app::{Voice, MAX_BODY_BYTES, MAX_INPUT_CHARS, MAX_TEXT_BODY_BYTES};
 pub use listener::{connections_within_files, open_files_limit, ConnectionLimits};
 pub use metrics::Metrics;
 pub use requests::{MAX_MESSAGES, MAX_PROMPT_BYTES};
@@ -143,13 +146,13 @@ pub fn serve(config: ServeConfig) -> Result<()> {
     }
     let facts = ccsm::inspect(&config.model, config.n_ctx).with_context(|| format!("checking {}", config.model.display()))?;
     let (served_cache, served) = match facts.architecture {
-        Architecture::Llama => (&facts.caches[0], http::Served::Text),
+        Architecture::Llama => (&facts.caches[0], app::Served::Text),
         Architecture::Csm => {
             let has_codec = config.codec.is_some() || facts.caches.iter().any(|c| c.role == ccsm::CacheRole::Codec);
             if !has_codec {
                 bail!("speech needs a Mimi codec: {} has none embedded; pass --codec MIMI.gguf", config.model.display());
             }
-            (&facts.caches[0], http::Served::Speech { sample_rate: 24_000 })
+            (&facts.caches[0], app::Served::Speech { sample_rate: 24_000 })
         }
         Architecture::Mimi => bail!("{} is a codec: serve a CSM or Llama model", config.model.display()),
     };
@@ -158,11 +161,11 @@ pub fn serve(config: ServeConfig) -> Result<()> {
     shape.validate()?;
     let per_layer = config.cache.is_per_layer() || config.cache.profile.is_some();
     let layouts = match served {
-        http::Served::Text => config.cache.session_layouts(&shape)?,
-        http::Served::Speech { .. } if per_layer => {
+        app::Served::Text => config.cache.session_layouts(&shape)?,
+        app::Served::Speech { .. } if per_layer => {
             bail!("per-layer cache types (--kv-layout, --kv-plan) and --kv-recent are for text models")
         }
-        http::Served::Speech { .. } => SessionLayouts { configured: shape.kv_layout(), fallbacks: Vec::new(), recent: 0 },
+        app::Served::Speech { .. } => SessionLayouts { configured: shape.kv_layout(), fallbacks: Vec::new(), recent: 0 },
     };
     let voices = match &config.voices {
         Some(dir) => load_voices(dir)?,
@@ -190,7 +193,7 @@ pub fn serve(config: ServeConfig) -> Result<()> {
             );
         }
         let metrics = Arc::new(Metrics::default());
-        let engine = Arc::new(http::EngineState::default());
+        let engine = Arc::new(app::EngineState::default());
         let (jobs_tx, jobs_rx) = mpsc::channel();
         let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
         let engine_metrics = metrics.clone();
@@ -204,11 +207,11 @@ pub fn serve(config: ServeConfig) -> Result<()> {
                     return;
                 }
             };
-            let _stops = http::StopsOnExit(engine_state.clone());
+            let _stops = app::StopsOnExit(engine_state.clone());
             if let Loaded::Text(engine) = &loaded {
-                engine_state.set_text(text_api::TextTools::new(engine.model().tokenizer(), engine.model().vocab_size()));
+                engine_state.set_text(text_tools::TextTools::new(engine.model().tokenizer(), engine.model().vocab_size()));
             }
-            engine_state.set(http::Engine::Ready);
+            engine_state.set(app::Engine::Ready);
             tracing::info!("model loaded; serving");
             match loaded {
                 Loaded::Text(engine) => text_loop::run(engine, settings, jobs_rx, engine_metrics),
@@ -216,7 +219,7 @@ pub fn serve(config: ServeConfig) -> Result<()> {
             }
         })?;
         let listener_metrics = metrics.clone();
-        let state = Arc::new(http::AppState {
+        let state = Arc::new(app::AppState {
             model_id: model_id(&facts.name, &config.model),
             served,
             jobs: Mutex::new(jobs_tx),
@@ -225,7 +228,7 @@ pub fn serve(config: ServeConfig) -> Result<()> {
             api_keys: config.api_keys.clone(),
             voices,
             max_queue: config.max_queue,
-            hosts: guards::HostPolicy::for_bind(bound.ip(), &config.allowed_hosts),
+            hosts: hosts::HostPolicy::for_bind(bound.ip(), &config.allowed_hosts),
             body_timeout: config.body_timeout,
         });
         eprintln!("ccsm server on http://{bound} ({}; loading, /health answers 503 until ready)", config.model.display());

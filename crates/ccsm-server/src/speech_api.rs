@@ -11,8 +11,8 @@ use serde_json::json;
 use tokio::sync::mpsc::unbounded_channel;
 
 use crate::api::ApiError;
+use crate::app::{bytes_response, random_seed, sse_response, submit, AppState, Served, Shared, MAX_INPUT_CHARS};
 use crate::guards::JsonBody;
-use crate::http::{bytes_response, random_seed, sse_response, submit, AppState, Served, Shared, MAX_INPUT_CHARS};
 use crate::jobs::{Job, SpeechEvent, SpeechJob};
 use crate::requests::{self, SpeechRequest, VoiceField};
 

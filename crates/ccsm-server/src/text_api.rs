@@ -7,60 +7,20 @@ use std::time::Instant;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use ccsm::chat::{ChatTemplate, Message};
-use ccsm::tokenizer::Tokenizer;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc::unbounded_channel;
 
 use crate::api::ApiError;
+use crate::app::{random_seed, request_id, sse_response, submit, unix_now, AppState, Engine, Served, Shared, MAX_TEXT_BODY_BYTES};
 use crate::guards::JsonBody;
-use crate::http::{random_seed, request_id, sse_response, submit, unix_now, AppState, Engine, Served, Shared, MAX_TEXT_BODY_BYTES};
 use crate::jobs::{Job, ShownToken, TextEvent, TextJob};
 use crate::requests::{self, TextOptions};
+use crate::text_tools::{Prompt, TextTools};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum TextApi {
     Completion,
     Chat,
-}
-
-/// What the HTTP side needs to turn a request into tokens: the model's tokenizer, chat template and
-/// vocabulary size, shared once it is loaded. Tokenizing (and rendering a chat) runs on tokio's
-/// blocking threads, never on the engine thread, so one large request cannot stall every session.
-pub struct TextTools {
-    tokenizer: Tokenizer,
-    template: Option<ChatTemplate>,
-    /// Token ids `logit_bias` may name: the model's output size.
-    vocab: usize,
-}
-
-impl TextTools {
-    pub fn new(tokenizer: &Tokenizer, vocab: usize) -> Self {
-        let template = ChatTemplate::of(tokenizer).unwrap_or_else(|e| {
-            tracing::warn!("the model's chat template is unusable, /v1/chat/completions will refuse: {e}");
-            None
-        });
-        TextTools { tokenizer: tokenizer.clone(), template, vocab }
-    }
-
-    /// A client's prompt as tokens: spellings of control tokens stay text (in a chat, only the
-    /// template's own text makes control tokens).
-    fn encode(&self, prompt: &Prompt) -> Result<Vec<u32>, ApiError> {
-        let tokens = match prompt {
-            Prompt::Plain(text) => self.tokenizer.encode_untrusted(text),
-            Prompt::Chat(messages) => match &self.template {
-                Some(t) => t.encode(&self.tokenizer, messages),
-                None => return Err(ApiError::invalid("this model has no chat template (tokenizer.chat_template); use /v1/completions")),
-            },
-        };
-        tokens.map_err(|e| ApiError::invalid(e.to_string()))
-    }
-}
-
-/// A text request's prompt as the client sent it.
-enum Prompt {
-    Plain(String),
-    Chat(Vec<Message>),
 }
 
 /// The loaded text model's tools, or why text requests cannot be served now.

@@ -46,15 +46,19 @@ impl GraphKey {
 }
 
 /// Kept graphs of one kind, the most recently used last; the least recently used is dropped past
-/// `capacity`.
+/// `capacity`. A graph is kept from its key's second use: a key used once (a set of sessions that
+/// changes every step, a first frame) runs fresh in the shared compute buffer, which costs less than
+/// building a graph with a buffer of its own.
 pub(crate) struct KeptGraphs<Io> {
     entries: Vec<(GraphKey, ReusableGraph, Io)>,
     capacity: usize,
+    /// Keys run fresh once, most recent last (at most `capacity`).
+    seen: Vec<GraphKey>,
 }
 
 impl<Io> KeptGraphs<Io> {
     pub fn new(capacity: usize) -> Self {
-        KeptGraphs { entries: Vec::new(), capacity: capacity.max(1) }
+        KeptGraphs { entries: Vec::new(), capacity: capacity.max(1), seen: Vec::new() }
     }
 
     /// Bytes of the kept graphs' own compute buffers.
@@ -64,6 +68,24 @@ impl<Io> KeptGraphs<Io> {
 
     pub fn clear(&mut self) {
         self.entries.clear();
+        self.seen.clear();
+    }
+
+    /// Whether the graph for `key` is kept (or should be, having run once before); otherwise the key
+    /// is remembered and its graph runs fresh this time.
+    fn keeps(&mut self, key: &GraphKey) -> bool {
+        if self.entries.iter().any(|(k, _, _)| k == key) {
+            return true;
+        }
+        if let Some(i) = self.seen.iter().position(|k| k == key) {
+            self.seen.remove(i);
+            return true;
+        }
+        if self.seen.len() >= self.capacity {
+            self.seen.remove(0);
+        }
+        self.seen.push(key.clone());
+        false
     }
 
     /// The index of the graph for `key`, built by `builder` when none is kept (or it reads a store
@@ -109,6 +131,7 @@ impl StepRunner<'_> {
         write: impl FnOnce(StepGraph<'_>, &B::Io) -> Result<()>,
         read: impl FnOnce(StepGraph<'_>, &B::Io) -> Result<R>,
     ) -> Result<R> {
+        let kept = kept.and_then(|(graphs, key)| graphs.keeps(&key).then_some((graphs, key)));
         match kept {
             Some((graphs, key)) => {
                 let i = graphs.find_or_build(key, builder)?;
