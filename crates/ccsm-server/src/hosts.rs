@@ -76,3 +76,40 @@ fn normalise(host: &str) -> String {
     };
     name.trim_end_matches('.').to_owned()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loopback_server_answers_to_loopback_names_only() {
+        let loopback: IpAddr = "127.0.0.1".parse().unwrap();
+        let open: IpAddr = "0.0.0.0".parse().unwrap();
+        let policy = HostPolicy::for_bind(loopback, &[]);
+        for ok in ["localhost", "LOCALHOST:8080", "127.0.0.1:80", "[::1]:8080", "::1", "app.localhost", "localhost."] {
+            assert!(policy.allows(ok), "{ok}");
+        }
+        for bad in ["evil.example", "evil.example:8080", "127.0.0.1.evil.example", "localhost.evil.example", "[::2]:80"] {
+            assert!(!policy.allows(bad), "{bad}");
+        }
+        assert!(HostPolicy::for_bind(loopback, &["Box.lan".into()]).allows("box.lan:8080"));
+        assert_eq!(HostPolicy::for_bind(loopback, &["*".into()]), HostPolicy::Any);
+        assert_eq!(HostPolicy::for_bind(open, &[]), HostPolicy::Any);
+        assert!(!HostPolicy::for_bind(open, &["api.example".into()]).allows("other.example"));
+    }
+
+    #[test]
+    fn a_refusal_says_loopback_only_on_loopback() {
+        let loopback: IpAddr = "127.0.0.1".parse().unwrap();
+        let open: IpAddr = "0.0.0.0".parse().unwrap();
+        let local = HostPolicy::for_bind(loopback, &[]).refusal("evil.example");
+        assert!(local.contains("listens on loopback") && local.contains("--allowed-host NAME"), "{local}");
+        let named = HostPolicy::for_bind(loopback, &["box.lan".into()]).refusal("evil.example");
+        assert!(named.contains("listens on loopback") && named.contains("box.lan"), "{named}");
+        let public = HostPolicy::for_bind(open, &["api.example".into()]).refusal("other.example");
+        assert!(
+            !public.contains("listens on loopback") && public.contains("api.example") && public.contains("'other.example'"),
+            "{public}"
+        );
+    }
+}

@@ -31,6 +31,7 @@ fn codec() -> MimiCodec {
 }
 
 #[test]
+#[allow(clippy::needless_range_loop)] // step t takes frame t of every stream that has joined
 fn streams_decoded_together_equal_each_decoded_alone() {
     let mut c = codec();
     let config = c.model().config().clone();
