@@ -199,6 +199,11 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "1,16", value_parser = clap::value_parser!(u32).range(1..=256))]
     pub chunk: Vec<u32>,
 
+    /// CSM: sessions making frames together, comma-separated (every session's next frame in one engine
+    /// step); a frame test's speed counts every session's frames.
+    #[arg(long, value_delimiter = ',', default_value = "1", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub sessions: Vec<u32>,
+
     /// Also time every graph node once per test and print the time per op kind.
     #[arg(long)]
     pub profile: bool,

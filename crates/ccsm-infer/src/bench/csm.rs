@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use ccsm::csm::{CsmGenerator, CsmModel, CsmOptions, Row};
+use ccsm::csm::{CsmGenerator, CsmModel, CsmOptions, CsmSession, FrameRequest, PrefillRequest, Row, SessionCaches};
 use ccsm::mimi::{MimiDecoder, MimiModel, MimiOptions};
 use ccsm::sampling::{Sampler, SamplerConfig};
 use ccsm::Model;
@@ -107,6 +107,14 @@ pub fn bench_csm(args: &BenchArgs, log: &LogArgs, file: &ggml::gguf::GgufFile) -
                     depth,
                 };
                 rows.push(source.row(test, samples, generator.kv_memory_usage(), (test == BenchTest::Frame).then_some(detail)));
+                if test == BenchTest::Frame {
+                    for &n in args.sessions.iter().filter(|&&n| n > 1) {
+                        let samples = frames_together(&mut generator, n as usize, args, &text_rows(depth.max(1) as usize, 1))?;
+                        let mut row = source.row(test, samples, generator.kv_memory_usage() * n as usize, None);
+                        row.sessions = Some(n);
+                        rows.push(row);
+                    }
+                }
                 bar.inc(1);
             }
             weights = Some(generator.into_model());
@@ -114,4 +122,32 @@ pub fn bench_csm(args: &BenchArgs, log: &LogArgs, file: &ggml::gguf::GgufFile) -
     }
     bar.finish_and_clear();
     Ok(rows)
+}
+
+/// Frames per second of `n` sessions making frames together (every session's next frame in one engine
+/// step), each prefilled with `prompt`: one sample per repetition of -n steps.
+fn frames_together(generator: &mut CsmGenerator, n: usize, args: &BenchArgs, prompt: &[Row]) -> Result<Vec<f64>> {
+    let (engine, own) = generator.parts_mut();
+    let caches = SessionCaches {
+        capacity: own.backbone_cache().capacity(),
+        k_type: own.backbone_cache().k_type(),
+        v_type: own.backbone_cache().v_type(),
+    };
+    let mut samples = Vec::new();
+    for rep in 0..args.repetitions {
+        let mut sessions: Vec<CsmSession> = (0..n).map(|_| engine.new_session(&caches)).collect::<ccsm::Result<_>>()?;
+        let mut samplers: Vec<Sampler> =
+            (0..n).map(|i| Sampler::new(SamplerConfig::csm((rep as usize * n + i) as u64))).collect::<ccsm::Result<_>>()?;
+        let mut requests: Vec<PrefillRequest> = sessions.iter_mut().map(|session| PrefillRequest { session, rows: prompt }).collect();
+        engine.prefill(&mut requests)?;
+        let start = Instant::now();
+        let mut made = 0;
+        for _ in 0..args.n_gen {
+            let mut requests: Vec<FrameRequest> =
+                sessions.iter_mut().zip(samplers.iter_mut()).map(|(session, sampler)| FrameRequest::new(session, sampler)).collect();
+            made += engine.step_frames(&mut requests)?.iter().filter(|f| f.is_some()).count();
+        }
+        samples.push(made as f64 / start.elapsed().as_secs_f64());
+    }
+    Ok(samples)
 }

@@ -59,6 +59,9 @@ pub struct BenchRow {
     /// With --kv-recent: the cells kept in f16 beside the cache's types.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kv_recent: Option<usize>,
+    /// CSM frame tests with --sessions: sessions making frames together (the speed counts all of theirs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sessions: Option<u32>,
     /// With --profile: time per op kind of one step (or frame, or codec call).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profile: Option<Vec<ccsm::profile::OpTotal>>,
@@ -88,6 +91,10 @@ impl BenchRow {
             BenchTest::Tg => format!("tg{}", self.n_gen),
             BenchTest::Decode if self.n_prompt == 1 => format!("decode{} streaming", self.n_gen),
             BenchTest::Decode => format!("decode{} by {}", self.n_gen, self.n_prompt),
+        };
+        let base = match self.sessions {
+            Some(n) if n > 1 => format!("{base} ×{n} sessions"),
+            _ => base,
         };
         if self.depth > 0 {
             format!("{base} @ d{}", self.depth)
@@ -132,6 +139,7 @@ impl RowSource<'_> {
             peak_rss_bytes: peak_rss(),
             frame_detail,
             kv_layout: None,
+            sessions: None,
             kv_recent: None,
             profile: None,
         }
