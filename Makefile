@@ -43,6 +43,7 @@ FUZZ_SECONDS ?= 600
 fuzz: models
 	./tools/fuzz.sh model_loader $(FUZZ_SECONDS)
 	./tools/fuzz.sh batch_line $(FUZZ_SECONDS)
+	./tools/fuzz.sh audio_reader $(FUZZ_SECONDS)
 
 ## csm-1b-shape: CSM-1B's dimensions with random q8_0 weights (1.6 GB, for speed measurements only)
 csm-1b-shape: models/csm-1b-shape.gguf

@@ -175,6 +175,16 @@ pub enum Error {
         what: &'static str,
     },
 
+    /// An audio file or upload that cannot be read: not a format this engine reads, corrupt, too long,
+    /// or holding no usable samples.
+    #[error("{what}: {why}")]
+    Audio {
+        /// The file (or upload) it is.
+        what: String,
+        /// What is wrong with it.
+        why: String,
+    },
+
     /// A caller's argument is out of range or inconsistent (a bad layer index, batch size, context size).
     #[error("invalid input: {0}")]
     Input(String),

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod attention;
+pub mod audio_in;
 mod cache_role;
 mod cache_type;
 pub mod calibrate;

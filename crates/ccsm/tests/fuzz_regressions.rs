@@ -130,3 +130,41 @@ fn seeded_mutations_of_the_seeds_never_crash() {
         assert!(failed > MUTANTS / 2 && ok > 0, "{seed}: {ok} ran, {failed} refused");
     }
 }
+
+/// Audio mutants per fixture: corrupt headers, frames and lengths through every format's reader.
+const AUDIO_MUTANTS: usize = 300;
+
+#[test]
+fn seeded_mutations_of_the_audio_fixtures_never_crash() {
+    let dir = common::repo_root().join("tools/reference/fixtures/audio");
+    let mut rng = ChaCha8Rng::seed_from_u64(20_261_205);
+    let mut seeds: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("tone-") && !p.to_string_lossy().ends_with(".f32"))
+        .collect();
+    seeds.sort();
+    assert!(seeds.len() >= 8, "every format has a seed");
+    for seed in seeds {
+        let original = std::fs::read(&seed).unwrap();
+        let (mut ok, mut failed) = (0, 0);
+        for _ in 0..AUDIO_MUTANTS {
+            let mut bytes = original.clone();
+            for _ in 0..rng.random_range(1..=3) {
+                mutate(&mut rng, &mut bytes, 64);
+            }
+            match ccsm::audio_in::read_bytes(bytes, "mutant", 10.0) {
+                Ok(audio) => {
+                    assert!(audio.samples.iter().all(|s| s.is_finite()) && audio.sample_rate > 0);
+                    ok += 1;
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    assert!(message.starts_with("mutant: ") && !message.contains('\n'), "{message}");
+                    failed += 1;
+                }
+            }
+        }
+        eprintln!("{}: {AUDIO_MUTANTS} mutants, {ok} read, {failed} refused", seed.display());
+    }
+}
