@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Converts a Mimi codec checkpoint (the decoder path) to our Mimi GGUF.
+"""Converts a Mimi codec checkpoint (the decoder path, and the encoder path when the checkpoint has it) to our
+Mimi GGUF.
 
     convert_mimi.py SRC -o OUT.gguf [--outtype f32|f16|q8_0] [--config moshi-config.json]
 
@@ -22,6 +23,12 @@ ggml's layouts (numpy shapes are ggml's reversed):
                     attn_scale.weight, ffn_scale.weight (LayerScale)
   decoder.conv_in / decoder.conv_out / decoder.res.I.J.conv1 / conv2  (Cout, K, Cin) + .bias  (causal convs)
   decoder.up.I                      (K, Cout, Cin) + .bias  (transposed convs)
+and, when the checkpoint has the encoder (a file without it still decodes):
+  encoder.conv_in / encoder.res.I.J.conv1 / conv2 / encoder.down.I (strided, K = 2·stride) / encoder.conv_out
+                                    (Cout, K, Cin) + .bias
+  encoder.transformer.blk.L.*       as transformer.blk.L.*, the encoder transformer's own weights
+  encoder.downsample.weight         (C, 2·stride, C)  learnt downsampling conv, no bias
+  quantizer.{semantic,acoustic}_in_proj.weight  (dim, hidden)  the quantizer's input projections
 The fused q/k/v of moshi is split; the RoPE pair layout is recorded in `mimi.rope_layout` (`normal` for
 moshi's interleaved pairs, `neox` for transformers' permuted q/k); weight norm (weight_g / weight_v) is
 folded. `convert_csm.py --mimi SRC` embeds the same tensors, prefixed `codec.`, in a CSM GGUF.
@@ -193,20 +200,21 @@ def projection(tensors, naming, group):
     return w.reshape(w.shape[0], w.shape[1])
 
 
-def transformer_tensors(tensors, naming, config):
+def transformer_tensors(tensors, naming, config, side="decoder", ours_prefix="transformer."):
+    """One of the two transformers (`side`: decoder or encoder), under `ours_prefix`."""
     out = {}
     d = config["hidden"]
     for l in range(config["n_layer"]):
-        ours = f"transformer.blk.{l}."
+        ours = f"{ours_prefix}blk.{l}."
         if naming == "hf":
-            p = f"decoder_transformer.layers.{l}."
+            p = f"{side}_transformer.layers.{l}."
             q, k, v = (get(tensors, p + f"self_attn.{x}_proj.weight") for x in "qkv")
             o = get(tensors, p + "self_attn.o_proj.weight")
             norms = {"attn_norm": p + "input_layernorm.", "ffn_norm": p + "post_attention_layernorm."}
             up, down = get(tensors, p + "mlp.fc1.weight"), get(tensors, p + "mlp.fc2.weight")
             scales = {"attn_scale": p + "self_attn_layer_scale.scale", "ffn_scale": p + "mlp_layer_scale.scale"}
         else:
-            p = f"decoder_transformer.transformer.layers.{l}."
+            p = f"{side}_transformer.transformer.layers.{l}."
             fused = p + "self_attn.in_proj_weight"
             qkv = get(tensors, fused if fused in tensors else p + "self_attn.in_projs.0.weight")
             q_rows, kv_rows = config["n_head"] * config["head_dim"], config["n_head_kv"] * config["head_dim"]
@@ -259,6 +267,52 @@ def seanet_tensors(tensors, naming, config):
     return out
 
 
+def conv_weight(w):
+    """torch [Cout, Cin, K] → ours (Cout, K, Cin): rows are windows of K·Cin."""
+    return np.ascontiguousarray(w.transpose(0, 2, 1))
+
+
+def has_encoder(tensors, naming):
+    first = "encoder.layers.0.conv." if naming == "hf" else "encoder.model.0.conv.conv."
+    down = "downsample.conv." if naming == "hf" else "downsample.conv.conv.conv."
+    return any(first + x in tensors for x in ["weight", "weight_v", "parametrizations.weight.original1"]) and any(
+        down + x in tensors for x in ["weight", "weight_v", "parametrizations.weight.original1"])
+
+
+def encoder_tensors(tensors, naming, config):
+    """The encode path: SEANet encoder convs at their sequential indices, the encoder transformer, the
+    learnt downsampling conv and the quantizer's input projections."""
+    out = {}
+    top = "encoder.layers." if naming == "hf" else "encoder.model."
+    conv = "conv." if naming == "hf" else "conv.conv."
+
+    def causal(ours, n, inner=""):
+        p = f"{top}{n}.{inner}{conv}"
+        out[ours + ".weight"] = conv_weight(weight(tensors, p))
+        out[ours + ".bias"] = get(tensors, p + "bias")
+
+    r = config["residual_layers"]
+    causal("encoder.conv_in", 0)
+    for i in range(len(config["ratios"])):
+        base = 1 + i * (2 + r)
+        for j in range(r):
+            causal(f"encoder.res.{i}.{j}.conv1", base + j, "block.1.")
+            causal(f"encoder.res.{i}.{j}.conv2", base + j, "block.3.")
+        causal(f"encoder.down.{i}", base + r + 1)
+    causal("encoder.conv_out", 2 + len(config["ratios"]) * (2 + r))
+    out.update(transformer_tensors(tensors, naming, config, side="encoder", ours_prefix="encoder.transformer."))
+    down = weight(tensors, "downsample.conv." if naming == "hf" else "downsample.conv.conv.conv.")  # [C, C, 2·stride]
+    out["encoder.downsample.weight"] = conv_weight(down)
+    for group in ["semantic", "acoustic"]:
+        if naming == "hf":
+            name = f"quantizer.{group}_residual_vector_quantizer.input_proj."
+        else:
+            name = f"quantizer.{'rvq_first' if group == 'semantic' else 'rvq_rest'}.input_proj."
+        w = weight(tensors, name)
+        out[f"quantizer.{group}_in_proj.weight"] = w.reshape(w.shape[0], w.shape[1])
+    return out
+
+
 def mimi_tensors(tensors, naming, config):
     """Our tensor names → float32 numpy arrays (numpy shape = ggml's reversed)."""
     out = {"quantizer.codebooks.weight": codebooks(tensors, naming, config),
@@ -268,6 +322,10 @@ def mimi_tensors(tensors, naming, config):
     out["upsample.weight"] = np.ascontiguousarray(up[:, 0, :].T)
     out.update(transformer_tensors(tensors, naming, config))
     out.update(seanet_tensors(tensors, naming, config))
+    if has_encoder(tensors, naming):
+        out.update(encoder_tensors(tensors, naming, config))
+    else:
+        print("note: the checkpoint has no encoder (or no downsampling conv): the GGUF decodes only", file=sys.stderr)
     return out
 
 

@@ -12,6 +12,14 @@ Dev-only: needs torch, moshi and transformers (a ~5 GB install; never in CI). CI
     moshi-batch.f32          moshi's MimiModel.decode of all frames at once (little-endian f32 samples)
     moshi-stream.f32         moshi decoding frame by frame under streaming(1)
     hf-batch.f32             transformers' MimiModel.decode of all frames
+  and for the encoder, per input (`speech`: tools/reference/fixtures/audio/speech-espeak.wav, espeak-ng's
+  voice resampled to 24 kHz by scipy and zero-padded to whole frames; `noise`: seeded Gaussian noise):
+    enc-<input>.f32          the 24 kHz input samples
+    enc-<input>-moshi-latent.f32   moshi's latent before quantization [dim 32, T] (row-major, f32)
+    enc-<input>-codes.json   {"moshi_batch", "moshi_stream", "hf_batch"}: codes [n_q][T] of moshi's encode,
+                             moshi's encode under streaming(1) (1920 samples in, one frame out), and
+                             transformers' encode
+    enc-<input>-hf-latent.f32      transformers' latent before quantization (its quantizer's input)
 
 The config is small and not the default one (so nothing can pass by assuming Mimi's published shape), with
 a 16-step attention window so 16 frames (32 steps) run well past it. Codebooks and layer scales are
@@ -95,7 +103,7 @@ def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def to_hf(state: dict, n_layers: int, n_heads: int, n_ratios: int) -> dict:
-    """moshi's state dict in transformers' naming (decoder path and quantizer; the encoder is not needed)."""
+    """moshi's state dict in transformers' naming (both paths and the quantizer)."""
     out = {}
     q = "quantizer."
     for group, hf_group in [("rvq_first", "semantic"), ("rvq_rest", "acoustic")]:
@@ -112,9 +120,10 @@ def to_hf(state: dict, n_layers: int, n_heads: int, n_ratios: int) -> dict:
             elif rest.startswith(("output_proj.", "input_proj.")):
                 out[hf + rest] = t
     out["upsample.conv.weight"] = state["upsample.convtr.convtr.convtr.weight"]
-    for l in range(n_layers):
-        m = f"decoder_transformer.transformer.layers.{l}."
-        h = f"decoder_transformer.layers.{l}."
+    out["downsample.conv.weight"] = state["downsample.conv.conv.conv.weight"]
+    for side, l in [(side, l) for side in ["decoder", "encoder"] for l in range(n_layers)]:
+        m = f"{side}_transformer.transformer.layers.{l}."
+        h = f"{side}_transformer.layers.{l}."
         qkv = state[m + "self_attn.in_projs.0.weight"]
         qw, kw, vw = qkv.chunk(3, dim=0)
         out[h + "self_attn.q_proj.weight"] = interleaved_to_halves(qw, n_heads)
@@ -128,14 +137,64 @@ def to_hf(state: dict, n_layers: int, n_heads: int, n_ratios: int) -> dict:
         out[h + "mlp.fc2.weight"] = state[m + "linear2.weight"]
         out[h + "self_attn_layer_scale.scale"] = state[m + "layer_scale_1.scale"]
         out[h + "mlp_layer_scale.scale"] = state[m + "layer_scale_2.scale"]
-    for name, t in state.items():
-        if not name.startswith("decoder.model."):
-            continue
-        rest = name[len("decoder.model."):]
-        n, leaf = rest.split(".", 1)
-        leaf = leaf.replace("conv.conv.", "conv.").replace("convtr.convtr.", "conv.")
-        out[f"decoder.layers.{n}.{leaf}"] = t
+    for side in ["decoder", "encoder"]:
+        for name, t in state.items():
+            if not name.startswith(f"{side}.model."):
+                continue
+            rest = name[len(f"{side}.model."):]
+            n, leaf = rest.split(".", 1)
+            leaf = leaf.replace("conv.conv.", "conv.").replace("convtr.convtr.", "conv.")
+            out[f"{side}.layers.{n}.{leaf}"] = t
     return out
+
+
+def speech_input():
+    """espeak-ng's sentence at 24 kHz (scipy's polyphase resampler), zero-padded to whole frames."""
+    import soundfile as sf
+    from scipy.signal import resample_poly
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "audio", "speech-espeak.wav")
+    data, rate = sf.read(path, dtype="float64", always_2d=True)
+    mono = data.mean(axis=1)
+    g = np.gcd(rate, 24000)
+    x = resample_poly(mono, 24000 // g, rate // g)
+    frames = -(-len(x) // 1920)
+    return np.pad(x, (0, frames * 1920 - len(x))).astype(np.float32)
+
+
+def encode_fixtures(moshi, hf, gen, out_dir):
+    """Latents and codes of moshi (batch, streaming) and transformers (batch) for speech and noise."""
+    inputs = {"speech": speech_input(), "noise": (0.1 * torch.randn(24 * 1920, generator=gen)).numpy().astype(np.float32)}
+    for name, x in inputs.items():
+        x.astype("<f4").tofile(os.path.join(out_dir, f"enc-{name}.f32"))
+        wav = torch.from_numpy(x)[None, None, :]
+        with torch.no_grad():
+            latent = moshi._encode_to_unquantized_latent(wav)[0].numpy()
+            batch = moshi.encode(wav)[0].numpy()
+            chunks = []
+            with moshi.streaming(1):
+                for t in range(x.shape[0] // 1920):
+                    chunks.append(moshi.encode(wav[:, :, t * 1920:(t + 1) * 1920])[0].numpy())
+            stream = np.concatenate(chunks, axis=1)
+            captured = {}
+            original = hf.quantizer.encode
+
+            def capture(embeddings, *args, **kwargs):
+                captured["latent"] = embeddings[0].numpy().copy()
+                return original(embeddings, *args, **kwargs)
+
+            hf.quantizer.encode = capture
+            try:
+                hf_codes = hf.encode(wav, num_quantizers=QUANTIZER["n_q"]).audio_codes[0].numpy()
+            finally:
+                hf.quantizer.encode = original
+        latent.astype("<f4").tofile(os.path.join(out_dir, f"enc-{name}-moshi-latent.f32"))
+        captured["latent"].astype("<f4").tofile(os.path.join(out_dir, f"enc-{name}-hf-latent.f32"))
+        with open(os.path.join(out_dir, f"enc-{name}-codes.json"), "w") as f:
+            json.dump({"moshi_batch": batch.tolist(), "moshi_stream": stream.tolist(), "hf_batch": hf_codes.tolist()}, f)
+        same = lambda a, b: float(np.mean(a == b))
+        print(f"{name}: {x.shape[0] // 1920} frames; latent rms {np.sqrt(np.mean(latent.astype(np.float64) ** 2)):.4f}; "
+              f"moshi stream = batch {same(stream, batch):.3f}; hf = moshi {same(hf_codes, batch):.3f}; "
+              f"latent SNR hf vs moshi {snr_db(latent, captured['latent']):.1f} dB")
 
 
 def snr_db(reference: np.ndarray, got: np.ndarray) -> float:
@@ -152,10 +211,9 @@ def main():
     randomize(moshi, gen)
     state = {k: v.contiguous() for k, v in moshi.state_dict().items()}
     # Saved in the published checkpoint's spelling (tokenizer-e351c8d8-checkpoint125.safetensors): fused
-    # `in_proj_weight` and `out_proj.weight`, which moshi maps to its newer names when loading.
-    # The encoder is left out but for its first conv (a tensor the converter must skip), to keep the file small.
+    # `in_proj_weight` and `out_proj.weight`, which moshi maps to its newer names when loading. Both paths.
     published = {k.replace("self_attn.in_projs.0.weight", "self_attn.in_proj_weight").replace("self_attn.out_projs.0.weight", "self_attn.out_proj.weight"): v
-                 for k, v in state.items() if not k.startswith(("encoder", "downsample")) or k.startswith("encoder.model.0.")}
+                 for k, v in state.items()}
     moshi_path = os.path.join(out_dir, "moshi.safetensors")
     save_file(published, moshi_path)
 
@@ -169,16 +227,15 @@ def main():
         stream = np.concatenate(chunks)
         # The saved file loads back into moshi as the same model.
         again = moshi_model()
-        again.load_state_dict({**{k: v for k, v in state.items() if not k.startswith("decoder_transformer")}, **load_file(moshi_path)})
+        again.load_state_dict({**{k: v for k, v in state.items() if not k.endswith("_transformer")}, **{
+            k: v for k, v in state.items() if "_transformer." in k}, **{k: v for k, v in load_file(moshi_path).items() if "_transformer." not in k}})
         assert np.array_equal(again.decode(codes)[0, 0].numpy(), batch), "the saved moshi file is another model"
 
     hf_state = to_hf(state, TRANSFORMER["num_layers"], TRANSFORMER["num_heads"], len(RATIOS))
     hf = HfMimi(hf_config())
     hf.eval()
     missing, unexpected = hf.load_state_dict(hf_state, strict=False)
-    needed = [k for k in missing if k.startswith(("decoder.", "decoder_transformer.", "upsample.", "quantizer."))]
-    needed = [k for k in needed if "input_proj" not in k]
-    assert not needed and not unexpected, (needed, unexpected)
+    assert not missing and not unexpected, (missing, unexpected)
     for module in hf.modules():
         if hasattr(module, "_embed"):
             module._embed = None
@@ -195,6 +252,8 @@ def main():
         json.dump({"codes": codes[0].tolist()}, f)
     for name, pcm in [("moshi-batch", batch), ("moshi-stream", stream), ("hf-batch", hf_batch)]:
         pcm.astype("<f4").tofile(os.path.join(out_dir, f"{name}.f32"))
+    moshi.set_num_codebooks(QUANTIZER["n_q"]) if hasattr(moshi, "set_num_codebooks") else None
+    encode_fixtures(moshi, hf, gen, out_dir)
     print(f"{FRAMES} frames -> {batch.shape[0]} samples; rms {np.sqrt(np.mean(batch.astype(np.float64) ** 2)):.4f}")
     print(f"moshi stream vs batch: SNR {snr_db(batch, stream):.1f} dB")
     print(f"hf batch vs moshi batch: SNR {snr_db(batch, hf_batch):.1f} dB")

@@ -171,3 +171,113 @@ fn bad_frames_name_the_frame() {
     assert_eq!(d.decode(&[vec![3, 4]]).unwrap().len(), 1920);
     assert_eq!(d.frames_decoded(), 1);
 }
+
+/// The encoder's tensors of a converted file, by name (their bytes as stored).
+fn encoder_tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let file = ggml::gguf::GgufFile::open(path).unwrap();
+    let mut out: Vec<(String, Vec<u8>)> = file
+        .tensors()
+        .iter()
+        .filter(|t| t.name.starts_with("encoder.") || t.name.ends_with("_in_proj.weight"))
+        .map(|t| {
+            let mut bytes = vec![0u8; t.size as usize];
+            file.read_tensor_data(t, &mut bytes).unwrap();
+            (t.name.clone(), bytes)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Both namings carry the same encode path: every SEANet encoder conv, the encoder transformer (its own
+/// weights), the downsampling conv and the quantizer's input projections, equal tensor by tensor.
+#[test]
+fn both_namings_carry_the_same_encoder() {
+    let dir = tempfile::tempdir().unwrap();
+    let moshi = encoder_tensors(&convert(dir.path(), "moshi", "f32"));
+    let hf = encoder_tensors(&convert(dir.path(), "hf", "f32"));
+    let names: Vec<&str> = moshi.iter().map(|(n, _)| n.as_str()).collect();
+    // conv_in, conv_out, 4 strided convs and 4 residual units of two convs: 14 convs of weight and bias.
+    assert_eq!(
+        names
+            .iter()
+            .filter(|n| n.starts_with("encoder.") && !n.starts_with("encoder.transformer.") && *n != &"encoder.downsample.weight")
+            .count(),
+        28,
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"encoder.downsample.weight")
+            && names.contains(&"quantizer.semantic_in_proj.weight")
+            && names.contains(&"quantizer.acoustic_in_proj.weight")
+    );
+    assert!(names.iter().any(|n| n.starts_with("encoder.transformer.blk.1.")), "{names:?}");
+    let hf_names: Vec<&str> = hf.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, hf_names);
+    for ((name, a), (_, b)) in moshi.iter().zip(&hf) {
+        // q/k rows of transformers' naming are permuted for rotate-half RoPE: the layout records it.
+        if name.ends_with("attn_qkv.weight") {
+            assert_eq!(a.len(), b.len(), "{name}");
+            continue;
+        }
+        assert_eq!(a, b, "{name}: the two namings convert to other bytes");
+    }
+}
+
+fn codes_of(json: &serde_json::Value, key: &str) -> Vec<Vec<u32>> {
+    json[key].as_array().unwrap().iter().map(|row| row.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()).collect()
+}
+
+/// Frames (`[T][n_q]`) as upstream's codes `[n_q][T]`.
+fn by_codebook(frames: &[Vec<u32>]) -> Vec<Vec<u32>> {
+    (0..frames[0].len()).map(|k| frames.iter().map(|f| f[k]).collect()).collect()
+}
+
+/// Ours against moshi's and transformers' encoders on the same inputs (espeak-ng speech and noise):
+/// the latent before quantization, the codes of a whole clip, and frame-by-frame streaming.
+#[test]
+fn encoder_matches_moshi_and_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    for naming in ["moshi", "hf"] {
+        let path = convert(dir.path(), naming, "f32");
+        let mut codec = ccsm::mimi::MimiCodec::new(MimiModel::load(&path).unwrap(), MimiOptions::default()).unwrap();
+        let n_q = codec.model().config().n_q;
+        let hidden = codec.model().config().hidden;
+        for input in ["speech", "noise"] {
+            let samples: Vec<f32> = read_f32(&fixtures().join(format!("enc-{input}.f32"))).iter().map(|&v| v as f32).collect();
+            let expected: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(fixtures().join(format!("enc-{input}-codes.json"))).unwrap()).unwrap();
+            // The latent: ours is [frames][hidden], moshi's [hidden][frames].
+            let latent = codec.encode_latent(&samples).unwrap();
+            let frames = latent.len() / hidden;
+            let moshi_latent = read_f32(&fixtures().join(format!("enc-{input}-moshi-latent.f32")));
+            let ours: Vec<f64> =
+                (0..hidden).flat_map(|d| (0..frames).map(move |t| (t, d))).map(|(t, d)| latent[t * hidden + d] as f64).collect();
+            let snr = snr_db(&moshi_latent, &ours);
+            eprintln!("{naming} {input}: latent SNR {snr:.1} dB against moshi's");
+            assert!(snr >= 60.0, "{naming} {input}: latent SNR {snr:.1} dB");
+            let batch = by_codebook(&codec.encode_all(&samples, n_q).unwrap());
+            let moshi_batch = codes_of(&expected, "moshi_batch");
+            let differing: usize = batch.iter().flatten().zip(moshi_batch.iter().flatten()).filter(|(a, b)| a != b).count();
+            eprintln!("{naming} {input}: {differing} of {} codes differ from moshi's", n_q * frames);
+            assert_eq!(batch, moshi_batch, "{naming} {input}: codes differ from moshi's batch encode");
+            assert_eq!(batch, codes_of(&expected, "hf_batch"), "{naming} {input}: codes differ from transformers' encode");
+            // Streaming: one frame in, one frame out, the state carried.
+            let mut stream = codec.new_encode_stream().unwrap();
+            let per_frame = codec.frame_samples();
+            let streamed: Vec<Vec<u32>> =
+                samples.chunks(per_frame).flat_map(|chunk| codec.encode(&mut stream, chunk, n_q).unwrap()).collect();
+            assert_eq!(by_codebook(&streamed), codes_of(&expected, "moshi_stream"), "{naming} {input}: streaming codes");
+        }
+    }
+}
+
+/// A codec file without the encode path still decodes, and asking it to encode says what is missing.
+#[test]
+fn a_decoder_only_codec_says_it_cannot_encode() {
+    let mut codec =
+        ccsm::mimi::MimiCodec::new(MimiModel::load(repo_root().join("models/tiny-mimi.gguf")).unwrap(), MimiOptions::default()).unwrap();
+    assert!(!codec.model().can_encode());
+    let err = codec.encode_all(&[0.0; 1920], 1).unwrap_err().to_string();
+    assert!(err.contains("only the decoder") && err.contains("convert_mimi.py"), "{err}");
+}

@@ -362,6 +362,12 @@ impl<'ctx> Tensor<'ctx> {
         }
     }
 
+    /// Reads the whole of an I32 tensor (indices: argmax results).
+    pub fn read_i32(self) -> Result<Vec<i32>> {
+        self.check_dtype("read_i32", DType::I32)?;
+        Ok(self.read_bytes()?.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+
     /// Writes the whole of an I32 tensor (indices, positions) from `values`.
     pub fn write_i32(self, values: &[i32]) -> Result<()> {
         self.check_dtype("write_i32", DType::I32)?;

@@ -178,6 +178,19 @@ impl Context {
         self.wrap(unsafe { sys::ggml_sum_rows(self.raw(), a.raw()) }, OP)
     }
 
+    /// Per row of a matrix `[n, m]`, the index of its largest value (ggml's kernel takes the last of
+    /// equal ones): I32 `[m]`.
+    pub fn argmax<'c>(&'c self, a: Tensor<'c>) -> Result<Tensor<'c>> {
+        const OP: &str = "argmax";
+        require_type(OP, a, &[DType::F32], "the CPU kernel reads f32")?;
+        if !a.rows_contiguous() || a.ne(2) != 1 || a.ne(3) != 1 || a.ne(0) > i32::MAX as i64 {
+            return Err(Error::shape(OP, "needs a matrix with contiguous rows of at most 2^31 - 1 values", &[a.shape()]));
+        }
+        self.reserve_headers(OP)?;
+        // SAFETY: a live f32 matrix with contiguous rows, which ggml_argmax asserts and its kernel reads.
+        self.wrap(unsafe { sys::ggml_argmax(self.raw(), a.raw()) }, OP)
+    }
+
     /// `a` and `b` joined along `dim`; they agree in type and in every other dimension.
     pub fn concat<'c>(&'c self, a: Tensor<'c>, b: Tensor<'c>, dim: usize) -> Result<Tensor<'c>> {
         const OP: &str = "concat";

@@ -281,6 +281,32 @@ fn sum_rows_and_concat_match_naive_math() {
 }
 
 #[test]
+fn argmax_picks_each_rows_largest_last_of_ties() {
+    let ctx = Context::with_data(8, 1 << 16).unwrap();
+    let mut rng = Rng::new(11);
+    let (n, m) = (2048usize, 5usize);
+    let mut values: Vec<f32> = (0..n * m).map(|_| rng.uniform() as f32).collect();
+    // Row 3: a tie between positions 7 and 900 at the maximum; ggml's kernel keeps the last.
+    values[3 * n + 7] = 2.0;
+    values[3 * n + 900] = 2.0;
+    let a = tensor_from(&ctx, DType::F32, &[n as i64, m as i64], &values);
+    let out = ctx.argmax(a).unwrap();
+    let mut graph = ctx.new_graph(16).unwrap();
+    graph.expand(out).unwrap();
+    Backend::cpu_exact(2).unwrap().compute(&graph).unwrap();
+    let got = out.read_i32().unwrap();
+    let want: Vec<i32> = values
+        .chunks(n)
+        .map(|row| row.iter().enumerate().fold((0, f32::MIN), |best, (i, &v)| if v >= best.1 { (i, v) } else { best }).0 as i32)
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(got[3], 900);
+    let cube = ctx.new_tensor(DType::F32, &[4, 2, 2]).unwrap();
+    assert!(ctx.argmax(cube).is_err(), "argmax takes matrices only");
+    assert!(ctx.argmax(ctx.new_tensor(DType::F16, &[4, 2]).unwrap()).is_err(), "f32 only");
+}
+
+#[test]
 fn get_rows_reads_embedding_rows_of_any_cache_type() {
     let mut rng = Rng::new(13);
     let (d, vocab) = (64usize, 12usize);

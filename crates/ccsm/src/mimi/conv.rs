@@ -237,3 +237,64 @@ impl DepthwiseUpsample {
         Ok(ctx.reshape(y, &[c, t * self.stride as i64])?)
     }
 }
+
+/// A causal strided 1-D convolution with kernel 2 × stride (SEANet's encoder downsampling, Mimi's
+/// learnt 25 → 12.5 Hz conv): output t sees inputs t·s − s … t·s + s − 1, the first s of them carried
+/// from the previous call (zeros at the start, or with `replicate` the first input column repeated).
+pub struct StridedConv {
+    weight: TensorId,
+    bias: Option<TensorId>,
+    c_in: usize,
+    c_out: usize,
+    stride: usize,
+    state: usize,
+}
+
+impl StridedConv {
+    /// Declares `{name}.weight` `[c_in, 2·stride, c_out]` and, with `bias`, `{name}.bias` `[c_out]`.
+    pub fn load(
+        loader: &mut WeightLoader<'_>,
+        layout: &mut StateLayout,
+        name: &str,
+        [c_in, c_out]: [usize; 2],
+        stride: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let weight = loader.matrix(&format!("{name}.weight"), &[c_in, 2 * stride, c_out])?;
+        let bias = if bias { Some(loader.vector_f32(&format!("{name}.bias"), c_out)?) } else { None };
+        let state = layout.add(name, [c_in, stride]);
+        Ok(StridedConv { weight, bias, c_in, c_out, stride, state })
+    }
+
+    /// x `[c_in, T]` (T a multiple of the stride) → `[c_out, T / stride]`. With `replicate_start`,
+    /// the columns before the input are its first column (the stream's first call), not the state.
+    pub fn build<'c>(&self, s: &mut ConvScope<'c>, x: Tensor<'c>, replicate_start: bool) -> Result<Tensor<'c>> {
+        let ctx = s.ctx;
+        let (c_in, st, t) = (self.c_in as i64, self.stride as i64, x.ne(1));
+        if t % st != 0 || x.ne(0) != c_in {
+            return Err(Error::Invariant(format!("a stride-{st} conv over {:?}", x.shape())));
+        }
+        let before = if replicate_start {
+            let first = ctx.view(x, &[c_in, 1], &[x.strides()[1]], 0)?;
+            ctx.repeat_4d(ctx.cont(first)?, [c_in, st, 1, 1])?
+        } else {
+            s.state(self.state)
+        };
+        let input = ctx.concat(before, x, 1)?;
+        let column = input.strides()[1];
+        s.update(self.state, ctx.view(input, &[c_in, st], &[column], t as usize * column)?)?;
+        // Groups of `stride` columns: output t reads group t (the columns before it) and group t + 1.
+        let groups = t / st;
+        let grouped = ctx.reshape(input, &[c_in * st, groups + 1])?;
+        let row = grouped.strides()[1];
+        let previous = ctx.view(grouped, &[c_in * st, groups], &[row], 0)?;
+        let current = ctx.view(grouped, &[c_in * st, groups], &[row], row)?;
+        let stacked = ctx.concat(ctx.cont(previous)?, ctx.cont(current)?, 0)?;
+        let w = ctx.reshape(s.weights.get(self.weight), &[c_in * 2 * st, self.c_out as i64])?;
+        let y = ctx.mul_mat(w, stacked)?;
+        Ok(match self.bias {
+            Some(b) => ctx.add(y, s.weights.get(b))?,
+            None => y,
+        })
+    }
+}

@@ -162,6 +162,11 @@ impl MimiCodec {
         self.model.config().frame_samples()
     }
 
+    /// The weights, the backend and the compute memory, borrowed apart (for the encode path's steps).
+    pub(super) fn parts(&mut self) -> (&MimiModel, &Backend, &mut ComputeBuffer) {
+        (&self.model, &self.backend, &mut self.compute)
+    }
+
     /// Checks frames against the codec and the stream: every frame the same number of codebooks (1 to
     /// the codec's, the stream's so far), every code below the codebook size. The error names the frame.
     pub fn check_frames(&self, stream: &MimiStream, frames: &[Frame]) -> Result<usize> {

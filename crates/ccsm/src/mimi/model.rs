@@ -8,6 +8,7 @@ use ggml::{DType, Tensor, TensorId, TensorStore};
 
 use super::config::MimiConfig;
 use super::conv::{DepthwiseUpsample, StateLayout};
+use super::encoder::{file_has_encoder, EncoderWeights};
 use super::seanet::Seanet;
 use super::transformer::MimiTransformer;
 use crate::error::{Error, Result};
@@ -33,6 +34,8 @@ pub struct MimiModel {
     pub(crate) transformer: MimiTransformer,
     pub(crate) seanet: Seanet,
     pub(crate) state_layout: StateLayout,
+    /// The encode path, when the file holds it.
+    pub(crate) encoder: Option<EncoderWeights>,
     name: String,
     weight_bytes: u64,
 }
@@ -58,8 +61,8 @@ impl MimiModel {
         let weights = loader.finish()?;
         let weight_bytes = weights.buffer_bytes() as u64;
         let name = file.get_opt::<String>("general.name")?.unwrap_or_else(|| path.display().to_string());
-        let Parts { config, quantizer, upsample, transformer, seanet } = parts;
-        Ok(MimiModel { config, weights, quantizer, upsample, transformer, seanet, state_layout: layout, name, weight_bytes })
+        let Parts { config, quantizer, upsample, transformer, seanet, encoder } = parts;
+        Ok(MimiModel { config, weights, quantizer, upsample, transformer, seanet, state_layout: layout, encoder, name, weight_bytes })
     }
 
     /// Every check `from_file` makes, without reading the weights.
@@ -72,6 +75,16 @@ impl MimiModel {
     /// The hyperparameters.
     pub fn config(&self) -> &MimiConfig {
         &self.config
+    }
+
+    /// Whether the file holds the encode path (it always holds the decode path).
+    pub fn can_encode(&self) -> bool {
+        self.encoder.is_some()
+    }
+
+    /// The codebooks' centroids `[dim, size · n_q]`.
+    pub(crate) fn codebooks_id(&self) -> TensorId {
+        self.quantizer.codebooks
     }
 
     /// The file's `general.name`, else its path.
@@ -131,6 +144,7 @@ struct Parts {
     upsample: DepthwiseUpsample,
     transformer: MimiTransformer,
     seanet: Seanet,
+    encoder: Option<EncoderWeights>,
 }
 
 fn declare(file: &GgufFile, prefix: &str, loader: &mut WeightLoader<'_>, layout: &mut StateLayout) -> Result<Parts> {
@@ -145,5 +159,6 @@ fn declare(file: &GgufFile, prefix: &str, loader: &mut WeightLoader<'_>, layout:
     let upsample = DepthwiseUpsample::load(loader, layout, &name("upsample.weight"), c.hidden, c.upsample_stride)?;
     let transformer = MimiTransformer::load(loader, prefix, c.transformer.clone(), c.hidden)?;
     let seanet = Seanet::load(loader, layout, prefix, &c.seanet, c.hidden, c.channels)?;
-    Ok(Parts { config, quantizer, upsample, transformer, seanet })
+    let encoder = if file_has_encoder(file, prefix) { Some(EncoderWeights::declare(loader, prefix, c)?) } else { None };
+    Ok(Parts { config, quantizer, upsample, transformer, seanet, encoder })
 }

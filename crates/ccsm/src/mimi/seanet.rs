@@ -9,9 +9,34 @@ use super::conv::{CausalConv, ConvScope, ConvTranspose, StateLayout};
 use crate::error::Result;
 use crate::weights::WeightLoader;
 
-struct ResidualUnit {
+/// x + conv1x1(ELU(conv_k(ELU(x)))): the inner width compressed (the encoder's and the decoder's).
+pub(super) struct ResidualUnit {
     conv1: CausalConv,
     conv2: CausalConv,
+}
+
+impl ResidualUnit {
+    /// Declares `{name}.conv1` and `{name}.conv2` for unit `j` at `width` channels.
+    pub(super) fn load(
+        loader: &mut WeightLoader<'_>,
+        layout: &mut StateLayout,
+        name: &str,
+        c: &SeanetConfig,
+        width: usize,
+        j: usize,
+    ) -> Result<Self> {
+        let dilation = c.dilation_base.pow(j as u32);
+        let inner = width / c.compress;
+        Ok(ResidualUnit {
+            conv1: CausalConv::load(loader, layout, &format!("{name}.conv1"), [width, c.residual_kernel_size, inner], dilation)?,
+            conv2: CausalConv::load(loader, layout, &format!("{name}.conv2"), [inner, 1, width], 1)?,
+        })
+    }
+
+    pub(super) fn build<'c>(&self, s: &mut ConvScope<'c>, x: Tensor<'c>) -> Result<Tensor<'c>> {
+        let h = self.conv1.build(s, s.ctx.elu(x)?)?;
+        Ok(s.ctx.add(x, self.conv2.build(s, s.ctx.elu(h)?)?)?)
+    }
 }
 
 struct UpBlock {
@@ -43,20 +68,7 @@ impl Seanet {
             let (c_in, width) = (c.channels_before(i), c.channels_before(i) / 2);
             let up = ConvTranspose::load(loader, layout, &name(format!("up.{i}")), c_in, width, ratio)?;
             let residuals = (0..c.residual_layers)
-                .map(|j| {
-                    let unit = |t: &str| name(format!("res.{i}.{j}.{t}"));
-                    let dilation = c.dilation_base.pow(j as u32);
-                    Ok(ResidualUnit {
-                        conv1: CausalConv::load(
-                            loader,
-                            layout,
-                            &unit("conv1"),
-                            [width, c.residual_kernel_size, width / c.compress],
-                            dilation,
-                        )?,
-                        conv2: CausalConv::load(loader, layout, &unit("conv2"), [width / c.compress, 1, width], 1)?,
-                    })
-                })
+                .map(|j| ResidualUnit::load(loader, layout, &name(format!("res.{i}.{j}")), c, width, j))
                 .collect::<Result<Vec<_>>>()?;
             blocks.push(UpBlock { up, residuals });
         }
@@ -70,8 +82,7 @@ impl Seanet {
         for (i, block) in self.blocks.iter().enumerate() {
             x = block.up.build(s, s.ctx.elu(x)?)?;
             for unit in &block.residuals {
-                let h = unit.conv1.build(s, s.ctx.elu(x)?)?;
-                x = s.ctx.add(x, unit.conv2.build(s, s.ctx.elu(h)?)?)?;
+                x = unit.build(s, x)?;
             }
             x = x.set_name(&format!("codec.seanet.{i}"));
         }
