@@ -33,7 +33,7 @@ MIMI = moshi_config(hidden=512, filters=64, n_q=32, bins=2048, dim=256, layers=8
 
 
 def synthetic_moshi(config, seed):
-    """{name: float32 array} of a random Mimi decoder path (and its quantizer) in moshi's naming."""
+    """{name: float32 array} of a random Mimi (both paths and the quantizer) in moshi's naming."""
     rng = np.random.default_rng(seed)
     s, q, t = config["seanet"], config["quantizer"], config["transformer"]
 
@@ -81,4 +81,28 @@ def synthetic_moshi(config, seed):
         n += 3
         mult //= 2
     conv(f"decoder.model.{n + 1}.conv.conv", s["channels"], f, s["last_kernel_size"])
+    # The encode path, drawn after the decoder's (whose weights stay what they were without it).
+    conv("encoder.model.0.conv.conv", f, s["channels"], s["kernel_size"])
+    n, c = 1, f
+    for ratio in reversed(s["ratios"]):
+        conv(f"encoder.model.{n}.block.1.conv.conv", c // s["compress"], c, s["residual_kernel_size"])
+        conv(f"encoder.model.{n}.block.3.conv.conv", c, c // s["compress"], 1)
+        conv(f"encoder.model.{n + 2}.conv.conv", 2 * c, c, 2 * ratio)
+        n += 3
+        c *= 2
+    conv(f"encoder.model.{n + 1}.conv.conv", d, c, s["last_kernel_size"])
+    for l in range(t["num_layers"]):
+        p = f"encoder_transformer.transformer.layers.{l}."
+        out[p + "self_attn.in_proj_weight"] = uniform((3 * d, d), d)
+        out[p + "self_attn.out_proj.weight"] = uniform((d, d), d)
+        for norm in ("norm1", "norm2"):
+            out[p + norm + ".weight"] = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
+            out[p + norm + ".bias"] = (0.1 * rng.standard_normal(d)).astype(np.float32)
+        out[p + "linear1.weight"] = uniform((t["dim_feedforward"], d), d)
+        out[p + "linear2.weight"] = uniform((d, t["dim_feedforward"]), t["dim_feedforward"])
+        out[p + "layer_scale_1.scale"] = rng.uniform(0.2, 1.0, size=d).astype(np.float32)
+        out[p + "layer_scale_2.scale"] = rng.uniform(0.2, 1.0, size=d).astype(np.float32)
+    out["downsample.conv.conv.conv.weight"] = uniform((d, d, 2 * stride), d * 2 * stride)
+    for group in ("rvq_first", "rvq_rest"):
+        out[f"quantizer.{group}.input_proj.weight"] = uniform((dim, d, 1), d)
     return out

@@ -44,6 +44,8 @@ pub enum Command {
     Calibrate(crate::calibrate_cmd::CalibrateArgs),
     /// Decode Mimi frames (generation's -o JSON, or {"frames": [[code, ...], ...]}) into a WAV.
     Decode(DecodeArgs),
+    /// Encode a recording (WAV, FLAC, MP3, Ogg Vorbis) into Mimi frames: the JSON `decode`, `--context` segments and voices read
+    Encode(crate::encode_cmd::EncodeArgs),
     /// An OpenAI-compatible HTTP server: /v1/audio/speech (CSM), /v1/completions and
     /// /v1/chat/completions (Llama), /v1/models, /health, /metrics; many sessions in one memory budget.
     Serve(crate::serve_cmd::ServeArgs),
@@ -286,9 +288,19 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 0)]
     pub speaker: u32,
 
-    /// CSM: context segments (JSON list of {"speaker", "text", "frames": [[codes...], ...]}) said before.
+    /// CSM: context segments (JSON list of {"speaker", "text", "frames": [[codes...], ...]} or
+    /// {"speaker", "text", "audio": "recording.wav"}, paths relative to the JSON file) said before.
     #[arg(long, value_name = "FILE")]
     pub context: Option<PathBuf>,
+
+    /// CSM: a recording of the voice to speak in (WAV, FLAC, MP3, Ogg Vorbis; encoded by the codec),
+    /// said by --speaker before the text; needs --voice-text.
+    #[arg(long, value_name = "AUDIO", requires = "voice_text")]
+    pub voice_audio: Option<PathBuf>,
+
+    /// CSM: what the --voice-audio recording says (its transcript).
+    #[arg(long, value_name = "TEXT", requires = "voice_audio")]
+    pub voice_text: Option<String>,
 
     /// CSM: where the result goes: FILE.wav (audio, decoded by the codec as frames are made), FILE.json
     /// (the frames), or - (a WAV streamed to stdout). Without it the frames JSON goes to stdout.

@@ -8,6 +8,7 @@ mod cache_setup;
 mod calibrate_cmd;
 mod cli;
 mod decode_cmd;
+mod encode_cmd;
 mod generate_cmd;
 mod info_cmd;
 mod interrupt;
@@ -90,6 +91,7 @@ fn main() -> ExitCode {
         Some(Command::Bench(args)) => bench::run(&args, &cli.log),
         Some(Command::Calibrate(args)) => calibrate_cmd::run(&args, &cli.log),
         Some(Command::Decode(args)) => decode_cmd::run(&args, &cli.log),
+        Some(Command::Encode(args)) => encode_cmd::run(&args, &cli.log),
         Some(Command::Serve(args)) => serve_cmd::run(&args),
         None => generate(&cli.generate, &cli.log),
     };

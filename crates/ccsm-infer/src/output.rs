@@ -16,3 +16,12 @@ pub fn print(text: &str) {
 pub fn println(text: &str) {
     print(&format!("{text}\n"));
 }
+
+/// Writes a file whole or not at all: a temporary file beside it, then a rename.
+pub fn write_atomically(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let tmp = path.with_extension(format!("{}.partial", path.extension().and_then(|e| e.to_str()).unwrap_or("out")));
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use ccsm::csm::{
-    speech_step, CsmGenerator, CsmModel, CsmOptions, Frame, FrameTimings, Request, Segment, SpeechTurn, TurnProgress, TurnStep,
+    speech_step, voice, CsmGenerator, CsmModel, CsmOptions, Frame, FrameTimings, Request, Segment, SpeechTurn, TurnProgress, TurnStep,
 };
 use ccsm::generate::StopReason;
 use ccsm::mimi::MimiDecoder;
@@ -128,6 +128,12 @@ pub fn run(args: &GenerateArgs, log: &LogArgs, path: &Path, model: CsmModel) -> 
             .with_context(|| format!("{}: expected a JSON list of {{\"speaker\", \"text\", \"frames\"}}", p.display()))?,
         None => Vec::new(),
     };
+    let mut context = context;
+    if let (Some(audio), Some(text)) = (&args.voice_audio, &args.voice_text) {
+        context.insert(0, Segment { speaker: args.speaker, text: text.clone(), frames: Vec::new(), audio: Some(audio.clone()) });
+    }
+    let base = args.context.as_deref().and_then(Path::parent).unwrap_or(Path::new(""));
+    encode_context_audio(&mut generator, codec.as_mut(), &mut context, base, path)?;
     let text = args.prompt_text()?;
     let request = Request { text, speaker: args.speaker, context, seed: None, max_frames: None, output: None };
     let sink = match (&kind, codec.as_ref()) {
@@ -141,7 +147,7 @@ pub fn run(args: &GenerateArgs, log: &LogArgs, path: &Path, model: CsmModel) -> 
     };
     let result = speak(args, log, &mut generator, codec.as_mut(), sink, &model_name, &request)?;
     match &kind {
-        OutputKind::FramesJson(Some(out)) => write_atomically(out, &serde_json::to_string(&result)?)?,
+        OutputKind::FramesJson(Some(out)) => crate::output::write_atomically(out, &serde_json::to_string(&result)?)?,
         OutputKind::FramesJson(None) if !args.json => output::println(&serde_json::to_string(&result)?),
         _ => {}
     }
@@ -157,6 +163,28 @@ pub fn run(args: &GenerateArgs, log: &LogArgs, path: &Path, model: CsmModel) -> 
         summarize(&result);
     }
     Ok(())
+}
+
+/// Encodes the recordings segments name (`"audio"`) into their frames with the codec's encoder.
+fn encode_context_audio(
+    generator: &mut CsmGenerator,
+    codec: Option<&mut MimiDecoder>,
+    context: &mut [Segment],
+    base: &Path,
+    model: &Path,
+) -> Result<()> {
+    if context.iter().all(|s| s.audio.is_none()) {
+        return Ok(());
+    }
+    let Some(codec) = codec else {
+        return Err(UsageError(format!(
+            "audio in the context needs a Mimi codec with its encoder: {} has none embedded; pass --codec MIMI.gguf",
+            model.display()
+        ))
+        .into());
+    };
+    let codebooks = generator.model().config().n_codebooks;
+    Ok(voice::encode_segments(codec.parts_mut().0, context, base, codebooks)?)
 }
 
 fn summarize(result: &SpeechResult) {
@@ -340,7 +368,9 @@ fn run_batch(
         if line.trim_ascii().is_empty() {
             continue;
         }
-        let result = Request::from_line_bytes(&line).map_err(anyhow::Error::from).and_then(|request| {
+        let result = Request::from_line_bytes(&line).map_err(anyhow::Error::from).and_then(|mut request| {
+            let base = batch.parent().unwrap_or(Path::new(""));
+            encode_context_audio(generator, codec.as_deref_mut(), &mut request.context, base, Path::new(model_name))?;
             let sink = match (&request.output, codec.as_deref()) {
                 (Some(p), Some(c)) => {
                     Some(AudioSink { out: AudioOut::file(p, audio::spec(c, args.sample_format.into()))?, name: p.display().to_string() })
@@ -367,16 +397,8 @@ fn run_batch(
         lines_out.push(text);
     }
     if let Some(path) = &args.output {
-        write_atomically(path, &(lines_out.join("\n") + "\n"))?;
+        crate::output::write_atomically(path, &(lines_out.join("\n") + "\n"))?;
     }
     anyhow::ensure!(failures == 0, "{failures} of {} requests failed", lines_out.len());
-    Ok(())
-}
-
-/// Writes a file whole or not at all: a temporary file beside it, then a rename.
-pub fn write_atomically(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension(format!("{}.partial", path.extension().and_then(|e| e.to_str()).unwrap_or("out")));
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }

@@ -165,7 +165,7 @@ fn csm_frames_agree_across_kernels() {
         let options = CsmOptions { n_ctx: 256, k_type: t, v_type: t, n_threads: 2, n_batch: 256 };
         let mut g = CsmGenerator::new(csm, options).unwrap();
         g.set_attention(attention);
-        let rows = Segment { speaker: 0, text: TEXT[..200].into(), frames: vec![] }
+        let rows = Segment { speaker: 0, text: TEXT[..200].into(), frames: vec![], audio: None }
             .rows(g.model().tokenizer(), c.n_codebooks, c.audio_vocab)
             .unwrap();
         assert!(rows.len() >= GGML_TILE, "{} prompt rows", rows.len());

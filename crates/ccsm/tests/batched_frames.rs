@@ -25,7 +25,9 @@ fn sampler(seed: u64) -> Sampler {
 
 fn rows(m: &CsmModel, i: usize) -> Vec<ccsm::csm::Row> {
     let c = m.config();
-    Segment { speaker: i as u32, text: TEXTS[i].into(), frames: vec![] }.rows(m.tokenizer(), c.n_codebooks, c.audio_vocab).unwrap()
+    Segment { speaker: i as u32, text: TEXTS[i].into(), frames: vec![], audio: None }
+        .rows(m.tokenizer(), c.n_codebooks, c.audio_vocab)
+        .unwrap()
 }
 
 fn types(i: usize) -> CacheType {

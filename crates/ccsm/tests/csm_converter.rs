@@ -16,7 +16,7 @@ fn frames_and_logits(path: &std::path::Path) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
     let options = CsmOptions { n_ctx: 64, k_type: CacheType::F32, v_type: CacheType::F32, n_threads: 2, n_batch: 64 };
     let mut g = CsmGenerator::new(csm, options).unwrap();
     let c = g.model().config().clone();
-    let rows = Segment { speaker: 0, text: "Hello there, 2026!".into(), frames: vec![] }
+    let rows = Segment { speaker: 0, text: "Hello there, 2026!".into(), frames: vec![], audio: None }
         .rows(g.model().tokenizer(), c.n_codebooks, c.audio_vocab)
         .unwrap();
     g.prefill(&rows).unwrap();

@@ -17,8 +17,9 @@ fn generator(name: &str) -> CsmGenerator {
 
 fn prompt(generator: &CsmGenerator) -> Vec<Row> {
     let c = generator.model().config();
-    let context = Segment { speaker: 1, text: "Hello there.".into(), frames: vec![(0..32).map(|k| (k * 7 + 3) % 65).collect(); 2] };
-    let target = Segment { speaker: 0, text: "How are you today?".into(), frames: vec![] };
+    let context =
+        Segment { speaker: 1, text: "Hello there.".into(), frames: vec![(0..32).map(|k| (k * 7 + 3) % 65).collect(); 2], audio: None };
+    let target = Segment { speaker: 0, text: "How are you today?".into(), frames: vec![], audio: None };
     let mut rows = context.rows(generator.model().tokenizer(), c.n_codebooks, c.audio_vocab).unwrap();
     rows.extend(target.rows(generator.model().tokenizer(), c.n_codebooks, c.audio_vocab).unwrap());
     rows

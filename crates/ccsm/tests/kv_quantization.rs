@@ -242,7 +242,7 @@ fn tiny_csm_keeps_generating_valid_frames_after_a_live_quantization() {
     let mut g =
         CsmGenerator::new(csm, CsmOptions { n_ctx: 128, k_type: CacheType::F32, v_type: CacheType::F32, n_threads: 2, n_batch: 64 })
             .unwrap();
-    let rows = Segment { speaker: 0, text: "Hello there.".into(), frames: vec![] }
+    let rows = Segment { speaker: 0, text: "Hello there.".into(), frames: vec![], audio: None }
         .rows(g.model().tokenizer(), c.n_codebooks, c.audio_vocab)
         .unwrap();
     g.prefill(&rows).unwrap();

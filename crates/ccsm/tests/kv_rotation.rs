@@ -52,7 +52,7 @@ fn rotating_f32_rows_changes_no_csm_frame() {
         let options = CsmOptions { n_ctx: 64, k_type: CacheType::F32, v_type: CacheType::F32, n_threads: 2, n_batch: 32 };
         let mut g = CsmGenerator::new(csm, options).unwrap();
         g.set_kv_rotation(rotation).unwrap();
-        let rows = Segment { speaker: 0, text: "Rotations are free.".into(), frames: vec![] }
+        let rows = Segment { speaker: 0, text: "Rotations are free.".into(), frames: vec![], audio: None }
             .rows(g.model().tokenizer(), c.n_codebooks, c.audio_vocab)
             .unwrap();
         g.prefill(&rows).unwrap();

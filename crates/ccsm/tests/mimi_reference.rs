@@ -275,9 +275,35 @@ fn encoder_matches_moshi_and_transformers() {
 /// A codec file without the encode path still decodes, and asking it to encode says what is missing.
 #[test]
 fn a_decoder_only_codec_says_it_cannot_encode() {
-    let mut codec =
-        ccsm::mimi::MimiCodec::new(MimiModel::load(repo_root().join("models/tiny-mimi.gguf")).unwrap(), MimiOptions::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // The fixture checkpoint without its encoder and downsampling conv.
+    let source = dir.path().join("decoder-only.safetensors");
+    let script = "import sys; sys.path.insert(0, sys.argv[3]); import safetensors_io as io; \
+                  t = io.load(sys.argv[1]); io.save(sys.argv[2], {k: v for k, v in t.items() if not k.startswith(('encoder', 'downsample'))})";
+    let status = Command::new("python3")
+        .args(["-c", script])
+        .arg(fixtures().join("moshi.safetensors"))
+        .arg(&source)
+        .arg(repo_root().join("tools/samples"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let gguf = dir.path().join("decoder-only.gguf");
+    let out = Command::new("python3")
+        .arg(repo_root().join("tools/convert_mimi.py"))
+        .arg(&source)
+        .arg("--config")
+        .arg(fixtures().join("moshi-config.json"))
+        .arg("-o")
+        .arg(&gguf)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("decodes only"));
+    let mut codec = ccsm::mimi::MimiCodec::new(MimiModel::load(&gguf).unwrap(), MimiOptions::default()).unwrap();
     assert!(!codec.model().can_encode());
+    let mut stream = codec.new_stream().unwrap();
+    assert_eq!(codec.decode(&mut stream, &[vec![1; 8]]).unwrap().len(), codec.frame_samples(), "it still decodes");
     let err = codec.encode_all(&[0.0; 1920], 1).unwrap_err().to_string();
     assert!(err.contains("only the decoder") && err.contains("convert_mimi.py"), "{err}");
 }

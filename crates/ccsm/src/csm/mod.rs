@@ -10,6 +10,7 @@ mod prompt;
 mod request;
 mod session;
 mod speech;
+pub mod voice;
 
 pub use config::CsmConfig;
 pub use engine::{CsmEngine, FrameRequest, PrefillRequest, SessionCaches};

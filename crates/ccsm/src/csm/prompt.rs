@@ -19,7 +19,7 @@ pub enum Row {
 
 /// A turn of the conversation: what a speaker said, and (for context) the frames of how it sounded.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a segment {\"speaker\", \"text\", \"frames\"}")]
+#[serde(deny_unknown_fields, expecting = "a segment {\"speaker\", \"text\", \"frames\" or \"audio\"}")]
 pub struct Segment {
     /// Who speaks (CSM's speaker id, written as `[id]` before the text).
     pub speaker: u32,
@@ -28,11 +28,18 @@ pub struct Segment {
     /// How it sounded (Mimi frames; empty for the text to say).
     #[serde(default)]
     pub frames: Vec<Frame>,
+    /// How it sounded, as a recording (a path; relative paths are resolved by whoever read the segment):
+    /// encoded into `frames` before the segment becomes rows (`csm::voice`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audio: Option<std::path::PathBuf>,
 }
 
 impl Segment {
     /// The segment's backbone rows.
     pub fn rows(&self, tokenizer: &Tokenizer, n_codebooks: usize, audio_vocab: usize) -> Result<Vec<Row>> {
+        if let (Some(audio), true) = (&self.audio, self.frames.is_empty()) {
+            return Err(Error::Input(format!("the segment's audio {} is not encoded yet (csm::voice encodes it)", audio.display())));
+        }
         let (bos, eos) = match (tokenizer.bos(), tokenizer.eos()) {
             (Some(b), Some(e)) => (b, e),
             _ => return Err(Error::Tokenizer("CSM segments need BOS and EOS ids".into())),

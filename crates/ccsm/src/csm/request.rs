@@ -52,7 +52,7 @@ impl Request {
     /// against the model's codebooks and audio vocabulary.
     pub fn rows(&self, model: &CsmModel) -> Result<Vec<Row>> {
         let c = model.config();
-        let target = Segment { speaker: self.speaker, text: self.text.clone(), frames: Vec::new() };
+        let target = Segment { speaker: self.speaker, text: self.text.clone(), frames: Vec::new(), audio: None };
         let mut rows = Vec::new();
         for segment in self.context.iter().chain(std::iter::once(&target)) {
             rows.extend(segment.rows(model.tokenizer(), c.n_codebooks, c.audio_vocab)?);
