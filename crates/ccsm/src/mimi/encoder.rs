@@ -9,7 +9,7 @@
 
 use std::ops::Range;
 
-use ggml::{Context, DType, Graph, Slot, Tensor, TensorId};
+use ggml::{Context, DType, Graph, Slot, Tensor, TensorId, TensorStore};
 
 use super::config::MimiConfig;
 use super::conv::{CausalConv, ConvScope, ConvStates, StateLayout, StridedConv};
@@ -39,6 +39,8 @@ pub(crate) struct EncoderWeights {
     downsample: StridedConv,
     semantic_in: TensorId,
     acoustic_in: TensorId,
+    /// −‖c‖²/2 of every centroid, F32 `[size, n_q]`: computed once when the weights are loaded.
+    half_norms: Option<(TensorStore, TensorId)>,
     /// The conv states an encode stream carries.
     pub(crate) layout: StateLayout,
 }
@@ -72,7 +74,20 @@ impl EncoderWeights {
         let mut projection = |group: &str| loader.matrix(&format!("{prefix}quantizer.{group}_in_proj.weight"), &[c.hidden, c.codebook_dim]);
         let semantic_in = projection("semantic")?;
         let acoustic_in = projection("acoustic")?;
-        Ok(EncoderWeights { conv_in, stages, conv_out, transformer, downsample, semantic_in, acoustic_in, layout })
+        Ok(EncoderWeights { conv_in, stages, conv_out, transformer, downsample, semantic_in, acoustic_in, half_norms: None, layout })
+    }
+
+    /// Computes the centroids' −‖c‖²/2 from the loaded codebooks `[dim, size · n_q]`.
+    pub(crate) fn finish(&mut self, weights: &TensorStore, codebooks: TensorId, c: &MimiConfig) -> Result<()> {
+        let centroids = weights.get(codebooks).read_f32()?;
+        let half_norms: Vec<f32> =
+            centroids.chunks_exact(c.codebook_dim).map(|v| -0.5 * v.iter().map(|&x| x as f64 * x as f64).sum::<f64>() as f32).collect();
+        let mut store = TensorStore::new(1)?;
+        let id = store.add("encoder.codebook_half_norms", DType::F32, &[c.codebook_size as i64, c.n_q as i64])?;
+        store.allocate()?;
+        store.get(id).write_f32(&half_norms)?;
+        self.half_norms = Some((store, id));
+        Ok(())
     }
 }
 
@@ -296,22 +311,23 @@ fn quantize<'c>(
     ctx: &'c Context,
     graph: &mut Graph<'c>,
     model: &'c MimiModel,
-    e: &EncoderWeights,
+    e: &'c EncoderWeights,
     latent: Tensor<'c>,
     codebooks: usize,
 ) -> Result<Vec<Slot>> {
     let c = model.config();
     let (dim, size) = (c.codebook_dim as i64, c.codebook_size as i64);
     let all = model.weights.get(model.codebooks_id());
-    let f = all.strides()[1];
+    let (store, id) = e.half_norms.as_ref().ok_or_else(|| Error::Invariant("the codebooks' norms were not computed".into()))?;
+    let norms = store.get(*id);
+    let row = all.strides()[1];
     let mut codes = Vec::with_capacity(codebooks);
     let stage = |x: Tensor<'c>, k: usize| -> Result<(Tensor<'c>, Tensor<'c>)> {
-        let book = ctx.view(all, &[dim, size], &[f], k * size as usize * f)?;
-        let centroids = ctx.cpy(book, ctx.new_tensor(DType::F32, &[dim, size])?)?;
-        let half_norms = ctx.scale(ctx.sum_rows(ctx.mul(centroids, centroids)?)?, -0.5)?;
-        let scores = ctx.add(ctx.mul_mat(centroids, x)?, ctx.reshape(half_norms, &[size, 1])?)?;
+        let book = ctx.view(all, &[dim, size], &[row], k * size as usize * row)?;
+        let half_norms = ctx.view(norms, &[size, 1], &[norms.strides()[1]], k * norms.strides()[1])?;
+        let scores = ctx.add(ctx.mul_mat(book, x)?, half_norms)?;
         let code = ctx.argmax(scores)?.set_output();
-        let chosen = ctx.get_rows(centroids, code)?;
+        let chosen = ctx.get_rows(book, code)?;
         Ok((code, ctx.add(x, ctx.scale(chosen, -1.0)?)?))
     };
     let semantic = ctx.mul_mat(model.weights.get(e.semantic_in), latent)?;

@@ -59,6 +59,10 @@ impl MimiModel {
         let mut layout = StateLayout::default();
         let parts = declare(file, prefix, &mut loader, &mut layout)?;
         let weights = loader.finish()?;
+        let mut parts = parts;
+        if let Some(encoder) = parts.encoder.as_mut() {
+            encoder.finish(&weights, parts.quantizer.codebooks, &parts.config)?;
+        }
         let weight_bytes = weights.buffer_bytes() as u64;
         let name = file.get_opt::<String>("general.name")?.unwrap_or_else(|| path.display().to_string());
         let Parts { config, quantizer, upsample, transformer, seanet, encoder } = parts;
