@@ -21,6 +21,7 @@ import json
 import os
 import re
 import socket
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -274,6 +275,14 @@ def speech_part(bin_path, models):
     with tempfile.TemporaryDirectory() as voices:
         with open(os.path.join(voices, "narrator.json"), "w") as f:
             json.dump({"speaker": 1, "context": [{"speaker": 1, "text": "Good evening.", "frames": []}]}, f)
+        # A voice from a recording: espeak-ng's sentence, its transcript, its speaker.
+        recording = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tools", "reference", "fixtures", "audio", "speech-espeak.wav")
+        shutil.copy(recording, os.path.join(voices, "keeper.wav"))
+        spoken = "Hello, this is a voice to keep."
+        with open(os.path.join(voices, "keeper.txt"), "w") as f:
+            f.write(spoken + "\n")
+        with open(os.path.join(voices, "keeper.json"), "w") as f:
+            json.dump({"speaker": 2}, f)
         with Server(bin_path, model, "--parallel", "3", "--voices", voices) as s:
             c = s.client()
             text = "Hello there, this is a test."
@@ -305,7 +314,20 @@ def speech_part(bin_path, models):
 
             # Voices.
             status, _, body = s.http("GET", "/v1/audio/voices")
-            assert status == 200 and [v["id"] for v in json.loads(body)["voices"]] == ["narrator"], body
+            listed = json.loads(body)["voices"]
+            assert status == 200 and [v["id"] for v in listed] == ["keeper", "narrator"], body
+            assert abs(listed[0]["seconds"] - 2.034) < 0.01 and listed[1]["seconds"] is None, listed
+            # The recording voice answers what the CLI gives with the same recording and seed.
+            kept = c.audio.speech.create(model="csm", voice="keeper", input=text, response_format="pcm", extra_body=extra).content
+            with tempfile.NamedTemporaryFile(suffix=".wav") as out:
+                subprocess.run([bin_path, model, "-p", text, "--speaker", "2", "--voice-audio", recording, "--voice-text", spoken,
+                                "-n", "10", "--seed", "7", "-t", "2", "-q", "-o", out.name], check=True)
+                assert open(out.name, "rb").read()[44:] == kept, "the server's recording voice differs from the CLI's"
+            again = c.audio.speech.create(model="csm", voice="keeper", input=text, response_format="pcm", extra_body=extra).content
+            assert again == kept, "encoded once, the same after"
+            # A client's segment cannot name a file on the server.
+            check_error(s, 400, "POST", "/v1/audio/speech", {"input": text, "context": [{"speaker": 0, "text": "x", "audio": "/etc/passwd"}]},
+                        contains="recordings in a request")
             narrated = c.audio.speech.create(model="csm", voice="narrator", input=text, response_format="pcm", extra_body=extra).content
             assert len(narrated) % frame_bytes == 0 and narrated != pcm
             for bad, want in [

@@ -33,9 +33,13 @@ pub const MAX_TEXT_BODY_BYTES: usize = 2 << 20;
 pub struct Voice {
     /// CSM speaker id the generated speech is said as.
     pub speaker: u32,
-    /// Earlier turns (text with their Mimi frames) that condition the voice; may be empty.
+    /// Earlier turns (text with their Mimi frames, or a recording the engine encodes on first use) that
+    /// condition the voice; may be empty.
     #[serde(default)]
     pub context: Vec<Segment>,
+    /// Seconds of the voice's recording, when it has one.
+    #[serde(skip)]
+    pub seconds: Option<f64>,
 }
 
 /// Where the engine thread is.

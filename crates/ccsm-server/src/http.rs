@@ -61,7 +61,10 @@ async fn models(State(state): State<Shared>) -> Response {
 }
 
 async fn voices(State(state): State<Shared>) -> Response {
-    let named = state.voices.iter().map(|(name, v)| json!({ "id": name, "speaker": v.speaker, "context_turns": v.context.len() }));
+    let named = state
+        .voices
+        .iter()
+        .map(|(name, v)| json!({ "id": name, "speaker": v.speaker, "context_turns": v.context.len(), "seconds": v.seconds }));
     Json(json!({
         "voices": named.collect::<Vec<_>>(),
         "speaker_ids": "any whole number is a speaker id (\"0\", \"1\", ...); CSM keeps a voice steady only with context turns",

@@ -76,17 +76,39 @@ pub struct ServeConfig {
 /// Reads `DIR/NAME.json` voices (`{"speaker": 0, "context": [{"speaker", "text", "frames"}]}`).
 pub fn load_voices(dir: &Path) -> Result<BTreeMap<String, Voice>> {
     let mut voices = BTreeMap::new();
-    for entry in std::fs::read_dir(dir).with_context(|| format!("reading the voices folder {}", dir.display()))? {
-        let path = entry?.path();
-        if path.extension().is_none_or(|e| e != "json") {
-            continue;
-        }
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading the voices folder {}", dir.display()))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()?;
+    paths.sort();
+    for path in paths.iter().filter(|p| p.extension().is_some_and(|e| e == "json")) {
         let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_owned();
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let voice: Voice = serde_json::from_str(&text).with_context(|| {
             format!("{}: expected {{\"speaker\": N, \"context\": [{{\"speaker\", \"text\", \"frames\"}}]}}", path.display())
         })?;
+        if let Some(i) = voice.context.iter().position(|s| s.audio.is_some()) {
+            bail!("{}: context[{i}] names a recording: put it beside the file as {name}.wav with {name}.txt", path.display());
+        }
         voices.insert(name, voice);
+    }
+    // Recordings: NAME.wav|flac|mp3|ogg with NAME.txt (what it says); NAME.json, when there, gives the
+    // speaker. The engine encodes each once, on first use.
+    for path in paths.iter().filter(|p| p.extension().and_then(|e| e.to_str()).is_some_and(|e| ["wav", "flac", "mp3", "ogg"].contains(&e)))
+    {
+        let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_owned();
+        let transcript = path.with_extension("txt");
+        let text = std::fs::read_to_string(&transcript)
+            .with_context(|| format!("{}: a voice's recording needs its transcript in {}", path.display(), transcript.display()))?;
+        let audio = ccsm::audio_in::read_file(path, ccsm::audio_in::MAX_SECONDS)?;
+        let voice = voices.entry(name).or_insert(Voice { speaker: 0, context: Vec::new(), seconds: None });
+        voice.context.push(ccsm::csm::Segment {
+            speaker: voice.speaker,
+            text: text.trim().to_owned(),
+            frames: Vec::new(),
+            audio: Some(path.clone()),
+        });
+        voice.seconds = Some(voice.seconds.unwrap_or(0.0) + audio.seconds());
     }
     Ok(voices)
 }
@@ -113,10 +135,23 @@ fn load(config: &ServeConfig) -> Result<Loaded> {
                 ..MimiOptions::default()
             };
             let codec = MimiCodec::new(codec, options)?;
+            let recordings = config.voices.as_ref().is_some_and(|dir| {
+                std::fs::read_dir(dir)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .any(|e| e.path().extension().and_then(|x| x.to_str()).is_some_and(|x| ["wav", "flac", "mp3", "ogg"].contains(&x)))
+            });
+            if recordings && !codec.model().can_encode() {
+                bail!(
+                    "the voices folder has recordings, but the codec ({}) holds only the decoder: convert it again with its encoder",
+                    codec_path.display()
+                );
+            }
             // Sessions' decoder caches (reset every frame) stay f16.
             let mut engine = CsmEngine::new(m, config.n_threads, config.n_batch, (CacheType::F16, CacheType::F16))?;
             engine.set_code_limit(Some(codec.model().config().codebook_size));
-            Ok(Loaded::Speech(speech_loop::Speech { engine, codec }))
+            Ok(Loaded::Speech(speech_loop::Speech { engine, codec, encoded: Default::default() }))
         }
         AnyModel::Mimi(_) => bail!("{} is a codec: serve a CSM or Llama model", config.model.display()),
     }

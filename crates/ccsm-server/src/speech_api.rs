@@ -74,7 +74,15 @@ async fn speak(state: &AppState, req: SpeechRequest) -> Result<Response, ApiErro
             }
         },
     };
-    context.extend(req.context.clone().unwrap_or_default());
+    let client_context = req.context.clone().unwrap_or_default();
+    // A segment's `audio` names a file on the server: only the operator's voices may (a client's would
+    // read any path the server can).
+    if let Some(i) = client_context.iter().position(|s| s.audio.is_some()) {
+        return Err(ApiError::invalid(format!(
+            "context[{i}].audio: recordings in a request are not taken; give the segment's frames (ccsm-infer encode writes them), or use a voice from the server's --voices folder"
+        )));
+    }
+    context.extend(client_context);
     let audio_ms = req.max_audio_ms.unwrap_or(DEFAULT_AUDIO_MS);
     if audio_ms == 0 {
         return Err(ApiError::invalid("max_audio_ms must be at least 80 (one frame)"));

@@ -3,12 +3,15 @@
 //! read once per decoder and backbone step for every session), decoded to audio by the session's own
 //! codec stream as soon as it exists.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
-use ccsm::csm::{speech_step, CsmEngine, CsmSession, PrefillRequest, Request, Row, SessionCaches, SpeechTurn, TurnProgress, TurnStep};
+use ccsm::csm::{
+    speech_step, voice, CsmEngine, CsmSession, Frame, PrefillRequest, Request, Row, SessionCaches, SpeechTurn, TurnProgress, TurnStep,
+};
 use ccsm::generate::StopReason;
 use ccsm::memory::{admit, uniform_fallbacks, Admission, Budget};
 use ccsm::mimi::{MimiCodec, MimiStream};
@@ -40,10 +43,11 @@ struct Session {
     finished: bool,
 }
 
-/// The engine and codec every session shares.
+/// The engine and codec every session shares, and the frames of the voices' recordings encoded so far.
 pub struct Speech {
     pub engine: CsmEngine,
     pub codec: MimiCodec,
+    pub encoded: HashMap<PathBuf, Vec<Frame>>,
 }
 
 pub fn run(mut speech: Speech, settings: LoopSettings, jobs: Receiver<Job>, metrics: Arc<Metrics>) {
@@ -60,7 +64,7 @@ pub fn run(mut speech: Speech, settings: LoopSettings, jobs: Receiver<Job>, metr
         let Some(incoming) = gather(&jobs, running.is_empty() && pending.is_empty()) else { return };
         for job in incoming {
             let Job::Speech(job) = job else { continue };
-            match check(&speech, &settings, &job) {
+            match check(&mut speech, &settings, &job) {
                 Ok(rows) => pending.push_back(Pending { job, rows }),
                 Err(e) => {
                     refused(&metrics);
@@ -88,9 +92,20 @@ pub fn run(mut speech: Speech, settings: LoopSettings, jobs: Receiver<Job>, metr
 }
 
 /// The job's backbone rows (voice context, then the input), checked against the session context.
-fn check(speech: &Speech, settings: &LoopSettings, job: &SpeechJob) -> Result<Vec<Row>, ApiError> {
-    let request =
-        Request { text: job.text.clone(), speaker: job.speaker, context: job.context.clone(), seed: None, max_frames: None, output: None };
+fn check(speech: &mut Speech, settings: &LoopSettings, job: &SpeechJob) -> Result<Vec<Row>, ApiError> {
+    let mut context = job.context.clone();
+    // A voice's recording (named by the operator's --voices folder) is encoded on its first use, then kept.
+    let codebooks = speech.engine.model().config().n_codebooks;
+    for segment in context.iter_mut().filter(|s| s.frames.is_empty()) {
+        let Some(path) = segment.audio.clone() else { continue };
+        if !speech.encoded.contains_key(&path) {
+            let frames = voice::encode_file(&mut speech.codec, &path, codebooks)
+                .map_err(|e| ApiError::internal(format!("encoding the voice's recording: {e}")))?;
+            speech.encoded.insert(path.clone(), frames);
+        }
+        segment.frames = speech.encoded[&path].clone();
+    }
+    let request = Request { text: job.text.clone(), speaker: job.speaker, context, seed: None, max_frames: None, output: None };
     let rows = request.rows(speech.engine.model()).map_err(|e| ApiError::invalid(e.to_string()))?;
     let needed = rows.len() + job.max_frames;
     if needed > settings.n_ctx {
