@@ -325,9 +325,20 @@ def speech_part(bin_path, models):
                 assert open(out.name, "rb").read()[44:] == kept, "the server's recording voice differs from the CLI's"
             again = c.audio.speech.create(model="csm", voice="keeper", input=text, response_format="pcm", extra_body=extra).content
             assert again == kept, "encoded once, the same after"
-            # A client's segment cannot name a file on the server.
+            # A client's segment cannot name a file on the server; a recording comes inline, and speaks as
+            # the same context given as the frames `encode` writes.
             check_error(s, 400, "POST", "/v1/audio/speech", {"input": text, "context": [{"speaker": 0, "text": "x", "audio": "/etc/passwd"}]},
-                        contains="recordings in a request")
+                        contains="data URI")
+            encoded = json.loads(subprocess.run([bin_path, "encode", recording, "--codec", model, "-q"], check=True, capture_output=True).stdout)
+            as_frames = {"speaker": 2, "text": spoken, "frames": encoded["frames"]}
+            uri = "data:audio/wav;base64," + base64.b64encode(open(recording, "rb").read()).decode()
+            as_audio = {"speaker": 2, "text": spoken, "audio": uri}
+            with_frames = c.audio.speech.create(model="csm", voice="2", input=text, response_format="pcm", extra_body={**extra, "context": [as_frames]}).content
+            with_audio = c.audio.speech.create(model="csm", voice="2", input=text, response_format="pcm", extra_body={**extra, "context": [as_audio]}).content
+            assert with_audio == with_frames == kept, "an uploaded recording speaks as its frames (and as the voice made from it)"
+            check_error(s, 400, "POST", "/v1/audio/speech",
+                        {"input": text, "context": [{"speaker": 0, "text": "x", "audio": "data:audio/wav;base64," + base64.b64encode(b"RIFF junk").decode()}]},
+                        contains="context[0].audio")
             narrated = c.audio.speech.create(model="csm", voice="narrator", input=text, response_format="pcm", extra_body=extra).content
             assert len(narrated) % frame_bytes == 0 and narrated != pcm
             for bad, want in [

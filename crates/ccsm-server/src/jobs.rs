@@ -84,6 +84,9 @@ pub struct SpeechJob {
     pub text: String,
     pub speaker: u32,
     pub context: Vec<Segment>,
+    /// Recordings a request sent (`"audio": "data:audio/...;base64,..."`), by the index of their segment
+    /// in `context`: the engine encodes them into its frames.
+    pub uploads: Vec<(usize, Vec<u8>)>,
     pub sampler: SamplerConfig,
     pub max_frames: usize,
     pub events: UnboundedSender<SpeechEvent>,

@@ -74,13 +74,21 @@ async fn speak(state: &AppState, req: SpeechRequest) -> Result<Response, ApiErro
             }
         },
     };
-    let client_context = req.context.clone().unwrap_or_default();
-    // A segment's `audio` names a file on the server: only the operator's voices may (a client's would
-    // read any path the server can).
-    if let Some(i) = client_context.iter().position(|s| s.audio.is_some()) {
-        return Err(ApiError::invalid(format!(
-            "context[{i}].audio: recordings in a request are not taken; give the segment's frames (ccsm-infer encode writes them), or use a voice from the server's --voices folder"
-        )));
+    let mut client_context = req.context.clone().unwrap_or_default();
+    // A request's recording comes inline, as a data URI; a path would name a file on the server (only
+    // the operator's voices may).
+    let mut uploads = Vec::new();
+    for (i, segment) in client_context.iter_mut().enumerate() {
+        let Some(audio) = segment.audio.take() else { continue };
+        if !segment.frames.is_empty() {
+            return Err(ApiError::invalid(format!("context[{i}]: give frames or audio, not both")));
+        }
+        let bytes = audio.to_str().and_then(data_uri).ok_or_else(|| {
+            ApiError::invalid(format!(
+                "context[{i}].audio: a recording comes as a data URI (data:audio/wav;base64,...); paths on the server are not taken (its --voices folder names recordings)"
+            ))
+        })?;
+        uploads.push((context.len() + i, bytes));
     }
     context.extend(client_context);
     let audio_ms = req.max_audio_ms.unwrap_or(DEFAULT_AUDIO_MS);
@@ -91,7 +99,7 @@ async fn speak(state: &AppState, req: SpeechRequest) -> Result<Response, ApiErro
     let max_frames = audio_ms.div_ceil(MS_PER_FRAME).min(1 << 20) as usize;
     let (events, mut rx) = unbounded_channel();
     let text = req.input.clone();
-    submit(state, Job::Speech(SpeechJob { text, speaker, context, sampler, max_frames, events, arrived: Instant::now() }))?;
+    submit(state, Job::Speech(SpeechJob { text, speaker, context, uploads, sampler, max_frames, events, arrived: Instant::now() }))?;
     match rx.recv().await {
         Some(SpeechEvent::Accepted) => {}
         Some(SpeechEvent::Failed(e)) => return Err(e),
@@ -128,4 +136,14 @@ async fn speak(state: &AppState, req: SpeechRequest) -> Result<Response, ApiErro
         }
         _ => None,
     }))
+}
+
+/// The bytes of a `data:audio/...;base64,...` URI (any audio type: the reader tells the format by its content).
+fn data_uri(uri: &str) -> Option<Vec<u8>> {
+    let rest = uri.strip_prefix("data:")?;
+    let (header, payload) = rest.split_once(',')?;
+    if !header.starts_with("audio/") && !header.starts_with("application/octet-stream") || !header.ends_with(";base64") {
+        return None;
+    }
+    base64::engine::general_purpose::STANDARD.decode(payload.trim()).ok()
 }

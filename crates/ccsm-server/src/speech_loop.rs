@@ -105,6 +105,12 @@ fn check(speech: &mut Speech, settings: &LoopSettings, job: &SpeechJob) -> Resul
         }
         segment.frames = speech.encoded[&path].clone();
     }
+    for (i, bytes) in &job.uploads {
+        let audio = ccsm::audio_in::read_bytes(bytes.clone(), &format!("context[{i}].audio"), ccsm::audio_in::MAX_SECONDS)
+            .map_err(|e| ApiError::invalid(e.to_string()))?;
+        let frames = voice::encode_audio(&mut speech.codec, audio, codebooks).map_err(|e| ApiError::invalid(e.to_string()))?;
+        context[*i].frames = frames;
+    }
     let request = Request { text: job.text.clone(), speaker: job.speaker, context, seed: None, max_frames: None, output: None };
     let rows = request.rows(speech.engine.model()).map_err(|e| ApiError::invalid(e.to_string()))?;
     let needed = rows.len() + job.max_frames;
