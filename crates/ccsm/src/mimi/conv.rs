@@ -85,6 +85,9 @@ impl<'c> ConvScope<'c> {
 /// sums one product per tap (the stacking copy would cost more than the products gain).
 const ONE_PRODUCT_MAX_COLUMNS: i64 = 32;
 
+/// Up to this many values per window (input channels × taps) a convolution always stacks.
+const ONE_PRODUCT_MAX_WINDOW: usize = 64;
+
 /// A causal 1-D convolution, stride 1: output t sees inputs t − (K−1)·d … t.
 pub struct CausalConv {
     weight: TensorId,
@@ -126,9 +129,11 @@ impl CausalConv {
         };
         let column = input.strides()[1];
         let tap = |j: usize| ctx.view(input, &[c_in, t], &[column], j * self.dilation * column);
-        if self.kernel > 1 && t <= ONE_PRODUCT_MAX_COLUMNS {
+        if self.kernel > 1 && (t <= ONE_PRODUCT_MAX_COLUMNS || self.c_in * self.kernel <= ONE_PRODUCT_MAX_WINDOW) {
             // Few columns: the products would be matrix-vector ones reading the weight in K strided
             // pieces; stacking the K shifted inputs (a small copy) makes it one product over the whole.
+            // A narrow input (the encoder's first conv reads 1 channel) stacks at any length: per tap,
+            // each product would have an inner dimension of 1.
             let mut stacked = tap(0)?;
             for j in 1..self.kernel {
                 stacked = ctx.concat(stacked, tap(j)?, 0)?;
