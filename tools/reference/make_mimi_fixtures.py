@@ -20,6 +20,7 @@ Dev-only: needs torch, moshi and transformers (a ~5 GB install; never in CI). CI
                              moshi's encode under streaming(1) (1920 samples in, one frame out), and
                              transformers' encode
     enc-<input>-hf-latent.f32      transformers' latent before quantization (its quantizer's input)
+    enc-<input>-moshi-roundtrip.f32  moshi's decode of its own batch codes (encode → decode)
 
 The config is small and not the default one (so nothing can pass by assuming Mimi's published shape), with
 a 16-step attention window so 16 frames (32 steps) run well past it. Codebooks and layer scales are
@@ -187,6 +188,8 @@ def encode_fixtures(moshi, hf, gen, out_dir):
                 hf_codes = hf.encode(wav, num_quantizers=QUANTIZER["n_q"]).audio_codes[0].numpy()
             finally:
                 hf.quantizer.encode = original
+        with torch.no_grad():
+            moshi.decode(torch.from_numpy(batch)[None])[0, 0].numpy().astype("<f4").tofile(os.path.join(out_dir, f"enc-{name}-moshi-roundtrip.f32"))
         latent.astype("<f4").tofile(os.path.join(out_dir, f"enc-{name}-moshi-latent.f32"))
         captured["latent"].astype("<f4").tofile(os.path.join(out_dir, f"enc-{name}-hf-latent.f32"))
         with open(os.path.join(out_dir, f"enc-{name}-codes.json"), "w") as f:

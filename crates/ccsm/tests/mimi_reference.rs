@@ -331,3 +331,23 @@ fn encoder_codes_with_lower_precision_weights() {
         assert!(same * 2 > total, "{outtype}: {same} of {total} codes equal");
     }
 }
+
+/// The round trip: our encode then our decode of a recording against moshi's encode then moshi's decode,
+/// within the decoder's bar (60 dB against moshi's batch decoding).
+#[test]
+fn encode_then_decode_matches_moshis_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = convert(dir.path(), "moshi", "f32");
+    for input in ["speech", "noise"] {
+        let samples: Vec<f32> = read_f32(&fixtures().join(format!("enc-{input}.f32"))).iter().map(|&v| v as f32).collect();
+        let mut codec = ccsm::mimi::MimiCodec::new(MimiModel::load(&path).unwrap(), MimiOptions::default()).unwrap();
+        let frames = codec.encode_all(&samples, codec.model().config().n_q).unwrap();
+        let mut stream = codec.new_stream().unwrap();
+        let ours: Vec<f64> = codec.decode(&mut stream, &frames).unwrap().iter().map(|&v| v as f64).collect();
+        let moshi = read_f32(&fixtures().join(format!("enc-{input}-moshi-roundtrip.f32")));
+        assert_eq!(ours.len(), moshi.len(), "{input}: samples");
+        let snr = snr_db(&moshi, &ours);
+        eprintln!("{input}: encode → decode SNR {snr:.1} dB against moshi's round trip");
+        assert!(snr >= 60.0, "{input}: {snr:.1} dB");
+    }
+}
