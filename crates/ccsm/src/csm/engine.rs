@@ -129,11 +129,6 @@ impl CsmEngine {
         self.attention
     }
 
-    /// Bytes of the compute memory: the fresh graphs' buffer and the kept graphs'.
-    pub fn compute_buffer_bytes(&self) -> usize {
-        self.compute.size() + self.backbone_graphs.buffer_bytes() + self.decoder_graphs.buffer_bytes()
-    }
-
     fn backbone_config(&self, caches: &SessionCaches) -> Result<KvCacheConfig> {
         let b = &self.model.config.backbone;
         if caches.capacity == 0 || caches.capacity > b.n_ctx_train {

@@ -39,11 +39,6 @@ impl CsmGenerator {
         self.engine.model()
     }
 
-    /// The engine (for sessions of its own).
-    pub fn engine(&self) -> &CsmEngine {
-        &self.engine
-    }
-
     /// The engine and the session, to step them with the engine's functions (`speech_step`).
     pub fn parts_mut(&mut self) -> (&mut CsmEngine, &mut CsmSession) {
         (&mut self.engine, &mut self.session)

@@ -12,6 +12,7 @@ use ggml::{Backend, ComputeBuffer, Context, DType, Graph, NodeTime, Slot, Tensor
 
 use super::config::MimiConfig;
 use super::conv::{ConvScope, ConvStates};
+use super::encoder::EncodeSlots;
 use super::model::MimiModel;
 use super::Frame;
 use crate::attention::{BatchInputs, BatchSlots, BuildScope, SequencePart};
@@ -57,9 +58,11 @@ pub struct StreamChunk<'a> {
 pub struct MimiCodec {
     model: MimiModel,
     backend: Backend,
-    /// Stays empty: every chunk graph is kept (with its own buffer).
+    /// Memory of graphs run fresh (a key's first use; kept graphs have their own buffers).
     compute: ComputeBuffer,
     kept: KeptGraphs<ChunkSlots>,
+    /// Kept encode graphs (see `encoder`).
+    encode_graphs: KeptGraphs<EncodeSlots>,
     /// The transformer cache of new streams.
     cache_config: KvCacheConfig,
     max_chunk: usize,
@@ -122,6 +125,7 @@ impl MimiCodec {
             backend: Backend::cpu(options.n_threads)?,
             compute: ComputeBuffer::new()?,
             kept: KeptGraphs::new(KEPT_GRAPHS),
+            encode_graphs: KeptGraphs::new(KEPT_GRAPHS),
             cache_config,
             max_chunk: options.max_chunk_frames,
         })
@@ -162,9 +166,10 @@ impl MimiCodec {
         self.model.config().frame_samples()
     }
 
-    /// The weights, the backend and the compute memory, borrowed apart (for the encode path's steps).
-    pub(super) fn parts(&mut self) -> (&MimiModel, &Backend, &mut ComputeBuffer) {
-        (&self.model, &self.backend, &mut self.compute)
+    /// The weights, the backend, the compute memory and the kept encode graphs, borrowed apart (for the
+    /// encode path's steps).
+    pub(super) fn parts(&mut self) -> (&MimiModel, &Backend, &mut ComputeBuffer, &mut KeptGraphs<EncodeSlots>) {
+        (&self.model, &self.backend, &mut self.compute, &mut self.encode_graphs)
     }
 
     /// Checks frames against the codec and the stream: every frame the same number of codebooks (1 to
@@ -329,16 +334,6 @@ impl MimiDecoder {
     /// The codec and the stream, to decode with the codec's functions.
     pub fn parts_mut(&mut self) -> (&mut MimiCodec, &mut MimiStream) {
         (&mut self.codec, &mut self.stream)
-    }
-
-    /// The codec back, for streams of its own, dropping this one.
-    pub fn into_codec(self) -> MimiCodec {
-        self.codec
-    }
-
-    /// The codec.
-    pub fn codec(&self) -> &MimiCodec {
-        &self.codec
     }
 
     /// The weights.

@@ -19,10 +19,10 @@ use super::seanet::ResidualUnit;
 use super::transformer::MimiTransformer;
 use super::Frame;
 use crate::attention::{BatchInputs, BatchSlots, BuildScope, SequencePart};
-use crate::engine::step::{StepBuilder, StepRunner};
+use crate::engine::step::{GraphKey, StepBuilder, StepRunner};
 use crate::engine::PER_SEQUENCE_NODES;
 use crate::error::{Error, Result};
-use crate::kv_cache::{EvictionPolicy, KvCache, KvCacheConfig, Rotation, DECODE_WINDOW};
+use crate::kv_cache::{EvictionPolicy, KvCache, KvCacheConfig, Rotation};
 use crate::memory::make_room;
 use crate::weights::WeightLoader;
 
@@ -99,12 +99,7 @@ pub struct EncodeStream {
     frames: u64,
 }
 
-impl EncodeStream {
-    /// Frames encoded since the stream started.
-    pub fn frames_encoded(&self) -> u64 {
-        self.frames
-    }
-}
+impl EncodeStream {}
 
 impl MimiCodec {
     /// The encode path's weights, or an error saying the file has none.
@@ -122,8 +117,7 @@ impl MimiCodec {
         let encoder = self.encoder()?;
         let c = self.model().config();
         let t = &c.transformer;
-        let steps = MAX_CHUNK_FRAMES * c.upsample_stride;
-        let cells = (((t.context - 1) * 4).div_ceil(3).max(t.context - 1 + steps) + 1).div_ceil(DECODE_WINDOW) * DECODE_WINDOW;
+        let cells = MimiCodec::cache_capacity(c, MAX_CHUNK_FRAMES);
         let config = KvCacheConfig::uniform(t.n_layer, t.head_dim, t.n_head_kv, cells, crate::CacheType::F32, crate::CacheType::F32);
         Ok(EncodeStream {
             states: ConvStates::new(&encoder.layout)?,
@@ -210,7 +204,7 @@ impl MimiCodec {
         codebooks: usize,
         cells: Range<usize>,
     ) -> Result<(Vec<f32>, Vec<Vec<i32>>)> {
-        let (model, backend, compute) = self.parts();
+        let (model, backend, compute, graphs) = self.parts();
         let encoder = model.encoder.as_ref().ok_or_else(|| Error::Invariant("encoding without the encoder's weights".into()))?;
         let step = EncodeStep {
             model,
@@ -225,10 +219,12 @@ impl MimiCodec {
         let caches = [&stream.cache];
         let context = model.config().transformer.context;
         let mut runner = StepRunner { backend, compute, profile: None };
-        // Encode graphs run fresh: a voice is encoded once, and a stream's shapes change at its start.
+        // Kept while the stream's chunks keep their shape (frame after frame when streaming); its first
+        // chunk (the downsampler's replicate start) has a graph of its own.
+        let key = GraphKey::new(&[samples.len() as u64, codebooks as u64, step.first as u64]).with_cache(&stream.cache, step.n_kv);
         runner.run(
             &step,
-            None,
+            Some((graphs, key)),
             |graph, io| {
                 graph.at(io.samples)?.write_f32(samples)?;
                 io.inputs.clone().windowed(context).write(graph, None, &caches, std::slice::from_ref(&cells))
@@ -256,7 +252,7 @@ struct EncodeStep<'a> {
 }
 
 /// The inputs and outputs of an encode graph.
-struct EncodeSlots {
+pub(super) struct EncodeSlots {
     samples: Slot,
     inputs: BatchSlots,
     /// `[hidden, frames]`.
