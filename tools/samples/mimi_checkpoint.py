@@ -48,6 +48,20 @@ def synthetic_moshi(config, seed):
         out[name + ".weight"] = uniform(shape, c_in * k)
         out[name + ".bias"] = uniform((c_out,), c_in * k)
 
+    def transformer(side):
+        """One of the two transformers' layers (the same draws in the same order for each)."""
+        for l in range(t["num_layers"]):
+            p = f"{side}.transformer.layers.{l}."
+            out[p + "self_attn.in_proj_weight"] = uniform((3 * d, d), d)
+            out[p + "self_attn.out_proj.weight"] = uniform((d, d), d)
+            for norm in ("norm1", "norm2"):
+                out[p + norm + ".weight"] = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
+                out[p + norm + ".bias"] = (0.1 * rng.standard_normal(d)).astype(np.float32)
+            out[p + "linear1.weight"] = uniform((t["dim_feedforward"], d), d)
+            out[p + "linear2.weight"] = uniform((d, t["dim_feedforward"]), t["dim_feedforward"])
+            out[p + "layer_scale_1.scale"] = rng.uniform(0.2, 1.0, size=d).astype(np.float32)
+            out[p + "layer_scale_2.scale"] = rng.uniform(0.2, 1.0, size=d).astype(np.float32)
+
     d, dim = s["dimension"], q["dimension"]
     for group, count in [("rvq_first", 1), ("rvq_rest", q["n_q"] - 1)]:
         for i in range(count):
@@ -58,17 +72,7 @@ def synthetic_moshi(config, seed):
         out[f"quantizer.{group}.output_proj.weight"] = uniform((d, dim, 1), dim)
     stride = int(round(config["sample_rate"] / np.prod(s["ratios"]) / config["frame_rate"]))
     out["upsample.convtr.convtr.convtr.weight"] = uniform((d, 1, 2 * stride), 2 * stride)
-    for l in range(t["num_layers"]):
-        p = f"decoder_transformer.transformer.layers.{l}."
-        out[p + "self_attn.in_proj_weight"] = uniform((3 * d, d), d)
-        out[p + "self_attn.out_proj.weight"] = uniform((d, d), d)
-        for n in ("norm1", "norm2"):
-            out[p + n + ".weight"] = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
-            out[p + n + ".bias"] = (0.1 * rng.standard_normal(d)).astype(np.float32)
-        out[p + "linear1.weight"] = uniform((t["dim_feedforward"], d), d)
-        out[p + "linear2.weight"] = uniform((d, t["dim_feedforward"]), t["dim_feedforward"])
-        out[p + "layer_scale_1.scale"] = rng.uniform(0.2, 1.0, size=d).astype(np.float32)
-        out[p + "layer_scale_2.scale"] = rng.uniform(0.2, 1.0, size=d).astype(np.float32)
+    transformer("decoder_transformer")
     mult = 2 ** len(s["ratios"])
     f = s["n_filters"]
     conv("decoder.model.0.conv.conv", mult * f, d, s["kernel_size"])
@@ -91,17 +95,7 @@ def synthetic_moshi(config, seed):
         n += 3
         c *= 2
     conv(f"encoder.model.{n + 1}.conv.conv", d, c, s["last_kernel_size"])
-    for l in range(t["num_layers"]):
-        p = f"encoder_transformer.transformer.layers.{l}."
-        out[p + "self_attn.in_proj_weight"] = uniform((3 * d, d), d)
-        out[p + "self_attn.out_proj.weight"] = uniform((d, d), d)
-        for norm in ("norm1", "norm2"):
-            out[p + norm + ".weight"] = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
-            out[p + norm + ".bias"] = (0.1 * rng.standard_normal(d)).astype(np.float32)
-        out[p + "linear1.weight"] = uniform((t["dim_feedforward"], d), d)
-        out[p + "linear2.weight"] = uniform((d, t["dim_feedforward"]), t["dim_feedforward"])
-        out[p + "layer_scale_1.scale"] = rng.uniform(0.2, 1.0, size=d).astype(np.float32)
-        out[p + "layer_scale_2.scale"] = rng.uniform(0.2, 1.0, size=d).astype(np.float32)
+    transformer("encoder_transformer")
     out["downsample.conv.conv.conv.weight"] = uniform((d, d, 2 * stride), d * 2 * stride)
     for group in ("rvq_first", "rvq_rest"):
         out[f"quantizer.{group}.input_proj.weight"] = uniform((dim, d, 1), d)
