@@ -37,8 +37,8 @@ fn signal(rate: u32) -> Vec<f32> {
 
 #[test]
 fn every_format_reads_as_libsndfile_reads_it() {
-    // Lossless files decode to the same samples; lossy ones through another decoder of the same
-    // stream (float rounding of the same synthesis).
+    // Lossless files decode to the same samples (measured 0); Vorbis through another decoder of the
+    // same stream (float rounding of the same synthesis: measured 1.5e-7, here and with AVX2 builds).
     let cases = [
         ("tone-u8.wav", 22050, 1e-6),
         ("tone-s16.wav", 22050, 1e-6),
@@ -55,6 +55,7 @@ fn every_format_reads_as_libsndfile_reads_it() {
         assert_eq!(audio.sample_rate, rate, "{name}");
         assert_eq!(audio.samples.len(), want.len(), "{name}: sample count");
         let diff = max_diff(&audio.samples, &want);
+        eprintln!("{name}: max |diff| {diff:e} against libsndfile");
         assert!(diff <= tolerance, "{name}: differs from libsndfile's reading by {diff}");
     }
 }
@@ -80,7 +81,9 @@ fn mp3_reads_as_libsndfile_reads_it_after_the_decoder_delay() {
         }
     }
     eprintln!("mp3: best offset {best_offset} samples, max |diff| {best}");
-    assert!(best < 1e-3, "mp3 readings never agree: best {best} at offset {best_offset}");
+    // Measured 4.5e-7 at offset 0 (gapless trimming on); the bound only separates "the same decode,
+    // rounded otherwise" from "misaligned" (which differs by the signal's size, ~0.5).
+    assert!(best < 1e-3 && best_offset == 0, "mp3 readings: best {best} at offset {best_offset}");
 }
 
 #[test]

@@ -71,7 +71,8 @@ fn streams_decoded_together_equal_each_decoded_alone() {
         let worst = together[s].iter().zip(&alone[s]).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         eprintln!("stream {s}: together vs alone max |diff| {worst:.3e}, peak {peak:.3e}");
         // The transformer's products run over more columns together, so ggml may pick another kernel
-        // and round differently; the codec's output moves by float rounding only.
+        // and round differently; the codec's output moves by float rounding only. Measured 0 with
+        // AVX-512 and AVX2 kernels; the bound leaves room for another CPU's.
         assert!(worst <= 1e-4 * peak.max(1e-3), "stream {s}: together and alone differ by {worst} (peak {peak})");
         assert!(peak > 0.0, "stream {s}: silence");
     }
