@@ -95,7 +95,10 @@ fn exp_parts(x: f32) -> (f32, f32) {
     let r = (x - k * LN2_HI) - k * LN2_LO;
     // q = r + r²/2 + … + r⁷/5040
     let q = r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    (f32::from_bits(((k as i32 + 127) as u32) << 23), q)
+    // 2ᵏ from the bits of k + 127 (an integer in 1..=127 since x ≥ −87): added to 2²³ it is the
+    // mantissa's low bits. Integer ops only, so the loop stays vectorized (`as i32` saturates lane by lane).
+    let biased = (k + 127.0 + 8_388_608.0).to_bits() - 8_388_608f32.to_bits();
+    (f32::from_bits(biased << 23), q)
 }
 
 /// eˣ − 1 for x ≤ 0: 2ᵏ·q + (2ᵏ − 1), exact for small |x| (k = 0), as accurate as expm1.

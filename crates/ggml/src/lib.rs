@@ -26,6 +26,7 @@
 //! and leave its owner pointing into memory it does not own.
 
 mod context;
+mod copies;
 mod custom;
 mod dtype;
 mod error;
@@ -33,6 +34,7 @@ mod few_columns;
 pub mod gguf;
 mod graph;
 mod log;
+mod narrow_product;
 mod ops;
 mod reusable;
 mod slot;
@@ -46,6 +48,7 @@ pub use dtype::{DType, ALL_DTYPES};
 pub use error::{Error, Result, Shape};
 pub use few_columns::{MAX_FEW_COLUMNS, MIN_FEW_COLUMNS};
 pub use graph::{graph_overhead, Backend, ComputeBuffer, Graph, GraphContext, NodeTime};
+pub use narrow_product::MAX_NARROW_INNER;
 pub use ops::{RopeMode, RopeParams};
 pub use reusable::{ReusableGraph, SealedGraph};
 pub use slot::{Slot, StepGraph};

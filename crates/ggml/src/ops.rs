@@ -191,19 +191,6 @@ impl Context {
         self.wrap(unsafe { sys::ggml_argmax(self.raw(), a.raw()) }, OP)
     }
 
-    /// `a` and `b` joined along `dim`; they agree in type and in every other dimension.
-    pub fn concat<'c>(&'c self, a: Tensor<'c>, b: Tensor<'c>, dim: usize) -> Result<Tensor<'c>> {
-        const OP: &str = "concat";
-        require_type(OP, a, &[DType::F32], "concatenation runs in f32")?;
-        let (sa, sb) = (a.shape(), b.shape());
-        if a.dtype() != b.dtype() || dim > 3 || (0..4).any(|d| d != dim && sa[d] != sb[d]) {
-            return Err(Error::shape(OP, format!("types or dims other than {dim} differ"), &[sa, sb]));
-        }
-        self.reserve_headers(OP)?;
-        // SAFETY: same type, matching dims except `dim` < 4: what ggml_concat asserts.
-        self.wrap(unsafe { sys::ggml_concat(self.raw(), a.raw(), b.raw(), dim as i32) }, OP)
-    }
-
     /// `a * s`.
     pub fn scale<'c>(&'c self, a: Tensor<'c>, s: f32) -> Result<Tensor<'c>> {
         const OP: &str = "scale";

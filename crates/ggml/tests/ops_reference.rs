@@ -280,6 +280,97 @@ fn sum_rows_and_concat_match_naive_math() {
     assert!(ctx.concat(a, b, 0).is_err(), "dim 1 differs (3 vs 1)");
 }
 
+/// Element (i0, i1, i2, i3) of a tensor of shape `ne` laid out contiguously.
+fn at(values: &[f32], ne: [usize; 4], i: [usize; 4]) -> f32 {
+    values[i[0] + ne[0] * (i[1] + ne[1] * (i[2] + ne[2] * i[3]))]
+}
+
+#[test]
+fn concat_joins_along_every_dimension_and_reads_views() {
+    let ctx = Context::with_data(64, 1 << 20).unwrap();
+    let mut rng = Rng::new(5);
+    let base = [3usize, 4, 2, 2];
+    for dim in 0..4 {
+        let mut nb = base;
+        nb[dim] = 5;
+        let va: Vec<f32> = (0..base.iter().product::<usize>()).map(|_| rng.uniform() as f32).collect();
+        // b is a view with rows inside wider rows: every column of a [ne0 + 2, ...] tensor but the first two.
+        let wide = [nb[0] + 2, nb[1], nb[2], nb[3]];
+        let vw: Vec<f32> = (0..wide.iter().product::<usize>()).map(|_| rng.uniform() as f32).collect();
+        let a = tensor_from(&ctx, DType::F32, &base.map(|d| d as i64), &va);
+        let w = tensor_from(&ctx, DType::F32, &wide.map(|d| d as i64), &vw);
+        let s = w.strides();
+        let b = ctx.view(w, &nb.map(|d| d as i64), &[s[1], s[2], s[3]], 2 * s[0]).unwrap();
+        let joined = ctx.concat(a, b, dim).unwrap();
+        let mut ne = base;
+        ne[dim] += nb[dim];
+        assert_eq!(joined.shape(), ne.map(|d| d as i64));
+        let got = compute(&ctx, joined);
+        for (k, &g) in got.iter().enumerate() {
+            let i = [k % ne[0], k / ne[0] % ne[1], k / (ne[0] * ne[1]) % ne[2], k / (ne[0] * ne[1] * ne[2])];
+            let want = if i[dim] < base[dim] {
+                at(&va, base, i)
+            } else {
+                let mut j = i;
+                j[dim] -= base[dim];
+                j[0] += 2;
+                at(&vw, wide, j)
+            };
+            assert_eq!(g, want, "dim {dim} at {i:?}");
+        }
+    }
+    let a = tensor_from(&ctx, DType::F32, &[4, 3], &[0.0; 12]);
+    let b = tensor_from(&ctx, DType::F32, &[4, 1], &[0.0; 4]);
+    assert!(ctx.concat(a, b, 0).is_err(), "dim 1 differs (3 vs 1)");
+    let h = ctx.new_tensor(DType::F16, &[4, 1]).unwrap();
+    assert!(ctx.concat(b, h, 1).is_err(), "f16 is refused");
+}
+
+#[test]
+fn windows_copy_every_steps_columns() {
+    let ctx = Context::with_data(16, 1 << 20).unwrap();
+    let mut rng = Rng::new(9);
+    let (c, n) = (3usize, 23usize);
+    let values: Vec<f32> = (0..c * n).map(|_| rng.uniform() as f32).collect();
+    let a = tensor_from(&ctx, DType::F32, &[c as i64, n as i64], &values);
+    for (width, step) in [(1, 1), (3, 1), (8, 4), (10, 5), (23, 2)] {
+        let out = ctx.windows(a, width, step).unwrap();
+        let columns = (n - width) / step + 1;
+        assert_eq!(out.shape(), [(c * width) as i64, columns as i64, 1, 1]);
+        let got = compute(&ctx, out);
+        for t in 0..columns {
+            assert_eq!(&got[t * c * width..][..c * width], &values[t * step * c..][..c * width], "width {width} step {step} column {t}");
+        }
+    }
+    assert!(ctx.windows(a, 24, 1).is_err(), "wider than the input");
+    assert!(ctx.windows(a, 2, 0).is_err(), "step 0");
+    let t = ctx.transpose(a).unwrap();
+    assert!(ctx.windows(t, 2, 1).is_err(), "not contiguous");
+}
+
+#[test]
+fn narrow_product_matches_naive_math() {
+    let ctx = Context::with_data(16, 1 << 22).unwrap();
+    let mut rng = Rng::new(13);
+    for (k, m, n) in [(7usize, 64usize, 301usize), (1, 5, 3), (16, 33, 17)] {
+        let w: Vec<f32> = (0..k * m).map(|_| rng.uniform() as f32 - 0.5).collect();
+        let x: Vec<f32> = (0..k * n).map(|_| rng.uniform() as f32 - 0.5).collect();
+        let wt = tensor_from(&ctx, DType::F32, &[k as i64, m as i64], &w);
+        let xt = tensor_from(&ctx, DType::F32, &[k as i64, n as i64], &x);
+        let got = compute(&ctx, ctx.narrow_product(wt, xt).unwrap());
+        for t in 0..n {
+            for o in 0..m {
+                let want: f64 = (0..k).map(|i| w[o * k + i] as f64 * x[t * k + i] as f64).sum();
+                // k f32 roundings of terms below 0.25 each: k · 2⁻²⁴ relative to the terms' sum.
+                let bound = k as f64 * f32::EPSILON as f64 * (0..k).map(|i| (w[o * k + i] * x[t * k + i]).abs() as f64).sum::<f64>();
+                assert!((got[t * m + o] as f64 - want).abs() <= bound, "k {k} output {o} column {t}");
+            }
+        }
+    }
+    let wide = ctx.new_tensor(DType::F32, &[17, 4]).unwrap();
+    assert!(ctx.narrow_product(wide, wide).is_err(), "17 inputs is past the kernel's width");
+}
+
 #[test]
 fn argmax_picks_each_rows_largest_last_of_ties() {
     let ctx = Context::with_data(8, 1 << 16).unwrap();

@@ -4,8 +4,9 @@
 //!
 //! Activations are `[channels, time]`, channels contiguous, so a window of K consecutive columns is K·C
 //! contiguous values: a convolution is one matrix product of the weight `[K·Cin, Cout]` (stored
-//! `[Cin, K, Cout]`) with an overlapping view of the input, all in F32 (ggml's own conv_1d would round
-//! the activations to F16). A transposed convolution is the product of the weight `[Cin, Cout·K]` with
+//! `[Cin, K, Cout]`) with those windows copied out (ggml's views cannot overlap) or, over many columns
+//! where the copy would cost more than it saves, a sum of products over shifted views of the input, all
+//! in F32 activations (ggml's own conv_1d would round them to F16). A transposed convolution is the product of the weight `[Cin, Cout·K]` with
 //! the input, then an overlap-add of its K/stride column groups (col2im), the group that spills into the
 //! next call kept as state.
 
@@ -104,7 +105,12 @@ impl CausalConv {
     /// Declares `{name}.weight` `[c_in, kernel, c_out]` and `{name}.bias` `[c_out]`.
     pub fn load(loader: &mut WeightLoader<'_>, layout: &mut StateLayout, name: &str, shape: [usize; 3], dilation: usize) -> Result<Self> {
         let [c_in, kernel, c_out] = shape;
-        let weight = loader.matrix(&format!("{name}.weight"), &[c_in, kernel, c_out])?;
+        let weight = if (c_in * kernel) as i64 <= ggml::MAX_NARROW_INNER {
+            // A few values per window (the encoder's first conv): f32 for the narrow product's kernel.
+            loader.dense_f32(&format!("{name}.weight"), &[c_in, kernel, c_out])?
+        } else {
+            loader.matrix(&format!("{name}.weight"), &[c_in, kernel, c_out])?
+        };
         let bias = loader.vector_f32(&format!("{name}.bias"), c_out)?;
         let history = (kernel - 1) * dilation;
         let state = (history > 0).then(|| layout.add(name, [c_in, history]));
@@ -129,17 +135,15 @@ impl CausalConv {
         };
         let column = input.strides()[1];
         let tap = |j: usize| ctx.view(input, &[c_in, t], &[column], j * self.dilation * column);
-        if self.kernel > 1 && (t <= ONE_PRODUCT_MAX_COLUMNS || self.c_in * self.kernel <= ONE_PRODUCT_MAX_WINDOW) {
+        if self.kernel > 1 && self.dilation == 1 && (t <= ONE_PRODUCT_MAX_COLUMNS || self.c_in * self.kernel <= ONE_PRODUCT_MAX_WINDOW) {
             // Few columns: the products would be matrix-vector ones reading the weight in K strided
-            // pieces; stacking the K shifted inputs (a small copy) makes it one product over the whole.
+            // pieces; the K-column windows of the input (one copy) make it one product over the whole.
             // A narrow input (the encoder's first conv reads 1 channel) stacks at any length: per tap,
             // each product would have an inner dimension of 1.
-            let mut stacked = tap(0)?;
-            for j in 1..self.kernel {
-                stacked = ctx.concat(stacked, tap(j)?, 0)?;
-            }
+            let stacked = ctx.windows(input, self.kernel, 1)?;
             let w = ctx.reshape(weight, &[c_in * self.kernel as i64, c_out])?;
-            return Ok(ctx.add(ctx.mul_mat(w, stacked)?, s.weights.get(self.bias))?);
+            let y = if w.ne(0) <= ggml::MAX_NARROW_INNER { ctx.narrow_product(w, stacked)? } else { ctx.mul_mat(w, stacked)? };
+            return Ok(ctx.add(y, s.weights.get(self.bias))?);
         }
         let mut y: Option<Tensor<'c>> = None;
         for j in 0..self.kernel {
@@ -288,15 +292,24 @@ impl StridedConv {
         let input = ctx.concat(before, x, 1)?;
         let column = input.strides()[1];
         s.update(self.state, ctx.view(input, &[c_in, st], &[column], t as usize * column)?)?;
-        // Groups of `stride` columns: output t reads group t (the columns before it) and group t + 1.
-        let groups = t / st;
-        let grouped = ctx.reshape(input, &[c_in * st, groups + 1])?;
-        let row = grouped.strides()[1];
-        let previous = ctx.view(grouped, &[c_in * st, groups], &[row], 0)?;
-        let current = ctx.view(grouped, &[c_in * st, groups], &[row], row)?;
-        let stacked = ctx.concat(ctx.cont(previous)?, ctx.cont(current)?, 0)?;
+        // Output t reads the 2·stride columns from t·stride on (the first `stride` before the input).
         let w = ctx.reshape(s.weights.get(self.weight), &[c_in * 2 * st, self.c_out as i64])?;
-        let y = ctx.mul_mat(w, stacked)?;
+        let half = self.c_in * self.stride;
+        let y = if t / st > ONE_PRODUCT_MAX_COLUMNS && half.is_multiple_of(w.dtype().block_size()) {
+            // Many outputs: two products over the groups of `stride` columns (group t with the first
+            // half of the kernel, group t + 1 with the second) read the input in place; copying the
+            // overlapping windows out would cost more than the products.
+            let groups = t / st;
+            let grouped = ctx.reshape(input, &[half as i64, groups + 1])?;
+            let row = grouped.strides()[1];
+            let w_half = |i: usize| -> Result<Tensor<'c>> {
+                Ok(ctx.view(w, &[half as i64, w.ne(1)], &[w.strides()[1]], i * w.dtype().row_size(half)?)?)
+            };
+            let x_half = |i: usize| ctx.view(grouped, &[half as i64, groups], &[row], i * row);
+            ctx.add(ctx.mul_mat(w_half(0)?, x_half(0)?)?, ctx.mul_mat(w_half(1)?, x_half(1)?)?)?
+        } else {
+            ctx.mul_mat(w, ctx.windows(input, 2 * self.stride, self.stride)?)?
+        };
         Ok(match self.bias {
             Some(b) => ctx.add(y, s.weights.get(b))?,
             None => y,

@@ -1,0 +1,165 @@
+//! Copies of our own, threaded over rows: ggml's f32 concat copies element by element and splits its
+//! work over the third dimension only, so joining two `[channels, time]` matrices (a convolution's
+//! carried columns and its new input) ran on one thread at ~3 ns a value, a fifth of the Mimi encoder's
+//! time on a long clip. Here each output row is one or two `memcpy`s, rows shared among the threads.
+//! `windows` is the im2col of a stride-s convolution over contiguous columns: ggml's views cannot
+//! overlap (a view may not span more bytes than its source), so the windows are copied out.
+
+use std::os::raw::{c_int, c_void};
+
+use ggml_sys as sys;
+
+use crate::context::{Context, Tensor};
+use crate::error::{Error, Result};
+use crate::DType;
+
+const F32: usize = std::mem::size_of::<f32>();
+
+impl Context {
+    /// `a` and `b` joined along `dim`; f32, rows contiguous, every other dimension equal. The values
+    /// ggml's `concat` gives, copied row by row on every thread.
+    pub fn concat<'c>(&'c self, a: Tensor<'c>, b: Tensor<'c>, dim: usize) -> Result<Tensor<'c>> {
+        const OP: &str = "concat";
+        let (sa, sb) = (a.shape(), b.shape());
+        if a.dtype() != DType::F32 || b.dtype() != DType::F32 {
+            return Err(Error::Type {
+                op: OP,
+                got: if a.dtype() != DType::F32 { a.dtype() } else { b.dtype() },
+                why: "concatenation runs in f32",
+            });
+        }
+        if dim > 3 || (0..4).any(|d| d != dim && sa[d] != sb[d]) {
+            return Err(Error::shape(OP, format!("dims other than {dim} differ"), &[sa, sb]));
+        }
+        if !a.rows_contiguous() || !b.rows_contiguous() {
+            return Err(Error::shape(OP, "rows must be contiguous", &[sa, sb]));
+        }
+        let mut ne = sa;
+        ne[dim] += sb[dim];
+        let mut args = [a.raw(), b.raw()];
+        self.reserve_headers(OP)?;
+        // SAFETY: a and b are live f32 tensors with contiguous rows, equal in every dimension but `dim`
+        // (checked above), which is what `concat_kernel` reads; the result is a new contiguous f32
+        // tensor of the joined shape; the userdata is `dim` as an integer, never dereferenced.
+        let raw = unsafe {
+            sys::ggml_custom_4d(
+                self.raw(),
+                DType::F32.to_sys(),
+                ne[0],
+                ne[1],
+                ne[2],
+                ne[3],
+                args.as_mut_ptr(),
+                2,
+                Some(concat_kernel),
+                -1,
+                dim as *mut c_void,
+            )
+        };
+        self.wrap(raw, OP)
+    }
+
+    /// The windows of `width` consecutive columns of `a` `[c, n]` (contiguous, f32), one every `step`
+    /// columns: `[c · width, (n − width) / step + 1]`, column t = columns t·step … t·step + width − 1.
+    pub fn windows<'c>(&'c self, a: Tensor<'c>, width: usize, step: usize) -> Result<Tensor<'c>> {
+        const OP: &str = "windows";
+        let n = a.ne(1) as usize;
+        if a.dtype() != DType::F32 || !a.is_contiguous() || a.ne(2) != 1 || a.ne(3) != 1 {
+            return Err(Error::shape(OP, "needs a contiguous 2-D f32 matrix", &[a.shape()]));
+        }
+        if width == 0 || step == 0 || width > n || width > u16::MAX as usize || step > u16::MAX as usize {
+            return Err(Error::shape(OP, format!("windows of {width} columns every {step} over {n}"), &[a.shape()]));
+        }
+        let columns = (n - width) / step + 1;
+        let mut args = [a.raw()];
+        self.reserve_headers(OP)?;
+        // SAFETY: a is a live contiguous 2-D f32 matrix of at least `width` columns (checked above), which
+        // is what `windows_kernel` reads; the result is a new f32 [c·width, columns] tensor, every
+        // window inside a; the userdata packs width and step as an integer, never dereferenced.
+        let raw = unsafe {
+            sys::ggml_custom_4d(
+                self.raw(),
+                DType::F32.to_sys(),
+                a.ne(0) * width as i64,
+                columns as i64,
+                1,
+                1,
+                args.as_mut_ptr(),
+                1,
+                Some(windows_kernel),
+                -1,
+                (width << 16 | step) as *mut c_void,
+            )
+        };
+        self.wrap(raw, OP)
+    }
+}
+
+/// Thread `ith` of `nth`'s share of `rows` rows: a contiguous range.
+fn share(rows: usize, ith: c_int, nth: c_int) -> std::ops::Range<usize> {
+    let (ith, nth) = (ith.max(0) as usize, nth.max(1) as usize);
+    let per = rows.div_ceil(nth);
+    (ith * per).min(rows)..((ith + 1) * per).min(rows)
+}
+
+/// ggml's callback for `concat`: thread `ith` of `nth` writes its share of the output's rows.
+unsafe extern "C" fn concat_kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, userdata: *mut c_void) {
+    let dim = userdata as usize;
+    // SAFETY: ggml calls this with the node built in `Context::concat`: dst contiguous f32, its two
+    // sources f32 with contiguous rows, equal in every dimension but `dim`, all allocated.
+    let (dst, a, b) = unsafe {
+        let dst = &*dst;
+        (dst, &*dst.src[0], &*dst.src[1])
+    };
+    let rows = (dst.ne[1] * dst.ne[2] * dst.ne[3]) as usize;
+    let row_of = |t: &sys::ggml_tensor, i: [usize; 3]| -> *const u8 {
+        // SAFETY: i is inside t's dims 1..3 (the caller derives it from dst's, less the offset), so the
+        // row starts inside t's data.
+        unsafe { (t.data as *const u8).add(i[0] * t.nb[1] + i[1] * t.nb[2] + i[2] * t.nb[3]) }
+    };
+    for r in share(rows, ith, nth) {
+        let i = [r % dst.ne[1] as usize, r / dst.ne[1] as usize % dst.ne[2] as usize, r / (dst.ne[1] * dst.ne[2]) as usize];
+        // SAFETY: row r of the contiguous dst holds ne[0] floats; this thread alone writes it.
+        let out = unsafe { (dst.data as *mut u8).add(r * dst.nb[1]) };
+        if dim == 0 {
+            let (na, nb) = (a.ne[0] as usize * F32, b.ne[0] as usize * F32);
+            // SAFETY: a's row holds a.ne[0] floats and b's b.ne[0]; together they fill dst's row.
+            unsafe {
+                std::ptr::copy_nonoverlapping(row_of(a, i), out, na);
+                std::ptr::copy_nonoverlapping(row_of(b, i), out.add(na), nb);
+            }
+        } else {
+            let along = i[dim - 1];
+            let split = a.ne[dim] as usize;
+            let (src, mut j) = if along < split { (a, i) } else { (b, i) };
+            if along >= split {
+                j[dim - 1] -= split;
+            }
+            // SAFETY: j indexes a row of src (a below the split, b past it), ne[0] floats like dst's.
+            unsafe { std::ptr::copy_nonoverlapping(row_of(src, j), out, dst.ne[0] as usize * F32) };
+        }
+    }
+}
+
+/// ggml's callback for `windows`: thread `ith` of `nth` copies its share of the windows.
+unsafe extern "C" fn windows_kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, userdata: *mut c_void) {
+    let (width, step) = (userdata as usize >> 16, userdata as usize & 0xffff);
+    // SAFETY: ggml calls this with the node built in `Context::windows`: dst f32 [c·width, columns],
+    // its source a contiguous f32 [c, n] with (columns − 1)·step + width ≤ n, both allocated.
+    let (dst, a) = unsafe {
+        let dst = &*dst;
+        (dst, &*dst.src[0])
+    };
+    let column = a.nb[1];
+    for t in share(dst.ne[1] as usize, ith, nth) {
+        // SAFETY: window t spans columns t·step .. t·step + width of a (inside it), and dst's column t
+        // holds exactly width columns' worth; this thread alone writes it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (a.data as *const u8).add(t * step * column),
+                (dst.data as *mut u8).add(t * dst.nb[1]),
+                width * column,
+            );
+        }
+    }
+}
