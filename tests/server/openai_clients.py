@@ -17,7 +17,9 @@ not come from the server (the CLI's single-session runs, WAV/PCM byte math, the 
 """
 
 import base64
+import io
 import json
+import math
 import os
 import re
 import socket
@@ -29,6 +31,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import wave
 
 import openai
 
@@ -339,6 +342,31 @@ def speech_part(bin_path, models):
             check_error(s, 400, "POST", "/v1/audio/speech",
                         {"input": text, "context": [{"speaker": 0, "text": "x", "audio": "data:audio/wav;base64," + base64.b64encode(b"RIFF junk").decode()}]},
                         contains="context[0].audio")
+            # Recordings are encoded beside the engine: while a long upload (9.5 minutes) is encoding,
+            # another request is admitted, speaks and finishes.
+            long_wav = io.BytesIO()
+            with wave.open(long_wav, "wb") as w:
+                w.setnchannels(1)
+                w.setsampwidth(1)
+                w.setframerate(8000)
+                w.writeframes(bytes((128 + int(60 * math.sin(i * 0.05))) & 0xFF for i in range(8000)) * 570)
+            long_uri = "data:audio/wav;base64," + base64.b64encode(long_wav.getvalue()).decode()
+            heard = {}
+            slow = threading.Thread(target=lambda: heard.__setitem__("answer", s.http("POST", "/v1/audio/speech", {
+                "input": text, "response_format": "pcm", "max_audio_ms": 160, "seed": 1,
+                "context": [{"speaker": 0, "text": "A long recording.", "audio": long_uri}]})))
+            slow.start()
+            deadline = time.time() + 60
+            while s.metrics().get("ccsm_recordings_encoding", 0) < 1 and slow.is_alive() and time.time() < deadline:
+                time.sleep(0.01)
+            assert s.metrics()["ccsm_recordings_encoding"] == 1, "the long upload is encoding"
+            beside = c.audio.speech.create(model="csm", voice="0", input=text, response_format="pcm", extra_body=extra).content
+            assert beside == pcm
+            assert s.metrics()["ccsm_recordings_encoding"] == 1, "a request spoke while the upload was still encoding"
+            slow.join()
+            # Encoded (7125 frames), it is then too long for a session's context: refused by the engine.
+            status, _, body = heard["answer"]
+            assert status == 400 and b"positions" in body, (status, body[:300])
             narrated = c.audio.speech.create(model="csm", voice="narrator", input=text, response_format="pcm", extra_body=extra).content
             assert len(narrated) % frame_bytes == 0 and narrated != pcm
             for bad, want in [

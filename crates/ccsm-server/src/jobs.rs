@@ -85,7 +85,7 @@ pub struct SpeechJob {
     pub speaker: u32,
     pub context: Vec<Segment>,
     /// Recordings a request sent (`"audio": "data:audio/...;base64,..."`), by the index of their segment
-    /// in `context`: the engine encodes them into its frames.
+    /// in `context`: the hearing thread encodes them into its frames.
     pub uploads: Vec<(usize, Vec<u8>)>,
     pub sampler: SamplerConfig,
     pub max_frames: usize,
@@ -134,13 +134,18 @@ pub fn started(budget: &mut Budget, bytes: usize, prompt_rows: usize, metrics: &
     metrics.prompt_tokens.fetch_add(prompt_rows as u64, Ordering::Relaxed);
 }
 
+/// Takes a queued request whose client left off the queue, counted as cancelled.
+pub fn departed(metrics: &Metrics) {
+    metrics.waiting.fetch_sub(1, Ordering::Relaxed);
+    metrics.requests_cancelled.fetch_add(1, Ordering::Relaxed);
+}
+
 /// Drops the queued requests whose clients left (`gone`).
 pub fn drop_departed<P>(pending: &mut std::collections::VecDeque<P>, gone: impl Fn(&P) -> bool, metrics: &Metrics) {
     pending.retain(|p| {
         let gone = gone(p);
         if gone {
-            metrics.waiting.fetch_sub(1, Ordering::Relaxed);
-            metrics.requests_cancelled.fetch_add(1, Ordering::Relaxed);
+            departed(metrics);
         }
         !gone
     });

@@ -6,6 +6,7 @@
 mod api;
 mod app;
 mod guards;
+mod hearing;
 mod hosts;
 mod http;
 mod jobs;
@@ -29,6 +30,7 @@ use ccsm::engine::TextEngine;
 use ccsm::memory::{CachePolicy, SessionLayouts};
 use ccsm::mimi::{MimiCodec, MimiModel, MimiOptions};
 use ccsm::{AnyModel, Architecture, CacheType};
+use jobs::Job;
 
 pub use app::{Voice, MAX_BODY_BYTES, MAX_INPUT_CHARS, MAX_TEXT_BODY_BYTES};
 pub use listener::{connections_within_files, open_files_limit, ConnectionLimits};
@@ -120,7 +122,9 @@ enum Loaded {
     Speech(speech_loop::Speech),
 }
 
-fn load(config: &ServeConfig) -> Result<Loaded> {
+/// Loads the model (and for speech the codec, with a second copy of the codec for the hearing thread
+/// when it can encode; finished encodings go to `engine_jobs`).
+fn load(config: &ServeConfig, engine_jobs: mpsc::Sender<Job>, metrics: Arc<Metrics>) -> Result<Loaded> {
     let model = ccsm::load_model(&config.model).with_context(|| format!("loading {}", config.model.display()))?;
     match model {
         AnyModel::Llama(m) => Ok(Loaded::Text(TextEngine::new(m, config.n_threads)?)),
@@ -151,7 +155,15 @@ fn load(config: &ServeConfig) -> Result<Loaded> {
             // Sessions' decoder caches (reset every frame) stay f16.
             let mut engine = CsmEngine::new(m, config.n_threads, config.n_batch, (CacheType::F16, CacheType::F16))?;
             engine.set_code_limit(Some(codec.model().config().codebook_size));
-            Ok(Loaded::Speech(speech_loop::Speech { engine, codec, encoded: Default::default() }))
+            // Encoding runs beside the engine, not on it: its own codec (the weights read again; the
+            // engine's codec decodes every session's frames each round).
+            let hearing = if codec.model().can_encode() {
+                let codebooks = engine.model().config().n_codebooks;
+                Some(hearing::Hearing::start(codec_path, options, codebooks, engine_jobs, metrics)?)
+            } else {
+                None
+            };
+            Ok(Loaded::Speech(speech_loop::Speech { engine, codec, hearing }))
         }
         AnyModel::Mimi(_) => bail!("{} is a codec: serve a CSM or Llama model", config.model.display()),
     }
@@ -234,8 +246,9 @@ pub fn serve(config: ServeConfig) -> Result<()> {
         let engine_metrics = metrics.clone();
         let engine_state = engine.clone();
         let engine_config = config.clone();
+        let engine_jobs = jobs_tx.clone();
         std::thread::Builder::new().name("ccsm-engine".into()).spawn(move || {
-            let loaded = match load(&engine_config) {
+            let loaded = match load(&engine_config, engine_jobs, engine_metrics.clone()) {
                 Ok(l) => l,
                 Err(e) => {
                     let _ = failed_tx.send(e);

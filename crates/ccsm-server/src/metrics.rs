@@ -70,6 +70,10 @@ pub struct Metrics {
     pub frames_generated: AtomicU64,
     /// Engine steps: one graph over every running session.
     pub steps: AtomicU64,
+    /// Requests whose recordings are being encoded now, beside the engine (`ccsm_recordings_encoding`).
+    pub recordings_encoding: AtomicUsize,
+    /// Recordings encoded into frames: uploads, and voices on their first use.
+    pub recordings_encoded: AtomicU64,
     /// Seconds from a text request's arrival to its first generated token.
     pub time_to_first_token: Histogram,
     /// Seconds from a speech request's arrival to its first decoded audio.
@@ -99,6 +103,12 @@ impl Metrics {
             "gauge",
             load(&self.kv_budget_bytes).to_string(),
         );
+        gauge(
+            "ccsm_recordings_encoding",
+            "Requests whose recordings (uploads, voices on first use) are being encoded now, beside the engine.",
+            "gauge",
+            load(&self.recordings_encoding).to_string(),
+        );
         let ratio = load(&self.kv_bytes) as f64 / load(&self.kv_budget_bytes).max(1) as f64;
         gauge("ccsm_kv_cache_usage_ratio", "KV-cache utilisation: bytes in use over the budget (0-1).", "gauge", format!("{ratio:.6}"));
         let _ = writeln!(
@@ -121,6 +131,7 @@ impl Metrics {
         counter("ccsm_tokens_generated_total", "Text tokens generated.", count(&self.tokens_generated));
         counter("ccsm_frames_generated_total", "Audio frames generated (80 ms each).", count(&self.frames_generated));
         counter("ccsm_engine_steps_total", "Engine steps (one graph over every running session).", count(&self.steps));
+        counter("ccsm_recordings_encoded_total", "Recordings encoded into Mimi frames.", count(&self.recordings_encoded));
         self.time_to_first_token.render(
             &mut out,
             "ccsm_time_to_first_token_seconds",

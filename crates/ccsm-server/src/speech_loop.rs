@@ -3,21 +3,19 @@
 //! read once per decoder and backbone step for every session), decoded to audio by the session's own
 //! codec stream as soon as it exists.
 
-use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
-use ccsm::csm::{
-    speech_step, voice, CsmEngine, CsmSession, Frame, PrefillRequest, Request, Row, SessionCaches, SpeechTurn, TurnProgress, TurnStep,
-};
+use ccsm::csm::{speech_step, CsmEngine, CsmSession, PrefillRequest, Request, Row, SessionCaches, SpeechTurn, TurnProgress, TurnStep};
 use ccsm::generate::StopReason;
 use ccsm::memory::{admit, uniform_fallbacks, Admission, Budget};
 use ccsm::mimi::{MimiCodec, MimiStream};
 use ccsm::sampling::Sampler;
 
 use crate::api::{ApiError, Usage};
+use crate::hearing::{needs_hearing, Hearing};
 use crate::jobs::{
     drop_departed, gather, refused, retire, session_cells, started, wait_for_change, Finish, Job, SessionState, SpeechEvent, SpeechJob,
 };
@@ -43,11 +41,12 @@ struct Session {
     finished: bool,
 }
 
-/// The engine and codec every session shares, and the frames of the voices' recordings encoded so far.
+/// The engine and codec every session shares, and the thread that encodes recordings (when the
+/// codec has an encoder).
 pub struct Speech {
     pub engine: CsmEngine,
     pub codec: MimiCodec,
-    pub encoded: HashMap<PathBuf, Vec<Frame>>,
+    pub hearing: Option<Hearing>,
 }
 
 pub fn run(mut speech: Speech, settings: LoopSettings, jobs: Receiver<Job>, metrics: Arc<Metrics>) {
@@ -64,7 +63,26 @@ pub fn run(mut speech: Speech, settings: LoopSettings, jobs: Receiver<Job>, metr
         let Some(incoming) = gather(&jobs, running.is_empty() && pending.is_empty()) else { return };
         for job in incoming {
             let Job::Speech(job) = job else { continue };
-            match check(&mut speech, &settings, &job) {
+            if needs_hearing(&job) {
+                // Recordings are encoded on the hearing thread; the job comes back with their frames.
+                let unheard = match &speech.hearing {
+                    Some(hearing) => {
+                        hearing.hear(job).err().map(|job| (job, ApiError::internal("the thread that encodes recordings has stopped")))
+                    }
+                    None => Some((
+                        Box::new(job),
+                        ApiError::invalid(
+                            "this server's codec holds only the decoder: it cannot encode recordings (convert it again with its encoder)",
+                        ),
+                    )),
+                };
+                if let Some((job, e)) = unheard {
+                    refused(&metrics);
+                    let _ = job.events.send(SpeechEvent::Failed(e));
+                }
+                continue;
+            }
+            match check(&speech, &settings, &job) {
                 Ok(rows) => pending.push_back(Pending { job, rows }),
                 Err(e) => {
                     refused(&metrics);
@@ -91,26 +109,10 @@ pub fn run(mut speech: Speech, settings: LoopSettings, jobs: Receiver<Job>, metr
     }
 }
 
-/// The job's backbone rows (voice context, then the input), checked against the session context.
-fn check(speech: &mut Speech, settings: &LoopSettings, job: &SpeechJob) -> Result<Vec<Row>, ApiError> {
-    let mut context = job.context.clone();
-    // A voice's recording (named by the operator's --voices folder) is encoded on its first use, then kept.
-    let codebooks = speech.engine.model().config().n_codebooks;
-    for segment in context.iter_mut().filter(|s| s.frames.is_empty()) {
-        let Some(path) = segment.audio.clone() else { continue };
-        if !speech.encoded.contains_key(&path) {
-            let frames = voice::encode_file(&mut speech.codec, &path, codebooks)
-                .map_err(|e| ApiError::internal(format!("encoding the voice's recording: {e}")))?;
-            speech.encoded.insert(path.clone(), frames);
-        }
-        segment.frames = speech.encoded[&path].clone();
-    }
-    for (i, bytes) in &job.uploads {
-        let audio = ccsm::audio_in::read_bytes(bytes.clone(), &format!("context[{i}].audio"), ccsm::audio_in::MAX_SECONDS)
-            .map_err(|e| ApiError::invalid(e.to_string()))?;
-        let frames = voice::encode_audio(&mut speech.codec, audio, codebooks).map_err(|e| ApiError::invalid(e.to_string()))?;
-        context[*i].frames = frames;
-    }
+/// The job's backbone rows (voice context, then the input; recordings already encoded), checked
+/// against the session context.
+fn check(speech: &Speech, settings: &LoopSettings, job: &SpeechJob) -> Result<Vec<Row>, ApiError> {
+    let context = job.context.clone();
     let request = Request { text: job.text.clone(), speaker: job.speaker, context, seed: None, max_frames: None, output: None };
     let rows = request.rows(speech.engine.model()).map_err(|e| ApiError::invalid(e.to_string()))?;
     let needed = rows.len() + job.max_frames;
