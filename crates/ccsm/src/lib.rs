@@ -22,6 +22,7 @@ pub mod memory;
 pub mod mimi;
 mod model;
 pub mod perplexity;
+pub mod prefix_cache;
 pub mod profile;
 pub mod sampling;
 pub mod tokenizer;

@@ -7,6 +7,7 @@
 
 mod evict;
 mod layout;
+mod prefix_copy;
 mod recent;
 mod rotation;
 
