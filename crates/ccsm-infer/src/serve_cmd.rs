@@ -9,7 +9,7 @@ use ccsm::memory::{CachePolicy, CacheTypes, MemoryBudget, MemoryStrategy};
 use ccsm::CacheType;
 use clap::Args;
 
-use ccsm_server::{ConnectionLimits, ServeConfig};
+use ccsm_server::{ConnectionLimits, PrefixOptions, ServeConfig};
 
 use crate::args::{default_threads, CacheArgs};
 use crate::UsageError;
@@ -47,6 +47,27 @@ pub struct ServeArgs {
     /// KV cache bytes all sessions share, in MiB [default: --parallel sessions of a full context].
     #[arg(long, value_name = "MB", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_memory_mb: Option<u32>,
+
+    /// Prompt prefixes are not cached: every request prefills its whole prompt. By default a request
+    /// starts from the longest cached prefix of its prompt (a system prompt, a chat so far, a voice)
+    /// and finished requests' rows are cached, inside --max-memory-mb, evicted first under pressure.
+    #[arg(long)]
+    pub no_prefix_cache: bool,
+
+    /// The type cached prefixes are stored in (f16, q8_0, q4_0, ...) [default: each session's own
+    /// types; a smaller type keeps more prefixes in the budget, at that type's accuracy].
+    #[arg(long, value_name = "TYPE")]
+    pub prefix_cache_type: Option<CacheType>,
+
+    /// A folder cached prefixes are written to (one GGUF each) and loaded from at start-up, so voices
+    /// and conversations stay warm across restarts. Files of another model, altered or truncated are
+    /// refused with a reason and left alone.
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// How long a speech conversation ("conversation": ID in a request) is kept after its last turn.
+    #[arg(long, value_name = "SECS", default_value_t = 600.0, value_parser = positive_seconds)]
+    pub conversation_ttl: f64,
 
     /// Admit sessions only at the cache types given; without this, a session that does not fit the
     /// memory left starts with q8_0 or q4_0 caches instead of waiting.
@@ -179,6 +200,13 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         n_threads: args.threads as usize,
         n_batch: args.batch_size as usize,
         max_queue: args.max_queue as usize,
+        prefixes: PrefixOptions {
+            enabled: !args.no_prefix_cache,
+            store_type: args.prefix_cache_type,
+            dir: args.cache_dir.clone(),
+            model: args.model.clone(),
+        },
+        conversation_ttl: seconds(args.conversation_ttl),
     };
     ccsm_server::serve(config)
 }

@@ -89,6 +89,10 @@ pub struct SpeechJob {
     pub uploads: Vec<(usize, Vec<u8>)>,
     pub sampler: SamplerConfig,
     pub max_frames: usize,
+    /// The conversation the turn continues and joins (see `conversations`).
+    pub conversation: Option<String>,
+    /// How many of `context`'s first segments are the voice's (a continued conversation has them already).
+    pub voice_segments: usize,
     pub events: UnboundedSender<SpeechEvent>,
     pub arrived: Instant,
 }
@@ -158,21 +162,36 @@ pub struct SessionState {
     pub bytes: usize,
 }
 
-/// Ends finished and cancelled sessions: their bytes go back to the budget.
-pub fn retire<S>(running: &mut Vec<S>, state: impl Fn(&S) -> SessionState, budget: &mut Budget, metrics: &Metrics) {
-    running.retain(|s| {
-        let SessionState { finished, gone, bytes } = state(s);
-        let done = finished || gone;
-        if done {
+/// Ends finished and cancelled sessions: their bytes go back to the budget (whose `used` also counts
+/// `prefix_bytes` of cached prefixes); returns them.
+pub fn retire<S>(
+    running: &mut Vec<S>,
+    state: impl Fn(&S) -> SessionState,
+    budget: &mut Budget,
+    prefix_bytes: usize,
+    metrics: &Metrics,
+) -> Vec<S> {
+    let mut ended = Vec::new();
+    for s in std::mem::take(running) {
+        let SessionState { finished, gone, bytes } = state(&s);
+        if finished || gone {
             budget.give_back(bytes);
             if !finished {
                 metrics.requests_cancelled.fetch_add(1, Ordering::Relaxed);
             }
             metrics.running.fetch_sub(1, Ordering::Relaxed);
+            ended.push(s);
+        } else {
+            running.push(s);
         }
-        !done
-    });
-    metrics.kv_bytes.store(budget.used, Ordering::Relaxed);
+    }
+    publish_kv_bytes(budget, prefix_bytes, metrics);
+    ended
+}
+
+/// Publishes the sessions' share of the budget's use (cached prefixes have their own gauge).
+pub fn publish_kv_bytes(budget: &Budget, prefix_bytes: usize, metrics: &Metrics) {
+    metrics.kv_bytes.store(budget.used.saturating_sub(prefix_bytes), Ordering::Relaxed);
 }
 
 /// When nothing runs but the queue's head cannot start: only an arrival or a cancellation changes

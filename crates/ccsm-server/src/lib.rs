@@ -5,6 +5,7 @@
 
 mod api;
 mod app;
+mod conversations;
 mod guards;
 mod hearing;
 mod hosts;
@@ -12,6 +13,7 @@ mod http;
 mod jobs;
 mod listener;
 mod metrics;
+mod prefixes;
 mod requests;
 mod speech_api;
 mod speech_loop;
@@ -35,6 +37,7 @@ use jobs::Job;
 pub use app::{Voice, MAX_BODY_BYTES, MAX_INPUT_CHARS, MAX_TEXT_BODY_BYTES};
 pub use listener::{connections_within_files, open_files_limit, ConnectionLimits};
 pub use metrics::Metrics;
+pub use prefixes::PrefixOptions;
 pub use requests::{MAX_MESSAGES, MAX_PROMPT_BYTES};
 
 /// How `ccsm-infer serve` runs.
@@ -73,6 +76,10 @@ pub struct ServeConfig {
     pub n_batch: usize,
     /// Requests that may wait for admission before new ones get 429.
     pub max_queue: usize,
+    /// Cached prompt prefixes: on or off, their type, their folder.
+    pub prefixes: PrefixOptions,
+    /// How long a speech conversation is kept after its last turn.
+    pub conversation_ttl: Duration,
 }
 
 /// Reads `DIR/NAME.json` voices (`{"speaker": 0, "context": [{"speaker", "text", "frames"}]}`).
@@ -227,7 +234,12 @@ pub fn serve(config: ServeConfig) -> Result<()> {
         layouts,
         n_batch: config.n_batch,
         budget_bytes: config.cache.budget.map(|b| b.bytes),
+        prefixes: config.prefixes.clone(),
+        conversation_ttl: config.conversation_ttl,
     };
+    // Voices given as frames are prefilled into the prefix cache at start-up (recordings on first use).
+    let warm: Vec<Vec<ccsm::csm::Segment>> =
+        voices.values().filter(|v| v.context.iter().all(|s| s.audio.is_none())).map(|v| v.context.clone()).collect();
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
@@ -263,7 +275,7 @@ pub fn serve(config: ServeConfig) -> Result<()> {
             tracing::info!("model loaded; serving");
             match loaded {
                 Loaded::Text(engine) => text_loop::run(engine, settings, jobs_rx, engine_metrics),
-                Loaded::Speech(speech) => speech_loop::run(speech, settings, jobs_rx, engine_metrics),
+                Loaded::Speech(speech) => speech_loop::run(speech, settings, warm, jobs_rx, engine_metrics),
             }
         })?;
         let listener_metrics = metrics.clone();

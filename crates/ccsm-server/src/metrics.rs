@@ -32,12 +32,72 @@ impl Histogram {
     }
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
-        let h = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        self.render_series(out, name, "");
+    }
+
+    /// The series' lines under `label` (`key="value",` or empty), without the header.
+    fn render_series(&self, out: &mut String, name: &str, label: &str) {
+        let h = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         for (i, bound) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", h.0.get(i).copied().unwrap_or(0));
+            let _ = writeln!(out, "{name}_bucket{{{label}le=\"{bound}\"}} {}", h.0.get(i).copied().unwrap_or(0));
         }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}", h.2, h.1, h.2);
+        let braces = if label.is_empty() { String::new() } else { format!("{{{}}}", label.trim_end_matches(',')) };
+        let _ = writeln!(out, "{name}_bucket{{{label}le=\"+Inf\"}} {}\n{name}_sum{braces} {}\n{name}_count{braces} {}", h.2, h.1, h.2);
+    }
+}
+
+/// A histogram split by whether the request started from a cached prefix.
+#[derive(Default)]
+pub struct ByPrefix {
+    /// Requests that started from a cached prefix.
+    pub hit: Histogram,
+    /// Requests that prefilled their whole prompt.
+    pub miss: Histogram,
+}
+
+impl ByPrefix {
+    /// Counts one observation under `hit` or `miss`.
+    pub fn observe(&self, hit: bool, seconds: f64) {
+        if hit { &self.hit } else { &self.miss }.observe(seconds);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        self.hit.render_series(out, name, "prefix=\"hit\",");
+        self.miss.render_series(out, name, "prefix=\"miss\",");
+    }
+}
+
+/// The prefix cache's numbers (published by the engine thread after each change).
+#[derive(Default)]
+pub struct PrefixNumbers {
+    /// Bytes the cached prefixes hold (inside the budget, beside the sessions' caches).
+    pub bytes: AtomicUsize,
+    /// Cached prefixes.
+    pub entries: AtomicUsize,
+    /// Requests that started from a cached prefix.
+    pub hits: AtomicU64,
+    /// Requests that found none.
+    pub misses: AtomicU64,
+    /// Prompt rows not prefilled thanks to cached prefixes.
+    pub rows_reused: AtomicU64,
+    /// Prefixes evicted (least recently used first) to make room.
+    pub evictions: AtomicU64,
+    /// Prefix files refused at start-up (another model, altered, truncated).
+    pub files_refused: AtomicU64,
+}
+
+impl PrefixNumbers {
+    /// Takes the cache's current numbers.
+    pub fn publish(&self, cache: &ccsm::prefix_cache::PrefixCache) {
+        let stats = cache.stats();
+        self.bytes.store(cache.bytes(), Ordering::Relaxed);
+        self.entries.store(cache.len(), Ordering::Relaxed);
+        self.hits.store(stats.hits, Ordering::Relaxed);
+        self.misses.store(stats.misses, Ordering::Relaxed);
+        self.rows_reused.store(stats.rows_reused, Ordering::Relaxed);
+        self.evictions.store(stats.evictions, Ordering::Relaxed);
     }
 }
 
@@ -78,6 +138,12 @@ pub struct Metrics {
     pub time_to_first_token: Histogram,
     /// Seconds from a speech request's arrival to its first decoded audio.
     pub time_to_first_audio: Histogram,
+    /// The prefix cache.
+    pub prefix: PrefixNumbers,
+    /// Time to first token, by whether the request started from a cached prefix.
+    pub time_to_first_token_by_prefix: ByPrefix,
+    /// Time to first audio, by whether the request started from a cached prefix.
+    pub time_to_first_audio_by_prefix: ByPrefix,
 }
 
 impl Metrics {
@@ -109,6 +175,13 @@ impl Metrics {
             "gauge",
             load(&self.recordings_encoding).to_string(),
         );
+        gauge(
+            "ccsm_prefix_cache_bytes",
+            "Bytes of cached prompt prefixes (inside the budget, beside the sessions' caches; evicted first under pressure).",
+            "gauge",
+            load(&self.prefix.bytes).to_string(),
+        );
+        gauge("ccsm_prefix_cache_entries", "Cached prompt prefixes.", "gauge", load(&self.prefix.entries).to_string());
         let ratio = load(&self.kv_bytes) as f64 / load(&self.kv_budget_bytes).max(1) as f64;
         gauge("ccsm_kv_cache_usage_ratio", "KV-cache utilisation: bytes in use over the budget (0-1).", "gauge", format!("{ratio:.6}"));
         let _ = writeln!(
@@ -132,6 +205,15 @@ impl Metrics {
         counter("ccsm_frames_generated_total", "Audio frames generated (80 ms each).", count(&self.frames_generated));
         counter("ccsm_engine_steps_total", "Engine steps (one graph over every running session).", count(&self.steps));
         counter("ccsm_recordings_encoded_total", "Recordings encoded into Mimi frames.", count(&self.recordings_encoded));
+        counter("ccsm_prefix_cache_hits_total", "Requests that started from a cached prefix.", count(&self.prefix.hits));
+        counter("ccsm_prefix_cache_misses_total", "Requests that found no cached prefix.", count(&self.prefix.misses));
+        counter(
+            "ccsm_prefix_cache_rows_reused_total",
+            "Prompt rows not prefilled thanks to cached prefixes.",
+            count(&self.prefix.rows_reused),
+        );
+        counter("ccsm_prefix_cache_evictions_total", "Cached prefixes evicted to make room.", count(&self.prefix.evictions));
+        counter("ccsm_prefix_cache_files_refused_total", "Prefix files refused at start-up.", count(&self.prefix.files_refused));
         self.time_to_first_token.render(
             &mut out,
             "ccsm_time_to_first_token_seconds",
@@ -141,6 +223,16 @@ impl Metrics {
             &mut out,
             "ccsm_time_to_first_audio_seconds",
             "From the request's arrival to its first decoded audio.",
+        );
+        self.time_to_first_token_by_prefix.render(
+            &mut out,
+            "ccsm_prefix_time_to_first_token_seconds",
+            "Time to first token, by whether the request started from a cached prefix.",
+        );
+        self.time_to_first_audio_by_prefix.render(
+            &mut out,
+            "ccsm_prefix_time_to_first_audio_seconds",
+            "Time to first audio, by whether the request started from a cached prefix.",
         );
         out
     }

@@ -61,6 +61,7 @@ const CHAT_FIELDS: &[&str] = &[
 ];
 const SPEECH_FIELDS: &[&str] = &[
     "model",
+    "conversation",
     "input",
     "voice",
     "response_format",
@@ -394,6 +395,10 @@ pub struct SpeechRequest {
     pub max_audio_ms: Option<u64>,
     /// Context turns said before the input (`[{"speaker", "text", "frames"}]`), after the voice's own.
     pub context: Option<Vec<ccsm::csm::Segment>>,
+    /// A conversation id the client picks (an extension): the turn continues that conversation (its
+    /// earlier turns, with the frames they were said with, are the context before this request's),
+    /// and is added to it.
+    pub conversation: Option<String>,
 }
 
 /// Speech's default `top_k` (CSM's).

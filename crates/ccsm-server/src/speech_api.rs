@@ -19,6 +19,8 @@ use crate::requests::{self, SpeechRequest, VoiceField};
 /// Audio a speech request makes unless it says (`max_audio_ms`).
 const DEFAULT_AUDIO_MS: u64 = 10_000;
 const MS_PER_FRAME: u64 = 80;
+/// Longest conversation id taken.
+const MAX_CONVERSATION_ID: usize = 256;
 
 pub async fn speech(State(state): State<Shared>, JsonBody(body): JsonBody) -> Response {
     let run = async {
@@ -74,6 +76,12 @@ async fn speak(state: &AppState, req: SpeechRequest) -> Result<Response, ApiErro
             }
         },
     };
+    if let Some(id) = &req.conversation {
+        if id.is_empty() || id.len() > MAX_CONVERSATION_ID || id.chars().any(char::is_control) {
+            return Err(ApiError::invalid(format!("conversation must be 1 to {MAX_CONVERSATION_ID} bytes of printable text")));
+        }
+    }
+    let voice_segments = context.len();
     let mut client_context = req.context.clone().unwrap_or_default();
     // A request's recording comes inline, as a data URI; a path would name a file on the server (only
     // the operator's voices may).
@@ -99,7 +107,10 @@ async fn speak(state: &AppState, req: SpeechRequest) -> Result<Response, ApiErro
     let max_frames = audio_ms.div_ceil(MS_PER_FRAME).min(1 << 20) as usize;
     let (events, mut rx) = unbounded_channel();
     let text = req.input.clone();
-    submit(state, Job::Speech(SpeechJob { text, speaker, context, uploads, sampler, max_frames, events, arrived: Instant::now() }))?;
+    let conversation = req.conversation.clone();
+    let job =
+        SpeechJob { text, speaker, context, uploads, sampler, max_frames, conversation, voice_segments, events, arrived: Instant::now() };
+    submit(state, Job::Speech(job))?;
     match rx.recv().await {
         Some(SpeechEvent::Accepted) => {}
         Some(SpeechEvent::Failed(e)) => return Err(e),

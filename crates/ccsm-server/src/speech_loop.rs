@@ -8,23 +8,32 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
-use ccsm::csm::{speech_step, CsmEngine, CsmSession, PrefillRequest, Request, Row, SessionCaches, SpeechTurn, TurnProgress, TurnStep};
+use ccsm::csm::{
+    row_keys, speech_step, CsmEngine, CsmSession, Frame, PrefillRequest, Request, Row, Segment, SessionCaches, SpeechTurn, TurnProgress,
+    TurnStep,
+};
 use ccsm::generate::StopReason;
 use ccsm::memory::{admit, uniform_fallbacks, Admission, Budget};
 use ccsm::mimi::{MimiCodec, MimiStream};
 use ccsm::sampling::Sampler;
 
 use crate::api::{ApiError, Usage};
+use crate::conversations::Conversations;
 use crate::hearing::{needs_hearing, Hearing};
 use crate::jobs::{
     drop_departed, gather, refused, retire, session_cells, started, wait_for_change, Finish, Job, SessionState, SpeechEvent, SpeechJob,
 };
 use crate::metrics::Metrics;
+use crate::prefixes::Prefixes;
 use crate::text_loop::{start_budget, LoopSettings};
 
 struct Pending {
     job: SpeechJob,
+    /// The context the turn runs with (a conversation's turns, the voice's, the request's).
+    context: Vec<Segment>,
     rows: Vec<Row>,
+    /// Rows of `context` (the rest are the text to say).
+    context_rows: usize,
 }
 
 struct Session {
@@ -32,9 +41,19 @@ struct Session {
     state: CsmSession,
     stream: MimiStream,
     bytes: usize,
-    /// The prompt, until it has run.
+    /// The prompt rows still to run, until they have.
     rows: Option<Vec<Row>>,
     prompt_rows: usize,
+    /// The keys of every prompt row (for the prefix cache).
+    keys: Vec<u64>,
+    context: Vec<Segment>,
+    context_rows: usize,
+    /// The frames made so far.
+    frames: Vec<Frame>,
+    /// Started from a cached prefix.
+    warm: bool,
+    /// Finished with an answer (its rows are worth caching).
+    answered: bool,
     sampler: Sampler,
     progress: TurnProgress,
     first_audio: bool,
@@ -49,7 +68,8 @@ pub struct Speech {
     pub hearing: Option<Hearing>,
 }
 
-pub fn run(mut speech: Speech, settings: LoopSettings, jobs: Receiver<Job>, metrics: Arc<Metrics>) {
+/// Runs the loop; `voices` (contexts given as frames) are prefilled into the prefix cache first.
+pub fn run(mut speech: Speech, settings: LoopSettings, voices: Vec<Vec<Segment>>, jobs: Receiver<Job>, metrics: Arc<Metrics>) {
     let stream_bytes = match speech.codec.new_stream() {
         Ok(s) => s.bytes(),
         Err(e) => return tracing::error!("cannot make a codec stream: {e}"),
@@ -57,6 +77,12 @@ pub fn run(mut speech: Speech, settings: LoopSettings, jobs: Receiver<Job>, metr
     let full = SessionCaches { capacity: settings.n_ctx, k_type: settings.k_type, v_type: settings.v_type };
     let full_session = speech.engine.session_bytes(&full).unwrap_or(usize::MAX);
     let mut budget = start_budget(&settings, full_session.saturating_add(stream_bytes), &metrics);
+    let shape = speech.engine.backbone_config(&full);
+    let mut prefixes = shape.ok().and_then(|shape| Prefixes::start(&settings.prefixes, &shape, &mut budget, &metrics));
+    if let Some(p) = prefixes.as_mut() {
+        warm_voices(&mut speech.engine, &settings, &voices, p, &mut budget, &metrics);
+    }
+    let mut conversations = Conversations::new(settings.conversation_ttl);
     let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut running: Vec<Session> = Vec::new();
     loop {
@@ -82,8 +108,9 @@ pub fn run(mut speech: Speech, settings: LoopSettings, jobs: Receiver<Job>, metr
                 }
                 continue;
             }
-            match check(&speech, &settings, &job) {
-                Ok(rows) => pending.push_back(Pending { job, rows }),
+            let context = conversations.context_for(job.conversation.as_deref(), &job.context, job.voice_segments);
+            match check(&speech, &settings, &job, &context) {
+                Ok((rows, context_rows)) => pending.push_back(Pending { job, context, rows, context_rows }),
                 Err(e) => {
                     refused(&metrics);
                     let _ = job.events.send(SpeechEvent::Failed(e));
@@ -91,7 +118,7 @@ pub fn run(mut speech: Speech, settings: LoopSettings, jobs: Receiver<Job>, metr
             }
         }
         drop_departed(&mut pending, |p| p.job.events.is_closed(), &metrics);
-        admit_pending(&speech, &settings, stream_bytes, &mut budget, &mut pending, &mut running, &metrics);
+        admit_pending(&speech, &settings, stream_bytes, &mut budget, &mut prefixes, &mut pending, &mut running, &metrics);
         if running.is_empty() {
             if !pending.is_empty() {
                 wait_for_change();
@@ -100,21 +127,83 @@ pub fn run(mut speech: Speech, settings: LoopSettings, jobs: Receiver<Job>, metr
         }
         round(&mut speech, &mut running, &metrics);
         metrics.steps.fetch_add(1, Ordering::Relaxed);
-        retire(
+        let held = prefixes.as_ref().map_or(0, Prefixes::bytes);
+        let ended = retire(
             &mut running,
             |s| SessionState { finished: s.finished, gone: s.job.events.is_closed(), bytes: s.bytes },
             &mut budget,
+            held,
             &metrics,
         );
+        for s in ended.into_iter().filter(|s| s.answered) {
+            remember(s, &mut prefixes, &mut conversations, &mut budget, &metrics);
+        }
     }
 }
 
-/// The job's backbone rows (voice context, then the input; recordings already encoded), checked
-/// against the session context.
-fn check(speech: &Speech, settings: &LoopSettings, job: &SpeechJob) -> Result<Vec<Row>, ApiError> {
-    let context = job.context.clone();
-    let request = Request { text: job.text.clone(), speaker: job.speaker, context, seed: None, max_frames: None, output: None };
-    let rows = request.rows(speech.engine.model()).map_err(|e| ApiError::invalid(e.to_string()))?;
+/// Keeps an answered turn warm: a conversation's turn, all its rows (prompt and frames) for the next
+/// turn; otherwise its context's rows (a voice, a shared context) for the next request that has it.
+fn remember(s: Session, prefixes: &mut Option<Prefixes>, conversations: &mut Conversations, budget: &mut Budget, metrics: &Metrics) {
+    if let Some(p) = prefixes.as_mut() {
+        match &s.job.conversation {
+            Some(_) => {
+                let keys: Vec<u64> = s.keys.iter().copied().chain(s.frames.iter().map(|f| Row::Audio(f.clone()).key())).collect();
+                p.keep(budget, &keys, s.state.backbone_cache(), metrics);
+            }
+            None => p.keep(budget, &s.keys[..s.context_rows], s.state.backbone_cache(), metrics),
+        }
+        crate::jobs::publish_kv_bytes(budget, p.bytes(), metrics);
+    }
+    if let Some(id) = &s.job.conversation {
+        let said = Segment { speaker: s.job.speaker, text: s.job.text.clone(), frames: s.frames, audio: None };
+        conversations.add_turn(id, s.context, said);
+    }
+}
+
+/// Prefills each voice's context into the prefix cache (those not cached already, from disk).
+fn warm_voices(
+    engine: &mut CsmEngine,
+    settings: &LoopSettings,
+    voices: &[Vec<Segment>],
+    prefixes: &mut Prefixes,
+    budget: &mut Budget,
+    metrics: &Metrics,
+) {
+    let c = engine.model().config().clone();
+    for context in voices {
+        let rows: ccsm::Result<Vec<Row>> = context
+            .iter()
+            .map(|seg| seg.rows(engine.model().tokenizer(), c.n_codebooks, c.audio_vocab))
+            .collect::<ccsm::Result<Vec<_>>>()
+            .map(|r| r.concat());
+        let Ok(rows) = rows else { continue };
+        let keys = row_keys(&rows);
+        if rows.len() < ccsm::prefix_cache::BLOCK_ROWS || rows.len() >= settings.n_ctx || prefixes.cache().contains(&keys) {
+            continue;
+        }
+        let caches =
+            SessionCaches { capacity: session_cells(rows.len(), settings.n_ctx), k_type: settings.k_type, v_type: settings.v_type };
+        let warmed = engine.new_session(&caches).and_then(|mut state| {
+            engine.prefill(&mut [PrefillRequest { session: &mut state, rows: &rows }])?;
+            Ok(state)
+        });
+        match warmed {
+            Ok(state) => prefixes.keep(budget, &keys, state.backbone_cache(), metrics),
+            Err(e) => tracing::warn!("a voice could not be prefilled: {e}"),
+        }
+    }
+    eprintln!("prefix cache: {} voices warm ({:.1} MiB)", voices.len(), prefixes.bytes() as f64 / (1 << 20) as f64);
+}
+
+/// The job's backbone rows (`context`, then the input; recordings already encoded), checked against
+/// the session context, and how many of them are the context's.
+fn check(speech: &Speech, settings: &LoopSettings, job: &SpeechJob, context: &[Segment]) -> Result<(Vec<Row>, usize), ApiError> {
+    let model = speech.engine.model();
+    let said = Request { text: job.text.clone(), speaker: job.speaker, context: Vec::new(), seed: None, max_frames: None, output: None };
+    let request = Request { context: context.to_vec(), ..said.clone() };
+    let invalid = |e: ccsm::Error| ApiError::invalid(e.to_string());
+    let rows = request.rows(model).map_err(invalid)?;
+    let context_rows = rows.len() - said.rows(model).map_err(invalid)?.len();
     let needed = rows.len() + job.max_frames;
     if needed > settings.n_ctx {
         return Err(ApiError::invalid(format!(
@@ -124,7 +213,7 @@ fn check(speech: &Speech, settings: &LoopSettings, job: &SpeechJob) -> Result<Ve
             settings.n_ctx
         )));
     }
-    Ok(rows)
+    Ok((rows, context_rows))
 }
 
 fn admit_pending(
@@ -132,6 +221,7 @@ fn admit_pending(
     settings: &LoopSettings,
     stream_bytes: usize,
     budget: &mut Budget,
+    prefixes: &mut Option<Prefixes>,
     pending: &mut VecDeque<Pending>,
     running: &mut Vec<Session>,
     metrics: &Metrics,
@@ -142,6 +232,10 @@ fn admit_pending(
         let caches = |(k_type, v_type): (ccsm::CacheType, ccsm::CacheType)| SessionCaches { capacity: cells, k_type, v_type };
         let bytes_of =
             |&types: &(ccsm::CacheType, ccsm::CacheType)| speech.engine.session_bytes(&caches(types)).ok().map(|b| b + stream_bytes);
+        // Sessions come first: cached prefixes make room before a session waits or is narrowed.
+        if let (Some(p), Some(bytes)) = (prefixes.as_mut(), bytes_of(&(settings.k_type, settings.v_type))) {
+            p.make_room(budget, bytes, metrics);
+        }
         let decision = admit(&(settings.k_type, settings.v_type), &uniform_fallbacks(), settings.adapt, budget, bytes_of);
         let (types, bytes) = match decision {
             Admission::Wait => return,
@@ -153,12 +247,12 @@ fn admit_pending(
             }
             Admission::Start { layout, bytes } => (layout, bytes),
         };
-        let Pending { job, rows } = pending.pop_front().expect("head exists");
+        let Pending { job, context, rows, context_rows } = pending.pop_front().expect("head exists");
         metrics.waiting.fetch_sub(1, Ordering::Relaxed);
         let made = (|| -> ccsm::Result<_> {
             Ok((speech.engine.new_session(&caches(types))?, speech.codec.new_stream()?, Sampler::new(job.sampler)?))
         })();
-        let (state, stream, sampler) = match made {
+        let (mut state, stream, sampler) = match made {
             Ok(parts) => parts,
             Err(e) => {
                 // A 400: the HTTP side counts it.
@@ -166,7 +260,12 @@ fn admit_pending(
                 continue;
             }
         };
-        started(budget, bytes, rows.len(), metrics);
+        let keys = row_keys(&rows);
+        let reused = match prefixes.as_mut() {
+            Some(p) => start_from_prefix(p, &keys, &mut state, metrics),
+            None => 0,
+        };
+        started(budget, bytes, rows.len() - reused, metrics);
         let _ = job.events.send(SpeechEvent::Accepted);
         let prompt_rows = rows.len();
         let progress = TurnProgress::new(job.max_frames);
@@ -175,13 +274,33 @@ fn admit_pending(
             state,
             stream,
             bytes,
-            rows: Some(rows),
+            rows: Some(rows[reused..].to_vec()),
             prompt_rows,
+            keys,
+            context,
+            context_rows,
+            frames: Vec::new(),
+            warm: reused > 0,
+            answered: false,
             sampler,
             progress,
             first_audio: false,
             finished: false,
         });
+    }
+}
+
+/// Starts a new session from the longest cached prefix of its prompt; returns the rows it holds (0
+/// when none was found or the copy failed: the session then prefills everything).
+fn start_from_prefix(prefixes: &mut Prefixes, keys: &[u64], state: &mut CsmSession, metrics: &Metrics) -> usize {
+    let Some(hit) = prefixes.find(keys, metrics) else { return 0 };
+    match state.start_from_prefix(prefixes.cache(), hit) {
+        Ok(()) => hit.rows,
+        Err(e) => {
+            tracing::warn!("a cached prefix could not be copied ({e}); prefilling the whole prompt");
+            state.reset();
+            0
+        }
     }
 }
 
@@ -221,11 +340,14 @@ fn round(speech: &mut Speech, running: &mut [Session], metrics: &Metrics) {
     };
     for (s, step) in active.into_iter().zip(steps) {
         match step {
-            TurnStep::Frame { samples, .. } => {
+            TurnStep::Frame { frame, samples } => {
                 metrics.frames_generated.fetch_add(1, Ordering::Relaxed);
+                s.frames.push(frame);
                 if !s.first_audio {
                     s.first_audio = true;
-                    metrics.time_to_first_audio.observe(s.job.arrived.elapsed().as_secs_f64());
+                    let seconds = s.job.arrived.elapsed().as_secs_f64();
+                    metrics.time_to_first_audio.observe(seconds);
+                    metrics.time_to_first_audio_by_prefix.observe(s.warm, seconds);
                 }
                 let _ = s.job.events.send(SpeechEvent::Audio(samples.unwrap_or_default()));
                 if s.progress.stop == Some(StopReason::Limit) {
@@ -244,6 +366,7 @@ fn finish(s: &mut Session, finish: Finish, metrics: &Metrics) {
     let _ = s.job.events.send(SpeechEvent::Done { usage: Usage::new(s.prompt_rows, s.progress.frames) });
     metrics.requests_ok.fetch_add(1, Ordering::Relaxed);
     s.finished = true;
+    s.answered = true;
 }
 
 fn fail(s: &mut Session, message: String, metrics: &Metrics) {

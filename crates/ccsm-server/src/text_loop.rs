@@ -17,10 +17,11 @@ use ccsm::{CacheType, Logits};
 
 use crate::api::{ApiError, Usage};
 use crate::jobs::{
-    drop_departed, gather, refused, retire, session_cells, started, wait_for_change, Finish, Job, SessionState, ShownToken, TextEvent,
-    TextJob,
+    drop_departed, gather, publish_kv_bytes, refused, retire, session_cells, started, wait_for_change, Finish, Job, SessionState,
+    ShownToken, TextEvent, TextJob,
 };
 use crate::metrics::Metrics;
+use crate::prefixes::{PrefixOptions, Prefixes};
 
 /// How the loop sizes and admits sessions.
 #[derive(Clone, Debug)]
@@ -37,8 +38,13 @@ pub struct LoopSettings {
     pub layouts: SessionLayouts,
     /// Most rows one step runs (prompts are fed in chunks within it).
     pub n_batch: usize,
-    /// Bytes all sessions' caches share (`None`: `parallel` sessions of a full context).
+    /// Bytes all sessions' caches share (`None`: `parallel` sessions of a full context), cached
+    /// prefixes included.
     pub budget_bytes: Option<usize>,
+    /// Cached prefixes: on or off, their type, their folder.
+    pub prefixes: PrefixOptions,
+    /// How long a speech conversation is kept after its last turn.
+    pub conversation_ttl: std::time::Duration,
 }
 
 /// Logs and publishes the budget the loop runs with.
@@ -96,18 +102,22 @@ struct Session {
     first_token_at: Option<Instant>,
     /// Done (or failed) and answered.
     finished: bool,
+    /// Finished with an answer (its rows are worth caching).
+    answered: bool,
+    /// Started from a cached prefix.
+    warm: bool,
     /// Its `Done`, sent once it is retired.
     done: Option<TextEvent>,
 }
 
 pub fn run(mut engine: TextEngine, settings: LoopSettings, jobs: Receiver<Job>, metrics: Arc<Metrics>) {
-    let full_session = engine
+    let full_config = engine
         .cache_config(settings.n_ctx, settings.k_type, settings.v_type)
         .with_layout(settings.layouts.configured.clone())
-        .with_recent(settings.layouts.recent.min(settings.n_ctx))
-        .bytes()
-        .unwrap_or(usize::MAX);
+        .with_recent(settings.layouts.recent.min(settings.n_ctx));
+    let full_session = full_config.bytes().unwrap_or(usize::MAX);
     let mut budget = start_budget(&settings, full_session, &metrics);
+    let mut prefixes = Prefixes::start(&settings.prefixes, &full_config, &mut budget, &metrics);
     let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut running: Vec<Session> = Vec::new();
     loop {
@@ -124,7 +134,7 @@ pub fn run(mut engine: TextEngine, settings: LoopSettings, jobs: Receiver<Job>, 
             }
         }
         drop_departed(&mut pending, |p| p.job.events.is_closed(), &metrics);
-        admit_pending(&engine, &settings, &mut budget, &mut pending, &mut running, &metrics);
+        admit_pending(&engine, &settings, &mut budget, &mut prefixes, &mut pending, &mut running, &metrics);
         if running.is_empty() {
             if !pending.is_empty() {
                 wait_for_change();
@@ -134,13 +144,23 @@ pub fn run(mut engine: TextEngine, settings: LoopSettings, jobs: Receiver<Job>, 
         step(&mut engine, &settings, &mut running, &metrics);
         // A finished session's `Done` goes out once its bytes are back in the budget, so a client
         // holding its whole answer sees the session gone from /metrics.
+        // Its rows are cached before then too, so the client's next turn finds them.
         let done: Vec<_> = running.iter_mut().filter_map(|s| s.done.take().map(|e| (s.job.events.clone(), e))).collect();
-        retire(
+        let held = prefixes.as_ref().map_or(0, Prefixes::bytes);
+        let ended = retire(
             &mut running,
             |s| SessionState { finished: s.finished, gone: s.job.events.is_closed(), bytes: s.bytes },
             &mut budget,
+            held,
             &metrics,
         );
+        if let Some(p) = prefixes.as_mut() {
+            for s in ended.iter().filter(|s| s.answered) {
+                let rows: Vec<u32> = s.prompt.iter().chain(&s.generated).copied().collect();
+                p.keep(&mut budget, &ccsm::prefix_cache::token_keys(&rows), &s.cache, &metrics);
+            }
+            publish_kv_bytes(&budget, p.bytes(), &metrics);
+        }
         for (events, event) in done {
             let _ = events.send(event);
         }
@@ -172,6 +192,7 @@ fn admit_pending(
     engine: &TextEngine,
     settings: &LoopSettings,
     budget: &mut Budget,
+    prefixes: &mut Option<Prefixes>,
     pending: &mut VecDeque<Pending>,
     running: &mut Vec<Session>,
     metrics: &Metrics,
@@ -184,6 +205,10 @@ fn admit_pending(
             engine.cache_config(cells, settings.k_type, settings.v_type).with_layout(layout).with_recent(settings.layouts.recent.min(cells))
         };
         let bytes_of = |layout: &KvLayout| config_of(layout.clone()).bytes().ok();
+        // Sessions come first: cached prefixes make room before a session waits or is narrowed.
+        if let (Some(p), Some(bytes)) = (prefixes.as_mut(), bytes_of(&settings.layouts.configured)) {
+            p.make_room(budget, bytes, metrics);
+        }
         let decision = admit(&settings.layouts.configured, &settings.layouts.fallbacks, settings.adapt, budget, bytes_of);
         let (layout, bytes) = match decision {
             Admission::Wait => return,
@@ -201,7 +226,7 @@ fn admit_pending(
         let made = (|| -> ccsm::Result<_> {
             Ok((engine.new_cache_with(config_of(layout))?, TokenPicker::new(o.sampler, o.adjust.clone(), o.logprobs)?))
         })();
-        let (cache, picker) = match made {
+        let (mut cache, picker) = match made {
             Ok(parts) => parts,
             Err(e) => {
                 // A 400: the HTTP side counts it.
@@ -209,7 +234,12 @@ fn admit_pending(
                 continue;
             }
         };
-        started(budget, bytes, prompt.len(), metrics);
+        // A scored prompt needs every row's logits: it prefills all of them.
+        let reused = match prefixes.as_mut().filter(|_| !job.scores_prompt()) {
+            Some(p) => start_from_prefix(p, &prompt, &mut cache, metrics),
+            None => 0,
+        };
+        started(budget, bytes, prompt.len() - reused, metrics);
         let _ = job.events.send(TextEvent::Accepted);
         running.push(Session {
             job,
@@ -217,7 +247,9 @@ fn admit_pending(
             bytes,
             prompt_len: prompt.len(),
             max_tokens,
-            unfed: prompt.iter().copied().collect(),
+            unfed: prompt[reused..].iter().copied().collect(),
+            warm: reused > 0,
+            answered: false,
             prompt,
             scored: Vec::new(),
             next: None,
@@ -230,6 +262,20 @@ fn admit_pending(
             finished: false,
             done: None,
         });
+    }
+}
+
+/// Fills a new session's cache with the longest cached prefix of its prompt; returns the rows it
+/// holds (0 when none was found or the copy failed: the session then prefills everything).
+fn start_from_prefix(prefixes: &mut Prefixes, prompt: &[u32], cache: &mut KvCache, metrics: &Metrics) -> usize {
+    let Some(hit) = prefixes.find(&ccsm::prefix_cache::token_keys(prompt), metrics) else { return 0 };
+    match prefixes.cache().restore(hit, cache) {
+        Ok(()) => hit.rows,
+        Err(e) => {
+            tracing::warn!("a cached prefix could not be copied ({e}); prefilling the whole prompt");
+            cache.clear();
+            0
+        }
     }
 }
 
@@ -363,6 +409,7 @@ fn finish(tokenizer: &Tokenizer, s: &mut Session, finish: Finish, text_end: Opti
     s.done = Some(TextEvent::Done { finish, usage: Usage::new(s.prompt_len, s.generated.len()) });
     metrics.requests_ok.fetch_add(1, Ordering::Relaxed);
     s.finished = true;
+    s.answered = true;
 }
 
 /// The unsent tokens that begin before `end` (all of them without an end).
@@ -379,7 +426,9 @@ fn take_unsent(unsent: &mut Vec<(usize, ShownToken)>, end: Option<usize>) -> Vec
 fn emit(tokenizer: &Tokenizer, s: &mut Session, token: u32, logprobs: Option<Logprobs>, metrics: &Metrics) {
     if s.first_token_at.is_none() {
         s.first_token_at = Some(Instant::now());
-        metrics.time_to_first_token.observe(s.job.arrived.elapsed().as_secs_f64());
+        let seconds = s.job.arrived.elapsed().as_secs_f64();
+        metrics.time_to_first_token.observe(seconds);
+        metrics.time_to_first_token_by_prefix.observe(s.warm, seconds);
     }
     if tokenizer.is_end(token) && !s.job.options.ignore_eos {
         return finish(tokenizer, s, Finish::Stop, None, metrics);

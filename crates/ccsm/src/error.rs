@@ -185,6 +185,16 @@ pub enum Error {
         why: String,
     },
 
+    /// A cached-prefix file that is not used: another model's, another cache shape's, truncated,
+    /// altered or not a prefix file at all.
+    #[error("prefix file {}: {why}", path.display())]
+    PrefixFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why it is refused.
+        why: String,
+    },
+
     /// A caller's argument is out of range or inconsistent (a bad layer index, batch size, context size).
     #[error("invalid input: {0}")]
     Input(String),

@@ -12,14 +12,18 @@
 //! than sharing keeps every session's cache one contiguous tensor per layer, which the attention
 //! kernels and the kept graphs rely on; it costs one memcpy per layer and half.
 //!
-//! Entries count against a byte capacity; the least recently used entry that no session is starting
-//! from is evicted first.
+//! Entries count against a byte capacity, or against a server's one memory budget beside its sessions
+//! (`insert_within`, `make_room_in`: sessions come first); the least recently used entry that no
+//! session is starting from is evicted first. `file` keeps entries on disk.
+
+pub mod file;
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 use crate::error::{Error, Result};
 use crate::kv_cache::{KvCache, LayerTypes, Rotation};
+use crate::memory::Budget;
 
 /// Rows per hashed block.
 pub const BLOCK_ROWS: usize = 16;
@@ -72,13 +76,25 @@ pub struct PrefixCache {
     clock: u64,
     next_id: u64,
     stats: PrefixStats,
+    /// Entries dropped (evicted, or subsumed by a longer one) since `take_evicted` was last called:
+    /// whoever keeps entries on disk forgets them.
+    evicted: Vec<Vec<u64>>,
 }
 
-/// The key of one row from anything hashable (a CSM row's codes and text token).
-pub fn row_key(row: &impl Hash) -> u64 {
-    let mut h = DefaultHasher::new();
-    row.hash(&mut h);
-    h.finish()
+/// The key of one row from its words (a CSM row's tag and codes): FNV-1a, stable across builds and
+/// machines, since keys are written to disk.
+pub fn row_key(words: &[u32]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in words.iter().flat_map(|w| w.to_le_bytes()) {
+        h ^= u64::from(byte);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The keys of text tokens: the ids themselves.
+pub fn token_keys(tokens: &[u32]) -> Vec<u64> {
+    tokens.iter().map(|&t| u64::from(t)).collect()
 }
 
 /// Chained hashes of every whole block of `rows`: element k covers rows[..(k + 1) · BLOCK_ROWS].
@@ -108,6 +124,7 @@ impl PrefixCache {
             clock: 0,
             next_id: 0,
             stats: PrefixStats::default(),
+            evicted: Vec::new(),
         }
     }
 
@@ -192,16 +209,7 @@ impl PrefixCache {
     /// entries to make room. Returns the entry, or None when it is not worth keeping: shorter than a
     /// block, already cached as a prefix of an entry, or larger than the room eviction can make.
     pub fn insert(&mut self, rows: &[u64], cache: &KvCache) -> Result<Option<EntryId>> {
-        if rows.len() < BLOCK_ROWS || rows.len() > cache.len() {
-            return Ok(None);
-        }
-        let hashes = block_hashes(rows);
-        let last = *hashes.last().expect("at least one block");
-        let covered = self.blocks.get(&last).into_iter().flatten().any(|id| {
-            let e = &self.entries[id];
-            e.rows.len() >= rows.len() && e.rows[..rows.len()] == *rows
-        });
-        if covered {
+        if rows.len() < BLOCK_ROWS || rows.len() > cache.len() || self.contains(rows) {
             return Ok(None);
         }
         let config = match self.store_types {
@@ -210,9 +218,20 @@ impl PrefixCache {
         };
         let rotation = if self.store_types.is_some() { Rotation::default() } else { cache.rotation() };
         let snapshot = cache.snapshot(rows.len(), config, rotation)?;
+        Ok(self.insert_snapshot(rows, snapshot))
+    }
+
+    /// Caches `snapshot` (a cache holding exactly `rows.len()` rows, as `insert` or a prefix file
+    /// makes) under `rows`, as `insert` does.
+    pub fn insert_snapshot(&mut self, rows: &[u64], snapshot: KvCache) -> Option<EntryId> {
+        if rows.len() < BLOCK_ROWS || rows.len() != snapshot.len() || self.contains(rows) {
+            return None;
+        }
+        self.drop_subsumed(rows);
+        let hashes = block_hashes(rows);
         let bytes = snapshot.memory_usage();
         if !self.make_room(bytes) {
-            return Ok(None);
+            return None;
         }
         let id = EntryId(self.next_id);
         self.next_id += 1;
@@ -223,7 +242,59 @@ impl PrefixCache {
         self.entries.insert(id, Entry { rows: rows.to_vec(), cache: snapshot, bytes, last_used: self.clock, pins: 0 });
         self.bytes += bytes;
         self.stats.insertions += 1;
-        Ok(Some(id))
+        Some(id)
+    }
+
+    /// Whether an entry already holds `rows` (as all or the start of its own).
+    pub fn contains(&self, rows: &[u64]) -> bool {
+        let Some(&last) = block_hashes(rows).last() else { return false };
+        self.blocks.get(&last).into_iter().flatten().any(|id| {
+            let e = &self.entries[id];
+            e.rows.len() >= rows.len() && e.rows[..rows.len()] == *rows
+        })
+    }
+
+    /// `insert` within a shared budget whose `used` counts this cache's bytes beside the sessions':
+    /// an entry takes only what the sessions leave free (evicting older entries for it), and the
+    /// budget's count follows the cache's bytes.
+    pub fn insert_within(&mut self, budget: &mut Budget, rows: &[u64], cache: &KvCache) -> Result<Option<EntryId>> {
+        self.within(budget, |prefixes| prefixes.insert(rows, cache))
+    }
+
+    /// `insert_snapshot` within a shared budget (see `insert_within`).
+    pub fn insert_snapshot_within(&mut self, budget: &mut Budget, rows: &[u64], snapshot: KvCache) -> Option<EntryId> {
+        self.within(budget, |prefixes| Ok(prefixes.insert_snapshot(rows, snapshot))).ok().flatten()
+    }
+
+    fn within<T>(&mut self, budget: &mut Budget, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let before = self.bytes;
+        let sessions = budget.used.saturating_sub(before);
+        self.capacity = budget.total.saturating_sub(sessions);
+        let result = f(self);
+        budget.used = sessions + self.bytes;
+        result
+    }
+
+    /// Evicts entries (least recently used first, never one in use) until `bytes` more fit in
+    /// `budget`, whose `used` counts this cache's bytes; whether they fit now.
+    pub fn make_room_in(&mut self, budget: &mut Budget, bytes: usize) -> bool {
+        while !budget.fits(bytes) {
+            match self.evict_one() {
+                Some(freed) => budget.give_back(freed),
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// The rows of the entries dropped since the last call (for whoever keeps entries on disk).
+    pub fn take_evicted(&mut self) -> Vec<Vec<u64>> {
+        std::mem::take(&mut self.evicted)
+    }
+
+    /// An entry's rows and cache (to write it to disk).
+    pub fn entry(&self, id: EntryId) -> Option<(&[u64], &KvCache)> {
+        self.entries.get(&id).map(|e| (e.rows.as_slice(), &e.cache))
     }
 
     /// Evicts least recently used unpinned entries until `needed` more bytes fit; false if they cannot.
@@ -251,6 +322,12 @@ impl PrefixCache {
 
     fn evict_one(&mut self) -> Option<usize> {
         let (&id, _) = self.entries.iter().filter(|(_, e)| e.pins == 0).min_by_key(|(_, e)| e.last_used)?;
+        self.stats.evictions += 1;
+        self.remove(id)
+    }
+
+    /// Drops an entry; returns its bytes.
+    fn remove(&mut self, id: EntryId) -> Option<usize> {
         let entry = self.entries.remove(&id)?;
         for hash in block_hashes(&entry.rows) {
             if let Some(ids) = self.blocks.get_mut(&hash) {
@@ -261,8 +338,28 @@ impl PrefixCache {
             }
         }
         self.bytes -= entry.bytes;
-        self.stats.evictions += 1;
+        self.evicted.push(entry.rows);
         Some(entry.bytes)
+    }
+
+    /// Drops the entries (not in use) whose rows begin `rows`: an entry for `rows` answers every
+    /// lookup they would (a conversation's earlier turns, once its latest is cached).
+    fn drop_subsumed(&mut self, rows: &[u64]) {
+        let subsumed: Vec<EntryId> = block_hashes(rows)
+            .iter()
+            .filter_map(|h| self.blocks.get(h))
+            .flatten()
+            .copied()
+            .filter(|id| {
+                let e = &self.entries[id];
+                e.pins == 0 && e.rows.len() <= rows.len() && e.rows[..] == rows[..e.rows.len()]
+            })
+            .collect::<std::collections::HashSet<_>>()
+            .into_iter()
+            .collect();
+        for id in subsumed {
+            self.remove(id);
+        }
     }
 
     fn touch(&mut self, id: EntryId) {

@@ -129,7 +129,8 @@ impl CsmEngine {
         self.attention
     }
 
-    fn backbone_config(&self, caches: &SessionCaches) -> Result<KvCacheConfig> {
+    /// The backbone cache a session of `caches` gets (its shape and types).
+    pub fn backbone_config(&self, caches: &SessionCaches) -> Result<KvCacheConfig> {
         let b = &self.model.config.backbone;
         if caches.capacity == 0 || caches.capacity > b.n_ctx_train {
             return Err(Error::ContextOutOfRange { requested: caches.capacity, max: b.n_ctx_train });

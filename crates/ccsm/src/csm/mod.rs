@@ -16,7 +16,7 @@ pub use config::CsmConfig;
 pub use engine::{CsmEngine, FrameRequest, PrefillRequest, SessionCaches};
 pub use generator::{CsmGenerator, CsmOptions};
 pub use model::CsmModel;
-pub use prompt::{Frame, Row, Segment};
+pub use prompt::{row_keys, Frame, Row, Segment};
 pub use request::Request;
 pub use session::{CsmSession, FrameTimings};
 pub use speech::{speech_step, SpeechTurn, TurnProgress, TurnStep};

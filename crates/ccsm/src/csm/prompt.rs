@@ -17,6 +17,21 @@ pub enum Row {
     Audio(Frame),
 }
 
+impl Row {
+    /// The row's key in a prefix cache (stable: written to disk with cached prefixes).
+    pub fn key(&self) -> u64 {
+        match self {
+            Row::Text(id) => crate::prefix_cache::row_key(&[0, *id]),
+            Row::Audio(frame) => crate::prefix_cache::row_key(&[[1].as_slice(), frame].concat()),
+        }
+    }
+}
+
+/// The keys of backbone rows.
+pub fn row_keys(rows: &[Row]) -> Vec<u64> {
+    rows.iter().map(Row::key).collect()
+}
+
 /// A turn of the conversation: what a speaker said, and (for context) the frames of how it sounded.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a segment {\"speaker\", \"text\", \"frames\" or \"audio\"}")]

@@ -4,7 +4,9 @@
 
 use serde::Serialize;
 
+use crate::error::Result;
 use crate::kv_cache::{EvictionPolicy, KvCache};
+use crate::prefix_cache::{PrefixCache, PrefixHit};
 use crate::trained_context::TrainedContext;
 
 /// Where generation time went.
@@ -98,6 +100,13 @@ impl CsmSession {
     /// Whether the session's steps sum the attention each cell receives (for the attention policy).
     pub(super) fn tracks_attention(&self) -> bool {
         self.evict.is_some_and(EvictionPolicy::tracks_attention)
+    }
+
+    /// Starts the session over from a cached prefix of its prompt (`hit`, from `prefixes.longest`):
+    /// the backbone holds the prefix's rows, and prefilling the rest of the prompt makes it ready.
+    pub fn start_from_prefix(&mut self, prefixes: &mut PrefixCache, hit: PrefixHit) -> Result<()> {
+        self.reset();
+        prefixes.restore(hit, &mut self.backbone)
     }
 
     /// Empties both caches and forgets the last step and the timings.

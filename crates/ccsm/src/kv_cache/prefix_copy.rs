@@ -54,6 +54,51 @@ impl KvCache {
     }
 }
 
+impl KvCache {
+    /// The stored bytes of the first `rows` cells of one layer's half (in its type, rotated as stored):
+    /// what a prefix file keeps.
+    pub fn stored_rows(&self, layer: usize, half: Half, rows: usize) -> Result<Vec<u8>> {
+        if layer >= self.config.n_layer || rows > self.len() {
+            return Err(Error::Input(format!(
+                "rows {rows} of layer {layer}: the cache has {} rows of {} layers",
+                self.len(),
+                self.config.n_layer
+            )));
+        }
+        let bytes = self.config.types(layer).get(half).dtype().row_size(self.width())? * rows;
+        Ok(half_of(self, layer, half).read_bytes_at(0, bytes)?)
+    }
+
+    /// A cache sized to `positions.len()` rows holding `stored[layer] = (k, v)` bytes as `stored_rows`
+    /// gave them (in `config`'s types under `rotation`), at `positions`. Every length is checked.
+    pub fn from_stored_rows(
+        config: KvCacheConfig,
+        rotation: Rotation,
+        stored: &[(Vec<u8>, Vec<u8>)],
+        positions: Vec<i32>,
+    ) -> Result<KvCache> {
+        let rows = positions.len();
+        let mut cache = KvCache::with_rotation(config.with_capacity(rows.max(1)).with_recent(0), rotation)?;
+        if stored.len() != cache.config.n_layer {
+            return Err(Error::Input(format!("{} layers of rows for a cache of {}", stored.len(), cache.config.n_layer)));
+        }
+        let n_embd = cache.width();
+        for (layer, (k, v)) in stored.iter().enumerate() {
+            for (half, bytes) in [(Half::K, k), (Half::V, v)] {
+                let want = cache.config.types(layer).get(half).dtype().row_size(n_embd)? * rows;
+                if bytes.len() != want {
+                    return Err(Error::Input(format!("layer {layer} {half:?}: {} bytes where {rows} rows take {want}", bytes.len())));
+                }
+                half_of(&cache, layer, half).write_bytes_at(0, bytes)?;
+            }
+        }
+        cache.next_position = positions.last().map_or(0, |&p| p + 1);
+        cache.scores = vec![0.0; rows];
+        cache.positions = positions;
+        Ok(cache)
+    }
+}
+
 fn half_of(cache: &KvCache, layer: usize, half: Half) -> ggml::Tensor<'_> {
     match half {
         Half::K => cache.k(layer),
