@@ -141,6 +141,13 @@ pub struct PerplexityArgs {
     #[arg(long, value_name = "FILE")]
     pub kl: Option<PathBuf>,
 
+    /// llama.cpp's prompt cache: start from the prompt's rows saved in FILE when it was written for
+    /// this model and its prompt starts the same way (a long system prompt, a document), and save
+    /// the prompt's rows there when it did not hold them all. A file of another model, truncated or
+    /// altered is refused with the reason and written anew.
+    #[arg(long, value_name = "FILE")]
+    pub prompt_cache: Option<PathBuf>,
+
     #[command(flatten)]
     pub memory: MemoryArgs,
 
@@ -329,6 +336,13 @@ pub struct GenerateArgs {
     /// (text) or frames (CSM).
     #[arg(long, value_name = "N")]
     pub quantize_after: Option<u32>,
+
+    /// llama.cpp's prompt cache: start from the prompt's rows saved in FILE when it was written for
+    /// this model and its prompt starts the same way (a long system prompt, a document), and save
+    /// the prompt's rows there when it did not hold them all. A file of another model, truncated or
+    /// altered is refused with the reason and written anew.
+    #[arg(long, value_name = "FILE")]
+    pub prompt_cache: Option<PathBuf>,
 
     #[command(flatten)]
     pub memory: MemoryArgs,

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use serde_json::json;
 
 use ccsm::generate::{generate, LiveQuantize};
+use ccsm::prefix_cache::file::{PromptFile, Resumed};
 use ccsm::llama::LlamaModel;
 use ccsm::sampling::{Sampler, SamplerConfig};
 use ccsm::{CacheType, GGMLModel, Model, ModelOptions, DEFAULT_CTX_CAP};
@@ -78,12 +79,25 @@ pub fn run(args: &GenerateArgs, log: &LogArgs, path: PathBuf, model: LlamaModel)
         seed: args.seed,
     })?;
     let n_predict = n_predict_of(args);
+    let prompt_file = match &args.prompt_cache {
+        Some(file) => Some(PromptFile::new(file, &path).with_context(|| format!("--prompt-cache {}", file.display()))?),
+        None => None,
+    };
+    let resumed = prompt_file.as_ref().map(|f| model.resume_prompt(f, &prompt_tokens));
+    let reused = match &resumed {
+        Some(Resumed::Rows(n)) => *n,
+        Some(Resumed::Refused(why)) => {
+            eprintln!("warning: --prompt-cache refused ({why}); the prompt runs and the file is written anew");
+            0
+        }
+        _ => 0,
+    };
 
     // Stream text as it forms: decode the whole continuation each time and print what is new, so
     // multi-byte characters split across tokens come out whole.
     let mut shown = String::new();
     let mut ids = Vec::new();
-    let generation = generate(&mut model, &prompt_tokens, n_predict, &mut sampler, live, |token, tokenizer| {
+    let generation = generate(&mut model, &prompt_tokens[reused..], n_predict, &mut sampler, live, |token, tokenizer| {
         if args.json {
             return !crate::interrupt::requested();
         }
@@ -97,12 +111,22 @@ pub fn run(args: &GenerateArgs, log: &LogArgs, path: PathBuf, model: LlamaModel)
         !crate::interrupt::requested()
     });
     let generation = generation?;
+    if let Some(file) = prompt_file.as_ref().filter(|_| reused + 1 < prompt_tokens.len()) {
+        if let Err(e) = file.save(model.cache(), &prompt_tokens) {
+            eprintln!("warning: --prompt-cache not saved: {e}");
+        }
+    }
     let text = model.model().tokenizer().decode(&generation.tokens)?;
     let t = &generation.timings;
     if args.json {
         let summary = json!({
             "model": path.display().to_string(),
             "prompt_tokens": prompt_tokens.len(),
+            "prompt_cache": args.prompt_cache.as_ref().map(|f| json!({
+                "file": f.display().to_string(),
+                "rows_reused": reused,
+                "refused": match &resumed { Some(Resumed::Refused(why)) => Some(why.clone()), _ => None },
+            })),
             "text": text,
             "tokens": generation.tokens,
             "stop": generation.stop,

@@ -87,6 +87,12 @@ pub fn run(args: &GenerateArgs, log: &LogArgs, path: &Path, model: CsmModel) -> 
     if n_ctx > n_ctx_train {
         return Err(UsageError(format!("-c {n_ctx} is beyond the model's context of {n_ctx_train}")).into());
     }
+    if args.prompt_cache.is_some() {
+        return Err(UsageError(
+            "--prompt-cache is for text models; speech keeps voices and conversations warm in the server (serve --cache-dir)".into(),
+        )
+        .into());
+    }
     let kind = if args.batch.is_some() { OutputKind::FramesJson(args.output.clone()) } else { OutputKind::of(args.output.as_deref())? };
     if kind == OutputKind::WavStdout && args.json {
         return Err(UsageError("-o - writes the WAV to stdout; --json needs -o FILE.wav".into()).into());

@@ -49,6 +49,12 @@ impl GGMLModel {
         &mut self.engine
     }
 
+    /// Resumes from a prompt cache file: the cache takes the longest start of `prompt` the file holds.
+    pub fn resume_prompt(&mut self, file: &crate::prefix_cache::file::PromptFile, prompt: &[u32]) -> crate::prefix_cache::file::Resumed {
+        self.cache.clear();
+        file.resume(&mut self.cache, prompt)
+    }
+
     /// Keeps the first `len` cached tokens and forgets the rest (the next token follows them).
     pub fn truncate(&mut self, len: usize) {
         self.cache.truncate(len.min(self.cache.len()));

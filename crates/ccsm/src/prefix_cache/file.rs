@@ -264,3 +264,57 @@ impl PrefixDir {
         Ok(())
     }
 }
+
+/// llama.cpp's `--prompt-cache FILE` for one run: the prompt's rows are loaded from the file when it
+/// matches this model and starts like the prompt, and saved there after the run when it did not
+/// hold them all.
+pub struct PromptFile {
+    path: PathBuf,
+    identity: String,
+}
+
+/// What `PromptFile::resume` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resumed {
+    /// No file yet.
+    Absent,
+    /// The file was refused (the reason); it will be written anew.
+    Refused(String),
+    /// This many of the prompt's rows came from the file (0: it held another prompt).
+    Rows(usize),
+}
+
+impl PromptFile {
+    /// The file for a model at `model` (its identity is read now).
+    pub fn new(path: &Path, model: &Path) -> Result<Self> {
+        Ok(PromptFile { path: path.to_owned(), identity: model_identity(model)? })
+    }
+
+    /// Fills `cache` (empty) with the longest start of `prompt` the file holds, leaving at least one
+    /// token to run.
+    pub fn resume(&self, cache: &mut KvCache, prompt: &[u32]) -> Resumed {
+        if !self.path.exists() {
+            return Resumed::Absent;
+        }
+        let mut shape = cache.config().clone();
+        shape.capacity = shape.capacity.max(1);
+        let (rows, saved) = match load(&self.path, &self.identity, &shape) {
+            Ok(found) => found,
+            Err(e) => return Resumed::Refused(e.to_string()),
+        };
+        let keys = super::token_keys(prompt);
+        let shared = rows.iter().zip(&keys[..keys.len().saturating_sub(1)]).take_while(|(a, b)| a == b).count();
+        if shared == 0 {
+            return Resumed::Rows(0);
+        }
+        match cache.copy_prefix_from(&saved, shared) {
+            Ok(()) => Resumed::Rows(shared),
+            Err(e) => Resumed::Refused(e.to_string()),
+        }
+    }
+
+    /// Saves the first `prompt.len()` rows of `cache` (which ran `prompt`) to the file.
+    pub fn save(&self, cache: &KvCache, prompt: &[u32]) -> Result<()> {
+        save(&self.path, &self.identity, &super::token_keys(prompt), cache)
+    }
+}
