@@ -7,8 +7,8 @@ use anyhow::{Context, Result};
 use serde_json::json;
 
 use ccsm::generate::{generate, LiveQuantize};
-use ccsm::prefix_cache::file::{PromptFile, Resumed};
 use ccsm::llama::LlamaModel;
+use ccsm::prefix_cache::file::{PromptFile, Resumed};
 use ccsm::sampling::{Sampler, SamplerConfig};
 use ccsm::{CacheType, GGMLModel, Model, ModelOptions, DEFAULT_CTX_CAP};
 

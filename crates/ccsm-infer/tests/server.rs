@@ -2,8 +2,8 @@
 //! starts `ccsm-infer serve` on free loopback ports): speech, completions, chat, keys, 4xx, cancellation,
 //! 8 concurrent clients against their single-session outputs within a KV budget, memory over 200
 //! requests, the queue's 429, and a client that stops reading cut off by the write deadline (a raw
-//! socket with a small window, which std cannot set up). The parts run one at a time (each server
-//! computes on two threads).
+//! socket with a small window, which std cannot set up); cached prefixes (`tests/server/prefix_clients.py`).
+//! The parts run one at a time (each server computes on two threads).
 
 mod serving;
 
@@ -12,10 +12,14 @@ use std::process::Command;
 use serving::{serial, workspace};
 
 fn run_part(part: &str) {
+    run_script("openai_clients.py", part);
+}
+
+fn run_script(script: &str, part: &str) {
     let _guard = serial();
     let root = workspace();
     let out = Command::new("python3")
-        .arg(root.join("tests/server/openai_clients.py"))
+        .arg(root.join("tests/server").join(script))
         .arg(env!("CARGO_BIN_EXE_ccsm-infer"))
         .arg(root.join("models"))
         .arg(part)
@@ -50,4 +54,14 @@ fn clients_that_stop_reading_are_closed_at_the_write_timeout_and_health_answers(
 #[test]
 fn sessions_take_per_layer_layouts_and_the_planner_admits_under_pressure() {
     run_part("layouts");
+}
+
+#[test]
+fn text_prompts_start_from_cached_prefixes_within_the_budget_and_across_restarts() {
+    run_script("prefix_clients.py", "text");
+}
+
+#[test]
+fn voices_and_conversations_stay_warm_and_speak_as_the_cli() {
+    run_script("prefix_clients.py", "speech");
 }

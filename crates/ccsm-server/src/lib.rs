@@ -271,11 +271,14 @@ pub fn serve(config: ServeConfig) -> Result<()> {
             if let Loaded::Text(engine) = &loaded {
                 engine_state.set_text(text_tools::TextTools::new(engine.model().tokenizer(), engine.model().vocab_size()));
             }
-            engine_state.set(app::Engine::Ready);
-            tracing::info!("model loaded; serving");
+            // Ready once the loop has its prefixes (from disk, and voices prefilled).
+            let ready = move || {
+                engine_state.set(app::Engine::Ready);
+                tracing::info!("model loaded; serving");
+            };
             match loaded {
-                Loaded::Text(engine) => text_loop::run(engine, settings, jobs_rx, engine_metrics),
-                Loaded::Speech(speech) => speech_loop::run(speech, settings, warm, jobs_rx, engine_metrics),
+                Loaded::Text(engine) => text_loop::run(engine, settings, jobs_rx, engine_metrics, ready),
+                Loaded::Speech(speech) => speech_loop::run(speech, settings, warm, jobs_rx, engine_metrics, ready),
             }
         })?;
         let listener_metrics = metrics.clone();

@@ -68,8 +68,16 @@ pub struct Speech {
     pub hearing: Option<Hearing>,
 }
 
-/// Runs the loop; `voices` (contexts given as frames) are prefilled into the prefix cache first.
-pub fn run(mut speech: Speech, settings: LoopSettings, voices: Vec<Vec<Segment>>, jobs: Receiver<Job>, metrics: Arc<Metrics>) {
+/// Runs the loop; `voices` (contexts given as frames) are prefilled into the prefix cache first, and
+/// then `ready` is called.
+pub fn run(
+    mut speech: Speech,
+    settings: LoopSettings,
+    voices: Vec<Vec<Segment>>,
+    jobs: Receiver<Job>,
+    metrics: Arc<Metrics>,
+    ready: impl FnOnce(),
+) {
     let stream_bytes = match speech.codec.new_stream() {
         Ok(s) => s.bytes(),
         Err(e) => return tracing::error!("cannot make a codec stream: {e}"),
@@ -83,6 +91,7 @@ pub fn run(mut speech: Speech, settings: LoopSettings, voices: Vec<Vec<Segment>>
         warm_voices(&mut speech.engine, &settings, &voices, p, &mut budget, &metrics);
     }
     let mut conversations = Conversations::new(settings.conversation_ttl);
+    ready();
     let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut running: Vec<Session> = Vec::new();
     loop {

@@ -110,7 +110,8 @@ struct Session {
     done: Option<TextEvent>,
 }
 
-pub fn run(mut engine: TextEngine, settings: LoopSettings, jobs: Receiver<Job>, metrics: Arc<Metrics>) {
+/// Runs the loop; `ready` is called once the prefix cache is set up (loaded from disk).
+pub fn run(mut engine: TextEngine, settings: LoopSettings, jobs: Receiver<Job>, metrics: Arc<Metrics>, ready: impl FnOnce()) {
     let full_config = engine
         .cache_config(settings.n_ctx, settings.k_type, settings.v_type)
         .with_layout(settings.layouts.configured.clone())
@@ -118,6 +119,7 @@ pub fn run(mut engine: TextEngine, settings: LoopSettings, jobs: Receiver<Job>, 
     let full_session = full_config.bytes().unwrap_or(usize::MAX);
     let mut budget = start_budget(&settings, full_session, &metrics);
     let mut prefixes = Prefixes::start(&settings.prefixes, &full_config, &mut budget, &metrics);
+    ready();
     let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut running: Vec<Session> = Vec::new();
     loop {

@@ -14,7 +14,11 @@ use ccsm::{CacheType, Logits};
 use common::{model, TINY_LLAMA, TINY_LLAMA3};
 
 fn prompt(engine: &TextEngine) -> Vec<u32> {
-    engine.model().tokenizer().encode("The Jargon File is a glossary of hacker slang, collected over decades by the people who spoke it.").unwrap()
+    engine
+        .model()
+        .tokenizer()
+        .encode("The Jargon File is a glossary of hacker slang, collected over decades by the people who spoke it.")
+        .unwrap()
 }
 
 /// The last row's logits after running `tokens` on top of what `cache` holds.
@@ -105,7 +109,8 @@ fn hostile_prefix_files_are_refused_with_a_reason() {
         Err(e) => e.to_string(),
     };
     assert!(error(&good, "another-model", &shape).contains("another model"));
-    let wider = ccsm::kv_cache::KvCacheConfig::uniform(shape.n_layer, shape.head_dim * 2, shape.n_head_kv, 256, CacheType::F16, CacheType::F16);
+    let wider =
+        ccsm::kv_cache::KvCacheConfig::uniform(shape.n_layer, shape.head_dim * 2, shape.n_head_kv, 256, CacheType::F16, CacheType::F16);
     assert!(error(&good, &identity, &wider).contains("layers"));
     assert!(error(&model(TINY_LLAMA), &identity, &shape).contains("not a ccsm prefix file"));
     assert!(refused(b"", "empty").starts_with("prefix file"));
@@ -132,6 +137,7 @@ fn a_prompt_file_resumes_a_prompt_that_starts_the_same_way() {
     assert!(diff <= 1e-3, "logits differ by {diff}");
     // Another model's file is refused, saying why.
     let other = PromptFile::new(&dir.path().join("prompt.gguf"), &model(TINY_LLAMA3)).unwrap();
-    let mut c3 = TextEngine::new(LlamaModel::load(model(TINY_LLAMA3)).unwrap(), 2).unwrap().new_cache(256, CacheType::F16, CacheType::F16).unwrap();
+    let mut c3 =
+        TextEngine::new(LlamaModel::load(model(TINY_LLAMA3)).unwrap(), 2).unwrap().new_cache(256, CacheType::F16, CacheType::F16).unwrap();
     assert!(matches!(other.resume(&mut c3, &tokens), Resumed::Refused(why) if why.contains("another model")));
 }
