@@ -60,6 +60,12 @@ struct Session {
     finished: bool,
 }
 
+/// The budget every session's caches come out of, and the cached prefixes inside it.
+struct Memory {
+    budget: Budget,
+    prefixes: Option<Prefixes>,
+}
+
 /// The engine and codec every session shares, and the thread that encodes recordings (when the
 /// codec has an encoder).
 pub struct Speech {
@@ -90,6 +96,7 @@ pub fn run(
     if let Some(p) = prefixes.as_mut() {
         warm_voices(&mut speech.engine, &settings, &voices, p, &mut budget, &metrics);
     }
+    let mut memory = Memory { budget, prefixes };
     let mut conversations = Conversations::new(settings.conversation_ttl);
     ready();
     let mut pending: VecDeque<Pending> = VecDeque::new();
@@ -127,7 +134,7 @@ pub fn run(
             }
         }
         drop_departed(&mut pending, |p| p.job.events.is_closed(), &metrics);
-        admit_pending(&speech, &settings, stream_bytes, &mut budget, &mut prefixes, &mut pending, &mut running, &metrics);
+        admit_pending(&speech, &settings, stream_bytes, &mut memory, &mut pending, &mut running, &metrics);
         if running.is_empty() {
             if !pending.is_empty() {
                 wait_for_change();
@@ -136,16 +143,16 @@ pub fn run(
         }
         round(&mut speech, &mut running, &metrics);
         metrics.steps.fetch_add(1, Ordering::Relaxed);
-        let held = prefixes.as_ref().map_or(0, Prefixes::bytes);
+        let held = memory.prefixes.as_ref().map_or(0, Prefixes::bytes);
         let ended = retire(
             &mut running,
             |s| SessionState { finished: s.finished, gone: s.job.events.is_closed(), bytes: s.bytes },
-            &mut budget,
+            &mut memory.budget,
             held,
             &metrics,
         );
         for s in ended.into_iter().filter(|s| s.answered) {
-            remember(s, &mut prefixes, &mut conversations, &mut budget, &metrics);
+            remember(s, &mut memory.prefixes, &mut conversations, &mut memory.budget, &metrics);
         }
     }
 }
@@ -229,12 +236,12 @@ fn admit_pending(
     speech: &Speech,
     settings: &LoopSettings,
     stream_bytes: usize,
-    budget: &mut Budget,
-    prefixes: &mut Option<Prefixes>,
+    memory: &mut Memory,
     pending: &mut VecDeque<Pending>,
     running: &mut Vec<Session>,
     metrics: &Metrics,
 ) {
+    let Memory { budget, prefixes } = memory;
     while running.len() < settings.parallel {
         let Some(head) = pending.front() else { return };
         let cells = session_cells(head.rows.len() + head.job.max_frames, settings.n_ctx);
