@@ -44,7 +44,8 @@ pub struct ServeArgs {
     #[arg(long, visible_alias = "np", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub parallel: u32,
 
-    /// KV cache bytes all sessions share, in MiB [default: --parallel sessions of a full context].
+    /// KV cache bytes all sessions and cached prefixes share, in MiB [default: --parallel sessions of a
+    /// full context, and one more for cached prefixes].
     #[arg(long, value_name = "MB", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_memory_mb: Option<u32>,
 

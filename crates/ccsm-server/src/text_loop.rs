@@ -38,8 +38,8 @@ pub struct LoopSettings {
     pub layouts: SessionLayouts,
     /// Most rows one step runs (prompts are fed in chunks within it).
     pub n_batch: usize,
-    /// Bytes all sessions' caches share (`None`: `parallel` sessions of a full context), cached
-    /// prefixes included.
+    /// Bytes all sessions' caches share, cached prefixes included (`None`: `parallel` sessions of a
+    /// full context, and one more when prefixes are cached).
     pub budget_bytes: Option<usize>,
     /// Cached prefixes: on or off, their type, their folder.
     pub prefixes: PrefixOptions,
@@ -49,7 +49,10 @@ pub struct LoopSettings {
 
 /// Logs and publishes the budget the loop runs with.
 pub(crate) fn start_budget(settings: &LoopSettings, full_session: usize, metrics: &Metrics) -> Budget {
-    let total = settings.budget_bytes.unwrap_or(full_session.saturating_mul(settings.parallel));
+    // Without a budget: `parallel` sessions of a full context, and one more for cached prefixes (so a
+    // full-context session can start from a prefix of its own length rather than evict it first).
+    let sessions = settings.parallel + usize::from(settings.prefixes.enabled);
+    let total = settings.budget_bytes.unwrap_or(full_session.saturating_mul(sessions));
     metrics.kv_budget_bytes.store(total, Ordering::Relaxed);
     eprintln!(
         "model loaded: {} sessions at once, {} cells each, KV budget {:.2} MiB ({}/{} caches)",
