@@ -2,6 +2,7 @@
 
 use std::ffi::CStr;
 use std::marker::PhantomData;
+use std::os::raw::{c_int, c_void};
 use std::ptr::NonNull;
 
 use ggml_sys as sys;
@@ -70,6 +71,45 @@ impl Context {
             return Err(Error::Allocation { what: op, bytes: needed });
         }
         Ok(())
+    }
+
+    /// A new f32 node of `shape` that our `kernel` computes from `args` (ggml hands it the node, the
+    /// thread's index and count, and `userdata` — a plain integer, never a pointer); `tasks` is ggml's
+    /// thread count for it (-1: all). Every custom op of this crate is made here.
+    ///
+    /// # Safety
+    /// `kernel` must read `args` only as the tensors they are (their types and shapes checked by the
+    /// caller), write only within the new `shape` f32 node, and treat `userdata` as an integer;
+    /// `args` must hold fewer than `GGML_MAX_SRC` tensors.
+    pub(crate) unsafe fn custom_f32<'c>(
+        &'c self,
+        op: &'static str,
+        shape: [i64; 4],
+        args: &[Tensor<'c>],
+        kernel: unsafe extern "C" fn(*mut sys::ggml_tensor, c_int, c_int, *mut c_void),
+        tasks: c_int,
+        userdata: usize,
+    ) -> Result<Tensor<'c>> {
+        self.reserve_headers(op)?;
+        let mut raw: Vec<*mut sys::ggml_tensor> = args.iter().map(|t| t.raw()).collect();
+        // SAFETY: the caller vouches for the kernel against these operands and shape (see above); ggml
+        // copies the argument pointers into the node, and the userdata pointer is an integer's bits.
+        let out = unsafe {
+            sys::ggml_custom_4d(
+                self.raw(),
+                DType::F32.to_sys(),
+                shape[0],
+                shape[1],
+                shape[2],
+                shape[3],
+                raw.as_mut_ptr(),
+                raw.len() as c_int,
+                Some(kernel),
+                tasks,
+                userdata as *mut c_void,
+            )
+        };
+        self.wrap(out, op)
     }
 
     /// A new tensor of `dtype` with `shape` (1 to 4 dimensions, `shape[0]` contiguous).

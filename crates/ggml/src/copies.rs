@@ -36,27 +36,10 @@ impl Context {
         }
         let mut ne = sa;
         ne[dim] += sb[dim];
-        let mut args = [a.raw(), b.raw()];
-        self.reserve_headers(OP)?;
         // SAFETY: a and b are live f32 tensors with contiguous rows, equal in every dimension but `dim`
-        // (checked above), which is what `concat_kernel` reads; the result is a new contiguous f32
-        // tensor of the joined shape; the userdata is `dim` as an integer, never dereferenced.
-        let raw = unsafe {
-            sys::ggml_custom_4d(
-                self.raw(),
-                DType::F32.to_sys(),
-                ne[0],
-                ne[1],
-                ne[2],
-                ne[3],
-                args.as_mut_ptr(),
-                2,
-                Some(concat_kernel),
-                -1,
-                dim as *mut c_void,
-            )
-        };
-        self.wrap(raw, OP)
+        // (checked above), which is what `concat_kernel` reads; it writes the joined shape; the
+        // userdata is `dim`.
+        unsafe { self.custom_f32(OP, ne, &[a, b], concat_kernel, -1, dim) }
     }
 
     /// The windows of `width` consecutive columns of `a` `[c, n]` (contiguous, f32), one every `step`
@@ -71,27 +54,10 @@ impl Context {
             return Err(Error::shape(OP, format!("windows of {width} columns every {step} over {n}"), &[a.shape()]));
         }
         let columns = (n - width) / step + 1;
-        let mut args = [a.raw()];
-        self.reserve_headers(OP)?;
         // SAFETY: a is a live contiguous 2-D f32 matrix of at least `width` columns (checked above), which
-        // is what `windows_kernel` reads; the result is a new f32 [c·width, columns] tensor, every
-        // window inside a; the userdata packs width and step as an integer, never dereferenced.
-        let raw = unsafe {
-            sys::ggml_custom_4d(
-                self.raw(),
-                DType::F32.to_sys(),
-                a.ne(0) * width as i64,
-                columns as i64,
-                1,
-                1,
-                args.as_mut_ptr(),
-                1,
-                Some(windows_kernel),
-                -1,
-                (width << 16 | step) as *mut c_void,
-            )
-        };
-        self.wrap(raw, OP)
+        // is what `windows_kernel` reads; it writes [c·width, columns], every window inside a; the
+        // userdata packs width and step.
+        unsafe { self.custom_f32(OP, [a.ne(0) * width as i64, columns as i64, 1, 1], &[a], windows_kernel, -1, width << 16 | step) }
     }
 }
 

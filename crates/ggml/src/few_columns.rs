@@ -51,27 +51,10 @@ impl Context {
                 &[w.shape(), x.shape()],
             ));
         }
-        let mut args = [w.raw(), x.raw()];
-        self.reserve_headers(OP)?;
         // SAFETY: w is a contiguous 2-D Q4_1 tensor and x a contiguous 2-D f32 tensor with w's row length
-        // (a multiple of 32) and MIN_FEW_COLUMNS..=MAX_FEW_COLUMNS columns (checked above), which is what `kernel`
-        // reads; the result is a new f32 [m, n] tensor; args holds 2 live tensors.
-        let out = unsafe {
-            sys::ggml_custom_4d(
-                self.raw(),
-                DType::F32.to_sys(),
-                w.ne(1),
-                x.ne(1),
-                1,
-                1,
-                args.as_mut_ptr(),
-                2,
-                Some(kernel),
-                -1,
-                std::ptr::null_mut(),
-            )
-        };
-        self.wrap(out, OP)
+        // (a multiple of 32) and MIN_FEW_COLUMNS..=MAX_FEW_COLUMNS columns (checked above), which is what
+        // `kernel` reads; it writes the [m, n] result; no userdata.
+        unsafe { self.custom_f32(OP, [w.ne(1), x.ne(1), 1, 1], &[w, x], kernel, -1, 0) }
     }
 }
 

@@ -27,27 +27,9 @@ impl Context {
                 &[w.shape(), x.shape()],
             ));
         }
-        let mut args = [w.raw(), x.raw()];
-        self.reserve_headers(OP)?;
         // SAFETY: w [k, m] and x [k, n] are live contiguous 2-D f32 tensors with k ≤ MAX_NARROW_INNER
-        // (checked above), which is what `kernel` reads; the result is a new f32 [m, n] tensor; args
-        // holds 2 live tensors; no userdata.
-        let out = unsafe {
-            sys::ggml_custom_4d(
-                self.raw(),
-                DType::F32.to_sys(),
-                w.ne(1),
-                x.ne(1),
-                1,
-                1,
-                args.as_mut_ptr(),
-                2,
-                Some(kernel),
-                -1,
-                std::ptr::null_mut(),
-            )
-        };
-        self.wrap(out, OP)
+        // (checked above), which is what `kernel` reads; it writes the [m, n] result; no userdata.
+        unsafe { self.custom_f32(OP, [w.ne(1), x.ne(1), 1, 1], &[w, x], kernel, -1, 0) }
     }
 }
 

@@ -77,25 +77,9 @@ impl Context {
         }
         let partials = joined.expect("one source at least");
         let hd_v = first.v.ne(0);
-        let mut args = [partials.raw()];
-        self.reserve_headers(OP)?;
-        // SAFETY: one live f32 source of shape [2 + hd_v, n_head, n_q, parts], as `merge_kernel` reads.
-        let out = unsafe {
-            sys::ggml_custom_4d(
-                self.raw(),
-                DType::F32.to_sys(),
-                hd_v,
-                q.ne(2),
-                q.ne(1),
-                1,
-                args.as_mut_ptr(),
-                1,
-                Some(merge_kernel),
-                -1,
-                std::ptr::null_mut(),
-            )
-        };
-        self.wrap(out, OP)
+        // SAFETY: one live f32 source of shape [2 + hd_v, n_head, n_q, parts], as `merge_kernel` reads;
+        // it writes [hd_v, n_head, n_q]; no userdata.
+        unsafe { self.custom_f32(OP, [hd_v, q.ne(2), q.ne(1), 1], &[partials], merge_kernel, -1, 0) }
     }
 
     /// The partials node of up to `SOURCES_PER_NODE` checked sources: `[2 + hd_v, n_head, n_q, parts]`
@@ -104,30 +88,15 @@ impl Context {
         const OP: &str = "split_attention";
         let hd_v = sources[0].v.ne(0);
         let parts: i64 = sources.iter().map(|s| parts_of(s.k.ne(1), hd_v, q.ne(2), q.ne(1))).sum();
-        let mut args = vec![q.raw()];
-        args.extend(sources.iter().flat_map(|s| [s.k.raw(), s.v.raw(), s.mask.raw()]));
-        // The scale travels as the userdata pointer's bits: nothing is ever dereferenced through it.
-        let userdata = scale.to_bits() as usize as *mut c_void;
-        self.reserve_headers(OP)?;
+        let mut args = vec![q];
+        args.extend(sources.iter().flat_map(|s| [s.k, s.v, s.mask]));
         // SAFETY: every source passed the checks flash attention makes (check_source), which is what
-        // `partials_kernel` relies on; the result is a new f32 tensor of the stated shape; args holds
-        // 1 + 3 × sources < GGML_MAX_SRC live tensors and ggml copies the pointers into the node.
+        // `partials_kernel` relies on; it writes [2 + hd_v, n_head, n_q, parts]; args holds
+        // 1 + 3 × sources < GGML_MAX_SRC tensors; the scale travels as the userdata's bits.
         let partials = unsafe {
-            sys::ggml_custom_4d(
-                self.raw(),
-                DType::F32.to_sys(),
-                2 + hd_v,
-                q.ne(2),
-                q.ne(1),
-                parts,
-                args.as_mut_ptr(),
-                args.len() as c_int,
-                Some(partials_kernel),
-                parts as c_int,
-                userdata,
-            )
-        };
-        Ok(self.wrap(partials, OP)?.set_name("attn_partials"))
+            self.custom_f32(OP, [2 + hd_v, q.ne(2), q.ne(1), parts], &args, partials_kernel, parts as c_int, scale.to_bits() as usize)
+        }?;
+        Ok(partials.set_name("attn_partials"))
     }
 }
 
