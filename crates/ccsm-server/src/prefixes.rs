@@ -48,26 +48,8 @@ impl Prefixes {
         let store = options.store_type.map(|t| LayerTypes::new(t, t));
         let mut prefixes = Prefixes { cache: PrefixCache::new(budget.total, store), dir: None };
         if let Some(dir) = &options.dir {
-            let opened = model_identity(&options.model).and_then(|identity| PrefixDir::new(dir, identity));
-            match opened {
-                Ok(folder) => {
-                    match folder.load_into(&mut prefixes.cache, budget, shape) {
-                        Ok(found) => {
-                            for why in &found.refused {
-                                eprintln!("prefix cache: {why}");
-                            }
-                            metrics.prefix.files_refused.fetch_add(found.refused.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                            eprintln!(
-                                "prefix cache: {} prefixes loaded from {} ({:.1} MiB)",
-                                found.loaded,
-                                dir.display(),
-                                prefixes.cache.bytes() as f64 / (1 << 20) as f64
-                            );
-                        }
-                        Err(e) => eprintln!("prefix cache: cannot read {}: {e}", dir.display()),
-                    }
-                    prefixes.dir = Some(folder);
-                }
+            match model_identity(&options.model).and_then(|identity| PrefixDir::new(dir, identity)) {
+                Ok(folder) => prefixes.load(folder, dir, budget, shape, metrics),
                 Err(e) => eprintln!("prefix cache: not kept on disk: {e}"),
             }
         }
@@ -75,11 +57,70 @@ impl Prefixes {
         Some(prefixes)
     }
 
-    /// The longest cached prefix of a prompt (counted as a hit or a miss).
-    pub fn find(&mut self, keys: &[u64], metrics: &Metrics) -> Option<PrefixHit> {
-        let hit = self.cache.longest(keys);
+    /// Loads the folder's files and keeps the folder in step from now on.
+    fn load(&mut self, folder: PrefixDir, dir: &std::path::Path, budget: &mut Budget, shape: &KvCacheConfig, metrics: &Metrics) {
+        match folder.load_into(&mut self.cache, budget, shape) {
+            Ok(found) => {
+                for why in &found.refused {
+                    eprintln!("prefix cache: {why}");
+                }
+                metrics.prefix.files_refused.fetch_add(found.refused.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                let mib = self.cache.bytes() as f64 / (1 << 20) as f64;
+                eprintln!("prefix cache: {} prefixes loaded from {} ({mib:.1} MiB)", found.loaded, dir.display());
+            }
+            Err(e) => eprintln!("prefix cache: cannot read {}: {e}", dir.display()),
+        }
+        self.dir = Some(folder);
+    }
+
+    /// Makes room for a session of `bytes` whose prompt has `keys` (see `make_room`) and holds the
+    /// longest cached prefix of that prompt against eviction until the session starts
+    /// (`start_session`) or does not (`release`). With `spare`, that prefix is kept while others make
+    /// room; without it (nothing else will free memory) it may make room too, and what is left is held.
+    pub fn make_room_for(&mut self, budget: &mut Budget, bytes: usize, keys: &[u64], spare: bool, metrics: &Metrics) -> Option<PrefixHit> {
+        let held = if spare { self.hold(keys) } else { None };
+        self.make_room(budget, bytes, metrics);
+        if spare {
+            held
+        } else {
+            self.hold(keys)
+        }
+    }
+
+    /// The longest cached prefix of `keys`, pinned; not counted until the session starts.
+    fn hold(&mut self, keys: &[u64]) -> Option<PrefixHit> {
+        let hit = self.cache.peek(keys)?;
+        self.cache.pin(hit.entry);
+        Some(hit)
+    }
+
+    /// Lets a held prefix go (its session did not start now).
+    pub fn release(&mut self, hit: Option<PrefixHit>) {
+        if let Some(hit) = hit {
+            self.cache.unpin(hit.entry);
+        }
+    }
+
+    /// Starts an admitted session from its held prefix (counted as a hit or a miss): `restore` copies
+    /// the rows into the session. Returns the rows it holds: 0 without a prefix, or when the copy failed
+    /// (`restore` must then leave the session empty: it prefills everything).
+    pub fn start_session(
+        &mut self,
+        hit: Option<PrefixHit>,
+        restore: impl FnOnce(&mut PrefixCache, PrefixHit) -> ccsm::Result<()>,
+        metrics: &Metrics,
+    ) -> usize {
+        self.release(hit);
+        self.cache.record(hit);
         self.publish(metrics);
-        hit
+        let Some(hit) = hit else { return 0 };
+        match restore(&mut self.cache, hit) {
+            Ok(()) => hit.rows,
+            Err(e) => {
+                tracing::warn!("a cached prefix could not be copied ({e}); prefilling the whole prompt");
+                0
+            }
+        }
     }
 
     /// The cache itself (to restore a hit into a session).
@@ -92,7 +133,7 @@ impl Prefixes {
         self.cache.bytes()
     }
 
-    /// Evicts entries until `bytes` fit beside the sessions (sessions come first).
+    /// Evicts entries not held until `bytes` fit beside the sessions (sessions come first).
     pub fn make_room(&mut self, budget: &mut Budget, bytes: usize, metrics: &Metrics) {
         if !budget.fits(bytes) && self.cache.bytes() > 0 {
             self.cache.make_room_in(budget, bytes);
@@ -127,5 +168,41 @@ impl Prefixes {
 
     fn publish(&self, metrics: &Metrics) {
         metrics.prefix.publish(&self.cache);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ccsm::kv_cache::KvCacheConfig;
+
+    fn filled(rows: usize) -> KvCache {
+        let mut c = KvCache::new(KvCacheConfig::uniform(2, 64, 2, 64, CacheType::F16, CacheType::F16)).unwrap();
+        c.append(rows).unwrap();
+        c
+    }
+
+    #[test]
+    fn a_session_keeps_the_prefix_it_starts_from_while_others_make_room() {
+        let metrics = Metrics::default();
+        let entry = filled(32).memory_usage() / 2; // 32 of 64 cells
+        let mut budget = Budget::new(3 * entry);
+        let options = PrefixOptions { enabled: true, store_type: None, dir: None, model: PathBuf::new() };
+        let shape = filled(0).config().clone();
+        let mut p = Prefixes::start(&options, &shape, &mut budget, &metrics).unwrap();
+        let (older, newer): (Vec<u64>, Vec<u64>) = ((0..32).collect(), (100..132).collect());
+        p.keep(&mut budget, &older, &filled(32), &metrics);
+        p.keep(&mut budget, &newer, &filled(32), &metrics);
+        assert_eq!(budget.used, 2 * entry);
+        // A session of two entries' bytes whose prompt starts like the older (least recently used)
+        // entry: with sessions running, the newer one makes room and the older is held for it.
+        let prompt: Vec<u64> = (0..40).collect();
+        let hit = p.make_room_for(&mut budget, 2 * entry, &prompt, true, &metrics).expect("the older entry is held");
+        assert_eq!((hit.rows, budget.used, p.cache().len()), (32, entry, 1));
+        assert_eq!(p.start_session(Some(hit), |_, _| Ok(()), &metrics), 32);
+        assert_eq!(p.cache().stats().hits, 1);
+        // With nothing running (nothing else will free memory) the prefix makes room itself.
+        assert!(p.make_room_for(&mut budget, 3 * entry, &prompt, false, &metrics).is_none());
+        assert_eq!((budget.used, p.cache().len()), (0, 0));
     }
 }

@@ -9,8 +9,8 @@ use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
 use ccsm::csm::{
-    row_keys, speech_step, CsmEngine, CsmSession, Frame, PrefillRequest, Request, Row, Segment, SessionCaches, SpeechTurn, TurnProgress,
-    TurnStep,
+    context_rows, frame_key, row_keys, speech_step, CsmEngine, CsmSession, Frame, PrefillRequest, Request, Row, Segment, SessionCaches,
+    SpeechTurn, TurnProgress, TurnStep,
 };
 use ccsm::generate::StopReason;
 use ccsm::memory::{admit, uniform_fallbacks, Admission, Budget};
@@ -32,6 +32,8 @@ struct Pending {
     /// The context the turn runs with (a conversation's turns, the voice's, the request's).
     context: Vec<Segment>,
     rows: Vec<Row>,
+    /// Their prefix-cache keys.
+    keys: Vec<u64>,
     /// Rows of `context` (the rest are the text to say).
     context_rows: usize,
 }
@@ -126,7 +128,7 @@ pub fn run(
             }
             let context = conversations.context_for(job.conversation.as_deref(), &job.context, job.voice_segments);
             match check(&speech, &settings, &job, &context) {
-                Ok((rows, context_rows)) => pending.push_back(Pending { job, context, rows, context_rows }),
+                Ok((rows, context_rows)) => pending.push_back(Pending { job, context, keys: row_keys(&rows), rows, context_rows }),
                 Err(e) => {
                     refused(&metrics);
                     let _ = job.events.send(SpeechEvent::Failed(e));
@@ -163,7 +165,7 @@ fn remember(s: Session, prefixes: &mut Option<Prefixes>, conversations: &mut Con
     if let Some(p) = prefixes.as_mut() {
         match &s.job.conversation {
             Some(_) => {
-                let keys: Vec<u64> = s.keys.iter().copied().chain(s.frames.iter().map(|f| Row::Audio(f.clone()).key())).collect();
+                let keys: Vec<u64> = s.keys.iter().copied().chain(s.frames.iter().map(|f| frame_key(f))).collect();
                 p.keep(budget, &keys, s.state.backbone_cache(), metrics);
             }
             None => p.keep(budget, &s.keys[..s.context_rows], s.state.backbone_cache(), metrics),
@@ -185,14 +187,8 @@ fn warm_voices(
     budget: &mut Budget,
     metrics: &Metrics,
 ) {
-    let c = engine.model().config().clone();
     for context in voices {
-        let rows: ccsm::Result<Vec<Row>> = context
-            .iter()
-            .map(|seg| seg.rows(engine.model().tokenizer(), c.n_codebooks, c.audio_vocab))
-            .collect::<ccsm::Result<Vec<_>>>()
-            .map(|r| r.concat());
-        let Ok(rows) = rows else { continue };
+        let Ok(rows) = context_rows(engine.model(), context) else { continue };
         let keys = row_keys(&rows);
         if rows.len() < ccsm::prefix_cache::BLOCK_ROWS || rows.len() >= settings.n_ctx || prefixes.cache().contains(&keys) {
             continue;
@@ -214,12 +210,9 @@ fn warm_voices(
 /// The job's backbone rows (`context`, then the input; recordings already encoded), checked against
 /// the session context, and how many of them are the context's.
 fn check(speech: &Speech, settings: &LoopSettings, job: &SpeechJob, context: &[Segment]) -> Result<(Vec<Row>, usize), ApiError> {
-    let model = speech.engine.model();
-    let said = Request { text: job.text.clone(), speaker: job.speaker, context: Vec::new(), seed: None, max_frames: None, output: None };
-    let request = Request { context: context.to_vec(), ..said.clone() };
-    let invalid = |e: ccsm::Error| ApiError::invalid(e.to_string());
-    let rows = request.rows(model).map_err(invalid)?;
-    let context_rows = rows.len() - said.rows(model).map_err(invalid)?.len();
+    let request =
+        Request { text: job.text.clone(), speaker: job.speaker, context: context.to_vec(), seed: None, max_frames: None, output: None };
+    let (rows, context_rows) = request.rows_after_context(speech.engine.model()).map_err(|e| ApiError::invalid(e.to_string()))?;
     let needed = rows.len() + job.max_frames;
     if needed > settings.n_ctx {
         return Err(ApiError::invalid(format!(
@@ -248,11 +241,16 @@ fn admit_pending(
         let caches = |(k_type, v_type): (ccsm::CacheType, ccsm::CacheType)| SessionCaches { capacity: cells, k_type, v_type };
         let bytes_of =
             |&types: &(ccsm::CacheType, ccsm::CacheType)| speech.engine.session_bytes(&caches(types)).ok().map(|b| b + stream_bytes);
-        // Sessions come first: cached prefixes make room before a session waits or is narrowed.
-        if let (Some(p), Some(bytes)) = (prefixes.as_mut(), bytes_of(&(settings.k_type, settings.v_type))) {
-            p.make_room(budget, bytes, metrics);
-        }
+        // Sessions come first: cached prefixes make room before a session waits or is narrowed, all
+        // but the one this session would start from while running sessions can still free memory.
+        let hit = match (prefixes.as_mut(), bytes_of(&(settings.k_type, settings.v_type))) {
+            (Some(p), Some(bytes)) => p.make_room_for(budget, bytes, &head.keys, !running.is_empty(), metrics),
+            _ => None,
+        };
         let decision = admit(&(settings.k_type, settings.v_type), &uniform_fallbacks(), settings.adapt, budget, bytes_of);
+        if let (Some(p), false) = (prefixes.as_mut(), matches!(decision, Admission::Start { .. })) {
+            p.release(hit);
+        }
         let (types, bytes) = match decision {
             Admission::Wait => return,
             Admission::Never { smallest } => {
@@ -263,7 +261,7 @@ fn admit_pending(
             }
             Admission::Start { layout, bytes } => (layout, bytes),
         };
-        let Pending { job, context, rows, context_rows } = pending.pop_front().expect("head exists");
+        let Pending { job, context, rows, keys, context_rows } = pending.pop_front().expect("head exists");
         metrics.waiting.fetch_sub(1, Ordering::Relaxed);
         let made = (|| -> ccsm::Result<_> {
             Ok((speech.engine.new_session(&caches(types))?, speech.codec.new_stream()?, Sampler::new(job.sampler)?))
@@ -271,16 +269,16 @@ fn admit_pending(
         let (mut state, stream, sampler) = match made {
             Ok(parts) => parts,
             Err(e) => {
+                if let Some(p) = prefixes.as_mut() {
+                    p.release(hit);
+                }
                 // A 400: the HTTP side counts it.
                 let _ = job.events.send(SpeechEvent::Failed(ApiError::invalid(e.to_string())));
                 continue;
             }
         };
-        let keys = row_keys(&rows);
-        let reused = match prefixes.as_mut() {
-            Some(p) => start_from_prefix(p, &keys, &mut state, metrics),
-            None => 0,
-        };
+        let restore = |c: &mut ccsm::prefix_cache::PrefixCache, hit| state.start_from_prefix(c, hit).inspect_err(|_| state.reset());
+        let reused = prefixes.as_mut().map_or(0, |p| p.start_session(hit, restore, metrics));
         started(budget, bytes, rows.len() - reused, metrics);
         let _ = job.events.send(SpeechEvent::Accepted);
         let prompt_rows = rows.len();
@@ -303,20 +301,6 @@ fn admit_pending(
             first_audio: false,
             finished: false,
         });
-    }
-}
-
-/// Starts a new session from the longest cached prefix of its prompt; returns the rows it holds (0
-/// when none was found or the copy failed: the session then prefills everything).
-fn start_from_prefix(prefixes: &mut Prefixes, keys: &[u64], state: &mut CsmSession, metrics: &Metrics) -> usize {
-    let Some(hit) = prefixes.find(keys, metrics) else { return 0 };
-    match state.start_from_prefix(prefixes.cache(), hit) {
-        Ok(()) => hit.rows,
-        Err(e) => {
-            tracing::warn!("a cached prefix could not be copied ({e}); prefilling the whole prompt");
-            state.reset();
-            0
-        }
     }
 }
 

@@ -76,6 +76,9 @@ const SCORED_PROMPT_ROWS: usize = 32;
 struct Pending {
     job: TextJob,
     prompt: Vec<u32>,
+    /// The prompt's prefix-cache keys (none when it is not looked up: no cache, or a scored prompt,
+    /// which needs every row's logits).
+    keys: Vec<u64>,
     max_tokens: usize,
 }
 
@@ -131,7 +134,12 @@ pub fn run(mut engine: TextEngine, settings: LoopSettings, jobs: Receiver<Job>, 
         for job in incoming {
             let Job::Text(mut job) = job else { continue };
             match check(&settings, &job) {
-                Ok(max_tokens) => pending.push_back(Pending { prompt: std::mem::take(&mut job.prompt), job, max_tokens }),
+                Ok(max_tokens) => {
+                    let prompt = std::mem::take(&mut job.prompt);
+                    let looked_up = prefixes.is_some() && !job.scores_prompt();
+                    let keys = if looked_up { ccsm::prefix_cache::token_keys(&prompt) } else { Vec::new() };
+                    pending.push_back(Pending { prompt, keys, job, max_tokens })
+                }
                 Err(e) => {
                     refused(&metrics);
                     let _ = job.events.send(TextEvent::Failed(e));
@@ -210,11 +218,16 @@ fn admit_pending(
             engine.cache_config(cells, settings.k_type, settings.v_type).with_layout(layout).with_recent(settings.layouts.recent.min(cells))
         };
         let bytes_of = |layout: &KvLayout| config_of(layout.clone()).bytes().ok();
-        // Sessions come first: cached prefixes make room before a session waits or is narrowed.
-        if let (Some(p), Some(bytes)) = (prefixes.as_mut(), bytes_of(&settings.layouts.configured)) {
-            p.make_room(budget, bytes, metrics);
-        }
+        // Sessions come first: cached prefixes make room before a session waits or is narrowed, all
+        // but the one this session would start from while running sessions can still free memory.
+        let hit = match (prefixes.as_mut(), bytes_of(&settings.layouts.configured)) {
+            (Some(p), Some(bytes)) => p.make_room_for(budget, bytes, &head.keys, !running.is_empty(), metrics),
+            _ => None,
+        };
         let decision = admit(&settings.layouts.configured, &settings.layouts.fallbacks, settings.adapt, budget, bytes_of);
+        if let (Some(p), false) = (prefixes.as_mut(), matches!(decision, Admission::Start { .. })) {
+            p.release(hit);
+        }
         let (layout, bytes) = match decision {
             Admission::Wait => return,
             Admission::Never { smallest } => {
@@ -225,7 +238,7 @@ fn admit_pending(
             }
             Admission::Start { layout, bytes } => (layout, bytes),
         };
-        let Pending { job, prompt, max_tokens } = pending.pop_front().expect("head exists");
+        let Pending { job, prompt, max_tokens, .. } = pending.pop_front().expect("head exists");
         metrics.waiting.fetch_sub(1, Ordering::Relaxed);
         let o = &job.options;
         let made = (|| -> ccsm::Result<_> {
@@ -234,16 +247,16 @@ fn admit_pending(
         let (mut cache, picker) = match made {
             Ok(parts) => parts,
             Err(e) => {
+                if let Some(p) = prefixes.as_mut() {
+                    p.release(hit);
+                }
                 // A 400: the HTTP side counts it.
                 let _ = job.events.send(TextEvent::Failed(ApiError::invalid(format!("cannot start the session: {e}"))));
                 continue;
             }
         };
-        // A scored prompt needs every row's logits: it prefills all of them.
-        let reused = match prefixes.as_mut().filter(|_| !job.scores_prompt()) {
-            Some(p) => start_from_prefix(p, &prompt, &mut cache, metrics),
-            None => 0,
-        };
+        let restore = |c: &mut ccsm::prefix_cache::PrefixCache, hit| c.restore(hit, &mut cache).inspect_err(|_| cache.clear());
+        let reused = prefixes.as_mut().map_or(0, |p| p.start_session(hit, restore, metrics));
         started(budget, bytes, prompt.len() - reused, metrics);
         let _ = job.events.send(TextEvent::Accepted);
         running.push(Session {
@@ -267,20 +280,6 @@ fn admit_pending(
             finished: false,
             done: None,
         });
-    }
-}
-
-/// Fills a new session's cache with the longest cached prefix of its prompt; returns the rows it
-/// holds (0 when none was found or the copy failed: the session then prefills everything).
-fn start_from_prefix(prefixes: &mut Prefixes, prompt: &[u32], cache: &mut KvCache, metrics: &Metrics) -> usize {
-    let Some(hit) = prefixes.find(&ccsm::prefix_cache::token_keys(prompt), metrics) else { return 0 };
-    match prefixes.cache().restore(hit, cache) {
-        Ok(()) => hit.rows,
-        Err(e) => {
-            tracing::warn!("a cached prefix could not be copied ({e}); prefilling the whole prompt");
-            cache.clear();
-            0
-        }
     }
 }
 

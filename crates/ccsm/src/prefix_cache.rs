@@ -81,15 +81,14 @@ pub struct PrefixCache {
     evicted: Vec<Vec<u64>>,
 }
 
-/// The key of one row from its words (a CSM row's tag and codes): FNV-1a, stable across builds and
-/// machines, since keys are written to disk.
-pub fn row_key(words: &[u32]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in words.iter().flat_map(|w| w.to_le_bytes()) {
-        h ^= u64::from(byte);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+/// FNV-1a of `bytes`: stable across builds and machines, since keys and file names are written to disk.
+pub(crate) fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, byte| (h ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// The key of one row from a tag (what kind of row) and its words (a CSM row's token, or its codes).
+pub fn row_key(tag: u32, words: &[u32]) -> u64 {
+    fnv1a(std::iter::once(tag).chain(words.iter().copied()).flat_map(u32::to_le_bytes))
 }
 
 /// The keys of text tokens: the ids themselves.
@@ -156,6 +155,14 @@ impl PrefixCache {
     /// The longest cached prefix of `rows`, leaving at least one row to run (its logits are the
     /// next token's), at least one whole block; counted as a hit or a miss.
     pub fn longest(&mut self, rows: &[u64]) -> Option<PrefixHit> {
+        let hit = self.peek(rows);
+        self.record(hit);
+        hit
+    }
+
+    /// `longest` without counting it or touching the entry (a lookup for a session that may not
+    /// start yet; `record` counts it when it does).
+    pub fn peek(&self, rows: &[u64]) -> Option<PrefixHit> {
         let usable = rows.len().saturating_sub(1);
         let mut best: Option<PrefixHit> = None;
         for (k, hash) in block_hashes(&rows[..usable]).into_iter().enumerate() {
@@ -172,7 +179,12 @@ impl PrefixCache {
                 }
             }
         }
-        match best {
+        best
+    }
+
+    /// Counts a lookup's outcome (a hit makes its entry the most recently used).
+    pub fn record(&mut self, hit: Option<PrefixHit>) {
+        match hit {
             Some(hit) => {
                 self.stats.hits += 1;
                 self.stats.rows_reused += hit.rows as u64;
@@ -180,7 +192,6 @@ impl PrefixCache {
             }
             None => self.stats.misses += 1,
         }
-        best
     }
 
     /// Copies the hit's rows into `cache` (which it replaces the contents of).

@@ -21,10 +21,15 @@ impl Row {
     /// The row's key in a prefix cache (stable: written to disk with cached prefixes).
     pub fn key(&self) -> u64 {
         match self {
-            Row::Text(id) => crate::prefix_cache::row_key(&[0, *id]),
-            Row::Audio(frame) => crate::prefix_cache::row_key(&[[1].as_slice(), frame].concat()),
+            Row::Text(id) => crate::prefix_cache::row_key(0, &[*id]),
+            Row::Audio(frame) => frame_key(frame),
         }
     }
+}
+
+/// The key of a frame's row (`Row::Audio(frame).key()` without the row).
+pub fn frame_key(frame: &[u32]) -> u64 {
+    crate::prefix_cache::row_key(1, frame)
 }
 
 /// The keys of backbone rows.

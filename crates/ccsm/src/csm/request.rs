@@ -51,14 +51,28 @@ impl Request {
     /// The backbone rows of the context turns and then the text to say (no frames yet), checked
     /// against the model's codebooks and audio vocabulary.
     pub fn rows(&self, model: &CsmModel) -> Result<Vec<Row>> {
-        let c = model.config();
-        let target = Segment { speaker: self.speaker, text: self.text.clone(), frames: Vec::new(), audio: None };
-        let mut rows = Vec::new();
-        for segment in self.context.iter().chain(std::iter::once(&target)) {
-            rows.extend(segment.rows(model.tokenizer(), c.n_codebooks, c.audio_vocab)?);
-        }
-        Ok(rows)
+        Ok(self.rows_after_context(model)?.0)
     }
+
+    /// `rows`, and how many of them are the context's (the rest say the text).
+    pub fn rows_after_context(&self, model: &CsmModel) -> Result<(Vec<Row>, usize)> {
+        let c = model.config();
+        let mut rows = context_rows(model, &self.context)?;
+        let context = rows.len();
+        let target = Segment { speaker: self.speaker, text: self.text.clone(), frames: Vec::new(), audio: None };
+        rows.extend(target.rows(model.tokenizer(), c.n_codebooks, c.audio_vocab)?);
+        Ok((rows, context))
+    }
+}
+
+/// The backbone rows of context turns (a voice, a conversation so far), checked as `Request::rows` does.
+pub fn context_rows(model: &CsmModel, context: &[Segment]) -> Result<Vec<Row>> {
+    let c = model.config();
+    let mut rows = Vec::new();
+    for segment in context {
+        rows.extend(segment.rows(model.tokenizer(), c.n_codebooks, c.audio_vocab)?);
+    }
+    Ok(rows)
 }
 
 #[cfg(test)]

@@ -43,11 +43,7 @@ pub fn model_identity(path: &Path) -> Result<String> {
 
 /// The file a prefix of `rows` is kept in, in `dir`: named by a hash of its rows.
 pub fn path_for(dir: &Path, rows: &[u64]) -> PathBuf {
-    dir.join(format!(
-        "prefix-{:016x}-{}.gguf",
-        super::row_key(&rows.iter().flat_map(|&r| [r as u32, (r >> 32) as u32]).collect::<Vec<_>>()),
-        rows.len()
-    ))
+    dir.join(format!("prefix-{:016x}-{}.gguf", super::fnv1a(rows.iter().flat_map(|r| r.to_le_bytes())), rows.len()))
 }
 
 fn refused(path: &Path, why: impl std::fmt::Display) -> Error {
