@@ -11,7 +11,7 @@ use ccsm::llama::LlamaModel;
 use ccsm::sampling::argmax;
 use ccsm::{CacheType, GGMLModel, Logits, ModelOptions};
 
-use common::{model, SMOLLM2, TINY_LLAMA};
+use common::{model, relative_diff, SMOLLM2, TINY_LLAMA};
 
 const PROMPTS: [&str; 4] = [
     "The Jargon File is a glossary of hacker slang.",
@@ -35,14 +35,6 @@ fn alone(name: &str, t: CacheType, prompt: &[u32]) -> Vec<Vec<f32>> {
 
 fn tokens(engine: &TextEngine) -> Vec<Vec<u32>> {
     PROMPTS.iter().map(|p| engine.model().tokenizer().encode(p).unwrap()).collect()
-}
-
-/// Largest difference between two logit rows as a fraction of the reference's spread.
-fn relative_diff(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    assert!(!a.is_empty());
-    let spread = b.iter().fold(f32::MIN, |m, &x| m.max(x)) - b.iter().fold(f32::MAX, |m, &x| m.min(x));
-    a.iter().zip(b).map(|(x, y)| (x - y).abs() as f64).fold(0.0, f64::max) / spread as f64
 }
 
 /// All sequences prefilled in one step, then decoded together, the last joining after two steps.

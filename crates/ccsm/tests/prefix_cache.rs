@@ -12,7 +12,7 @@ use ccsm::prefix_cache::{PrefixCache, BLOCK_ROWS};
 use ccsm::sampling::argmax;
 use ccsm::{CacheType, Logits};
 
-use common::{model, TINY_LLAMA};
+use common::{mean_kld, model, relative_diff, CHUNKING_TOLERANCE, SMOLLM2, TINY_LLAMA};
 
 const DECODE: usize = 8;
 
@@ -59,10 +59,11 @@ fn a_session_from_a_cached_prefix_speaks_as_one_that_prefilled_it() {
         let tokens = |s: &[Vec<f32>]| s.iter().map(|l| argmax(l)).collect::<Vec<_>>();
         assert_eq!(tokens(&got), tokens(&want), "{t:?}: the same greedy tokens");
         // The restored rows are the bytes prefilling stores; the rest is prefilled in a second chunk,
-        // which ggml's products may round differently from one chunk (measured below).
-        let diff = got.iter().flatten().zip(want.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        eprintln!("{t:?}: warm vs cold logits differ by at most {diff}");
-        assert!(diff <= 1e-3, "{t:?}: logits differ by {diff}");
+        // which ggml's products may round differently from one chunk (measured 0 of the spread here,
+        // on AVX-512 and AVX2 kernels).
+        let diff = got.iter().zip(&want).map(|(a, b)| relative_diff(a, b)).fold(0.0, f64::max);
+        eprintln!("{t:?}: warm vs cold logits differ by {diff:.2e} of the spread");
+        assert!(diff <= CHUNKING_TOLERANCE, "{t:?}: logits differ by {diff:.2e} of the spread");
         assert_eq!(prefixes.stats().hits, 1);
     }
 }
@@ -133,4 +134,48 @@ fn prefixes_stored_smaller_convert_on_the_way_back() {
     prefixes.restore(hit, &mut warm).unwrap();
     let got = greedy(&mut engine, &mut warm, &prompt);
     assert_eq!(argmax(&got[0]), argmax(&want[0]));
+}
+
+/// Every row's logits of `tokens` run on top of what `cache` holds.
+fn scored(engine: &mut TextEngine, cache: &mut KvCache, tokens: &[u32]) -> Vec<f32> {
+    engine.step(&mut [SequenceStep { cache, tokens, logits: Logits::All }], false).unwrap().remove(0)
+}
+
+#[test]
+fn prefixes_stored_as_q8_0_or_q4_0_score_as_sessions_of_that_type_against_an_f32_cache() {
+    let mut engine = TextEngine::new(LlamaModel::load(model(SMOLLM2)).unwrap(), 2).unwrap();
+    let vocab = engine.model().vocab_size();
+    let text = "HACKER n. [originally, someone who makes furniture with an axe] 1. A person who enjoys exploring \
+        the details of programmable systems and how to stretch their capabilities, as opposed to most users, who \
+        prefer to learn only the minimum necessary. 2. One who programs enthusiastically (even obsessively) or \
+        who enjoys programming rather than just theorizing about programming. 3. A person capable of \
+        appreciating hack value. 4. A person who is good at programming quickly. 5. An expert at a particular \
+        program, or one who frequently does work using it or on it; as in `a Unix hacker'.";
+    let prompt = engine.model().tokenizer().encode(text).unwrap();
+    let split = prompt.len() - 32;
+    let (head, tail) = prompt.split_at(split);
+    let mut f32_cache = engine.new_cache(256, CacheType::F32, CacheType::F32).unwrap();
+    let reference = scored(&mut engine, &mut f32_cache, &prompt)[split * vocab..].to_vec();
+    let mut f16 = engine.new_cache(256, CacheType::F16, CacheType::F16).unwrap();
+    scored(&mut engine, &mut f16, head);
+    for t in [CacheType::Q8_0, CacheType::Q4_0] {
+        // A session whose own cache is t, prefilling everything.
+        let mut own = engine.new_cache(256, t, t).unwrap();
+        let own_logits = scored(&mut engine, &mut own, &prompt)[split * vocab..].to_vec();
+        // An f16 session's rows stored as t, restored into a session of t, the last 32 tokens run.
+        let mut prefixes = PrefixCache::new(64 << 20, Some(LayerTypes::new(t, t)));
+        prefixes.insert(&keys(head), &f16).unwrap().unwrap();
+        let hit = prefixes.longest(&keys(&prompt)).unwrap();
+        assert_eq!(hit.rows, split);
+        let mut warm = engine.new_cache(256, t, t).unwrap();
+        prefixes.restore(hit, &mut warm).unwrap();
+        let warm_logits = scored(&mut engine, &mut warm, tail);
+        let (own_kld, warm_kld) = (mean_kld(&reference, &own_logits, vocab), mean_kld(&reference, &warm_logits, vocab));
+        eprintln!("{t}: mean KLD against an f32 cache over 32 tokens: own cache {own_kld:.6}, from a stored prefix {warm_kld:.6}");
+        // The stored rows are quantized from f16-rounded values instead of f32 ones, and the last rows
+        // run as their own chunk. Measured warm / own: q8_0 1.01 (AVX-512 kernels), 1.20 (AVX2); q4_0
+        // 0.66, 0.89. q8_0's KLD (0.0034) is the floor between attention paths over an f32 cache
+        // (attention_paths.rs), not q8_0's own error. Bound: 1.5 × own, plus 1e-4 for that floor.
+        assert!(warm_kld <= 1.5 * own_kld + 1e-4, "{t}: {warm_kld} against the own cache's {own_kld}");
+    }
 }

@@ -141,6 +141,18 @@ pub fn bytes_per_element(t: ccsm::CacheType) -> f64 {
     }
 }
 
+/// Largest difference between two logit rows as a fraction of the reference's (`b`'s) spread.
+pub fn relative_diff(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    assert!(!a.is_empty());
+    let spread = b.iter().fold(f32::MIN, |m, &x| m.max(x)) - b.iter().fold(f32::MAX, |m, &x| m.min(x));
+    a.iter().zip(b).map(|(x, y)| (x - y).abs() as f64).fold(0.0, f64::max) / spread as f64
+}
+
+/// A prompt cut into other chunks is rounded differently by ggml's products: the batched-steps tests
+/// measure that floor, and bound it (and so every warm-vs-cold comparison) at this fraction of the spread.
+pub const CHUNKING_TOLERANCE: f64 = 1e-5;
+
 /// The softmax of one logit row, in f64.
 pub fn softmax(logits: &[f32]) -> Vec<f64> {
     let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
