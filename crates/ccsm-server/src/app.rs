@@ -153,18 +153,22 @@ pub fn submit(state: &AppState, job: Job) -> Result<(), ApiError> {
     })
 }
 
-/// A `text/event-stream` response fed by a forwarding task: `first` data lines, then each event's; it
-/// ends when the job's events end, and drops the job's channel as soon as the client goes away (so the
-/// engine cancels it).
-pub fn sse_response<E: Send + 'static>(
+/// A response body fed by a forwarding task: the `first` chunks, then each event's (`format`); it ends
+/// when the job's events end or after a chunk that is an error (aborting the transfer, so a client can
+/// tell a failed stream from a finished one), and drops the job's channel as soon as the client goes
+/// away (so the engine cancels it).
+fn forwarded<E: Send + 'static, X>(
     mut rx: UnboundedReceiver<E>,
-    first: Vec<String>,
-    mut format: impl FnMut(E) -> Vec<String> + Send + 'static,
-) -> Response {
-    let (tx, out) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(64);
+    first: Vec<Bytes>,
+    mut format: impl FnMut(E) -> Vec<Result<Bytes, X>> + Send + 'static,
+) -> Body
+where
+    X: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    let (tx, out) = tokio::sync::mpsc::channel::<Result<Bytes, X>>(64);
     tokio::spawn(async move {
-        for data in first {
-            if tx.send(Ok(Bytes::from(format!("data: {data}\n\n")))).await.is_err() {
+        for chunk in first {
+            if !send(&tx, Ok(chunk)).await {
                 return;
             }
         }
@@ -173,8 +177,8 @@ pub fn sse_response<E: Send + 'static>(
                 _ = tx.closed() => return,
                 event = rx.recv() => {
                     let Some(event) = event else { return };
-                    for data in format(event) {
-                        if tx.send(Ok(Bytes::from(format!("data: {data}\n\n")))).await.is_err() {
+                    for chunk in format(event) {
+                        if !send(&tx, chunk).await {
                             return;
                         }
                     }
@@ -182,37 +186,37 @@ pub fn sse_response<E: Send + 'static>(
             }
         }
     });
-    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(out));
+    Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(out))
+}
+
+/// Sends one chunk; whether the stream goes on (the client is there and the chunk was no error).
+async fn send<X>(tx: &tokio::sync::mpsc::Sender<Result<Bytes, X>>, chunk: Result<Bytes, X>) -> bool {
+    let last = chunk.is_err();
+    tx.send(chunk).await.is_ok() && !last
+}
+
+/// A `text/event-stream` response: `first` data lines, then each event's.
+pub fn sse_response<E: Send + 'static>(
+    rx: UnboundedReceiver<E>,
+    first: Vec<String>,
+    mut format: impl FnMut(E) -> Vec<String> + Send + 'static,
+) -> Response {
+    let line = |data: String| Bytes::from(format!("data: {data}\n\n"));
+    let body = forwarded::<E, Infallible>(rx, first.into_iter().map(line).collect(), move |e| {
+        format(e).into_iter().map(|d| Ok(line(d))).collect()
+    });
     ([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], body).into_response()
 }
 
-/// A byte-stream response fed the same way (streamed audio). `format` turns an event into bytes, or
-/// into an error that aborts the transfer (so a client can tell a failed stream from a finished one).
+/// A byte-stream response (streamed audio): `first`, then each event's bytes, or an error that aborts
+/// the transfer.
 pub fn bytes_response<E: Send + 'static>(
-    mut rx: UnboundedReceiver<E>,
+    rx: UnboundedReceiver<E>,
     first: Vec<u8>,
     content_type: &'static str,
     format: impl Fn(E) -> Option<std::io::Result<Vec<u8>>> + Send + 'static,
 ) -> Response {
-    let (tx, out) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(64);
-    tokio::spawn(async move {
-        if !first.is_empty() && tx.send(Ok(Bytes::from(first))).await.is_err() {
-            return;
-        }
-        loop {
-            tokio::select! {
-                _ = tx.closed() => return,
-                event = rx.recv() => {
-                    let Some(event) = event else { return };
-                    if let Some(bytes) = format(event) {
-                        let failed = bytes.is_err();
-                        if tx.send(bytes.map(Bytes::from)).await.is_err() || failed {
-                            return;
-                        }
-                    }
-                }
-            }
-        }
-    });
-    ([(header::CONTENT_TYPE, content_type)], Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(out))).into_response()
+    let first = if first.is_empty() { Vec::new() } else { vec![Bytes::from(first)] };
+    let body = forwarded(rx, first, move |e| format(e).map(|r| r.map(Bytes::from)).into_iter().collect());
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
