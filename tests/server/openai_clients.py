@@ -495,9 +495,10 @@ def layouts_part(bin_path, models):
     with Server(bin_path, model, "-c", "256", "--parallel", "1", *layout) as s:
         text = s.client().completions.create(model="any", prompt=prompt, max_tokens=10, temperature=0).choices[0].text
         assert text == cli_text(bin_path, model, prompt, 10, extra=["-c", "256", *layout]), text
-        # One 256-cell session of this layout, exactly: rows of 64 elements, 2 layers.
+        # One 256-cell session of this layout, exactly (rows of 64 elements, 2 layers), and one more for
+        # cached prefixes: the default budget.
         per_cell = 2 * 34 + 2 * 18 + 2 * 18 + 2 * 24
-        assert s.metrics()["ccsm_kv_cache_budget_bytes"] == 256 * per_cell
+        assert s.metrics()["ccsm_kv_cache_budget_bytes"] == 2 * 256 * per_cell
     # A recent window: sessions answer as the CLI with the same window, and the rings are in the budget.
     window = ["--kv-quant", "q4_0", "--kv-recent", "16"]
     with Server(bin_path, model, "-c", "256", "--parallel", "1", *window) as s:

@@ -225,6 +225,11 @@ pub fn serve(config: ServeConfig) -> Result<()> {
         Some(dir) => load_voices(dir)?,
         None => BTreeMap::new(),
     };
+    // Sessions with an f16 recent window keep their newest rows in a ring a copied prefix cannot fill.
+    let prefix_cache = config.prefixes.enabled && layouts.recent == 0;
+    if config.prefixes.enabled && !prefix_cache {
+        eprintln!("prefix cache off: sessions with an f16 recent window (--kv-recent) do not start from copied rows");
+    }
     let settings = text_loop::LoopSettings {
         parallel: config.parallel,
         n_ctx: session_ctx,
@@ -234,7 +239,7 @@ pub fn serve(config: ServeConfig) -> Result<()> {
         layouts,
         n_batch: config.n_batch,
         budget_bytes: config.cache.budget.map(|b| b.bytes),
-        prefixes: config.prefixes.clone(),
+        prefixes: PrefixOptions { enabled: prefix_cache, ..config.prefixes.clone() },
         conversation_ttl: config.conversation_ttl,
     };
     // Voices given as frames are prefilled into the prefix cache at start-up (recordings on first use).

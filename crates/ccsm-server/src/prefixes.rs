@@ -41,10 +41,6 @@ impl Prefixes {
         if !options.enabled {
             return None;
         }
-        if shape.recent > 0 {
-            eprintln!("prefix cache off: sessions with an f16 recent window (--kv-recent) do not start from copied rows");
-            return None;
-        }
         let store = options.store_type.map(|t| LayerTypes::new(t, t));
         let mut prefixes = Prefixes { cache: PrefixCache::new(budget.total, store), dir: None };
         if let Some(dir) = &options.dir {
