@@ -99,13 +99,20 @@ def text_part(bin_path, models):
                 time.sleep(0.01)
             [t.join() for t in threads]
         m = s.metrics()
+        # Which prefixes survive the rounds depends on timing; one prompt asked twice in a row, with
+        # nothing else running, always finds its own rows the second time.
+        before = m["ccsm_prefix_cache_hits_total"]
+        for _ in range(2):
+            ask(prompts[0], 0)
+        m = s.metrics()
+    assert m["ccsm_prefix_cache_hits_total"] >= before + 1, (before, m["ccsm_prefix_cache_hits_total"])
     assert not errors and len(answers[0]) == len(answers[1]) == 8, (errors, answers)
     # Answers are not compared across rounds: how a step shares its rows among prefilling sessions
     # depends on arrival timing, and a prompt cut into other chunks rounds differently (measured: one
     # of these prompts flips a near-tie token in 1 of 4 runs without any prefix cache).
-    assert m["ccsm_prefix_cache_evictions_total"] > 0 and m["ccsm_prefix_cache_hits_total"] >= 1, m
+    assert m["ccsm_prefix_cache_evictions_total"] > 0, m
     print(f"text: budget held under pressure; {int(m['ccsm_prefix_cache_evictions_total'])} evictions, "
-          f"{int(m['ccsm_prefix_cache_hits_total'])} hits, 16 of 16 answered")
+          f"{int(m['ccsm_prefix_cache_hits_total'])} hits, all answered")
 
 
 def speech_part(bin_path, models):
