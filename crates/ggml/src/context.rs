@@ -343,7 +343,15 @@ impl<'ctx> Tensor<'ctx> {
         Ok(out)
     }
 
-    fn check_range(self, op: &'static str, offset: usize, len: usize) -> Result<()> {
+    /// The tensor's data address when it lies in host memory (a plain context or a host buffer).
+    pub(crate) fn host_data(self) -> Option<usize> {
+        let header = self.header();
+        // SAFETY: a non-null buffer pointer in a live tensor's header is a live backend buffer.
+        let host = header.buffer.is_null() || unsafe { sys::ggml_backend_buffer_is_host(header.buffer) };
+        (host && !header.data.is_null()).then_some(header.data as usize)
+    }
+
+    pub(crate) fn check_range(self, op: &'static str, offset: usize, len: usize) -> Result<()> {
         self.check_io(op, self.nbytes())?;
         if offset.checked_add(len).is_none_or(|end| end > self.nbytes()) {
             return Err(Error::invalid(

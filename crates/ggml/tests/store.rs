@@ -160,3 +160,41 @@ fn repacked_q4_0_matrices_compute_the_same_products() {
         }
     }
 }
+
+#[test]
+fn byte_copies_between_stores_land_whole_and_refuse_bad_ranges() {
+    use ggml::{copy_bytes, ByteCopy};
+    let mut from = TensorStore::new(2).unwrap();
+    let a = from.add("a", DType::F16, &[1024, 700]).unwrap();
+    let b = from.add("b", DType::Q8_0, &[64, 3]).unwrap();
+    from.allocate().unwrap();
+    let mut to = TensorStore::new(2).unwrap();
+    let c = to.add("c", DType::F16, &[1024, 900]).unwrap();
+    let d = to.add("d", DType::Q8_0, &[64, 3]).unwrap();
+    to.allocate().unwrap();
+    // Bytes that differ everywhere, so a piece copied to the wrong offset shows.
+    let pattern = |n: usize, seed: usize| (0..n).map(|i| (i.wrapping_mul(2654435761) >> 7 ^ seed) as u8).collect::<Vec<u8>>();
+    let (a_bytes, b_bytes) = (pattern(from.get(a).nbytes(), 1), pattern(from.get(b).nbytes(), 2));
+    from.data_mut(a).unwrap().copy_from_slice(&a_bytes);
+    from.data_mut(b).unwrap().copy_from_slice(&b_bytes);
+    let part = 2048 * 650; // 650 rows of a, several threads' shares
+    let copies = [
+        ByteCopy { src: from.get(a), dst: to.get(c), len: part },
+        ByteCopy { src: from.get(b), dst: to.get(d), len: from.get(b).nbytes() },
+    ];
+    for threads in [1, 2, 3, 8] {
+        to.get(c).write_bytes(&vec![0; to.get(c).nbytes()]).unwrap();
+        to.get(d).write_bytes(&vec![0; to.get(d).nbytes()]).unwrap();
+        copy_bytes(&copies, threads).unwrap();
+        let got = to.get(c).read_bytes().unwrap();
+        assert_eq!(&got[..part], &a_bytes[..part], "{threads} threads");
+        assert!(got[part..].iter().all(|&x| x == 0), "{threads} threads: wrote past the copy");
+        assert_eq!(to.get(d).read_bytes().unwrap(), b_bytes, "{threads} threads");
+    }
+    let too_long = ByteCopy { src: from.get(b), dst: to.get(d), len: from.get(b).nbytes() + 1 };
+    assert!(copy_bytes(&[too_long], 2).is_err(), "a copy past the source's end");
+    let onto_itself = ByteCopy { src: to.get(c), dst: to.get(c), len: 64 };
+    assert!(copy_bytes(&[onto_itself], 2).is_err(), "a destination overlapping its source");
+    let twice = ByteCopy { src: from.get(b), dst: to.get(d), len: 32 };
+    assert!(copy_bytes(&[twice, twice], 2).is_err(), "two copies into the same bytes");
+}

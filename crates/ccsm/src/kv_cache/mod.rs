@@ -275,6 +275,7 @@ fn hadamard_store(head_dim: usize) -> Result<(TensorStore, TensorId)> {
 
 /// Copies the first `rows` rows of `src` (type `from`) into `dst` (type `to`) through f32, rotating
 /// each head (`Some(head_dim)`) on the way when the two sides differ in rotation (H undoes itself).
+/// Blocks of rows are converted on every core (a prefix stored in q8_0 going into an f16 session).
 fn convert_rows(
     src: Tensor<'_>,
     dst: Tensor<'_>,
@@ -285,15 +286,30 @@ fn convert_rows(
     rotate: Option<usize>,
 ) -> Result<()> {
     let (src_row, dst_row) = (from.dtype().row_size(n_embd)?, to.dtype().row_size(n_embd)?);
-    for first in (0..rows).step_by(CONVERT_ROWS) {
-        let n = CONVERT_ROWS.min(rows - first);
-        let bytes = src.read_bytes_at(first * src_row, n * src_row)?;
-        let mut values = from.dtype().dequantize(&bytes, n * n_embd)?;
+    let bytes = src.read_bytes_at(0, rows * src_row)?;
+    let convert = |block: &[u8]| -> Result<Vec<u8>> {
+        let mut values = from.dtype().dequantize(block, block.len() / src_row * n_embd)?;
         if let Some(head_dim) = rotate {
             rotate_heads(&mut values, head_dim);
         }
-        dst.write_bytes_at(first * dst_row, &to.dtype().quantize(&values, n_embd)?)?;
+        Ok(to.dtype().quantize(&values, n_embd)?)
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(rows.div_ceil(CONVERT_ROWS)).max(1);
+    let share = rows.div_ceil(threads).max(1) * src_row;
+    let converted: Vec<Result<Vec<u8>>> = match threads {
+        1 => vec![convert(&bytes)],
+        _ => std::thread::scope(|scope| {
+            let handles: Vec<_> = bytes.chunks(share).map(|block| scope.spawn(move || convert(block))).collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::Input("a row conversion thread panicked".into())))).collect()
+        }),
+    };
+    let mut at = 0;
+    for block in converted {
+        let block = block?;
+        dst.write_bytes_at(at, &block)?;
+        at += block.len();
     }
+    debug_assert_eq!(at, rows * dst_row);
     Ok(())
 }
 

@@ -33,19 +33,20 @@ impl KvCache {
             return Err(Error::CacheFull { needed: rows, capacity: src.len().min(self.capacity()) });
         }
         let n_embd = self.width();
+        let mut same = Vec::new();
         for layer in 0..self.config.n_layer {
             for half in Half::BOTH {
                 let (from, to) = (src.config.types(layer).get(half), self.config.types(layer).get(half));
                 let (s, d) = (half_of(src, layer, half), half_of(self, layer, half));
                 let rotate = src.rotates(layer, half) != self.rotates(layer, half);
                 if from == to && !rotate {
-                    let bytes = from.dtype().row_size(n_embd)? * rows;
-                    d.write_bytes_at(0, &s.read_bytes_at(0, bytes)?)?;
+                    same.push(ggml::ByteCopy { src: s, dst: d, len: from.dtype().row_size(n_embd)? * rows });
                 } else {
                     convert_rows(s, d, from, to, n_embd, rows, rotate.then_some(self.config.head_dim))?;
                 }
             }
         }
+        ggml::copy_bytes(&same, std::thread::available_parallelism().map_or(1, |n| n.get()))?;
         self.positions = src.positions[..rows].to_vec();
         self.next_position = self.positions.last().map_or(0, |&p| p + 1);
         self.scores = src.scores.get(..rows).map_or_else(|| vec![0.0; rows], <[f32]>::to_vec);

@@ -70,19 +70,37 @@ pub fn rotate_heads(values: &mut [f32], head_dim: usize) {
     debug_assert!(head_dim.is_power_of_two() && values.len().is_multiple_of(head_dim));
     let scale = 1.0 / (head_dim as f32).sqrt();
     for head in values.chunks_exact_mut(head_dim) {
+        // The first three butterfly stages on whole blocks of 8 (short spans do not vectorize one
+        // by one), then the wider stages over contiguous halves; the same additions in the same order.
         let mut span = 1;
+        if head_dim >= 8 {
+            head.chunks_exact_mut(8).for_each(hadamard8);
+            span = 8;
+        }
         while span < head_dim {
-            for start in (0..head_dim).step_by(2 * span) {
-                for i in start..start + span {
-                    let (a, b) = (head[i], head[i + span]);
-                    head[i] = a + b;
-                    head[i + span] = a - b;
+            for block in head.chunks_exact_mut(2 * span) {
+                let (low, high) = block.split_at_mut(span);
+                for (a, b) in low.iter_mut().zip(high.iter_mut()) {
+                    (*a, *b) = (*a + *b, *a - *b);
                 }
             }
             span *= 2;
         }
         head.iter_mut().for_each(|v| *v *= scale);
     }
+}
+
+/// Butterfly stages of spans 1, 2 and 4 on 8 values (unnormalised).
+fn hadamard8(x: &mut [f32]) {
+    let mut v: [f32; 8] = x.try_into().expect("blocks of 8");
+    for span in [1, 2, 4] {
+        let mut out = v;
+        for i in 0..8 {
+            out[i] = if i & span == 0 { v[i] + v[i + span] } else { v[i - span] - v[i] };
+        }
+        v = out;
+    }
+    x.copy_from_slice(&v);
 }
 
 #[cfg(test)]
