@@ -8,7 +8,7 @@ FUZZ_SEEDS := models/micro-llama.gguf models/micro-csm.gguf models/micro-mimi.gg
 SMOLLM2 := models/SmolLM2-135M-Instruct.Q4_1.gguf
 JARGON := data/jargon.txt
 
-.PHONY: setup deps pydeps ggml-source build test lint run bench bench-memory bench-server bench-shared-cores plots models data csm-1b-shape mimi-shape fuzz clean
+.PHONY: setup deps pydeps ggml-source build test lint run bench bench-memory bench-server bench-shared-cores plots models data csm-1b-shape llama-1b-shape mimi-shape fuzz clean
 
 ## setup: system packages (libclang for bindgen), Python tools, the pinned ggml source
 setup: deps pydeps ggml-source
@@ -50,6 +50,13 @@ csm-1b-shape: models/csm-1b-shape.gguf
 
 models/csm-1b-shape.gguf: tools/make_samples.py
 	python3 tools/make_samples.py models --csm-1b-shape
+
+## llama-1b-shape: Llama-3.2-1B's dimensions as a text model, random q8_0 and q4_0 weights (1.3 GB and 0.8 GB,
+## for speed measurements only: issue 27's prompt rows beside llama-bench)
+llama-1b-shape: models/llama-1b-shape-q8_0.gguf models/llama-1b-shape-q4_0.gguf
+
+models/llama-1b-shape-%.gguf: tools/make_samples.py
+	python3 tools/make_samples.py models --llama-1b-shape $*
 
 ## mimi-shape: Mimi's dimensions with random q8_0 weights (for speed measurements only)
 mimi-shape: models/mimi-shape.gguf

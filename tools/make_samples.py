@@ -5,6 +5,7 @@
                                              # tiny-csm.gguf (tiny-mimi embedded: one file that speaks)
     make_samples.py OUT_DIR --csm-1b-shape   # csm-1b-shape.gguf: CSM-1B's dimensions, random q8_0 weights
     make_samples.py OUT_DIR --mimi-shape     # mimi-shape.gguf: Mimi's dimensions, random q8_0 weights
+    make_samples.py OUT_DIR --llama-1b-shape q8_0|q4_0   # llama-1b-shape-TYPE.gguf: Llama-3.2-1B's dimensions
     make_samples.py OUT_DIR --fuzz-seeds     # micro-llama.gguf, micro-csm.gguf, micro-mimi.gguf: the fuzz seeds
 
 Written with the `gguf` package (not with the engine's own writer), so the engine's reader is tested
@@ -153,6 +154,109 @@ def tiny_csm(path, seed=20261130, shape=TINY_CSM, name="tiny-csm", n_merges=200,
         convert_csm.convert(ckpt_path, tok_path, path, dtype, cfg_path, name=name, mimi=embedded)
 
 
+def random_q8_0(rng, rows, cols, scale):
+    """Raw Q8_0 blocks of random int8 values under one scale (`scale` = the largest value)."""
+    blocks = rows * cols // 32
+    raw = np.empty((blocks, 34), dtype=np.uint8)
+    raw[:, :2] = np.full((blocks, 1), scale / 127, dtype=np.float16).view(np.uint8)
+    raw[:, 2:] = rng.integers(-127, 128, size=(blocks, 32), dtype=np.int8).view(np.uint8)
+    return raw.reshape(rows, cols // 32 * 34)
+
+
+def random_q4_0(rng, rows, cols, scale):
+    """Raw Q4_0 blocks of random nibbles under one scale."""
+    blocks = rows * cols // 32
+    raw = np.empty((blocks, 18), dtype=np.uint8)
+    raw[:, :2] = np.full((blocks, 1), scale / 8, dtype=np.float16).view(np.uint8)
+    raw[:, 2:] = rng.integers(0, 256, size=(blocks, 16), dtype=np.uint8)
+    return raw.reshape(rows, cols // 32 * 18)
+
+
+# Llama-3.2-1B's dimensions (its config.json): the CSM backbone's shape, as a text model.
+LLAMA_1B = {"n_vocab": 128256, "n_embd": 2048, "n_layer": 16, "n_head": 32, "n_head_kv": 8, "n_ff": 8192}
+
+
+def llama3_rope_divisors(head_dim, base, factor, low, high, original_context):
+    """Llama 3's RoPE scaling as a divisor per frequency: none for short wavelengths, `factor` for long
+    ones, a smooth blend between."""
+    out = []
+    for i in range(head_dim // 2):
+        wavelength = 2 * np.pi * base ** (2 * i / head_dim)
+        if wavelength < original_context / high:
+            out.append(1.0)
+        elif wavelength > original_context / low:
+            out.append(factor)
+        else:
+            smooth = (original_context / wavelength - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def llama_1b_shape(path, wtype="q8_0", seed=11):
+    """Llama-3.2-1B's dimensions and RoPE (θ 500,000, llama3 scaling ×32 as `rope_freqs`) with random weights, written
+    block by block: the layers' products in `wtype` (q8_0 or q4_0), the tied embedding in q8_0 (as
+    llama.cpp's own Q4_0 files keep it wide), the norms f32. A tiny BPE padded with reserved tokens to
+    the real vocabulary, so the output head has its real size. For speed measurements only."""
+    from gguf import GGMLQuantizationType
+
+    rng = np.random.default_rng(seed)
+    c = LLAMA_1B
+    tokens, merges, types = tiny_bpe.train(200)
+    types = list(types) + [3] * (c["n_vocab"] - len(tokens))  # CONTROL
+    tokens = list(tokens) + [f"<|reserved_special_token_{i}|>" for i in range(c["n_vocab"] - len(tokens))]
+    w = GGUFWriter(path, "llama")
+    w.add_name(f"llama-1b-shape-{wtype}")
+    w.add_block_count(c["n_layer"])
+    w.add_context_length(131072)
+    w.add_embedding_length(c["n_embd"])
+    w.add_feed_forward_length(c["n_ff"])
+    w.add_head_count(c["n_head"])
+    w.add_head_count_kv(c["n_head_kv"])
+    w.add_rope_freq_base(500000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(c["n_vocab"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("llama-bpe")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+
+    def matrix(name, rows, cols, kind):
+        if kind == "q4_0":
+            raw, qtype = random_q4_0(rng, rows, cols, 2.0 / np.sqrt(cols)), GGMLQuantizationType.Q4_0
+        else:
+            raw, qtype = random_q8_0(rng, rows, cols, 2.0 / np.sqrt(cols)), GGMLQuantizationType.Q8_0
+        w.add_tensor(name, raw, raw_shape=(rows, raw.shape[-1]), raw_dtype=qtype)
+
+    def norm(name, n):
+        w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32))
+
+    matrix("token_embd.weight", c["n_vocab"], c["n_embd"], "q8_0")
+    e, kv, head_dim = c["n_embd"], c["n_head_kv"] * c["n_embd"] // c["n_head"], c["n_embd"] // c["n_head"]
+    # llama3 RoPE scaling as llama.cpp reads it: per-frequency divisors in `rope_freqs.weight`
+    # (factor 32, low 1, high 4, original context 8192), which both engines apply.
+    w.add_tensor("rope_freqs.weight", llama3_rope_divisors(head_dim, 500000.0, 32.0, 1.0, 4.0, 8192))
+    for l in range(c["n_layer"]):
+        b = f"blk.{l}."
+        norm(b + "attn_norm.weight", e)
+        matrix(b + "attn_q.weight", c["n_head"] * head_dim, e, wtype)
+        matrix(b + "attn_k.weight", kv, e, wtype)
+        matrix(b + "attn_v.weight", kv, e, wtype)
+        matrix(b + "attn_output.weight", e, c["n_head"] * head_dim, wtype)
+        norm(b + "ffn_norm.weight", e)
+        matrix(b + "ffn_gate.weight", c["n_ff"], e, wtype)
+        matrix(b + "ffn_up.weight", c["n_ff"], e, wtype)
+        matrix(b + "ffn_down.weight", e, c["n_ff"], wtype)
+    norm("output_norm.weight", e)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=False)
+    w.close()
+
+
 def csm_1b_shape(path, seed=7, decoder_type="q8_0"):
     """CSM-1B's dimensions with random q8_0 weights, written block by block (no f32 copy of 1.5 B
     parameters): for speed measurements only. `decoder_type` q4_0 stores the decoder's products
@@ -168,20 +272,6 @@ def csm_1b_shape(path, seed=7, decoder_type="q8_0"):
         with open(tok_path, "w") as f:
             json.dump(tok, f)
 
-        def random_q8_0(rows, cols, scale):
-            blocks = rows * cols // 32
-            raw = np.empty((blocks, 34), dtype=np.uint8)
-            raw[:, :2] = np.full((blocks, 1), scale / 127, dtype=np.float16).view(np.uint8)
-            raw[:, 2:] = rng.integers(-127, 128, size=(blocks, 32), dtype=np.int8).view(np.uint8)
-            return raw.reshape(rows, cols // 32 * 34)
-
-        def random_q4_0(rows, cols, scale):
-            blocks = rows * cols // 32
-            raw = np.empty((blocks, 18), dtype=np.uint8)
-            raw[:, :2] = np.full((blocks, 1), scale / 8, dtype=np.float16).view(np.uint8)
-            raw[:, 2:] = rng.integers(0, 256, size=(blocks, 16), dtype=np.uint8)
-            return raw.reshape(rows, cols // 32 * 18)
-
         def in_decoder(gname):
             return gname.startswith(("decoder.", "projection", "audio_head"))
 
@@ -195,9 +285,9 @@ def csm_1b_shape(path, seed=7, decoder_type="q8_0"):
             else:
                 rows, cols = int(np.prod(shape[:-1])), shape[-1]
                 if decoder_type == "q4_0" and in_decoder(gname):
-                    raw, qtype = random_q4_0(rows, cols, 2.0 / np.sqrt(cols)), GGMLQuantizationType.Q4_0
+                    raw, qtype = random_q4_0(rng, rows, cols, 2.0 / np.sqrt(cols)), GGMLQuantizationType.Q4_0
                 else:
-                    raw, qtype = random_q8_0(rows, cols, 2.0 / np.sqrt(cols)), GGMLQuantizationType.Q8_0
+                    raw, qtype = random_q8_0(rng, rows, cols, 2.0 / np.sqrt(cols)), GGMLQuantizationType.Q8_0
                 w.add_tensor(gname, raw, raw_shape=(*shape[:-1], raw.shape[-1]), raw_dtype=qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
@@ -214,6 +304,7 @@ def main():
     )
     ap.add_argument("--fuzz-seeds", action="store_true", help="write only the fuzz seeds micro-llama.gguf, micro-csm.gguf, micro-mimi.gguf")
     ap.add_argument("--mimi-shape", action="store_true", help="write only mimi-shape.gguf")
+    ap.add_argument("--llama-1b-shape", choices=["q8_0", "q4_0"], help="write only llama-1b-shape-TYPE.gguf")
     args = ap.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
     if args.fuzz_seeds:
@@ -226,6 +317,9 @@ def main():
         return
     if args.csm_1b_shape_q4_decoder:
         csm_1b_shape(os.path.join(args.out_dir, "csm-1b-shape-q4dec.gguf"), decoder_type="q4_0")
+        return
+    if args.llama_1b_shape:
+        llama_1b_shape(os.path.join(args.out_dir, f"llama-1b-shape-{args.llama_1b_shape}.gguf"), args.llama_1b_shape)
         return
     if args.mimi_shape:
         mimi(os.path.join(args.out_dir, "mimi-shape.gguf"), mimi_checkpoint.MIMI, "mimi-shape", seed=8, dtype="q8_0")

@@ -139,6 +139,38 @@ mod tests {
         assert!(x.iter().zip(&fast).all(|(a, b)| (a - b).abs() < 1e-5), "H·H = I");
     }
 
+    /// The butterflies one index at a time, stage by stage: what `rotate_heads` computes, written
+    /// the plainest way.
+    fn plain_butterflies(head: &mut [f32]) {
+        let n = head.len();
+        let mut span = 1;
+        while span < n {
+            for start in (0..n).step_by(2 * span) {
+                for i in start..start + span {
+                    let (a, b) = (head[i], head[i + span]);
+                    head[i] = a + b;
+                    head[i + span] = a - b;
+                }
+            }
+            span *= 2;
+        }
+        let scale = 1.0 / (n as f32).sqrt();
+        head.iter_mut().for_each(|v| *v *= scale);
+    }
+
+    #[test]
+    fn blocked_butterflies_round_as_the_plain_ones_bit_for_bit() {
+        for n in [1, 2, 4, 8, 16, 64, 128, 256] {
+            // Values whose sums round (no exact small integers), three heads.
+            let x: Vec<f32> = (0..3 * n).map(|i| ((i as f32 + 0.37) * 1.618_034).sin() * 3.7 + 1e-3 * i as f32).collect();
+            let mut fast = x.clone();
+            rotate_heads(&mut fast, n);
+            let mut plain = x;
+            plain.chunks_exact_mut(n).for_each(plain_butterflies);
+            assert!(fast.iter().zip(&plain).all(|(a, b)| a.to_bits() == b.to_bits()), "head dim {n}");
+        }
+    }
+
     #[test]
     fn only_quantized_halves_with_power_of_two_heads_rotate() {
         assert!(Rotation::Quantized.applies(CacheType::Q4_0, 64));
