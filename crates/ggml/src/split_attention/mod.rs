@@ -8,6 +8,8 @@
 //! `rows` turns cache rows into f32, `math` holds the inner loops (AVX2/FMA/F16C when the CPU has them).
 
 mod math;
+#[cfg(target_arch = "x86_64")]
+mod math512;
 mod rows;
 
 use std::os::raw::{c_int, c_void};
@@ -172,15 +174,44 @@ struct Job {
 /// Per-thread buffers: a block's decoded rows, the group's queries, scores and weights, and the
 /// online-softmax state (max, sum, Σ weight·v) of each query head of the group.
 struct Scratch {
-    keys: Vec<f32>,
-    values: Vec<f32>,
-    queries: Vec<f32>,
+    keys: Aligned,
+    values: Aligned,
+    queries: Aligned,
     weights: Vec<f32>,
-    acc: Vec<f32>,
+    acc: Aligned,
     state: Vec<(f32, f32)>,
     /// Each query row's mask over the block, and whether any of its cells is visible.
     masks: Vec<f32>,
     live: Vec<bool>,
+}
+
+/// Zeroed f32s starting on a 64-byte boundary, so rows of a multiple of 16 floats never straddle
+/// cache lines (a 512-bit load across two lines costs two).
+struct Aligned {
+    buf: Vec<f32>,
+    start: usize,
+    len: usize,
+}
+
+impl Aligned {
+    fn zeros(len: usize) -> Aligned {
+        let buf = vec![0.0f32; len + 16];
+        let start = (16 - (buf.as_ptr() as usize / 4) % 16) % 16;
+        Aligned { buf, start, len }
+    }
+}
+
+impl std::ops::Deref for Aligned {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.buf[self.start..self.start + self.len]
+    }
+}
+
+impl std::ops::DerefMut for Aligned {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.buf[self.start..self.start + self.len]
+    }
 }
 
 /// Whether our AVX2 kernels can run here.
@@ -237,6 +268,13 @@ unsafe extern "C" fn partials_kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth
     }
     let (first, step) = (ith.max(0) as i64, nth.max(1) as i64);
     #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU has AVX-512F, AVX2, FMA and F16C (checked); the jobs' views are as
+        // `run_parts` needs.
+        unsafe { run_parts_avx512(&jobs, first, step) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU has AVX2, FMA and F16C (checked); the jobs' views are as `run_parts` needs.
         unsafe { run_parts_avx2(&jobs, first, step) };
@@ -244,6 +282,27 @@ unsafe extern "C" fn partials_kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth
     }
     // SAFETY: the jobs' views are as `run_parts` needs.
     unsafe { run_parts::<Portable>(&jobs, first, step) };
+}
+
+/// Whether our AVX-512 loops run here: the CPU has AVX-512F and ggml was built for it too (so that a
+/// build for AVX2 machines, `CCSM_GGML_MARCH=x86-64-v3`, runs what those machines run).
+pub(crate) fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static BUILT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        has_avx2() && std::arch::is_x86_feature_detected!("avx512f") && *BUILT.get_or_init(|| crate::cpu_features().contains(&"AVX512"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// # Safety
+/// As `run_parts`, on a CPU with AVX-512F, AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn run_parts_avx512(jobs: &[Job], first: i64, step: i64) {
+    // SAFETY: the caller's contract.
+    unsafe { run_parts::<math512::Avx512>(jobs, first, step) }
 }
 
 /// # Safety
@@ -263,11 +322,11 @@ unsafe fn run_parts<M: Math>(jobs: &[Job], first: i64, step: i64) {
     let job = &jobs[0];
     let (hd, hd_v, rows) = (job.hd, job.hd_v, (job.q.ne[1] * job.q.ne[2]) as usize);
     let mut s = Scratch {
-        keys: vec![0.0; BLOCK * hd],
-        values: vec![0.0; BLOCK * hd_v],
-        queries: vec![0.0; rows * hd],
+        keys: Aligned::zeros(BLOCK * hd),
+        values: Aligned::zeros(BLOCK * hd_v),
+        queries: Aligned::zeros(rows * hd),
         weights: vec![0.0; job.q.ne[1] as usize * job.group * BLOCK],
-        acc: vec![0.0; rows * hd_v],
+        acc: Aligned::zeros(rows * hd_v),
         state: vec![(f32::NEG_INFINITY, 0.0); rows],
         masks: vec![0.0; job.q.ne[1] as usize * BLOCK],
         live: vec![false; job.q.ne[1] as usize],
