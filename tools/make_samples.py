@@ -50,12 +50,15 @@ MICRO_STACK = {"n_layer": 1, "n_embd": 32, "n_head": 1, "n_head_kv": 1, "head_di
 MICRO_CSM = {**TINY_CSM, "backbone": MICRO_STACK, "decoder": MICRO_STACK, "max_seq_len": 64, "audio_vocab_size": 8, "audio_num_codebooks": 4}
 
 
-def llama_stack(writer, rng, prefix, n_layer, n_embd, n_head, n_head_kv, n_ff, wtype=np.float32):
-    """Random Llama block weights under `prefix` (numpy shapes are ggml's reversed)."""
+def llama_stack(writer, rng, prefix, n_layer, n_embd, n_head, n_head_kv, n_ff, wtype=np.float32, matrix=None):
+    """Random Llama block weights under `prefix` (numpy shapes are ggml's reversed); `matrix(name,
+    rows, cols)` writes each product's weights (default: f32 normals in `wtype`)."""
     head_dim = n_embd // n_head
 
-    def matrix(name, rows, cols):
+    def normal_matrix(name, rows, cols):
         writer.add_tensor(name, (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(wtype))
+
+    matrix = matrix or normal_matrix
 
     def norm(name, n):
         writer.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32))
@@ -74,25 +77,21 @@ def llama_stack(writer, rng, prefix, n_layer, n_embd, n_head, n_head_kv, n_ff, w
     norm(prefix + "output_norm.weight", n_embd)
 
 
-def tiny_llama(path, pre="smollm", name="tiny-llama", n_embd=128, n_head=4, n_head_kv=2, n_ff=256, n_layer=2, n_merges=200, wtype=np.float32):
-    """A 2-layer Llama (width 128, 4 heads over 2 KV heads of 32) with a SmolLM2-style tokenizer and
-    llama3 RoPE scaling (so frequency factors are exercised at test lengths)."""
-    rng = np.random.default_rng(20261129)
-    tokens, merges, types = tiny_bpe.train(n_merges)
+def llama_writer(path, name, n_layer, n_embd, n_head, n_head_kv, n_ff, context, freq_base, tokenizer, pre, rope_keys=None):
+    """A GGUF writer with a Llama model's metadata: its shape, RoPE base (then `rope_keys(writer)`, if
+    given), and a BPE `tokenizer` (tokens, merges, types) with BOS 1 and EOS 2."""
+    tokens, merges, types = tokenizer
     w = GGUFWriter(path, "llama")
     w.add_name(name)
     w.add_block_count(n_layer)
-    w.add_context_length(256)
+    w.add_context_length(context)
     w.add_embedding_length(n_embd)
     w.add_feed_forward_length(n_ff)
     w.add_head_count(n_head)
     w.add_head_count_kv(n_head_kv)
-    w.add_rope_freq_base(10000.0)
-    w.add_string("llama.rope.scaling.type", "llama3")
-    w.add_float32("llama.rope.scaling.factor", 8.0)
-    w.add_float32("llama.rope.scaling.low_freq_factor", 1.0)
-    w.add_float32("llama.rope.scaling.high_freq_factor", 4.0)
-    w.add_uint32("llama.rope.scaling.original_context_length", 64)
+    w.add_rope_freq_base(freq_base)
+    if rope_keys:
+        rope_keys(w)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(len(tokens))
     w.add_tokenizer_model("gpt2")
@@ -103,6 +102,23 @@ def tiny_llama(path, pre="smollm", name="tiny-llama", n_embd=128, n_head=4, n_he
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
+    return w
+
+
+def tiny_llama(path, pre="smollm", name="tiny-llama", n_embd=128, n_head=4, n_head_kv=2, n_ff=256, n_layer=2, n_merges=200, wtype=np.float32):
+    """A 2-layer Llama (width 128, 4 heads over 2 KV heads of 32) with a SmolLM2-style tokenizer and
+    llama3 RoPE scaling (so frequency factors are exercised at test lengths)."""
+    rng = np.random.default_rng(20261129)
+    tokens, merges, types = tiny_bpe.train(n_merges)
+
+    def llama3_scaling(w):
+        w.add_string("llama.rope.scaling.type", "llama3")
+        w.add_float32("llama.rope.scaling.factor", 8.0)
+        w.add_float32("llama.rope.scaling.low_freq_factor", 1.0)
+        w.add_float32("llama.rope.scaling.high_freq_factor", 4.0)
+        w.add_uint32("llama.rope.scaling.original_context_length", 64)
+
+    w = llama_writer(path, name, n_layer, n_embd, n_head, n_head_kv, n_ff, 256, 10000.0, (tokens, merges, types), pre, llama3_scaling)
     # Small enough that the tied output head gives a spread-out distribution (logit std ≈ 1).
     w.add_tensor("token_embd.weight", (0.1 * rng.standard_normal((len(tokens), n_embd))).astype(wtype))
     llama_stack(w, rng, "", n_layer, n_embd, n_head, n_head_kv, n_ff, wtype)
@@ -204,53 +220,22 @@ def llama_1b_shape(path, wtype="q8_0", seed=11):
     tokens, merges, types = tiny_bpe.train(200)
     types = list(types) + [3] * (c["n_vocab"] - len(tokens))  # CONTROL
     tokens = list(tokens) + [f"<|reserved_special_token_{i}|>" for i in range(c["n_vocab"] - len(tokens))]
-    w = GGUFWriter(path, "llama")
-    w.add_name(f"llama-1b-shape-{wtype}")
-    w.add_block_count(c["n_layer"])
-    w.add_context_length(131072)
-    w.add_embedding_length(c["n_embd"])
-    w.add_feed_forward_length(c["n_ff"])
-    w.add_head_count(c["n_head"])
-    w.add_head_count_kv(c["n_head_kv"])
-    w.add_rope_freq_base(500000.0)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(c["n_vocab"])
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("llama-bpe")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
+    e, head_dim = c["n_embd"], c["n_embd"] // c["n_head"]
+    w = llama_writer(path, f"llama-1b-shape-{wtype}", c["n_layer"], e, c["n_head"], c["n_head_kv"], c["n_ff"], 131072, 500000.0,
+                     (tokens, merges, types), "llama-bpe")
 
-    def matrix(name, rows, cols, kind):
+    def matrix(name, rows, cols, kind=wtype):
         if kind == "q4_0":
             raw, qtype = random_q4_0(rng, rows, cols, 2.0 / np.sqrt(cols)), GGMLQuantizationType.Q4_0
         else:
             raw, qtype = random_q8_0(rng, rows, cols, 2.0 / np.sqrt(cols)), GGMLQuantizationType.Q8_0
         w.add_tensor(name, raw, raw_shape=(rows, raw.shape[-1]), raw_dtype=qtype)
 
-    def norm(name, n):
-        w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32))
-
-    matrix("token_embd.weight", c["n_vocab"], c["n_embd"], "q8_0")
-    e, kv, head_dim = c["n_embd"], c["n_head_kv"] * c["n_embd"] // c["n_head"], c["n_embd"] // c["n_head"]
+    matrix("token_embd.weight", c["n_vocab"], e, "q8_0")
     # llama3 RoPE scaling as llama.cpp reads it: per-frequency divisors in `rope_freqs.weight`
     # (factor 32, low 1, high 4, original context 8192), which both engines apply.
     w.add_tensor("rope_freqs.weight", llama3_rope_divisors(head_dim, 500000.0, 32.0, 1.0, 4.0, 8192))
-    for l in range(c["n_layer"]):
-        b = f"blk.{l}."
-        norm(b + "attn_norm.weight", e)
-        matrix(b + "attn_q.weight", c["n_head"] * head_dim, e, wtype)
-        matrix(b + "attn_k.weight", kv, e, wtype)
-        matrix(b + "attn_v.weight", kv, e, wtype)
-        matrix(b + "attn_output.weight", e, c["n_head"] * head_dim, wtype)
-        norm(b + "ffn_norm.weight", e)
-        matrix(b + "ffn_gate.weight", c["n_ff"], e, wtype)
-        matrix(b + "ffn_up.weight", c["n_ff"], e, wtype)
-        matrix(b + "ffn_down.weight", e, c["n_ff"], wtype)
-    norm("output_norm.weight", e)
+    llama_stack(w, rng, "", c["n_layer"], e, c["n_head"], c["n_head_kv"], c["n_ff"], matrix=matrix)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file(progress=False)
