@@ -219,3 +219,39 @@ fn split_attention_over_sources_matches_naive_attention_over_their_union() {
     assert!(err < 2e-5, "{err:.2e}");
     assert!(ctx.split_attention_over(qt, &[], 0.125).is_err(), "no sources");
 }
+
+/// Rows attended together in a prompt batch give the bits each gives alone (one decode step's
+/// query) or in a chunk of others, over every cache type pair's loops: what keeps a restored prefix
+/// or a server step that splits a prompt differently from changing answers. 700 cells split into the
+/// same 5 parts for any query count here.
+#[test]
+fn rows_attended_together_give_the_bits_they_give_alone() {
+    let mut rng = Rng::new(20261205);
+    let (hd, n_head, n_head_kv, n_kv, n_q) = (64i64, 9i64, 3i64, 700i64, 37i64);
+    let q = rng.normals((hd * n_head * n_q) as usize);
+    let (k, v) = (rng.normals((hd * n_head_kv * n_kv) as usize), rng.normals((hd * n_head_kv * n_kv) as usize));
+    let c = Case { hd: hd as usize, n_q: n_q as usize, n_kv: n_kv as usize, live: 690, n_head: n_head as usize, n_head_kv: n_head_kv as usize };
+    let m = mask(&c);
+    for (k_type, v_type) in [(DType::F16, DType::F16), (DType::Q8_0, DType::Q4_0), (DType::F32, DType::Q5_1)] {
+        // Rows first..first + count of the batch, attended on their own.
+        let attend = |first: i64, count: i64| -> Vec<u32> {
+            let ctx = Context::with_data(32, 64 << 20).unwrap();
+            let rows = &q[(first * hd * n_head) as usize..((first + count) * hd * n_head) as usize];
+            let qt = ctx.permute(tensor_from(&ctx, DType::F32, &[hd, n_head, count], rows), [0, 2, 1, 3]).unwrap();
+            let kt = ctx.permute(tensor_from(&ctx, k_type, &[hd, n_head_kv, n_kv], &k), [0, 2, 1, 3]).unwrap();
+            let vt = ctx.permute(tensor_from(&ctx, v_type, &[hd, n_head_kv, n_kv], &v), [0, 2, 1, 3]).unwrap();
+            let mt = tensor_from(&ctx, DType::F16, &[n_kv, count], &m[(first * n_kv) as usize..((first + count) * n_kv) as usize]);
+            let out = ctx.split_attention(qt, kt, vt, mt, 0.125).unwrap();
+            let mut graph = ctx.new_graph(64).unwrap();
+            graph.expand(out).unwrap();
+            Backend::cpu_exact(2).unwrap().compute(&graph).unwrap();
+            out.read_f32().unwrap().iter().map(|x| x.to_bits()).collect()
+        };
+        let whole = attend(0, n_q);
+        let row = (hd * n_head) as usize;
+        for (first, count) in [(0, 1), (5, 1), (36, 1), (3, 7), (30, 7)] {
+            let got = attend(first, count);
+            assert!(got == whole[first as usize * row..(first + count) as usize * row], "K {k_type} V {v_type}: rows {first}..+{count} differ");
+        }
+    }
+}

@@ -3,11 +3,17 @@
 //! heads alone (9 heads on 2 threads for SmolLM2) and every V row is dequantized once per query head.
 //!
 //! Two custom ops. `partials`: each part (a slice of the cells) decodes its K and V rows once per KV
-//! head, in blocks of 32 cells, scores them against every query head of that head's group, and keeps an
-//! online softmax (max, sum, weighted V sum) per query head. `merge`: the parts' results combined.
-//! `rows` turns cache rows into f32, `math` holds the inner loops (AVX2/FMA/F16C when the CPU has them).
+//! head, in blocks of 32 cells, scores them against every (query row, head) pair of that head's group
+//! in tiles of pairs that share each loaded key and value vector, and keeps an online softmax (max,
+//! sum, weighted V sum) per pair. `merge`: the parts' results combined. `rows` turns cache rows into
+//! f32, `math` holds the inner loops (`math256`: AVX2/FMA/F16C, `math512`: AVX-512, when the CPU has
+//! them), whose per-pair sums run in one fixed order whatever the tile: while the cells split into
+//! the same parts (up to `MIN_PARTS` always; past that the parts of long prompts are capped by
+//! `PARTIALS_BYTES`), a row's result does not depend on the rows computed beside it.
 
 mod math;
+#[cfg(target_arch = "x86_64")]
+mod math256;
 #[cfg(target_arch = "x86_64")]
 mod math512;
 mod rows;
@@ -171,11 +177,14 @@ struct Job {
     first_part: i64,
 }
 
-/// Per-thread buffers: a block's decoded rows, the group's queries, scores and weights, and the
-/// online-softmax state (max, sum, Σ weight·v) of each query head of the group.
+/// Per-thread buffers: a block's decoded rows (the keys also as columns), the queries, the live pairs
+/// of the block, their scores and weights, and the online-softmax state (max, sum, Σ weight·v) of
+/// every pair.
 struct Scratch {
     keys: Aligned,
+    keys_t: Aligned,
     values: Aligned,
+    pairs: Vec<usize>,
     queries: Aligned,
     weights: Vec<f32>,
     acc: Aligned,
@@ -311,7 +320,7 @@ unsafe fn run_parts_avx512(jobs: &[Job], first: i64, step: i64) {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn run_parts_avx2(jobs: &[Job], first: i64, step: i64) {
     // SAFETY: the caller's contract.
-    unsafe { run_parts::<math::Avx2>(jobs, first, step) }
+    unsafe { run_parts::<math256::Avx2>(jobs, first, step) }
 }
 
 /// # Safety
@@ -323,7 +332,9 @@ unsafe fn run_parts<M: Math>(jobs: &[Job], first: i64, step: i64) {
     let (hd, hd_v, rows) = (job.hd, job.hd_v, (job.q.ne[1] * job.q.ne[2]) as usize);
     let mut s = Scratch {
         keys: Aligned::zeros(BLOCK * hd),
+        keys_t: Aligned::zeros(BLOCK * hd),
         values: Aligned::zeros(BLOCK * hd_v),
+        pairs: Vec::with_capacity(rows),
         queries: Aligned::zeros(rows * hd),
         weights: vec![0.0; job.q.ne[1] as usize * job.group * BLOCK],
         acc: Aligned::zeros(rows * hd_v),
@@ -377,16 +388,18 @@ unsafe fn one_part<M: Math>(job: &Job, s: &mut Scratch, part: i64) {
                 // SAFETY: cell first + j of KV head g is a row of hd elements of the cache type in k.
                 unsafe { rows::decode_row::<M>(job.k_rows, job.k.at(first + j as i64, g as i64, 0), &mut s.keys[j * hd..(j + 1) * hd]) };
             }
+            M::transpose(&s.keys, hd, &mut s.keys_t);
+            s.pairs.clear();
             for qi in (0..n_q).filter(|&qi| s.live[qi]) {
-                let mask = &s.masks[qi * BLOCK..qi * BLOCK + n];
-                for h in g * group..(g + 1) * group {
-                    let (i, w) = (qi * n_head + h, &mut s.weights[(qi * group + h - g * group) * BLOCK..][..n]);
-                    M::scores(&s.queries[i * hd..(i + 1) * hd], &s.keys[..n * hd], w);
-                    let (max, sum) = &mut s.state[i];
-                    if let Some(rescale) = M::softmax_block(w, mask, max, sum) {
-                        if rescale != 1.0 {
-                            s.acc[i * hd_v..(i + 1) * hd_v].iter_mut().for_each(|a| *a *= rescale);
-                        }
+                s.pairs.extend((g * group..(g + 1) * group).map(|h| qi * n_head + h));
+            }
+            M::scores(&s.queries, hd, &s.pairs, &s.keys_t, &mut s.weights);
+            for (&i, w) in s.pairs.iter().zip(s.weights.chunks_exact_mut(BLOCK)) {
+                let mask = &s.masks[(i / n_head) * BLOCK..][..n];
+                let (max, sum) = &mut s.state[i];
+                if let Some(rescale) = M::softmax_block(&mut w[..n], mask, max, sum) {
+                    if rescale != 1.0 {
+                        s.acc[i * hd_v..(i + 1) * hd_v].iter_mut().for_each(|a| *a *= rescale);
                     }
                 }
             }
@@ -396,12 +409,7 @@ unsafe fn one_part<M: Math>(job: &Job, s: &mut Scratch, part: i64) {
                     rows::decode_row::<M>(job.v_rows, job.v.at(first + j as i64, g as i64, 0), &mut s.values[j * hd_v..(j + 1) * hd_v])
                 };
             }
-            for qi in (0..n_q).filter(|&qi| s.live[qi]) {
-                for h in g * group..(g + 1) * group {
-                    let (i, w) = (qi * n_head + h, &s.weights[(qi * group + h - g * group) * BLOCK..][..n]);
-                    M::accumulate(&mut s.acc[i * hd_v..(i + 1) * hd_v], w, &s.values[..n * hd_v]);
-                }
-            }
+            M::accumulate(&mut s.acc, hd_v, &s.pairs, &s.weights, n, &s.values);
         }
     }
     for (i, (&(max, sum), acc)) in s.state.iter().zip(s.acc.chunks_exact(hd_v)).enumerate() {

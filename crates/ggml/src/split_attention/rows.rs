@@ -383,6 +383,6 @@ mod tests {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn decode_avx2(kind: RowKind, src: *const u8, dst: &mut [f32]) {
         // SAFETY: the caller's contract.
-        unsafe { decode_row::<super::super::math::Avx2>(kind, src, dst) }
+        unsafe { decode_row::<super::super::math256::Avx2>(kind, src, dst) }
     }
 }
