@@ -31,11 +31,15 @@ pub const MIN_FEW_COLUMNS: i64 = 3;
 
 impl Context {
     /// `mul_mat(w, x)`, through the few-columns kernel where it applies (Q4_1 `w` `[k, m]`, f32 `x`
-    /// `[k, n]` with `MIN_FEW_COLUMNS` ≤ n ≤ `MAX_FEW_COLUMNS`, both 2-D and contiguous, a CPU with AVX2, FMA and F16C)
-    /// and ggml's otherwise. The same values either way.
+    /// `[k, n]` with `MIN_FEW_COLUMNS` ≤ n ≤ `MAX_FEW_COLUMNS`, both 2-D and contiguous, a CPU with AVX2, FMA and F16C:
+    /// the same values), through the VNNI kernel for Q8_0 `w` and two columns or more where the CPU
+    /// has AVX-512 VNNI (the same integer dots, summed over blocks in another order), and ggml's
+    /// otherwise.
     pub fn product<'c>(&'c self, w: Tensor<'c>, x: Tensor<'c>) -> Result<Tensor<'c>> {
         if few_columns_apply(w, x) {
             self.mul_mat_few_columns(w, x)
+        } else if crate::q8_0_product::q8_0_product_applies(w, x) {
+            self.mul_mat_q8_0(w, x)
         } else {
             self.mul_mat(w, x)
         }

@@ -423,7 +423,7 @@ unsafe fn one_part<M: Math>(job: &Job, s: &mut Scratch, part: i64) {
 }
 
 /// IEEE half to f32.
-fn f16_to_f32(h: u16) -> f32 {
+pub(crate) fn f16_to_f32(h: u16) -> f32 {
     let sign = ((h >> 15) as u32) << 31;
     let exp = ((h >> 10) & 0x1f) as u32;
     let frac = (h & 0x3ff) as u32;

@@ -1,0 +1,256 @@
+//! Products of Q8_0 weights with many f32 columns (prompt rows, batched steps) on AVX-512 VNNI.
+//! ggml's product (llamafile's tinyBLAS) spends about 7 instructions on each (weight block, column
+//! block) pair: two sign fixes, a 256-bit dot, a conversion, a shuffle and a multiply-add. Here the
+//! columns are laid out so that a vector holds one 4-byte group of 16 columns: a weight block's
+//! 4-byte groups, broadcast, meet 16 columns in 8 VNNI dots, and one conversion and two float
+//! operations finish 16 pairs — under one instruction a pair.
+//!
+//! Two custom ops. `pack`: the columns quantized by ggml's own Q8_0 quantizer (what its product
+//! uses), stored as unsigned bytes (+128) in tiles of 16 columns, with their scales. `product`: each
+//! thread's rows against every tile. The integer dots are exact (the +128 is taken back with the
+//! weight block's sum); each (row, column) sum adds the blocks' scaled dots in order, in f32.
+
+use std::os::raw::{c_int, c_void};
+
+use ggml_sys as sys;
+
+use crate::context::{Context, Tensor};
+use crate::error::{Error, Result};
+use crate::DType;
+
+/// Elements per Q8_0 block.
+const BLOCK: usize = 32;
+/// Bytes of a Q8_0 block (f16 scale, 32 signed bytes).
+const Q8_0_BYTES: usize = 34;
+/// Columns a tile holds (one 512-bit vector of 4-byte groups).
+const TILE: usize = 16;
+/// Bytes of one block of one tile: 8 groups of 4 bytes for each of 16 columns.
+const TILE_BLOCK_BYTES: usize = BLOCK * TILE;
+/// Rows one pass over a tile computes together (each broadcast group meets the tile once per row).
+const ROWS: usize = 4;
+/// Fewest columns the kernel takes (one column goes to ggml's dot products).
+pub const MIN_Q8_0_COLUMNS: i64 = 2;
+
+impl Context {
+    /// `mul_mat(w, x)` for Q8_0 `w` `[k, m]` and f32 `x` `[k, n]` through the VNNI kernel (an error
+    /// where it does not apply: see `q8_0_product_applies`).
+    pub fn mul_mat_q8_0<'c>(&'c self, w: Tensor<'c>, x: Tensor<'c>) -> Result<Tensor<'c>> {
+        const OP: &str = "mul_mat_q8_0";
+        if !q8_0_product_applies(w, x) {
+            return Err(Error::shape(
+                OP,
+                format!("needs q8_0 weights and >= {MIN_Q8_0_COLUMNS} contiguous f32 columns of a whole number of blocks, 2-D, on AVX-512 VNNI"),
+                &[w.shape(), x.shape()],
+            ));
+        }
+        let (k, n) = (x.ne(0) as usize, x.ne(1) as usize);
+        let floats = packed_bytes(k, n).div_ceil(4) as i64;
+        // SAFETY: x is a contiguous 2-D f32 tensor of whole blocks (checked), which `pack_kernel`
+        // reads; it writes `packed_bytes(k, n)` bytes into the new node of that many (rounded up) f32s;
+        // the userdata is n.
+        let packed = unsafe { self.custom_f32("q8_0_pack", [floats, 1, 1, 1], &[x], pack_kernel, -1, n) }?;
+        // SAFETY: w is a contiguous 2-D Q8_0 tensor with x's row length, `packed` holds x packed as
+        // `product_kernel` reads it (n is the result's column count); it writes the [m, n] result.
+        unsafe { self.custom_f32(OP, [w.ne(1), x.ne(1), 1, 1], &[w, packed], product_kernel, -1, 0) }
+    }
+}
+
+/// Whether `mul_mat_q8_0` takes these operands: Q8_0 `w` and f32 `x`, both 2-D and contiguous, rows
+/// of whole blocks, at least `MIN_Q8_0_COLUMNS` columns, and a CPU with AVX-512 VNNI (on builds whose
+/// ggml has AVX-512: a build for AVX2 machines keeps their product).
+pub(crate) fn q8_0_product_applies(w: Tensor<'_>, x: Tensor<'_>) -> bool {
+    let two_d = |t: Tensor<'_>| t.ne(2) == 1 && t.ne(3) == 1 && t.is_contiguous();
+    w.dtype() == DType::Q8_0
+        && x.dtype() == DType::F32
+        && two_d(w)
+        && two_d(x)
+        && w.ne(0) == x.ne(0)
+        && (w.ne(0) as usize).is_multiple_of(BLOCK)
+        && x.ne(1) >= MIN_Q8_0_COLUMNS
+        && has_vnni()
+}
+
+/// Whether the CPU has AVX-512 F, BW and VNNI and ggml's build has AVX-512.
+fn has_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::split_attention::has_avx512()
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Bytes of `n` columns of `k` packed: each tile's blocks (`TILE_BLOCK_BYTES` each), then each tile's
+/// scales (`TILE` f32 per block).
+fn packed_bytes(k: usize, n: usize) -> usize {
+    n.div_ceil(TILE) * (k / BLOCK) * (TILE_BLOCK_BYTES + TILE * 4)
+}
+
+/// Thread `ith` of `nth` packs its share of the tiles: every column quantized by ggml's Q8_0
+/// quantizer, its bytes +128 (as unsigned) at `[tile][block][group][column in tile][4]`, its scales
+/// at `[tile][block][column in tile]` after all the bytes; columns past `n` zero with scale 0.
+unsafe extern "C" fn pack_kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, userdata: *mut c_void) {
+    // SAFETY: ggml calls this with the node built in `mul_mat_q8_0`: dst holds packed_bytes(k, n)
+    // bytes and its source is the contiguous f32 x [k, n]; userdata is n.
+    let (dst, x) = unsafe { (&*dst, &*(*dst).src[0]) };
+    let (k, n) = (x.ne[0] as usize, userdata as usize);
+    let (blocks, tiles) = (k / BLOCK, n.div_ceil(TILE));
+    // SAFETY: ggml's CPU type traits are static; Q8_0's from_float is the quantizer ggml's product
+    // uses, writing k / 32 blocks from k floats.
+    let Some(quantize) = (unsafe { (*sys::ggml_get_type_traits_cpu(DType::Q8_0.to_sys())).from_float }) else { return };
+    let mut column = vec![0u8; blocks * Q8_0_BYTES];
+    let base = dst.data as *mut u8;
+    let scales_at = tiles * blocks * TILE_BLOCK_BYTES;
+    for tile in (ith.max(0) as usize..tiles).step_by(nth.max(1) as usize) {
+        for lane in 0..TILE {
+            let c = tile * TILE + lane;
+            if c < n {
+                // SAFETY: column c of x holds k contiguous floats; `column` holds blocks × 34 bytes.
+                unsafe { quantize((x.data as *const u8).add(c * x.nb[1]) as *const f32, column.as_mut_ptr() as *mut c_void, k as i64) };
+            } else {
+                column.iter_mut().for_each(|b| *b = 0);
+            }
+            for (b, block) in column.chunks_exact(Q8_0_BYTES).enumerate() {
+                let tile_block = (tile * blocks + b) * TILE_BLOCK_BYTES;
+                for group in 0..BLOCK / 4 {
+                    let bytes = [block[2 + 4 * group], block[3 + 4 * group], block[4 + 4 * group], block[5 + 4 * group]];
+                    let at = tile_block + group * TILE * 4 + lane * 4;
+                    // SAFETY: at + 4 <= scales_at <= packed_bytes (tile < tiles, b < blocks).
+                    unsafe { std::ptr::copy_nonoverlapping(bytes.map(|v| v ^ 0x80).as_ptr(), base.add(at), 4) };
+                }
+                let scale = crate::split_attention::f16_to_f32(u16::from_le_bytes([block[0], block[1]]));
+                // SAFETY: the scales region holds tiles × blocks × TILE f32s after the bytes.
+                unsafe { (base.add(scales_at) as *mut f32).add((tile * blocks + b) * TILE + lane).write_unaligned(scale) };
+            }
+        }
+    }
+}
+
+/// Thread `ith` of `nth` computes its share of the rows (in runs of `ROWS`) for every column.
+unsafe extern "C" fn product_kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, _userdata: *mut c_void) {
+    // SAFETY: ggml calls this with the node built in `mul_mat_q8_0`: dst f32 [m, n], w the contiguous
+    // Q8_0 weights [k, m], and the packed columns, all allocated.
+    let (dst, w, packed) = unsafe { (&*dst, &*(*dst).src[0], &*(*dst).src[1]) };
+    let (k, m, n) = (w.ne[0] as usize, w.ne[1] as usize, dst.ne[1] as usize);
+    let (ith, nth) = (ith.max(0) as usize, nth.max(1) as usize);
+    let runs = m.div_ceil(ROWS);
+    let per = runs.div_ceil(nth);
+    let (first, last) = ((ith * per * ROWS).min(m), ((ith + 1) * per * ROWS).min(m));
+    let job = Job {
+        weights: w.data as *const u8,
+        row_bytes: w.nb[1],
+        blocks: k / BLOCK,
+        columns: packed.data as *const u8,
+        n,
+        out: dst.data as *mut f32,
+        m,
+    };
+    #[cfg(target_arch = "x86_64")]
+    if has_vnni() {
+        // SAFETY: the CPU has the features (checked); rows first..last lie inside w and dst.
+        unsafe { rows_vnni(&job, first, last) };
+    }
+}
+
+/// One product's operands: the weight rows, the packed columns, the result `[m, n]`.
+struct Job {
+    weights: *const u8,
+    row_bytes: usize,
+    blocks: usize,
+    columns: *const u8,
+    n: usize,
+    out: *mut f32,
+    m: usize,
+}
+
+/// Rows `first..last` of the product, `ROWS` at a time.
+///
+/// # Safety
+/// The job's pointers are the live operands `mul_mat_q8_0` checked; rows first..last exist; the CPU
+/// has AVX-512 F, BW and VNNI.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn rows_vnni(job: &Job, first: usize, last: usize) {
+    let mut row = first;
+    while row < last {
+        let count = ROWS.min(last - row);
+        // SAFETY: the caller's contract, for rows row..row + count.
+        unsafe {
+            match count {
+                4 => vnni::run::<4>(job, row),
+                3 => vnni::run::<3>(job, row),
+                2 => vnni::run::<2>(job, row),
+                _ => vnni::run::<1>(job, row),
+            }
+        }
+        row += count;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use std::arch::x86_64::*;
+
+    use super::{Job, BLOCK, Q8_0_BYTES, TILE, TILE_BLOCK_BYTES};
+
+    /// Rows `row..row + R` against every tile: per block, the 8 groups of each row broadcast into
+    /// VNNI dots with the tile's groups (starting from −128 × the block's byte sum, which takes the
+    /// columns' +128 back), then `Σ += f32(dot) · (d_row · d_column)`.
+    ///
+    /// # Safety
+    /// As `rows_vnni`, for rows row..row + R; AVX-512 F, BW and VNNI are present.
+    #[inline(always)]
+    pub(super) unsafe fn run<const R: usize>(job: &Job, row: usize) {
+        let blocks = job.blocks;
+        // Each row's block scales (f32) and −128 × byte sums, once for all tiles.
+        let mut scales = vec![0f32; R * blocks];
+        let mut offsets = vec![0i32; R * blocks];
+        let mut rows = [job.weights; R];
+        // SAFETY: the caller's contract bounds every access: rows row..row + R of blocks × 34 bytes,
+        // tiles × blocks packed blocks and their scales, result columns < n of rows < m.
+        unsafe {
+            for r in 0..R {
+                rows[r] = job.weights.add((row + r) * job.row_bytes);
+                for b in 0..blocks {
+                    let block = rows[r].add(b * Q8_0_BYTES);
+                    scales[r * blocks + b] = super::super::split_attention::f16_to_f32(u16::from_le_bytes([*block, *block.add(1)]));
+                    let bytes = std::slice::from_raw_parts(block.add(2) as *const i8, BLOCK);
+                    offsets[r * blocks + b] = -128 * bytes.iter().map(|&v| v as i32).sum::<i32>();
+                }
+            }
+            let tiles = job.n.div_ceil(TILE);
+            let column_scales = job.columns.add(tiles * blocks * TILE_BLOCK_BYTES) as *const f32;
+            for tile in 0..tiles {
+                let mut sums = [_mm512_setzero_ps(); R];
+                for b in 0..blocks {
+                    let groups = job.columns.add((tile * blocks + b) * TILE_BLOCK_BYTES);
+                    let mut dots = [_mm512_setzero_si512(); R];
+                    for r in 0..R {
+                        dots[r] = _mm512_set1_epi32(offsets[r * blocks + b]);
+                    }
+                    for g in 0..BLOCK / 4 {
+                        let columns = _mm512_loadu_si512(groups.add(g * TILE * 4) as *const _);
+                        for r in 0..R {
+                            let weights = _mm512_set1_epi32((rows[r].add(b * Q8_0_BYTES + 2 + 4 * g) as *const i32).read_unaligned());
+                            dots[r] = _mm512_dpbusd_epi32(dots[r], columns, weights);
+                        }
+                    }
+                    let column_scale = _mm512_loadu_ps(column_scales.add((tile * blocks + b) * TILE));
+                    for r in 0..R {
+                        let scale = _mm512_mul_ps(_mm512_set1_ps(scales[r * blocks + b]), column_scale);
+                        sums[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r]), scale, sums[r]);
+                    }
+                }
+                let mut lanes = [0f32; TILE];
+                for r in 0..R {
+                    _mm512_storeu_ps(lanes.as_mut_ptr(), sums[r]);
+                    for (lane, &v) in lanes.iter().enumerate().take(job.n - tile * TILE) {
+                        *job.out.add((tile * TILE + lane) * job.m + row + r) = v;
+                    }
+                }
+            }
+        }
+    }
+}
