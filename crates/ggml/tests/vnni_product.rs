@@ -1,11 +1,12 @@
-//! The VNNI Q8_0 product against naive f64 math over the stored weights and the Q8_0-rounded columns
-//! (the integer dots are exact, so only f32 rounding of the scaled sums remains), and ggml's product
-//! within the same bound; operands it does not cover are refused (and `product` gives ggml's).
+//! The VNNI product of Q8_0, Q4_0 and Q4_1 weights against naive f64 math over the stored weights and
+//! the Q8_0-rounded columns (the integer dots are exact, so only f32 rounding of the scaled sums
+//! remains), and ggml's product within the same bound (wider for Q4_1, whose column sums ggml stores
+//! in f16); operands it does not cover are refused (and `product` gives ggml's).
 
 mod common;
 
 use common::{decode, Rng};
-use ggml::{Backend, Context, ContextParams, DType, Tensor, MIN_Q8_0_COLUMNS};
+use ggml::{Backend, Context, ContextParams, DType, Tensor, MIN_VNNI_COLUMNS};
 
 fn compute(ctx: &Context, out: Tensor<'_>) -> Vec<f32> {
     let mut graph = ctx.new_graph(64).unwrap();
@@ -17,29 +18,36 @@ fn compute(ctx: &Context, out: Tensor<'_>) -> Vec<f32> {
 fn has_vnni() -> bool {
     let ctx = Context::new(ContextParams { mem_size: 1 << 20, no_alloc: false }).unwrap();
     let (w, x) = (ctx.new_tensor(DType::Q8_0, &[32, 1]).unwrap(), ctx.new_tensor(DType::F32, &[32, 2]).unwrap());
-    ctx.mul_mat_q8_0(w, x).is_ok()
+    ctx.mul_mat_vnni(w, x).is_ok()
 }
 
 #[test]
-fn q8_0_products_match_f64_over_the_rounded_columns_and_ggml() {
+fn vnni_products_match_f64_over_the_rounded_columns_and_ggml() {
     if !has_vnni() {
         eprintln!("no AVX-512 VNNI here (or ggml built without AVX-512): skipped");
         return;
     }
+    for dtype in [DType::Q8_0, DType::Q4_0, DType::Q4_1] {
+        check(dtype);
+    }
+}
+
+fn check(dtype: DType) {
     let mut checked = 0;
     for (k, m, n) in [(32, 1, 2), (64, 7, 3), (576, 65, 16), (576, 9, 17), (2048, 33, 40), (1536, 4, 512)] {
         let mut rng = Rng::new((k * 1000 + m * 10 + n) as u64);
-        let w_values: Vec<f32> = rng.normals(k * m).iter().map(|v| v * 0.05).collect();
+        // Offset weights, so that Q4_1's minimum matters.
+        let w_values: Vec<f32> = rng.normals(k * m).iter().map(|v| v * 0.05 + 0.02).collect();
         let x_values = rng.normals(k * n);
-        let w_bytes = DType::Q8_0.quantize(&w_values, k).unwrap();
+        let w_bytes = dtype.quantize(&w_values, k).unwrap();
         let ctx = Context::new(ContextParams { mem_size: 256 << 20, no_alloc: false }).unwrap();
-        let w = ctx.new_tensor(DType::Q8_0, &[k as i64, m as i64]).unwrap();
+        let w = ctx.new_tensor(dtype, &[k as i64, m as i64]).unwrap();
         w.write_bytes_at(0, &w_bytes).unwrap();
         let x = ctx.new_tensor(DType::F32, &[k as i64, n as i64]).unwrap();
         x.write_f32(&x_values).unwrap();
-        let ours = compute(&ctx, ctx.mul_mat_q8_0(w, x).unwrap());
+        let ours = compute(&ctx, ctx.mul_mat_vnni(w, x).unwrap());
         let theirs = compute(&ctx, ctx.mul_mat(w, x).unwrap());
-        let w_dec = decode(DType::Q8_0, &w_bytes, k * m);
+        let w_dec = decode(dtype, &w_bytes, k * m);
         let x_dec = decode(DType::Q8_0, &DType::Q8_0.quantize(&x_values, k).unwrap(), k * n);
         for c in 0..n {
             for r in 0..m {
@@ -50,8 +58,15 @@ fn q8_0_products_match_f64_over_the_rounded_columns_and_ggml() {
                 let terms: f64 = row.chunks(32).zip(col.chunks(32)).map(|(a, b)| a.iter().zip(b).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>().abs()).sum();
                 let bound = terms * (k / 32 + 3) as f64 * 2f64.powi(-23) + 1e-12;
                 let (got, ggml) = (ours[c * m + r] as f64, theirs[c * m + r] as f64);
-                assert!((got - want).abs() <= bound, "k {k} m {m} n {n} ({r}, {c}): {got} vs {want} (bound {bound:.2e})");
-                assert!((ggml - want).abs() <= bound, "ggml's k {k} m {m} n {n} ({r}, {c}): {ggml} vs {want}");
+                assert!((got - want).abs() <= bound, "{dtype} k {k} m {m} n {n} ({r}, {c}): {got} vs {want} (bound {bound:.2e})");
+                // ggml's Q4_1 product keeps each column block's scaled sum in f16 (2^-11 of it, times
+                // the block's offset).
+                let f16_sums: f64 = if dtype == DType::Q4_1 {
+                    row.chunks(32).zip(col.chunks(32)).map(|(a, b)| a.iter().fold(0f64, |m, &v| m.max(v.abs() as f64)) * b.iter().map(|&v| v.abs() as f64).sum::<f64>()).sum::<f64>() * 2f64.powi(-10)
+                } else {
+                    0.0
+                };
+                assert!((ggml - want).abs() <= bound + f16_sums, "ggml's {dtype} k {k} m {m} n {n} ({r}, {c}): {ggml} vs {want}");
                 checked += 1;
             }
         }
@@ -60,15 +75,15 @@ fn q8_0_products_match_f64_over_the_rounded_columns_and_ggml() {
 }
 
 #[test]
-fn q8_0_products_refuse_what_they_do_not_cover() {
+fn vnni_products_refuse_what_they_do_not_cover() {
     let ctx = Context::new(ContextParams { mem_size: 16 << 20, no_alloc: false }).unwrap();
     let q8 = ctx.new_tensor(DType::Q8_0, &[64, 4]).unwrap();
-    let q4 = ctx.new_tensor(DType::Q4_0, &[64, 4]).unwrap();
-    let one = ctx.new_tensor(DType::F32, &[64, MIN_Q8_0_COLUMNS - 1]).unwrap();
-    let two = ctx.new_tensor(DType::F32, &[64, MIN_Q8_0_COLUMNS]).unwrap();
-    let short = ctx.new_tensor(DType::F32, &[32, MIN_Q8_0_COLUMNS]).unwrap();
+    let q4 = ctx.new_tensor(DType::Q5_0, &[64, 4]).unwrap();
+    let one = ctx.new_tensor(DType::F32, &[64, MIN_VNNI_COLUMNS - 1]).unwrap();
+    let two = ctx.new_tensor(DType::F32, &[64, MIN_VNNI_COLUMNS]).unwrap();
+    let short = ctx.new_tensor(DType::F32, &[32, MIN_VNNI_COLUMNS]).unwrap();
     for (a, b) in [(q8, one), (q4, two), (q8, short)] {
-        assert!(ctx.mul_mat_q8_0(a, b).is_err());
+        assert!(ctx.mul_mat_vnni(a, b).is_err());
     }
     for (a, b) in [(q8, one), (q4, two)] {
         assert_eq!(ctx.product(a, b).unwrap().shape(), ctx.mul_mat(a, b).unwrap().shape());

@@ -1,14 +1,16 @@
-//! Products of Q8_0 weights with many f32 columns (prompt rows, batched steps) on AVX-512 VNNI.
-//! ggml's product (llamafile's tinyBLAS) spends about 7 instructions on each (weight block, column
-//! block) pair: two sign fixes, a 256-bit dot, a conversion, a shuffle and a multiply-add. Here the
-//! columns are laid out so that a vector holds one 4-byte group of 16 columns: a weight block's
-//! 4-byte groups, broadcast, meet 16 columns in 8 VNNI dots, and one conversion and two float
-//! operations finish 16 pairs — under one instruction a pair.
+//! Products of Q8_0, Q4_0 and Q4_1 weights with many f32 columns (prompt rows, batched steps) on
+//! AVX-512 VNNI. ggml's product (llamafile's tinyBLAS) spends about 7 instructions on each (weight
+//! block, column block) pair: two sign fixes, a 256-bit dot, a conversion, a shuffle and a
+//! multiply-add. Here the columns are laid out so that a vector holds one 4-byte group of 16
+//! columns: a weight block's 4-byte groups, broadcast, meet 16 columns in 8 VNNI dots, and one
+//! conversion and two float operations finish 16 pairs — under one instruction a pair.
 //!
-//! Two custom ops. `pack`: the columns quantized by ggml's own Q8_0 quantizer (what its product
-//! uses), stored as unsigned bytes (+128) in tiles of 16 columns, with their scales. `product`: each
-//! thread's rows against every tile. The integer dots are exact (the +128 is taken back with the
-//! weight block's sum); each (row, column) sum adds the blocks' scaled dots in order, in f32.
+//! Two custom ops. `pack`: the columns quantized by ggml's own Q8_0 quantizer (the values its
+//! product uses), stored as unsigned bytes (+128) in tiles of 16 columns, with their scales and
+//! scaled sums. `product`: each thread's rows, a few at a time unpacked to signed bytes, against
+//! every tile. The integer dots are exact (the +128 is taken back with the weight block's sum); each
+//! (row, column) sum adds the blocks' scaled dots (and Q4_1's offsets times the columns' sums) in
+//! order, in f32.
 
 use std::os::raw::{c_int, c_void};
 
@@ -18,7 +20,7 @@ use crate::context::{Context, Tensor};
 use crate::error::{Error, Result};
 use crate::DType;
 
-/// Elements per Q8_0 block.
+/// Elements per block (of every weight type here, and of the packed columns).
 const BLOCK: usize = 32;
 /// Bytes of a Q8_0 block (f16 scale, 32 signed bytes).
 const Q8_0_BYTES: usize = 34;
@@ -28,18 +30,19 @@ const TILE: usize = 16;
 const TILE_BLOCK_BYTES: usize = BLOCK * TILE;
 /// Rows one pass over a tile computes together (each broadcast group meets the tile once per row).
 const ROWS: usize = 4;
-/// Fewest columns the kernel takes (one column goes to ggml's dot products).
-pub const MIN_Q8_0_COLUMNS: i64 = 2;
+/// Fewest columns the kernel takes (one column goes to ggml's dot products, as two or more go to
+/// tinyBLAS there).
+pub const MIN_VNNI_COLUMNS: i64 = 2;
 
 impl Context {
-    /// `mul_mat(w, x)` for Q8_0 `w` `[k, m]` and f32 `x` `[k, n]` through the VNNI kernel (an error
-    /// where it does not apply: see `q8_0_product_applies`).
-    pub fn mul_mat_q8_0<'c>(&'c self, w: Tensor<'c>, x: Tensor<'c>) -> Result<Tensor<'c>> {
-        const OP: &str = "mul_mat_q8_0";
-        if !q8_0_product_applies(w, x) {
+    /// `mul_mat(w, x)` for Q8_0, Q4_0 or Q4_1 `w` `[k, m]` and f32 `x` `[k, n]` through the VNNI
+    /// kernel (an error where it does not apply: see `vnni_product_applies`).
+    pub fn mul_mat_vnni<'c>(&'c self, w: Tensor<'c>, x: Tensor<'c>) -> Result<Tensor<'c>> {
+        const OP: &str = "mul_mat_vnni";
+        if !vnni_product_applies(w, x, MIN_VNNI_COLUMNS) {
             return Err(Error::shape(
                 OP,
-                format!("needs q8_0 weights and >= {MIN_Q8_0_COLUMNS} contiguous f32 columns of a whole number of blocks, 2-D, on AVX-512 VNNI"),
+                format!("needs q8_0, q4_0 or q4_1 weights and >= {MIN_VNNI_COLUMNS} contiguous f32 columns of a whole number of blocks, 2-D, on AVX-512 VNNI"),
                 &[w.shape(), x.shape()],
             ));
         }
@@ -48,26 +51,80 @@ impl Context {
         // SAFETY: x is a contiguous 2-D f32 tensor of whole blocks (checked), which `pack_kernel`
         // reads; it writes `packed_bytes(k, n)` bytes into the new node of that many (rounded up) f32s;
         // the userdata is n.
-        let packed = unsafe { self.custom_f32("q8_0_pack", [floats, 1, 1, 1], &[x], pack_kernel, -1, n) }?;
-        // SAFETY: w is a contiguous 2-D Q8_0 tensor with x's row length, `packed` holds x packed as
+        let packed = unsafe { self.custom_f32("vnni_pack", [floats, 1, 1, 1], &[x], pack_kernel, -1, n) }?;
+        // SAFETY: w is a contiguous 2-D Q8_0/Q4_0/Q4_1 tensor with x's row length, `packed` holds x packed as
         // `product_kernel` reads it (n is the result's column count); it writes the [m, n] result.
         unsafe { self.custom_f32(OP, [w.ne(1), x.ne(1), 1, 1], &[w, packed], product_kernel, -1, 0) }
     }
 }
 
-/// Whether `mul_mat_q8_0` takes these operands: Q8_0 `w` and f32 `x`, both 2-D and contiguous, rows
-/// of whole blocks, at least `MIN_Q8_0_COLUMNS` columns, and a CPU with AVX-512 VNNI (on builds whose
-/// ggml has AVX-512: a build for AVX2 machines keeps their product).
-pub(crate) fn q8_0_product_applies(w: Tensor<'_>, x: Tensor<'_>) -> bool {
+/// Whether `mul_mat_vnni` takes these operands: Q8_0, Q4_0 or Q4_1 `w` and f32 `x`, both 2-D and
+/// contiguous, rows of whole blocks, at least `min_columns` columns, and a CPU with AVX-512 VNNI (on
+/// builds whose ggml has AVX-512: a build for AVX2 machines keeps their product).
+pub(crate) fn vnni_product_applies(w: Tensor<'_>, x: Tensor<'_>, min_columns: i64) -> bool {
     let two_d = |t: Tensor<'_>| t.ne(2) == 1 && t.ne(3) == 1 && t.is_contiguous();
-    w.dtype() == DType::Q8_0
+    WeightKind::of(w.dtype()).is_some()
         && x.dtype() == DType::F32
         && two_d(w)
         && two_d(x)
         && w.ne(0) == x.ne(0)
         && (w.ne(0) as usize).is_multiple_of(BLOCK)
-        && x.ne(1) >= MIN_Q8_0_COLUMNS
+        && x.ne(1) >= min_columns.max(MIN_VNNI_COLUMNS)
         && has_vnni()
+}
+
+/// The weight block layouts the kernel unpacks.
+#[derive(Clone, Copy, PartialEq)]
+enum WeightKind {
+    /// f16 scale, 32 signed bytes.
+    Q8_0,
+    /// f16 scale, 16 bytes of nibbles (low nibbles elements 0–15, high 16–31), each minus 8.
+    Q4_0,
+    /// f16 scale, f16 offset, 16 bytes of nibbles (as Q4_0, unsigned).
+    Q4_1,
+}
+
+impl WeightKind {
+    fn of(dtype: DType) -> Option<WeightKind> {
+        match dtype {
+            DType::Q8_0 => Some(WeightKind::Q8_0),
+            DType::Q4_0 => Some(WeightKind::Q4_0),
+            DType::Q4_1 => Some(WeightKind::Q4_1),
+            _ => None,
+        }
+    }
+
+    fn block_bytes(self) -> usize {
+        match self {
+            WeightKind::Q8_0 => Q8_0_BYTES,
+            WeightKind::Q4_0 => 18,
+            WeightKind::Q4_1 => 20,
+        }
+    }
+
+    /// Block `block`'s 32 values as signed bytes, its scale, and its offset (Q4_1's; else 0).
+    ///
+    /// # Safety
+    /// `block` points at one whole block of this kind.
+    unsafe fn unpack(self, block: *const u8, values: &mut [i8; BLOCK]) -> (f32, f32) {
+        // SAFETY: the caller's contract bounds the reads.
+        let bytes = unsafe { std::slice::from_raw_parts(block, self.block_bytes()) };
+        let half = |at: usize| crate::split_attention::f16_to_f32(u16::from_le_bytes([bytes[at], bytes[at + 1]]));
+        match self {
+            WeightKind::Q8_0 => {
+                values.iter_mut().zip(&bytes[2..]).for_each(|(v, &b)| *v = b as i8);
+                (half(0), 0.0)
+            }
+            WeightKind::Q4_0 | WeightKind::Q4_1 => {
+                let (nibbles, bias) = if self == WeightKind::Q4_0 { (&bytes[2..18], 8) } else { (&bytes[4..20], 0) };
+                for (j, &b) in nibbles.iter().enumerate() {
+                    values[j] = (b & 0x0f) as i8 - bias;
+                    values[j + 16] = (b >> 4) as i8 - bias;
+                }
+                (half(0), if self == WeightKind::Q4_1 { half(2) } else { 0.0 })
+            }
+        }
+    }
 }
 
 /// Whether the CPU has AVX-512 F, BW and VNNI and ggml's build has AVX-512.
@@ -83,16 +140,18 @@ fn has_vnni() -> bool {
 }
 
 /// Bytes of `n` columns of `k` packed: each tile's blocks (`TILE_BLOCK_BYTES` each), then each tile's
-/// scales (`TILE` f32 per block).
+/// scales (`TILE` f32 per block), then each tile's scaled sums (scale × Σ values, `TILE` f32 per
+/// block: what Q4_1's offsets multiply).
 fn packed_bytes(k: usize, n: usize) -> usize {
-    n.div_ceil(TILE) * (k / BLOCK) * (TILE_BLOCK_BYTES + TILE * 4)
+    n.div_ceil(TILE) * (k / BLOCK) * (TILE_BLOCK_BYTES + 2 * TILE * 4)
 }
 
 /// Thread `ith` of `nth` packs its share of the tiles: every column quantized by ggml's Q8_0
 /// quantizer, its bytes +128 (as unsigned) at `[tile][block][group][column in tile][4]`, its scales
-/// at `[tile][block][column in tile]` after all the bytes; columns past `n` zero with scale 0.
+/// at `[tile][block][column in tile]` after all the bytes, then its scaled sums the same way; columns
+/// past `n` zero with scale 0.
 unsafe extern "C" fn pack_kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, userdata: *mut c_void) {
-    // SAFETY: ggml calls this with the node built in `mul_mat_q8_0`: dst holds packed_bytes(k, n)
+    // SAFETY: ggml calls this with the node built in `mul_mat_vnni`: dst holds packed_bytes(k, n)
     // bytes and its source is the contiguous f32 x [k, n]; userdata is n.
     let (dst, x) = unsafe { (&*dst, &*(*dst).src[0]) };
     let (k, n) = (x.ne[0] as usize, userdata as usize);
@@ -121,8 +180,15 @@ unsafe extern "C" fn pack_kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_
                     unsafe { std::ptr::copy_nonoverlapping(bytes.map(|v| v ^ 0x80).as_ptr(), base.add(at), 4) };
                 }
                 let scale = crate::split_attention::f16_to_f32(u16::from_le_bytes([block[0], block[1]]));
-                // SAFETY: the scales region holds tiles × blocks × TILE f32s after the bytes.
-                unsafe { (base.add(scales_at) as *mut f32).add((tile * blocks + b) * TILE + lane).write_unaligned(scale) };
+                let sum: i32 = block[2..].iter().map(|&v| v as i8 as i32).sum();
+                let at = (tile * blocks + b) * TILE + lane;
+                // SAFETY: the scales and then the sums regions hold tiles × blocks × TILE f32s each
+                // after the bytes.
+                unsafe {
+                    let scales = base.add(scales_at) as *mut f32;
+                    scales.add(at).write_unaligned(scale);
+                    scales.add(tiles * blocks * TILE + at).write_unaligned(scale * sum as f32);
+                }
             }
         }
     }
@@ -130,15 +196,17 @@ unsafe extern "C" fn pack_kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_
 
 /// Thread `ith` of `nth` computes its share of the rows (in runs of `ROWS`) for every column.
 unsafe extern "C" fn product_kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, _userdata: *mut c_void) {
-    // SAFETY: ggml calls this with the node built in `mul_mat_q8_0`: dst f32 [m, n], w the contiguous
-    // Q8_0 weights [k, m], and the packed columns, all allocated.
+    // SAFETY: ggml calls this with the node built in `mul_mat_vnni`: dst f32 [m, n], w the contiguous
+    // weights [k, m] of a `WeightKind`, and the packed columns, all allocated.
     let (dst, w, packed) = unsafe { (&*dst, &*(*dst).src[0], &*(*dst).src[1]) };
     let (k, m, n) = (w.ne[0] as usize, w.ne[1] as usize, dst.ne[1] as usize);
     let (ith, nth) = (ith.max(0) as usize, nth.max(1) as usize);
     let runs = m.div_ceil(ROWS);
     let per = runs.div_ceil(nth);
     let (first, last) = ((ith * per * ROWS).min(m), ((ith + 1) * per * ROWS).min(m));
+    let Some(kind) = DType::from_sys(w.type_).ok().and_then(WeightKind::of) else { return };
     let job = Job {
+        kind,
         weights: w.data as *const u8,
         row_bytes: w.nb[1],
         blocks: k / BLOCK,
@@ -156,6 +224,7 @@ unsafe extern "C" fn product_kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth:
 
 /// One product's operands: the weight rows, the packed columns, the result `[m, n]`.
 struct Job {
+    kind: WeightKind,
     weights: *const u8,
     row_bytes: usize,
     blocks: usize,
@@ -168,7 +237,7 @@ struct Job {
 /// Rows `first..last` of the product, `ROWS` at a time.
 ///
 /// # Safety
-/// The job's pointers are the live operands `mul_mat_q8_0` checked; rows first..last exist; the CPU
+/// The job's pointers are the live operands `mul_mat_vnni` checked; rows first..last exist; the CPU
 /// has AVX-512 F, BW and VNNI.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
@@ -193,35 +262,38 @@ unsafe fn rows_vnni(job: &Job, first: usize, last: usize) {
 mod vnni {
     use std::arch::x86_64::*;
 
-    use super::{Job, BLOCK, Q8_0_BYTES, TILE, TILE_BLOCK_BYTES};
+    use super::{Job, BLOCK, TILE, TILE_BLOCK_BYTES};
 
-    /// Rows `row..row + R` against every tile: per block, the 8 groups of each row broadcast into
-    /// VNNI dots with the tile's groups (starting from −128 × the block's byte sum, which takes the
-    /// columns' +128 back), then `Σ += f32(dot) · (d_row · d_column)`.
+    /// Rows `row..row + R` against every tile: the rows unpacked to signed bytes once; per block, the
+    /// 8 groups of each row broadcast into VNNI dots with the tile's groups (starting from −128 × the
+    /// block's byte sum, which takes the columns' +128 back), then `Σ += f32(dot) · (d_row ·
+    /// d_column)` and, for Q4_1, `Σ += offset_row · (d_column · Σ column)`.
     ///
     /// # Safety
     /// As `rows_vnni`, for rows row..row + R; AVX-512 F, BW and VNNI are present.
     #[inline(always)]
     pub(super) unsafe fn run<const R: usize>(job: &Job, row: usize) {
         let blocks = job.blocks;
-        // Each row's block scales (f32) and −128 × byte sums, once for all tiles.
+        // Each row's values, block scales, offsets and −128 × byte sums, once for all tiles.
+        let mut values = vec![[0i8; BLOCK]; R * blocks];
         let mut scales = vec![0f32; R * blocks];
+        let mut mins = vec![0f32; R * blocks];
         let mut offsets = vec![0i32; R * blocks];
-        let mut rows = [job.weights; R];
-        // SAFETY: the caller's contract bounds every access: rows row..row + R of blocks × 34 bytes,
-        // tiles × blocks packed blocks and their scales, result columns < n of rows < m.
+        let with_mins = job.kind == super::WeightKind::Q4_1;
+        // SAFETY: the caller's contract bounds every access: rows row..row + R of whole blocks,
+        // tiles × blocks packed blocks with their scales and sums, result columns < n of rows < m.
         unsafe {
             for r in 0..R {
-                rows[r] = job.weights.add((row + r) * job.row_bytes);
+                let weights = job.weights.add((row + r) * job.row_bytes);
                 for b in 0..blocks {
-                    let block = rows[r].add(b * Q8_0_BYTES);
-                    scales[r * blocks + b] = super::super::split_attention::f16_to_f32(u16::from_le_bytes([*block, *block.add(1)]));
-                    let bytes = std::slice::from_raw_parts(block.add(2) as *const i8, BLOCK);
-                    offsets[r * blocks + b] = -128 * bytes.iter().map(|&v| v as i32).sum::<i32>();
+                    let i = r * blocks + b;
+                    (scales[i], mins[i]) = job.kind.unpack(weights.add(b * job.kind.block_bytes()), &mut values[i]);
+                    offsets[i] = -128 * values[i].iter().map(|&v| v as i32).sum::<i32>();
                 }
             }
             let tiles = job.n.div_ceil(TILE);
             let column_scales = job.columns.add(tiles * blocks * TILE_BLOCK_BYTES) as *const f32;
+            let column_sums = column_scales.add(tiles * blocks * TILE);
             for tile in 0..tiles {
                 let mut sums = [_mm512_setzero_ps(); R];
                 for b in 0..blocks {
@@ -233,14 +305,21 @@ mod vnni {
                     for g in 0..BLOCK / 4 {
                         let columns = _mm512_loadu_si512(groups.add(g * TILE * 4) as *const _);
                         for r in 0..R {
-                            let weights = _mm512_set1_epi32((rows[r].add(b * Q8_0_BYTES + 2 + 4 * g) as *const i32).read_unaligned());
+                            let weights = _mm512_set1_epi32((values[r * blocks + b].as_ptr().add(4 * g) as *const i32).read_unaligned());
                             dots[r] = _mm512_dpbusd_epi32(dots[r], columns, weights);
                         }
                     }
-                    let column_scale = _mm512_loadu_ps(column_scales.add((tile * blocks + b) * TILE));
+                    let at = (tile * blocks + b) * TILE;
+                    let column_scale = _mm512_loadu_ps(column_scales.add(at));
                     for r in 0..R {
                         let scale = _mm512_mul_ps(_mm512_set1_ps(scales[r * blocks + b]), column_scale);
                         sums[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r]), scale, sums[r]);
+                    }
+                    if with_mins {
+                        let column_sum = _mm512_loadu_ps(column_sums.add(at));
+                        for r in 0..R {
+                            sums[r] = _mm512_fmadd_ps(_mm512_set1_ps(mins[r * blocks + b]), column_sum, sums[r]);
+                        }
                     }
                 }
                 let mut lanes = [0f32; TILE];
