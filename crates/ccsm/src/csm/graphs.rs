@@ -87,7 +87,7 @@ impl StepBuilder for BackboneStep<'_> {
             .with_output_rows(output_rows);
         let hidden = model.backbone.build(&mut scope, x, which)?.set_output();
         let attention_mass = scope.take_attention_mass().map(Tensor::set_output);
-        let logits = ctx.mul_mat(w(model.codebook0_head), hidden)?.set_output();
+        let logits = ctx.product(w(model.codebook0_head), hidden)?.set_output();
         graph.expand(hidden)?;
         graph.expand(logits)?;
         if let Some(mass) = attention_mass {
@@ -237,7 +237,7 @@ impl StepBuilder for DecoderStep<'_> {
         } else {
             (audio, None)
         };
-        let x = ctx.mul_mat(w(model.projection), x)?;
+        let x = ctx.product(w(model.projection), x)?;
         let parts: Vec<SequencePart> = self.caches.iter().map(|c| SequencePart { rows: Self::rows(s), n_kv: c.capacity() }).collect();
         let (inputs, sequences) = BatchInputs::new(ctx, model.decoder.freq_factor_input(ctx)?, self.caches, &parts)?;
         let output_rows = if s == 0 && n_seq > 1 { Some(ctx.new_tensor(DType::I32, &[n_seq])?.set_input()) } else { None };
@@ -248,7 +248,7 @@ impl StepBuilder for DecoderStep<'_> {
         let last = model.decoder.build(&mut scope, x, which)?;
         let heads = w(model.audio_head);
         let head = ctx.view(heads, &[heads.ne(0), heads.ne(1)], &[heads.strides()[1]], s * heads.strides()[2])?;
-        let logits = ctx.mul_mat(head, last)?.set_output();
+        let logits = ctx.product(head, last)?.set_output();
         graph.expand(logits)?;
         Ok(DecoderSlots {
             code_offset: (s * model.config.audio_vocab) as u32,

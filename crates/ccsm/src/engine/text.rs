@@ -303,7 +303,7 @@ impl StepBuilder for TextStep<'_> {
             .with_output_rows(output_rows);
         let hidden = transformer.build(&mut scope, x, which)?;
         let attention_mass = scope.take_attention_mass().map(Tensor::set_output);
-        let logits = ctx.mul_mat(model.weights.get(model.output), hidden)?.set_output();
+        let logits = ctx.product(model.weights.get(model.output), hidden)?.set_output();
         graph.expand(logits)?;
         if let Some(mass) = attention_mass {
             graph.expand(mass)?;
