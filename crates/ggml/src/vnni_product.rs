@@ -58,12 +58,14 @@ impl Context {
     }
 }
 
-/// Whether `mul_mat_vnni` takes these operands: Q8_0, Q4_0 or Q4_1 `w` and f32 `x`, both 2-D and
-/// contiguous, rows of whole blocks, at least `min_columns` columns, and a CPU with AVX-512 VNNI (on
-/// builds whose ggml has AVX-512: a build for AVX2 machines keeps their product).
+/// Whether `mul_mat_vnni` takes these operands: Q8_0, Q4_0 or Q4_1 `w` in ggml's block layout (not
+/// re-laid out in its repack buffer) and f32 `x`, both 2-D and contiguous, rows of whole blocks, at
+/// least `min_columns` columns, and a CPU with AVX-512 VNNI (on builds whose ggml has AVX-512: a
+/// build for AVX2 machines keeps their product).
 pub(crate) fn vnni_product_applies(w: Tensor<'_>, x: Tensor<'_>, min_columns: i64) -> bool {
     let two_d = |t: Tensor<'_>| t.ne(2) == 1 && t.ne(3) == 1 && t.is_contiguous();
     WeightKind::of(w.dtype()).is_some()
+        && !w.is_repacked()
         && x.dtype() == DType::F32
         && two_d(w)
         && two_d(x)

@@ -110,8 +110,9 @@ fn kept_graphs_only_read_store_tensors() {
 }
 
 /// Q4_0 matrices in ggml's repack buffer (when this CPU has a layout for them) compute the same
-/// products as the plain layout, against f64 products over the dequantized weights; reading them back
-/// (which ggml's repack buffer cannot do) is an error, not a crash.
+/// products as the plain layout, against f64 products over the dequantized weights, through `product`
+/// too (whose VNNI kernel reads the plain layout only, so leaves repacked weights to ggml); reading
+/// them back (which ggml's repack buffer cannot do) is an error, not a crash.
 #[test]
 fn repacked_q4_0_matrices_compute_the_same_products() {
     let (cols, rows) = (256i64, 64i64);
@@ -139,14 +140,16 @@ fn repacked_q4_0_matrices_compute_the_same_products() {
         let ctx = compute.context(8, 16).unwrap();
         let x = ctx.new_tensor(DType::F32, &[cols, n]).unwrap().set_input();
         let (a, b) = (ctx.mul_mat(store.get(plain), x).unwrap(), ctx.mul_mat(store.get(packed), x).unwrap());
+        let (c, d) = (ctx.product(store.get(plain), x).unwrap(), ctx.product(store.get(packed), x).unwrap());
         let mut graph = ctx.new_graph(16).unwrap();
-        graph.expand(a).unwrap();
-        graph.expand(b).unwrap();
+        for t in [a, b, c, d] {
+            graph.expand(t).unwrap();
+        }
         ctx.allocate(&graph).unwrap();
         let xs = rng.normals((cols * n) as usize);
         x.write_f32(&xs).unwrap();
         backend.compute(&graph).unwrap();
-        let (a, b) = (a.read_f32().unwrap(), b.read_f32().unwrap());
+        let (a, b, c, d) = (a.read_f32().unwrap(), b.read_f32().unwrap(), c.read_f32().unwrap(), d.read_f32().unwrap());
         for j in 0..n as usize {
             for r in 0..rows as usize {
                 let exact: f64 = (0..cols as usize).map(|c| weights[r * cols as usize + c] as f64 * xs[j * cols as usize + c] as f64).sum();
@@ -156,6 +159,8 @@ fn repacked_q4_0_matrices_compute_the_same_products() {
                 // Both round the activations to q8_0 (about 1/254 of each block's largest value).
                 assert!((pa - exact).abs() <= 0.02 * scale, "plain row {r} col {j}: {pa} vs {exact}");
                 assert!((pb - pa).abs() <= 1e-4 * scale, "repacked row {r} col {j}: {pb} vs plain {pa}");
+                let (pc, pd) = (c[j * rows as usize + r] as f64, d[j * rows as usize + r] as f64);
+                assert!((pc - pa).abs() <= 1e-4 * scale && (pd - pa).abs() <= 1e-4 * scale, "product row {r} col {j}: {pc}, {pd} vs {pa}");
             }
         }
     }
