@@ -36,7 +36,6 @@ mod graph;
 mod host_copy;
 mod log;
 mod narrow_product;
-mod vnni_product;
 mod ops;
 mod reusable;
 mod slot;
@@ -44,6 +43,7 @@ mod split_attention;
 mod store;
 mod threads;
 mod views;
+mod vnni_product;
 
 pub use context::{tensor_overhead, Context, ContextParams, Tensor};
 pub use dtype::{DType, ALL_DTYPES};
@@ -52,12 +52,12 @@ pub use few_columns::{MAX_FEW_COLUMNS, MIN_FEW_COLUMNS};
 pub use graph::{graph_overhead, Backend, ComputeBuffer, Graph, GraphContext, NodeTime};
 pub use host_copy::{copy_bytes, ByteCopy};
 pub use narrow_product::MAX_NARROW_INNER;
-pub use vnni_product::MIN_VNNI_COLUMNS;
 pub use ops::{RopeMode, RopeParams};
 pub use reusable::{ReusableGraph, SealedGraph};
 pub use slot::{Slot, StepGraph};
 pub use split_attention::AttentionSource;
 pub use store::{StoreMemory, TensorId, TensorStore};
+pub use vnni_product::MIN_VNNI_COLUMNS;
 
 use ggml_sys as sys;
 

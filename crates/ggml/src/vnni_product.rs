@@ -2,15 +2,21 @@
 //! AVX-512 VNNI. ggml's product (llamafile's tinyBLAS) spends about 7 instructions on each (weight
 //! block, column block) pair: two sign fixes, a 256-bit dot, a conversion, a shuffle and a
 //! multiply-add. Here the columns are laid out so that a vector holds one 4-byte group of 16
-//! columns: a weight block's 4-byte groups, broadcast, meet 16 columns in 8 VNNI dots, and one
-//! conversion and two float operations finish 16 pairs — under one instruction a pair.
+//! columns: a weight block's 4-byte groups, broadcast, meet 16 columns in 8 VNNI dots, each then
+//! converted and added into its own accumulator — about 2 instructions a pair.
 //!
-//! Two custom ops. `pack`: the columns quantized by ggml's own Q8_0 quantizer (the values its
-//! product uses), stored as unsigned bytes (+128) in tiles of 16 columns, with their scales and
-//! scaled sums. `product`: each thread's rows, a few at a time unpacked to signed bytes, against
-//! every tile. The integer dots are exact (the +128 is taken back with the weight block's sum); each
-//! (row, column) sum adds the blocks' scaled dots (and Q4_1's offsets times the columns' sums) in
-//! order, in f32.
+//! The result is ggml's bit for bit: ggml's dot products (and tinyBLAS) keep 8 lanes per (row,
+//! column), lane `g` adding block by block `d_row·d_column × (the dot of the block's group g of 4
+//! bytes)` with one fused multiply-add, then sum the lanes in a fixed tree (Q4_1 adds its offsets'
+//! sum last). Here lane `g` of each column is accumulator `g` of the tile — the same operations in
+//! the same order, 16 columns at a time — so a prompt cut into other chunks, or a step batching other
+//! sequences, gives every row the bits it gets alone.
+//!
+//! Two custom ops. `pack`: the columns quantized by ggml's own quantizer for the weight type (Q8_0,
+//! or Q8_1 for Q4_1: the values and scaled sums its product uses), stored as unsigned bytes (+128) in
+//! tiles of 16 columns, with their scales and scaled sums. `product`: each thread's rows, a few at a
+//! time unpacked to signed bytes, against every tile; the +128 is taken back exactly by starting each
+//! group's dot from −128 × the weight group's byte sum.
 
 use std::os::raw::{c_int, c_void};
 
@@ -28,8 +34,8 @@ const Q8_0_BYTES: usize = 34;
 const TILE: usize = 16;
 /// Bytes of one block of one tile: 8 groups of 4 bytes for each of 16 columns.
 const TILE_BLOCK_BYTES: usize = BLOCK * TILE;
-/// Rows one pass over a tile computes together (each broadcast group meets the tile once per row).
-const ROWS: usize = 4;
+/// Bytes of a Q8_1 block (f16 scale, f16 scale × sum, 32 signed bytes).
+const Q8_1_BYTES: usize = 36;
 /// Fewest columns the kernel takes (one column goes to ggml's dot products, as two or more go to
 /// tinyBLAS there).
 pub const MIN_VNNI_COLUMNS: i64 = 2;
@@ -48,10 +54,11 @@ impl Context {
         }
         let (k, n) = (x.ne(0) as usize, x.ne(1) as usize);
         let floats = packed_bytes(k, n).div_ceil(4) as i64;
+        let q8_1 = w.dtype() == DType::Q4_1;
         // SAFETY: x is a contiguous 2-D f32 tensor of whole blocks (checked), which `pack_kernel`
         // reads; it writes `packed_bytes(k, n)` bytes into the new node of that many (rounded up) f32s;
-        // the userdata is n.
-        let packed = unsafe { self.custom_f32("vnni_pack", [floats, 1, 1, 1], &[x], pack_kernel, -1, n) }?;
+        // the userdata is 2n, + 1 for Q8_1 columns.
+        let packed = unsafe { self.custom_f32("vnni_pack", [floats, 1, 1, 1], &[x], pack_kernel, -1, 2 * n + q8_1 as usize) }?;
         // SAFETY: w is a contiguous 2-D Q8_0/Q4_0/Q4_1 tensor with x's row length, `packed` holds x packed as
         // `product_kernel` reads it (n is the result's column count); it writes the [m, n] result.
         unsafe { self.custom_f32(OP, [w.ne(1), x.ne(1), 1, 1], &[w, packed], product_kernel, -1, 0) }
@@ -142,70 +149,69 @@ fn has_vnni() -> bool {
 }
 
 /// Bytes of `n` columns of `k` packed: each tile's blocks (`TILE_BLOCK_BYTES` each), then each tile's
-/// scales (`TILE` f32 per block), then each tile's scaled sums (scale × Σ values, `TILE` f32 per
-/// block: what Q4_1's offsets multiply).
+/// scales (`TILE` f32 per block), then each tile's scaled sums (Q8_1's f16 `d · Σ values`, `TILE` f32
+/// per block: what Q4_1's offsets multiply).
 fn packed_bytes(k: usize, n: usize) -> usize {
     n.div_ceil(TILE) * (k / BLOCK) * (TILE_BLOCK_BYTES + 2 * TILE * 4)
 }
 
-/// Thread `ith` of `nth` packs its share of the tiles: every column quantized by ggml's Q8_0
-/// quantizer, its bytes +128 (as unsigned) at `[tile][block][group][column in tile][4]`, its scales
-/// at `[tile][block][column in tile]` after all the bytes, then its scaled sums the same way; columns
-/// past `n` zero with scale 0.
+/// Thread `ith` of `nth` packs its share of the tiles: every column quantized by ggml's quantizer
+/// (Q8_0, or Q8_1 when `userdata` is odd), its bytes +128 (as unsigned) at `[tile][block][group][column
+/// in tile][4]`, its scales at `[tile][block][column in tile]` after all the bytes, then Q8_1's scaled
+/// sums the same way; columns past `n` zero with scale 0.
 unsafe extern "C" fn pack_kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, userdata: *mut c_void) {
     // SAFETY: ggml calls this with the node built in `mul_mat_vnni`: dst holds packed_bytes(k, n)
-    // bytes and its source is the contiguous f32 x [k, n]; userdata is n.
+    // bytes and its source is the contiguous f32 x [k, n]; userdata is 2n (+ 1 for Q8_1).
     let (dst, x) = unsafe { (&*dst, &*(*dst).src[0]) };
-    let (k, n) = (x.ne[0] as usize, userdata as usize);
+    let (k, n, q8_1) = (x.ne[0] as usize, userdata as usize / 2, userdata as usize % 2 == 1);
     let (blocks, tiles) = (k / BLOCK, n.div_ceil(TILE));
-    // SAFETY: ggml's CPU type traits are static; Q8_0's from_float is the quantizer ggml's product
-    // uses, writing k / 32 blocks from k floats.
-    let Some(quantize) = (unsafe { (*sys::ggml_get_type_traits_cpu(DType::Q8_0.to_sys())).from_float }) else { return };
-    let mut column = vec![0u8; blocks * Q8_0_BYTES];
+    let (dtype, block_bytes, qs) = if q8_1 { (DType::Q8_1, Q8_1_BYTES, 4) } else { (DType::Q8_0, Q8_0_BYTES, 2) };
+    // SAFETY: ggml's CPU type traits are static; from_float is the quantizer ggml's product uses for
+    // these weights' columns, writing k / 32 blocks from k floats.
+    let Some(quantize) = (unsafe { (*sys::ggml_get_type_traits_cpu(dtype.to_sys())).from_float }) else { return };
+    let mut column = vec![0u8; blocks * block_bytes];
     let base = dst.data as *mut u8;
     let scales_at = tiles * blocks * TILE_BLOCK_BYTES;
+    let half = |b: &[u8], at: usize| crate::split_attention::f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]));
     for tile in (ith.max(0) as usize..tiles).step_by(nth.max(1) as usize) {
         for lane in 0..TILE {
             let c = tile * TILE + lane;
             if c < n {
-                // SAFETY: column c of x holds k contiguous floats; `column` holds blocks × 34 bytes.
+                // SAFETY: column c of x holds k contiguous floats; `column` holds its blocks.
                 unsafe { quantize((x.data as *const u8).add(c * x.nb[1]) as *const f32, column.as_mut_ptr() as *mut c_void, k as i64) };
             } else {
                 column.iter_mut().for_each(|b| *b = 0);
             }
-            for (b, block) in column.chunks_exact(Q8_0_BYTES).enumerate() {
+            for (b, block) in column.chunks_exact(block_bytes).enumerate() {
                 let tile_block = (tile * blocks + b) * TILE_BLOCK_BYTES;
-                for group in 0..BLOCK / 4 {
-                    let bytes = [block[2 + 4 * group], block[3 + 4 * group], block[4 + 4 * group], block[5 + 4 * group]];
+                for (group, bytes) in block[qs..].chunks_exact(4).enumerate() {
                     let at = tile_block + group * TILE * 4 + lane * 4;
+                    let unsigned = [bytes[0] ^ 0x80, bytes[1] ^ 0x80, bytes[2] ^ 0x80, bytes[3] ^ 0x80];
                     // SAFETY: at + 4 <= scales_at <= packed_bytes (tile < tiles, b < blocks).
-                    unsafe { std::ptr::copy_nonoverlapping(bytes.map(|v| v ^ 0x80).as_ptr(), base.add(at), 4) };
+                    unsafe { std::ptr::copy_nonoverlapping(unsigned.as_ptr(), base.add(at), 4) };
                 }
-                let scale = crate::split_attention::f16_to_f32(u16::from_le_bytes([block[0], block[1]]));
-                let sum: i32 = block[2..].iter().map(|&v| v as i8 as i32).sum();
                 let at = (tile * blocks + b) * TILE + lane;
                 // SAFETY: the scales and then the sums regions hold tiles × blocks × TILE f32s each
                 // after the bytes.
                 unsafe {
                     let scales = base.add(scales_at) as *mut f32;
-                    scales.add(at).write_unaligned(scale);
-                    scales.add(tiles * blocks * TILE + at).write_unaligned(scale * sum as f32);
+                    scales.add(at).write_unaligned(half(block, 0));
+                    scales.add(tiles * blocks * TILE + at).write_unaligned(if q8_1 { half(block, 2) } else { 0.0 });
                 }
             }
         }
     }
 }
 
-/// Thread `ith` of `nth` computes its share of the rows (in runs of `ROWS`) for every column.
+/// Thread `ith` of `nth` computes its share of the rows (in runs of `CHUNK_ROWS`) for every column.
 unsafe extern "C" fn product_kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, _userdata: *mut c_void) {
     // SAFETY: ggml calls this with the node built in `mul_mat_vnni`: dst f32 [m, n], w the contiguous
     // weights [k, m] of a `WeightKind`, and the packed columns, all allocated.
     let (dst, w, packed) = unsafe { (&*dst, &*(*dst).src[0], &*(*dst).src[1]) };
     let (k, m, n) = (w.ne[0] as usize, w.ne[1] as usize, dst.ne[1] as usize);
     let (ith, nth) = (ith.max(0) as usize, nth.max(1) as usize);
-    let runs = m.div_ceil(ROWS);
-    let per = runs.div_ceil(nth);
-    let (first, last) = ((ith * per * ROWS).min(m), ((ith + 1) * per * ROWS).min(m));
+    let per = m.div_ceil(nth);
+    let (first, last) = ((ith * per).min(m), ((ith + 1) * per).min(m));
     let Some(kind) = DType::from_sys(w.type_).ok().and_then(WeightKind::of) else { return };
     let job = Job {
         kind,
@@ -236,7 +242,8 @@ struct Job {
     m: usize,
 }
 
-/// Rows `first..last` of the product, `ROWS` at a time.
+/// Rows `first..last` of the product, `CHUNK_ROWS` at a time: the chunk's rows unpacked once (they
+/// stay in L2), then each tile of columns (a few tens of KiB, in L1) meets every row of the chunk.
 ///
 /// # Safety
 /// The job's pointers are the live operands `mul_mat_vnni` checked; rows first..last exist; the CPU
@@ -244,19 +251,61 @@ struct Job {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 unsafe fn rows_vnni(job: &Job, first: usize, last: usize) {
+    let mut chunk = Unpacked::new(job.blocks);
+    let tiles = job.n.div_ceil(TILE);
     let mut row = first;
     while row < last {
-        let count = ROWS.min(last - row);
+        let count = CHUNK_ROWS.min(last - row);
         // SAFETY: the caller's contract, for rows row..row + count.
-        unsafe {
-            match count {
-                4 => vnni::run::<4>(job, row),
-                3 => vnni::run::<3>(job, row),
-                2 => vnni::run::<2>(job, row),
-                _ => vnni::run::<1>(job, row),
+        unsafe { chunk.fill(job, row, count) };
+        for tile in 0..tiles {
+            for r in 0..count {
+                // SAFETY: as above; tile < tiles; r < count rows were filled.
+                unsafe { vnni::row_tile(job, &chunk, r, row + r, tile) };
             }
         }
         row += count;
+    }
+}
+
+/// Rows a pass over the tiles takes together.
+const CHUNK_ROWS: usize = 64;
+/// 4-byte groups of a block.
+const GROUPS: usize = BLOCK / 4;
+
+/// A chunk of weight rows as signed bytes, with each block's scale and offset (Q4_1's minimum; else
+/// 0) and each group's −128 × byte sum (what takes the columns' +128 back), `[row][block]`.
+struct Unpacked {
+    blocks: usize,
+    values: Vec<[i8; BLOCK]>,
+    scales: Vec<f32>,
+    mins: Vec<f32>,
+    starts: Vec<[i32; GROUPS]>,
+}
+
+impl Unpacked {
+    fn new(blocks: usize) -> Unpacked {
+        let n = blocks * CHUNK_ROWS;
+        Unpacked { blocks, values: vec![[0; BLOCK]; n], scales: vec![0.0; n], mins: vec![0.0; n], starts: vec![[0; GROUPS]; n] }
+    }
+
+    /// Unpacks rows `row..row + count` (count ≤ `CHUNK_ROWS`).
+    ///
+    /// # Safety
+    /// Those rows exist in the job's weights.
+    unsafe fn fill(&mut self, job: &Job, row: usize, count: usize) {
+        for r in 0..count {
+            // SAFETY: the caller's contract: row + r is a row of whole blocks.
+            let weights = unsafe { job.weights.add((row + r) * job.row_bytes) };
+            for b in 0..self.blocks {
+                let i = r * self.blocks + b;
+                // SAFETY: block b lies inside the row.
+                (self.scales[i], self.mins[i]) = unsafe { job.kind.unpack(weights.add(b * job.kind.block_bytes()), &mut self.values[i]) };
+                for (start, group) in self.starts[i].iter_mut().zip(self.values[i].chunks_exact(4)) {
+                    *start = -128 * group.iter().map(|&v| v as i32).sum::<i32>();
+                }
+            }
+        }
     }
 }
 
@@ -264,73 +313,56 @@ unsafe fn rows_vnni(job: &Job, first: usize, last: usize) {
 mod vnni {
     use std::arch::x86_64::*;
 
-    use super::{Job, BLOCK, TILE, TILE_BLOCK_BYTES};
+    use super::{Job, Unpacked, GROUPS, TILE, TILE_BLOCK_BYTES};
 
-    /// Rows `row..row + R` against every tile: the rows unpacked to signed bytes once; per block, the
-    /// 8 groups of each row broadcast into VNNI dots with the tile's groups (starting from −128 × the
-    /// block's byte sum, which takes the columns' +128 back), then `Σ += f32(dot) · (d_row ·
-    /// d_column)` and, for Q4_1, `Σ += offset_row · (d_column · Σ column)`.
+    /// Row `r` of the chunk (the product's row `out_row`) against tile `tile`: per block and group g
+    /// of 4 bytes, the row's group broadcast into a VNNI dot with the tile's (from the group's start),
+    /// then `lane_g += (d_row · d_column) × f32(dot)` as ggml's lane g; Q4_1 also `offsets += m_row ·
+    /// s_column`. At the end ggml's tree over the 8 lanes, plus the offsets.
     ///
     /// # Safety
-    /// As `rows_vnni`, for rows row..row + R; AVX-512 F, BW and VNNI are present.
+    /// As `rows_vnni`; row r of the chunk is filled; tile < the job's tiles; AVX-512 F, BW and VNNI
+    /// are present.
     #[inline(always)]
-    pub(super) unsafe fn run<const R: usize>(job: &Job, row: usize) {
+    pub(super) unsafe fn row_tile(job: &Job, chunk: &Unpacked, r: usize, out_row: usize, tile: usize) {
         let blocks = job.blocks;
-        // Each row's values, block scales, offsets and −128 × byte sums, once for all tiles.
-        let mut values = vec![[0i8; BLOCK]; R * blocks];
-        let mut scales = vec![0f32; R * blocks];
-        let mut mins = vec![0f32; R * blocks];
-        let mut offsets = vec![0i32; R * blocks];
+        let tiles = job.n.div_ceil(TILE);
         let with_mins = job.kind == super::WeightKind::Q4_1;
-        // SAFETY: the caller's contract bounds every access: rows row..row + R of whole blocks,
-        // tiles × blocks packed blocks with their scales and sums, result columns < n of rows < m.
+        // SAFETY: the caller's contract bounds every access: the tile's packed blocks with their
+        // scales and sums, result columns < n of a row < m.
         unsafe {
-            for r in 0..R {
-                let weights = job.weights.add((row + r) * job.row_bytes);
-                for b in 0..blocks {
-                    let i = r * blocks + b;
-                    (scales[i], mins[i]) = job.kind.unpack(weights.add(b * job.kind.block_bytes()), &mut values[i]);
-                    offsets[i] = -128 * values[i].iter().map(|&v| v as i32).sum::<i32>();
-                }
-            }
-            let tiles = job.n.div_ceil(TILE);
             let column_scales = job.columns.add(tiles * blocks * TILE_BLOCK_BYTES) as *const f32;
             let column_sums = column_scales.add(tiles * blocks * TILE);
-            for tile in 0..tiles {
-                let mut sums = [_mm512_setzero_ps(); R];
-                for b in 0..blocks {
-                    let groups = job.columns.add((tile * blocks + b) * TILE_BLOCK_BYTES);
-                    let mut dots = [_mm512_setzero_si512(); R];
-                    for r in 0..R {
-                        dots[r] = _mm512_set1_epi32(offsets[r * blocks + b]);
-                    }
-                    for g in 0..BLOCK / 4 {
-                        let columns = _mm512_loadu_si512(groups.add(g * TILE * 4) as *const _);
-                        for r in 0..R {
-                            let weights = _mm512_set1_epi32((values[r * blocks + b].as_ptr().add(4 * g) as *const i32).read_unaligned());
-                            dots[r] = _mm512_dpbusd_epi32(dots[r], columns, weights);
-                        }
-                    }
-                    let at = (tile * blocks + b) * TILE;
-                    let column_scale = _mm512_loadu_ps(column_scales.add(at));
-                    for r in 0..R {
-                        let scale = _mm512_mul_ps(_mm512_set1_ps(scales[r * blocks + b]), column_scale);
-                        sums[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r]), scale, sums[r]);
-                    }
-                    if with_mins {
-                        let column_sum = _mm512_loadu_ps(column_sums.add(at));
-                        for r in 0..R {
-                            sums[r] = _mm512_fmadd_ps(_mm512_set1_ps(mins[r * blocks + b]), column_sum, sums[r]);
-                        }
-                    }
+            let mut lanes = [_mm512_setzero_ps(); GROUPS];
+            let mut offsets = _mm512_setzero_ps();
+            for b in 0..blocks {
+                let i = r * blocks + b;
+                let groups = job.columns.add((tile * blocks + b) * TILE_BLOCK_BYTES);
+                let at = (tile * blocks + b) * TILE;
+                let scale = _mm512_mul_ps(_mm512_set1_ps(chunk.scales[i]), _mm512_loadu_ps(column_scales.add(at)));
+                let values = chunk.values[i].as_ptr();
+                for (g, lane) in lanes.iter_mut().enumerate() {
+                    let columns = _mm512_loadu_si512(groups.add(g * TILE * 4) as *const _);
+                    let weights = _mm512_set1_epi32((values.add(4 * g) as *const i32).read_unaligned());
+                    let dot = _mm512_dpbusd_epi32(_mm512_set1_epi32(chunk.starts[i][g]), columns, weights);
+                    *lane = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), *lane);
                 }
-                let mut lanes = [0f32; TILE];
-                for r in 0..R {
-                    _mm512_storeu_ps(lanes.as_mut_ptr(), sums[r]);
-                    for (lane, &v) in lanes.iter().enumerate().take(job.n - tile * TILE) {
-                        *job.out.add((tile * TILE + lane) * job.m + row + r) = v;
-                    }
+                if with_mins {
+                    offsets = _mm512_add_ps(offsets, _mm512_mul_ps(_mm512_set1_ps(chunk.mins[i]), _mm512_loadu_ps(column_sums.add(at))));
                 }
+            }
+            let l = &lanes;
+            // ggml's hsum_float_8: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)).
+            let even = _mm512_add_ps(_mm512_add_ps(l[0], l[4]), _mm512_add_ps(l[2], l[6]));
+            let odd = _mm512_add_ps(_mm512_add_ps(l[1], l[5]), _mm512_add_ps(l[3], l[7]));
+            let mut sum = _mm512_add_ps(even, odd);
+            if with_mins {
+                sum = _mm512_add_ps(sum, offsets);
+            }
+            let mut out = [0f32; TILE];
+            _mm512_storeu_ps(out.as_mut_ptr(), sum);
+            for (lane, &v) in out.iter().enumerate().take(job.n - tile * TILE) {
+                *job.out.add((tile * TILE + lane) * job.m + out_row) = v;
             }
         }
     }

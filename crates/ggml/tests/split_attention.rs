@@ -230,7 +230,8 @@ fn rows_attended_together_give_the_bits_they_give_alone() {
     let (hd, n_head, n_head_kv, n_kv, n_q) = (64i64, 9i64, 3i64, 700i64, 37i64);
     let q = rng.normals((hd * n_head * n_q) as usize);
     let (k, v) = (rng.normals((hd * n_head_kv * n_kv) as usize), rng.normals((hd * n_head_kv * n_kv) as usize));
-    let c = Case { hd: hd as usize, n_q: n_q as usize, n_kv: n_kv as usize, live: 690, n_head: n_head as usize, n_head_kv: n_head_kv as usize };
+    let c =
+        Case { hd: hd as usize, n_q: n_q as usize, n_kv: n_kv as usize, live: 690, n_head: n_head as usize, n_head_kv: n_head_kv as usize };
     let m = mask(&c);
     for (k_type, v_type) in [(DType::F16, DType::F16), (DType::Q8_0, DType::Q4_0), (DType::F32, DType::Q5_1)] {
         // Rows first..first + count of the batch, attended on their own.
@@ -251,7 +252,10 @@ fn rows_attended_together_give_the_bits_they_give_alone() {
         let row = (hd * n_head) as usize;
         for (first, count) in [(0, 1), (5, 1), (36, 1), (3, 7), (30, 7)] {
             let got = attend(first, count);
-            assert!(got == whole[first as usize * row..(first + count) as usize * row], "K {k_type} V {v_type}: rows {first}..+{count} differ");
+            assert!(
+                got == whole[first as usize * row..(first + count) as usize * row],
+                "K {k_type} V {v_type}: rows {first}..+{count} differ"
+            );
         }
     }
 }

@@ -1,7 +1,7 @@
-//! The VNNI product of Q8_0, Q4_0 and Q4_1 weights against naive f64 math over the stored weights and
-//! the Q8_0-rounded columns (the integer dots are exact, so only f32 rounding of the scaled sums
-//! remains), and ggml's product within the same bound (wider for Q4_1, whose column sums ggml stores
-//! in f16); operands it does not cover are refused (and `product` gives ggml's).
+//! The VNNI product of Q8_0, Q4_0 and Q4_1 weights equals ggml's bit for bit — its product over the
+//! same columns and its dot product over each column alone — and both are within the derived bound of
+//! naive f64 math over the stored weights and the Q8_0-rounded columns (wider for Q4_1, whose column
+//! sums ggml stores in f16); operands it does not cover are refused (and `product` gives ggml's).
 
 mod common;
 
@@ -22,7 +22,7 @@ fn has_vnni() -> bool {
 }
 
 #[test]
-fn vnni_products_match_f64_over_the_rounded_columns_and_ggml() {
+fn vnni_products_are_ggmls_bit_for_bit_and_within_the_f64_bound() {
     if !has_vnni() {
         eprintln!("no AVX-512 VNNI here (or ggml built without AVX-512): skipped");
         return;
@@ -47,6 +47,16 @@ fn check(dtype: DType) {
         x.write_f32(&x_values).unwrap();
         let ours = compute(&ctx, ctx.mul_mat_vnni(w, x).unwrap());
         let theirs = compute(&ctx, ctx.mul_mat(w, x).unwrap());
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert!(bits(&ours) == bits(&theirs), "{dtype} k {k} m {m} n {n}: not ggml's product bit for bit");
+        for c in [0, n / 2, n - 1] {
+            let column = ctx.view(x, &[k as i64, 1], &[x.strides()[1]], c * x.strides()[1]).unwrap();
+            let alone = compute(&ctx, ctx.mul_mat(w, ctx.cont(column).unwrap()).unwrap());
+            assert!(
+                bits(&alone) == bits(&ours[c * m..(c + 1) * m]),
+                "{dtype} k {k} m {m} n {n}: column {c} differs from ggml's one-column product"
+            );
+        }
         let w_dec = decode(dtype, &w_bytes, k * m);
         let x_dec = decode(DType::Q8_0, &DType::Q8_0.quantize(&x_values, k).unwrap(), k * n);
         for c in 0..n {
@@ -55,18 +65,28 @@ fn check(dtype: DType) {
                 let want: f64 = row.iter().zip(col).map(|(&a, &b)| a as f64 * b as f64).sum();
                 // Each block's dot is exact and scaled by one rounded product of scales; the blocks'
                 // terms then add in f32: a few units of rounding of each term, times the blocks.
-                let terms: f64 = row.chunks(32).zip(col.chunks(32)).map(|(a, b)| a.iter().zip(b).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>().abs()).sum();
+                let terms: f64 = row
+                    .chunks(32)
+                    .zip(col.chunks(32))
+                    .map(|(a, b)| a.iter().zip(b).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>().abs())
+                    .sum();
                 let bound = terms * (k / 32 + 3) as f64 * 2f64.powi(-23) + 1e-12;
-                let (got, ggml) = (ours[c * m + r] as f64, theirs[c * m + r] as f64);
-                assert!((got - want).abs() <= bound, "{dtype} k {k} m {m} n {n} ({r}, {c}): {got} vs {want} (bound {bound:.2e})");
-                // ggml's Q4_1 product keeps each column block's scaled sum in f16 (2^-11 of it, times
-                // the block's offset).
+                // Q4_1's product keeps each column block's scaled sum in f16 (2^-11 of it, times the
+                // block's offset).
                 let f16_sums: f64 = if dtype == DType::Q4_1 {
-                    row.chunks(32).zip(col.chunks(32)).map(|(a, b)| a.iter().fold(0f64, |m, &v| m.max(v.abs() as f64)) * b.iter().map(|&v| v.abs() as f64).sum::<f64>()).sum::<f64>() * 2f64.powi(-10)
+                    row.chunks(32)
+                        .zip(col.chunks(32))
+                        .map(|(a, b)| a.iter().fold(0f64, |m, &v| m.max(v.abs() as f64)) * b.iter().map(|&v| v.abs() as f64).sum::<f64>())
+                        .sum::<f64>()
+                        * 2f64.powi(-10)
                 } else {
                     0.0
                 };
-                assert!((ggml - want).abs() <= bound + f16_sums, "ggml's {dtype} k {k} m {m} n {n} ({r}, {c}): {ggml} vs {want}");
+                let got = ours[c * m + r] as f64;
+                assert!(
+                    (got - want).abs() <= bound + f16_sums,
+                    "{dtype} k {k} m {m} n {n} ({r}, {c}): {got} vs {want} (bound {bound:.2e})"
+                );
                 checked += 1;
             }
         }

@@ -178,12 +178,8 @@ unsafe fn scores_tile<const T: usize>(queries: *const f32, hd: usize, tile: &[us
         let mut acc = [[_mm256_setzero_ps(); 4]; T];
         for c in 0..hd {
             let column = keys_t.add(c * BLOCK);
-            let k = [
-                _mm256_loadu_ps(column),
-                _mm256_loadu_ps(column.add(8)),
-                _mm256_loadu_ps(column.add(16)),
-                _mm256_loadu_ps(column.add(24)),
-            ];
+            let k =
+                [_mm256_loadu_ps(column), _mm256_loadu_ps(column.add(8)), _mm256_loadu_ps(column.add(16)), _mm256_loadu_ps(column.add(24))];
             for p in 0..T {
                 let x = _mm256_broadcast_ss(&*q[p].add(c));
                 for i in 0..4 {
@@ -252,7 +248,10 @@ unsafe fn exp8(x: __m256) -> __m256 {
     // SAFETY: register-only (AVX2, FMA).
     unsafe {
         let clamped = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
-        let k = _mm256_round_ps(_mm256_mul_ps(clamped, _mm256_set1_ps(std::f32::consts::LOG2_E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        let k = _mm256_round_ps(
+            _mm256_mul_ps(clamped, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
         let r = _mm256_fnmadd_ps(k, _mm256_set1_ps(1.428_606_8e-6), _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693_145_75), clamped));
         let mut p = _mm256_set1_ps(1.0 / 5040.0);
         for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0] {
