@@ -180,16 +180,16 @@ unsafe fn scores_tile<const T: usize>(queries: *const f32, hd: usize, tile: &[us
             let column = keys_t.add(c * BLOCK);
             let k =
                 [_mm256_loadu_ps(column), _mm256_loadu_ps(column.add(8)), _mm256_loadu_ps(column.add(16)), _mm256_loadu_ps(column.add(24))];
-            for p in 0..T {
-                let x = _mm256_broadcast_ss(&*q[p].add(c));
-                for i in 0..4 {
-                    acc[p][i] = _mm256_fmadd_ps(x, k[i], acc[p][i]);
+            for (acc, q) in acc.iter_mut().zip(&q) {
+                let x = _mm256_broadcast_ss(&*q.add(c));
+                for (a, k) in acc.iter_mut().zip(&k) {
+                    *a = _mm256_fmadd_ps(x, *k, *a);
                 }
             }
         }
-        for p in 0..T {
-            for i in 0..4 {
-                _mm256_storeu_ps(out.add(p * BLOCK + 8 * i), acc[p][i]);
+        for (p, acc) in acc.iter().enumerate() {
+            for (i, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.add(p * BLOCK + 8 * i), *a);
             }
         }
     }
@@ -215,10 +215,10 @@ unsafe fn accumulate_tile<const T: usize, const R: usize>(
     unsafe {
         let mut rows = [acc; T];
         let mut sums = [[_mm256_setzero_ps(); R]; T];
-        for p in 0..T {
-            rows[p] = acc.add(tile[p] * hd_v + c);
-            for i in 0..R {
-                sums[p][i] = _mm256_loadu_ps(rows[p].add(8 * i));
+        for ((row, sums), &pair) in rows.iter_mut().zip(sums.iter_mut()).zip(tile) {
+            *row = acc.add(pair * hd_v + c);
+            for (i, sum) in sums.iter_mut().enumerate() {
+                *sum = _mm256_loadu_ps(row.add(8 * i));
             }
         }
         for j in 0..n {
@@ -227,16 +227,16 @@ unsafe fn accumulate_tile<const T: usize, const R: usize>(
             for (i, v) in v.iter_mut().enumerate() {
                 *v = _mm256_loadu_ps(row.add(8 * i));
             }
-            for p in 0..T {
+            for (p, sums) in sums.iter_mut().enumerate() {
                 let weight = _mm256_broadcast_ss(&*w.add(p * BLOCK + j));
-                for i in 0..R {
-                    sums[p][i] = _mm256_fmadd_ps(weight, v[i], sums[p][i]);
+                for (sum, v) in sums.iter_mut().zip(&v) {
+                    *sum = _mm256_fmadd_ps(weight, *v, *sum);
                 }
             }
         }
-        for p in 0..T {
-            for i in 0..R {
-                _mm256_storeu_ps(rows[p].add(8 * i), sums[p][i]);
+        for (row, sums) in rows.iter().zip(&sums) {
+            for (i, sum) in sums.iter().enumerate() {
+                _mm256_storeu_ps(row.add(8 * i), *sum);
             }
         }
     }

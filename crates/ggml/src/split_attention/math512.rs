@@ -135,9 +135,9 @@ unsafe fn scores_tile<const T: usize>(queries: *const f32, hd: usize, tile: &[us
                 acc[p][1] = _mm512_fmadd_ps(x, k[1], acc[p][1]);
             }
         }
-        for p in 0..T {
-            _mm512_storeu_ps(out.add(p * BLOCK), acc[p][0]);
-            _mm512_storeu_ps(out.add(p * BLOCK + 16), acc[p][1]);
+        for (p, acc) in acc.iter().enumerate() {
+            _mm512_storeu_ps(out.add(p * BLOCK), acc[0]);
+            _mm512_storeu_ps(out.add(p * BLOCK + 16), acc[1]);
         }
     }
 }
@@ -162,10 +162,10 @@ unsafe fn accumulate_tile<const T: usize, const R: usize>(
     unsafe {
         let mut rows = [acc; T];
         let mut sums = [[_mm512_setzero_ps(); R]; T];
-        for p in 0..T {
-            rows[p] = acc.add(tile[p] * hd_v + c);
-            for i in 0..R {
-                sums[p][i] = _mm512_loadu_ps(rows[p].add(16 * i));
+        for ((row, sums), &pair) in rows.iter_mut().zip(sums.iter_mut()).zip(tile) {
+            *row = acc.add(pair * hd_v + c);
+            for (i, sum) in sums.iter_mut().enumerate() {
+                *sum = _mm512_loadu_ps(row.add(16 * i));
             }
         }
         for j in 0..n {
@@ -174,16 +174,16 @@ unsafe fn accumulate_tile<const T: usize, const R: usize>(
             for (i, v) in v.iter_mut().enumerate() {
                 *v = _mm512_loadu_ps(row.add(16 * i));
             }
-            for p in 0..T {
+            for (p, sums) in sums.iter_mut().enumerate() {
                 let weight = _mm512_set1_ps(*w.add(p * BLOCK + j));
-                for i in 0..R {
-                    sums[p][i] = _mm512_fmadd_ps(weight, v[i], sums[p][i]);
+                for (sum, v) in sums.iter_mut().zip(&v) {
+                    *sum = _mm512_fmadd_ps(weight, *v, *sum);
                 }
             }
         }
-        for p in 0..T {
-            for i in 0..R {
-                _mm512_storeu_ps(rows[p].add(16 * i), sums[p][i]);
+        for (row, sums) in rows.iter().zip(&sums) {
+            for (i, sum) in sums.iter().enumerate() {
+                _mm512_storeu_ps(row.add(16 * i), *sum);
             }
         }
     }
