@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from bench_server import wait_healthy  # noqa: E402
 
-CCSM = os.path.join(HERE, "..", "target", "release", "ccsm-infer")
+CCSM = os.environ.get("CCSM", os.path.join(HERE, "..", "target", "release", "ccsm-infer"))
 
 
 def post_stream(url, path, body, first):

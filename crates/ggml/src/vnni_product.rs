@@ -39,6 +39,10 @@ const Q8_1_BYTES: usize = 36;
 /// Fewest columns the kernel takes (one column goes to ggml's dot products, as two or more go to
 /// tinyBLAS there).
 pub const MIN_VNNI_COLUMNS: i64 = 2;
+/// Fewest columns `Context::product` sends here: below a tile of 16, unpacking every weight row
+/// costs more than the dots save (4 CSM streams ran at a third of ggml's frames/s with 4 columns).
+/// The bits are ggml's either way.
+pub(crate) const PRODUCT_VNNI_COLUMNS: i64 = TILE as i64;
 
 impl Context {
     /// `mul_mat(w, x)` for Q8_0, Q4_0 or Q4_1 `w` `[k, m]` and f32 `x` `[k, n]` through the VNNI

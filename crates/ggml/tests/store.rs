@@ -111,7 +111,8 @@ fn kept_graphs_only_read_store_tensors() {
 
 /// Q4_0 matrices in ggml's repack buffer (when this CPU has a layout for them) compute the same
 /// products as the plain layout, against f64 products over the dequantized weights, through `product`
-/// too (whose VNNI kernel reads the plain layout only, so leaves repacked weights to ggml); reading
+/// too (whose VNNI kernel, taking 16 columns and more, reads the plain layout only, so leaves repacked
+/// weights to ggml); reading
 /// them back (which ggml's repack buffer cannot do) is an error, not a crash.
 #[test]
 fn repacked_q4_0_matrices_compute_the_same_products() {
@@ -135,7 +136,7 @@ fn repacked_q4_0_matrices_compute_the_same_products() {
         assert!(store.data_mut(packed).is_err(), "nor in-place writes");
     }
     let backend = Backend::cpu_exact(2).unwrap();
-    for n in [1i64, 5] {
+    for n in [1i64, 5, 17] {
         let mut compute = ComputeBuffer::new().unwrap();
         let ctx = compute.context(8, 16).unwrap();
         let x = ctx.new_tensor(DType::F32, &[cols, n]).unwrap().set_input();
