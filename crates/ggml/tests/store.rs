@@ -112,8 +112,7 @@ fn kept_graphs_only_read_store_tensors() {
 /// Q4_0 matrices in ggml's repack buffer (when this CPU has a layout for them) compute the same
 /// products as the plain layout, against f64 products over the dequantized weights, through `product`
 /// too (whose VNNI kernel, taking 16 columns and more, reads the plain layout only, so leaves repacked
-/// weights to ggml); reading
-/// them back (which ggml's repack buffer cannot do) is an error, not a crash.
+/// weights to ggml); reading them back (which ggml's repack buffer cannot do) is an error, not a crash.
 #[test]
 fn repacked_q4_0_matrices_compute_the_same_products() {
     let (cols, rows) = (256i64, 64i64);
