@@ -114,30 +114,6 @@ impl WeightKind {
             WeightKind::Q4_1 => 20,
         }
     }
-
-    /// Block `block`'s 32 values as signed bytes, its scale, and its offset (Q4_1's; else 0).
-    ///
-    /// # Safety
-    /// `block` points at one whole block of this kind.
-    unsafe fn unpack(self, block: *const u8, values: &mut [i8; BLOCK]) -> (f32, f32) {
-        // SAFETY: the caller's contract bounds the reads.
-        let bytes = unsafe { std::slice::from_raw_parts(block, self.block_bytes()) };
-        let half = |at: usize| crate::split_attention::f16_to_f32(u16::from_le_bytes([bytes[at], bytes[at + 1]]));
-        match self {
-            WeightKind::Q8_0 => {
-                values.iter_mut().zip(&bytes[2..]).for_each(|(v, &b)| *v = b as i8);
-                (half(0), 0.0)
-            }
-            WeightKind::Q4_0 | WeightKind::Q4_1 => {
-                let (nibbles, bias) = if self == WeightKind::Q4_0 { (&bytes[2..18], 8) } else { (&bytes[4..20], 0) };
-                for (j, &b) in nibbles.iter().enumerate() {
-                    values[j] = (b & 0x0f) as i8 - bias;
-                    values[j + 16] = (b >> 4) as i8 - bias;
-                }
-                (half(0), if self == WeightKind::Q4_1 { half(2) } else { 0.0 })
-            }
-        }
-    }
 }
 
 /// Whether the CPU has AVX-512 F, BW and VNNI and ggml's build has AVX-512.
@@ -296,18 +272,18 @@ impl Unpacked {
     /// Unpacks rows `row..row + count` (count ≤ `CHUNK_ROWS`).
     ///
     /// # Safety
-    /// Those rows exist in the job's weights.
+    /// Those rows exist in the job's weights; AVX2 is present.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
     unsafe fn fill(&mut self, job: &Job, row: usize, count: usize) {
         for r in 0..count {
             // SAFETY: the caller's contract: row + r is a row of whole blocks.
             let weights = unsafe { job.weights.add((row + r) * job.row_bytes) };
             for b in 0..self.blocks {
                 let i = r * self.blocks + b;
-                // SAFETY: block b lies inside the row.
-                (self.scales[i], self.mins[i]) = unsafe { job.kind.unpack(weights.add(b * job.kind.block_bytes()), &mut self.values[i]) };
-                for (start, group) in self.starts[i].iter_mut().zip(self.values[i].chunks_exact(4)) {
-                    *start = -128 * group.iter().map(|&v| v as i32).sum::<i32>();
-                }
+                // SAFETY: block b lies inside the row; AVX2 as above.
+                (self.scales[i], self.mins[i]) =
+                    unsafe { vnni::unpack(job.kind, weights.add(b * job.kind.block_bytes()), &mut self.values[i], &mut self.starts[i]) };
             }
         }
     }
@@ -317,7 +293,42 @@ impl Unpacked {
 mod vnni {
     use std::arch::x86_64::*;
 
-    use super::{Job, Unpacked, GROUPS, TILE, TILE_BLOCK_BYTES};
+    use super::{Job, Unpacked, WeightKind, BLOCK, GROUPS, TILE, TILE_BLOCK_BYTES};
+
+    /// One weight block as 32 signed bytes (Q4_0's nibbles minus 8, Q4_1's as they are; elements 0–15
+    /// from the low nibbles, 16–31 from the high ones, as ggml orders them) and each 4-byte group's
+    /// −128 × byte sum; returns the block's scale and offset (Q4_1's minimum; else 0).
+    ///
+    /// # Safety
+    /// `block` points at one whole block of `kind`; AVX2 is present.
+    #[inline(always)]
+    pub(super) unsafe fn unpack(kind: WeightKind, block: *const u8, values: &mut [i8; BLOCK], starts: &mut [i32; GROUPS]) -> (f32, f32) {
+        let half = |at: usize| {
+            // SAFETY: the scale (and Q4_1's minimum) are the block's first 2 (4) bytes.
+            let bits = unsafe { (block.add(at) as *const u16).read_unaligned() };
+            crate::split_attention::f16_to_f32(bits)
+        };
+        // SAFETY: the caller's contract bounds the reads; `values` and `starts` are 32 bytes each.
+        unsafe {
+            let bytes = match kind {
+                WeightKind::Q8_0 => _mm256_loadu_si256(block.add(2) as *const __m256i),
+                WeightKind::Q4_0 | WeightKind::Q4_1 => {
+                    let packed = _mm_loadu_si128(block.add(if kind == WeightKind::Q4_0 { 2 } else { 4 }) as *const __m128i);
+                    let low = _mm_set1_epi8(0x0f);
+                    let nibbles = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16::<4>(packed), low), _mm_and_si128(packed, low));
+                    if kind == WeightKind::Q4_0 {
+                        _mm256_sub_epi8(nibbles, _mm256_set1_epi8(8))
+                    } else {
+                        nibbles
+                    }
+                }
+            };
+            _mm256_storeu_si256(values.as_mut_ptr() as *mut __m256i, bytes);
+            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), bytes), _mm256_set1_epi16(-128));
+            _mm256_storeu_si256(starts.as_mut_ptr() as *mut __m256i, sums);
+        }
+        (half(0), if kind == WeightKind::Q4_1 { half(2) } else { 0.0 })
+    }
 
     /// Row `r` of the chunk (the product's row `out_row`) against tile `tile`: per block and group g
     /// of 4 bytes, the row's group broadcast into a VNNI dot with the tile's (from the group's start),
