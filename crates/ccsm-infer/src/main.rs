@@ -84,6 +84,7 @@ fn main() -> ExitCode {
             output::println(&format!("ccsm {}", ccsm::VERSION));
             output::println(&format!("ggml {} ({})", ggml::ggml_version(), ggml::ggml_source_dir()));
             output::println(&format!("cpu features: {}", ggml::cpu_features().join(" ")));
+            output::println(&format!("own kernels: {}", ggml::own_kernels().join(", ")));
             Ok(())
         }
         Some(Command::Info(args)) => info_cmd::run(&args),

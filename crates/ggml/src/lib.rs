@@ -82,6 +82,20 @@ pub fn ggml_source_dir() -> &'static str {
     sys::SOURCE_DIR
 }
 
+/// Which of this crate's own kernels run on this CPU and build: the split attention's loops
+/// (AVX-512, AVX2 or portable) and the products (AVX-512 VNNI for 16 columns and more, else ggml's).
+pub fn own_kernels() -> Vec<&'static str> {
+    let attention = if split_attention::has_avx512() {
+        "attention: AVX-512"
+    } else if split_attention::has_avx2() {
+        "attention: AVX2"
+    } else {
+        "attention: portable"
+    };
+    let products = if vnni_product::has_vnni() { "products: AVX-512 VNNI (16+ columns)" } else { "products: ggml's" };
+    vec![attention, products]
+}
+
 /// The SIMD features ggml's CPU kernels were compiled with (and the CPU offers).
 pub fn cpu_features() -> Vec<&'static str> {
     init();

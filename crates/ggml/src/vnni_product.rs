@@ -117,7 +117,7 @@ impl WeightKind {
 }
 
 /// Whether the CPU has AVX-512 F, BW and VNNI and ggml's build has AVX-512.
-fn has_vnni() -> bool {
+pub(crate) fn has_vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         crate::split_attention::has_avx512()

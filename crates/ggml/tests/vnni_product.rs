@@ -109,3 +109,9 @@ fn vnni_products_refuse_what_they_do_not_cover() {
         assert_eq!(ctx.product(a, b).unwrap().shape(), ctx.mul_mat(a, b).unwrap().shape());
     }
 }
+
+#[test]
+fn own_kernels_name_the_products_that_run() {
+    let listed = ggml::own_kernels().iter().any(|k| k.contains("VNNI"));
+    assert_eq!(listed, has_vnni(), "{:?}", ggml::own_kernels());
+}
