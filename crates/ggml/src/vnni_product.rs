@@ -14,7 +14,7 @@
 //!
 //! Two custom ops. `pack`: the columns quantized by ggml's own quantizer for the weight type (Q8_0,
 //! or Q8_1 for Q4_1: the values and scaled sums its product uses), stored as unsigned bytes (+128) in
-//! tiles of 16 columns, with their scales and scaled sums. `product`: each thread's rows, a few at a
+//! tiles of 16 columns, with their scales and scaled sums. `product`: each thread's rows, 64 at a
 //! time unpacked to signed bytes, against every tile; the +128 is taken back exactly by starting each
 //! group's dot from −128 × the weight group's byte sum.
 
@@ -39,9 +39,9 @@ const Q8_1_BYTES: usize = 36;
 /// Fewest columns the kernel takes (one column goes to ggml's dot products, as two or more go to
 /// tinyBLAS there).
 pub const MIN_VNNI_COLUMNS: i64 = 2;
-/// Fewest columns `Context::product` sends here: below a tile of 16, unpacking every weight row
-/// costs more than the dots save (4 CSM streams ran at a third of ggml's frames/s with 4 columns).
-/// The bits are ggml's either way.
+/// Fewest columns `Context::product` sends here: below a tile of 16, packing the columns and
+/// unpacking every weight row cost more than the dots save (4 CSM streams ran at half of ggml's
+/// frames/s with their 4-column products here). The bits are ggml's either way.
 pub(crate) const PRODUCT_VNNI_COLUMNS: i64 = TILE as i64;
 
 impl Context {
