@@ -63,20 +63,22 @@ impl Context {
         // reads; it writes `packed_bytes(k, n)` bytes into the new node of that many (rounded up) f32s;
         // the userdata is 2n, + 1 for Q8_1 columns.
         let packed = unsafe { self.custom_f32("vnni_pack", [floats, 1, 1, 1], &[x], pack_kernel, -1, 2 * n + q8_1 as usize) }?;
-        // SAFETY: w is a contiguous 2-D Q8_0/Q4_0/Q4_1 tensor with x's row length, `packed` holds x packed as
+        // SAFETY: w is a contiguous 2-D Q8_0/Q4_0/Q4_1 tensor with x's row length (Q4_0 possibly in
+        // ggml's 8-row repack layout, which the userdata 1 says), `packed` holds x packed as
         // `product_kernel` reads it (n is the result's column count); it writes the [m, n] result.
-        unsafe { self.custom_f32(OP, [w.ne(1), x.ne(1), 1, 1], &[w, packed], product_kernel, -1, 0) }
+        unsafe { self.custom_f32(OP, [w.ne(1), x.ne(1), 1, 1], &[w, packed], product_kernel, -1, w.is_repacked() as usize) }
     }
 }
 
-/// Whether `mul_mat_vnni` takes these operands: Q8_0, Q4_0 or Q4_1 `w` in ggml's block layout (not
-/// re-laid out in its repack buffer) and f32 `x`, both 2-D and contiguous, rows of whole blocks, at
+/// Whether `mul_mat_vnni` takes these operands: Q8_0, Q4_0 or Q4_1 `w` in ggml's block layout, or Q4_0
+/// re-laid out in ggml's repack buffer (on x86 its 8-row interleave, which ggml picks on every CPU
+/// with AVX2 for rows in eights; other repacked tensors are ggml's alone), and f32 `x`, both 2-D and contiguous, rows of whole blocks, at
 /// least `min_columns` columns, and a CPU with AVX-512 VNNI (on builds whose ggml has AVX-512: a
 /// build for AVX2 machines keeps their product).
 pub(crate) fn vnni_product_applies(w: Tensor<'_>, x: Tensor<'_>, min_columns: i64) -> bool {
     let two_d = |t: Tensor<'_>| t.ne(2) == 1 && t.ne(3) == 1 && t.is_contiguous();
     WeightKind::of(w.dtype()).is_some()
-        && !w.is_repacked()
+        && (!w.is_repacked() || (w.dtype() == DType::Q4_0 && w.ne(1) % 8 == 0))
         && x.dtype() == DType::F32
         && two_d(w)
         && two_d(x)
@@ -95,7 +97,14 @@ enum WeightKind {
     Q4_0,
     /// f16 scale, f16 offset, 16 bytes of nibbles (as Q4_0, unsigned).
     Q4_1,
+    /// Q4_0 in ggml's repack buffer: each 8 rows' blocks `b` side by side (`Q4_0X8_BYTES`: the 8
+    /// scales, then each row's first 8 bytes of nibbles, then each row's last 8), the nibbles'
+    /// top bits flipped (XOR 0x88).
+    Q4_0x8,
 }
+
+/// Bytes of 8 rows' interleaved Q4_0 blocks in ggml's repack buffer.
+const Q4_0X8_BYTES: usize = 8 * 18;
 
 impl WeightKind {
     fn of(dtype: DType) -> Option<WeightKind> {
@@ -112,6 +121,7 @@ impl WeightKind {
             WeightKind::Q8_0 => Q8_0_BYTES,
             WeightKind::Q4_0 => 18,
             WeightKind::Q4_1 => 20,
+            WeightKind::Q4_0x8 => Q4_0X8_BYTES,
         }
     }
 }
@@ -184,15 +194,17 @@ unsafe extern "C" fn pack_kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_
 }
 
 /// Thread `ith` of `nth` computes its share of the rows (in runs of `CHUNK_ROWS`) for every column.
-unsafe extern "C" fn product_kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, _userdata: *mut c_void) {
+unsafe extern "C" fn product_kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, userdata: *mut c_void) {
     // SAFETY: ggml calls this with the node built in `mul_mat_vnni`: dst f32 [m, n], w the contiguous
-    // weights [k, m] of a `WeightKind`, and the packed columns, all allocated.
+    // weights [k, m] of a `WeightKind` (userdata 1: Q4_0 in the 8-row repack layout), and the packed
+    // columns, all allocated.
     let (dst, w, packed) = unsafe { (&*dst, &*(*dst).src[0], &*(*dst).src[1]) };
     let (k, m, n) = (w.ne[0] as usize, w.ne[1] as usize, dst.ne[1] as usize);
     let (ith, nth) = (ith.max(0) as usize, nth.max(1) as usize);
     let per = m.div_ceil(nth);
     let (first, last) = ((ith * per).min(m), ((ith + 1) * per).min(m));
     let Some(kind) = DType::from_sys(w.type_).ok().and_then(WeightKind::of) else { return };
+    let kind = if userdata as usize == 1 { WeightKind::Q4_0x8 } else { kind };
     let job = Job {
         kind,
         weights: w.data as *const u8,
@@ -220,6 +232,17 @@ struct Job {
     n: usize,
     out: *mut f32,
     m: usize,
+}
+
+impl Job {
+    /// Where row `row`'s block `b` lies, and the row's place among the 8 rows interleaved with it
+    /// (0 outside the repack layout).
+    fn block(&self, row: usize, b: usize) -> (*const u8, usize) {
+        match self.kind {
+            WeightKind::Q4_0x8 => (self.weights.wrapping_add(((row / 8) * self.blocks + b) * Q4_0X8_BYTES), row % 8),
+            kind => (self.weights.wrapping_add(row * self.row_bytes + b * kind.block_bytes()), 0),
+        }
+    }
 }
 
 /// Rows `first..last` of the product, `CHUNK_ROWS` at a time: the chunk's rows unpacked once (they
@@ -277,13 +300,12 @@ impl Unpacked {
     #[inline(always)]
     unsafe fn fill(&mut self, job: &Job, row: usize, count: usize) {
         for r in 0..count {
-            // SAFETY: the caller's contract: row + r is a row of whole blocks.
-            let weights = unsafe { job.weights.add((row + r) * job.row_bytes) };
             for b in 0..self.blocks {
                 let i = r * self.blocks + b;
-                // SAFETY: block b lies inside the row; AVX2 as above.
-                (self.scales[i], self.mins[i]) =
-                    unsafe { vnni::unpack(job.kind, weights.add(b * job.kind.block_bytes()), &mut self.values[i], &mut self.starts[i]) };
+                let (block, lane) = job.block(row + r, b);
+                // SAFETY: the caller's contract: row + r is a row of whole blocks, so its block b (or
+                // its group's interleaved block) lies inside the weights; AVX2 as above.
+                (self.scales[i], self.mins[i]) = unsafe { vnni::unpack(job.kind, block, lane, &mut self.values[i], &mut self.starts[i]) };
             }
         }
     }
@@ -297,14 +319,22 @@ mod vnni {
 
     /// One weight block as 32 signed bytes (Q4_0's nibbles minus 8, Q4_1's as they are; elements 0–15
     /// from the low nibbles, 16–31 from the high ones, as ggml orders them) and each 4-byte group's
-    /// −128 × byte sum; returns the block's scale and offset (Q4_1's minimum; else 0).
+    /// −128 × byte sum; returns the block's scale and offset (Q4_1's minimum; else 0). For
+    /// `Q4_0x8`, `block` is the 8 rows' interleaved block and `lane` the row's place among them.
     ///
     /// # Safety
     /// `block` points at one whole block of `kind`; AVX2 is present.
     #[inline(always)]
-    pub(super) unsafe fn unpack(kind: WeightKind, block: *const u8, values: &mut [i8; BLOCK], starts: &mut [i32; GROUPS]) -> (f32, f32) {
+    pub(super) unsafe fn unpack(
+        kind: WeightKind,
+        block: *const u8,
+        lane: usize,
+        values: &mut [i8; BLOCK],
+        starts: &mut [i32; GROUPS],
+    ) -> (f32, f32) {
         let half = |at: usize| {
-            // SAFETY: the scale (and Q4_1's minimum) are the block's first 2 (4) bytes.
+            // SAFETY: the scale (and Q4_1's minimum) are the block's first 2 (4) bytes; the 8 rows'
+            // scales lead an interleaved block.
             let bits = unsafe { (block.add(at) as *const u16).read_unaligned() };
             crate::split_attention::f16_to_f32(bits)
         };
@@ -312,11 +342,18 @@ mod vnni {
         unsafe {
             let bytes = match kind {
                 WeightKind::Q8_0 => _mm256_loadu_si256(block.add(2) as *const __m256i),
-                WeightKind::Q4_0 | WeightKind::Q4_1 => {
-                    let packed = _mm_loadu_si128(block.add(if kind == WeightKind::Q4_0 { 2 } else { 4 }) as *const __m128i);
+                WeightKind::Q4_0 | WeightKind::Q4_1 | WeightKind::Q4_0x8 => {
+                    let packed = match kind {
+                        WeightKind::Q4_0x8 => {
+                            let first = (block.add(16 + 8 * lane) as *const i64).read_unaligned();
+                            let last = (block.add(16 + 64 + 8 * lane) as *const i64).read_unaligned();
+                            _mm_xor_si128(_mm_set_epi64x(last, first), _mm_set1_epi8(0x88u8 as i8))
+                        }
+                        _ => _mm_loadu_si128(block.add(if kind == WeightKind::Q4_0 { 2 } else { 4 }) as *const __m128i),
+                    };
                     let low = _mm_set1_epi8(0x0f);
                     let nibbles = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16::<4>(packed), low), _mm_and_si128(packed, low));
-                    if kind == WeightKind::Q4_0 {
+                    if kind != WeightKind::Q4_1 {
                         _mm256_sub_epi8(nibbles, _mm256_set1_epi8(8))
                     } else {
                         nibbles
@@ -327,7 +364,11 @@ mod vnni {
             let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), bytes), _mm256_set1_epi16(-128));
             _mm256_storeu_si256(starts.as_mut_ptr() as *mut __m256i, sums);
         }
-        (half(0), if kind == WeightKind::Q4_1 { half(2) } else { 0.0 })
+        match kind {
+            WeightKind::Q4_0x8 => (half(2 * lane), 0.0),
+            WeightKind::Q4_1 => (half(0), half(2)),
+            _ => (half(0), 0.0),
+        }
     }
 
     /// Row `r` of the chunk (the product's row `out_row`) against tile `tile`: per block and group g

@@ -111,8 +111,9 @@ fn kept_graphs_only_read_store_tensors() {
 
 /// Q4_0 matrices in ggml's repack buffer (when this CPU has a layout for them) compute the same
 /// products as the plain layout, against f64 products over the dequantized weights, through `product`
-/// too (whose VNNI kernel, taking 16 columns and more, reads the plain layout only, so leaves repacked
-/// weights to ggml); reading them back (which ggml's repack buffer cannot do) is an error, not a crash.
+/// too (whose VNNI kernel, taking 16 columns and more, reads both layouts and gives ggml's plain-layout
+/// bits: so `product` of either layout is bit for bit ggml's product of one of them); reading them back
+/// (which ggml's repack buffer cannot do) is an error, not a crash.
 #[test]
 fn repacked_q4_0_matrices_compute_the_same_products() {
     let (cols, rows) = (256i64, 64i64);
@@ -150,6 +151,15 @@ fn repacked_q4_0_matrices_compute_the_same_products() {
         x.write_f32(&xs).unwrap();
         backend.compute(&graph).unwrap();
         let (a, b, c, d) = (a.read_f32().unwrap(), b.read_f32().unwrap(), c.read_f32().unwrap(), d.read_f32().unwrap());
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert!(bits(&c) == bits(&a), "{n} columns: product of the plain layout is not ggml's");
+        assert!(
+            bits(&d) == bits(&a) || bits(&d) == bits(&b),
+            "{n} columns: product of the repacked layout is neither layout's ggml product"
+        );
+        if n >= 16 && ggml::own_kernels().iter().any(|k| k.contains("VNNI")) {
+            assert!(bits(&d) == bits(&a), "{n} columns: the VNNI kernel misread the repacked layout");
+        }
         for j in 0..n as usize {
             for r in 0..rows as usize {
                 let exact: f64 = (0..cols as usize).map(|c| weights[r * cols as usize + c] as f64 * xs[j * cols as usize + c] as f64).sum();
