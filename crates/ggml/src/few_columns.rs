@@ -30,20 +30,15 @@ pub const MAX_FEW_COLUMNS: i64 = 32;
 pub const MIN_FEW_COLUMNS: i64 = 3;
 
 impl Context {
-    /// `mul_mat(w, x)`, through the few-columns kernel where it applies (Q4_1 `w` `[k, m]`, f32 `x`
-    /// `[k, n]` with `MIN_FEW_COLUMNS` ≤ n ≤ `MAX_FEW_COLUMNS`, both 2-D and contiguous, a CPU with AVX2, FMA and F16C:
-    /// the same values), through the VNNI kernel where the CPU has AVX-512 VNNI for Q8_0 or Q4_0 `w`
-    /// and a tile of columns or more, and Q4_1 `w` past `MAX_FEW_COLUMNS` (ggml's values again), and
-    /// ggml's otherwise.
+    /// `mul_mat(w, x)`: through the VNNI kernel where the CPU has AVX-512 VNNI, for Q8_0, Q4_0 or Q4_1
+    /// `w` and a tile of 16 columns or more; else through the few-columns kernel where it applies (Q4_1
+    /// `w` `[k, m]`, f32 `x` `[k, n]` with `MIN_FEW_COLUMNS` ≤ n ≤ `MAX_FEW_COLUMNS`, both 2-D and
+    /// contiguous, a CPU with AVX2, FMA and F16C); else ggml's. ggml's values bit for bit every way.
     pub fn product<'c>(&'c self, w: Tensor<'c>, x: Tensor<'c>) -> Result<Tensor<'c>> {
-        if few_columns_apply(w, x) {
-            self.mul_mat_few_columns(w, x)
-        } else if crate::vnni_product::vnni_product_applies(
-            w,
-            x,
-            if w.dtype() == DType::Q4_1 { MAX_FEW_COLUMNS + 1 } else { crate::vnni_product::PRODUCT_VNNI_COLUMNS },
-        ) {
+        if crate::vnni_product::vnni_product_applies(w, x, crate::vnni_product::PRODUCT_VNNI_COLUMNS) {
             self.mul_mat_vnni(w, x)
+        } else if few_columns_apply(w, x) {
+            self.mul_mat_few_columns(w, x)
         } else {
             self.mul_mat(w, x)
         }
