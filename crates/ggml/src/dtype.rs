@@ -298,3 +298,37 @@ impl FromStr for DType {
         ALL_DTYPES.iter().copied().find(|t| t.name().eq_ignore_ascii_case(s)).ok_or_else(|| format!("unknown ggml type `{s}`"))
     }
 }
+
+/// An IEEE half's value (exact). One conversion for every kernel of ours that reads f16 scales or
+/// rows (split attention's rows, the few-columns and VNNI products).
+pub(crate) fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let frac = (h & 0x3ff) as u32;
+    let bits = match exp {
+        0 if frac == 0 => sign,
+        0 => {
+            // Subnormal: normalize.
+            let shift = frac.leading_zeros() - 21;
+            sign | ((127 - 15 - shift + 1) << 23) | ((frac << (shift + 13)) & 0x7f_ffff)
+        }
+        31 => sign | 0x7f80_0000 | (frac << 13),
+        _ => sign | ((exp + 127 - 15) << 23) | (frac << 13),
+    };
+    f32::from_bits(bits)
+}
+
+#[cfg(test)]
+mod half_tests {
+    use super::*;
+
+    /// Every half converts as ggml's own F16 dequantizer converts it.
+    #[test]
+    fn halves_convert_exactly() {
+        for bits in 0..=u16::MAX {
+            let want = DType::F16.dequantize(&bits.to_le_bytes(), 1).unwrap()[0];
+            let got = f16_to_f32(bits);
+            assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()), "{bits:#06x}: {got} vs {want}");
+        }
+    }
+}

@@ -93,12 +93,13 @@ unsafe extern "C" fn kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, 
     let Some(quantize) = quantize else { return };
     // Each block's f16 scale and scaled sum, as f32 (exact), [block][column].
     let mut scales = vec![[0f32; 2]; n * blocks];
+    let half = |bytes: [u8; 2]| crate::dtype::f16_to_f32(u16::from_le_bytes(bytes));
     for c in 0..n {
         // SAFETY: column c of x holds k contiguous floats; `column` holds blocks × 36 bytes.
         unsafe { quantize((x.data as *const u8).add(c * x.nb[1]) as *const f32, column.as_mut_ptr() as *mut c_void, k as i64) };
         for (ib, block) in column.chunks_exact(Q8_1_BYTES).enumerate() {
             columns[(ib * n + c) * Q8_1_BYTES..][..Q8_1_BYTES].copy_from_slice(block);
-            scales[ib * n + c] = [f16_to_f32([block[0], block[1]]), f16_to_f32([block[2], block[3]])];
+            scales[ib * n + c] = [half([block[0], block[1]]), half([block[2], block[3]])];
         }
     }
     let (ith, nth) = (ith.max(0) as usize, nth.max(1) as usize);
@@ -131,23 +132,6 @@ unsafe extern "C" fn kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, 
             first += count;
         }
     }
-}
-
-/// An f16's value (IEEE half, little-endian bytes); exact.
-fn f16_to_f32(bytes: [u8; 2]) -> f32 {
-    let h = u16::from_le_bytes(bytes) as u32;
-    let (sign, exp, mant) = ((h & 0x8000) << 16, (h >> 10) & 0x1f, h & 0x3ff);
-    let bits = match (exp, mant) {
-        (0, 0) => sign,
-        (0, _) => {
-            // Subnormal: normalise the mantissa.
-            let shift = mant.leading_zeros() - 21;
-            sign | ((113 - shift) << 23) | (((mant << shift) & 0x3ff) << 13)
-        }
-        (31, _) => sign | 0x7f80_0000 | (mant << 13),
-        _ => sign | ((exp + 112) << 23) | (mant << 13),
-    };
-    f32::from_bits(bits)
 }
 
 /// Interleaved Q8_1 columns: block `ib` of column `c` at `blocks + (ib * n + c) * 36`, its scales at

@@ -72,9 +72,9 @@ impl Context {
 
 /// Whether `mul_mat_vnni` takes these operands: Q8_0, Q4_0 or Q4_1 `w` in ggml's block layout, or Q4_0
 /// re-laid out in ggml's repack buffer (on x86 its 8-row interleave, which ggml picks on every CPU
-/// with AVX2 for rows in eights; other repacked tensors are ggml's alone), and f32 `x`, both 2-D and contiguous, rows of whole blocks, at
-/// least `min_columns` columns, and a CPU with AVX-512 VNNI (on builds whose ggml has AVX-512: a
-/// build for AVX2 machines keeps their product).
+/// with AVX2 for rows in eights; other repacked tensors are ggml's alone), and f32 `x`, both 2-D and
+/// contiguous, rows of whole blocks, at least `min_columns` columns, and a CPU with AVX-512 VNNI (on
+/// builds whose ggml has AVX-512: a build for AVX2 machines keeps their product).
 pub(crate) fn vnni_product_applies(w: Tensor<'_>, x: Tensor<'_>, min_columns: i64) -> bool {
     let two_d = |t: Tensor<'_>| t.ne(2) == 1 && t.ne(3) == 1 && t.is_contiguous();
     WeightKind::of(w.dtype()).is_some()
@@ -162,7 +162,7 @@ unsafe extern "C" fn pack_kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_
     let mut column = vec![0u8; blocks * block_bytes];
     let base = dst.data as *mut u8;
     let scales_at = tiles * blocks * TILE_BLOCK_BYTES;
-    let half = |b: &[u8], at: usize| crate::split_attention::f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]));
+    let half = |b: &[u8], at: usize| crate::dtype::f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]));
     for tile in (ith.max(0) as usize..tiles).step_by(nth.max(1) as usize) {
         for lane in 0..TILE {
             let c = tile * TILE + lane;
@@ -336,7 +336,7 @@ mod vnni {
             // SAFETY: the scale (and Q4_1's minimum) are the block's first 2 (4) bytes; the 8 rows'
             // scales lead an interleaved block.
             let bits = unsafe { (block.add(at) as *const u16).read_unaligned() };
-            crate::split_attention::f16_to_f32(bits)
+            crate::dtype::f16_to_f32(bits)
         };
         // SAFETY: the caller's contract bounds the reads; `values` and `starts` are 32 bytes each.
         unsafe {

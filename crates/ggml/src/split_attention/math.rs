@@ -62,7 +62,7 @@ impl Math for Portable {
     unsafe fn halves(src: *const u16, dst: &mut [f32]) {
         for (i, d) in dst.iter_mut().enumerate() {
             // SAFETY: the caller's contract.
-            *d = super::f16_to_f32(unsafe { src.add(i).read_unaligned() });
+            *d = crate::dtype::f16_to_f32(unsafe { src.add(i).read_unaligned() });
         }
     }
 

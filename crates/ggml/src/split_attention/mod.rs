@@ -422,24 +422,6 @@ unsafe fn one_part<M: Math>(job: &Job, s: &mut Scratch, part: i64) {
     }
 }
 
-/// IEEE half to f32.
-pub(crate) fn f16_to_f32(h: u16) -> f32 {
-    let sign = ((h >> 15) as u32) << 31;
-    let exp = ((h >> 10) & 0x1f) as u32;
-    let frac = (h & 0x3ff) as u32;
-    let bits = match exp {
-        0 if frac == 0 => sign,
-        0 => {
-            // Subnormal: normalize.
-            let shift = frac.leading_zeros() - 21;
-            sign | ((127 - 15 - shift + 1) << 23) | ((frac << (shift + 13)) & 0x7f_ffff)
-        }
-        31 => sign | 0x7f80_0000 | (frac << 13),
-        _ => sign | ((exp + 127 - 15) << 23) | (frac << 13),
-    };
-    f32::from_bits(bits)
-}
-
 /// Thread `ith` of `nth` merges the parts of its share of (query row, head) columns.
 unsafe extern "C" fn merge_kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, _userdata: *mut c_void) {
     let Some(dst) = NonNull::new(dst) else { return };
@@ -470,23 +452,5 @@ unsafe extern "C" fn merge_kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth: c
             }
         }
         target.iter_mut().for_each(|t| *t /= sum);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn halves_convert_exactly() {
-        for bits in 0..=u16::MAX {
-            let want = ggml_f16(bits);
-            let got = f16_to_f32(bits);
-            assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()), "{bits:#06x}: {got} vs {want}");
-        }
-    }
-
-    fn ggml_f16(bits: u16) -> f32 {
-        crate::DType::F16.dequantize(&bits.to_le_bytes(), 1).unwrap()[0]
     }
 }

@@ -106,7 +106,7 @@ unsafe fn blocks<M: Math, T: Block<B>, const B: usize>(src: *const u8, dst: &mut
 
 #[inline(always)]
 fn half_at(b: &[u8], at: usize) -> f32 {
-    super::f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]))
+    crate::dtype::f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]))
 }
 
 struct Q8_0;
