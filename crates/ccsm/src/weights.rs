@@ -14,7 +14,7 @@ pub fn is_matmul_type(dtype: DType) -> bool {
 enum Fill {
     /// Bytes copied as they are in the file.
     Raw,
-    /// Bytes handed to ggml's repack buffer, which re-lays them out for matrix products.
+    /// Bytes written whole, re-laid out for matrix products (ggml's repack buffer, our interleave).
     Repacked,
     /// Values converted to F32 on load (norm scales stored in other types).
     ToF32,
@@ -82,10 +82,10 @@ impl<'f> WeightLoader<'f> {
             return Ok(id);
         }
         let id = match products_only {
-            true => self.store.add_repacked(name, info.dtype, &info.shape)?,
+            true => self.store.add_for_products(name, info.dtype, &info.shape)?,
             false => self.store.add(name, info.dtype, &info.shape)?,
         };
-        self.pending.push((id, info, if self.store.is_repacked(id) { Fill::Repacked } else { Fill::Raw }));
+        self.pending.push((id, info, if self.store.written_whole(id) { Fill::Repacked } else { Fill::Raw }));
         Ok(id)
     }
 

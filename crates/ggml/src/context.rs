@@ -197,6 +197,12 @@ impl<'ctx> Tensor<'ctx> {
         !buffer.is_null() && crate::store::repack_buffer_type() == Some(unsafe { sys::ggml_backend_buffer_get_type(buffer) })
     }
 
+    /// Whether the tensor's data is interleaved 16 rows at a time for our own products (see
+    /// `interleaved`): ggml cannot read it, so it is only multiplied through `Context::product`.
+    pub fn is_interleaved(self) -> bool {
+        crate::interleaved::holds(self.header().buffer)
+    }
+
     fn header(&self) -> &sys::ggml_tensor {
         // SAFETY: the tensor lives in a context that outlives 'ctx, and so this borrow.
         unsafe { self.raw.as_ref() }
@@ -305,6 +311,9 @@ impl<'ctx> Tensor<'ctx> {
         if op != "write_bytes" && self.is_repacked() {
             return Err(Error::invalid(op, "a tensor in ggml's repack buffer is only written whole (write_bytes)"));
         }
+        if op != "write_bytes" && self.is_interleaved() {
+            return Err(Error::invalid(op, "an interleaved tensor is only written whole (write_bytes)"));
+        }
         if !self.is_contiguous() {
             return Err(Error::shape(op, "data I/O needs a contiguous tensor", &[self.shape()]));
         }
@@ -314,9 +323,18 @@ impl<'ctx> Tensor<'ctx> {
         Ok(())
     }
 
-    /// Copies raw bytes (in the tensor's own type) into the tensor.
+    /// Copies raw bytes (in the tensor's own type) into the tensor (re-laid out on the way where the
+    /// tensor is repacked or interleaved).
     pub fn write_bytes(self, bytes: &[u8]) -> Result<()> {
         self.check_io("write_bytes", bytes.len())?;
+        let interleaved;
+        let bytes = match self.is_interleaved() {
+            true => {
+                interleaved = crate::interleaved::interleave(bytes, self.ne(0) as usize, self.ne(1) as usize);
+                &interleaved[..]
+            }
+            false => bytes,
+        };
         let header = self.header();
         if header.buffer.is_null() {
             // SAFETY: the tensor is allocated in its context's arena with nbytes() bytes (checked above).

@@ -34,7 +34,16 @@ impl Context {
     /// `w` and a tile of 16 columns or more; else through the few-columns kernel where it applies (Q4_1
     /// `w` `[k, m]`, f32 `x` `[k, n]` with `MIN_FEW_COLUMNS` ≤ n ≤ `MAX_FEW_COLUMNS`, both 2-D and
     /// contiguous, a CPU with AVX2, FMA and F16C); else ggml's. ggml's values bit for bit every way.
+    /// Interleaved weights (`TensorStore::add_for_products`) go to the VNNI kernel from 16 columns
+    /// and to the interleaved one below, both ggml's bits; ggml cannot read them.
     pub fn product<'c>(&'c self, w: Tensor<'c>, x: Tensor<'c>) -> Result<Tensor<'c>> {
+        if w.is_interleaved() {
+            let x = if x.is_contiguous() { x } else { self.cont(x)? };
+            return match x.ne(1) >= crate::vnni_product::PRODUCT_VNNI_COLUMNS {
+                true => self.mul_mat_vnni(w, x),
+                false => self.mul_mat_interleaved(w, x),
+            };
+        }
         if crate::vnni_product::vnni_product_applies(w, x, crate::vnni_product::PRODUCT_VNNI_COLUMNS) {
             self.mul_mat_vnni(w, x)
         } else if few_columns_apply(w, x) {

@@ -34,6 +34,7 @@ mod few_columns;
 pub mod gguf;
 mod graph;
 mod host_copy;
+mod interleaved;
 mod log;
 mod narrow_product;
 mod ops;

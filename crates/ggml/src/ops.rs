@@ -111,6 +111,9 @@ impl Context {
             return Err(Error::Type { op: OP, got: a.dtype(), why: "no dot product for this weight type" });
         }
         require_type(OP, b, &[DType::F32], "the right operand must be f32")?;
+        if a.is_interleaved() {
+            return Err(Error::invalid(OP, "interleaved weights are multiplied through Context::product"));
+        }
         if a.is_transposed() || !a.rows_contiguous() {
             return Err(Error::shape(OP, "left operand must have contiguous rows (not transposed)", &[a.shape()]));
         }

@@ -58,21 +58,32 @@ fn find_repack_buffer_type() -> Option<sys::ggml_backend_buffer_type_t> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TensorId(usize);
 
-/// A set of named tensors declared first, then allocated together in one backend buffer (plus one
-/// repack buffer for tensors declared with `add_repacked`). The buffers are freed (before the headers'
-/// contexts) when the store is dropped.
+/// How a declared tensor's data is laid out, and so which of the store's contexts holds its header.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// ggml's own layout.
+    Plain,
+    /// ggml's repack buffer.
+    Repacked,
+    /// Our 16-row interleave (`interleaved`), in a buffer of its own.
+    Interleaved,
+}
+
+const LAYOUTS: [Layout; 3] = [Layout::Plain, Layout::Repacked, Layout::Interleaved];
+
+/// A set of named tensors declared first, then allocated together in one backend buffer (plus a
+/// repack buffer and an interleaved one for matrices declared with `add_for_products`). The buffers
+/// are freed (before the headers' contexts) when the store is dropped.
 pub struct TensorStore {
-    buffer: Option<NonNull<sys::ggml_backend_buffer>>,
-    repack_buffer: Option<NonNull<sys::ggml_backend_buffer>>,
+    /// Per layout (in `LAYOUTS` order): its buffer once allocated.
+    buffers: [Option<NonNull<sys::ggml_backend_buffer>>; 3],
     tensors: Vec<NonNull<sys::ggml_tensor>>,
-    /// Per tensor: declared in `repack_ctx`.
-    repacked: Vec<bool>,
+    layouts: Vec<Layout>,
     by_name: HashMap<String, TensorId>,
     max_tensors: usize,
     memory: StoreMemory,
-    // Declared last so they are dropped after the buffers.
-    ctx: Context,
-    repack_ctx: Context,
+    // Declared last so they are dropped after the buffers; in `LAYOUTS` order.
+    contexts: [Context; 3],
 }
 
 impl TensorStore {
@@ -81,15 +92,13 @@ impl TensorStore {
     pub fn new(max_tensors: usize) -> Result<Self> {
         let params = || ContextParams { mem_size: tensor_overhead() * max_tensors.max(1), no_alloc: true };
         Ok(TensorStore {
-            buffer: None,
-            repack_buffer: None,
+            buffers: [None; 3],
             tensors: Vec::new(),
-            repacked: Vec::new(),
+            layouts: Vec::new(),
             by_name: HashMap::new(),
             max_tensors,
             memory: StoreMemory::Host,
-            ctx: Context::new(params())?,
-            repack_ctx: Context::new(params())?,
+            contexts: [Context::new(params())?, Context::new(params())?, Context::new(params())?],
         })
     }
 
@@ -102,28 +111,48 @@ impl TensorStore {
         dtype == DType::Q4_0 && matrix && rows % 8 == 0 && crate::cpu_features().contains(&"AVX2") && repack_buffer_type().is_some()
     }
 
-    /// Declares a matrix used only as the first operand of whole-tensor matrix products: in ggml's
-    /// repack buffer when `repacks` says it has a layout there (faster products), else as `add`. Its
-    /// data must be written through `Tensor::write_bytes`.
-    pub fn add_repacked(&mut self, name: &str, dtype: DType, shape: &[i64]) -> Result<TensorId> {
-        if !Self::repacks(dtype, shape) {
-            return self.add(name, dtype, shape);
-        }
-        self.declare(name, dtype, shape, true)
+    /// Whether `add_for_products` would interleave a tensor of this type and shape for our own
+    /// products (Q4_1 matrices with rows in sixteens, on AVX-512 VNNI: see `Context::product`).
+    pub fn interleaves(dtype: DType, shape: &[i64]) -> bool {
+        crate::interleaved::interleaves(dtype, shape)
+    }
+
+    /// Declares a matrix used only as the first operand of whole-tensor matrix products through
+    /// `Context::product`: in ggml's repack buffer when `repacks` says it has a layout there, else
+    /// interleaved when `interleaves` says so (faster products either way), else as `add`. Its data
+    /// must be written through `Tensor::write_bytes`.
+    pub fn add_for_products(&mut self, name: &str, dtype: DType, shape: &[i64]) -> Result<TensorId> {
+        let layout = match (Self::repacks(dtype, shape), Self::interleaves(dtype, shape)) {
+            (true, _) => Layout::Repacked,
+            (false, true) => Layout::Interleaved,
+            (false, false) => Layout::Plain,
+        };
+        self.declare(name, dtype, shape, layout)
     }
 
     /// Whether the tensor lives in the repack buffer (write it through `Tensor::write_bytes`).
     pub fn is_repacked(&self, id: TensorId) -> bool {
-        self.repacked[id.0] || self.memory == StoreMemory::Repacked
+        self.layouts[id.0] == Layout::Repacked || self.memory == StoreMemory::Repacked
+    }
+
+    /// Whether the tensor is interleaved (write it through `Tensor::write_bytes`).
+    pub fn is_interleaved(&self, id: TensorId) -> bool {
+        self.layouts[id.0] == Layout::Interleaved
+    }
+
+    /// Whether the tensor's data is written whole through `Tensor::write_bytes` (repacked or
+    /// interleaved), not in place through `data_mut`.
+    pub fn written_whole(&self, id: TensorId) -> bool {
+        self.is_repacked(id) || self.is_interleaved(id)
     }
 
     /// Declares a tensor; only before `allocate`.
     pub fn add(&mut self, name: &str, dtype: DType, shape: &[i64]) -> Result<TensorId> {
-        self.declare(name, dtype, shape, false)
+        self.declare(name, dtype, shape, Layout::Plain)
     }
 
-    fn declare(&mut self, name: &str, dtype: DType, shape: &[i64], repacked: bool) -> Result<TensorId> {
-        if self.buffer.is_some() || self.repack_buffer.is_some() {
+    fn declare(&mut self, name: &str, dtype: DType, shape: &[i64], layout: Layout) -> Result<TensorId> {
+        if self.buffers.iter().any(Option::is_some) {
             return Err(Error::invalid("TensorStore::add", "the store is already allocated"));
         }
         if self.tensors.len() >= self.max_tensors {
@@ -132,11 +161,10 @@ impl TensorStore {
         if self.by_name.contains_key(name) {
             return Err(Error::invalid("TensorStore::add", format!("tensor `{name}` declared twice")));
         }
-        let ctx = if repacked { &self.repack_ctx } else { &self.ctx };
-        let raw = ctx.new_tensor(dtype, shape)?.set_name(name).raw();
+        let raw = self.context(layout).new_tensor(dtype, shape)?.set_name(name).raw();
         let id = TensorId(self.tensors.len());
         self.tensors.push(NonNull::new(raw).expect("new_tensor returns non-null"));
-        self.repacked.push(repacked);
+        self.layouts.push(layout);
         self.by_name.insert(name.to_owned(), id);
         Ok(id)
     }
@@ -146,37 +174,38 @@ impl TensorStore {
         self.allocate_in(StoreMemory::Host)
     }
 
+    fn context(&self, layout: Layout) -> &Context {
+        &self.contexts[LAYOUTS.iter().position(|&l| l == layout).unwrap_or(0)]
+    }
+
     /// Gives every tensor declared with `add` memory of the given kind, and those declared with
-    /// `add_repacked` repack memory (zero-filled).
+    /// `add_for_products` repack or interleaved memory (zero-filled).
     pub fn allocate_in(&mut self, memory: StoreMemory) -> Result<()> {
-        if self.buffer.is_some() || self.repack_buffer.is_some() || self.tensors.is_empty() {
+        if self.buffers.iter().any(Option::is_some) || self.tensors.is_empty() {
             return Ok(());
         }
-        let plain: Vec<usize> = (0..self.tensors.len()).filter(|&i| !self.repacked[i]).collect();
-        let packed: Vec<usize> = (0..self.tensors.len()).filter(|&i| self.repacked[i]).collect();
-        let buffer = if plain.is_empty() { None } else { Some(self.allocate_part(false, memory, &plain)?) };
-        let repack_buffer = match packed.is_empty() {
-            true => None,
-            false => match self.allocate_part(true, StoreMemory::Repacked, &packed) {
-                Ok(b) => Some(b),
+        let mut buffers = [None; 3];
+        for (slot, layout) in LAYOUTS.into_iter().enumerate() {
+            let indices: Vec<usize> = (0..self.tensors.len()).filter(|&i| self.layouts[i] == layout).collect();
+            if indices.is_empty() {
+                continue;
+            }
+            let kind = if layout == Layout::Repacked { StoreMemory::Repacked } else { memory };
+            match self.allocate_part(layout, kind, &indices) {
+                Ok(b) => buffers[slot] = Some(b),
                 Err(e) => {
-                    if let Some(b) = buffer {
-                        crate::reusable::unregister_buffer(b.as_ptr());
-                        // SAFETY: allocated just above and referred to by nothing else yet.
-                        unsafe { sys::ggml_backend_buffer_free(b.as_ptr()) };
-                    }
+                    buffers.into_iter().flatten().for_each(free_buffer);
                     return Err(e);
                 }
-            },
-        };
-        self.buffer = buffer;
-        self.repack_buffer = repack_buffer;
+            }
+        }
+        self.buffers = buffers;
         self.memory = memory;
         Ok(())
     }
 
     /// Allocates the headers of one context (the tensors at `indices`) in a buffer of `memory`.
-    fn allocate_part(&self, repack_ctx: bool, memory: StoreMemory, indices: &[usize]) -> Result<NonNull<sys::ggml_backend_buffer>> {
+    fn allocate_part(&self, layout: Layout, memory: StoreMemory, indices: &[usize]) -> Result<NonNull<sys::ggml_backend_buffer>> {
         let buft = match memory {
             // SAFETY: returns a static buffer type.
             StoreMemory::Host => unsafe { sys::ggml_backend_cpu_buffer_type() },
@@ -184,7 +213,7 @@ impl TensorStore {
                 repack_buffer_type().ok_or(Error::invalid("allocate_in", "this ggml build has no CPU repack buffer"))?
             }
         };
-        let ctx = if repack_ctx { &self.repack_ctx } else { &self.ctx };
+        let ctx = self.context(layout);
         let bytes: usize = indices.iter().map(|&i| self.tensor(self.tensors[i]).nbytes()).sum();
         // SAFETY: the context holds only unallocated headers; the buffer type is static. A null
         // result is an allocation failure.
@@ -205,6 +234,9 @@ impl TensorStore {
         // SAFETY: the buffer was just allocated and is owned by this store.
         unsafe { sys::ggml_backend_buffer_clear(buffer.as_ptr(), 0) };
         crate::reusable::register_buffer(buffer.as_ptr());
+        if layout == Layout::Interleaved {
+            crate::interleaved::register_buffer(buffer.as_ptr());
+        }
         Ok(buffer)
     }
 
@@ -235,16 +267,16 @@ impl TensorStore {
     /// Bytes of the backend buffers (0 before allocation).
     pub fn buffer_bytes(&self) -> usize {
         // SAFETY: the buffers, if any, are alive while the store is.
-        [self.buffer, self.repack_buffer].iter().flatten().map(|b| unsafe { sys::ggml_backend_buffer_get_size(b.as_ptr()) }).sum()
+        self.buffers.iter().flatten().map(|b| unsafe { sys::ggml_backend_buffer_get_size(b.as_ptr()) }).sum()
     }
 
     /// The tensor's bytes in host memory, for loading data straight into place.
     pub fn data_mut(&mut self, id: TensorId) -> Result<&mut [u8]> {
-        if self.buffer.is_none() && self.repack_buffer.is_none() {
+        if self.buffers.iter().all(Option::is_none) {
             return Err(Error::NotAllocated { op: "TensorStore::data_mut" });
         }
-        if self.is_repacked(id) {
-            return Err(Error::invalid("TensorStore::data_mut", "repacked memory is written through Tensor::write_bytes"));
+        if self.written_whole(id) {
+            return Err(Error::invalid("TensorStore::data_mut", "repacked or interleaved memory is written through Tensor::write_bytes"));
         }
         let t = self.get(id);
         let len = t.nbytes();
@@ -255,14 +287,17 @@ impl TensorStore {
     }
 }
 
+/// Forgets and frees a buffer of a store (in its drop, or when a later part fails to allocate).
+fn free_buffer(buffer: NonNull<sys::ggml_backend_buffer>) {
+    crate::reusable::unregister_buffer(buffer.as_ptr());
+    crate::interleaved::unregister_buffer(buffer.as_ptr());
+    // SAFETY: the buffer is owned by the store and freed once; the headers pointing into it are in
+    // the store's contexts, dropped after it, and no Tensor borrowed from the store outlives it.
+    unsafe { sys::ggml_backend_buffer_free(buffer.as_ptr()) }
+}
+
 impl Drop for TensorStore {
     fn drop(&mut self) {
-        for buffer in [self.buffer.take(), self.repack_buffer.take()].into_iter().flatten() {
-            crate::reusable::unregister_buffer(buffer.as_ptr());
-            // SAFETY: the buffer is owned by this store and freed once; the headers pointing into it
-            // are in `ctx`/`repack_ctx`, dropped right after, and no Tensor borrowed from the store
-            // outlives it.
-            unsafe { sys::ggml_backend_buffer_free(buffer.as_ptr()) }
-        }
+        self.buffers.iter_mut().filter_map(Option::take).for_each(free_buffer);
     }
 }

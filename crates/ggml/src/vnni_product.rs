@@ -63,10 +63,16 @@ impl Context {
         // reads; it writes `packed_bytes(k, n)` bytes into the new node of that many (rounded up) f32s;
         // the userdata is 2n, + 1 for Q8_1 columns.
         let packed = unsafe { self.custom_f32("vnni_pack", [floats, 1, 1, 1], &[x], pack_kernel, -1, 2 * n + q8_1 as usize) }?;
+        let layout = match (w.is_repacked(), w.is_interleaved()) {
+            (true, _) => REPACKED,
+            (false, true) => INTERLEAVED,
+            (false, false) => 0,
+        };
         // SAFETY: w is a contiguous 2-D Q8_0/Q4_0/Q4_1 tensor with x's row length (Q4_0 possibly in
-        // ggml's 8-row repack layout, which the userdata 1 says), `packed` holds x packed as
-        // `product_kernel` reads it (n is the result's column count); it writes the [m, n] result.
-        unsafe { self.custom_f32(OP, [w.ne(1), x.ne(1), 1, 1], &[w, packed], product_kernel, -1, w.is_repacked() as usize) }
+        // ggml's 8-row repack layout, Q4_1 possibly interleaved, which the userdata says), `packed`
+        // holds x packed as `product_kernel` reads it (n is the result's column count); it writes the
+        // [m, n] result.
+        unsafe { self.custom_f32(OP, [w.ne(1), x.ne(1), 1, 1], &[w, packed], product_kernel, -1, layout) }
     }
 }
 
@@ -79,6 +85,7 @@ pub(crate) fn vnni_product_applies(w: Tensor<'_>, x: Tensor<'_>, min_columns: i6
     let two_d = |t: Tensor<'_>| t.ne(2) == 1 && t.ne(3) == 1 && t.is_contiguous();
     WeightKind::of(w.dtype()).is_some()
         && (!w.is_repacked() || (w.dtype() == DType::Q4_0 && w.ne(1) % 8 == 0))
+        && (!w.is_interleaved() || w.dtype() == DType::Q4_1)
         && x.dtype() == DType::F32
         && two_d(w)
         && two_d(x)
@@ -101,7 +108,14 @@ enum WeightKind {
     /// scales, then each row's first 8 bytes of nibbles, then each row's last 8), the nibbles'
     /// top bits flipped (XOR 0x88).
     Q4_0x8,
+    /// Q4_1 interleaved 16 rows at a time (`interleaved`): per 16 rows and block, their scales,
+    /// minimums, then 4 quads of each row's 4 nibble bytes.
+    Q4_1x16,
 }
+
+/// The product kernel's userdata: the weights' layout when not ggml's plain one.
+const REPACKED: usize = 1;
+const INTERLEAVED: usize = 2;
 
 /// Bytes of 8 rows' interleaved Q4_0 blocks in ggml's repack buffer.
 const Q4_0X8_BYTES: usize = 8 * 18;
@@ -122,6 +136,7 @@ impl WeightKind {
             WeightKind::Q4_0 => 18,
             WeightKind::Q4_1 => 20,
             WeightKind::Q4_0x8 => Q4_0X8_BYTES,
+            WeightKind::Q4_1x16 => crate::interleaved::GROUP_BLOCK_BYTES,
         }
     }
 }
@@ -204,7 +219,11 @@ unsafe extern "C" fn product_kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth:
     let per = m.div_ceil(nth);
     let (first, last) = ((ith * per).min(m), ((ith + 1) * per).min(m));
     let Some(kind) = DType::from_sys(w.type_).ok().and_then(WeightKind::of) else { return };
-    let kind = if userdata as usize == 1 { WeightKind::Q4_0x8 } else { kind };
+    let kind = match userdata as usize {
+        REPACKED => WeightKind::Q4_0x8,
+        INTERLEAVED => WeightKind::Q4_1x16,
+        _ => kind,
+    };
     let job = Job {
         kind,
         weights: w.data as *const u8,
@@ -240,6 +259,10 @@ impl Job {
     fn block(&self, row: usize, b: usize) -> (*const u8, usize) {
         match self.kind {
             WeightKind::Q4_0x8 => (self.weights.wrapping_add(((row / 8) * self.blocks + b) * Q4_0X8_BYTES), row % 8),
+            WeightKind::Q4_1x16 => {
+                let rows = crate::interleaved::ROWS;
+                (self.weights.wrapping_add(((row / rows) * self.blocks + b) * crate::interleaved::GROUP_BLOCK_BYTES), row % rows)
+            }
             kind => (self.weights.wrapping_add(row * self.row_bytes + b * kind.block_bytes()), 0),
         }
     }
@@ -342,18 +365,23 @@ mod vnni {
         unsafe {
             let bytes = match kind {
                 WeightKind::Q8_0 => _mm256_loadu_si256(block.add(2) as *const __m256i),
-                WeightKind::Q4_0 | WeightKind::Q4_1 | WeightKind::Q4_0x8 => {
+                WeightKind::Q4_0 | WeightKind::Q4_1 | WeightKind::Q4_0x8 | WeightKind::Q4_1x16 => {
                     let packed = match kind {
                         WeightKind::Q4_0x8 => {
                             let first = (block.add(16 + 8 * lane) as *const i64).read_unaligned();
                             let last = (block.add(16 + 64 + 8 * lane) as *const i64).read_unaligned();
                             _mm_xor_si128(_mm_set_epi64x(last, first), _mm_set1_epi8(0x88u8 as i8))
                         }
+                        WeightKind::Q4_1x16 => {
+                            use crate::interleaved::{QUADS_AT, QUAD_BYTES};
+                            let quad = |q: usize| (block.add(QUADS_AT + q * QUAD_BYTES + 4 * lane) as *const i32).read_unaligned();
+                            _mm_set_epi32(quad(3), quad(2), quad(1), quad(0))
+                        }
                         _ => _mm_loadu_si128(block.add(if kind == WeightKind::Q4_0 { 2 } else { 4 }) as *const __m128i),
                     };
                     let low = _mm_set1_epi8(0x0f);
                     let nibbles = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16::<4>(packed), low), _mm_and_si128(packed, low));
-                    if kind != WeightKind::Q4_1 {
+                    if !matches!(kind, WeightKind::Q4_1 | WeightKind::Q4_1x16) {
                         _mm256_sub_epi8(nibbles, _mm256_set1_epi8(8))
                     } else {
                         nibbles
@@ -367,6 +395,7 @@ mod vnni {
         match kind {
             WeightKind::Q4_0x8 => (half(2 * lane), 0.0),
             WeightKind::Q4_1 => (half(0), half(2)),
+            WeightKind::Q4_1x16 => (half(2 * lane), half(crate::interleaved::MINS_AT + 2 * lane)),
             _ => (half(0), 0.0),
         }
     }
@@ -383,7 +412,7 @@ mod vnni {
     pub(super) unsafe fn row_tile(job: &Job, chunk: &Unpacked, r: usize, out_row: usize, tile: usize) {
         let blocks = job.blocks;
         let tiles = job.n.div_ceil(TILE);
-        let with_mins = job.kind == super::WeightKind::Q4_1;
+        let with_mins = matches!(job.kind, super::WeightKind::Q4_1 | super::WeightKind::Q4_1x16);
         // SAFETY: the caller's contract bounds every access: the tile's packed blocks with their
         // scales and sums, result columns < n of a row < m.
         unsafe {

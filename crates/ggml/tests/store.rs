@@ -125,7 +125,7 @@ fn repacked_q4_0_matrices_compute_the_same_products() {
     let weights = common::decode(DType::Q4_0, &bytes, values.len());
     let mut store = TensorStore::new(2).unwrap();
     let plain = store.add("plain", DType::Q4_0, &[cols, rows]).unwrap();
-    let packed = store.add_repacked("packed", DType::Q4_0, &[cols, rows]).unwrap();
+    let packed = store.add_for_products("packed", DType::Q4_0, &[cols, rows]).unwrap();
     store.allocate().unwrap();
     assert!(!store.is_repacked(plain));
     assert_eq!(store.is_repacked(packed), TensorStore::repacks(DType::Q4_0, &[cols, rows]));

@@ -1,0 +1,75 @@
+//! Q4_1 matrices stored interleaved for products (on AVX-512 VNNI machines) multiply through
+//! `product` to ggml's own product of the plain matrix, bit for bit, at every column count (the
+//! interleaved kernel's 1–15, the VNNI kernel's 16 and more), and within the derived bound of f64
+//! math; ggml's own ops and reads refuse them rather than misread them.
+
+mod common;
+
+use common::{decode, Rng};
+use ggml::{Backend, ComputeBuffer, DType, TensorStore};
+
+#[test]
+fn interleaved_q4_1_products_are_ggmls_bit_for_bit() {
+    let (k, m) = (576usize, 48usize);
+    let shape = [k as i64, m as i64];
+    let vnni = ggml::own_kernels().iter().any(|kernel| kernel.contains("VNNI"));
+    assert_eq!(TensorStore::interleaves(DType::Q4_1, &shape), vnni, "interleaved exactly where the VNNI kernels run");
+    assert!(!TensorStore::interleaves(DType::Q4_1, &[k as i64, m as i64 + 8]), "rows must come in sixteens");
+    assert!(!TensorStore::interleaves(DType::Q4_0, &shape), "Q4_1 only");
+    let mut rng = Rng::new(11);
+    // Offset weights, so that the minimums matter.
+    let values: Vec<f32> = rng.normals(k * m).iter().map(|v| v * 0.05 + 0.02).collect();
+    let bytes = DType::Q4_1.quantize(&values, k).unwrap();
+    let mut store = TensorStore::new(2).unwrap();
+    let plain = store.add("plain", DType::Q4_1, &shape).unwrap();
+    let stored = store.add_for_products("stored", DType::Q4_1, &shape).unwrap();
+    store.allocate().unwrap();
+    assert_eq!(store.is_interleaved(stored), vnni);
+    store.data_mut(plain).unwrap().copy_from_slice(&bytes);
+    store.get(stored).write_bytes(&bytes).unwrap();
+    if vnni {
+        assert!(store.get(stored).is_interleaved() && !store.get(plain).is_interleaved());
+        assert!(store.get(stored).read_bytes().is_err(), "interleaved bytes are not ggml's");
+        assert!(store.data_mut(stored).is_err(), "nor written in place");
+    }
+    let backend = Backend::cpu_exact(2).unwrap();
+    let weights = decode(DType::Q4_1, &bytes, k * m);
+    for n in [1usize, 2, 3, 4, 7, 15, 16, 33] {
+        let mut compute = ComputeBuffer::new().unwrap();
+        let ctx = compute.context(8, 16).unwrap();
+        let x = ctx.new_tensor(DType::F32, &[k as i64, n as i64]).unwrap().set_input();
+        if vnni {
+            assert!(ctx.mul_mat(store.get(stored), x).is_err(), "ggml's product cannot read the interleave");
+        }
+        let (theirs, ours) = (ctx.mul_mat(store.get(plain), x).unwrap(), ctx.product(store.get(stored), x).unwrap());
+        let mut graph = ctx.new_graph(16).unwrap();
+        graph.expand(theirs).unwrap();
+        graph.expand(ours).unwrap();
+        ctx.allocate(&graph).unwrap();
+        let xs = rng.normals(k * n);
+        x.write_f32(&xs).unwrap();
+        backend.compute(&graph).unwrap();
+        let (theirs, ours) = (theirs.read_f32().unwrap(), ours.read_f32().unwrap());
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert!(bits(&ours) == bits(&theirs), "{n} columns: not ggml's product of the plain matrix bit for bit");
+        // And against f64 over the stored weights and the Q8_0-rounded columns (Q8_1 rounds as
+        // Q8_0): each block's scaled dot rounds once, the blocks add in f32, and Q8_1 keeps each
+        // block's scaled sum in f16 (2^-11 of it, times the block's minimum).
+        let x_dec = decode(DType::Q8_0, &DType::Q8_0.quantize(&xs, k).unwrap(), k * n);
+        for c in 0..n {
+            for r in 0..m {
+                let (row, col) = (&weights[r * k..(r + 1) * k], &x_dec[c * k..(c + 1) * k]);
+                let want: f64 = row.iter().zip(col).map(|(&a, &b)| a as f64 * b as f64).sum();
+                let terms: f64 = row.iter().zip(col).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+                let mins: f64 = row
+                    .chunks(32)
+                    .zip(col.chunks(32))
+                    .map(|(a, b)| a.iter().fold(0f64, |m, &v| m.max(v.abs() as f64)) * b.iter().map(|&v| v.abs() as f64).sum::<f64>())
+                    .sum();
+                let bound = terms * (k / 32 + 3) as f64 * 2f64.powi(-23) + mins * 2f64.powi(-10) + 1e-12;
+                let got = ours[c * m + r] as f64;
+                assert!((got - want).abs() <= bound, "{n} columns ({r}, {c}): {got} vs {want} (bound {bound:.2e})");
+            }
+        }
+    }
+}
