@@ -20,6 +20,14 @@ enum Fill {
     ToF32,
 }
 
+/// What a matrix is used for, which decides the layouts it may be stored in.
+#[derive(Clone, Copy)]
+enum Uses {
+    Any,
+    Products,
+    ProductsAndRows,
+}
+
 /// Declares tensors against a GGUF file, then loads them into a `TensorStore`.
 pub struct WeightLoader<'f> {
     file: &'f GgufFile,
@@ -61,17 +69,24 @@ impl<'f> WeightLoader<'f> {
 
     /// A weight matrix `[shape[0] (contiguous), shape[1], …]` used in matrix products or row lookups.
     pub fn matrix(&mut self, name: &str, shape: &[usize]) -> Result<TensorId> {
-        self.declare_matrix(name, shape, false)
+        self.declare_matrix(name, shape, Uses::Any)
     }
 
     /// A weight matrix used only whole as the first operand of matrix products (never viewed or
     /// looked up by rows): where ggml has a faster repacked layout for its type on this CPU (Q4_0 on
     /// AVX2: 1.3× at one column, 1.6× at 128, `docs/kernel-choices.md`) it is stored so.
+    /// (Q4_1 and Q8_0 on AVX-512 VNNI: interleaved for our own products, 2× ggml's at one column.)
     pub fn product_matrix(&mut self, name: &str, shape: &[usize]) -> Result<TensorId> {
-        self.declare_matrix(name, shape, true)
+        self.declare_matrix(name, shape, Uses::Products)
     }
 
-    fn declare_matrix(&mut self, name: &str, shape: &[usize], products_only: bool) -> Result<TensorId> {
+    /// A weight matrix used whole in matrix products and looked up by rows (embeddings tied to the
+    /// output head): interleaved where `product_matrix` would interleave it, else as `matrix`.
+    pub fn tied_matrix(&mut self, name: &str, shape: &[usize]) -> Result<TensorId> {
+        self.declare_matrix(name, shape, Uses::ProductsAndRows)
+    }
+
+    fn declare_matrix(&mut self, name: &str, shape: &[usize], uses: Uses) -> Result<TensorId> {
         let info = self.info(name, shape)?;
         if !is_matmul_type(info.dtype) {
             return Err(Error::TensorType { name: name.to_owned(), dtype: info.dtype, why: "cannot be used as a weight matrix" });
@@ -81,9 +96,10 @@ impl<'f> WeightLoader<'f> {
             self.pending.push((id, info, Fill::ToF32));
             return Ok(id);
         }
-        let id = match products_only {
-            true => self.store.add_for_products(name, info.dtype, &info.shape)?,
-            false => self.store.add(name, info.dtype, &info.shape)?,
+        let id = match uses {
+            Uses::Any => self.store.add(name, info.dtype, &info.shape)?,
+            Uses::Products => self.store.add_for_products(name, info.dtype, &info.shape)?,
+            Uses::ProductsAndRows => self.store.add_for_products_and_rows(name, info.dtype, &info.shape)?,
         };
         self.pending.push((id, info, if self.store.written_whole(id) { Fill::Repacked } else { Fill::Raw }));
         Ok(id)

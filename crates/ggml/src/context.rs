@@ -330,7 +330,7 @@ impl<'ctx> Tensor<'ctx> {
         let interleaved;
         let bytes = match self.is_interleaved() {
             true => {
-                interleaved = crate::interleaved::interleave(bytes, self.ne(0) as usize, self.ne(1) as usize);
+                interleaved = crate::interleaved::interleave(self.dtype(), bytes, self.ne(0) as usize, self.ne(1) as usize);
                 &interleaved[..]
             }
             false => bytes,

@@ -35,7 +35,7 @@ impl Context {
     /// `w` `[k, m]`, f32 `x` `[k, n]` with `MIN_FEW_COLUMNS` ≤ n ≤ `MAX_FEW_COLUMNS`, both 2-D and
     /// contiguous, a CPU with AVX2, FMA and F16C); else ggml's. ggml's values bit for bit every way.
     /// Interleaved weights (`TensorStore::add_for_products`) go to the VNNI kernel from 16 columns
-    /// and to the interleaved one below, both ggml's bits; ggml cannot read them.
+    /// and to the interleaved one below that, both ggml's bits; ggml cannot read them.
     pub fn product<'c>(&'c self, w: Tensor<'c>, x: Tensor<'c>) -> Result<Tensor<'c>> {
         if w.is_interleaved() {
             let x = if x.is_contiguous() { x } else { self.cont(x)? };

@@ -92,6 +92,9 @@ impl Context {
     pub fn get_rows<'c>(&'c self, a: Tensor<'c>, b: Tensor<'c>) -> Result<Tensor<'c>> {
         const OP: &str = "get_rows";
         require_type(OP, b, &[DType::I32], "row indices must be i32")?;
+        if a.is_interleaved() {
+            return self.interleaved_rows(a, b);
+        }
         if !a.dtype().can_dequantize() && a.dtype() != DType::I32 {
             return Err(Error::Type { op: OP, got: a.dtype(), why: "rows of this type cannot be read as f32" });
         }

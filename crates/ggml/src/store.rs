@@ -102,7 +102,7 @@ impl TensorStore {
         })
     }
 
-    /// Whether `add_repacked` would place a tensor of this type and shape in ggml's repack buffer:
+    /// Whether `add_for_products` would place a tensor of this type and shape in ggml's repack buffer:
     /// this build has one, and the CPU has a repacked layout for it (ggml's rule on x86: Q4_0 with a
     /// multiple of 8 rows, on AVX2). Allocation checks ggml agreed.
     pub fn repacks(dtype: DType, shape: &[i64]) -> bool {
@@ -127,6 +127,15 @@ impl TensorStore {
             (false, true) => Layout::Interleaved,
             (false, false) => Layout::Plain,
         };
+        self.declare(name, dtype, shape, layout)
+    }
+
+    /// Declares a matrix used whole as the first operand of products through `Context::product` and
+    /// looked up by rows through `Context::get_rows` (a tied embedding and output head): interleaved
+    /// when `interleaves` says so, else as `add` (ggml's repack buffer has no row lookups). Its data
+    /// must be written through `Tensor::write_bytes`.
+    pub fn add_for_products_and_rows(&mut self, name: &str, dtype: DType, shape: &[i64]) -> Result<TensorId> {
+        let layout = if Self::interleaves(dtype, shape) { Layout::Interleaved } else { Layout::Plain };
         self.declare(name, dtype, shape, layout)
     }
 

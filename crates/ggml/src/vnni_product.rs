@@ -85,7 +85,7 @@ pub(crate) fn vnni_product_applies(w: Tensor<'_>, x: Tensor<'_>, min_columns: i6
     let two_d = |t: Tensor<'_>| t.ne(2) == 1 && t.ne(3) == 1 && t.is_contiguous();
     WeightKind::of(w.dtype()).is_some()
         && (!w.is_repacked() || (w.dtype() == DType::Q4_0 && w.ne(1) % 8 == 0))
-        && (!w.is_interleaved() || w.dtype() == DType::Q4_1)
+        && (!w.is_interleaved() || matches!(w.dtype(), DType::Q4_1 | DType::Q8_0))
         && x.dtype() == DType::F32
         && two_d(w)
         && two_d(x)
@@ -111,6 +111,9 @@ enum WeightKind {
     /// Q4_1 interleaved 16 rows at a time (`interleaved`): per 16 rows and block, their scales,
     /// minimums, then 4 quads of each row's 4 nibble bytes.
     Q4_1x16,
+    /// Q8_0 interleaved 16 rows at a time: per 16 rows and block, their scales, then 8 groups of
+    /// each row's 4 bytes, +128.
+    Q8_0x16,
 }
 
 /// The product kernel's userdata: the weights' layout when not ggml's plain one.
@@ -136,7 +139,8 @@ impl WeightKind {
             WeightKind::Q4_0 => 18,
             WeightKind::Q4_1 => 20,
             WeightKind::Q4_0x8 => Q4_0X8_BYTES,
-            WeightKind::Q4_1x16 => crate::interleaved::GROUP_BLOCK_BYTES,
+            WeightKind::Q4_1x16 => crate::interleaved::group_block_bytes(DType::Q4_1),
+            WeightKind::Q8_0x16 => crate::interleaved::group_block_bytes(DType::Q8_0),
         }
     }
 }
@@ -219,10 +223,11 @@ unsafe extern "C" fn product_kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth:
     let per = m.div_ceil(nth);
     let (first, last) = ((ith * per).min(m), ((ith + 1) * per).min(m));
     let Some(kind) = DType::from_sys(w.type_).ok().and_then(WeightKind::of) else { return };
-    let kind = match userdata as usize {
-        REPACKED => WeightKind::Q4_0x8,
-        INTERLEAVED => WeightKind::Q4_1x16,
-        _ => kind,
+    let kind = match (userdata as usize, kind) {
+        (REPACKED, _) => WeightKind::Q4_0x8,
+        (INTERLEAVED, WeightKind::Q8_0) => WeightKind::Q8_0x16,
+        (INTERLEAVED, _) => WeightKind::Q4_1x16,
+        (_, kind) => kind,
     };
     let job = Job {
         kind,
@@ -259,9 +264,9 @@ impl Job {
     fn block(&self, row: usize, b: usize) -> (*const u8, usize) {
         match self.kind {
             WeightKind::Q4_0x8 => (self.weights.wrapping_add(((row / 8) * self.blocks + b) * Q4_0X8_BYTES), row % 8),
-            WeightKind::Q4_1x16 => {
+            WeightKind::Q4_1x16 | WeightKind::Q8_0x16 => {
                 let rows = crate::interleaved::ROWS;
-                (self.weights.wrapping_add(((row / rows) * self.blocks + b) * crate::interleaved::GROUP_BLOCK_BYTES), row % rows)
+                (self.weights.wrapping_add(((row / rows) * self.blocks + b) * self.kind.block_bytes()), row % rows)
             }
             kind => (self.weights.wrapping_add(row * self.row_bytes + b * kind.block_bytes()), 0),
         }
@@ -365,6 +370,12 @@ mod vnni {
         unsafe {
             let bytes = match kind {
                 WeightKind::Q8_0 => _mm256_loadu_si256(block.add(2) as *const __m256i),
+                WeightKind::Q8_0x16 => {
+                    use crate::interleaved::{GROUP_BYTES, Q8_0_GROUPS_AT};
+                    let group = |g: usize| (block.add(Q8_0_GROUPS_AT + g * GROUP_BYTES + 4 * lane) as *const i32).read_unaligned();
+                    let stored = _mm256_set_epi32(group(7), group(6), group(5), group(4), group(3), group(2), group(1), group(0));
+                    _mm256_xor_si256(stored, _mm256_set1_epi8(0x80u8 as i8))
+                }
                 WeightKind::Q4_0 | WeightKind::Q4_1 | WeightKind::Q4_0x8 | WeightKind::Q4_1x16 => {
                     let packed = match kind {
                         WeightKind::Q4_0x8 => {
@@ -373,8 +384,8 @@ mod vnni {
                             _mm_xor_si128(_mm_set_epi64x(last, first), _mm_set1_epi8(0x88u8 as i8))
                         }
                         WeightKind::Q4_1x16 => {
-                            use crate::interleaved::{QUADS_AT, QUAD_BYTES};
-                            let quad = |q: usize| (block.add(QUADS_AT + q * QUAD_BYTES + 4 * lane) as *const i32).read_unaligned();
+                            use crate::interleaved::{GROUP_BYTES, Q4_1_QUADS_AT};
+                            let quad = |q: usize| (block.add(Q4_1_QUADS_AT + q * GROUP_BYTES + 4 * lane) as *const i32).read_unaligned();
                             _mm_set_epi32(quad(3), quad(2), quad(1), quad(0))
                         }
                         _ => _mm_loadu_si128(block.add(if kind == WeightKind::Q4_0 { 2 } else { 4 }) as *const __m128i),
@@ -395,7 +406,8 @@ mod vnni {
         match kind {
             WeightKind::Q4_0x8 => (half(2 * lane), 0.0),
             WeightKind::Q4_1 => (half(0), half(2)),
-            WeightKind::Q4_1x16 => (half(2 * lane), half(crate::interleaved::MINS_AT + 2 * lane)),
+            WeightKind::Q4_1x16 => (half(2 * lane), half(crate::interleaved::Q4_1_MINS_AT + 2 * lane)),
+            WeightKind::Q8_0x16 => (half(2 * lane), 0.0),
             _ => (half(0), 0.0),
         }
     }

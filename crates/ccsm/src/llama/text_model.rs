@@ -136,8 +136,14 @@ fn declare(file: &GgufFile, path: &Path, loader: &mut WeightLoader<'_>) -> Resul
             });
         }
     }
-    let token_embd = loader.matrix(TOKEN_EMBD, &[config.n_embd, vocab_size])?;
-    let output = loader.optional_matrix(OUTPUT, &[config.n_embd, vocab_size])?.unwrap_or(token_embd);
+    let head = [config.n_embd, vocab_size];
+    let (token_embd, output) = match file.tensor(OUTPUT) {
+        Ok(_) => (loader.matrix(TOKEN_EMBD, &head)?, loader.product_matrix(OUTPUT, &head)?),
+        Err(_) => {
+            let tied = loader.tied_matrix(TOKEN_EMBD, &head)?;
+            (tied, tied)
+        }
+    };
     let transformer = Transformer::load(loader, &StackNames::new(""), config, freq_factors)?;
     Ok(Parts { transformer, token_embd, output, tokenizer, vocab_size })
 }
