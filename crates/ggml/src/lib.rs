@@ -93,7 +93,11 @@ pub fn own_kernels() -> Vec<&'static str> {
     } else {
         "attention: portable"
     };
-    let products = if vnni_product::has_vnni() { "products: AVX-512 VNNI (16+ columns)" } else { "products: ggml's" };
+    let products = if vnni_product::has_vnni() {
+        "products: AVX-512 VNNI (16+ columns; Q4_1/Q8_0 weights interleaved: every column count)"
+    } else {
+        "products: ggml's"
+    };
     vec![attention, products]
 }
 

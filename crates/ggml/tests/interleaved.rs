@@ -71,11 +71,10 @@ fn check(dtype: DType) {
                 let mins: f64 = if dtype != DType::Q4_1 {
                     0.0
                 } else {
-                    row
-                    .chunks(32)
-                    .zip(col.chunks(32))
-                    .map(|(a, b)| a.iter().fold(0f64, |m, &v| m.max(v.abs() as f64)) * b.iter().map(|&v| v.abs() as f64).sum::<f64>())
-                    .sum()
+                    row.chunks(32)
+                        .zip(col.chunks(32))
+                        .map(|(a, b)| a.iter().fold(0f64, |m, &v| m.max(v.abs() as f64)) * b.iter().map(|&v| v.abs() as f64).sum::<f64>())
+                        .sum()
                 };
                 let bound = terms * (k / 32 + 3) as f64 * 2f64.powi(-23) + mins * 2f64.powi(-10) + 1e-12;
                 let got = ours[c * m + r] as f64;

@@ -32,7 +32,13 @@ impl Columns {
         // SAFETY: ggml's CPU type traits are static; from_float writes k / 32 blocks from k floats.
         let quantize = unsafe { (*sys::ggml_get_type_traits_cpu(column_type.to_sys())).from_float }?;
         let blocks = k / BLOCK;
-        let mut columns = Columns { bytes: vec![0; n * blocks * block_bytes], block_bytes, blocks, scales: vec![[0.0; 2]; n * blocks], starts: Vec::new() };
+        let mut columns = Columns {
+            bytes: vec![0; n * blocks * block_bytes],
+            block_bytes,
+            blocks,
+            scales: vec![[0.0; 2]; n * blocks],
+            starts: Vec::new(),
+        };
         if dtype == DType::Q8_0 {
             columns.starts = vec![[0; GROUPS]; n * blocks];
         }
@@ -163,8 +169,8 @@ mod vnni {
                     }
                 }
             }
-            for c in 0..C {
-                store(job, first + c, &lanes[c], Some(offsets[c]));
+            for (c, (l, &offsets)) in lanes.iter().zip(&offsets).enumerate() {
+                store(job, first + c, l, Some(offsets));
             }
         }
     }
@@ -177,7 +183,8 @@ mod vnni {
     /// As `group_product`, for columns first..first + C.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
     pub(super) unsafe fn q8_0<const C: usize>(job: &GroupJob, columns: &Columns, first: usize) {
-        let mut lanes = [[_mm512_setzero_ps(); GROUPS]; C];
+        // [lane][column]: each group's load meets every column's accumulator of that lane.
+        let mut lanes = [[_mm512_setzero_ps(); C]; GROUPS];
         let step = group_block_bytes(DType::Q8_0);
         // SAFETY: as in `q4_1`; Q8_0 columns carry their groups' starts.
         unsafe {
@@ -192,18 +199,20 @@ mod vnni {
                     (values[c], starts[c]) = (v, s);
                     scale[c] = _mm512_mul_ps(d, _mm512_set1_ps(d1));
                 }
-                for g in 0..GROUPS {
+                for (g, lane) in lanes.iter_mut().enumerate() {
                     let rows = _mm512_loadu_si512(wb.add(Q8_0_GROUPS_AT + g * GROUP_BYTES) as *const _);
                     for c in 0..C {
                         let y = _mm512_set1_epi32((values[c].add(4 * g) as *const i32).read_unaligned());
                         let start = _mm512_set1_epi32((*starts[c])[g]);
                         let dot = _mm512_dpbusd_epi32(start, rows, y);
-                        lanes[c][g] = _mm512_fmadd_ps(scale[c], _mm512_cvtepi32_ps(dot), lanes[c][g]);
+                        lane[c] = _mm512_fmadd_ps(scale[c], _mm512_cvtepi32_ps(dot), lane[c]);
                     }
                 }
             }
             for c in 0..C {
-                store(job, first + c, &lanes[c], None);
+                let l = &lanes;
+                let column = [l[0][c], l[1][c], l[2][c], l[3][c], l[4][c], l[5][c], l[6][c], l[7][c]];
+                store(job, first + c, &column, None);
             }
         }
     }

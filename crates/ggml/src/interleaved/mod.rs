@@ -129,7 +129,11 @@ impl Context {
         const OP: &str = "mul_mat_interleaved";
         let two_d = |t: Tensor<'_>| t.ne(2) == 1 && t.ne(3) == 1;
         if !(w.is_interleaved() && x.dtype() == DType::F32 && two_d(w) && two_d(x) && x.is_contiguous() && w.ne(0) == x.ne(0)) {
-            return Err(Error::shape(OP, "needs interleaved weights and contiguous 2-D f32 columns of the same length", &[w.shape(), x.shape()]));
+            return Err(Error::shape(
+                OP,
+                "needs interleaved weights and contiguous 2-D f32 columns of the same length",
+                &[w.shape(), x.shape()],
+            ));
         }
         // SAFETY: w is an interleaved Q4_1/Q8_0 matrix [k, m] (k in blocks, m in sixteens:
         // `interleaves` admitted it) and x contiguous f32 [k, n] (checked), which is what
@@ -199,7 +203,9 @@ unsafe extern "C" fn rows_kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_
         }
         for (b, values) in out.chunks_exact_mut(BLOCK).enumerate() {
             // SAFETY: row < m and b < blocks: the row's group block lies inside the table.
-            let block = unsafe { std::slice::from_raw_parts((table.data as *const u8).add(((row / ROWS) * blocks + b) * group_bytes), group_bytes) };
+            let block = unsafe {
+                std::slice::from_raw_parts((table.data as *const u8).add(((row / ROWS) * blocks + b) * group_bytes), group_bytes)
+            };
             dequantize(dtype, block, row % ROWS, values);
         }
     }
