@@ -200,7 +200,14 @@ impl<'ctx> Tensor<'ctx> {
     /// Whether the tensor's data is interleaved 16 rows at a time for our own products (see
     /// `interleaved`): ggml cannot read it, so it is only multiplied through `Context::product`.
     pub fn is_interleaved(self) -> bool {
-        crate::interleaved::holds(self.header().buffer)
+        let header = self.header();
+        // A view made before its graph is allocated has no buffer yet: its source's decides.
+        let buffer = match (header.buffer.is_null(), header.view_src.is_null()) {
+            // SAFETY: a view's source is a live tensor header (views keep their source alive).
+            (true, false) => unsafe { (*header.view_src).buffer },
+            _ => header.buffer,
+        };
+        crate::interleaved::holds(buffer)
     }
 
     fn header(&self) -> &sys::ggml_tensor {
@@ -330,7 +337,7 @@ impl<'ctx> Tensor<'ctx> {
         let interleaved;
         let bytes = match self.is_interleaved() {
             true => {
-                interleaved = crate::interleaved::interleave(self.dtype(), bytes, self.ne(0) as usize, self.ne(1) as usize);
+                interleaved = crate::interleaved::interleave(self.dtype(), bytes, self.ne(0) as usize, (self.ne(1) * self.ne(2) * self.ne(3)) as usize);
                 &interleaved[..]
             }
             false => bytes,

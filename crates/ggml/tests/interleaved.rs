@@ -111,3 +111,41 @@ fn interleaved_rows_are_ggmls_get_rows() {
         assert_eq!(bits(ours.read_f32().unwrap()), bits(theirs.read_f32().unwrap()), "{dtype}: rows differ from ggml's get_rows");
     }
 }
+
+/// A stack of matrices interleaved as one tensor multiplies through views of each whole matrix (CSM's
+/// per-codebook heads) as ggml multiplies the plain stack's.
+#[test]
+fn views_of_stacked_interleaved_matrices_multiply_as_ggmls() {
+    let (k, m, stack) = (64usize, 32usize, 3usize);
+    let shape = [k as i64, m as i64, stack as i64];
+    let values = Rng::new(9).normals(k * m * stack);
+    let bytes = DType::Q8_0.quantize(&values, k).unwrap();
+    let mut store = TensorStore::new(2).unwrap();
+    let plain = store.add("plain", DType::Q8_0, &shape).unwrap();
+    let stored = store.add_for_products("stored", DType::Q8_0, &shape).unwrap();
+    store.allocate().unwrap();
+    store.data_mut(plain).unwrap().copy_from_slice(&bytes);
+    store.get(stored).write_bytes(&bytes).unwrap();
+    assert_eq!(store.is_interleaved(stored), TensorStore::interleaves(DType::Q8_0, &shape));
+    let mut compute = ComputeBuffer::new().unwrap();
+    let ctx = compute.context(16, 32).unwrap();
+    let x = ctx.new_tensor(DType::F32, &[k as i64, 2]).unwrap().set_input();
+    let mut graph = ctx.new_graph(32).unwrap();
+    let mut pairs = Vec::new();
+    for s in 0..stack {
+        let (p, q) = (store.get(plain), store.get(stored));
+        let p = ctx.view(p, &[k as i64, m as i64], &[p.strides()[1]], s * p.strides()[2]).unwrap();
+        let q = ctx.view(q, &[k as i64, m as i64], &[q.strides()[1]], s * q.strides()[2]).unwrap();
+        let (theirs, ours) = (ctx.mul_mat(p, x).unwrap(), ctx.product(q, x).unwrap());
+        graph.expand(theirs).unwrap();
+        graph.expand(ours).unwrap();
+        pairs.push((theirs, ours));
+    }
+    ctx.allocate(&graph).unwrap();
+    x.write_f32(&Rng::new(10).normals(2 * k)).unwrap();
+    Backend::cpu_exact(2).unwrap().compute(&graph).unwrap();
+    for (s, (theirs, ours)) in pairs.into_iter().enumerate() {
+        let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(ours.read_f32().unwrap()), bits(theirs.read_f32().unwrap()), "matrix {s} of the stack");
+    }
+}

@@ -134,9 +134,10 @@ fn declare(file: &GgufFile, path: &Path, loader: &mut WeightLoader<'_>) -> Resul
     let (v, k) = (config.audio_vocab, config.n_codebooks);
     let text_embd = loader.matrix(TOKEN_EMBD, &[bb, config.text_vocab])?;
     let audio_embd = loader.matrix(AUDIO_EMBD, &[bb, v * k])?;
-    let projection = loader.matrix(PROJECTION, &[bb, dd])?;
-    let codebook0_head = loader.matrix(CODEBOOK0_HEAD, &[bb, v])?;
-    let audio_head = loader.matrix(AUDIO_HEAD, &[dd, v, k - 1])?;
+    let projection = loader.product_matrix(PROJECTION, &[bb, dd])?;
+    let codebook0_head = loader.product_matrix(CODEBOOK0_HEAD, &[bb, v])?;
+    // One head per codebook, each multiplied through a view of it whole.
+    let audio_head = loader.product_matrix(AUDIO_HEAD, &[dd, v, k - 1])?;
     let backbone = Transformer::load(loader, &StackNames::new("backbone."), config.backbone.clone(), None)?;
     let decoder = Transformer::load(loader, &StackNames::new("decoder."), config.decoder.clone(), None)?;
     Ok(Parts { config, tokenizer, backbone, decoder, text_embd, audio_embd, projection, codebook0_head, audio_head })

@@ -63,14 +63,13 @@ pub(crate) fn group_block_bytes(dtype: DType) -> usize {
 }
 
 /// Whether weights of this type and shape are stored interleaved for products on this machine:
-/// Q4_1 or Q8_0 matrices of whole blocks and rows in sixteens, on a CPU with AVX-512 VNNI (on builds
+/// Q4_1 or Q8_0 matrices (or stacks of them along the outer dimensions, each multiplied through a
+/// view of it whole) of whole blocks and rows in sixteens, on a CPU with AVX-512 VNNI (on builds
 /// whose ggml has AVX-512).
 pub(crate) fn interleaves(dtype: DType, shape: &[i64]) -> bool {
-    let matrix = shape.len() >= 2 && shape.iter().skip(2).all(|&d| d == 1);
     matches!(dtype, DType::Q4_1 | DType::Q8_0)
-        && matrix
-        && shape[0] > 0
-        && shape[1] > 0
+        && shape.len() >= 2
+        && shape.iter().all(|&d| d > 0)
         && (shape[0] as usize).is_multiple_of(BLOCK)
         && (shape[1] as usize).is_multiple_of(ROWS)
         && crate::vnni_product::has_vnni()
