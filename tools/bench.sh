@@ -14,6 +14,8 @@ CHUNKS=${CHUNKS:-32}  # 16,384 tokens, as in targets.md
 CTX=${CTX:-512}
 out=docs/data
 mkdir -p "$out"
+# The machine the numbers come from (the CPU model and what ggml and our kernels run on it).
+{ grep -m1 "model name" /proc/cpuinfo | sed 's/.*: //'; "$BIN" system; } > "$out/system.txt"
 
 echo "speed: $TYPES at depths 0 and 2048" >&2
 "$BIN" bench "$MODEL" --kv-quant "$TYPES" -d 0,2048 -p 512 -n 128 -r 3 -t 2 -o jsonl > "$out/bench.jsonl"

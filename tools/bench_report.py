@@ -14,6 +14,16 @@ def test_name(r):
     return f"{base} @ d{r['depth']}" if r["depth"] else base
 
 
+def machine(data):
+    """The CPU model and the kernels that ran, from bench.sh's system.txt ("unrecorded" before it kept one)."""
+    path = data / "system.txt"
+    if not path.exists():
+        return "unrecorded"
+    lines = path.read_text().splitlines()
+    field = lambda key: next((l.split(": ", 1)[1] for l in lines if l.startswith(key + ": ")), "?")
+    return f"{lines[0] if lines else '?'}; ggml's CPU features: {field('cpu features')}; our kernels: {field('own kernels')}"
+
+
 def main():
     data = Path(sys.argv[1])
     rows = [json.loads(l) for l in (data / "bench.jsonl").read_text().splitlines() if l.strip()]
@@ -21,7 +31,7 @@ def main():
     base = json.loads((data / "ppl-f32.json").read_text())
     print("# Benchmarks\n")
     print("Made by `make bench` (tools/bench.sh): SmolLM2-135M-Instruct Q4_1, 2 threads, flash attention, on the")
-    print("2-core development machine (AMD EPYC, AVX2). Identical runs on this shared machine move 10–20 %.\n")
+    print(f"2-core development machine ({machine(data)}). Identical runs on this shared machine move 10–20 %.\n")
     peer = data / "peer-compare.jsonl"
     if peer.exists():
         side_by_side([json.loads(l) for l in peer.read_text().splitlines() if l.strip()])
