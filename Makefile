@@ -8,15 +8,24 @@ FUZZ_SEEDS := models/micro-llama.gguf models/micro-csm.gguf models/micro-mimi.gg
 SMOLLM2 := models/SmolLM2-135M-Instruct.Q4_1.gguf
 JARGON := data/jargon.txt
 
-.PHONY: setup deps pydeps ggml-source build test lint run bench bench-memory bench-server bench-shared-cores plots models data csm-1b-shape llama-1b-shape mimi-shape fuzz clean
+.PHONY: setup deps vulkan-deps build-vulkan test-vulkan pydeps ggml-source build test lint run bench bench-memory bench-server bench-shared-cores plots models data csm-1b-shape llama-1b-shape mimi-shape fuzz clean
 
 ## setup: system packages (libclang for bindgen), Python tools, the pinned ggml source
-setup: deps pydeps ggml-source
+setup: deps pydeps ggml-source $(if $(findstring vulkan,$(FEATURES)),vulkan-deps)
 
 deps:
 	@if ! ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1 && ! ldconfig -p | grep -q 'libclang\.so '; then \
 		echo "installing libclang-dev (bindgen needs libclang)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev >/dev/null; \
+	fi
+
+## FEATURES=vulkan (with setup or build-vulkan): also glslc and the Vulkan headers, loader and Mesa's drivers
+## (lavapipe, a CPU Vulkan device for tests)
+VULKAN_PACKAGES := glslc libvulkan-dev spirv-headers mesa-vulkan-drivers
+vulkan-deps:
+	@if ! command -v glslc >/dev/null 2>&1 || ! [ -f /usr/include/vulkan/vulkan.hpp ] || ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then \
+		echo "installing $(VULKAN_PACKAGES)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(VULKAN_PACKAGES) >/dev/null; \
 	fi
 
 pydeps:
@@ -76,6 +85,19 @@ $(JARGON):
 ## build: the engine and its CLI, optimized
 build: setup
 	$(CARGO) build $(RELEASE)
+
+## build-vulkan: the engine with ggml's Vulkan backend as well (installs its packages; adds a few minutes)
+build-vulkan:
+	$(MAKE) setup FEATURES=vulkan
+	CARGO_TARGET_DIR=target/vulkan $(CARGO) build $(RELEASE) -p ccsm-infer --features vulkan
+	@echo "built target/vulkan/release/ccsm-infer (\`ccsm-infer system\` lists the devices)"
+
+## test-vulkan: the Vulkan subset on Mesa's lavapipe (a CPU Vulkan driver, so it runs without a GPU; CI runs
+## it). Its own target dir keeps the CPU-only build's cache as it is.
+test-vulkan:
+	$(MAKE) setup FEATURES=vulkan
+	GGML_VK_VISIBLE_DEVICES=$${GGML_VK_VISIBLE_DEVICES:-0} CCSM_REQUIRE_VULKAN=1 CARGO_TARGET_DIR=target/vulkan \
+		$(CARGO) test $(RELEASE) -p ggml --features vulkan --test vulkan
 
 ## test: the whole suite
 test: setup models data

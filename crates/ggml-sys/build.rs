@@ -9,6 +9,9 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+#[path = "build/vulkan.rs"]
+mod vulkan;
+
 /// The package that carries the ggml tree, and its pinned version (keep in sync with Cargo.toml).
 const SOURCE_PACKAGE: &str = "llama-cpp-sys-2";
 const SOURCE_VERSION: &str = "0.1.161";
@@ -71,7 +74,7 @@ fn main() {
     )
     .expect("write ggml-version.h");
 
-    compile_ggml(&ggml_dir, &generated_include);
+    compile_ggml(&ggml_dir, &generated_include, &out_dir);
     generate_bindings(&ggml_dir, &out_dir);
 }
 
@@ -171,13 +174,21 @@ fn base_build(ggml_dir: &Path, generated_include: &Path) -> cc::Build {
     if feature("llamafile") {
         build.define("GGML_USE_LLAMAFILE", None);
     }
+    if feature("vulkan") {
+        // ggml's backend registry then registers the Vulkan backend beside the CPU's.
+        build.define("GGML_USE_VULKAN", None);
+    }
     build
 }
 
-fn compile_ggml(ggml_dir: &Path, generated_include: &Path) {
+fn compile_ggml(ggml_dir: &Path, generated_include: &Path, out_dir: &Path) {
     let src = ggml_dir.join("src");
     // C objects are linked into the same archive as the C++ ones: the two halves call each other.
-    let c_objects = base_build(ggml_dir, generated_include).std("c11").files(C_SOURCES.iter().map(|f| src.join(f))).compile_intermediates();
+    let mut c_objects =
+        base_build(ggml_dir, generated_include).std("c11").files(C_SOURCES.iter().map(|f| src.join(f))).compile_intermediates();
+    if feature("vulkan") {
+        c_objects.extend(vulkan::compile(ggml_dir, base_build(ggml_dir, generated_include), out_dir));
+    }
     base_build(ggml_dir, generated_include)
         .cpp(true)
         .std("c++17")
@@ -192,8 +203,11 @@ fn compile_ggml(ggml_dir: &Path, generated_include: &Path) {
 }
 
 fn generate_bindings(ggml_dir: &Path, out_dir: &Path) {
-    let bindings = bindgen::Builder::default()
-        .header("wrapper.h")
+    let mut builder = bindgen::Builder::default().header("wrapper.h");
+    if feature("vulkan") {
+        builder = builder.header(ggml_dir.join("include/ggml-vulkan.h").to_string_lossy());
+    }
+    let bindings = builder
         .clang_arg(format!("-I{}", ggml_dir.join("include").display()))
         .allowlist_function("ggml_.*|gguf_.*")
         .allowlist_type("ggml_.*|gguf_.*")

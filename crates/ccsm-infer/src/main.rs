@@ -85,6 +85,22 @@ fn main() -> ExitCode {
             output::println(&format!("ggml {} ({})", ggml::ggml_version(), ggml::ggml_source_dir()));
             output::println(&format!("cpu features: {}", ggml::cpu_features().join(" ")));
             output::println(&format!("own kernels: {}", ggml::own_kernels().join(", ")));
+            let backends = ggml::gpu_backends();
+            output::println(&format!(
+                "gpu backends: {}",
+                if backends.is_empty() { "none (built without --features vulkan)".into() } else { backends.join(", ") }
+            ));
+            for d in ggml::devices() {
+                let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
+                output::println(&format!(
+                    "device {}: {} ({}), {:.0} MiB free of {:.0} MiB",
+                    d.name,
+                    d.description,
+                    d.kind.name(),
+                    mib(d.free_bytes),
+                    mib(d.total_bytes)
+                ));
+            }
             Ok(())
         }
         Some(Command::Info(args)) => info_cmd::run(&args),

@@ -210,6 +210,11 @@ impl<'ctx> Tensor<'ctx> {
         crate::interleaved::holds(buffer)
     }
 
+    /// The backend buffer holding the tensor's data (null outside one).
+    pub(crate) fn header_buffer(self) -> sys::ggml_backend_buffer_t {
+        self.header().buffer
+    }
+
     fn header(&self) -> &sys::ggml_tensor {
         // SAFETY: the tensor lives in a context that outlives 'ctx, and so this borrow.
         unsafe { self.raw.as_ref() }
@@ -337,7 +342,12 @@ impl<'ctx> Tensor<'ctx> {
         let interleaved;
         let bytes = match self.is_interleaved() {
             true => {
-                interleaved = crate::interleaved::interleave(self.dtype(), bytes, self.ne(0) as usize, (self.ne(1) * self.ne(2) * self.ne(3)) as usize);
+                interleaved = crate::interleaved::interleave(
+                    self.dtype(),
+                    bytes,
+                    self.ne(0) as usize,
+                    (self.ne(1) * self.ne(2) * self.ne(3)) as usize,
+                );
                 &interleaved[..]
             }
             false => bytes,

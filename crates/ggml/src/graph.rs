@@ -152,7 +152,7 @@ impl<'ctx> Graph<'ctx> {
     }
 
     /// Every tensor of the graph has memory (so computing it cannot touch a null pointer).
-    fn check_allocated(&self) -> Result<()> {
+    pub(crate) fn check_allocated(&self) -> Result<()> {
         // SAFETY: `visited` holds live tensors of this graph.
         let missing = self.visited.iter().find(|&&t| unsafe { (*t).data.is_null() });
         match missing {
@@ -180,6 +180,13 @@ impl ComputeBuffer {
         crate::init();
         // SAFETY: the CPU buffer type is a static object; gallocr_new allocates a small struct.
         let raw = unsafe { sys::ggml_gallocr_new(sys::ggml_backend_cpu_buffer_type()) };
+        Ok(ComputeBuffer { raw: NonNull::new(raw).ok_or(Error::Allocation { what: "graph allocator", bytes: 0 })? })
+    }
+
+    /// An empty allocator over a device's memory (`Device::compute` runs its graphs).
+    pub fn on(device: &crate::Device) -> Result<Self> {
+        // SAFETY: the device's buffer type is a static registry object; gallocr_new allocates a small struct.
+        let raw = unsafe { sys::ggml_gallocr_new(device.buffer_type()) };
         Ok(ComputeBuffer { raw: NonNull::new(raw).ok_or(Error::Allocation { what: "graph allocator", bytes: 0 })? })
     }
 

@@ -28,6 +28,8 @@
 mod context;
 mod copies;
 mod custom;
+mod device;
+mod devices;
 mod dtype;
 mod error;
 mod few_columns;
@@ -47,6 +49,8 @@ mod views;
 mod vnni_product;
 
 pub use context::{tensor_overhead, Context, ContextParams, Tensor};
+pub use device::Device;
+pub use devices::{devices, gpu_backends, DeviceInfo, DeviceKind};
 pub use dtype::{DType, ALL_DTYPES};
 pub use error::{Error, Result, Shape};
 pub use few_columns::{MAX_FEW_COLUMNS, MIN_FEW_COLUMNS};

@@ -222,13 +222,42 @@ impl TensorStore {
                 repack_buffer_type().ok_or(Error::invalid("allocate_in", "this ggml build has no CPU repack buffer"))?
             }
         };
+        self.allocate_part_in(layout, buft, memory == StoreMemory::Repacked, indices)
+    }
+
+    /// Gives every tensor memory on the device (zero-filled): weights and caches the device's graphs
+    /// read. Tensors declared for products in the CPU's layouts (ggml's repack buffer, our
+    /// interleave) are refused: the device reads ggml's own layout only.
+    pub fn allocate_on(&mut self, device: &crate::Device) -> Result<()> {
+        if self.buffers.iter().any(Option::is_some) || self.tensors.is_empty() {
+            return Ok(());
+        }
+        if let Some(i) = self.layouts.iter().position(|&l| l != Layout::Plain) {
+            let name = self.tensor(self.tensors[i]).name();
+            return Err(Error::invalid(
+                "allocate_on",
+                format!("tensor `{name}` is declared in a CPU-only layout (repacked or interleaved)"),
+            ));
+        }
+        let indices: Vec<usize> = (0..self.tensors.len()).collect();
+        self.buffers[0] = Some(self.allocate_part_in(Layout::Plain, device.buffer_type(), false, &indices)?);
+        Ok(())
+    }
+
+    fn allocate_part_in(
+        &self,
+        layout: Layout,
+        buft: sys::ggml_backend_buffer_type_t,
+        repacked: bool,
+        indices: &[usize],
+    ) -> Result<NonNull<sys::ggml_backend_buffer>> {
         let ctx = self.context(layout);
         let bytes: usize = indices.iter().map(|&i| self.tensor(self.tensors[i]).nbytes()).sum();
         // SAFETY: the context holds only unallocated headers; the buffer type is static. A null
         // result is an allocation failure.
         let raw = unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(ctx.raw(), buft) };
         let buffer = NonNull::new(raw).ok_or(Error::Allocation { what: "tensor store buffer", bytes })?;
-        if memory == StoreMemory::Repacked {
+        if repacked {
             // The repack buffer records each tensor's packed layout in `extra`; a type or shape with no
             // layout on this CPU leaves it null, and writing such a tensor would crash inside ggml.
             // SAFETY: the headers are live and were just initialised by the allocation.
@@ -286,6 +315,11 @@ impl TensorStore {
         }
         if self.written_whole(id) {
             return Err(Error::invalid("TensorStore::data_mut", "repacked or interleaved memory is written through Tensor::write_bytes"));
+        }
+        let buffer = self.get(id).header_buffer();
+        // SAFETY: a store tensor's buffer is one of the store's live buffers.
+        if !buffer.is_null() && !unsafe { sys::ggml_backend_buffer_is_host(buffer) } {
+            return Err(Error::invalid("TensorStore::data_mut", "device memory is written through Tensor::write_bytes"));
         }
         let t = self.get(id);
         let len = t.nbytes();
