@@ -10,9 +10,10 @@ use std::ptr::NonNull;
 
 use ggml_sys as sys;
 
-use crate::context::Tensor;
+use crate::context::{Context, Tensor};
 use crate::error::{Error, Result};
 use crate::graph::Graph;
+use crate::DType;
 
 /// An opened device with its backend (one stream of work).
 pub struct Device {
@@ -66,6 +67,30 @@ impl Device {
     pub fn supports(&self, op: Tensor<'_>) -> bool {
         // SAFETY: the backend is alive and `op` is a live node header.
         unsafe { sys::ggml_backend_supports_op(self.backend.as_ptr(), op.raw()) }
+    }
+
+    /// Whether the device's flash attention takes K of type `k` and V of type `v` at head size
+    /// `head_dim` (asked of the device with a node of that shape; nothing runs).
+    pub fn attends(&self, k: DType, v: DType, head_dim: usize) -> Result<bool> {
+        let ctx = Context::for_graph(8, 8)?;
+        let hd = head_dim as i64;
+        let q = ctx.new_tensor(DType::F32, &[hd, 1, 2])?;
+        let (kt, vt) = (ctx.new_tensor(k, &[hd, 256, 1])?, ctx.new_tensor(v, &[hd, 256, 1])?);
+        Ok(self.supports(ctx.flash_attn_ext(q, kt, vt, None, 1.0)?))
+    }
+
+    /// `attends`, as the error a cache of those types gets on this device.
+    pub fn require_attention(&self, k: DType, v: DType, head_dim: usize) -> Result<()> {
+        match self.attends(k, v, head_dim)? {
+            true => Ok(()),
+            false => Err(Error::invalid(
+                "Device::require_attention",
+                format!(
+                    "the device {} has no attention over a {k} K / {v} V cache at head size {head_dim}: choose another cache type",
+                    self.name
+                ),
+            )),
+        }
     }
 
     /// Runs the graph on the device. Every tensor must have device memory (a store allocated with

@@ -36,7 +36,13 @@ impl Context {
     /// contiguous, a CPU with AVX2, FMA and F16C); else ggml's. ggml's values bit for bit every way.
     /// Interleaved weights (`TensorStore::add_for_products`) go to the VNNI kernel from 16 columns
     /// and to the interleaved one below that, both ggml's bits; ggml cannot read them.
+    ///
+    /// Weights in a device's memory always go to ggml's product (the device's, when the graph runs
+    /// there).
     pub fn product<'c>(&'c self, w: Tensor<'c>, x: Tensor<'c>) -> Result<Tensor<'c>> {
+        if w.in_device_memory() {
+            return self.mul_mat(w, x);
+        }
         if w.is_interleaved() {
             let x = if x.is_contiguous() { x } else { self.cont(x)? };
             return match x.ne(1) >= crate::vnni_product::PRODUCT_VNNI_COLUMNS {

@@ -196,10 +196,12 @@ unsafe extern "C" fn rows_kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_
             let id = *(ids.data as *const i32).add(i);
             (id, std::slice::from_raw_parts_mut((dst.data as *mut u8).add(i * dst.nb[1]) as *mut f32, k))
         };
-        let Ok(row) = usize::try_from(id) else { continue };
-        if row >= m {
+        // Ids are checked by callers (ggml's get_rows would abort the process); one outside the table
+        // gives a row of zeros rather than a read outside it.
+        let Some(row) = usize::try_from(id).ok().filter(|&row| row < m) else {
+            out.fill(0.0);
             continue;
-        }
+        };
         for (b, values) in out.chunks_exact_mut(BLOCK).enumerate() {
             // SAFETY: row < m and b < blocks: the row's group block lies inside the table.
             let block = unsafe {
