@@ -30,35 +30,6 @@ pub const MAX_FEW_COLUMNS: i64 = 32;
 pub const MIN_FEW_COLUMNS: i64 = 3;
 
 impl Context {
-    /// `mul_mat(w, x)`: through the VNNI kernel where the CPU has AVX-512 VNNI, for Q8_0, Q4_0 or Q4_1
-    /// `w` and a tile of 16 columns or more; else through the few-columns kernel where it applies (Q4_1
-    /// `w` `[k, m]`, f32 `x` `[k, n]` with `MIN_FEW_COLUMNS` ≤ n ≤ `MAX_FEW_COLUMNS`, both 2-D and
-    /// contiguous, a CPU with AVX2, FMA and F16C); else ggml's. ggml's values bit for bit every way.
-    /// Interleaved weights (`TensorStore::add_for_products`) go to the VNNI kernel from 16 columns
-    /// and to the interleaved one below that, both ggml's bits; ggml cannot read them.
-    ///
-    /// Weights in a device's memory always go to ggml's product (the device's, when the graph runs
-    /// there).
-    pub fn product<'c>(&'c self, w: Tensor<'c>, x: Tensor<'c>) -> Result<Tensor<'c>> {
-        if w.in_device_memory() {
-            return self.mul_mat(w, x);
-        }
-        if w.is_interleaved() {
-            let x = if x.is_contiguous() { x } else { self.cont(x)? };
-            return match x.ne(1) >= crate::vnni_product::PRODUCT_VNNI_COLUMNS {
-                true => self.mul_mat_vnni(w, x),
-                false => self.mul_mat_interleaved(w, x),
-            };
-        }
-        if crate::vnni_product::vnni_product_applies(w, x, crate::vnni_product::PRODUCT_VNNI_COLUMNS) {
-            self.mul_mat_vnni(w, x)
-        } else if few_columns_apply(w, x) {
-            self.mul_mat_few_columns(w, x)
-        } else {
-            self.mul_mat(w, x)
-        }
-    }
-
     /// The few-columns kernel itself (an error where it does not apply).
     pub fn mul_mat_few_columns<'c>(&'c self, w: Tensor<'c>, x: Tensor<'c>) -> Result<Tensor<'c>> {
         const OP: &str = "mul_mat_few_columns";
@@ -76,7 +47,7 @@ impl Context {
     }
 }
 
-fn few_columns_apply(w: Tensor<'_>, x: Tensor<'_>) -> bool {
+pub(crate) fn few_columns_apply(w: Tensor<'_>, x: Tensor<'_>) -> bool {
     let two_d = |t: Tensor<'_>| t.ne(2) == 1 && t.ne(3) == 1 && t.is_contiguous();
     w.dtype() == DType::Q4_1
         && x.dtype() == DType::F32

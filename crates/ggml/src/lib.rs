@@ -40,6 +40,7 @@ mod interleaved;
 mod log;
 mod narrow_product;
 mod ops;
+mod product;
 mod reusable;
 mod slot;
 mod split_attention;
