@@ -75,7 +75,7 @@ impl<'f> WeightLoader<'f> {
     /// A weight matrix used only whole as the first operand of matrix products (never looked up by
     /// rows, viewed only as whole matrices of a stack): where ggml has a faster repacked layout for its type on this CPU (Q4_0 on
     /// AVX2: 1.3× at one column, 1.6× at 128, `docs/kernel-choices.md`) it is stored so.
-    /// (Q4_1 and Q8_0 on AVX-512 VNNI: interleaved for our own products, 2× ggml's at one column.)
+    /// (Q4_1 and Q8_0 on AVX-512 VNNI: interleaved for our own products, `docs/kernel-choices.md`.)
     pub fn product_matrix(&mut self, name: &str, shape: &[usize]) -> Result<TensorId> {
         self.declare_matrix(name, shape, Uses::Products)
     }

@@ -8,7 +8,7 @@
 mod common;
 
 use common::Rng;
-use ggml::{Backend, ComputeBuffer, DType, Device, DeviceKind, TensorStore};
+use ggml::{Backend, ComputeBuffer, Context, DType, Device, DeviceKind, Tensor, TensorStore};
 
 /// ggml's Vulkan backend is not to be driven from several test threads at once (it aborted): each
 /// test holds this while it uses the device.
@@ -42,6 +42,37 @@ fn the_build_lists_vulkan_and_its_devices() {
     }
 }
 
+/// One graph computed on the CPU backend and on the device: `weights` (type, shape, bytes) stored in
+/// each one's memory, `build` makes the graph's input and output from them, `input` fills the input.
+/// Returns the CPU's output, then the device's.
+fn cpu_and_device(
+    device: &Device,
+    weights: &[(DType, &[i64], &[u8])],
+    input: &[f32],
+    build: impl for<'c> Fn(&'c Context, &[Tensor<'c>]) -> (Tensor<'c>, Tensor<'c>),
+) -> [Vec<f32>; 2] {
+    [false, true].map(|on_device| {
+        let mut store = TensorStore::new(weights.len()).unwrap();
+        let ids: Vec<_> =
+            weights.iter().enumerate().map(|(i, (dtype, shape, _))| store.add(&format!("w{i}"), *dtype, shape).unwrap()).collect();
+        if on_device { store.allocate_on(device) } else { store.allocate() }.unwrap();
+        for (&id, (_, _, bytes)) in ids.iter().zip(weights) {
+            store.get(id).write_bytes(bytes).unwrap();
+        }
+        let mut compute = if on_device { ComputeBuffer::on(device) } else { ComputeBuffer::new() }.unwrap();
+        let ctx = compute.context(8, 8).unwrap();
+        let tensors: Vec<Tensor<'_>> = ids.iter().map(|&id| store.get(id)).collect();
+        let (x, y) = build(&ctx, &tensors);
+        let (x, y) = (x.set_input(), y.set_output());
+        let mut graph = ctx.new_graph(8).unwrap();
+        graph.expand(y).unwrap();
+        ctx.allocate(&graph).unwrap();
+        x.write_f32(input).unwrap();
+        if on_device { device.compute(&graph) } else { Backend::cpu_exact(2).unwrap().compute(&graph) }.unwrap();
+        y.read_f32().unwrap()
+    })
+}
+
 /// Signal-to-noise ratio of `got` against `want`, in dB.
 fn snr_db(want: &[f32], got: &[f32]) -> f64 {
     let signal: f64 = want.iter().map(|&w| (w as f64).powi(2)).sum();
@@ -62,32 +93,12 @@ fn device_products_match_the_cpu() {
             let mut rng = Rng::new((k + m + n) as u64);
             let bytes = dtype.quantize(&rng.normals(k * m), k).unwrap();
             let xs = rng.normals(k * n);
-            let mut outputs = Vec::new();
-            for on_device in [false, true] {
-                let mut store = TensorStore::new(1).unwrap();
-                let w = store.add("w", dtype, &[k as i64, m as i64]).unwrap();
-                if on_device {
-                    store.allocate_on(&device).unwrap()
-                } else {
-                    store.allocate().unwrap()
-                };
-                store.get(w).write_bytes(&bytes).unwrap();
-                let mut compute = if on_device { ComputeBuffer::on(&device).unwrap() } else { ComputeBuffer::new().unwrap() };
-                let ctx = compute.context(8, 8).unwrap();
-                let x = ctx.new_tensor(DType::F32, &[k as i64, n as i64]).unwrap().set_input();
-                // `product` sends weights in device memory to ggml's product (our kernels are the CPU's).
-                let y = ctx.product(store.get(w), x).unwrap().set_output();
-                let mut graph = ctx.new_graph(8).unwrap();
-                graph.expand(y).unwrap();
-                ctx.allocate(&graph).unwrap();
-                x.write_f32(&xs).unwrap();
-                if on_device {
-                    device.compute(&graph).unwrap()
-                } else {
-                    Backend::cpu_exact(2).unwrap().compute(&graph).unwrap()
-                };
-                outputs.push(y.read_f32().unwrap());
-            }
+            let shape = [k as i64, m as i64];
+            // `product` sends weights in device memory to ggml's product (our kernels are the CPU's).
+            let outputs = cpu_and_device(&device, &[(dtype, &shape, &bytes)], &xs, |ctx, w| {
+                let x = ctx.new_tensor(DType::F32, &[k as i64, n as i64]).unwrap();
+                (x, ctx.product(w[0], x).unwrap())
+            });
             let w = common::decode(dtype, &bytes, k * m);
             let exact: Vec<f32> =
                 (0..n * m).map(|i| (0..k).map(|j| w[(i % m) * k + j] as f64 * xs[(i / m) * k + j] as f64).sum::<f64>() as f32).collect();
@@ -112,33 +123,11 @@ fn device_attention_matches_the_cpu() {
         let k_bytes = kv.quantize(&rng.normals(hd * kv_heads * n_kv), hd).unwrap();
         let v_bytes = kv.quantize(&rng.normals(hd * kv_heads * n_kv), hd).unwrap();
         let q = rng.normals(hd * heads * n);
-        let mut outputs = Vec::new();
-        for on_device in [false, true] {
-            let mut store = TensorStore::new(2).unwrap();
-            let kt = store.add("k", kv, &[hd as i64, n_kv as i64, kv_heads as i64]).unwrap();
-            let vt = store.add("v", kv, &[hd as i64, n_kv as i64, kv_heads as i64]).unwrap();
-            if on_device {
-                store.allocate_on(&device).unwrap()
-            } else {
-                store.allocate().unwrap()
-            };
-            store.get(kt).write_bytes(&k_bytes).unwrap();
-            store.get(vt).write_bytes(&v_bytes).unwrap();
-            let mut compute = if on_device { ComputeBuffer::on(&device).unwrap() } else { ComputeBuffer::new().unwrap() };
-            let ctx = compute.context(8, 8).unwrap();
-            let qt = ctx.new_tensor(DType::F32, &[hd as i64, n as i64, heads as i64]).unwrap().set_input();
-            let out = ctx.flash_attn_ext(qt, store.get(kt), store.get(vt), None, 1.0 / (hd as f32).sqrt()).unwrap().set_output();
-            let mut graph = ctx.new_graph(8).unwrap();
-            graph.expand(out).unwrap();
-            ctx.allocate(&graph).unwrap();
-            qt.write_f32(&q).unwrap();
-            if on_device {
-                device.compute(&graph).unwrap()
-            } else {
-                Backend::cpu_exact(2).unwrap().compute(&graph).unwrap()
-            };
-            outputs.push(out.read_f32().unwrap());
-        }
+        let shape = [hd as i64, n_kv as i64, kv_heads as i64];
+        let outputs = cpu_and_device(&device, &[(kv, &shape, &k_bytes), (kv, &shape, &v_bytes)], &q, |ctx, kv| {
+            let q = ctx.new_tensor(DType::F32, &[hd as i64, n as i64, heads as i64]).unwrap();
+            (q, ctx.flash_attn_ext(q, kv[0], kv[1], None, 1.0 / (hd as f32).sqrt()).unwrap())
+        });
         let snr = snr_db(&outputs[0], &outputs[1]);
         eprintln!("{kv} K/V attention: device vs CPU {snr:.1} dB");
         assert!(snr >= 40.0, "{kv} K/V: device vs CPU attention {snr:.1} dB");

@@ -48,18 +48,9 @@ pub(crate) const Q4_1_MINS_AT: usize = 2 * ROWS;
 pub(crate) const Q4_1_QUADS_AT: usize = 4 * ROWS;
 pub(crate) const Q8_0_GROUPS_AT: usize = 2 * ROWS;
 
-/// A weight type's plain block size, which is also 1/16 of an interleaved block.
-fn block_bytes(dtype: DType) -> usize {
-    if dtype == DType::Q4_1 {
-        20
-    } else {
-        34
-    }
-}
-
-/// Bytes of one block of 16 interleaved rows of `dtype`.
+/// Bytes of one block of 16 interleaved rows of `dtype` (16 plain blocks).
 pub(crate) fn group_block_bytes(dtype: DType) -> usize {
-    ROWS * block_bytes(dtype)
+    ROWS * dtype.type_size()
 }
 
 /// Whether weights of this type and shape are stored interleaved for products on this machine:
@@ -77,7 +68,7 @@ pub(crate) fn interleaves(dtype: DType, shape: &[i64]) -> bool {
 
 /// The interleaved bytes of a plain Q4_1 or Q8_0 matrix of `m` rows of `k` elements.
 pub(crate) fn interleave(dtype: DType, plain: &[u8], k: usize, m: usize) -> Vec<u8> {
-    let (blocks, size) = (k / BLOCK, block_bytes(dtype));
+    let (blocks, size) = (k / BLOCK, dtype.type_size());
     let mut out = vec![0u8; plain.len()];
     for group in 0..m / ROWS {
         for b in 0..blocks {
