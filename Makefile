@@ -98,6 +98,8 @@ test-vulkan:
 	$(MAKE) setup FEATURES=vulkan
 	GGML_VK_VISIBLE_DEVICES=$${GGML_VK_VISIBLE_DEVICES:-0} CCSM_REQUIRE_VULKAN=1 CARGO_TARGET_DIR=target/vulkan \
 		$(CARGO) test $(RELEASE) -p ggml --features vulkan --test vulkan
+	GGML_VK_VISIBLE_DEVICES=$${GGML_VK_VISIBLE_DEVICES:-0} CCSM_REQUIRE_VULKAN=1 CARGO_TARGET_DIR=target/vulkan \
+		$(CARGO) test $(RELEASE) -p ccsm --features vulkan --test device -- --test-threads=1
 
 ## test: the whole suite
 test: setup models data

@@ -270,6 +270,12 @@ pub struct GenerateArgs {
     #[arg(short = 't', long, default_value_t = default_threads(), value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub threads: u32,
 
+    /// Where the model runs: `cpu`, or `vulkan` / `vulkan:N` (a build with `--features vulkan`; `ccsm-infer
+    /// system` lists the devices). On a device the weights, KV caches and graphs live in its memory;
+    /// a cache type its attention does not take is refused by name. The codec decodes on the CPU.
+    #[arg(long, default_value = "cpu", value_name = "cpu|vulkan[:N]")]
+    pub device: String,
+
     /// Most prompt tokens evaluated in one graph.
     #[arg(short = 'b', long = "batch-size", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch_size: u32,

@@ -54,7 +54,8 @@ fn init_logging(log: &LogArgs) {
 fn generate(args: &cli::GenerateArgs, log: &LogArgs) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let path = args.model_path()?;
-    match ccsm::load_model(&path).with_context(|| format!("loading {}", path.display()))? {
+    let placement = ccsm::Placement::parse(&args.device).map_err(|e| UsageError(e.to_string()))?;
+    match ccsm::load_model_placed(&path, &placement).with_context(|| format!("loading {}", path.display()))? {
         ccsm::AnyModel::Csm(model) => speech_cmd::run(args, log, &path, model),
         ccsm::AnyModel::Llama(model) => generate_cmd::run(args, log, path, model),
         ccsm::AnyModel::Mimi(_) => Err(UsageError(format!(

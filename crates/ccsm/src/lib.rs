@@ -21,6 +21,7 @@ mod load;
 pub mod memory;
 pub mod mimi;
 mod model;
+mod placement;
 pub mod perplexity;
 pub mod prefix_cache;
 pub mod profile;
@@ -34,7 +35,8 @@ pub use cache_role::CacheRole;
 pub use cache_type::CacheType;
 pub use error::{Error, Result};
 pub use ggml_model::GGMLModel;
-pub use load::{inspect, load_model, AnyModel, Architecture, CacheShape, ModelFacts, DEFAULT_CTX_CAP};
+pub use load::{inspect, load_model, load_model_placed, AnyModel, Architecture, CacheShape, ModelFacts, DEFAULT_CTX_CAP};
+pub use placement::Placement;
 pub use model::{CacheReport, Logits, Model, ModelOptions};
 
 /// The engine's version.

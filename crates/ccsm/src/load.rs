@@ -8,6 +8,7 @@ use ggml::gguf::GgufFile;
 use crate::cache_role::CacheRole;
 use crate::csm::CsmModel;
 use crate::error::{Error, Result};
+use crate::placement::Placement;
 use crate::kv_cache::KvCacheConfig;
 use crate::llama::{LlamaConfig, LlamaModel};
 use crate::mimi::{has_codec, MimiCodec, MimiConfig, MimiModel, MimiOptions};
@@ -31,12 +32,17 @@ pub enum AnyModel {
 /// Parses the file (in Rust: ggml's C parser never sees it), checks it against its architecture and
 /// loads the weights.
 pub fn load_model(path: impl AsRef<Path>) -> Result<AnyModel> {
+    load_model_placed(path, &Placement::Cpu)
+}
+
+/// `load_model`, the weights in `placement`'s memory (engines over them run there).
+pub fn load_model_placed(path: impl AsRef<Path>, placement: &Placement) -> Result<AnyModel> {
     let path = path.as_ref();
     let file = GgufFile::open(path)?;
     match architecture(&file, path)? {
-        Architecture::Llama => LlamaModel::from_file(&file, path).map(AnyModel::Llama),
-        Architecture::Csm => CsmModel::from_file(&file, path).map(AnyModel::Csm),
-        Architecture::Mimi => MimiModel::from_file(&file, path).map(AnyModel::Mimi),
+        Architecture::Llama => LlamaModel::from_file_placed(&file, path, placement).map(AnyModel::Llama),
+        Architecture::Csm => CsmModel::from_file_placed(&file, path, placement).map(AnyModel::Csm),
+        Architecture::Mimi => MimiModel::from_file_placed(&file, path, placement).map(AnyModel::Mimi),
     }
 }
 

@@ -5,6 +5,7 @@ use ggml::gguf::{GgufFile, TensorInfo};
 use ggml::{DType, TensorId, TensorStore};
 
 use crate::error::{Error, Result};
+use crate::placement::Placement;
 
 /// Weight types ggml's CPU backend can multiply with (and look rows up in).
 pub fn is_matmul_type(dtype: DType) -> bool {
@@ -35,12 +36,31 @@ pub struct WeightLoader<'f> {
     pending: Vec<(TensorId, &'f TensorInfo, Fill)>,
     /// Hold every matrix as F32 (dequantized on load).
     f32_matrices: bool,
+    /// Where the weights go; on a device every matrix keeps ggml's own layout.
+    placement: Placement,
 }
 
 impl<'f> WeightLoader<'f> {
     /// A loader over `file` that keeps each tensor in its stored type.
     pub fn new(file: &'f GgufFile) -> Result<Self> {
-        Ok(WeightLoader { file, store: TensorStore::new(file.tensors().len().max(1))?, pending: Vec::new(), f32_matrices: false })
+        Ok(WeightLoader {
+            file,
+            store: TensorStore::new(file.tensors().len().max(1))?,
+            pending: Vec::new(),
+            f32_matrices: false,
+            placement: Placement::Cpu,
+        })
+    }
+
+    /// A loader putting the weights in `placement`'s memory (a device's: every matrix in ggml's own
+    /// layout, which its products read).
+    pub fn placed(file: &'f GgufFile, placement: &Placement) -> Result<Self> {
+        Ok(WeightLoader { placement: placement.clone(), ..Self::new(file)? })
+    }
+
+    /// Where the weights go.
+    pub fn placement(&self) -> &Placement {
+        &self.placement
     }
 
     /// A loader that dequantizes every weight matrix to F32: the same function computed without
@@ -96,6 +116,7 @@ impl<'f> WeightLoader<'f> {
             self.pending.push((id, info, Fill::ToF32));
             return Ok(id);
         }
+        let uses = if self.placement.is_device() { Uses::Any } else { uses };
         let id = match uses {
             Uses::Any => self.store.add(name, info.dtype, &info.shape)?,
             Uses::Products => self.store.add_for_products(name, info.dtype, &info.shape)?,
@@ -133,11 +154,12 @@ impl<'f> WeightLoader<'f> {
 
     /// Allocates the buffer and reads every declared tensor into it.
     pub fn finish(mut self) -> Result<TensorStore> {
-        self.store.allocate()?;
+        self.placement.allocate(&mut self.store)?;
+        let host = !self.placement.is_device();
         for (id, info, fill) in &self.pending {
             match fill {
-                Fill::Raw => self.file.read_tensor_data(info, self.store.data_mut(*id)?)?,
-                Fill::Repacked => {
+                Fill::Raw if host => self.file.read_tensor_data(info, self.store.data_mut(*id)?)?,
+                Fill::Raw | Fill::Repacked => {
                     let mut bytes = vec![0u8; self.store.get(*id).nbytes()];
                     self.file.read_tensor_data(info, &mut bytes)?;
                     self.store.get(*id).write_bytes(&bytes)?;

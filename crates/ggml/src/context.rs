@@ -14,6 +14,9 @@ use crate::DType;
 /// Freed on drop; every `Tensor<'ctx>` made in it borrows it.
 pub struct Context {
     raw: NonNull<sys::ggml_context>,
+    /// Set for contexts whose graph runs on a device: ops build ggml's own nodes (which the device
+    /// runs) instead of our CPU kernels.
+    for_device: std::cell::Cell<bool>,
 }
 
 /// How a context is created.
@@ -34,7 +37,7 @@ impl Context {
         // and a null return (allocation failure) is turned into an error.
         let raw = unsafe { sys::ggml_init(sys_params) };
         let raw = NonNull::new(raw).ok_or(Error::Allocation { what: "context", bytes: params.mem_size })?;
-        Ok(Context { raw })
+        Ok(Context { raw, for_device: std::cell::Cell::new(false) })
     }
 
     /// A header-only context sized for `max_tensors` tensors and one graph of `max_nodes` nodes.
@@ -49,6 +52,16 @@ impl Context {
         // Each tensor's data is aligned inside the arena; leave room for that padding.
         let mem_size = data_bytes + (tensor_overhead() + 64) * max_tensors + crate::graph::graph_overhead(4096);
         Context::new(ContextParams { mem_size, no_alloc: false })
+    }
+
+    /// Whether this context builds a graph for a device (`ComputeBuffer::on`, `ReusableGraph::for_backend`):
+    /// its ops are ggml's own (ELU, concat, products, attention) rather than our CPU kernels.
+    pub fn builds_for_device(&self) -> bool {
+        self.for_device.get()
+    }
+
+    pub(crate) fn set_builds_for_device(&self, on: bool) {
+        self.for_device.set(on);
     }
 
     pub(crate) fn raw(&self) -> *mut sys::ggml_context {

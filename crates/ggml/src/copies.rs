@@ -4,6 +4,7 @@
 //! time on a long clip. Here each output row is one or two `memcpy`s, rows shared among the threads.
 //! `windows` is the im2col of a stride-s convolution over contiguous columns: ggml's views cannot
 //! overlap (a view may not span more bytes than its source), so the windows are copied out.
+//! In a graph for a device both are ggml's own nodes (its concat, strided views copied).
 
 use std::os::raw::{c_int, c_void};
 
@@ -36,6 +37,13 @@ impl Context {
         }
         let mut ne = sa;
         ne[dim] += sb[dim];
+        if self.builds_for_device() {
+            self.reserve_headers(OP)?;
+            // SAFETY: two live f32 tensors equal in every dimension but `dim` < 4 (checked above), as
+            // ggml_concat asserts.
+            let raw = unsafe { sys::ggml_concat(self.raw(), a.raw(), b.raw(), dim as c_int) };
+            return self.wrap(raw, OP);
+        }
         // SAFETY: a and b are live f32 tensors with contiguous rows, equal in every dimension but `dim`
         // (checked above), which is what `concat_kernel` reads; it writes the joined shape; the
         // userdata is `dim`.
@@ -54,10 +62,28 @@ impl Context {
             return Err(Error::shape(OP, format!("windows of {width} columns every {step} over {n}"), &[a.shape()]));
         }
         let columns = (n - width) / step + 1;
+        if self.builds_for_device() {
+            return self.windows_from_views(a, width, step, columns);
+        }
         // SAFETY: a is a live contiguous 2-D f32 matrix of at least `width` columns (checked above), which
         // is what `windows_kernel` reads; it writes [c·width, columns], every window inside a; the
         // userdata packs width and step.
         unsafe { self.custom_f32(OP, [a.ne(0) * width as i64, columns as i64, 1, 1], &[a], windows_kernel, -1, width << 16 | step) }
+    }
+
+    /// `windows` from ggml's own nodes (for a device): window offset k of every column is a strided
+    /// view of `a`, copied contiguous; the `width` copies are joined along the rows.
+    fn windows_from_views<'c>(&'c self, a: Tensor<'c>, width: usize, step: usize, columns: usize) -> Result<Tensor<'c>> {
+        let column = a.strides()[1];
+        let mut joined: Option<Tensor<'c>> = None;
+        for k in 0..width {
+            let shifted = self.cont(self.view(a, &[a.ne(0), columns as i64], &[column * step], k * column)?)?;
+            joined = Some(match joined {
+                Some(before) => self.concat(before, shifted, 0)?,
+                None => shifted,
+            });
+        }
+        joined.ok_or_else(|| Error::shape("windows", "a window of no columns", &[a.shape()]))
     }
 }
 

@@ -16,7 +16,7 @@ use crate::DType;
 
 impl Context {
     /// ELU with α = 1 (x for x > 0, eˣ − 1 otherwise) on a contiguous F32 tensor, vectorized; within
-    /// 2 ulp of `expm1` for negative inputs.
+    /// 2 ulp of `expm1` for negative inputs. In a graph for a device: ggml's ELU node.
     pub fn elu<'c>(&'c self, a: Tensor<'c>) -> Result<Tensor<'c>> {
         const OP: &str = "elu";
         if a.dtype() != DType::F32 {
@@ -26,6 +26,11 @@ impl Context {
             return Err(Error::shape(OP, "the input must be contiguous", &[a.shape()]));
         }
         self.reserve_headers(OP)?;
+        if self.builds_for_device() {
+            // SAFETY: a live f32 tensor; ggml's ELU node (which devices run) has its shape and type.
+            let raw = unsafe { sys::ggml_elu(self.raw(), a.raw()) };
+            return Ok(self.wrap(raw, OP)?.set_name("elu"));
+        }
         // SAFETY: the input is a live contiguous f32 tensor, which is what `elu_kernel` reads; the
         // result has its shape and type (map_custom1 duplicates the input's header); no userdata.
         let raw = unsafe { sys::ggml_map_custom1(self.raw(), a.raw(), Some(elu_kernel), -1, std::ptr::null_mut()) };

@@ -98,18 +98,22 @@ impl Device {
     /// naming it, before anything runs.
     pub fn compute(&self, graph: &Graph<'_>) -> Result<()> {
         graph.check_allocated()?;
-        // SAFETY: the graph is alive; indices below its node count are its nodes.
-        let n = unsafe { sys::ggml_graph_n_nodes(graph.raw()) };
+        self.compute_raw(graph.raw())
+    }
+
+    /// `compute` for a graph whose tensors all have device memory (the caller checked it).
+    pub(crate) fn compute_raw(&self, graph: *mut sys::ggml_cgraph) -> Result<()> {
+        // SAFETY: the caller's graph is alive; indices below its node count are its nodes.
+        let n = unsafe { sys::ggml_graph_n_nodes(graph) };
         for i in 0..n {
             // SAFETY: i < n; graph nodes are non-null live tensors.
-            let node: Tensor<'_> =
-                Tensor::from_raw(NonNull::new(unsafe { sys::ggml_graph_node(graph.raw(), i) }).expect("graph nodes are non-null"));
+            let node: Tensor<'_> = Tensor::from_raw(NonNull::new(unsafe { sys::ggml_graph_node(graph, i) }).expect("graph nodes are non-null"));
             if !self.supports(node) {
                 return Err(Error::invalid("Device::compute", format!("the device {} cannot run {}", self.name, describe(node))));
             }
         }
-        // SAFETY: the graph is allocated (checked) and every node is one the device supports.
-        let status = unsafe { sys::ggml_backend_graph_compute(self.backend.as_ptr(), graph.raw()) };
+        // SAFETY: the graph is allocated (the caller checked) and every node is one the device supports.
+        let status = unsafe { sys::ggml_backend_graph_compute(self.backend.as_ptr(), graph) };
         if status == sys::GGML_STATUS_SUCCESS {
             Ok(())
         } else {

@@ -1,4 +1,4 @@
-//! A safe wrapper over ggml's CPU backend.
+//! A safe wrapper over ggml: its CPU backend and (with the `vulkan` feature) its Vulkan devices.
 //!
 //! Every op checks the shapes and types ggml would assert on and returns an [`Error`] instead, since a
 //! failed ggml assert aborts the whole process. Tensors borrow the context (or store) that owns them.
@@ -25,6 +25,7 @@
 //! tensor of another context that has no memory yet: the allocator would place it in the compute buffer
 //! and leave its owner pointing into memory it does not own.
 
+mod backend;
 mod context;
 mod copies;
 mod custom;
@@ -49,13 +50,14 @@ mod threads;
 mod views;
 mod vnni_product;
 
+pub use backend::{Backend, NodeTime};
 pub use context::{tensor_overhead, Context, ContextParams, Tensor};
 pub use device::Device;
 pub use devices::{devices, gpu_backends, DeviceInfo, DeviceKind};
 pub use dtype::{DType, ALL_DTYPES};
 pub use error::{Error, Result, Shape};
 pub use few_columns::{MAX_FEW_COLUMNS, MIN_FEW_COLUMNS};
-pub use graph::{graph_overhead, Backend, ComputeBuffer, Graph, GraphContext, NodeTime};
+pub use graph::{graph_overhead, ComputeBuffer, Graph, GraphContext};
 pub use host_copy::{copy_bytes, ByteCopy};
 pub use narrow_product::MAX_NARROW_INNER;
 pub use ops::{RopeMode, RopeParams};

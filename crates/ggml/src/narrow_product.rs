@@ -16,7 +16,8 @@ pub const MAX_NARROW_INNER: i64 = 16;
 
 impl Context {
     /// `mul_mat(w, x)` for f32 `w` `[k, m]` and f32 `x` `[k, n]`, both 2-D and contiguous, with
-    /// k ≤ `MAX_NARROW_INNER`: `[m, n]`, each value Σᵢ w[i, o]·x[i, t] summed in order of i.
+    /// k ≤ `MAX_NARROW_INNER`: `[m, n]`, each value Σᵢ w[i, o]·x[i, t] summed in order of i. In a
+    /// graph for a device: ggml's product.
     pub fn narrow_product<'c>(&'c self, w: Tensor<'c>, x: Tensor<'c>) -> Result<Tensor<'c>> {
         const OP: &str = "narrow_product";
         let two_d = |t: Tensor<'_>| t.dtype() == DType::F32 && t.ne(2) == 1 && t.ne(3) == 1 && t.is_contiguous();
@@ -26,6 +27,9 @@ impl Context {
                 format!("needs contiguous 2-D f32 operands with the same inner dimension, at most {MAX_NARROW_INNER}"),
                 &[w.shape(), x.shape()],
             ));
+        }
+        if self.builds_for_device() {
+            return self.mul_mat(w, x);
         }
         // SAFETY: w [k, m] and x [k, n] are live contiguous 2-D f32 tensors with k ≤ MAX_NARROW_INNER
         // (checked above), which is what `kernel` reads; it writes the [m, n] result; no userdata.

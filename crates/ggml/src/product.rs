@@ -15,10 +15,10 @@ impl Context {
     /// Interleaved weights (`TensorStore::add_for_products`) go to the VNNI kernel from 16 columns
     /// and to `mul_mat_interleaved` below that, both ggml's bits; ggml cannot read them.
     ///
-    /// Weights in a device's memory always go to ggml's product (the device's, when the graph runs
-    /// there).
+    /// Weights in a device's memory, and every product of a graph built for a device, go to ggml's
+    /// product (the device's, when the graph runs there).
     pub fn product<'c>(&'c self, w: Tensor<'c>, x: Tensor<'c>) -> Result<Tensor<'c>> {
-        if w.in_device_memory() {
+        if w.in_device_memory() || self.builds_for_device() {
             return self.mul_mat(w, x);
         }
         if w.is_interleaved() {

@@ -34,7 +34,8 @@ use ggml_sys as sys;
 
 use crate::context::{Context, Tensor};
 use crate::error::{Error, Result};
-use crate::graph::{Backend, ComputeBuffer, Graph};
+use crate::backend::Backend;
+use crate::graph::{ComputeBuffer, Graph};
 
 static LIVE_BUFFERS: Mutex<Option<HashMap<usize, u64>>> = Mutex::new(None);
 static NEXT_SERIAL: AtomicU64 = AtomicU64::new(1);
@@ -106,6 +107,15 @@ impl ReusableGraph {
     /// An empty graph context for `max_nodes` nodes; build in `context()`, then `finish`.
     pub fn new(max_tensors: usize, max_nodes: usize) -> Result<Self> {
         Ok(ReusableGraph { finished: OnceCell::new(), ctx: Context::for_graph(max_tensors, max_nodes)?, buffer: ComputeBuffer::new()? })
+    }
+
+    /// `new`, for a graph `backend` runs: in its device's memory, built with ggml's own ops, when it
+    /// is a device.
+    pub fn for_backend(backend: &Backend, max_tensors: usize, max_nodes: usize) -> Result<Self> {
+        let buffer = ComputeBuffer::for_backend(backend)?;
+        let ctx = Context::for_graph(max_tensors, max_nodes)?;
+        ctx.set_builds_for_device(buffer.is_on_device());
+        Ok(ReusableGraph { finished: OnceCell::new(), ctx, buffer })
     }
 
     /// The context to build the graph in (before `finish`).
@@ -206,7 +216,7 @@ impl ReusableGraph {
     }
 
     /// Computes the graph node by node, timing each (see `Backend::profile`).
-    pub fn profile(&self, backend: &Backend) -> Result<Vec<crate::graph::NodeTime>> {
+    pub fn profile(&self, backend: &Backend) -> Result<Vec<crate::backend::NodeTime>> {
         let finished = self.finished.get().ok_or_else(|| Error::invalid("ReusableGraph::profile", "the graph is not finished"))?;
         if !self.is_current() {
             return Err(Error::invalid("ReusableGraph::profile", "a store this graph uses was freed or replaced; rebuild it"));

@@ -7,7 +7,8 @@ use std::ptr::NonNull;
 
 use crate::context::Tensor;
 use crate::error::{Error, Result};
-use crate::graph::{Backend, Graph, NodeTime};
+use crate::backend::{Backend, NodeTime};
+use crate::graph::Graph;
 use crate::reusable::ReusableGraph;
 
 /// A graph tensor's handle, resolved with [`Graph::at`] or [`ReusableGraph::at`].

@@ -388,7 +388,7 @@ fn over_one_cache<'c>(
     }
 
     let n_kv = mask.ne(0) as usize;
-    let path = s.kernels.resolve();
+    let path = s.kernels.resolve_for(ctx.builds_for_device())?;
     let (k_view, v_view) = (cache.k_tensor(ctx, layer, n_kv)?, cache.v_tensor(ctx, layer, n_kv)?);
     let (k_view, v_view) = match path {
         // The stored rows in f32 (ggml's dequantizing copy), so flash attention takes its tiled path.
@@ -448,6 +448,19 @@ impl AttentionChoice {
 }
 
 impl AttentionChoice {
+    /// The kernel a step runs in a graph for a device (`on_device`) or the CPU: on a device `Auto`
+    /// is ggml's flash attention over the cache as stored, and the split kernel (the CPU's) is refused.
+    pub fn resolve_for(self, on_device: bool) -> Result<AttentionPath> {
+        match (self, on_device) {
+            (_, false) => Ok(self.resolve()),
+            (AttentionChoice::Auto, true) => Ok(AttentionPath::Direct),
+            (AttentionChoice::Only(AttentionPath::Split), true) => {
+                Err(crate::Error::Input("the split attention kernel runs on the CPU only: use auto, direct or dequantized on a device".into()))
+            }
+            (AttentionChoice::Only(path), true) => Ok(path),
+        }
+    }
+
     /// Every choice with its name on the command line and in reports.
     const NAMED: [(&'static str, AttentionChoice); 4] = [
         ("auto", AttentionChoice::Auto),

@@ -81,16 +81,18 @@ pub struct CsmEngine {
 
 impl CsmEngine {
     /// An engine running `n_threads` ggml threads, prefilling at most `n_batch` rows per graph, whose
-    /// sessions' decoder caches hold `decoder_types` (K, V).
+    /// sessions' decoder caches hold `decoder_types` (K, V); it runs where the weights are
+    /// (`CsmModel::placement`).
     pub fn new(model: CsmModel, n_threads: usize, n_batch: usize, decoder_types: (CacheType, CacheType)) -> Result<Self> {
         if n_batch == 0 {
             return Err(Error::Input("batch size must be at least 1".into()));
         }
         let steps = model.config.n_codebooks - 1;
+        let (backend, compute) = (model.placement().backend(n_threads)?, model.placement().compute_buffer()?);
         Ok(CsmEngine {
             model,
-            backend: Backend::cpu(n_threads)?,
-            compute: ComputeBuffer::new()?,
+            backend,
+            compute,
             backbone_graphs: KeptGraphs::new(KEPT_BACKBONE_GRAPHS),
             decoder_graphs: KeptGraphs::new(steps),
             n_batch,
@@ -151,8 +153,9 @@ impl CsmEngine {
 
     /// A new empty session (quantized halves rotated, as by default).
     pub fn new_session(&self, caches: &SessionCaches) -> Result<CsmSession> {
-        let backbone = KvCache::with_rotation(self.backbone_config(caches)?, Rotation::default())?;
-        let decoder = KvCache::with_rotation(self.decoder_config(), Rotation::default())?;
+        let placement = self.model.placement();
+        let backbone = KvCache::placed(self.backbone_config(caches)?, Rotation::default(), placement)?;
+        let decoder = KvCache::placed(self.decoder_config(), Rotation::default(), placement)?;
         Ok(CsmSession::new(backbone, decoder, self.model.config.backbone.n_ctx_train))
     }
 

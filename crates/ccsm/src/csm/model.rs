@@ -6,6 +6,7 @@ use ggml::gguf::GgufFile;
 use ggml::{TensorId, TensorStore};
 
 use super::config::CsmConfig;
+use crate::placement::Placement;
 use crate::error::{Error, Result};
 use crate::llama::{StackNames, Transformer, TOKEN_EMBD};
 use crate::tokenizer::Tokenizer;
@@ -35,6 +36,7 @@ pub struct CsmModel {
     name: String,
     weight_bytes: u64,
     params: u64,
+    placement: Placement,
 }
 
 impl CsmModel {
@@ -47,7 +49,12 @@ impl CsmModel {
     /// Checks the file as loading does (metadata, tokenizer, every tensor's name, shape and type) and
     /// loads the weights.
     pub fn from_file(file: &GgufFile, path: &Path) -> Result<Self> {
-        let mut loader = WeightLoader::new(file)?;
+        Self::from_file_placed(file, path, &Placement::Cpu)
+    }
+
+    /// `from_file`, the weights in `placement`'s memory (engines over them run there).
+    pub fn from_file_placed(file: &GgufFile, path: &Path, placement: &Placement) -> Result<Self> {
+        let mut loader = WeightLoader::placed(file, placement)?;
         let Parts { config, tokenizer, backbone, decoder, text_embd, audio_embd, projection, codebook0_head, audio_head } =
             declare(file, path, &mut loader)?;
         let weights = loader.finish()?;
@@ -68,6 +75,7 @@ impl CsmModel {
             name,
             weight_bytes,
             params,
+            placement: placement.clone(),
         })
     }
 
@@ -75,6 +83,11 @@ impl CsmModel {
     pub fn check_file(file: &GgufFile, path: &Path) -> Result<CsmConfig> {
         let mut loader = WeightLoader::new(file)?;
         Ok(declare(file, path, &mut loader)?.config)
+    }
+
+    /// Where the weights are (and so where engines over them run).
+    pub fn placement(&self) -> &Placement {
+        &self.placement
     }
 
     /// The hyperparameters.

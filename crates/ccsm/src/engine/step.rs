@@ -90,7 +90,7 @@ impl<Io> KeptGraphs<Io> {
 
     /// The index of the graph for `key`, built by `builder` when none is kept (or it reads a store
     /// that was freed or replaced).
-    fn find_or_build<B: StepBuilder<Io = Io>>(&mut self, key: GraphKey, builder: &B) -> Result<usize> {
+    fn find_or_build<B: StepBuilder<Io = Io>>(&mut self, key: GraphKey, builder: &B, backend: &Backend) -> Result<usize> {
         if let Some(i) = self.entries.iter().position(|(k, g, _)| *k == key && g.is_current()) {
             let entry = self.entries.remove(i);
             self.entries.push(entry);
@@ -98,7 +98,7 @@ impl<Io> KeptGraphs<Io> {
         }
         self.entries.retain(|(k, g, _)| *k != key && g.is_current());
         let max_nodes = builder.max_nodes();
-        let graph = ReusableGraph::new(max_nodes + 16, max_nodes)?;
+        let graph = ReusableGraph::for_backend(backend, max_nodes + 16, max_nodes)?;
         let io = {
             let mut building = graph.context().new_graph(max_nodes)?;
             let io = builder.build(graph.context(), &mut building)?;
@@ -134,7 +134,7 @@ impl StepRunner<'_> {
         let kept = kept.and_then(|(graphs, key)| graphs.keeps(&key).then_some((graphs, key)));
         match kept {
             Some((graphs, key)) => {
-                let i = graphs.find_or_build(key, builder)?;
+                let i = graphs.find_or_build(key, builder, self.backend)?;
                 let (_, graph, io) = &graphs.entries[i];
                 let step = StepGraph::Kept(graph);
                 write(step, io)?;

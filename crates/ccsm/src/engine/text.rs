@@ -74,12 +74,15 @@ impl SequenceShape {
 }
 
 impl TextEngine {
-    /// An engine over `model`'s weights running `n_threads` ggml threads (fewer for graphs too small to share).
+    /// An engine over `model`'s weights running `n_threads` ggml threads (fewer for graphs too small to
+    /// share), where the weights are (`LlamaModel::placement`): on a device its graphs and caches are
+    /// there too.
     pub fn new(model: LlamaModel, n_threads: usize) -> Result<Self> {
+        let placement = model.placement().clone();
         Ok(TextEngine {
             model,
-            compute: ComputeBuffer::new()?,
-            backend: Backend::cpu(n_threads)?,
+            compute: placement.compute_buffer()?,
+            backend: placement.backend(n_threads)?,
             kept: KeptGraphs::new(1),
             reuse_kept: true,
             attention: AttentionChoice::Auto,
@@ -105,7 +108,7 @@ impl TextEngine {
 
     /// A new empty cache for one sequence (quantized halves rotated, as by default).
     pub fn new_cache(&self, capacity: usize, k_type: CacheType, v_type: CacheType) -> Result<KvCache> {
-        KvCache::with_rotation(self.cache_config(capacity, k_type, v_type), Rotation::default())
+        self.new_cache_with(self.cache_config(capacity, k_type, v_type))
     }
 
     /// A cache of `config` (its shape must be this model's), rotated by default.
@@ -117,7 +120,7 @@ impl TextEngine {
                 c.n_layer, c.n_head_kv, c.head_dim
             )));
         }
-        KvCache::with_rotation(config, Rotation::default())
+        KvCache::placed(config, Rotation::default(), self.model.placement())
     }
 
     /// Whether one-token steps reuse a kept graph (default) or build a graph per step.

@@ -116,8 +116,8 @@ impl KvCache {
         for l in 0..self.layers.len() {
             let types = self.config.types(l);
             let (k_row, v_row) = self.row_bytes(l)?;
-            let (k_store, k_id) = single_tensor_store(&format!("cache_k.{l}"), types.k, n_embd, capacity)?;
-            let (v_store, v_id) = single_tensor_store(&format!("cache_v.{l}"), types.v, n_embd, capacity)?;
+            let (k_store, k_id) = single_tensor_store(&format!("cache_k.{l}"), types.k, n_embd, capacity, &self.placement)?;
+            let (v_store, v_id) = single_tensor_store(&format!("cache_v.{l}"), types.v, n_embd, capacity, &self.placement)?;
             let (old_k, old_v) = (self.layers[l].k.get(self.tensor), self.layers[l].v.get(self.tensor));
             for (to, &from) in kept.iter().enumerate() {
                 copy_row(old_k, k_store.get(k_id), from, to, k_row)?;

@@ -20,6 +20,7 @@ use std::ops::Range;
 
 use ggml::{Context, Tensor, TensorId, TensorStore};
 
+use crate::placement::Placement;
 use crate::error::{Error, Result};
 use crate::CacheType;
 
@@ -255,20 +256,28 @@ pub struct KvCache {
     /// Bumped by every change a built graph could not see (types, rotation, the recent window), so
     /// kept graphs keyed by (id, version) are rebuilt after one.
     version: u64,
+    /// Where the rows live (the engine's placement: its graphs read them there).
+    placement: Placement,
 }
 
 /// The id the next cache gets.
 static NEXT_CACHE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-fn single_tensor_store(name: &str, t: CacheType, n_embd_kv: usize, capacity: usize) -> Result<(TensorStore, TensorId)> {
+fn single_tensor_store(
+    name: &str,
+    t: CacheType,
+    n_embd_kv: usize,
+    capacity: usize,
+    placement: &Placement,
+) -> Result<(TensorStore, TensorId)> {
     let mut store = TensorStore::new(1)?;
     let id = store.add(name, t.dtype(), &[n_embd_kv as i64, capacity as i64])?;
-    store.allocate()?;
+    placement.allocate(&mut store)?;
     Ok((store, id))
 }
 
-fn hadamard_store(head_dim: usize) -> Result<(TensorStore, TensorId)> {
-    let (store, id) = single_tensor_store("cache_rotation", CacheType::F32, head_dim, head_dim)?;
+fn hadamard_store(head_dim: usize, placement: &Placement) -> Result<(TensorStore, TensorId)> {
+    let (store, id) = single_tensor_store("cache_rotation", CacheType::F32, head_dim, head_dim, placement)?;
     store.get(id).write_f32(&hadamard_matrix(head_dim))?;
     Ok((store, id))
 }
@@ -321,13 +330,20 @@ impl KvCache {
 
     /// A cache that rotates its rows under `rotation` (see `Rotation`).
     pub fn with_rotation(config: KvCacheConfig, rotation: Rotation) -> Result<Self> {
+        Self::placed(config, rotation, &Placement::Cpu)
+    }
+
+    /// `with_rotation`, its rows in `placement`'s memory; a device refuses types its attention does
+    /// not take (`Placement::check_cache`).
+    pub fn placed(config: KvCacheConfig, rotation: Rotation, placement: &Placement) -> Result<Self> {
         config.validate()?;
+        placement.check_cache(&config)?;
         let mut layers = Vec::with_capacity(config.n_layer);
         let mut tensor = None;
         for l in 0..config.n_layer {
             let types = config.types(l);
-            let (k, id) = single_tensor_store(&format!("cache_k.{l}"), types.k, config.n_embd_kv()?, config.capacity)?;
-            let (v, _) = single_tensor_store(&format!("cache_v.{l}"), types.v, config.n_embd_kv()?, config.capacity)?;
+            let (k, id) = single_tensor_store(&format!("cache_k.{l}"), types.k, config.n_embd_kv()?, config.capacity, placement)?;
+            let (v, _) = single_tensor_store(&format!("cache_v.{l}"), types.v, config.n_embd_kv()?, config.capacity, placement)?;
             tensor = Some(id);
             layers.push(LayerCache { k, v });
         }
@@ -348,6 +364,7 @@ impl KvCache {
             recent,
             id: NEXT_CACHE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             version: 0,
+            placement: placement.clone(),
         };
         cache.update_hadamard()?;
         Ok(cache)
@@ -355,11 +372,16 @@ impl KvCache {
 
     fn update_hadamard(&mut self) -> Result<()> {
         match (&self.hadamard, self.is_rotated()) {
-            (None, true) => self.hadamard = Some(hadamard_store(self.config.head_dim)?),
+            (None, true) => self.hadamard = Some(hadamard_store(self.config.head_dim, &self.placement)?),
             (Some(_), false) => self.hadamard = None,
             _ => {}
         }
         Ok(())
+    }
+
+    /// Where the rows live.
+    pub fn placement(&self) -> &Placement {
+        &self.placement
     }
 
     /// This cache's id, unique in the process.
@@ -548,6 +570,7 @@ impl KvCache {
 
     fn convert(&mut self, target: KvCacheConfig, rotation: Rotation) -> Result<QuantizeReport> {
         target.validate()?;
+        self.placement.check_cache(&target)?;
         self.version += 1;
         let hd = self.config.head_dim;
         let bytes_before = self.memory_usage();
@@ -561,7 +584,7 @@ impl KvCache {
                 if from == to && !rotate {
                     continue;
                 }
-                let (store, id) = single_tensor_store(&format!("cache_{}.{l}", half.name()), to, n_embd, capacity)?;
+                let (store, id) = single_tensor_store(&format!("cache_{}.{l}", half.name()), to, n_embd, capacity, &self.placement)?;
                 let new_bytes = store.get(id).nbytes();
                 peak = peak.max(live + new_bytes);
                 let slot = match half {

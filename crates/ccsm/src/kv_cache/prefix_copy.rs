@@ -10,6 +10,8 @@ use crate::error::{Error, Result};
 impl KvCache {
     /// A new cache holding the first `rows` cells of this one (their positions too), sized to them,
     /// in `config`'s types under `rotation` (the shape must be this cache's; capacity is set to `rows`).
+    /// The copy is in host memory whatever this cache's placement: kept prefixes do not take a
+    /// device's scarcer memory, and go back into a device cache by `copy_prefix_from`.
     pub fn snapshot(&self, rows: usize, config: KvCacheConfig, rotation: Rotation) -> Result<KvCache> {
         let mut copy = KvCache::with_rotation(config.with_capacity(rows.max(1)).with_recent(0), rotation)?;
         copy.copy_prefix_from(self, rows)?;

@@ -35,8 +35,8 @@ impl RecentWindow {
         let mut layers = Vec::with_capacity(n_layer);
         let mut tensor = None;
         for l in 0..n_layer {
-            let (k, id) = single_tensor_store(&format!("recent_k.{l}"), RING_TYPE, n_embd_kv, cells)?;
-            let (v, _) = single_tensor_store(&format!("recent_v.{l}"), RING_TYPE, n_embd_kv, cells)?;
+            let (k, id) = single_tensor_store(&format!("recent_k.{l}"), RING_TYPE, n_embd_kv, cells, &crate::Placement::Cpu)?;
+            let (v, _) = single_tensor_store(&format!("recent_v.{l}"), RING_TYPE, n_embd_kv, cells, &crate::Placement::Cpu)?;
             tensor = Some(id);
             layers.push((k, v));
         }

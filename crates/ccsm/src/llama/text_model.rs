@@ -10,6 +10,7 @@ use super::config::LlamaConfig;
 use super::names::{StackNames, OUTPUT, ROPE_FREQS, TOKEN_EMBD};
 use super::transformer::Transformer;
 use crate::error::{Error, Result};
+use crate::placement::Placement;
 use crate::tokenizer::Tokenizer;
 use crate::weights::WeightLoader;
 
@@ -24,6 +25,7 @@ pub struct LlamaModel {
     name: String,
     weight_bytes: u64,
     params: u64,
+    placement: Placement,
 }
 
 impl LlamaModel {
@@ -39,6 +41,11 @@ impl LlamaModel {
         Self::from_loader(file, path, WeightLoader::new(file)?)
     }
 
+    /// `from_file`, the weights in `placement`'s memory (an engine over them runs there).
+    pub fn from_file_placed(file: &GgufFile, path: &Path, placement: &Placement) -> Result<Self> {
+        Self::from_loader(file, path, WeightLoader::placed(file, placement)?)
+    }
+
     /// `load`, with every weight matrix dequantized to F32 (`WeightLoader::dequantizing`): the
     /// model's function without 8-bit activations, for measuring what a KV cache alone costs.
     pub fn load_f32_weights(path: impl AsRef<Path>) -> Result<Self> {
@@ -48,18 +55,24 @@ impl LlamaModel {
 
     fn from_loader(file: &GgufFile, path: &Path, mut loader: WeightLoader<'_>) -> Result<Self> {
         let parts = declare(file, path, &mut loader)?;
+        let placement = loader.placement().clone();
         let weights = loader.finish()?;
         let name = file.get_opt::<String>("general.name")?.unwrap_or_else(|| path.display().to_string());
         let weight_bytes = weights.buffer_bytes() as u64;
         let params = file.tensors().iter().map(|t| t.nelements() as u64).sum();
         let Parts { transformer, token_embd, output, tokenizer, vocab_size } = parts;
-        Ok(LlamaModel { weights, transformer, token_embd, output, tokenizer, vocab_size, name, weight_bytes, params })
+        Ok(LlamaModel { weights, transformer, token_embd, output, tokenizer, vocab_size, name, weight_bytes, params, placement })
     }
 
     /// Every check `from_file` makes, without reading the weights: the config of a file that would load.
     pub fn check_file(file: &GgufFile, path: &Path) -> Result<LlamaConfig> {
         let mut loader = WeightLoader::new(file)?;
         Ok(declare(file, path, &mut loader)?.transformer.config().clone())
+    }
+
+    /// Where the weights are (and so where engines over them run).
+    pub fn placement(&self) -> &Placement {
+        &self.placement
     }
 
     /// The transformer's hyperparameters.

@@ -35,10 +35,10 @@ pub struct ConvStates {
 }
 
 impl ConvStates {
-    pub fn new(layout: &StateLayout) -> Result<Self> {
+    pub fn new(layout: &StateLayout, placement: &crate::Placement) -> Result<Self> {
         let mut store = TensorStore::new(layout.shapes.len().max(1))?;
         let ids = layout.shapes.iter().map(|(name, shape)| store.add(name, DType::F32, shape)).collect::<ggml::Result<Vec<_>>>()?;
-        store.allocate()?;
+        placement.allocate(&mut store)?;
         Ok(ConvStates { store, ids })
     }
 

@@ -120,10 +120,11 @@ impl MimiCodec {
         let capacity = Self::cache_capacity(model.config(), options.max_chunk_frames);
         let cache_config = KvCacheConfig::uniform(t.n_layer, t.head_dim, t.n_head_kv, capacity, options.k_type, options.v_type);
         cache_config.validate()?;
+        let (backend, compute) = (model.placement().backend(options.n_threads)?, model.placement().compute_buffer()?);
         Ok(MimiCodec {
             model,
-            backend: Backend::cpu(options.n_threads)?,
-            compute: ComputeBuffer::new()?,
+            backend,
+            compute,
             kept: KeptGraphs::new(KEPT_GRAPHS),
             encode_graphs: KeptGraphs::new(KEPT_GRAPHS),
             cache_config,
@@ -134,8 +135,8 @@ impl MimiCodec {
     /// A new stream (zero states, an empty cache).
     pub fn new_stream(&self) -> Result<MimiStream> {
         Ok(MimiStream {
-            states: ConvStates::new(&self.model.state_layout)?,
-            cache: KvCache::with_rotation(self.cache_config.clone(), Rotation::default())?,
+            states: ConvStates::new(&self.model.state_layout, self.model.placement())?,
+            cache: KvCache::placed(self.cache_config.clone(), Rotation::default(), self.model.placement())?,
             codebooks: None,
             frames: 0,
         })

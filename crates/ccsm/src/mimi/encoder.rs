@@ -78,13 +78,13 @@ impl EncoderWeights {
     }
 
     /// Computes the centroids' −‖c‖²/2 from the loaded codebooks `[dim, size · n_q]`.
-    pub(crate) fn finish(&mut self, weights: &TensorStore, codebooks: TensorId, c: &MimiConfig) -> Result<()> {
+    pub(crate) fn finish(&mut self, weights: &TensorStore, codebooks: TensorId, c: &MimiConfig, placement: &crate::Placement) -> Result<()> {
         let centroids = weights.get(codebooks).read_f32()?;
         let half_norms: Vec<f32> =
             centroids.chunks_exact(c.codebook_dim).map(|v| -0.5 * v.iter().map(|&x| x as f64 * x as f64).sum::<f64>() as f32).collect();
         let mut store = TensorStore::new(1)?;
         let id = store.add("encoder.codebook_half_norms", DType::F32, &[c.codebook_size as i64, c.n_q as i64])?;
-        store.allocate()?;
+        placement.allocate(&mut store)?;
         store.get(id).write_f32(&half_norms)?;
         self.half_norms = Some((store, id));
         Ok(())
@@ -120,8 +120,8 @@ impl MimiCodec {
         let cells = MimiCodec::cache_capacity(c, MAX_CHUNK_FRAMES);
         let config = KvCacheConfig::uniform(t.n_layer, t.head_dim, t.n_head_kv, cells, crate::CacheType::F32, crate::CacheType::F32);
         Ok(EncodeStream {
-            states: ConvStates::new(&encoder.layout)?,
-            cache: KvCache::with_rotation(config, Rotation::default())?,
+            states: ConvStates::new(&encoder.layout, self.model().placement())?,
+            cache: KvCache::placed(config, Rotation::default(), self.model().placement())?,
             frames: 0,
         })
     }

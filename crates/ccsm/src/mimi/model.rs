@@ -11,6 +11,7 @@ use super::conv::{DepthwiseUpsample, StateLayout};
 use super::encoder::{file_has_encoder, EncoderWeights};
 use super::seanet::Seanet;
 use super::transformer::MimiTransformer;
+use crate::placement::Placement;
 use crate::error::{Error, Result};
 use crate::weights::WeightLoader;
 
@@ -38,6 +39,7 @@ pub struct MimiModel {
     pub(crate) encoder: Option<EncoderWeights>,
     name: String,
     weight_bytes: u64,
+    placement: Placement,
 }
 
 /// Whether a GGUF holds a codec: a Mimi file, or a CSM file with one embedded.
@@ -54,19 +56,36 @@ impl MimiModel {
 
     /// The codec of a Mimi GGUF, or the one embedded in a CSM GGUF.
     pub fn from_file(file: &GgufFile, path: &Path) -> Result<Self> {
+        Self::from_file_placed(file, path, &Placement::Cpu)
+    }
+
+    /// `from_file`, the weights in `placement`'s memory (codecs over them decode there).
+    pub fn from_file_placed(file: &GgufFile, path: &Path, placement: &Placement) -> Result<Self> {
         let prefix = codec_prefix(file, path)?;
-        let mut loader = WeightLoader::new(file)?;
+        let mut loader = WeightLoader::placed(file, placement)?;
         let mut layout = StateLayout::default();
         let parts = declare(file, prefix, &mut loader, &mut layout)?;
         let weights = loader.finish()?;
         let mut parts = parts;
         if let Some(encoder) = parts.encoder.as_mut() {
-            encoder.finish(&weights, parts.quantizer.codebooks, &parts.config)?;
+            encoder.finish(&weights, parts.quantizer.codebooks, &parts.config, placement)?;
         }
         let weight_bytes = weights.buffer_bytes() as u64;
         let name = file.get_opt::<String>("general.name")?.unwrap_or_else(|| path.display().to_string());
         let Parts { config, quantizer, upsample, transformer, seanet, encoder } = parts;
-        Ok(MimiModel { config, weights, quantizer, upsample, transformer, seanet, state_layout: layout, encoder, name, weight_bytes })
+        Ok(MimiModel {
+            config,
+            weights,
+            quantizer,
+            upsample,
+            transformer,
+            seanet,
+            state_layout: layout,
+            encoder,
+            name,
+            weight_bytes,
+            placement: placement.clone(),
+        })
     }
 
     /// Every check `from_file` makes, without reading the weights.
@@ -74,6 +93,11 @@ impl MimiModel {
         let prefix = codec_prefix(file, path)?;
         let mut loader = WeightLoader::new(file)?;
         Ok(declare(file, prefix, &mut loader, &mut StateLayout::default())?.config)
+    }
+
+    /// Where the weights are (and so where codecs over them decode).
+    pub fn placement(&self) -> &Placement {
+        &self.placement
     }
 
     /// The hyperparameters.

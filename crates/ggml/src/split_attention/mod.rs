@@ -68,6 +68,9 @@ impl Context {
     /// parts split across the threads together), and one merge combines every part.
     pub fn split_attention_over<'c>(&'c self, q: Tensor<'c>, sources: &[AttentionSource<'c>], scale: f32) -> Result<Tensor<'c>> {
         const OP: &str = "split_attention";
+        if self.builds_for_device() {
+            return Err(Error::invalid(OP, "the split attention kernel runs on the CPU; a device graph attends with flash_attn_ext"));
+        }
         let first = sources.first().ok_or_else(|| Error::shape(OP, "at least one source of cells", &[q.shape()]))?;
         for s in sources {
             if s.k.ne(2) != first.k.ne(2) || s.v.ne(0) != first.v.ne(0) {

@@ -1,0 +1,130 @@
+//! Where a model runs: the CPU, or a device (a GPU through ggml's Vulkan backend) holding the weights,
+//! the KV caches and every graph's intermediate tensors. The weights decide: an engine runs where its
+//! model's weights are, and makes its caches there.
+//!
+//! A device runs ggml's own ops only (our CPU kernels — the split attention, the VNNI and interleaved
+//! products, the threaded copies — have no device code), so graphs built for it take ggml's: attention
+//! is `flash_attn_ext` over the cache as stored, and a cache whose K/V types the device's attention
+//! does not take at the model's head size is refused when it is made, naming the device and types.
+
+use std::sync::Arc;
+
+use ggml::{Backend, ComputeBuffer, Device, TensorStore};
+
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCacheConfig;
+
+/// Where weights, caches and graphs live.
+#[derive(Clone, Default)]
+pub enum Placement {
+    /// Host memory, graphs on ggml's CPU backend (and our kernels).
+    #[default]
+    Cpu,
+    /// A device's memory, graphs run whole on the device.
+    Device(Arc<Device>),
+}
+
+impl Placement {
+    /// `cpu`, `vulkan` (the first Vulkan device) or `vulkan:N`: the `--device` argument. A device this
+    /// build or machine lacks is an error listing those it has.
+    pub fn parse(spec: &str) -> Result<Placement> {
+        let spec = spec.trim().to_ascii_lowercase();
+        if spec == "cpu" {
+            return Ok(Placement::Cpu);
+        }
+        let index = match spec.strip_prefix("vulkan") {
+            Some("") => 0,
+            Some(rest) => rest
+                .strip_prefix(':')
+                .and_then(|n| n.parse::<usize>().ok())
+                .ok_or_else(|| Error::Input(format!("device `{spec}`: expected cpu, vulkan or vulkan:N")))?,
+            None => return Err(Error::Input(format!("device `{spec}`: expected cpu, vulkan or vulkan:N"))),
+        };
+        if !ggml::gpu_backends().iter().any(|b| b.eq_ignore_ascii_case("vulkan")) {
+            return Err(Error::Input(format!(
+                "device `{spec}`: this build has no Vulkan backend (build with `--features vulkan`, see README)"
+            )));
+        }
+        let name = format!("Vulkan{index}");
+        let device = Device::open(&name).map_err(|e| Error::Input(format!("device `{spec}`: {e}")))?;
+        Ok(Placement::Device(Arc::new(device)))
+    }
+
+    /// `cpu`, or the device's registry name (`Vulkan0`).
+    pub fn name(&self) -> String {
+        match self {
+            Placement::Cpu => "cpu".into(),
+            Placement::Device(d) => d.name().to_owned(),
+        }
+    }
+
+    /// The device; None for the CPU.
+    pub fn device(&self) -> Option<&Arc<Device>> {
+        match self {
+            Placement::Cpu => None,
+            Placement::Device(d) => Some(d),
+        }
+    }
+
+    /// Whether this is a device.
+    pub fn is_device(&self) -> bool {
+        self.device().is_some()
+    }
+
+    /// Bytes the device reports free and in all; None for the CPU.
+    pub fn device_memory(&self) -> Option<(usize, usize)> {
+        self.device().map(|d| d.memory())
+    }
+
+    /// The backend graphs run on here (`n_threads` for the CPU's).
+    pub fn backend(&self, n_threads: usize) -> Result<Backend> {
+        Ok(match self {
+            Placement::Cpu => Backend::cpu(n_threads)?,
+            Placement::Device(d) => Backend::on_device(Arc::clone(d)),
+        })
+    }
+
+    /// An empty compute buffer in this memory.
+    pub fn compute_buffer(&self) -> Result<ComputeBuffer> {
+        Ok(match self {
+            Placement::Cpu => ComputeBuffer::new()?,
+            Placement::Device(d) => ComputeBuffer::on(d)?,
+        })
+    }
+
+    /// Gives the store's tensors memory here.
+    pub fn allocate(&self, store: &mut TensorStore) -> Result<()> {
+        match self {
+            Placement::Cpu => store.allocate()?,
+            Placement::Device(d) => store.allocate_on(d)?,
+        }
+        Ok(())
+    }
+
+    /// Refuses a cache whose layers' K/V types the device's attention does not take at its head size
+    /// (and a recent window, whose graphs join f16 ring cells to the stored ones with our kernel).
+    pub fn check_cache(&self, config: &KvCacheConfig) -> Result<()> {
+        let Placement::Device(device) = self else { return Ok(()) };
+        if config.recent > 0 {
+            return Err(Error::Input(format!(
+                "the device {} has no recent f16 window (its attention over the ring and the stored cells is our CPU kernel): use --recent 0",
+                device.name()
+            )));
+        }
+        let mut checked = Vec::new();
+        for layer in 0..config.n_layer {
+            let types = config.types(layer);
+            if !checked.contains(&(types.k, types.v)) {
+                device.require_attention(types.k.dtype(), types.v.dtype(), config.head_dim)?;
+                checked.push((types.k, types.v));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Placement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
+    }
+}
