@@ -94,7 +94,7 @@ build-vulkan:
 
 ## test-vulkan: the Vulkan subset on Mesa's lavapipe (a CPU Vulkan driver, so it runs without a GPU; CI runs
 ## it). Its own target dir keeps the CPU-only build's cache as it is.
-test-vulkan:
+test-vulkan: models
 	$(MAKE) setup FEATURES=vulkan
 	GGML_VK_VISIBLE_DEVICES=$${GGML_VK_VISIBLE_DEVICES:-0} CCSM_REQUIRE_VULKAN=1 CARGO_TARGET_DIR=target/vulkan \
 		$(CARGO) test $(RELEASE) -p ggml --features vulkan --test vulkan

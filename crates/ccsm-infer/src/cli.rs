@@ -98,6 +98,11 @@ pub struct InfoArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+
+    /// Also report a device's memory (`vulkan`, `vulkan:N`) against the weights and each cache type's
+    /// bytes: what fits there.
+    #[arg(long, value_name = "vulkan[:N]")]
+    pub device: Option<String>,
 }
 
 #[derive(Args, Clone)]

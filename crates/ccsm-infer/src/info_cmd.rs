@@ -28,6 +28,27 @@ pub fn run(args: &InfoArgs) -> Result<()> {
         entry["total"] = json!(total);
         per_type.push(entry);
     }
+    // A device's memory against the weights and each type's caches (all of them on the device).
+    let device = match &args.device {
+        Some(spec) => {
+            let placement = ccsm::Placement::parse(spec).map_err(|e| crate::UsageError(e.to_string()))?;
+            placement.device_memory().map(|(free, total)| {
+                let takes = |t: &str| {
+                    facts.caches.iter().all(|c| {
+                        placement.device().is_some_and(|d| ccsm::device_cache_types(d, c.head_dim).iter().any(|x| x.to_string() == t))
+                    })
+                };
+                let fits: Vec<_> = per_type
+                    .iter()
+                    .filter(|e| e["total"].as_u64().is_some_and(|b| facts.weight_bytes + b <= free as u64))
+                    .filter(|e| e["type"].as_str().is_some_and(takes))
+                    .map(|e| e["type"].clone())
+                    .collect();
+                json!({ "name": placement.name(), "free_bytes": free, "total_bytes": total, "weight_bytes": facts.weight_bytes, "cache_types_that_fit": fits })
+            })
+        }
+        None => None,
+    };
     let cache_info: Vec<_> = facts
         .caches
         .iter()
@@ -43,6 +64,7 @@ pub fn run(args: &InfoArgs) -> Result<()> {
             "tensors": facts.tensors,
             "caches": cache_info,
             "kv_bytes": per_type,
+            "device": device,
         });
         output::println(&v.to_string());
         return Ok(());
@@ -60,6 +82,18 @@ pub fn run(args: &InfoArgs) -> Result<()> {
         output::println(&format!(
             "{} cache: {} cells × {} layers × {} KV heads × head dim {}",
             c.role, c.cells, c.n_layer, c.n_head_kv, c.head_dim
+        ));
+    }
+    if let Some(d) = &device {
+        let mib = |k: &str| d[k].as_u64().unwrap_or(0) as f64 / 1048576.0;
+        let fits: Vec<&str> = d["cache_types_that_fit"].as_array().into_iter().flatten().filter_map(|t| t.as_str()).collect();
+        output::println(&format!(
+            "device {}: {:.1} MiB free of {:.1} MiB; weights {:.2} MiB; cache types it attends over that fit beside them: {}",
+            d["name"].as_str().unwrap_or(""),
+            mib("free_bytes"),
+            mib("total_bytes"),
+            mib("weight_bytes"),
+            if fits.is_empty() { "none".to_string() } else { fits.join(" ") }
         ));
     }
     output::println("| cache type | bits/element | KV bytes | MiB |");

@@ -101,6 +101,15 @@ fn main() -> ExitCode {
                     mib(d.free_bytes),
                     mib(d.total_bytes)
                 ));
+                if d.kind != ggml::DeviceKind::Cpu {
+                    if let Ok(device) = ggml::Device::open(&d.name) {
+                        for head in [64, 128] {
+                            let types: Vec<String> =
+                                ccsm::device_cache_types(&device, head).iter().map(|t| t.to_string()).collect();
+                            output::println(&format!("  KV cache types its attention takes at head size {head}: {}", types.join(" ")));
+                        }
+                    }
+                }
             }
             Ok(())
         }

@@ -45,7 +45,7 @@ pub struct ServeArgs {
     pub parallel: u32,
 
     /// KV cache bytes all sessions and cached prefixes share, in MiB [default: --parallel sessions of a
-    /// full context, and one more for cached prefixes].
+    /// full context, and one more for cached prefixes; on a device at most 80 % of its free memory].
     #[arg(long, value_name = "MB", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_memory_mb: Option<u32>,
 
@@ -124,6 +124,12 @@ pub struct ServeArgs {
     #[arg(short = 't', long, default_value_t = default_threads(), value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub threads: u32,
 
+    /// Where the model runs: `cpu`, or `vulkan` / `vulkan:N` (a build with `--features vulkan`). On a
+    /// device the weights, KV caches and graphs live in its memory, and the default budget is at most
+    /// 80 % of what it has free once the weights are in.
+    #[arg(long, default_value = "cpu", value_name = "cpu|vulkan[:N]")]
+    pub device: String,
+
     /// Most rows one engine step runs (prompts are fed in chunks within it).
     #[arg(short = 'b', long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch_size: u32,
@@ -199,6 +205,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         adapt: !args.no_adapt,
         n_ctx: args.ctx_size.map(|c| c as usize),
         n_threads: args.threads as usize,
+        device: args.device.clone(),
         n_batch: args.batch_size as usize,
         max_queue: args.max_queue as usize,
         prefixes: PrefixOptions {

@@ -72,6 +72,9 @@ pub struct ServeConfig {
     pub n_ctx: Option<usize>,
     /// ggml compute threads of the engine.
     pub n_threads: usize,
+    /// Where the model runs: `cpu`, `vulkan` or `vulkan:N` (`ccsm::Placement::parse`); the codec
+    /// decodes on the CPU.
+    pub device: String,
     /// Most rows one engine step runs (prompts are fed in chunks within it).
     pub n_batch: usize,
     /// Requests that may wait for admission before new ones get 429.
@@ -132,7 +135,9 @@ enum Loaded {
 /// Loads the model (and for speech the codec, with a second copy of the codec for the hearing thread
 /// when it can encode; finished encodings go to `engine_jobs`).
 fn load(config: &ServeConfig, engine_jobs: mpsc::Sender<Job>, metrics: Arc<Metrics>) -> Result<Loaded> {
-    let model = ccsm::load_model(&config.model).with_context(|| format!("loading {}", config.model.display()))?;
+    let placement = ccsm::Placement::parse(&config.device)?;
+    let model = ccsm::load_model_placed(&config.model, &placement).with_context(|| format!("loading {}", config.model.display()))?;
+    metrics.set_device(&placement);
     match model {
         AnyModel::Llama(m) => Ok(Loaded::Text(TextEngine::new(m, config.n_threads)?)),
         AnyModel::Csm(m) => {

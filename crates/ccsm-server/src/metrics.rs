@@ -144,9 +144,33 @@ pub struct Metrics {
     pub time_to_first_token_by_prefix: ByPrefix,
     /// Time to first audio, by whether the request started from a cached prefix.
     pub time_to_first_audio_by_prefix: ByPrefix,
+    /// The device the model runs on (`ccsm_device_memory_*_bytes{device}`); unset on the CPU.
+    pub device: std::sync::OnceLock<DeviceNumbers>,
+}
+
+/// A device's name and memory, as `/metrics` reports it.
+pub struct DeviceNumbers {
+    /// Its registry name (`Vulkan0`).
+    name: String,
+    /// Its memory in all.
+    total: usize,
+    /// Free bytes once the weights were loaded.
+    free_after_weights: usize,
 }
 
 impl Metrics {
+    /// Records the device the model was loaded on (nothing for the CPU).
+    pub fn set_device(&self, placement: &ccsm::Placement) {
+        if let Some((free, total)) = placement.device_memory() {
+            let _ = self.device.set(DeviceNumbers { name: placement.name(), total, free_after_weights: free });
+        }
+    }
+
+    /// The device's free bytes once the weights were loaded (None on the CPU): the default budget's base.
+    pub fn device_free_after_weights(&self) -> Option<usize> {
+        self.device.get().map(|d| d.free_after_weights)
+    }
+
     /// The current values as Prometheus text exposition (what `GET /metrics` returns).
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -184,6 +208,19 @@ impl Metrics {
         gauge("ccsm_prefix_cache_entries", "Cached prompt prefixes.", "gauge", load(&self.prefix.entries).to_string());
         let ratio = load(&self.kv_bytes) as f64 / load(&self.kv_budget_bytes).max(1) as f64;
         gauge("ccsm_kv_cache_usage_ratio", "KV-cache utilisation: bytes in use over the budget (0-1).", "gauge", format!("{ratio:.6}"));
+        if let Some(d) = self.device.get() {
+            let name = &d.name;
+            for (metric, help, value) in [
+                ("ccsm_device_memory_total_bytes", "Memory of the device the model runs on.", d.total),
+                (
+                    "ccsm_device_memory_free_after_weights_bytes",
+                    "Memory the device had free once the weights were loaded (the default KV budget's base).",
+                    d.free_after_weights,
+                ),
+            ] {
+                let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} gauge\n{metric}{{device=\"{name}\"}} {value}");
+            }
+        }
         let _ = writeln!(
             out,
             "# HELP ccsm_requests_total Requests ended, by outcome: ok, failed (a server error), cancelled (the client left), invalid (4xx), rejected (429 queue full, 503 not ready).\n# TYPE ccsm_requests_total counter"

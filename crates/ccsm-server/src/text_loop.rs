@@ -50,9 +50,23 @@ pub struct LoopSettings {
 /// Logs and publishes the budget the loop runs with.
 pub(crate) fn start_budget(settings: &LoopSettings, full_session: usize, metrics: &Metrics) -> Budget {
     // Without a budget: `parallel` sessions of a full context, and one more for cached prefixes (so a
-    // full-context session can start from a prefix of its own length rather than evict it first).
+    // full-context session can start from a prefix of its own length rather than evict it first); on a
+    // device no more than its share of the memory left after the weights.
     let sessions = settings.parallel + usize::from(settings.prefixes.enabled);
-    let total = settings.budget_bytes.unwrap_or(full_session.saturating_mul(sessions));
+    let wanted = full_session.saturating_mul(sessions);
+    let total = match (settings.budget_bytes, metrics.device_free_after_weights()) {
+        (Some(bytes), Some(free)) if bytes > free => {
+            eprintln!(
+                "warning: a KV budget of {:.1} MiB is more than the device has free ({:.1} MiB): sessions may fail to allocate",
+                bytes as f64 / 1048576.0,
+                free as f64 / 1048576.0
+            );
+            bytes
+        }
+        (Some(bytes), _) => bytes,
+        (None, Some(free)) => wanted.min((free as f64 * ccsm::DEVICE_CACHE_SHARE) as usize),
+        (None, None) => wanted,
+    };
     metrics.kv_budget_bytes.store(total, Ordering::Relaxed);
     eprintln!(
         "model loaded: {} sessions at once, {} cells each, KV budget {:.2} MiB ({}/{} caches)",

@@ -13,6 +13,11 @@ use ggml::{Backend, ComputeBuffer, Device, TensorStore};
 
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCacheConfig;
+use crate::CacheType;
+
+/// The share of a device's free memory (after the weights) that KV caches get by default: the rest
+/// is for compute buffers, which grow with the largest step (a prompt chunk of many rows).
+pub const DEVICE_CACHE_SHARE: f64 = 0.8;
 
 /// Where weights, caches and graphs live.
 #[derive(Clone, Default)]
@@ -46,6 +51,11 @@ impl Placement {
             )));
         }
         let name = format!("Vulkan{index}");
+        if !ggml::devices().iter().any(|d| d.name.starts_with("Vulkan")) {
+            return Err(Error::Input(format!(
+                "device `{spec}`: no Vulkan device found (a CPU driver such as Mesa's lavapipe is used only when GGML_VK_VISIBLE_DEVICES names it, e.g. GGML_VK_VISIBLE_DEVICES=0)"
+            )));
+        }
         let device = Device::open(&name).map_err(|e| Error::Input(format!("device `{spec}`: {e}")))?;
         Ok(Placement::Device(Arc::new(device)))
     }
@@ -74,6 +84,29 @@ impl Placement {
     /// Bytes the device reports free and in all; None for the CPU.
     pub fn device_memory(&self) -> Option<(usize, usize)> {
         self.device().map(|d| d.memory())
+    }
+
+    /// The bytes KV caches get by default here: `wanted` (what the sessions would take at full
+    /// length) on the CPU; on a device at most `DEVICE_CACHE_SHARE` of what it has free now (call it
+    /// once the weights are loaded), the rest left to the compute buffers.
+    pub fn cache_budget(&self, wanted: usize) -> usize {
+        match self.device_memory() {
+            Some((free, _)) => wanted.min((free as f64 * DEVICE_CACHE_SHARE) as usize),
+            None => wanted,
+        }
+    }
+
+    /// Refuses a cache budget of `bytes` the device does not have free.
+    pub fn check_budget(&self, bytes: usize) -> Result<()> {
+        match self.device_memory() {
+            Some((free, _)) if bytes > free => Err(Error::Input(format!(
+                "a KV cache budget of {:.1} MiB is more than the device {} has free ({:.1} MiB)",
+                bytes as f64 / 1048576.0,
+                self.name(),
+                free as f64 / 1048576.0
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// The backend graphs run on here (`n_threads` for the CPU's).
@@ -115,12 +148,25 @@ impl Placement {
         for layer in 0..config.n_layer {
             let types = config.types(layer);
             if !checked.contains(&(types.k, types.v)) {
-                device.require_attention(types.k.dtype(), types.v.dtype(), config.head_dim)?;
+                if !device.attends(types.k.dtype(), types.v.dtype(), config.head_dim)? {
+                    return Err(Error::Input(format!(
+                        "the device {} has no attention over a {} K / {} V cache at head size {}: choose another cache type (`ccsm-infer system` lists the ones it takes)",
+                        device.name(),
+                        types.k,
+                        types.v,
+                        config.head_dim
+                    )));
+                }
                 checked.push((types.k, types.v));
             }
         }
         Ok(())
     }
+}
+
+/// The cache types (K and V alike) whose attention a device takes at head size `head_dim`.
+pub fn device_cache_types(device: &Device, head_dim: usize) -> Vec<CacheType> {
+    CacheType::ALL.iter().copied().filter(|t| device.attends(t.dtype(), t.dtype(), head_dim).unwrap_or(false)).collect()
 }
 
 impl std::fmt::Debug for Placement {
