@@ -71,6 +71,18 @@ fn usage_errors_exit_2() {
     infer().args([&tiny(), "-p", "x", "--top-k", "0"]).assert().code(2).stderr(predicate::str::contains("keep no token"));
 }
 
+/// `--device`: a spec that names no device kind, and (in this CPU-only build) a Vulkan device, are
+/// usage errors that say what to do; `cpu` is the default and runs.
+#[test]
+fn device_choices_are_checked_before_loading() {
+    infer().args([&tiny(), "-p", "x", "--device", "tpu"]).assert().code(2).stderr(predicate::str::contains("cpu, vulkan or vulkan:N"));
+    infer().args([&tiny(), "-p", "x", "--device", "vulkan:x"]).assert().code(2).stderr(predicate::str::contains("vulkan:N"));
+    if !cfg!(feature = "vulkan") {
+        infer().args([&tiny(), "-p", "x", "--device", "vulkan"]).assert().code(2).stderr(predicate::str::contains("--features vulkan"));
+    }
+    infer().args([&tiny(), "-p", "x", "-n", "2", "--device", "cpu"]).assert().success();
+}
+
 #[test]
 fn top_k_all_is_no_limit() {
     let tokens = |top_k: &str| {

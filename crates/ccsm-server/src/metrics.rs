@@ -274,3 +274,21 @@ impl Metrics {
         out
     }
 }
+
+#[cfg(test)]
+mod device_tests {
+    use super::*;
+
+    #[test]
+    fn a_device_s_memory_is_reported_with_its_name_and_the_cpu_reports_none() {
+        let m = Metrics::default();
+        assert!(!m.render().contains("ccsm_device_memory"), "no device lines on the CPU");
+        m.set_device(&ccsm::Placement::Cpu);
+        assert!(m.device_free_after_weights().is_none());
+        let _ = m.device.set(DeviceNumbers { name: "Vulkan0".into(), total: 8 << 30, free_after_weights: 3 << 30 });
+        let text = m.render();
+        assert!(text.contains(&format!("ccsm_device_memory_total_bytes{{device=\"Vulkan0\"}} {}", 8u64 << 30)), "{text}");
+        assert!(text.contains(&format!("ccsm_device_memory_free_after_weights_bytes{{device=\"Vulkan0\"}} {}", 3u64 << 30)), "{text}");
+        assert_eq!(m.device_free_after_weights(), Some(3 << 30));
+    }
+}

@@ -64,7 +64,7 @@ pub(crate) fn start_budget(settings: &LoopSettings, full_session: usize, metrics
             bytes
         }
         (Some(bytes), _) => bytes,
-        (None, Some(free)) => wanted.min((free as f64 * ccsm::DEVICE_CACHE_SHARE) as usize),
+        (None, Some(free)) => ccsm::device_cache_budget(wanted, free),
         (None, None) => wanted,
     };
     metrics.kv_budget_bytes.store(total, Ordering::Relaxed);

@@ -36,7 +36,7 @@ pub use cache_type::CacheType;
 pub use error::{Error, Result};
 pub use ggml_model::GGMLModel;
 pub use load::{inspect, load_model, load_model_placed, AnyModel, Architecture, CacheShape, ModelFacts, DEFAULT_CTX_CAP};
-pub use placement::{device_cache_types, Placement, DEVICE_CACHE_SHARE};
+pub use placement::{device_cache_budget, device_cache_types, Placement, DEVICE_CACHE_SHARE};
 pub use model::{CacheReport, Logits, Model, ModelOptions};
 
 /// The engine's version.

@@ -19,6 +19,12 @@ use crate::CacheType;
 /// is for compute buffers, which grow with the largest step (a prompt chunk of many rows).
 pub const DEVICE_CACHE_SHARE: f64 = 0.8;
 
+/// The default KV budget on a device with `free` bytes free (after the weights) for caches that
+/// would take `wanted`: at most `DEVICE_CACHE_SHARE` of `free`.
+pub fn device_cache_budget(wanted: usize, free: usize) -> usize {
+    wanted.min((free as f64 * DEVICE_CACHE_SHARE) as usize)
+}
+
 /// Where weights, caches and graphs live.
 #[derive(Clone, Default)]
 pub enum Placement {
@@ -91,7 +97,7 @@ impl Placement {
     /// once the weights are loaded), the rest left to the compute buffers.
     pub fn cache_budget(&self, wanted: usize) -> usize {
         match self.device_memory() {
-            Some((free, _)) => wanted.min((free as f64 * DEVICE_CACHE_SHARE) as usize),
+            Some((free, _)) => device_cache_budget(wanted, free),
             None => wanted,
         }
     }
@@ -172,5 +178,34 @@ pub fn device_cache_types(device: &Device, head_dim: usize) -> Vec<CacheType> {
 impl std::fmt::Debug for Placement {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_specs_parse_or_say_what_is_expected() {
+        assert!(matches!(Placement::parse("cpu"), Ok(Placement::Cpu)));
+        assert!(matches!(Placement::parse(" CPU "), Ok(Placement::Cpu)));
+        for bad in ["gpu", "vulkan:", "vulkan:-1", "vulkan0", "cuda"] {
+            let e = Placement::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("cpu, vulkan or vulkan:N"), "{bad}: {e}");
+        }
+        if ggml::gpu_backends().is_empty() {
+            let e = Placement::parse("vulkan:1").unwrap_err().to_string();
+            assert!(e.contains("--features vulkan"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_cpu_takes_every_cache_and_budget() {
+        let cpu = Placement::Cpu;
+        assert_eq!(cpu.cache_budget(123_456), 123_456);
+        assert!(cpu.check_budget(usize::MAX).is_ok());
+        let config = KvCacheConfig::uniform(2, 32, 2, 64, CacheType::MXFP4, CacheType::Q4_0).with_recent(8);
+        assert!(cpu.check_cache(&config).is_ok());
+        assert_eq!(cpu.name(), "cpu");
     }
 }
