@@ -9,6 +9,7 @@ mod common;
 
 use ccsm::csm::{CsmEngine, CsmModel, FrameRequest, PrefillRequest, Segment, SessionCaches};
 use ccsm::engine::{SequenceStep, TextEngine};
+use ccsm::kv_cache::{KvLayout, LayerTypes};
 use ccsm::llama::LlamaModel;
 use ccsm::mimi::{MimiCodec, MimiModel, MimiOptions};
 use ccsm::sampling::{Sampler, SamplerConfig};
@@ -146,6 +147,44 @@ fn text_logits_on_the_device_match_the_cpu() {
             let tops = |l: &[Vec<f32>]| l.iter().flat_map(|r| r.chunks(vocab).map(argmax).collect::<Vec<_>>()).collect::<Vec<_>>();
             assert_eq!(tops(&gpu), tops(&cpu), "f16 cache: the device's top tokens differ");
         }
+    });
+}
+
+/// A cache's life beyond plain steps, on the device as on the CPU: per-layer types, re-quantized after
+/// the prompt (rows converted through host copies), and a prefix snapshot (kept in host memory) copied
+/// into a fresh device cache that goes on decoding.
+fn cache_life(engine: &mut TextEngine) -> ccsm::Result<Vec<Vec<f32>>> {
+    let layout = KvLayout::new(vec![LayerTypes::new(CacheType::Q8_0, CacheType::F16), LayerTypes::new(CacheType::F16, CacheType::Q4_0)]);
+    let mut cache = engine.new_cache_with(engine.cache_config(64, CacheType::F16, CacheType::F16).with_layout(layout))?;
+    let prompt: Vec<u32> = (0..12).map(|i| (i * 53 + 7) % 200).collect();
+    let mut out = engine.step(&mut [SequenceStep { cache: &mut cache, tokens: &prompt, logits: Logits::Last }], false)?;
+    cache.quantize(CacheType::Q8_0, CacheType::Q8_0)?;
+    out.extend(engine.step(&mut [SequenceStep { cache: &mut cache, tokens: &[42], logits: Logits::Last }], false)?);
+    let snapshot = cache.snapshot(cache.len(), cache.config().clone(), cache.rotation())?;
+    let mut resumed = engine.new_cache(64, CacheType::Q8_0, CacheType::Q8_0)?;
+    resumed.copy_prefix_from(&snapshot, snapshot.len())?;
+    for t in [3u32, 99] {
+        out.extend(engine.step(&mut [SequenceStep { cache: &mut resumed, tokens: &[t], logits: Logits::Last }], false)?);
+    }
+    Ok(out)
+}
+
+#[test]
+fn layouts_requantization_and_prefixes_work_on_the_device() {
+    let Some(device) = vulkan() else { return };
+    each_in_own_process("layouts_requantization_and_prefixes_work_on_the_device", &["layouts".to_string()], |_| {
+        let cpu = cache_life(&mut text_engine(&Placement::Cpu).unwrap()).unwrap();
+        let gpu = cache_life(&mut text_engine(&device).unwrap()).unwrap_or_else(|e| panic!("on {device:?}: {e}"));
+        let vocab = cpu[0].len();
+        let exact = {
+            let mut e = text_engine(&Placement::Cpu).unwrap();
+            text_logits(&mut e, CacheType::F32, CacheType::F32).unwrap()
+        };
+        let cache_error = worst(&text_logits(&mut text_engine(&Placement::Cpu).unwrap(), CacheType::Q8_0, CacheType::Q8_0).unwrap(), &exact, vocab);
+        let apart = worst(&gpu, &cpu, vocab);
+        eprintln!("case layouts: device vs CPU {apart:.2e} (q8_0's own error {cache_error:.2e})");
+        assert_eq!(gpu.len(), cpu.len());
+        assert!(apart <= cache_error.max(PRODUCT_FLOOR), "device {apart:.2e} from the CPU");
     });
 }
 
