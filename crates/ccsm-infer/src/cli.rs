@@ -200,6 +200,11 @@ pub struct BenchArgs {
     #[arg(short = 't', long, default_value_t = default_threads(), value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub threads: u32,
 
+    /// Where the model runs: `cpu`, or `vulkan` / `vulkan:N` (a build with `--features vulkan`); the
+    /// `--codec` of a CSM bench decodes on the CPU.
+    #[arg(long, default_value = "cpu", value_name = "cpu|vulkan[:N]")]
+    pub device: String,
+
     /// Output format: md (a markdown table), json (one array), jsonl (one object per line).
     #[arg(short = 'o', long = "output", value_enum, default_value_t = BenchFormat::Md)]
     pub output: BenchFormat,

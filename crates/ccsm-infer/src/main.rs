@@ -104,8 +104,7 @@ fn main() -> ExitCode {
                 if d.kind != ggml::DeviceKind::Cpu {
                     if let Ok(device) = ggml::Device::open(&d.name) {
                         for head in [64, 128] {
-                            let types: Vec<String> =
-                                ccsm::device_cache_types(&device, head).iter().map(|t| t.to_string()).collect();
+                            let types: Vec<String> = ccsm::device_cache_types(&device, head).iter().map(|t| t.to_string()).collect();
                             output::println(&format!("  KV cache types its attention takes at head size {head}: {}", types.join(" ")));
                         }
                     }

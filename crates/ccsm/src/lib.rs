@@ -21,8 +21,8 @@ mod load;
 pub mod memory;
 pub mod mimi;
 mod model;
-mod placement;
 pub mod perplexity;
+mod placement;
 pub mod prefix_cache;
 pub mod profile;
 pub mod sampling;
@@ -36,8 +36,8 @@ pub use cache_type::CacheType;
 pub use error::{Error, Result};
 pub use ggml_model::GGMLModel;
 pub use load::{inspect, load_model, load_model_placed, AnyModel, Architecture, CacheShape, ModelFacts, DEFAULT_CTX_CAP};
-pub use placement::{device_cache_budget, device_cache_types, Placement, DEVICE_CACHE_SHARE};
 pub use model::{CacheReport, Logits, Model, ModelOptions};
+pub use placement::{device_cache_budget, device_cache_types, Placement, DEVICE_CACHE_SHARE};
 
 /// The engine's version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

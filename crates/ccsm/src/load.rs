@@ -8,10 +8,10 @@ use ggml::gguf::GgufFile;
 use crate::cache_role::CacheRole;
 use crate::csm::CsmModel;
 use crate::error::{Error, Result};
-use crate::placement::Placement;
 use crate::kv_cache::KvCacheConfig;
 use crate::llama::{LlamaConfig, LlamaModel};
 use crate::mimi::{has_codec, MimiCodec, MimiConfig, MimiModel, MimiOptions};
+use crate::placement::Placement;
 use crate::CacheType;
 
 /// Default context when the model's own is larger: keeps the cache modest, and a file that claims a

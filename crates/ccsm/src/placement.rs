@@ -7,7 +7,7 @@
 //! is `flash_attn_ext` over the cache as stored, and a cache whose K/V types the device's attention
 //! does not take at the model's head size is refused when it is made, naming the device and types.
 
-use std::sync::Arc;
+use std::rc::Rc;
 
 use ggml::{Backend, ComputeBuffer, Device, TensorStore};
 
@@ -31,8 +31,9 @@ pub enum Placement {
     /// Host memory, graphs on ggml's CPU backend (and our kernels).
     #[default]
     Cpu,
-    /// A device's memory, graphs run whole on the device.
-    Device(Arc<Device>),
+    /// A device's memory, graphs run whole on the device (shared by the engines and caches of one
+    /// thread: ggml's device backends are not driven from several threads at once).
+    Device(Rc<Device>),
 }
 
 impl Placement {
@@ -63,7 +64,7 @@ impl Placement {
             )));
         }
         let device = Device::open(&name).map_err(|e| Error::Input(format!("device `{spec}`: {e}")))?;
-        Ok(Placement::Device(Arc::new(device)))
+        Ok(Placement::Device(Rc::new(device)))
     }
 
     /// `cpu`, or the device's registry name (`Vulkan0`).
@@ -75,7 +76,7 @@ impl Placement {
     }
 
     /// The device; None for the CPU.
-    pub fn device(&self) -> Option<&Arc<Device>> {
+    pub fn device(&self) -> Option<&Rc<Device>> {
         match self {
             Placement::Cpu => None,
             Placement::Device(d) => Some(d),
@@ -119,7 +120,7 @@ impl Placement {
     pub fn backend(&self, n_threads: usize) -> Result<Backend> {
         Ok(match self {
             Placement::Cpu => Backend::cpu(n_threads)?,
-            Placement::Device(d) => Backend::on_device(Arc::clone(d)),
+            Placement::Device(d) => Backend::on_device(Rc::clone(d)),
         })
     }
 

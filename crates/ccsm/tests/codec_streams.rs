@@ -6,24 +6,7 @@ mod common;
 
 use ccsm::mimi::{MimiCodec, MimiModel, MimiOptions, MimiStream, StreamChunk};
 
-use common::model;
-
-/// Frames of stream `s`: codes from a fixed recurrence (any valid codes do), `codebooks` per frame.
-fn frames(s: u64, n: usize, codebooks: usize, codebook_size: usize) -> Vec<Vec<u32>> {
-    let mut x = 0x9E37_79B9_7F4A_7C15u64.wrapping_mul(s + 1);
-    (0..n)
-        .map(|_| {
-            (0..codebooks)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    (x % codebook_size as u64) as u32
-                })
-                .collect()
-        })
-        .collect()
-}
+use common::{frames, model};
 
 fn codec() -> MimiCodec {
     let options = MimiOptions { n_threads: 2, ..MimiOptions::default() };

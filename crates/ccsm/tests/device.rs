@@ -180,7 +180,8 @@ fn layouts_requantization_and_prefixes_work_on_the_device() {
             let mut e = text_engine(&Placement::Cpu).unwrap();
             text_logits(&mut e, CacheType::F32, CacheType::F32).unwrap()
         };
-        let cache_error = worst(&text_logits(&mut text_engine(&Placement::Cpu).unwrap(), CacheType::Q8_0, CacheType::Q8_0).unwrap(), &exact, vocab);
+        let cache_error =
+            worst(&text_logits(&mut text_engine(&Placement::Cpu).unwrap(), CacheType::Q8_0, CacheType::Q8_0).unwrap(), &exact, vocab);
         let apart = worst(&gpu, &cpu, vocab);
         eprintln!("case layouts: device vs CPU {apart:.2e} (q8_0's own error {cache_error:.2e})");
         assert_eq!(gpu.len(), cpu.len());
@@ -250,19 +251,7 @@ fn decoded(placement: &Placement, t: CacheType) -> ccsm::Result<Vec<f32>> {
     let model = MimiModel::from_file_placed(&file, &path, placement)?;
     let (books, size) = (model.config().n_q, model.config().codebook_size);
     let mut codec = MimiCodec::new(model, MimiOptions { n_threads: 2, k_type: t, v_type: t, max_chunk_frames: 4 })?;
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    let frames: Vec<Vec<u32>> = (0..3)
-        .map(|_| {
-            (0..books)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    (x % size as u64) as u32
-                })
-                .collect()
-        })
-        .collect();
+    let frames = common::frames(0, 3, books, size);
     let mut stream = codec.new_stream()?;
     let mut samples = codec.decode(&mut stream, &frames[..2])?;
     for f in &frames[2..] {

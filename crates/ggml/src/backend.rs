@@ -3,7 +3,7 @@
 
 use std::cell::Cell;
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::rc::Rc;
 use std::time::Instant;
 
 use ggml_sys as sys;
@@ -37,7 +37,7 @@ pub struct Backend {
 
 enum On {
     Cpu(CpuBackend),
-    Device(Arc<Device>),
+    Device(Rc<Device>),
 }
 
 struct CpuBackend {
@@ -67,12 +67,12 @@ impl Backend {
     }
 
     /// A backend running graphs on `device` (built in its memory: `ComputeBuffer::for_backend`).
-    pub fn on_device(device: Arc<Device>) -> Self {
+    pub fn on_device(device: Rc<Device>) -> Self {
         Backend { on: On::Device(device) }
     }
 
     /// The device graphs run on; None for the CPU.
-    pub fn device(&self) -> Option<&Arc<Device>> {
+    pub fn device(&self) -> Option<&Rc<Device>> {
         match &self.on {
             On::Cpu(_) => None,
             On::Device(d) => Some(d),
@@ -151,7 +151,6 @@ impl Backend {
 }
 
 impl CpuBackend {
-
     fn new(n_threads: usize) -> Result<Self> {
         crate::init();
         if n_threads == 0 || n_threads > 1024 {

@@ -107,7 +107,8 @@ impl Device {
         let n = unsafe { sys::ggml_graph_n_nodes(graph) };
         for i in 0..n {
             // SAFETY: i < n; graph nodes are non-null live tensors.
-            let node: Tensor<'_> = Tensor::from_raw(NonNull::new(unsafe { sys::ggml_graph_node(graph, i) }).expect("graph nodes are non-null"));
+            let node: Tensor<'_> =
+                Tensor::from_raw(NonNull::new(unsafe { sys::ggml_graph_node(graph, i) }).expect("graph nodes are non-null"));
             if !self.supports(node) {
                 return Err(Error::invalid("Device::compute", format!("the device {} cannot run {}", self.name, describe(node))));
             }

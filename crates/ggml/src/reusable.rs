@@ -32,9 +32,9 @@ use std::sync::Mutex;
 
 use ggml_sys as sys;
 
+use crate::backend::Backend;
 use crate::context::{Context, Tensor};
 use crate::error::{Error, Result};
-use crate::backend::Backend;
 use crate::graph::{ComputeBuffer, Graph};
 
 static LIVE_BUFFERS: Mutex<Option<HashMap<usize, u64>>> = Mutex::new(None);

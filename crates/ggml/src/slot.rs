@@ -5,9 +5,9 @@
 
 use std::ptr::NonNull;
 
+use crate::backend::{Backend, NodeTime};
 use crate::context::Tensor;
 use crate::error::{Error, Result};
-use crate::backend::{Backend, NodeTime};
 use crate::graph::Graph;
 use crate::reusable::ReusableGraph;
 

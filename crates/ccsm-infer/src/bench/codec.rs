@@ -18,9 +18,10 @@ pub(crate) fn filler_frames(n: usize, codebooks: usize, size: usize) -> Vec<Fram
     (0..n).map(|t| (0..codebooks).map(|k| ((t * 31 + k * 17 + t * k) % size) as u32).collect()).collect()
 }
 
-pub fn bench_codec(args: &BenchArgs, log: &LogArgs) -> Result<Vec<BenchRow>> {
+pub fn bench_codec(args: &BenchArgs, log: &LogArgs, file: &ggml::gguf::GgufFile, placement: &ccsm::Placement) -> Result<Vec<BenchRow>> {
     let name = model_name(args);
-    let mut weights = Some(MimiModel::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?);
+    let mut weights =
+        Some(MimiModel::from_file_placed(file, &args.model, placement).with_context(|| format!("loading {}", args.model.display()))?);
     let bar = progress::bar((args.cache_types.len() * args.chunk.len()) as u64, "bench", log.quiet);
     let mut rows = Vec::new();
     for &cache in &args.cache_types {

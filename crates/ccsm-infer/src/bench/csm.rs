@@ -16,9 +16,9 @@ use crate::cli::BenchArgs;
 use crate::progress;
 
 /// CSM: prompt rows per second (`-p` text rows) and frames per second (`-n` frames) at each depth.
-pub fn bench_csm(args: &BenchArgs, log: &LogArgs, file: &ggml::gguf::GgufFile) -> Result<Vec<BenchRow>> {
+pub fn bench_csm(args: &BenchArgs, log: &LogArgs, file: &ggml::gguf::GgufFile, placement: &ccsm::Placement) -> Result<Vec<BenchRow>> {
     let name = model_name(args);
-    let mut weights = Some(CsmModel::from_file(file, &args.model)?);
+    let mut weights = Some(CsmModel::from_file_placed(file, &args.model, placement)?);
     let mut codec = match &args.codec {
         Some(path) => {
             let model = MimiModel::load(path).with_context(|| format!("loading the codec {}", path.display()))?;

@@ -13,8 +13,9 @@ use crate::args::LogArgs;
 use crate::cli::BenchArgs;
 use crate::progress;
 
-pub fn bench_llama(args: &BenchArgs, log: &LogArgs) -> Result<Vec<BenchRow>> {
-    let mut weights = Some(LlamaModel::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?);
+pub fn bench_llama(args: &BenchArgs, log: &LogArgs, file: &ggml::gguf::GgufFile, placement: &ccsm::Placement) -> Result<Vec<BenchRow>> {
+    let mut weights =
+        Some(LlamaModel::from_file_placed(file, &args.model, placement).with_context(|| format!("loading {}", args.model.display()))?);
     let name = model_name(args);
     let tests: Vec<BenchTest> =
         [(BenchTest::Pp, args.n_prompt), (BenchTest::Tg, args.n_gen)].into_iter().filter(|t| t.1 > 0).map(|t| t.0).collect();

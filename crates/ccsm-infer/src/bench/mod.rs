@@ -62,6 +62,9 @@ pub struct BenchRow {
     /// CSM frame tests with --sessions: sessions making frames together (the speed counts all of theirs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sessions: Option<u32>,
+    /// With --device: the device the model ran on (`Vulkan0`); absent on the CPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
     /// With --profile: time per op kind of one step (or frame, or codec call).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profile: Option<Vec<ccsm::profile::OpTotal>>,
@@ -140,6 +143,7 @@ impl RowSource<'_> {
             frame_detail,
             kv_layout: None,
             sessions: None,
+            device: None,
             kv_recent: None,
             profile: None,
         }
@@ -181,11 +185,15 @@ pub fn run(args: &BenchArgs, log: &LogArgs) -> Result<()> {
     if args.layers.any_text_only() && matches!(architecture.as_str(), "csm" | "mimi") {
         return Err(crate::UsageError("per-layer cache types (--kv-layout, --kv-plan) and --kv-recent are for text models".into()).into());
     }
-    let rows = match architecture.as_str() {
-        "csm" => csm::bench_csm(args, log, &file)?,
-        "mimi" => codec::bench_codec(args, log)?,
-        _ => llama::bench_llama(args, log)?,
+    let placement = ccsm::Placement::parse(&args.device).map_err(|e| crate::UsageError(e.to_string()))?;
+    let mut rows = match architecture.as_str() {
+        "csm" => csm::bench_csm(args, log, &file, &placement)?,
+        "mimi" => codec::bench_codec(args, log, &file, &placement)?,
+        _ => llama::bench_llama(args, log, &file, &placement)?,
     };
+    if placement.is_device() {
+        rows.iter_mut().for_each(|r| r.device = Some(placement.name()));
+    }
     match args.output {
         BenchFormat::Json => output::println(&serde_json::to_string_pretty(&rows)?),
         BenchFormat::Jsonl => rows.iter().try_for_each(|r| serde_json::to_string(r).map(|l| output::println(&l)))?,
@@ -218,7 +226,7 @@ fn human_params(p: u64) -> String {
 /// llama-bench's table, with the cache type, KV bytes and peak RSS beside each row.
 pub fn markdown(rows: &[BenchRow]) -> String {
     let mut out =
-        String::from("| model | size | params | threads | cache | test | t/s | KV cache | peak RSS | RTF (backbone / decoder / codec) |\n");
+        String::from("| model | size | params | threads (or device) | cache | test | t/s | KV cache | peak RSS | RTF (backbone / decoder / codec) |\n");
     out.push_str("| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |\n");
     for r in rows {
         let frame = r.frame_detail.map_or("-".into(), |d| {
@@ -231,7 +239,7 @@ pub fn markdown(rows: &[BenchRow]) -> String {
             r.model,
             human_bytes(r.size_bytes),
             human_params(r.params),
-            r.threads,
+            r.device.clone().unwrap_or_else(|| r.threads.to_string()),
             r.kv_layout.clone().unwrap_or_else(|| format!("{}/{}", r.k_type, r.v_type))
                 + &r.kv_recent.map(|n| format!(" +f16×{n}")).unwrap_or_default(),
             // Rows stored rotated get a mark: "q4_0/q4_0 ·H".

@@ -454,9 +454,9 @@ impl AttentionChoice {
         match (self, on_device) {
             (_, false) => Ok(self.resolve()),
             (AttentionChoice::Auto, true) => Ok(AttentionPath::Direct),
-            (AttentionChoice::Only(AttentionPath::Split), true) => {
-                Err(crate::Error::Input("the split attention kernel runs on the CPU only: use auto, direct or dequantized on a device".into()))
-            }
+            (AttentionChoice::Only(AttentionPath::Split), true) => Err(crate::Error::Input(
+                "the split attention kernel runs on the CPU only: use auto, direct or dequantized on a device".into(),
+            )),
             (AttentionChoice::Only(path), true) => Ok(path),
         }
     }

@@ -6,9 +6,9 @@ use ggml::gguf::GgufFile;
 use ggml::{TensorId, TensorStore};
 
 use super::config::CsmConfig;
-use crate::placement::Placement;
 use crate::error::{Error, Result};
 use crate::llama::{StackNames, Transformer, TOKEN_EMBD};
+use crate::placement::Placement;
 use crate::tokenizer::Tokenizer;
 use crate::weights::WeightLoader;
 

@@ -20,8 +20,8 @@ use std::ops::Range;
 
 use ggml::{Context, Tensor, TensorId, TensorStore};
 
-use crate::placement::Placement;
 use crate::error::{Error, Result};
+use crate::placement::Placement;
 use crate::CacheType;
 
 /// Rows converted at a time by `quantize` (bounds its f32 scratch memory).

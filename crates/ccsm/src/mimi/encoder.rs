@@ -78,7 +78,13 @@ impl EncoderWeights {
     }
 
     /// Computes the centroids' −‖c‖²/2 from the loaded codebooks `[dim, size · n_q]`.
-    pub(crate) fn finish(&mut self, weights: &TensorStore, codebooks: TensorId, c: &MimiConfig, placement: &crate::Placement) -> Result<()> {
+    pub(crate) fn finish(
+        &mut self,
+        weights: &TensorStore,
+        codebooks: TensorId,
+        c: &MimiConfig,
+        placement: &crate::Placement,
+    ) -> Result<()> {
         let centroids = weights.get(codebooks).read_f32()?;
         let half_norms: Vec<f32> =
             centroids.chunks_exact(c.codebook_dim).map(|v| -0.5 * v.iter().map(|&x| x as f64 * x as f64).sum::<f64>() as f32).collect();

@@ -11,8 +11,8 @@ use super::conv::{DepthwiseUpsample, StateLayout};
 use super::encoder::{file_has_encoder, EncoderWeights};
 use super::seanet::Seanet;
 use super::transformer::MimiTransformer;
-use crate::placement::Placement;
 use crate::error::{Error, Result};
+use crate::placement::Placement;
 use crate::weights::WeightLoader;
 
 /// Tensor-name prefix of a codec embedded in a CSM GGUF.

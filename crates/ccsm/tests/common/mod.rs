@@ -178,3 +178,21 @@ pub fn mean_kld(reference: &[f32], logits: &[f32], vocab: usize) -> f64 {
     let klds: Vec<f64> = reference.chunks(vocab).zip(logits.chunks(vocab)).map(|(p, q)| kl(&softmax(p), &softmax(q))).collect();
     klds.iter().sum::<f64>() / klds.len() as f64
 }
+
+/// Frames of stream `s`: codes from a fixed xorshift recurrence (any valid codes do), `codebooks` per
+/// frame, each below `codebook_size`.
+pub fn frames(s: u64, n: usize, codebooks: usize, codebook_size: usize) -> Vec<Vec<u32>> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64.wrapping_mul(s + 1);
+    (0..n)
+        .map(|_| {
+            (0..codebooks)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x % codebook_size as u64) as u32
+                })
+                .collect()
+        })
+        .collect()
+}
