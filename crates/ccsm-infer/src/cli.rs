@@ -201,7 +201,8 @@ pub struct BenchArgs {
     pub threads: u32,
 
     /// Where the model runs: `cpu`, or `vulkan` / `vulkan:N` (a build with `--features vulkan`); the
-    /// `--codec` of a CSM bench decodes on the CPU.
+    /// `--codec` of a CSM bench decodes on the CPU. The markdown table names the device in the
+    /// threads column.
     #[arg(long, default_value = "cpu", value_name = "cpu|vulkan[:N]")]
     pub device: String,
 

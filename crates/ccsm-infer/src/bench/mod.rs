@@ -226,7 +226,7 @@ fn human_params(p: u64) -> String {
 /// llama-bench's table, with the cache type, KV bytes and peak RSS beside each row.
 pub fn markdown(rows: &[BenchRow]) -> String {
     let mut out =
-        String::from("| model | size | params | threads (or device) | cache | test | t/s | KV cache | peak RSS | RTF (backbone / decoder / codec) |\n");
+        String::from("| model | size | params | threads | cache | test | t/s | KV cache | peak RSS | RTF (backbone / decoder / codec) |\n");
     out.push_str("| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |\n");
     for r in rows {
         let frame = r.frame_detail.map_or("-".into(), |d| {
