@@ -10,7 +10,8 @@ bin=target/vulkan/release/ccsm-infer
 unset GGML_VK_VISIBLE_DEVICES   # the GPU is Vulkan0; lavapipe stays hidden
 "$bin" system
 test_bin=$(ls -t target/vulkan/release/deps/device-* 2>/dev/null | grep -v '\.d$' | head -1 || true)
-if [ -n "$test_bin" ]; then CCSM_REQUIRE_VULKAN=1 "$test_bin" --test-threads=1 || echo "device tests FAILED"; fi
+failed=0
+if [ -n "$test_bin" ]; then CCSM_REQUIRE_VULKAN=1 "$test_bin" --test-threads=1 || { echo "device tests FAILED"; failed=1; }; fi
 for model in "${@:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"; do
     [ -f "$model" ] || { echo "skipped $model (missing)"; continue; }
     case "$(basename "$model")" in
@@ -19,3 +20,4 @@ for model in "${@:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"; do
     esac
     for device in vulkan cpu; do "$bin" bench "$model" --device "$device" "${args[@]}" -q; done
 done
+exit $failed

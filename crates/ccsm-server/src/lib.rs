@@ -137,7 +137,21 @@ enum Loaded {
 fn load(config: &ServeConfig, engine_jobs: mpsc::Sender<Job>, metrics: Arc<Metrics>) -> Result<Loaded> {
     let placement = ccsm::Placement::parse(&config.device)?;
     let model = ccsm::load_model_placed(&config.model, &placement).with_context(|| format!("loading {}", config.model.display()))?;
-    metrics.set_device(&placement);
+    // What the device cannot hold is refused now, before /health says ready, not at every request.
+    // (Speech sessions keep no recent window.)
+    let (weights, shapes, recent) = match &model {
+        AnyModel::Llama(m) => {
+            let c = m.config();
+            (m.weight_bytes(), vec![(c.n_layer, c.head_dim, c.n_head_kv)], config.cache.recent.unwrap_or(0))
+        }
+        AnyModel::Csm(m) => {
+            let (b, d) = (&m.config().backbone, &m.config().decoder);
+            (m.weight_bytes(), vec![(b.n_layer, b.head_dim, b.n_head_kv), (d.n_layer, d.head_dim, d.n_head_kv)], 0)
+        }
+        AnyModel::Mimi(m) => (m.weight_bytes(), Vec::new(), 0),
+    };
+    placement.check_sessions(&shapes, config.cache.k_type, config.cache.v_type, recent, config.adapt)?;
+    metrics.set_device(&placement, weights);
     match model {
         AnyModel::Llama(m) => Ok(Loaded::Text(TextEngine::new(m, config.n_threads)?)),
         AnyModel::Csm(m) => {

@@ -159,9 +159,10 @@ pub struct DeviceNumbers {
 }
 
 impl Metrics {
-    /// Records the device the model was loaded on (nothing for the CPU).
-    pub fn set_device(&self, placement: &ccsm::Placement) {
-        if let Some((free, total)) = placement.device_memory() {
+    /// Records the device the model was loaded on, with weights of `weight_bytes` in it (nothing for
+    /// the CPU).
+    pub fn set_device(&self, placement: &ccsm::Placement, weight_bytes: u64) {
+        if let (Some((_, total)), Some(free)) = (placement.device_memory(), placement.free_after_weights(weight_bytes)) {
             let _ = self.device.set(DeviceNumbers { name: placement.name(), total, free_after_weights: free });
         }
     }
@@ -283,7 +284,7 @@ mod device_tests {
     fn a_device_s_memory_is_reported_with_its_name_and_the_cpu_reports_none() {
         let m = Metrics::default();
         assert!(!m.render().contains("ccsm_device_memory"), "no device lines on the CPU");
-        m.set_device(&ccsm::Placement::Cpu);
+        m.set_device(&ccsm::Placement::Cpu, 0);
         assert!(m.device_free_after_weights().is_none());
         let _ = m.device.set(DeviceNumbers { name: "Vulkan0".into(), total: 8 << 30, free_after_weights: 3 << 30 });
         let text = m.render();

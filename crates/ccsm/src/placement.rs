@@ -44,23 +44,28 @@ impl Placement {
         if spec == "cpu" {
             return Ok(Placement::Cpu);
         }
-        let index = match spec.strip_prefix("vulkan") {
-            Some("") => 0,
-            Some(rest) => rest
-                .strip_prefix(':')
-                .and_then(|n| n.parse::<usize>().ok())
-                .ok_or_else(|| Error::Input(format!("device `{spec}`: expected cpu, vulkan or vulkan:N")))?,
-            None => return Err(Error::Input(format!("device `{spec}`: expected cpu, vulkan or vulkan:N"))),
-        };
+        let index = match spec.strip_prefix("vulkan").map(|rest| rest.strip_prefix(':').unwrap_or(rest)) {
+            Some("") if spec == "vulkan" => Some(0),
+            Some(n) if spec.contains(':') => n.parse::<usize>().ok(),
+            _ => None,
+        }
+        .ok_or_else(|| Error::Input(format!("device `{spec}`: expected cpu, vulkan or vulkan:N")))?;
         if !ggml::gpu_backends().iter().any(|b| b.eq_ignore_ascii_case("vulkan")) {
             return Err(Error::Input(format!(
                 "device `{spec}`: this build has no Vulkan backend (build with `--features vulkan`, see README)"
             )));
         }
         let name = format!("Vulkan{index}");
-        if !ggml::devices().iter().any(|d| d.name.starts_with("Vulkan")) {
+        let count = ggml::devices().iter().filter(|d| d.name.starts_with("Vulkan")).count();
+        if count == 0 {
             return Err(Error::Input(format!(
                 "device `{spec}`: no Vulkan device found (a CPU driver such as Mesa's lavapipe is used only when GGML_VK_VISIBLE_DEVICES names it, e.g. GGML_VK_VISIBLE_DEVICES=0)"
+            )));
+        }
+        if index >= count {
+            return Err(Error::Input(format!(
+                "device `{spec}`: this machine has {count} Vulkan device(s): vulkan:0 to vulkan:{}",
+                count - 1
             )));
         }
         let device = Device::open(&name).map_err(|e| Error::Input(format!("device `{spec}`: {e}")))?;
@@ -93,26 +98,51 @@ impl Placement {
         self.device().map(|d| d.memory())
     }
 
-    /// The bytes KV caches get by default here: `wanted` (what the sessions would take at full
-    /// length) on the CPU; on a device at most `DEVICE_CACHE_SHARE` of what it has free now (call it
-    /// once the weights are loaded), the rest left to the compute buffers.
-    pub fn cache_budget(&self, wanted: usize) -> usize {
-        match self.device_memory() {
-            Some((free, _)) => device_cache_budget(wanted, free),
-            None => wanted,
-        }
+    /// Free bytes once weights of `weight_bytes` are in: what the device reports, but never more than
+    /// its total less the weights (a device without a memory-budget query reports its whole heap free).
+    pub fn free_after_weights(&self, weight_bytes: u64) -> Option<usize> {
+        self.device_memory().map(|(free, total)| free.min(total.saturating_sub(weight_bytes as usize)))
     }
 
-    /// Refuses a cache budget of `bytes` the device does not have free.
-    pub fn check_budget(&self, bytes: usize) -> Result<()> {
-        match self.device_memory() {
-            Some((free, _)) if bytes > free => Err(Error::Input(format!(
-                "a KV cache budget of {:.1} MiB is more than the device {} has free ({:.1} MiB)",
-                bytes as f64 / 1048576.0,
-                self.name(),
-                free as f64 / 1048576.0
+    /// Refuses, before anything is made, sessions' caches of `k`/`v` (and, when `fallbacks`, the
+    /// narrower types a budget escalates to) with `recent` f16 cells for stacks of `shapes` (layers,
+    /// head size, KV heads) that this device cannot hold: a server says so at start-up rather than
+    /// failing every request.
+    pub fn check_sessions(
+        &self,
+        shapes: &[(usize, usize, usize)],
+        k: CacheType,
+        v: CacheType,
+        recent: usize,
+        fallbacks: bool,
+    ) -> Result<()> {
+        let mut pairs = vec![(k, v)];
+        if fallbacks {
+            pairs.extend(crate::memory::ESCALATION.iter().map(|&t| (t, t)));
+        }
+        for &(n_layer, head_dim, n_head_kv) in shapes {
+            for &(k, v) in &pairs {
+                self.check_cache(&KvCacheConfig::uniform(n_layer, head_dim, n_head_kv, 1, k, v).with_recent(recent))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a cache living in `cache`'s placement for graphs running here (a device's rows read by
+    /// the CPU, or host rows by a device): `what` names the cache in the error.
+    pub fn require_same(&self, cache: &Placement, what: &str) -> Result<()> {
+        let same = match (self, cache) {
+            (Placement::Cpu, Placement::Cpu) => true,
+            (Placement::Device(a), Placement::Device(b)) => Rc::ptr_eq(a, b) || a.name() == b.name(),
+            _ => false,
+        };
+        match same {
+            true => Ok(()),
+            false => Err(Error::Input(format!(
+                "{what} is in {}'s memory but the engine runs on {}: make it with the engine",
+                cache.name(),
+                self.name()
             ))),
-            _ => Ok(()),
         }
     }
 
@@ -147,7 +177,7 @@ impl Placement {
         let Placement::Device(device) = self else { return Ok(()) };
         if config.recent > 0 {
             return Err(Error::Input(format!(
-                "the device {} has no recent f16 window (its attention over the ring and the stored cells is our CPU kernel): use --recent 0",
+                "the device {} has no recent f16 window (its attention over the ring and the stored cells is our CPU kernel): use --kv-recent 0",
                 device.name()
             )));
         }
@@ -201,10 +231,11 @@ mod tests {
     }
 
     #[test]
-    fn the_cpu_takes_every_cache_and_budget() {
+    fn the_cpu_takes_every_cache_and_a_device_keeps_a_share_for_compute() {
         let cpu = Placement::Cpu;
-        assert_eq!(cpu.cache_budget(123_456), 123_456);
-        assert!(cpu.check_budget(usize::MAX).is_ok());
+        assert_eq!(device_cache_budget(1000, 10_000), 1000);
+        assert_eq!(device_cache_budget(usize::MAX, 10_000), 8000);
+        assert!(cpu.require_same(&Placement::Cpu, "a cache").is_ok());
         let config = KvCacheConfig::uniform(2, 32, 2, 64, CacheType::MXFP4, CacheType::Q4_0).with_recent(8);
         assert!(cpu.check_cache(&config).is_ok());
         assert_eq!(cpu.name(), "cpu");

@@ -54,6 +54,8 @@ fn each_in_own_process(test: &str, cases: &[String], run: impl Fn(&str)) {
             .output()
             .unwrap();
         let log = String::from_utf8_lossy(&out.stderr);
+        // Every case body reports itself: a child that ran no test (a renamed test) fails here.
+        assert!(log.contains(&format!("case {}", case.trim_end_matches("@f32"))), "{test}, case {case} did not run:\n{log}");
         eprint!("{}", log.lines().filter(|l| l.starts_with("case ")).map(|l| format!("{l}\n")).collect::<String>());
         assert!(out.status.success(), "{test}, case {case}: {}\n{log}", out.status);
     }

@@ -155,3 +155,54 @@ unsafe extern "C" fn windows_kernel(dst: *mut sys::ggml_tensor, ith: c_int, nth:
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{Backend, ComputeBuffer, DType};
+
+    /// The nodes a graph for a device builds instead of our kernels, run here on the CPU through
+    /// ggml's own ops: `concat` and `windows` the same values exactly; ELU within 1e-6 of
+    /// max(|value|, 1) (ggml's eˣ − 1 cancels near 0 where our `expm1` does not) and the narrow
+    /// product within 2e-5 of it (ggml's f32 product sums in another order; measured 4e-6). On a device the
+    /// same nodes run there (the Mimi decode test in `ccsm`'s device tests).
+    #[test]
+    fn ggmls_nodes_for_a_device_give_our_kernels_values() {
+        let (c, n) = (12i64, 40i64);
+        let a: Vec<f32> = (0..c * n).map(|i| ((i * 7919) % 1000) as f32 / 7.0 - 60.0).collect();
+        let b: Vec<f32> = (0..c * 9).map(|i| i as f32 * 0.25).collect();
+        for case in 0..7 {
+            let [ours, ggmls] = [false, true].map(|for_device| {
+                let mut compute = ComputeBuffer::new().unwrap();
+                let ctx = compute.context(64, 64).unwrap();
+                ctx.set_builds_for_device(for_device);
+                let (x, y) =
+                    (ctx.new_tensor(DType::F32, &[c, n]).unwrap().set_input(), ctx.new_tensor(DType::F32, &[c, 9]).unwrap().set_input());
+                let out = match case {
+                    0 => ctx.concat(x, y, 1),
+                    1 => ctx.concat(ctx.cont(ctx.view(x, &[c, 9], &[x.strides()[1]], 0).unwrap()).unwrap(), y, 0),
+                    2 => ctx.windows(x, 3, 1),
+                    3 => ctx.windows(x, 4, 2),
+                    4 => ctx.windows(x, 1, 3),
+                    5 => ctx.elu(x),
+                    _ => ctx.narrow_product(y, ctx.reshape(x, &[c, n]).unwrap()),
+                }
+                .unwrap()
+                .set_output();
+                let mut graph = ctx.new_graph(64).unwrap();
+                graph.expand(out).unwrap();
+                ctx.allocate(&graph).unwrap();
+                x.write_f32(&a).unwrap();
+                if case < 2 || case == 6 {
+                    y.write_f32(&b).unwrap();
+                }
+                Backend::cpu_exact(2).unwrap().compute(&graph).unwrap();
+                (out.shape(), out.read_f32().unwrap())
+            });
+            assert_eq!(ours.0, ggmls.0, "case {case}: shapes");
+            let worst = ours.1.iter().zip(&ggmls.1).map(|(a, b)| (a - b).abs() / a.abs().max(1.0)).fold(0f32, f32::max);
+            // The product sums 12 terms of up to 60 × 27 in another order: a few ulps of the terms.
+            let bound = [0.0, 0.0, 0.0, 0.0, 0.0, 1e-6, 2e-5][case];
+            assert!(worst <= bound, "case {case}: ggml's node {worst:.2e} from our kernel's");
+        }
+    }
+}

@@ -115,6 +115,11 @@ impl Device {
         }
         // SAFETY: the graph is allocated (the caller checked) and every node is one the device supports.
         let status = unsafe { sys::ggml_backend_graph_compute(self.backend.as_ptr(), graph) };
+        // A device's compute may still be running when graph_compute returns: wait, so that outputs
+        // read next, inputs written for the next step and buffers freed after are not touched while
+        // its kernels use them (lavapipe, whose buffers are host memory, corrupted the heap so).
+        // SAFETY: the backend is alive; synchronize waits for the work queued on it.
+        unsafe { sys::ggml_backend_synchronize(self.backend.as_ptr()) };
         if status == sys::GGML_STATUS_SUCCESS {
             Ok(())
         } else {

@@ -163,7 +163,7 @@ impl<'ctx> Graph<'ctx> {
     }
 }
 
-/// A reusable CPU buffer for the intermediate tensors of graphs (ggml's graph allocator).
+/// A reusable buffer (CPU or device memory) for the intermediate tensors of graphs (ggml's graph allocator).
 ///
 /// Graphs get memory through a [`GraphContext`], which borrows the buffer mutably: tensors of a graph
 /// cannot outlive the memory they point into, and no second graph can reuse (and so overwrite or

@@ -60,11 +60,11 @@ fn cpu_and_device(
             store.get(id).write_bytes(bytes).unwrap();
         }
         let mut compute = if on_device { ComputeBuffer::on(device) } else { ComputeBuffer::new() }.unwrap();
-        let ctx = compute.context(8, 8).unwrap();
+        let ctx = compute.context(32, 32).unwrap();
         let tensors: Vec<Tensor<'_>> = ids.iter().map(|&id| store.get(id)).collect();
         let (x, y) = build(&ctx, &tensors);
         let (x, y) = (x.set_input(), y.set_output());
-        let mut graph = ctx.new_graph(8).unwrap();
+        let mut graph = ctx.new_graph(32).unwrap();
         graph.expand(y).unwrap();
         ctx.allocate(&graph).unwrap();
         x.write_f32(input).unwrap();

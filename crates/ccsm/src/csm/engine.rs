@@ -151,6 +151,13 @@ impl CsmEngine {
         Ok(self.backbone_config(caches)?.bytes()? + self.decoder_config().bytes()?)
     }
 
+    /// Refuses a session whose caches live elsewhere than this engine's graphs run.
+    fn check_placement(&self, session: &CsmSession) -> Result<()> {
+        let here = self.model.placement();
+        here.require_same(session.backbone.placement(), "the session's backbone cache")?;
+        here.require_same(session.decoder.placement(), "the session's decoder cache")
+    }
+
     /// A new empty session (quantized halves rotated, as by default).
     pub fn new_session(&self, caches: &SessionCaches) -> Result<CsmSession> {
         let placement = self.model.placement();
@@ -214,6 +221,9 @@ impl CsmEngine {
     /// alone (the mass is summed over the step's queries). `frame`: one-row steps of made frames, whose
     /// graphs are kept.
     fn backbone_rows(&mut self, sessions: &mut [&mut CsmSession], rows: &[&[Row]], frame: bool) -> Result<()> {
+        for session in sessions.iter() {
+            self.check_placement(session)?;
+        }
         if sessions.len() > 1 && sessions.iter().any(|s| s.tracks_attention()) {
             for (session, rows) in sessions.iter_mut().zip(rows) {
                 self.backbone_rows(&mut [&mut **session], &[*rows], frame)?;
@@ -286,6 +296,7 @@ impl CsmEngine {
         let limit = self.code_limit.unwrap_or(c.audio_vocab).min(c.audio_vocab);
         let mut states = Vec::with_capacity(requests.len());
         for r in requests.iter() {
+            self.check_placement(r.session)?;
             let state = r.session.last.clone().ok_or(Error::NotPrefilled)?;
             states.push(state);
         }

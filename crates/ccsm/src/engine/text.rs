@@ -168,6 +168,7 @@ impl TextEngine {
         }
         let vocab = self.model.vocab_size();
         for seq in sequences.iter() {
+            self.model.placement().require_same(seq.cache.placement(), "a sequence's cache")?;
             if seq.tokens.is_empty() {
                 return Err(Error::EmptyInput("no tokens"));
             }

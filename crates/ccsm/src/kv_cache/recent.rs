@@ -148,6 +148,7 @@ impl KvCache {
     pub fn set_recent(&mut self, cells: usize) -> Result<()> {
         let config = self.config.clone().with_recent(cells);
         config.validate()?;
+        self.placement.check_cache(&config)?;
         self.recent = match cells {
             0 => None,
             n => Some(RecentWindow::new(config.n_layer, config.n_embd_kv()?, n)?),

@@ -221,6 +221,7 @@ impl MimiCodec {
     fn decode_with(&mut self, chunks: &mut [StreamChunk<'_>], mut profile: Option<&mut Vec<NodeTime>>) -> Result<Vec<Vec<f32>>> {
         let mut codebooks = Vec::with_capacity(chunks.len());
         for c in chunks.iter() {
+            self.model.placement().require_same(c.stream.cache.placement(), "the stream's cache")?;
             codebooks.push(self.check_frames(c.stream, c.frames)?);
         }
         let per_frame = self.frame_samples() * self.model.config().channels;
