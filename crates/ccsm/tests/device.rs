@@ -100,21 +100,12 @@ fn text_logits(engine: &mut TextEngine, k: CacheType, v: CacheType) -> ccsm::Res
     Ok(out)
 }
 
-/// Whether the device is Mesa's lavapipe (llvmpipe), whose Mesa 22.3 (Debian 12) crashes compiling
-/// ggml's flash attention for a q8_0 K with a q8_0 V: that pair is tried as q8_0 beside f16 there.
-fn is_lavapipe() -> bool {
-    ggml::devices().iter().any(|d| d.name == "Vulkan0" && d.description.to_ascii_lowercase().contains("llvmpipe"))
-}
-
-/// The K/V pairs tried: f16 and each quantized type, K and V alike (q8_0 on lavapipe: see above).
+/// The K/V pairs tried: f16 and each quantized type, K and V alike, and q8_0 beside f16 either way
+/// (K and V are typed separately).
 fn pairs() -> Vec<(CacheType, CacheType)> {
-    TYPES
-        .iter()
-        .flat_map(|&t| match (t, is_lavapipe()) {
-            (CacheType::Q8_0, true) => vec![(t, CacheType::F16), (CacheType::F16, t)],
-            _ => vec![(t, t)],
-        })
-        .collect()
+    let mut pairs: Vec<_> = TYPES.iter().map(|&t| (t, t)).collect();
+    pairs.extend([(CacheType::Q8_0, CacheType::F16), (CacheType::F16, CacheType::Q8_0)]);
+    pairs
 }
 
 /// Worst relative distance of `a`'s logits rows from `b`'s.
