@@ -33,16 +33,16 @@ pub fn run(args: &InfoArgs) -> Result<()> {
         Some(spec) => {
             let placement = ccsm::Placement::parse(spec).map_err(|e| crate::UsageError(e.to_string()))?;
             placement.device_memory().map(|(free, total)| {
-                let takes = |t: &str| {
-                    facts.caches.iter().all(|c| {
-                        placement.device().is_some_and(|d| ccsm::device_cache_types(d, c.head_dim).iter().any(|x| x.to_string() == t))
-                    })
-                };
-                let fits: Vec<_> = per_type
+                // A type fits when every cache of it is one the device attends over and all of them
+                // fit beside the weights.
+                let fits: Vec<_> = CacheType::ALL
                     .iter()
-                    .filter(|e| e["total"].as_u64().is_some_and(|b| facts.weight_bytes + b <= free as u64))
-                    .filter(|e| e["type"].as_str().is_some_and(takes))
-                    .map(|e| e["type"].clone())
+                    .zip(&per_type)
+                    .filter(|(&t, e)| {
+                        e["total"].as_u64().is_some_and(|b| facts.weight_bytes + b <= free as u64)
+                            && facts.caches.iter().all(|c| placement.check_cache(&c.config(t, t)).is_ok())
+                    })
+                    .map(|(t, _)| json!(t))
                     .collect();
                 json!({ "name": placement.name(), "free_bytes": free, "total_bytes": total, "weight_bytes": facts.weight_bytes, "cache_types_that_fit": fits })
             })

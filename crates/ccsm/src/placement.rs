@@ -9,7 +9,7 @@
 
 use std::rc::Rc;
 
-use ggml::{Backend, ComputeBuffer, Device, TensorStore};
+use ggml::{Backend, Device, TensorStore};
 
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCacheConfig;
@@ -151,14 +151,6 @@ impl Placement {
         Ok(match self {
             Placement::Cpu => Backend::cpu(n_threads)?,
             Placement::Device(d) => Backend::on_device(Rc::clone(d)),
-        })
-    }
-
-    /// An empty compute buffer in this memory.
-    pub fn compute_buffer(&self) -> Result<ComputeBuffer> {
-        Ok(match self {
-            Placement::Cpu => ComputeBuffer::new()?,
-            Placement::Device(d) => ComputeBuffer::on(d)?,
         })
     }
 

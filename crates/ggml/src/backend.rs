@@ -109,6 +109,21 @@ impl Backend {
         }
     }
 
+    /// `compute_raw` for a kept graph computed again and again: on a device its nodes are checked the
+    /// first time only (`checked_on` remembers which device accepted them).
+    pub(crate) fn compute_kept_raw(&self, graph: *mut sys::ggml_cgraph, checked_on: &Cell<*const Device>) -> Result<()> {
+        match &self.on {
+            On::Cpu(cpu) => cpu.compute_raw(graph),
+            On::Device(device) => {
+                if !std::ptr::eq(checked_on.get(), Rc::as_ptr(device)) {
+                    device.check_raw(graph)?;
+                    checked_on.set(Rc::as_ptr(device));
+                }
+                device.run_raw(graph)
+            }
+        }
+    }
+
     /// `profile` for a graph whose tensors all have memory (the caller checked it).
     pub(crate) fn profile_raw(&self, graph: *mut sys::ggml_cgraph) -> Result<Vec<NodeTime>> {
         let scratch = Context::for_graph(0, 1)?;
@@ -133,7 +148,7 @@ impl Backend {
                 sys::ggml_graph_add_node(one.as_ptr(), node);
                 node
             };
-            let started = std::time::Instant::now();
+            let started = Instant::now();
             match &self.on {
                 On::Cpu(cpu) => cpu.compute_on(one.as_ptr(), threads)?,
                 On::Device(device) => device.compute_raw(one.as_ptr())?,

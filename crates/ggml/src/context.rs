@@ -216,22 +216,6 @@ impl<'ctx> Tensor<'ctx> {
         crate::interleaved::holds(self.own_or_source_buffer())
     }
 
-    /// Whether the tensor's data lives in a device's memory (not the CPU's: ggml's repack buffer is
-    /// the CPU's too, though not "host" memory to ggml): our CPU kernels cannot read it, ggml's device
-    /// ops do.
-    pub fn in_device_memory(self) -> bool {
-        let buffer = self.own_or_source_buffer();
-        if buffer.is_null() {
-            return false;
-        }
-        // SAFETY: a non-null buffer of a live tensor (or of its view source) is a live backend buffer;
-        // its type and the type's device are registry objects (the device may be null).
-        unsafe {
-            let device = sys::ggml_backend_buft_get_device(sys::ggml_backend_buffer_get_type(buffer));
-            !device.is_null() && sys::ggml_backend_dev_type(device) != sys::GGML_BACKEND_DEVICE_TYPE_CPU
-        }
-    }
-
     /// The tensor's buffer or, for a view made before its graph is allocated (no buffer yet), its
     /// source's.
     fn own_or_source_buffer(self) -> sys::ggml_backend_buffer_t {

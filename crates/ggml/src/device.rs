@@ -79,20 +79,6 @@ impl Device {
         Ok(self.supports(ctx.flash_attn_ext(q, kt, vt, None, 1.0)?))
     }
 
-    /// `attends`, as the error a cache of those types gets on this device.
-    pub fn require_attention(&self, k: DType, v: DType, head_dim: usize) -> Result<()> {
-        match self.attends(k, v, head_dim)? {
-            true => Ok(()),
-            false => Err(Error::invalid(
-                "Device::require_attention",
-                format!(
-                    "the device {} has no attention over a {k} K / {v} V cache at head size {head_dim}: choose another cache type",
-                    self.name
-                ),
-            )),
-        }
-    }
-
     /// Runs the graph on the device. Every tensor must have device memory (a store allocated with
     /// `TensorStore::allocate_on`, a `ComputeBuffer::on`); a node the device cannot run is an error
     /// naming it, before anything runs.
@@ -103,6 +89,12 @@ impl Device {
 
     /// `compute` for a graph whose tensors all have device memory (the caller checked it).
     pub(crate) fn compute_raw(&self, graph: *mut sys::ggml_cgraph) -> Result<()> {
+        self.check_raw(graph)?;
+        self.run_raw(graph)
+    }
+
+    /// An error naming the first node of the graph the device cannot run.
+    pub(crate) fn check_raw(&self, graph: *mut sys::ggml_cgraph) -> Result<()> {
         // SAFETY: the caller's graph is alive; indices below its node count are its nodes.
         let n = unsafe { sys::ggml_graph_n_nodes(graph) };
         for i in 0..n {
@@ -113,11 +105,16 @@ impl Device {
                 return Err(Error::invalid("Device::compute", format!("the device {} cannot run {}", self.name, describe(node))));
             }
         }
-        // SAFETY: the graph is allocated (the caller checked) and every node is one the device supports.
+        Ok(())
+    }
+
+    /// Runs a graph `check_raw` accepted, and waits for it.
+    pub(crate) fn run_raw(&self, graph: *mut sys::ggml_cgraph) -> Result<()> {
+        // SAFETY: the graph is allocated and every node is one the device supports (the caller checked).
         let status = unsafe { sys::ggml_backend_graph_compute(self.backend.as_ptr(), graph) };
         // A device's compute may still be running when graph_compute returns: wait, so that outputs
         // read next, inputs written for the next step and buffers freed after are not touched while
-        // its kernels use them (lavapipe, whose buffers are host memory, corrupted the heap so).
+        // its kernels use them.
         // SAFETY: the backend is alive; synchronize waits for the work queued on it.
         unsafe { sys::ggml_backend_synchronize(self.backend.as_ptr()) };
         if status == sys::GGML_STATUS_SUCCESS {

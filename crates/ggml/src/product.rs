@@ -1,6 +1,6 @@
 //! `Context::product`: where each matrix product of weights goes — our kernels where they read the
-//! weights' layout and give ggml's values bit for bit, else ggml's product (and always ggml's for
-//! weights in a device's memory).
+//! weights' layout and give ggml's values bit for bit, else ggml's product (and always ggml's in a
+//! graph built for a device).
 
 use crate::context::{Context, Tensor};
 use crate::error::Result;
@@ -15,10 +15,10 @@ impl Context {
     /// Interleaved weights (`TensorStore::add_for_products`) go to the VNNI kernel from 16 columns
     /// and to `mul_mat_interleaved` below that, both ggml's bits; ggml cannot read them.
     ///
-    /// Weights in a device's memory, and every product of a graph built for a device, go to ggml's
-    /// product (the device's, when the graph runs there).
+    /// Every product of a graph built for a device goes to ggml's product (the device's, when the
+    /// graph runs there).
     pub fn product<'c>(&'c self, w: Tensor<'c>, x: Tensor<'c>) -> Result<Tensor<'c>> {
-        if w.in_device_memory() || self.builds_for_device() {
+        if self.builds_for_device() {
             return self.mul_mat(w, x);
         }
         if w.is_interleaved() {

@@ -23,7 +23,7 @@
 //! kept.finish(sealed).unwrap();
 //! ```
 
-use std::cell::OnceCell;
+use std::cell::{Cell, OnceCell};
 use std::collections::{HashMap, HashSet};
 use std::marker::PhantomData;
 use std::ptr::NonNull;
@@ -99,6 +99,9 @@ struct Finished {
 pub struct ReusableGraph {
     // Dropped before the context and buffer its pointers point into.
     finished: OnceCell<Finished>,
+    /// The device whose support of every node was checked (null: none yet), so a kept graph is
+    /// checked once, not at every step.
+    checked_on: Cell<*const crate::Device>,
     ctx: Context,
     buffer: ComputeBuffer,
 }
@@ -106,7 +109,12 @@ pub struct ReusableGraph {
 impl ReusableGraph {
     /// An empty graph context for `max_nodes` nodes; build in `context()`, then `finish`.
     pub fn new(max_tensors: usize, max_nodes: usize) -> Result<Self> {
-        Ok(ReusableGraph { finished: OnceCell::new(), ctx: Context::for_graph(max_tensors, max_nodes)?, buffer: ComputeBuffer::new()? })
+        Ok(ReusableGraph {
+            finished: OnceCell::new(),
+            checked_on: Cell::new(std::ptr::null()),
+            ctx: Context::for_graph(max_tensors, max_nodes)?,
+            buffer: ComputeBuffer::new()?,
+        })
     }
 
     /// `new`, for a graph `backend` runs: in its device's memory, built with ggml's own ops, when it
@@ -115,7 +123,7 @@ impl ReusableGraph {
         let buffer = ComputeBuffer::for_backend(backend)?;
         let ctx = Context::for_graph(max_tensors, max_nodes)?;
         ctx.set_builds_for_device(buffer.is_on_device());
-        Ok(ReusableGraph { finished: OnceCell::new(), ctx, buffer })
+        Ok(ReusableGraph { finished: OnceCell::new(), checked_on: Cell::new(std::ptr::null()), ctx, buffer })
     }
 
     /// The context to build the graph in (before `finish`).
@@ -230,6 +238,6 @@ impl ReusableGraph {
         if !self.is_current() {
             return Err(Error::invalid("ReusableGraph::compute", "a store this graph uses was freed or replaced; rebuild it"));
         }
-        backend.compute_raw(finished.graph.as_ptr())
+        backend.compute_kept_raw(finished.graph.as_ptr(), &self.checked_on)
     }
 }

@@ -88,7 +88,8 @@ impl CsmEngine {
             return Err(Error::Input("batch size must be at least 1".into()));
         }
         let steps = model.config.n_codebooks - 1;
-        let (backend, compute) = (model.placement().backend(n_threads)?, model.placement().compute_buffer()?);
+        let backend = model.placement().backend(n_threads)?;
+        let compute = ComputeBuffer::for_backend(&backend)?;
         Ok(CsmEngine {
             model,
             backend,

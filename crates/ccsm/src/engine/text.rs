@@ -78,11 +78,11 @@ impl TextEngine {
     /// share), where the weights are (`LlamaModel::placement`): on a device its graphs and caches are
     /// there too.
     pub fn new(model: LlamaModel, n_threads: usize) -> Result<Self> {
-        let placement = model.placement().clone();
+        let backend = model.placement().backend(n_threads)?;
         Ok(TextEngine {
             model,
-            compute: placement.compute_buffer()?,
-            backend: placement.backend(n_threads)?,
+            compute: ComputeBuffer::for_backend(&backend)?,
+            backend,
             kept: KeptGraphs::new(1),
             reuse_kept: true,
             attention: AttentionChoice::Auto,

@@ -120,7 +120,8 @@ impl MimiCodec {
         let capacity = Self::cache_capacity(model.config(), options.max_chunk_frames);
         let cache_config = KvCacheConfig::uniform(t.n_layer, t.head_dim, t.n_head_kv, capacity, options.k_type, options.v_type);
         cache_config.validate()?;
-        let (backend, compute) = (model.placement().backend(options.n_threads)?, model.placement().compute_buffer()?);
+        let backend = model.placement().backend(options.n_threads)?;
+        let compute = ComputeBuffer::for_backend(&backend)?;
         Ok(MimiCodec {
             model,
             backend,
